@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs what vmlet needs on a Debian 12 host. Idempotent: does nothing when
+# everything is already present. Run as root.
+#
+#   qemu-system-x86 10.x  from bookworm-backports (added as an apt source if absent)
+#   qemu-utils            qemu-img
+#   iproute2              ip, bridge (used by tests and operators)
+#   busybox-static, gzip  only for building the test guest (scripts/build-test-guest.sh)
+set -euo pipefail
+
+want_test_tools=0
+[ "${1:-}" = "--test" ] && want_test_tools=1
+
+log() { echo "setup: $*" >&2; }
+
+qemu_major() {
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || { echo 0; return; }
+    qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'
+}
+
+missing=()
+[ "$(qemu_major)" -ge 10 ] 2>/dev/null || missing+=(qemu-system-x86)
+command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+if [ "$want_test_tools" = 1 ]; then
+    [ -x /bin/busybox ] && /bin/busybox --help 2>/dev/null | grep -q 'static' || \
+        dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+    command -v gzip >/dev/null 2>&1 || missing+=(gzip)
+fi
+
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    log "missing packages (${missing[*]}) and not root: install them or rerun as root"
+    exit 1
+fi
+
+# bookworm-backports carries QEMU 10; Debian 12's own is 7.2.
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    log "adding bookworm-backports apt source"
+    uri=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | grep -v security | head -n1)
+    [ -n "$uri" ] || uri=http://deb.debian.org/debian
+    cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+
+log "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# -t lets QEMU's own dependencies (seabios, qemu-system-data, …) come from
+# backports too; packages that are not in backports still come from bookworm.
+apt-get install -y -qq --no-install-recommends -t bookworm-backports "${missing[@]}" >/dev/null
+log "done: $(qemu-system-x86_64 --version | head -n1)"

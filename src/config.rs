@@ -1,0 +1,163 @@
+//! Settings: embedded defaults, then an optional TOML file, then environment
+//! variables (`VMLET_*`), each overriding the one before.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::qemu::accel::AccelChoice;
+
+/// Where the config file is looked for when none is given.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/vmlet/vmlet.toml";
+
+/// vmlet's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Persistent state: VM records, images, volumes.
+    pub state_dir: PathBuf,
+    /// Runtime files: sockets, pidfiles, serial logs (`RUN_DIR/vms/UUID/`).
+    pub run_dir: PathBuf,
+    /// The QEMU system emulator.
+    pub qemu_binary: PathBuf,
+    /// Extra and overriding machine profiles (`*.toml`).
+    pub profile_dir: PathBuf,
+    /// Accelerator: `auto`, `kvm` or `tcg`.
+    pub accel: AccelChoice,
+    /// Seconds a graceful stop waits for the guest to power off after the
+    /// ACPI power button before vmlet quits QEMU.
+    pub stop_grace_s: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            state_dir: "/var/lib/vmlet".into(),
+            run_dir: "/run/vmlet".into(),
+            qemu_binary: "qemu-system-x86_64".into(),
+            profile_dir: "/etc/vmlet/qemu-profiles".into(),
+            accel: AccelChoice::Auto,
+            stop_grace_s: 60,
+        }
+    }
+}
+
+/// Settings that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`Settings`].
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message (names the key).
+        message: String,
+    },
+    /// An environment variable has a bad value.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// Variable name.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Loads settings. `file`: an explicit config file (must exist); without
+    /// one, [`DEFAULT_CONFIG_FILE`] is read if present.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut settings = match file {
+            Some(path) => Settings::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                Settings::from_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => Settings::default(),
+        };
+        settings.apply_env(|name| std::env::var(name).ok())?;
+        Ok(settings)
+    }
+
+    fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies `VMLET_STATE_DIR`, `VMLET_RUN_DIR`, `VMLET_QEMU`,
+    /// `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = var("VMLET_STATE_DIR") {
+            self.state_dir = v.into();
+        }
+        if let Some(v) = var("VMLET_RUN_DIR") {
+            self.run_dir = v.into();
+        }
+        if let Some(v) = var("VMLET_QEMU") {
+            self.qemu_binary = v.into();
+        }
+        if let Some(v) = var("VMLET_PROFILE_DIR") {
+            self.profile_dir = v.into();
+        }
+        if let Some(v) = var("VMLET_ACCEL") {
+            self.accel = v.parse().map_err(|message| ConfigError::Env {
+                name: "VMLET_ACCEL",
+                message,
+            })?;
+        }
+        if let Some(v) = var("VMLET_STOP_GRACE_S") {
+            self.stop_grace_s = v.parse().map_err(|_| ConfigError::Env {
+                name: "VMLET_STOP_GRACE_S",
+                message: format!("{v:?} is not a number of seconds"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vmlet.toml");
+        std::fs::write(&file, "run_dir = \"/tmp/r\"\naccel = \"tcg\"\n").unwrap();
+        let mut s = Settings::from_file(&file).unwrap();
+        assert_eq!(s.run_dir, Path::new("/tmp/r"));
+        assert_eq!(s.accel, AccelChoice::Tcg);
+        assert_eq!(s.state_dir, Settings::default().state_dir);
+        s.apply_env(|n| (n == "VMLET_ACCEL").then(|| "kvm".to_string()))
+            .unwrap();
+        assert_eq!(s.accel, AccelChoice::Kvm);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vmlet.toml");
+        std::fs::write(&file, "run_dri = \"/tmp/r\"\n").unwrap();
+        let err = Settings::from_file(&file).unwrap_err().to_string();
+        assert!(err.contains("run_dri"), "{err}");
+        let err = Settings::default()
+            .apply_env(|n| (n == "VMLET_ACCEL").then(|| "fast".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VMLET_ACCEL"), "{err}");
+    }
+}

@@ -1,0 +1,7 @@
+//! vmlet: a node daemon for virtualization hosts. It launches QEMU from
+//! generated argument lists and controls each VM over QMP. See DESIGN.md for
+//! the architecture; each module's doc says what it owns.
+
+pub mod config;
+pub mod qemu;
+pub mod vm;

@@ -1,0 +1,372 @@
+//! The QEMU command line, built from a spec, a profile and the VM's run
+//! directory. A pure function, pinned by the golden corpus in `tests/golden/`.
+//!
+//! QEMU starts paused (`-S`) and daemonized; vmlet configures it over QMP and
+//! then sends `cont`. Every value that lands inside a `key=value,…` option is
+//! escaped (`,` → `,,`), so a path with a comma cannot add an option.
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::qemu::accel::Accel;
+use crate::qemu::profile::{DeviceBus, Profile};
+use crate::vm::spec::{Boot, DiskSpec, VmSpec};
+
+/// Where a VM's runtime files live: `RUN_DIR/vms/UUID/`. Named by UUID only,
+/// so no caller-chosen string ever becomes part of a host path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPaths {
+    /// The VM's run directory.
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    /// The run directory of VM `uuid` under the daemon's run root.
+    pub fn new(run_root: &Path, uuid: Uuid) -> RunPaths {
+        RunPaths {
+            dir: run_root.join("vms").join(uuid.to_string()),
+        }
+    }
+
+    /// QMP control socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    /// QEMU's pidfile.
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+
+    /// Serial console socket.
+    pub fn serial_socket(&self) -> PathBuf {
+        self.dir.join("serial.sock")
+    }
+
+    /// Serial console log: everything the guest wrote to ttyS0.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// Socket of virtio-serial channel `index`.
+    pub fn channel_socket(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("channel{index}.sock"))
+    }
+}
+
+/// Everything the argv depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchInputs<'a> {
+    /// The validated spec.
+    pub spec: &'a VmSpec,
+    /// Its profile.
+    pub profile: &'a Profile,
+    /// The accelerator, already resolved.
+    pub accel: Accel,
+    /// Runtime file locations.
+    pub paths: &'a RunPaths,
+}
+
+/// Escapes a value for QEMU's `key=value,…` syntax: commas are doubled.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path_value(path: &Path) -> String {
+    escape(&path.to_string_lossy())
+}
+
+/// QEMU id of a disk's format node (what the device's `drive=` names).
+pub fn disk_node(name: &str) -> String {
+    name.to_string()
+}
+
+/// QEMU id of a disk's protocol (file) node.
+pub fn disk_file_node(name: &str) -> String {
+    format!("{name}-file")
+}
+
+/// QEMU id of a disk's guest device.
+pub fn disk_device_id(name: &str) -> String {
+    format!("{name}-dev")
+}
+
+/// The QMP chardev id.
+pub const QMP_CHARDEV: &str = "qmp";
+/// The serial console chardev id.
+pub const SERIAL_CHARDEV: &str = "serial0";
+/// Id prefix of empty hot-plug root ports (`hp0`, `hp1`, …).
+pub const HOTPLUG_PORT_PREFIX: &str = "hp";
+
+/// Builds the arguments after the QEMU binary name.
+pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
+    let LaunchInputs {
+        spec,
+        profile,
+        accel,
+        paths,
+    } = input;
+    let mut argv = Argv::default();
+
+    argv.push(
+        "-name",
+        format!("guest={},debug-threads=on", escape(&spec.name)),
+    );
+    argv.push("-uuid", spec.uuid.to_string());
+    argv.flag("-S");
+    argv.flag("-nodefaults");
+    argv.flag("-no-user-config");
+    argv.flag("-daemonize");
+    argv.push("-pidfile", paths.pidfile().to_string_lossy());
+    argv.push("-msg", "timestamp=on");
+    argv.push("-display", "none");
+    argv.push("-machine", machine_value(profile));
+    argv.push("-accel", accel.as_str());
+    argv.push(
+        "-cpu",
+        match accel {
+            Accel::Kvm => &profile.cpu.kvm,
+            Accel::Tcg => &profile.cpu.tcg,
+        },
+    );
+    argv.push("-smp", spec.vcpus.to_string());
+    argv.push("-m", format!("size={}M", spec.memory_mib));
+
+    argv.push(
+        "-chardev",
+        format!(
+            "socket,id={QMP_CHARDEV},path={},server=on,wait=off",
+            path_value(&paths.qmp_socket())
+        ),
+    );
+    argv.push("-mon", format!("chardev={QMP_CHARDEV},mode=control"));
+
+    if spec.serial.enabled {
+        argv.push(
+            "-chardev",
+            format!(
+                "socket,id={SERIAL_CHARDEV},path={},server=on,wait=off,logfile={},logappend=on",
+                path_value(&paths.serial_socket()),
+                path_value(&paths.serial_log())
+            ),
+        );
+        argv.push(
+            "-device",
+            format!(
+                "{},chardev={SERIAL_CHARDEV},id={SERIAL_CHARDEV}-dev",
+                profile.devices.serial_port
+            ),
+        );
+    }
+
+    match &spec.boot {
+        Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            // -kernel/-initrd/-append take plain strings, not key=value lists,
+            // so no escaping applies (and validation refused control chars).
+            argv.push("-kernel", kernel.to_string_lossy());
+            if let Some(initrd) = initrd {
+                argv.push("-initrd", initrd.to_string_lossy());
+            }
+            if !cmdline.is_empty() {
+                argv.push("-append", cmdline.as_str());
+            }
+        }
+        Boot::Firmware { .. } => {
+            // Boot only from the devices given a bootindex; never fall back
+            // to a network boot nobody asked for.
+            argv.push("-boot", "strict=on");
+        }
+    }
+
+    for (index, disk) in spec.disks.iter().enumerate() {
+        push_disk(&mut argv, profile, &disk.name_or_default(index), disk);
+    }
+
+    if !spec.channels.is_empty() {
+        argv.push(
+            "-device",
+            format!("{},id=vser0", profile.devices.virtio_serial),
+        );
+        for (index, channel) in spec.channels.iter().enumerate() {
+            argv.push(
+                "-chardev",
+                format!(
+                    "socket,id=channel{index},path={},server=on,wait=off",
+                    path_value(&paths.channel_socket(index))
+                ),
+            );
+            argv.push(
+                "-device",
+                format!(
+                    "virtserialport,bus=vser0.0,chardev=channel{index},id=channel{index}-port,name={}",
+                    escape(&channel.name)
+                ),
+            );
+        }
+    }
+
+    if profile.defaults.rng {
+        argv.push("-object", "rng-random,id=rng0,filename=/dev/urandom");
+        argv.push(
+            "-device",
+            format!("{},rng=rng0,id=rng0-dev", profile.devices.rng),
+        );
+    }
+    if profile.defaults.balloon {
+        argv.push(
+            "-device",
+            format!("{},id=balloon0", profile.devices.balloon),
+        );
+    }
+
+    if profile.devices.bus == DeviceBus::Pci {
+        // Empty root ports, last so cold-plugged devices keep the same PCI
+        // slots whatever the number of ports. Chassis numbers must be unique.
+        for port in 0..profile.hotplug.root_ports {
+            argv.push(
+                "-device",
+                format!(
+                    "pcie-root-port,id={HOTPLUG_PORT_PREFIX}{port},bus=pcie.0,chassis={}",
+                    port + 1
+                ),
+            );
+        }
+    }
+
+    argv.0
+}
+
+fn machine_value(profile: &Profile) -> String {
+    let mut value = profile.machine.machine_type.clone();
+    for (key, option) in &profile.machine.options {
+        value.push_str(&format!(",{key}={}", escape(option)));
+    }
+    value
+}
+
+/// A disk is two block nodes (file protocol, then format) and a device, as
+/// libvirt does it: the split lets later features (throttling, snapshots)
+/// address the format node by name.
+fn push_disk(argv: &mut Argv, profile: &Profile, name: &str, disk: &DiskSpec) {
+    let read_only = if disk.read_only { "on" } else { "off" };
+    argv.push(
+        "-blockdev",
+        format!(
+            "driver=file,node-name={},filename={},read-only={read_only},discard=unmap",
+            disk_file_node(name),
+            path_value(&disk.path)
+        ),
+    );
+    argv.push(
+        "-blockdev",
+        format!(
+            "driver={},node-name={},file={},read-only={read_only},discard=unmap",
+            disk.format.driver(),
+            disk_node(name),
+            disk_file_node(name)
+        ),
+    );
+    let mut device = format!(
+        "{},drive={},id={}",
+        profile.devices.disk,
+        disk_node(name),
+        disk_device_id(name)
+    );
+    if let Some(order) = disk.boot_order {
+        device.push_str(&format!(",bootindex={order}"));
+    }
+    if let Some(serial) = &disk.serial {
+        device.push_str(&format!(",serial={}", escape(serial)));
+    }
+    argv.push("-device", device);
+}
+
+#[derive(Default)]
+struct Argv(Vec<String>);
+
+impl Argv {
+    fn flag(&mut self, flag: &str) {
+        self.0.push(flag.to_string());
+    }
+
+    fn push(&mut self, option: &str, value: impl AsRef<str>) {
+        self.0.push(option.to_string());
+        self.0.push(value.as_ref().to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::profile::Profiles;
+    use crate::vm::spec::{DiskFormat, SerialSpec};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            uuid: Uuid::parse_str("5b0c2d4e-8a51-4f3e-9b1c-2a7f4d6e8c10").unwrap(),
+            name: "t".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            profile: "q35".into(),
+            boot: Boot::Kernel {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            disks: vec![DiskSpec {
+                name: None,
+                path: "/a,b/c.img".into(),
+                format: DiskFormat::Raw,
+                read_only: true,
+                boot_order: None,
+                serial: None,
+            }],
+            serial: SerialSpec::default(),
+            channels: vec![],
+        }
+    }
+
+    #[test]
+    fn escape_doubles_commas() {
+        assert_eq!(escape("a,b,,c"), "a,,b,,,,c");
+        assert_eq!(escape("plain"), "plain");
+    }
+
+    #[test]
+    fn comma_in_disk_path_cannot_add_an_option() {
+        let profiles = Profiles::built_in().unwrap();
+        let spec = spec();
+        let paths = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
+        let argv = build(LaunchInputs {
+            spec: &spec,
+            profile: profiles.get("q35").unwrap(),
+            accel: Accel::Tcg,
+            paths: &paths,
+        });
+        assert!(argv.contains(
+            &"driver=file,node-name=disk0-file,filename=/a,,b/c.img,read-only=on,discard=unmap"
+                .to_string()
+        ));
+        // The argv always starts paused and daemonized.
+        for flag in ["-S", "-nodefaults", "-no-user-config", "-daemonize"] {
+            assert!(argv.iter().any(|a| a == flag), "{flag}");
+        }
+    }
+
+    #[test]
+    fn run_paths_are_named_by_uuid_only() {
+        let uuid = Uuid::new_v4();
+        let paths = RunPaths::new(Path::new("/run/vmlet"), uuid);
+        assert_eq!(
+            paths.dir,
+            Path::new("/run/vmlet/vms").join(uuid.to_string())
+        );
+        assert!(paths.qmp_socket().starts_with(&paths.dir));
+        assert!(paths.channel_socket(3).ends_with("channel3.sock"));
+    }
+}

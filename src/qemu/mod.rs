@@ -1,0 +1,6 @@
+//! Everything that talks to QEMU: profiles, the command line, the process,
+//! and QMP. Leaf code: knows nothing of the API or the VM registry.
+
+pub mod accel;
+pub mod argv;
+pub mod profile;

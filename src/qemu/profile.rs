@@ -1,0 +1,364 @@
+//! Machine profiles: the data that says what QEMU machine, CPU model and
+//! device models a VM gets. Profiles are TOML files an operator can read and
+//! edit (`qemu-profiles/` in the source; copies in the profile directory
+//! override or add to the built-in ones). Every profile is checked when loaded,
+//! and a bad one is refused with its file named.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::vm::spec::ProfileCaps;
+
+/// Profiles compiled into the binary, so vmlet runs with no files installed.
+const BUILT_IN: &[(&str, &str)] = &[
+    ("q35", include_str!("../../qemu-profiles/q35.toml")),
+    ("microvm", include_str!("../../qemu-profiles/microvm.toml")),
+];
+
+/// Most hot-plug root ports a profile may reserve.
+pub const MAX_ROOT_PORTS: u32 = 32;
+
+/// One machine profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// The profile's name (its file stem); filled in by the loader.
+    #[serde(skip_deserializing, default)]
+    pub name: String,
+    /// One line for people.
+    pub description: String,
+    /// `-machine`.
+    pub machine: MachineSection,
+    /// `-cpu`, by accelerator.
+    pub cpu: CpuSection,
+    /// Device model names.
+    pub devices: DeviceSection,
+    /// Devices every VM gets.
+    pub defaults: DefaultsSection,
+    /// What the profile can do.
+    pub supports: SupportsSection,
+    /// Hot-plug slots.
+    #[serde(default)]
+    pub hotplug: HotplugSection,
+}
+
+/// `-machine TYPE,key=value,…`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineSection {
+    /// Machine type (`q35`, `microvm`, `pc-q35-10.0`).
+    #[serde(rename = "type")]
+    pub machine_type: String,
+    /// Machine options, emitted sorted by key.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+/// CPU model per accelerator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuSection {
+    /// Model under KVM.
+    pub kvm: String,
+    /// Model under TCG.
+    pub tcg: String,
+}
+
+/// How devices attach: PCI(e) or virtio-mmio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceBus {
+    /// PCI Express (q35).
+    Pci,
+    /// virtio-mmio (microvm).
+    Mmio,
+}
+
+/// QEMU device model names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// Bus kind.
+    pub bus: DeviceBus,
+    /// Disk device (`virtio-blk-pci`).
+    pub disk: String,
+    /// NIC device (`virtio-net-pci`).
+    pub net: String,
+    /// Serial console device (`isa-serial`).
+    pub serial_port: String,
+    /// virtio-serial controller for channels.
+    pub virtio_serial: String,
+    /// Entropy device.
+    pub rng: String,
+    /// Memory balloon device.
+    pub balloon: String,
+}
+
+/// Default devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSection {
+    /// Add a virtio-rng fed from `/dev/urandom`.
+    pub rng: bool,
+    /// Add a memory balloon.
+    pub balloon: bool,
+}
+
+/// Capabilities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupportsSection {
+    /// Disks and NICs can be added to a running VM.
+    pub hotplug: bool,
+    /// `-kernel`/`-initrd`/`-append` boot.
+    pub kernel_boot: bool,
+    /// Firmware (BIOS) boot from a disk.
+    pub firmware_boot: bool,
+}
+
+/// Hot-plug slots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotplugSection {
+    /// Empty `pcie-root-port`s reserved at start.
+    #[serde(default)]
+    pub root_ports: u32,
+}
+
+impl Profile {
+    /// The capabilities spec validation needs.
+    pub fn caps(&self) -> ProfileCaps {
+        ProfileCaps {
+            kernel_boot: self.supports.kernel_boot,
+            firmware_boot: self.supports.firmware_boot,
+        }
+    }
+
+    /// Parses and checks one profile's TOML text.
+    pub fn parse(name: &str, text: &str) -> Result<Profile, String> {
+        check_word("profile name", name)?;
+        let mut profile: Profile = toml::from_str(text).map_err(|e| e.to_string())?;
+        profile.name = name.to_string();
+        profile.check()?;
+        Ok(profile)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        check_word("machine.type", &self.machine.machine_type)?;
+        for (key, value) in &self.machine.options {
+            check_word(&format!("machine.options key {key:?}"), key)?;
+            check_word(&format!("machine.options.{key}"), value)?;
+        }
+        check_word("cpu.kvm", &self.cpu.kvm)?;
+        check_word("cpu.tcg", &self.cpu.tcg)?;
+        let d = &self.devices;
+        for (field, model) in [
+            ("devices.disk", &d.disk),
+            ("devices.net", &d.net),
+            ("devices.serial_port", &d.serial_port),
+            ("devices.virtio_serial", &d.virtio_serial),
+            ("devices.rng", &d.rng),
+            ("devices.balloon", &d.balloon),
+        ] {
+            check_word(field, model)?;
+        }
+        if !self.supports.kernel_boot && !self.supports.firmware_boot {
+            return Err("supports: needs kernel_boot or firmware_boot".into());
+        }
+        if self.hotplug.root_ports > MAX_ROOT_PORTS {
+            return Err(format!("hotplug.root_ports: at most {MAX_ROOT_PORTS}"));
+        }
+        if self.supports.hotplug {
+            if d.bus != DeviceBus::Pci {
+                return Err("supports.hotplug: needs devices.bus = \"pci\"".into());
+            }
+            if self.hotplug.root_ports == 0 {
+                return Err("supports.hotplug: needs hotplug.root_ports > 0".into());
+            }
+        } else if self.hotplug.root_ports > 0 {
+            return Err("hotplug.root_ports: set but supports.hotplug is false".into());
+        }
+        Ok(())
+    }
+}
+
+/// Values that reach QEMU's command line from profiles: plain words only, so
+/// an edited profile cannot smuggle extra options in.
+fn check_word(field: &str, value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: {value:?} must be 1..=64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
+/// A profile file that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// The profile directory or a file in it could not be read.
+    #[error("reading profile {path}")]
+    Read {
+        /// File or directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A profile's content is wrong.
+    #[error("profile {origin}: {message}")]
+    Invalid {
+        /// File path, or `built-in NAME`.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A spec asked for a profile that does not exist.
+    #[error("unknown profile {0:?}")]
+    Unknown(String),
+}
+
+/// All loaded profiles, by name.
+#[derive(Debug, Clone)]
+pub struct Profiles {
+    by_name: BTreeMap<String, Profile>,
+}
+
+impl Profiles {
+    /// The built-in profiles only.
+    pub fn built_in() -> Result<Profiles, ProfileError> {
+        let mut by_name = BTreeMap::new();
+        for (name, text) in BUILT_IN {
+            let profile = Profile::parse(name, text).map_err(|message| ProfileError::Invalid {
+                origin: format!("built-in {name}"),
+                message,
+            })?;
+            by_name.insert(name.to_string(), profile);
+        }
+        Ok(Profiles { by_name })
+    }
+
+    /// The built-in profiles, then every `*.toml` in `dir` (if it exists),
+    /// which replaces a built-in profile of the same name or adds a new one.
+    pub fn load(dir: Option<&Path>) -> Result<Profiles, ProfileError> {
+        let mut profiles = Profiles::built_in()?;
+        let Some(dir) = dir else {
+            return Ok(profiles);
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(profiles),
+            Err(source) => {
+                return Err(ProfileError::Read {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).map_err(|source| ProfileError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let profile =
+                Profile::parse(&name, &text).map_err(|message| ProfileError::Invalid {
+                    origin: path.display().to_string(),
+                    message,
+                })?;
+            profiles.by_name.insert(name, profile);
+        }
+        Ok(profiles)
+    }
+
+    /// The profile called `name`.
+    pub fn get(&self, name: &str) -> Result<&Profile, ProfileError> {
+        self.by_name
+            .get(name)
+            .ok_or_else(|| ProfileError::Unknown(name.to_string()))
+    }
+
+    /// Capabilities of `name`, for spec validation.
+    pub fn caps(&self, name: &str) -> Option<ProfileCaps> {
+        self.by_name.get(name).map(Profile::caps)
+    }
+
+    /// Profile names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_profiles_load() {
+        let p = Profiles::built_in().unwrap();
+        assert_eq!(p.names().collect::<Vec<_>>(), ["microvm", "q35"]);
+        let q35 = p.get("q35").unwrap();
+        assert!(q35.supports.hotplug);
+        assert_eq!(q35.devices.bus, DeviceBus::Pci);
+        let micro = p.get("microvm").unwrap();
+        assert!(!micro.supports.hotplug && !micro.supports.firmware_boot);
+        assert!(matches!(p.get("nope"), Err(ProfileError::Unknown(_))));
+    }
+
+    #[test]
+    fn directory_overrides_and_adds() {
+        let dir = tempfile::tempdir().unwrap();
+        let q35 = BUILT_IN[0].1.replace("root_ports = 8", "root_ports = 2");
+        std::fs::write(dir.path().join("q35.toml"), &q35).unwrap();
+        std::fs::write(dir.path().join("big.toml"), &q35).unwrap();
+        std::fs::write(dir.path().join("README"), "not a profile").unwrap();
+        let p = Profiles::load(Some(dir.path())).unwrap();
+        assert_eq!(p.get("q35").unwrap().hotplug.root_ports, 2);
+        assert_eq!(p.get("big").unwrap().name, "big");
+        assert!(Profiles::load(Some(&dir.path().join("missing"))).is_ok());
+    }
+
+    #[test]
+    fn bad_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = BUILT_IN[0]
+            .1
+            .replace("type = \"q35\"", "type = \"q35,accel=kvm\"");
+        std::fs::write(dir.path().join("evil.toml"), bad).unwrap();
+        let err = Profiles::load(Some(dir.path())).unwrap_err().to_string();
+        assert!(
+            err.contains("evil.toml") && err.contains("machine.type"),
+            "{err}"
+        );
+
+        std::fs::write(dir.path().join("evil.toml"), "description = 1").unwrap();
+        let err = Profiles::load(Some(dir.path())).unwrap_err().to_string();
+        assert!(err.contains("evil.toml"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_capabilities_are_refused() {
+        let text = BUILT_IN[1].1.replace("hotplug = false", "hotplug = true");
+        let err = Profile::parse("m", &text).unwrap_err();
+        assert!(err.contains("supports.hotplug"), "{err}");
+        let text = BUILT_IN[0].1.replace("colour", "x") + "\ncolour = 1\n";
+        assert!(Profile::parse("q", &text).is_err());
+    }
+}

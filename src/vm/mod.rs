@@ -1,0 +1,3 @@
+//! VMs: what they are (spec) and, later, their lifecycle.
+
+pub mod spec;
