@@ -26,6 +26,13 @@ if [ "$want_test_tools" = 1 ]; then
     [ -x /bin/busybox ] && /bin/busybox --help 2>/dev/null | grep -q 'static' || \
         dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
     command -v gzip >/dev/null 2>&1 || missing+=(gzip)
+    command -v pgrep >/dev/null 2>&1 || missing+=(procps)
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    # Debian 12's own Rust (1.63) is too old for vmlet's dependencies.
+    log "cargo not found: install a current Rust toolchain (https://rustup.rs) first"
+    exit 1
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

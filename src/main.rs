@@ -1,1 +1,321 @@
-fn main() {}
+//! The `vmlet` command.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use vmlet::config::Settings;
+use vmlet::qemu::accel::{self, AccelChoice};
+use vmlet::qemu::argv::{LaunchInputs, RunPaths};
+use vmlet::qemu::instance::{self, StopMode, StopOutcome};
+use vmlet::qemu::process::{self, ExitStatus};
+use vmlet::qemu::profile::Profiles;
+use vmlet::vm::spec::VmSpec;
+
+/// Exit code when the spec is invalid (nothing was started).
+const EXIT_BAD_SPEC: u8 = 2;
+/// Exit code when the VM was stopped by Ctrl-C (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser)]
+#[command(name = "vmlet", version, about = "QEMU node daemon: VMs without libvirt")]
+struct Cli {
+    /// Config file (default: /etc/vmlet/vmlet.toml when it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log filter, e.g. `info`, `vmlet=debug`.
+    #[arg(long, global = true, env = "VMLET_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot one VM in the foreground from a spec file, with its serial console
+    /// on stdout. Ctrl-C stops it gracefully (ACPI power button); a second
+    /// Ctrl-C forces it off. Exits 0 when the guest powers itself off.
+    Run {
+        /// The VM spec (JSON). `uuid` may be left out; one is generated.
+        spec: PathBuf,
+        /// Accelerator: auto, kvm or tcg (default from the settings).
+        #[arg(long)]
+        accel: Option<AccelChoice>,
+        /// Run directory root (sockets, pidfile, serial log).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Seconds the guest gets to power off after Ctrl-C before QEMU is quit.
+        #[arg(long)]
+        grace: Option<u64>,
+    },
+    /// Check a spec file and print the QEMU command line it gives.
+    Argv {
+        /// The VM spec (JSON).
+        spec: PathBuf,
+        /// Accelerator: auto, kvm or tcg.
+        #[arg(long)]
+        accel: Option<AccelChoice>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmlet: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmlet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run {
+            spec,
+            accel,
+            run_dir,
+            grace,
+        } => {
+            if let Some(a) = accel {
+                settings.accel = a;
+            }
+            if let Some(dir) = run_dir {
+                settings.run_dir = dir;
+            }
+            if let Some(g) = grace {
+                settings.stop_grace_s = g;
+            }
+            run(&settings, &spec).await
+        }
+        Command::Argv { spec, accel } => {
+            if let Some(a) = accel {
+                settings.accel = a;
+            }
+            let profiles = Profiles::load(Some(&settings.profile_dir))?;
+            let Some(spec) = load_spec(&spec, &profiles)? else {
+                return Ok(ExitCode::from(EXIT_BAD_SPEC));
+            };
+            let paths = RunPaths::new(&settings.run_dir, spec.uuid);
+            let argv = vmlet::qemu::argv::build(LaunchInputs {
+                spec: &spec,
+                profile: profiles.get(&spec.profile)?,
+                accel: accel::resolve_on_host(settings.accel),
+                paths: &paths,
+            });
+            println!("{}", settings.qemu_binary.display());
+            for arg in argv {
+                println!("{arg}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Reads and validates a spec file. Prints every field error and returns
+/// `None` when the spec is invalid. A missing `uuid` gets a fresh one.
+fn load_spec(path: &Path, profiles: &Profiles) -> anyhow::Result<Option<VmSpec>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    if let Some(object) = value.as_object_mut() {
+        object
+            .entry("uuid")
+            .or_insert_with(|| uuid::Uuid::new_v4().to_string().into());
+    }
+    let spec: VmSpec = match serde_json::from_value(value) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("vmlet: {}: {e}", path.display());
+            return Ok(None);
+        }
+    };
+    if let Err(e) = spec.validate(|p| profiles.caps(p)) {
+        eprintln!("vmlet: {}: invalid spec", path.display());
+        for error in &e.errors {
+            eprintln!("  {}: {}", error.field, error.message);
+        }
+        return Ok(None);
+    }
+    Ok(Some(spec))
+}
+
+async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> {
+    let profiles = Profiles::load(Some(&settings.profile_dir))?;
+    let Some(spec) = load_spec(spec_path, &profiles)? else {
+        return Ok(ExitCode::from(EXIT_BAD_SPEC));
+    };
+    if let Err(e) = process::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become subreaper: QEMU exit codes will be unknown");
+    }
+    let accel = accel::resolve_on_host(settings.accel);
+    let paths = RunPaths::new(&settings.run_dir, spec.uuid);
+    let inputs = LaunchInputs {
+        spec: &spec,
+        profile: profiles.get(&spec.profile)?,
+        accel,
+        paths: &paths,
+    };
+    eprintln!(
+        "vmlet: starting {} ({}) under {}; Ctrl-C stops it",
+        spec.name,
+        spec.uuid,
+        accel.as_str()
+    );
+    let vm = instance::launch(&settings.qemu_binary, inputs).await?;
+    let outcome = drive(settings, &spec, &vm).await;
+    instance::remove_run_dir(&paths);
+    outcome
+}
+
+/// Runs the launched VM until QEMU exits, streaming the serial console and
+/// turning Ctrl-C into a stop.
+async fn drive(
+    settings: &Settings,
+    spec: &VmSpec,
+    vm: &instance::QemuInstance,
+) -> anyhow::Result<ExitCode> {
+    // Attach the console before the guest runs, so no output is missed.
+    let console = if spec.serial.enabled {
+        let stream = tokio::net::UnixStream::connect(vm.paths.serial_socket())
+            .await
+            .context("connecting to the serial console")?;
+        Some(tokio::spawn(stream_console(stream)))
+    } else {
+        None
+    };
+    let mut events = vm.events.resubscribe();
+    if let Err(e) = vm.start_guest().await {
+        let _ = vm.stop(StopMode::Force).await;
+        bail!("starting the guest: {e}");
+    }
+
+    let grace = Duration::from_secs(settings.stop_grace_s);
+    let mut interrupted = false;
+    let mut seen = SeenEvents::default();
+    let exit_status;
+    let mut stop_task: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        tokio::select! {
+            status = vm.exited() => { exit_status = status; break; }
+            Ok(event) = events.recv() => seen.note(&event),
+            _ = tokio::signal::ctrl_c() => {
+                if !interrupted {
+                    interrupted = true;
+                    eprintln!("\nvmlet: stopping {} (ACPI power button, up to {}s); Ctrl-C again to force", spec.name, grace.as_secs());
+                    stop_task = Some(tokio::spawn(graceful_stop(vm.qmp.clone(), grace)));
+                } else {
+                    eprintln!("\nvmlet: forcing {} off", spec.name);
+                    if vm.stop(StopMode::Force).await? == StopOutcome::Killed {
+                        eprintln!("vmlet: QEMU had to be killed");
+                    }
+                }
+            }
+        }
+    }
+    if let Some(task) = stop_task {
+        task.abort();
+    }
+    // Events sent just before the exit may still be queued.
+    while let Ok(event) = events.try_recv() {
+        seen.note(&event);
+    }
+    if let Some(console) = console {
+        // The socket closes with QEMU; give the last bytes a moment to drain.
+        let _ = tokio::time::timeout(Duration::from_secs(1), console).await;
+    }
+    let _ = std::io::stdout().flush();
+    eprintln!("vmlet: QEMU exited ({})", describe(exit_status));
+    Ok(if seen.guest_panicked {
+        eprintln!("vmlet: the guest panicked");
+        ExitCode::FAILURE
+    } else if interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if seen.guest_shutdown || exit_status == ExitStatus::Code(0) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// What the QMP events said about how the VM ended.
+#[derive(Default)]
+struct SeenEvents {
+    /// The guest shut itself down (`SHUTDOWN` with `guest: true`).
+    guest_shutdown: bool,
+    /// `GUEST_PANICKED`.
+    guest_panicked: bool,
+}
+
+impl SeenEvents {
+    fn note(&mut self, event: &vmlet::qemu::qmp::QmpEvent) {
+        match event.name.as_str() {
+            "SHUTDOWN" => {
+                self.guest_shutdown |= event.data.get("guest") == Some(&true.into());
+            }
+            "GUEST_PANICKED" => self.guest_panicked = true,
+            _ => {}
+        }
+    }
+}
+
+/// Presses the power button, and quits QEMU if the guest ignores it.
+async fn graceful_stop(qmp: vmlet::qemu::qmp::QmpClient, grace: Duration) {
+    if let Err(e) = qmp.execute(qapi::qmp::system_powerdown {}).await {
+        tracing::warn!(error = %e, "system_powerdown failed");
+    }
+    tokio::time::sleep(grace).await;
+    eprintln!(
+        "vmlet: guest did not power off within {}s: quitting QEMU",
+        grace.as_secs()
+    );
+    if let Err(e) = qmp.execute(qapi::qmp::quit {}).await {
+        tracing::warn!(error = %e, "quit failed");
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Code(code) => format!("exit code {code}"),
+        ExitStatus::Signal(signal) => format!("killed by signal {signal}"),
+        ExitStatus::Unknown => "status unknown".to_string(),
+    }
+}
+
+/// Copies the serial console to stdout until QEMU closes it.
+async fn stream_console(mut stream: tokio::net::UnixStream) {
+    let mut stdout = tokio::io::stdout();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stdout.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                let _ = stdout.flush().await;
+            }
+        }
+    }
+}

@@ -3,4 +3,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod instance;
+pub mod process;
 pub mod profile;
+pub mod qmp;

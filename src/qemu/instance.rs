@@ -1,0 +1,175 @@
+//! A launched QEMU: its process, its QMP link and its run directory, with the
+//! sequences that combine them (launch, start the guest, stop).
+//!
+//! Launch never leaves anything half-made: if QEMU fails to start or QMP does
+//! not answer, the process is killed and the run directory removed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::qemu::argv::{self, LaunchInputs, RunPaths};
+use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
+use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
+
+/// How long QEMU gets to answer on its QMP socket after daemonizing.
+pub const QMP_CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long QEMU gets to exit after `quit` or SIGTERM before SIGKILL.
+pub const QUIT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Why a launch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The run directory could not be prepared.
+    #[error("preparing run directory {path}")]
+    RunDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU did not start.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// QEMU started but its QMP socket did not work.
+    #[error("QMP on the new QEMU")]
+    Qmp(#[source] QmpError),
+}
+
+/// How to stop a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// ACPI power button, then after `grace` QMP `quit`, then SIGKILL.
+    Graceful {
+        /// How long the guest gets to power off by itself.
+        grace: Duration,
+    },
+    /// SIGTERM (QEMU exits at once, flushing its disks), then SIGKILL.
+    Force,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// QEMU had already exited.
+    AlreadyExited,
+    /// The guest powered off after the power button.
+    GuestPoweredOff,
+    /// QEMU exited on `quit` or SIGTERM.
+    Quit,
+    /// QEMU had to be killed.
+    Killed,
+}
+
+/// A QEMU process vmlet launched or reattached to.
+#[derive(Debug)]
+pub struct QemuInstance {
+    /// The process.
+    pub process: QemuProcess,
+    /// Its QMP link.
+    pub qmp: QmpClient,
+    /// Its runtime files.
+    pub paths: RunPaths,
+    /// QMP events from the moment QMP was connected (subscribed before any
+    /// command could make QEMU emit one).
+    pub events: tokio::sync::broadcast::Receiver<QmpEvent>,
+}
+
+/// Creates the run directory afresh (mode 0700: it holds control sockets).
+/// The caller guarantees no QEMU of this VM is running.
+pub fn prepare_run_dir(paths: &RunPaths) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::remove_dir_all(&paths.dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = paths.dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&paths.dir)
+}
+
+/// Removes a VM's run directory (after its QEMU has exited).
+pub fn remove_run_dir(paths: &RunPaths) {
+    if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %paths.dir.display(), error = %e, "could not remove run directory");
+        }
+    }
+}
+
+/// Starts QEMU paused (`-S`) and connects QMP. The guest does not run until
+/// [`QemuInstance::start_guest`].
+pub async fn launch(binary: &Path, inputs: LaunchInputs<'_>) -> Result<QemuInstance, LaunchError> {
+    let paths = inputs.paths.clone();
+    prepare_run_dir(&paths).map_err(|source| LaunchError::RunDir {
+        path: paths.dir.clone(),
+        source,
+    })?;
+    let argv = argv::build(inputs);
+    tracing::debug!(uuid = %inputs.spec.uuid, ?argv, "launching QEMU");
+    let process = match process::spawn(binary, &argv, &paths.pidfile(), inputs.spec.uuid).await {
+        Ok(process) => process,
+        Err(e) => {
+            remove_run_dir(&paths);
+            return Err(e.into());
+        }
+    };
+    match QmpClient::connect(&paths.qmp_socket(), QMP_CONNECT_DEADLINE).await {
+        Ok((qmp, events)) => Ok(QemuInstance {
+            process,
+            qmp,
+            paths,
+            events,
+        }),
+        Err(e) => {
+            let _ = process.kill().await;
+            remove_run_dir(&paths);
+            Err(LaunchError::Qmp(e))
+        }
+    }
+}
+
+impl QemuInstance {
+    /// Lets the paused guest run (`cont`).
+    pub async fn start_guest(&self) -> Result<(), QmpError> {
+        self.qmp.execute(qapi::qmp::cont {}).await.map(|_| ())
+    }
+
+    /// Stops QEMU as `mode` says and waits for the process to be gone.
+    pub async fn stop(&self, mode: StopMode) -> Result<StopOutcome, ProcessError> {
+        if !self.process.is_running() {
+            self.process.exited().await;
+            return Ok(StopOutcome::AlreadyExited);
+        }
+        match mode {
+            StopMode::Graceful { grace } => {
+                match self.qmp.execute(qapi::qmp::system_powerdown {}).await {
+                    Ok(_) => {
+                        if self.process.wait_exit(grace).await.is_some() {
+                            return Ok(StopOutcome::GuestPoweredOff);
+                        }
+                    }
+                    Err(e) => tracing::warn!(pid = self.process.pid(), error = %e, "system_powerdown failed"),
+                }
+                tracing::info!(pid = self.process.pid(), "guest did not power off in time: quitting QEMU");
+                if let Err(e) = self.qmp.execute(qapi::qmp::quit {}).await {
+                    tracing::warn!(pid = self.process.pid(), error = %e, "quit failed");
+                }
+            }
+            StopMode::Force => self.process.signal(libc::SIGTERM)?,
+        }
+        if self.process.wait_exit(QUIT_DEADLINE).await.is_some() {
+            return Ok(StopOutcome::Quit);
+        }
+        tracing::warn!(pid = self.process.pid(), "QEMU did not exit: killing it");
+        self.process.kill().await?;
+        Ok(StopOutcome::Killed)
+    }
+
+    /// Waits for QEMU to exit.
+    pub async fn exited(&self) -> ExitStatus {
+        self.process.exited().await
+    }
+}

@@ -1,0 +1,90 @@
+//! Golden argv corpus: each `tests/golden/NAME.json` (accelerator, run
+//! directory, spec) must produce exactly `tests/golden/NAME.argv`, one
+//! argument per line. Run with `VMLET_UPDATE_GOLDEN=1` to rewrite the `.argv`
+//! files after an intended change, then review the diff.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use vmlet::qemu::accel::Accel;
+use vmlet::qemu::argv::{self, LaunchInputs, RunPaths};
+use vmlet::qemu::profile::Profiles;
+use vmlet::vm::spec::VmSpec;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    accel: Accel,
+    run_dir: PathBuf,
+    spec: VmSpec,
+}
+
+fn render(case: &Case, profiles: &Profiles) -> String {
+    case.spec
+        .validate(|p| profiles.caps(p))
+        .expect("golden specs are valid");
+    let paths = RunPaths::new(&case.run_dir, case.spec.uuid);
+    let argv = argv::build(LaunchInputs {
+        spec: &case.spec,
+        profile: profiles.get(&case.spec.profile).unwrap(),
+        accel: case.accel,
+        paths: &paths,
+    });
+    let mut text = argv.join("\n");
+    text.push('\n');
+    text
+}
+
+#[test]
+fn argv_matches_golden_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let update = std::env::var_os("VMLET_UPDATE_GOLDEN").is_some();
+    let profiles = Profiles::built_in().unwrap();
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    inputs.sort();
+    assert!(inputs.len() >= 12, "the corpus has {} cases", inputs.len());
+
+    let mut failures = Vec::new();
+    for input in &inputs {
+        let case: Case = serde_json::from_str(&std::fs::read_to_string(input).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", input.display()));
+        let got = render(&case, &profiles);
+        let golden = input.with_extension("argv");
+        if update {
+            std::fs::write(&golden, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e} (VMLET_UPDATE_GOLDEN=1 creates it)", golden.display()));
+        if got != want {
+            failures.push(format!(
+                "{}:\n--- want\n{want}--- got\n{got}",
+                golden.display()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "argv differs from the golden corpus (VMLET_UPDATE_GOLDEN=1 rewrites it):\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn every_golden_argv_has_its_input() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "argv") {
+            assert!(
+                path.with_extension("json").exists(),
+                "{} has no .json input",
+                path.display()
+            );
+        }
+    }
+}
