@@ -23,7 +23,11 @@ const EXIT_BAD_SPEC: u8 = 2;
 const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Parser)]
-#[command(name = "vmlet", version, about = "QEMU node daemon: VMs without libvirt")]
+#[command(
+    name = "vmlet",
+    version,
+    about = "QEMU node daemon: VMs without libvirt"
+)]
 struct Cli {
     /// Config file (default: /etc/vmlet/vmlet.toml when it exists).
     #[arg(long, global = true)]

@@ -58,8 +58,12 @@ fn argv_matches_golden_corpus() {
             std::fs::write(&golden, &got).unwrap();
             continue;
         }
-        let want = std::fs::read_to_string(&golden)
-            .unwrap_or_else(|e| panic!("{}: {e} (VMLET_UPDATE_GOLDEN=1 creates it)", golden.display()));
+        let want = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (VMLET_UPDATE_GOLDEN=1 creates it)",
+                golden.display()
+            )
+        });
         if got != want {
             failures.push(format!(
                 "{}:\n--- want\n{want}--- got\n{got}",

@@ -151,9 +151,14 @@ impl QemuInstance {
                             return Ok(StopOutcome::GuestPoweredOff);
                         }
                     }
-                    Err(e) => tracing::warn!(pid = self.process.pid(), error = %e, "system_powerdown failed"),
+                    Err(e) => {
+                        tracing::warn!(pid = self.process.pid(), error = %e, "system_powerdown failed")
+                    }
                 }
-                tracing::info!(pid = self.process.pid(), "guest did not power off in time: quitting QEMU");
+                tracing::info!(
+                    pid = self.process.pid(),
+                    "guest did not power off in time: quitting QEMU"
+                );
                 if let Err(e) = self.qmp.execute(qapi::qmp::quit {}).await {
                     tracing::warn!(pid = self.process.pid(), error = %e, "quit failed");
                 }

@@ -141,12 +141,10 @@ pub fn read_pidfile(path: &Path) -> Result<i32, ProcessError> {
         path: path.to_path_buf(),
         source,
     })?;
-    text.trim()
-        .parse()
-        .map_err(|_| ProcessError::Pidfile {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a pid"),
-        })
+    text.trim().parse().map_err(|_| ProcessError::Pidfile {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a pid"),
+    })
 }
 
 /// True when `cmdline` (NUL-separated, as in `/proc/PID/cmdline`) carries
@@ -191,12 +189,13 @@ impl QemuProcess {
         }
         // SAFETY: an OwnedFd keeps its descriptor open and unchanged for as
         // long as the AsyncFd owns it.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-            .map_err(|e| ProcessError::Sys {
-                op: "registering pidfd",
-                pid,
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let pidfd =
+            unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+                .map_err(|e| ProcessError::Sys {
+                    op: "registering pidfd",
+                    pid,
+                    source: std::io::Error::other(e.to_string()),
+                })?;
         Ok(QemuProcess { pid, uuid, pidfd })
     }
 

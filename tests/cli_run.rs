@@ -1,0 +1,146 @@
+//! `vmlet run SPEC.json` as a user runs it: the real binary, real QEMU, the
+//! test guest under TCG.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{guest_spec, Scratch, BOOT_TIMEOUT};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::process::Command;
+use vmlet::vm::spec::VmSpec;
+
+fn vmlet(scratch: &Scratch, spec_file: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlet"));
+    cmd.args(["run", "--accel", "tcg", "--grace", "30", "--run-dir"])
+        .arg(scratch.run_dir())
+        .arg(spec_file)
+        .env("VMLET_PROFILE_DIR", scratch.path().join("no-profiles"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+fn write_spec(scratch: &Scratch, spec: &VmSpec) -> std::path::PathBuf {
+    let path = scratch.path().join("spec.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_guest_that_powers_off_exits_zero_with_its_console_on_stdout() {
+    let scratch = Scratch::new();
+    let spec = guest_spec("q35", "guest.action=poweroff");
+    let file = write_spec(&scratch, &spec);
+    let out = tokio::time::timeout(BOOT_TIMEOUT, vmlet(&scratch, &file).output())
+        .await
+        .expect("vmlet run finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("GUEST-READY"), "{stdout}");
+    assert!(stdout.contains("GUEST-POWEROFF"), "{stdout}");
+    // The run directory is gone with the VM.
+    assert!(!scratch
+        .run_dir()
+        .join("vms")
+        .join(spec.uuid.to_string())
+        .exists());
+}
+
+#[tokio::test]
+async fn ctrl_c_stops_the_guest_through_acpi() {
+    let scratch = Scratch::new();
+    let spec = guest_spec("q35", "guest.action=hold");
+    let file = write_spec(&scratch, &spec);
+    let mut child = vmlet(&scratch, &file).spawn().unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut console = String::new();
+    tokio::time::timeout(BOOT_TIMEOUT, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            console.push_str(&line);
+            console.push('\n');
+            if line.contains("GUEST-READY") {
+                return;
+            }
+        }
+        panic!("console ended before GUEST-READY:\n{console}");
+    })
+    .await
+    .expect("GUEST-READY on stdout");
+
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut rest = String::new();
+    let mut stderr = String::new();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        err_pipe.read_to_string(&mut stderr).await.unwrap();
+        child.wait().await.unwrap()
+    })
+    .await
+    .expect("vmlet exits after Ctrl-C");
+    assert_eq!(status.code(), Some(130), "stderr:\n{stderr}");
+    assert!(
+        rest.contains("GUEST-ACPI-POWERDOWN"),
+        "guest saw the power button:\n{rest}"
+    );
+    assert!(stderr.contains("stopping"), "{stderr}");
+    assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
+}
+
+#[tokio::test]
+async fn a_bad_spec_names_the_field_and_starts_nothing() {
+    let scratch = Scratch::new();
+    let mut spec = guest_spec("q35", "");
+    spec.disks
+        .push(common::disk("data", Path::new("relative/disk.qcow2")));
+    spec.vcpus = 0;
+    let file = write_spec(&scratch, &spec);
+    let out = vmlet(&scratch, &file).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("disks[0].path"), "{stderr}");
+    assert!(stderr.contains("vcpus"), "{stderr}");
+    assert!(!scratch.run_dir().exists(), "nothing was prepared");
+    assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
+
+    // Unknown fields are refused by name too.
+    let mut value = serde_json::to_value(&spec).unwrap();
+    value["vcpus"] = 1.into();
+    value["disks"] = serde_json::json!([]);
+    value["memroy_mib"] = 512.into();
+    std::fs::write(&file, value.to_string()).unwrap();
+    let out = vmlet(&scratch, &file).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("memroy_mib"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_qemu_that_cannot_start_reports_its_own_message() {
+    let scratch = Scratch::new();
+    let mut spec = guest_spec("q35", "");
+    if let vmlet::vm::spec::Boot::Kernel { kernel, .. } = &mut spec.boot {
+        *kernel = scratch.path().join("missing-vmlinuz");
+    }
+    let file = write_spec(&scratch, &spec);
+    let out = vmlet(&scratch, &file).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("QEMU failed to start"), "{stderr}");
+    assert!(stderr.contains("missing-vmlinuz"), "{stderr}");
+}

@@ -1,0 +1,210 @@
+//! Shared helpers for integration tests: scratch directories, test-guest
+//! specs, and guards that kill QEMU and remove files even when a test fails.
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod guest;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+use vmlet::qemu::accel::Accel;
+use vmlet::qemu::argv::{LaunchInputs, RunPaths};
+use vmlet::qemu::instance::{self, LaunchError, QemuInstance};
+use vmlet::qemu::profile::Profiles;
+use vmlet::vm::spec::{Boot, ChannelSpec, DiskFormat, DiskSpec, SerialSpec, VmSpec};
+
+/// Every scratch path of the tests starts with this, so `scripts/test.sh`
+/// can prove nothing is left behind.
+pub const SCRATCH_PREFIX: &str = "vmlet-test-";
+
+/// How long a test-guest boot may take under TCG on a loaded 2-core machine
+/// (a boot takes about 3 s when idle).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A scratch directory under /tmp, removed on drop.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// A fresh scratch directory.
+    pub fn new() -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix(SCRATCH_PREFIX)
+            .tempdir_in("/tmp")
+            .expect("creating scratch dir");
+        Scratch { dir }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The run root for VMs of this test.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Creates a qcow2 image of `size` (e.g. `"64M"`) with real `qemu-img`.
+    pub fn qcow2(&self, name: &str, size: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg(size)
+            .output()
+            .expect("running qemu-img");
+        assert!(
+            out.status.success(),
+            "qemu-img: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    }
+}
+
+/// Kernel parameters every test guest gets, plus `extra`. For microvm under
+/// TCG, `tsc_early_khz` avoids a hang at TSC calibration (TEST-GUEST.md).
+pub fn guest_cmdline(profile: &str, extra: &str) -> String {
+    let mut cmdline = format!("console=ttyS0 panic=-1 quiet {extra}");
+    if profile == "microvm" {
+        if let Some(mhz) = host_cpu_mhz() {
+            cmdline.push_str(&format!(" tsc_early_khz={}", (mhz * 1000.0) as u64));
+        }
+    }
+    cmdline.trim_end().to_string()
+}
+
+fn host_cpu_mhz() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A spec that boots the test guest with `extra` kernel parameters.
+pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
+    let guest = guest::test_guest();
+    let uuid = Uuid::new_v4();
+    VmSpec {
+        uuid,
+        name: format!("t-{}", &uuid.to_string()[..8]),
+        vcpus: 1,
+        memory_mib: 256,
+        profile: profile.to_string(),
+        boot: Boot::Kernel {
+            kernel: guest.kernel.clone(),
+            initrd: Some(guest.initrd.clone()),
+            cmdline: guest_cmdline(profile, extra),
+        },
+        disks: vec![],
+        serial: SerialSpec::default(),
+        channels: vec![],
+    }
+}
+
+/// A qcow2 disk entry for a spec.
+pub fn disk(name: &str, path: &Path) -> DiskSpec {
+    DiskSpec {
+        name: Some(name.to_string()),
+        path: path.to_path_buf(),
+        format: DiskFormat::Qcow2,
+        read_only: false,
+        boot_order: None,
+        serial: None,
+    }
+}
+
+/// The guest's report channel.
+pub fn guest_channel() -> ChannelSpec {
+    ChannelSpec {
+        name: "org.vmlet.guest.0".to_string(),
+    }
+}
+
+/// A launched QEMU that is killed (and its run directory removed) on drop.
+#[derive(Debug)]
+pub struct TestVm {
+    /// The running instance.
+    pub vm: QemuInstance,
+}
+
+impl std::ops::Deref for TestVm {
+    type Target = QemuInstance;
+    fn deref(&self) -> &QemuInstance {
+        &self.vm
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        if self.vm.process.is_running() {
+            self.vm.process.kill_blocking(Duration::from_secs(10));
+        }
+        instance::remove_run_dir(&self.vm.paths);
+    }
+}
+
+/// Launches `spec` under TCG (the only accelerator that boots guests on
+/// these machines) with run files under `scratch`.
+pub async fn launch(spec: &VmSpec, scratch: &Scratch) -> Result<TestVm, LaunchError> {
+    launch_in(spec, &scratch.run_dir()).await
+}
+
+/// [`launch`] with an explicit run root.
+pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchError> {
+    let _ = vmlet::qemu::process::become_subreaper();
+    let profiles = Profiles::built_in().unwrap();
+    spec.validate(|p| profiles.caps(p))
+        .expect("test spec is valid");
+    let paths = RunPaths::new(run_root, spec.uuid);
+    let vm = instance::launch(
+        Path::new("qemu-system-x86_64"),
+        LaunchInputs {
+            spec,
+            profile: profiles.get(&spec.profile).unwrap(),
+            accel: Accel::Tcg,
+            paths: &paths,
+        },
+    )
+    .await?;
+    Ok(TestVm { vm })
+}
+
+/// Waits until the file at `path` has a line containing `needle`; returns that
+/// line. Panics with the file's content after `timeout`.
+pub async fn wait_for_line(path: &Path, needle: &str, timeout: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return line.trim_end_matches('\r').to_string();
+        }
+        if started.elapsed() > timeout {
+            panic!(
+                "no line with {needle:?} in {} after {timeout:?}; it holds:\n{text}",
+                path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Pids of running processes whose command line contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && pid != std::process::id() as i32 {
+            pids.push(pid);
+        }
+    }
+    pids
+}
