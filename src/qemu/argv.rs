@@ -117,6 +117,10 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
     argv.flag("-S");
     argv.flag("-nodefaults");
     argv.flag("-no-user-config");
+    // seccomp: refuse obsolete and scheduler/resource syscalls. `spawn=deny`
+    // and `elevateprivileges=deny` would also block the fork and setsid of
+    // -daemonize, so they stay off while QEMU daemonizes itself.
+    argv.push("-sandbox", "on,obsolete=deny,resourcecontrol=deny");
     argv.flag("-daemonize");
     argv.push("-pidfile", paths.pidfile().to_string_lossy());
     argv.push("-msg", "timestamp=on");

@@ -1,0 +1,196 @@
+//! Benchmark of the QEMU runtime; run through `scripts/bench.sh`, which
+//! builds the test guest and passes its paths in `BENCH_KERNEL` and
+//! `BENCH_INITRD`. Prints figures (medians over `BENCH_RUNS`, default 5);
+//! asserts nothing about speed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+use vmlet::qemu::accel::Accel;
+use vmlet::qemu::argv::{LaunchInputs, RunPaths};
+use vmlet::qemu::instance::{self, QemuInstance, StopMode, StopOutcome};
+use vmlet::qemu::profile::Profiles;
+use vmlet::vm::spec::{Boot, SerialSpec, VmSpec};
+
+struct Bench {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    run_root: PathBuf,
+    profiles: Profiles,
+}
+
+fn env_path(name: &str) -> PathBuf {
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{name} is not set: run scripts/bench.sh"))
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn rss_mib(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn wait_for(path: &Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{needle} never appeared in {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+impl Bench {
+    fn spec(&self, profile: &str, action: &str) -> VmSpec {
+        let mut cmdline = format!("console=ttyS0 panic=-1 quiet guest.action={action}");
+        if profile == "microvm" {
+            let mhz = std::fs::read_to_string("/proc/cpuinfo")
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            if let Some(mhz) = mhz {
+                cmdline.push_str(&format!(" tsc_early_khz={}", (mhz * 1000.0) as u64));
+            }
+        }
+        VmSpec {
+            uuid: Uuid::new_v4(),
+            name: "bench".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            profile: profile.into(),
+            boot: Boot::Kernel {
+                kernel: self.kernel.clone(),
+                initrd: Some(self.initrd.clone()),
+                cmdline,
+            },
+            disks: vec![],
+            serial: SerialSpec::default(),
+            channels: vec![],
+        }
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> QemuInstance {
+        let paths = RunPaths::new(&self.run_root, spec.uuid);
+        instance::launch(
+            Path::new("qemu-system-x86_64"),
+            LaunchInputs {
+                spec,
+                profile: self.profiles.get(&spec.profile).unwrap(),
+                accel: Accel::Tcg,
+                paths: &paths,
+            },
+        )
+        .await
+        .expect("launch")
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    vmlet::qemu::process::become_subreaper().expect("subreaper");
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let scratch = tempfile::Builder::new()
+        .prefix("vmlet-bench-")
+        .tempdir()
+        .unwrap();
+    let bench = Bench {
+        kernel: env_path("BENCH_KERNEL"),
+        initrd: env_path("BENCH_INITRD"),
+        run_root: scratch.path().to_path_buf(),
+        profiles: Profiles::built_in().unwrap(),
+    };
+
+    // Launch (spawn, daemonize, QMP negotiated) and QMP round trips, paused.
+    let mut launch = Vec::new();
+    let mut rtt = Vec::new();
+    let mut rss_paused = Vec::new();
+    for _ in 0..runs {
+        let spec = bench.spec("q35", "hold");
+        let started = Instant::now();
+        let vm = bench.launch(&spec).await;
+        launch.push(started.elapsed());
+        for _ in 0..100 {
+            let t = Instant::now();
+            vm.qmp.execute(qapi::qmp::query_status {}).await.unwrap();
+            rtt.push(t.elapsed());
+        }
+        rss_paused.push(rss_mib(vm.process.pid()));
+        vm.stop(StopMode::Force).await.unwrap();
+        instance::remove_run_dir(&vm.paths);
+    }
+    println!(
+        "launch to paused + QMP ready (q35):   {}",
+        ms(median(launch))
+    );
+    println!("QMP query-status round trip:          {}", ms(median(rtt)));
+    println!(
+        "QEMU RSS paused at -S (q35, 128 MiB):  {:.0} MiB",
+        rss_paused.iter().sum::<f64>() / rss_paused.len() as f64
+    );
+
+    for profile in ["q35", "microvm"] {
+        let mut boot = Vec::new();
+        let mut stop = Vec::new();
+        let mut rss = Vec::new();
+        for _ in 0..runs {
+            let spec = bench.spec(profile, "hold");
+            let started = Instant::now();
+            let vm = bench.launch(&spec).await;
+            vm.start_guest().await.unwrap();
+            wait_for(&vm.paths.serial_log(), "GUEST-READY").await;
+            boot.push(started.elapsed());
+            rss.push(rss_mib(vm.process.pid()));
+            let t = Instant::now();
+            let outcome = vm
+                .stop(StopMode::Graceful {
+                    grace: Duration::from_secs(30),
+                })
+                .await
+                .unwrap();
+            assert_eq!(outcome, StopOutcome::GuestPoweredOff);
+            stop.push(t.elapsed());
+            instance::remove_run_dir(&vm.paths);
+        }
+        println!(
+            "launch to GUEST-READY ({profile}, TCG):{}{}",
+            " ".repeat(9 - profile.len()),
+            ms(median(boot))
+        );
+        println!(
+            "graceful stop, ACPI ({profile}):{}{}",
+            " ".repeat(15 - profile.len()),
+            ms(median(stop))
+        );
+        println!(
+            "QEMU RSS booted ({profile}, TCG):{}{:.0} MiB",
+            " ".repeat(14 - profile.len()),
+            rss.iter().sum::<f64>() / rss.len() as f64
+        );
+    }
+}
