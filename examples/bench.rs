@@ -35,6 +35,18 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// One figure, aligned with the others (and with scripts/bench.sh's).
+fn row(label: &str, value: String) {
+    println!("{:<40}{value}", format!("{label}:"));
+}
+
+fn mib(samples: &[f64]) -> String {
+    format!(
+        "{:.0} MiB",
+        samples.iter().sum::<f64>() / samples.len() as f64
+    )
+}
+
 fn rss_mib(pid: i32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -144,15 +156,9 @@ async fn main() {
         vm.stop(StopMode::Force).await.unwrap();
         instance::remove_run_dir(&vm.paths);
     }
-    println!(
-        "launch to paused + QMP ready (q35):   {}",
-        ms(median(launch))
-    );
-    println!("QMP query-status round trip:          {}", ms(median(rtt)));
-    println!(
-        "QEMU RSS paused at -S (q35, 128 MiB):  {:.0} MiB",
-        rss_paused.iter().sum::<f64>() / rss_paused.len() as f64
-    );
+    row("launch to paused + QMP ready (q35)", ms(median(launch)));
+    row("QMP query-status round trip", ms(median(rtt)));
+    row("QEMU RSS paused at -S (q35, 128 MiB)", mib(&rss_paused));
 
     for profile in ["q35", "microvm"] {
         let mut boot = Vec::new();
@@ -177,20 +183,14 @@ async fn main() {
             stop.push(t.elapsed());
             instance::remove_run_dir(&vm.paths);
         }
-        println!(
-            "launch to GUEST-READY ({profile}, TCG):{}{}",
-            " ".repeat(9 - profile.len()),
-            ms(median(boot))
+        row(
+            &format!("launch to GUEST-READY ({profile}, TCG)"),
+            ms(median(boot)),
         );
-        println!(
-            "graceful stop, ACPI ({profile}):{}{}",
-            " ".repeat(15 - profile.len()),
-            ms(median(stop))
+        row(
+            &format!("graceful stop, ACPI ({profile})"),
+            ms(median(stop)),
         );
-        println!(
-            "QEMU RSS booted ({profile}, TCG):{}{:.0} MiB",
-            " ".repeat(14 - profile.len()),
-            rss.iter().sum::<f64>() / rss.len() as f64
-        );
+        row(&format!("QEMU RSS booted ({profile}, TCG)"), mib(&rss));
     }
 }

@@ -25,6 +25,6 @@ target/release/vmlet run --accel tcg --run-dir "$work/run" "$work/spec.json" >"$
 pid=$!
 for _ in $(seq 1 600); do grep -q GUEST-READY "$work/out" && break; sleep 0.1; done
 grep -q GUEST-READY "$work/out" || { cat "$work/out"; exit 1; }
-echo "vmlet run RSS with one guest:         $(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$pid/status")"
+printf '%-40s%s\n' "vmlet run RSS with one guest:" "$(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$pid/status")"
 kill -INT "$pid"
 wait "$pid" || true
