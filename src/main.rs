@@ -42,8 +42,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot one VM in the foreground from a spec file, with its serial console
-    /// on stdout. Ctrl-C stops it gracefully (ACPI power button); a second
-    /// Ctrl-C forces it off. Exits 0 when the guest powers itself off.
+    /// on stdout. Ctrl-C or SIGTERM stops it gracefully (ACPI power button); a
+    /// second one forces it off. Exits 0 when the guest powers itself off.
     Run {
         /// The VM spec (JSON). `uuid` may be left out; one is generated.
         spec: PathBuf,
@@ -220,11 +220,13 @@ async fn drive(
     let mut seen = SeenEvents::default();
     let exit_status;
     let mut stop_task: Option<tokio::task::JoinHandle<()>> = None;
+    // SIGTERM (a service manager, `kill`) stops the VM like Ctrl-C does.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             status = vm.exited() => { exit_status = status; break; }
             Ok(event) = events.recv() => seen.note(&event),
-            _ = tokio::signal::ctrl_c() => {
+            _ = stop_requested(&mut sigterm) => {
                 if !interrupted {
                     interrupted = true;
                     eprintln!("\nvmlet: stopping {} (ACPI power button, up to {}s); Ctrl-C again to force", spec.name, grace.as_secs());
@@ -261,6 +263,14 @@ async fn drive(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn stop_requested(sigterm: &mut tokio::signal::unix::Signal) {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
 }
 
 /// What the QMP events said about how the VM ended.

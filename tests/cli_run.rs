@@ -59,6 +59,15 @@ async fn a_guest_that_powers_off_exits_zero_with_its_console_on_stdout() {
 
 #[tokio::test]
 async fn ctrl_c_stops_the_guest_through_acpi() {
+    stop_signal_stops_the_guest_through_acpi(nix::sys::signal::Signal::SIGINT).await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_guest_through_acpi() {
+    stop_signal_stops_the_guest_through_acpi(nix::sys::signal::Signal::SIGTERM).await;
+}
+
+async fn stop_signal_stops_the_guest_through_acpi(signal: nix::sys::signal::Signal) {
     let scratch = Scratch::new();
     let spec = guest_spec("q35", "guest.action=hold");
     let file = write_spec(&scratch, &spec);
@@ -79,7 +88,7 @@ async fn ctrl_c_stops_the_guest_through_acpi() {
     .expect("GUEST-READY on stdout");
 
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::kill(pid, signal).unwrap();
     let mut rest = String::new();
     let mut stderr = String::new();
     let mut err_pipe = child.stderr.take().unwrap();

@@ -199,3 +199,36 @@ async fn commas_and_spaces_in_paths_reach_qemu_intact() {
         Some(ExitStatus::Code(0))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_qemu_times_out_and_is_killed_by_the_stop() {
+    let scratch = Scratch::new();
+    let spec = guest_spec("q35", "guest.action=hold");
+    let vm = launch(&spec, &scratch).await.expect("launch");
+    let pid = nix::unistd::Pid::from_raw(vm.process.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+
+    // Its commands fail with a timeout, promptly, and the link is then dead.
+    let started = std::time::Instant::now();
+    let err = vm
+        .qmp
+        .execute_with_deadline(qapi::qmp::query_status {}, Duration::from_millis(500))
+        .await
+        .expect_err("a stopped QEMU cannot answer");
+    assert!(
+        matches!(err, vmlet::qemu::qmp::QmpError::Timeout { .. }),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(vm.qmp.is_closed());
+
+    // A graceful stop cannot reach it over QMP and ends with SIGKILL.
+    let outcome = vm
+        .stop(StopMode::Graceful {
+            grace: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, StopOutcome::Killed);
+    assert!(!vm.process.is_running());
+}

@@ -15,6 +15,9 @@ use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 pub const QMP_CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long QEMU gets to exit after `quit` or SIGTERM before SIGKILL.
 pub const QUIT_DEADLINE: Duration = Duration::from_secs(5);
+/// Deadline of the QMP commands of a stop: a hung QEMU must not hold a stop
+/// up for longer than this before the next step.
+pub const STOP_COMMAND_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why a launch failed.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +148,11 @@ impl QemuInstance {
         }
         match mode {
             StopMode::Graceful { grace } => {
-                match self.qmp.execute(qapi::qmp::system_powerdown {}).await {
+                let powerdown = self
+                    .qmp
+                    .execute_with_deadline(qapi::qmp::system_powerdown {}, STOP_COMMAND_DEADLINE)
+                    .await;
+                match powerdown {
                     Ok(_) => {
                         if self.process.wait_exit(grace).await.is_some() {
                             return Ok(StopOutcome::GuestPoweredOff);
@@ -159,7 +166,11 @@ impl QemuInstance {
                     pid = self.process.pid(),
                     "guest did not power off in time: quitting QEMU"
                 );
-                if let Err(e) = self.qmp.execute(qapi::qmp::quit {}).await {
+                let quit = self
+                    .qmp
+                    .execute_with_deadline(qapi::qmp::quit {}, STOP_COMMAND_DEADLINE)
+                    .await;
+                if let Err(e) = quit {
                     tracing::warn!(pid = self.process.pid(), error = %e, "quit failed");
                 }
             }
