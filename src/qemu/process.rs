@@ -125,6 +125,7 @@ pub async fn spawn(
             source,
         })?;
     if !output.status.success() {
+        reap_daemonize_leftovers(None).await;
         let mut message = String::from_utf8_lossy(&output.stderr).trim().to_string();
         if message.is_empty() {
             message = format!("exited with {}", output.status);
@@ -132,7 +133,79 @@ pub async fn spawn(
         return Err(ProcessError::StartFailed { message });
     }
     let pid = read_pidfile(pidfile)?;
-    QemuProcess::adopt(pid, uuid)
+    let process = QemuProcess::adopt(pid, uuid)?;
+    reap_daemonize_leftovers(proc_stat(pid).map(|s| s.session)).await;
+    Ok(process)
+}
+
+/// The fields of `/proc/PID/stat` that reaping needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    pid: i32,
+    state: char,
+    ppid: i32,
+    session: i32,
+}
+
+fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_proc_stat(pid, &text)
+}
+
+/// Parses `/proc/PID/stat`; the command name may hold spaces and `)`, so
+/// fields are counted from the last `)`.
+fn parse_proc_stat(pid: i32, text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let _pgrp = fields.next()?;
+    let session = fields.next()?.parse().ok()?;
+    Some(ProcStat {
+        pid,
+        state,
+        ppid,
+        session,
+    })
+}
+
+/// `-daemonize` forks twice: QEMU's first process forks a session leader,
+/// which forks the real QEMU and exits at once. With vmlet as subreaper
+/// ([`become_subreaper`]) that leader, and after a failed start the failed
+/// QEMU too, become vmlet's zombie children. This reaps them: zombie
+/// children that lead their own session, and zombies in such a session. A
+/// VM's QEMU is never a session leader (it is the leader's child), so a VM
+/// vmlet watches is left to its own [`QemuProcess`]. `leader`: the session
+/// leader this launch must have left, waited for up to a second.
+async fn reap_daemonize_leftovers(leader: Option<i32>) {
+    let me = std::process::id() as i32;
+    for _ in 0..100 {
+        let zombies: Vec<ProcStat> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter_map(proc_stat)
+            .filter(|s| s.ppid == me && s.state == 'Z')
+            .collect();
+        let leaders: Vec<i32> = zombies
+            .iter()
+            .filter(|s| s.pid == s.session)
+            .map(|s| s.pid)
+            .collect();
+        for zombie in zombies.iter().filter(|s| leaders.contains(&s.session)) {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(zombie.pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+        let leader_gone =
+            leader.is_none_or(|l| l == me || proc_stat(l).is_none_or(|s| s.ppid != me));
+        if leader_gone {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Reads a QEMU pidfile.
@@ -324,6 +397,21 @@ impl QemuProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_stat_fields_count_from_the_last_paren() {
+        let text = "4242 (qemu (x) y) Z 17 4240 4240 0 -1 4194560 0 0";
+        assert_eq!(
+            parse_proc_stat(4242, text),
+            Some(ProcStat {
+                pid: 4242,
+                state: 'Z',
+                ppid: 17,
+                session: 4240
+            })
+        );
+        assert_eq!(parse_proc_stat(1, "garbage"), None);
+    }
 
     #[test]
     fn cmdline_must_carry_the_uuid_after_dash_uuid() {
