@@ -803,6 +803,9 @@ impl Connection {
             command: pending.command.clone(),
             after: pending.deadline,
         };
+        // Mark the link dead before the caller hears of the timeout, so that
+        // a caller who then checks `is_closed()` never sees it still open.
+        self.closed.send_replace(Some(reason.clone()));
         let _ = pending.reply.send(Err(QmpError::Timeout {
             command: pending.command,
             after: pending.deadline,
