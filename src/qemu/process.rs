@@ -134,7 +134,7 @@ pub async fn spawn(
     }
     let pid = read_pidfile(pidfile)?;
     let process = QemuProcess::adopt(pid, uuid)?;
-    reap_daemonize_leftovers(proc_stat(pid).map(|s| s.session)).await;
+    reap_daemonize_leftovers(Some(pid)).await;
     Ok(process)
 }
 
@@ -172,36 +172,49 @@ fn parse_proc_stat(pid: i32, text: &str) -> Option<ProcStat> {
 /// `-daemonize` forks twice: QEMU's first process forks a session leader,
 /// which forks the real QEMU and exits at once. With vmlet as subreaper
 /// ([`become_subreaper`]) that leader, and after a failed start the failed
-/// QEMU too, become vmlet's zombie children. This reaps them: zombie
-/// children that lead their own session, and zombies in such a session. A
-/// VM's QEMU is never a session leader (it is the leader's child), so a VM
-/// vmlet watches is left to its own [`QemuProcess`]. `leader`: the session
-/// leader this launch must have left, waited for up to a second.
-async fn reap_daemonize_leftovers(leader: Option<i32>) {
+/// QEMU too, become vmlet's zombie children. This reaps them: zombie children
+/// that lead their own session, and the other processes of those sessions
+/// once they are zombies, waiting up to a second for them to get there.
+/// `keep`: the VM's QEMU after a good start, which its own [`QemuProcess`]
+/// reaps; it is never a session leader itself.
+async fn reap_daemonize_leftovers(keep: Option<i32>) {
     let me = std::process::id() as i32;
-    for _ in 0..100 {
-        let zombies: Vec<ProcStat> = std::fs::read_dir("/proc")
+    let mut sessions: Vec<i32> = keep
+        .and_then(proc_stat)
+        .map(|s| s.session)
+        .into_iter()
+        .collect();
+    for round in 0..100 {
+        let children: Vec<ProcStat> = std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| Some(*pid) != keep)
             .filter_map(proc_stat)
-            .filter(|s| s.ppid == me && s.state == 'Z')
+            .filter(|s| s.ppid == me)
             .collect();
-        let leaders: Vec<i32> = zombies
-            .iter()
-            .filter(|s| s.pid == s.session)
-            .map(|s| s.pid)
-            .collect();
-        for zombie in zombies.iter().filter(|s| leaders.contains(&s.session)) {
-            let _ = nix::sys::wait::waitpid(
-                nix::unistd::Pid::from_raw(zombie.pid),
-                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-            );
+        for child in &children {
+            if child.state == 'Z' && child.pid == child.session && !sessions.contains(&child.pid) {
+                sessions.push(child.pid);
+            }
         }
-        let leader_gone =
-            leader.is_none_or(|l| l == me || proc_stat(l).is_none_or(|s| s.ppid != me));
-        if leader_gone {
+        let mut left = 0;
+        for child in children.iter().filter(|c| sessions.contains(&c.session)) {
+            if child.state == 'Z' {
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(child.pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+            } else {
+                left += 1;
+            }
+        }
+        if !sessions.is_empty() && left == 0 {
+            return;
+        }
+        // No leader turned up: vmlet is not a subreaper (they went to init).
+        if sessions.is_empty() && round >= 10 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
