@@ -94,12 +94,19 @@ pub fn become_subreaper() -> std::io::Result<()> {
     }
 }
 
+/// After the pidfd says "exited", how often and how long to wait for the
+/// last threads so the process can be reaped (2 s in all).
+const REAP_ATTEMPTS: u32 = 400;
+const REAP_INTERVAL: Duration = Duration::from_millis(5);
+
 /// A running QEMU, held by pidfd.
 #[derive(Debug)]
 pub struct QemuProcess {
     pid: i32,
     uuid: Uuid,
     pidfd: AsyncFd<OwnedFd>,
+    /// How it ended, once reaped.
+    status: std::sync::OnceLock<ExitStatus>,
 }
 
 /// Runs QEMU with `argv` (which must include `-daemonize` and `-pidfile
@@ -201,12 +208,18 @@ async fn reap_daemonize_leftovers(keep: Option<i32>) {
         }
         let mut left = 0;
         for child in children.iter().filter(|c| sessions.contains(&c.session)) {
-            if child.state == 'Z' {
-                let _ = nix::sys::wait::waitpid(
-                    nix::unistd::Pid::from_raw(child.pid),
-                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            // A multi-threaded process shows `Z` as soon as its main thread
+            // is gone, but cannot be reaped until every thread is: then
+            // waitpid says "still alive" and it counts as left.
+            let reaped = child.state == 'Z'
+                && !matches!(
+                    nix::sys::wait::waitpid(
+                        nix::unistd::Pid::from_raw(child.pid),
+                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                    ),
+                    Ok(nix::sys::wait::WaitStatus::StillAlive)
                 );
-            } else {
+            if !reaped {
                 left += 1;
             }
         }
@@ -282,7 +295,12 @@ impl QemuProcess {
                     pid,
                     source: std::io::Error::other(e.to_string()),
                 })?;
-        Ok(QemuProcess { pid, uuid, pidfd })
+        Ok(QemuProcess {
+            pid,
+            uuid,
+            pidfd,
+            status: std::sync::OnceLock::new(),
+        })
     }
 
     /// The process id.
@@ -327,7 +345,13 @@ impl QemuProcess {
                 }
             }
         }
-        self.reap()
+        for _ in 0..REAP_ATTEMPTS {
+            if let Some(status) = self.try_reap() {
+                return status;
+            }
+            tokio::time::sleep(REAP_INTERVAL).await;
+        }
+        ExitStatus::Unknown
     }
 
     /// Waits up to `timeout` for the exit; `None` when still running.
@@ -335,7 +359,13 @@ impl QemuProcess {
         tokio::time::timeout(timeout, self.exited()).await.ok()
     }
 
-    fn reap(&self) -> ExitStatus {
+    /// Reaps the exited process: `None` while it cannot be reaped yet (a
+    /// multi-threaded process whose last threads are still exiting). The
+    /// first answer is kept, so every caller learns the same status.
+    fn try_reap(&self) -> Option<ExitStatus> {
+        if let Some(status) = self.status.get() {
+            return Some(*status);
+        }
         // SAFETY: zeroed siginfo is a valid out-buffer for waitid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // P_PIDFD reaps exactly this process, never another child.
@@ -347,16 +377,20 @@ impl QemuProcess {
                 libc::WEXITED | libc::WNOHANG,
             )
         };
-        if rc != 0 {
-            return ExitStatus::Unknown;
-        }
-        // SAFETY: waitid filled a CLD_* siginfo.
-        let (code, status) = unsafe { (info.si_code, info.si_status()) };
-        match code {
-            libc::CLD_EXITED => ExitStatus::Code(status),
-            libc::CLD_KILLED | libc::CLD_DUMPED => ExitStatus::Signal(status),
-            _ => ExitStatus::Unknown,
-        }
+        let status = if rc != 0 {
+            // ECHILD: not vmlet's child (reattached after a restart).
+            ExitStatus::Unknown
+        } else {
+            // SAFETY: waitid filled the siginfo (si_pid 0: nothing to reap yet).
+            let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+            match code {
+                _ if pid == 0 => return None,
+                libc::CLD_EXITED => ExitStatus::Code(status),
+                libc::CLD_KILLED | libc::CLD_DUMPED => ExitStatus::Signal(status),
+                _ => ExitStatus::Unknown,
+            }
+        };
+        Some(*self.status.get_or_init(|| status))
     }
 
     /// Sends `signal` through the pidfd (never to a recycled pid).
@@ -397,7 +431,13 @@ impl QemuProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Some(self.reap())
+        for _ in 0..REAP_ATTEMPTS {
+            if let Some(status) = self.try_reap() {
+                return Some(status);
+            }
+            std::thread::sleep(REAP_INTERVAL);
+        }
+        Some(ExitStatus::Unknown)
     }
 
     /// SIGKILL, then wait for the exit.
@@ -481,6 +521,8 @@ mod tests {
             Some(ExitStatus::Signal(libc::SIGTERM))
         );
         assert!(!process.is_running());
+        // Every later caller learns the same status.
+        assert_eq!(process.exited().await, ExitStatus::Signal(libc::SIGTERM));
         // Reaped: no zombie is left under this pid.
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
         // Signalling a process that is gone is not an error.
