@@ -2,6 +2,8 @@
 //! generated argument lists and controls each VM over QMP. See DESIGN.md for
 //! the architecture; each module's doc says what it owns.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod qemu;
 pub mod vm;

@@ -153,3 +153,68 @@ async fn a_qemu_that_cannot_start_reports_its_own_message() {
     assert!(stderr.contains("QEMU failed to start"), "{stderr}");
     assert!(stderr.contains("missing-vmlinuz"), "{stderr}");
 }
+
+#[tokio::test]
+async fn argv_prints_the_command_line_without_starting_anything() {
+    let scratch = Scratch::new();
+    let spec = guest_spec("microvm", "guest.action=poweroff");
+    let file = write_spec(&scratch, &spec);
+    let out = Command::new(env!("CARGO_BIN_EXE_vmlet"))
+        .args(["argv", "--accel", "tcg"])
+        .arg(&file)
+        .env("VMLET_RUN_DIR", scratch.run_dir())
+        .env("VMLET_PROFILE_DIR", scratch.path().join("no-profiles"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "qemu-system-x86_64");
+    let uuid = spec.uuid.to_string();
+    assert!(
+        lines.windows(2).any(|w| w == ["-uuid", uuid.as_str()]),
+        "{stdout}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("microvm,")), "{stdout}");
+    assert!(lines.windows(2).any(|w| w == ["-accel", "tcg"]), "{stdout}");
+    assert!(!scratch.run_dir().exists(), "argv prepares nothing");
+    assert!(common::processes_with(&uuid).is_empty());
+}
+
+#[tokio::test]
+async fn a_bad_profile_file_is_named_and_an_unknown_profile_is_refused() {
+    let scratch = Scratch::new();
+    let profiles = scratch.path().join("profiles");
+    std::fs::create_dir(&profiles).unwrap();
+    std::fs::write(
+        profiles.join("broken.toml"),
+        "description = \"no machine\"\n",
+    )
+    .unwrap();
+    let spec = guest_spec("q35", "");
+    let file = write_spec(&scratch, &spec);
+    let out = vmlet(&scratch, &file)
+        .env("VMLET_PROFILE_DIR", &profiles)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("broken.toml"), "{stderr}");
+
+    let mut spec = guest_spec("q35", "");
+    spec.profile = "pc-i440fx".into();
+    let file = write_spec(&scratch, &spec);
+    let out = vmlet(&scratch, &file).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("profile: unknown profile \"pc-i440fx\""),
+        "{stderr}"
+    );
+}
