@@ -5,7 +5,10 @@
 #   qemu-system-x86 10.x  from bookworm-backports (added as an apt source if absent)
 #   qemu-utils            qemu-img
 #   iproute2              ip, bridge (used by tests and operators)
-#   busybox-static, gzip  only for building the test guest (scripts/build-test-guest.sh)
+# With --test, also what the test suite needs: gzip and procps, and
+# syslinux, mtools and dosfstools (a BIOS-bootable disk for the firmware-boot
+# test). The test guest's busybox and kernel are downloaded by
+# build-test-guest.sh with apt-get download, not installed.
 set -euo pipefail
 
 want_test_tools=0
@@ -23,10 +26,12 @@ missing=()
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ "$want_test_tools" = 1 ]; then
-    [ -x /bin/busybox ] && /bin/busybox --help 2>/dev/null | grep -q 'static' || \
-        dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
-    command -v gzip >/dev/null 2>&1 || missing+=(gzip)
-    command -v pgrep >/dev/null 2>&1 || missing+=(procps)
+    # command -> package, for the test suite only.
+    for pair in gzip:gzip pgrep:procps mkfs.vfat:dosfstools mcopy:mtools syslinux:syslinux; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
+    # syslinux's BIOS boot files (ldlinux.c32) for the firmware-boot test disk.
+    dpkg -s syslinux-common >/dev/null 2>&1 || missing+=(syslinux-common)
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

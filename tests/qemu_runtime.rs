@@ -232,3 +232,41 @@ async fn a_hung_qemu_times_out_and_is_killed_by_the_stop() {
     assert_eq!(outcome, StopOutcome::Killed);
     assert!(!vm.process.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_boot_starts_the_disk_with_boot_order() {
+    let scratch = Scratch::new();
+    let data = scratch.qcow2("data.qcow2", "32M");
+    let boot = scratch.bios_boot_disk(
+        "boot.raw",
+        "console=ttyS0 panic=-1 quiet guest.action=poweroff",
+    );
+    let mut spec = guest_spec("q35", "");
+    spec.boot = Boot::Firmware {
+        firmware: vmlet::vm::spec::Firmware::Bios,
+    };
+    // The first disk is not bootable; SeaBIOS must skip to the one with
+    // boot_order, attached read-only.
+    spec.disks.push(disk("data", &data));
+    let mut boot_disk = disk("boot", &boot);
+    boot_disk.format = vmlet::vm::spec::DiskFormat::Raw;
+    boot_disk.read_only = true;
+    boot_disk.boot_order = Some(1);
+    spec.disks.push(boot_disk);
+
+    let vm = launch(&spec, &scratch).await.expect("launch");
+    vm.start_guest().await.unwrap();
+    let ready = wait_for_line(&vm.paths.serial_log(), "GUEST-READY", BOOT_TIMEOUT).await;
+    assert!(
+        ready.contains(&format!("vda:{}", 32 * 1024 * 1024)),
+        "{ready}"
+    );
+    assert!(
+        ready.contains(&format!("vdb:{}:ro", 64 * 1024 * 1024)),
+        "{ready}"
+    );
+    assert_eq!(
+        vm.process.wait_exit(BOOT_TIMEOUT).await,
+        Some(ExitStatus::Code(0))
+    );
+}

@@ -65,6 +65,64 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// A raw disk that SeaBIOS boots: a FAT file system (no partition table)
+    /// with syslinux, the test guest's kernel and initrd, and `cmdline`.
+    /// Built with syslinux, mtools and dosfstools (`scripts/setup.sh --test`).
+    pub fn bios_boot_disk(&self, name: &str, cmdline: &str) -> PathBuf {
+        let guest = guest::test_guest();
+        let disk = self.dir.path().join(name);
+        let cfg = self.dir.path().join(format!("{name}.syslinux.cfg"));
+        std::fs::write(
+            &cfg,
+            format!("DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND {cmdline}\n"),
+        )
+        .unwrap();
+        let file = std::fs::File::create(&disk).unwrap();
+        file.set_len(64 * 1024 * 1024).unwrap();
+        run(
+            "mkfs.vfat",
+            &["-n".as_ref(), "VMLETBOOT".as_ref(), disk.as_os_str()],
+        );
+        run("syslinux", &["--install".as_ref(), disk.as_os_str()]);
+        let image = format!("{}", disk.display());
+        run(
+            "mcopy",
+            &[
+                "-i".as_ref(),
+                image.as_ref(),
+                guest.kernel.as_os_str(),
+                guest.initrd.as_os_str(),
+                cfg.as_os_str(),
+                "::".as_ref(),
+            ],
+        );
+        // mcopy keeps the source name; syslinux looks for syslinux.cfg.
+        run(
+            "mren",
+            &[
+                "-i".as_ref(),
+                image.as_ref(),
+                format!("::{name}.syslinux.cfg").as_ref(),
+                "::syslinux.cfg".as_ref(),
+            ],
+        );
+        disk
+    }
+}
+
+fn run(program: &str, args: &[&std::ffi::OsStr]) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e} (scripts/setup.sh --test installs it)"));
+    assert!(
+        out.status.success(),
+        "{program} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Kernel parameters every test guest gets, plus `extra`. For microvm under
 /// TCG, `tsc_early_khz` avoids a hang at TSC calibration (TEST-GUEST.md).
 pub fn guest_cmdline(profile: &str, extra: &str) -> String {
