@@ -218,3 +218,26 @@ async fn a_bad_profile_file_is_named_and_an_unknown_profile_is_refused() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_run_directory_too_deep_for_unix_sockets_is_refused_up_front() {
+    let scratch = Scratch::new();
+    let spec = guest_spec("q35", "");
+    let file = write_spec(&scratch, &spec);
+    let deep = scratch.path().join("d".repeat(80));
+    let out = Command::new(env!("CARGO_BIN_EXE_vmlet"))
+        .args(["run", "--accel", "tcg", "--run-dir"])
+        .arg(&deep)
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("choose a shorter run directory"),
+        "{stderr}"
+    );
+    assert!(!deep.exists(), "nothing was created");
+    assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
+}

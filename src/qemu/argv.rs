@@ -53,7 +53,28 @@ impl RunPaths {
     pub fn channel_socket(&self, index: usize) -> PathBuf {
         self.dir.join(format!("channel{index}.sock"))
     }
+
+    /// Every unix socket `spec` needs, for checking their lengths.
+    pub fn sockets(&self, spec: &VmSpec) -> Vec<PathBuf> {
+        let mut sockets = vec![self.qmp_socket()];
+        if spec.serial.enabled {
+            sockets.push(self.serial_socket());
+        }
+        sockets.extend((0..spec.channels.len()).map(|i| self.channel_socket(i)));
+        sockets
+    }
+
+    /// The first socket path longer than a unix socket address can hold
+    /// (`sun_path`, 108 bytes with the NUL): a run directory too deep for QEMU.
+    pub fn overlong_socket(&self, spec: &VmSpec) -> Option<PathBuf> {
+        self.sockets(spec)
+            .into_iter()
+            .find(|p| p.as_os_str().len() > MAX_SOCKET_PATH)
+    }
 }
+
+/// Longest unix socket path (`sun_path` is 108 bytes, NUL included).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Everything the argv depends on.
 #[derive(Debug, Clone, Copy)]
@@ -360,6 +381,17 @@ mod tests {
         for flag in ["-S", "-nodefaults", "-no-user-config", "-daemonize"] {
             assert!(argv.iter().any(|a| a == flag), "{flag}");
         }
+    }
+
+    #[test]
+    fn overlong_socket_paths_are_found() {
+        let spec = spec();
+        let short = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
+        assert_eq!(short.overlong_socket(&spec), None);
+        // 55 bytes of run root: qmp.sock (107 bytes) fits, serial.sock does not.
+        let deep = RunPaths::new(Path::new(&format!("/{}", "d".repeat(55))), spec.uuid);
+        let found = deep.overlong_socket(&spec).expect("too long");
+        assert!(found.ends_with("serial.sock"), "{found:?}");
     }
 
     #[test]

@@ -31,6 +31,12 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// A socket path would not fit in a unix socket address.
+    #[error("socket path {path} is longer than {max} bytes: choose a shorter run directory", max = argv::MAX_SOCKET_PATH)]
+    SocketPathTooLong {
+        /// The socket path.
+        path: std::path::PathBuf,
+    },
     /// QEMU did not start.
     #[error(transparent)]
     Process(#[from] ProcessError),
@@ -106,6 +112,9 @@ pub fn remove_run_dir(paths: &RunPaths) {
 /// [`QemuInstance::start_guest`].
 pub async fn launch(binary: &Path, inputs: LaunchInputs<'_>) -> Result<QemuInstance, LaunchError> {
     let paths = inputs.paths.clone();
+    if let Some(path) = paths.overlong_socket(inputs.spec) {
+        return Err(LaunchError::SocketPathTooLong { path });
+    }
     prepare_run_dir(&paths).map_err(|source| LaunchError::RunDir {
         path: paths.dir.clone(),
         source,
