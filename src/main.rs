@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -189,6 +189,10 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     );
     let vm = instance::launch(&settings.qemu_binary, inputs).await?;
     let outcome = drive(settings, &spec, &vm).await;
+    if outcome.is_err() {
+        // Whatever went wrong, a foreground run never leaves its QEMU behind.
+        let _ = vm.stop(StopMode::Force).await;
+    }
     instance::remove_run_dir(&paths);
     outcome
 }
@@ -210,10 +214,7 @@ async fn drive(
         None
     };
     let mut events = vm.events.resubscribe();
-    if let Err(e) = vm.start_guest().await {
-        let _ = vm.stop(StopMode::Force).await;
-        bail!("starting the guest: {e}");
-    }
+    vm.start_guest().await.context("starting the guest")?;
 
     let grace = Duration::from_secs(settings.stop_grace_s);
     let mut interrupted = false;
