@@ -188,6 +188,12 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         accel.as_str()
     );
     let vm = instance::launch(&settings.qemu_binary, inputs).await?;
+    eprintln!(
+        "vmlet: QEMU {} running as pid {}, run directory {}",
+        vm.qmp.qemu_version(),
+        vm.process.pid(),
+        paths.dir.display()
+    );
     let outcome = drive(settings, &spec, &vm).await;
     if outcome.is_err() {
         // Whatever went wrong, a foreground run never leaves its QEMU behind.
