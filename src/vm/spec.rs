@@ -441,14 +441,6 @@ fn check_path(c: &mut Collector, field: &str, path: &Path) {
     }
 }
 
-/// True when `path`, after the same checks as spec paths, lies inside `root`.
-/// For callers that confine paths to one directory (state, imports).
-pub fn path_is_within(path: &Path, root: &Path) -> bool {
-    let mut c = Collector(Vec::new());
-    check_path(&mut c, "", path);
-    c.0.is_empty() && path.starts_with(root) && path != root
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -613,14 +605,5 @@ mod tests {
         let mut v = base();
         v["uuid"] = json!("00000000-0000-0000-0000-000000000000");
         assert_eq!(fields(v), ["uuid"]);
-    }
-
-    #[test]
-    fn path_within_root() {
-        let root = Path::new("/var/lib/vmlet");
-        assert!(path_is_within(Path::new("/var/lib/vmlet/images/a"), root));
-        assert!(!path_is_within(Path::new("/var/lib/vmlet/../x"), root));
-        assert!(!path_is_within(Path::new("/var/lib/vmlet"), root));
-        assert!(!path_is_within(Path::new("/var/lib/vmletx/a"), root));
     }
 }
