@@ -101,6 +101,7 @@ impl Bench {
             disks: vec![],
             serial: SerialSpec::default(),
             channels: vec![],
+            autostart: false,
         }
     }
 

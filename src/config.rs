@@ -1,6 +1,7 @@
 //! Settings: embedded defaults, then an optional TOML file, then environment
 //! variables (`VMLET_*`), each overriding the one before.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,46 @@ pub struct Settings {
     /// Seconds a graceful stop waits for the guest to power off after the
     /// ACPI power button before vmlet quits QEMU.
     pub stop_grace_s: u64,
+    /// The API's unix socket (mode 0660). Unset: `RUN_DIR/vmlet.sock`.
+    pub socket: Option<PathBuf>,
+    /// A TCP address for the API, e.g. `127.0.0.1:8780`. Unset: no TCP.
+    /// A non-loopback address requires `auth_token_file`.
+    pub tcp_listen: Option<SocketAddr>,
+    /// File holding the bearer token TCP clients must send. The unix socket
+    /// is guarded by its file mode instead.
+    pub auth_token_file: Option<PathBuf>,
+    /// Log format: `text` or `json`.
+    pub log_format: LogFormat,
+    /// How many events `/v1/events` keeps for clients that reconnect.
+    pub event_buffer: usize,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Directories under which a spec's host files (kernels, initrds, disk
+    /// images) must lie. Checked after resolving symlinks, so an API caller
+    /// cannot hand a VM an arbitrary host file. Unset: `STATE_DIR`.
+    pub allowed_host_paths: Option<Vec<PathBuf>>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not a log format (text, json)")),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -38,6 +79,13 @@ impl Default for Settings {
             profile_dir: "/etc/vmlet/qemu-profiles".into(),
             accel: AccelChoice::Auto,
             stop_grace_s: 60,
+            socket: None,
+            tcp_listen: None,
+            auth_token_file: None,
+            log_format: LogFormat::Text,
+            event_buffer: 4096,
+            max_body_bytes: 1024 * 1024,
+            allowed_host_paths: None,
         }
     }
 }
@@ -98,8 +146,24 @@ impl Settings {
         })
     }
 
+    /// The API's unix socket path.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("vmlet.sock"))
+    }
+
+    /// Directories a spec's host files must lie under.
+    pub fn host_path_roots(&self) -> Vec<PathBuf> {
+        self.allowed_host_paths
+            .clone()
+            .unwrap_or_else(|| vec![self.state_dir.clone()])
+    }
+
     /// Applies `VMLET_STATE_DIR`, `VMLET_RUN_DIR`, `VMLET_QEMU`,
-    /// `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`.
+    /// `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`,
+    /// `VMLET_SOCKET`, `VMLET_TCP_LISTEN`, `VMLET_AUTH_TOKEN_FILE`,
+    /// `VMLET_LOG_FORMAT` and `VMLET_ALLOWED_HOST_PATHS` (`:`-separated).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
             self.state_dir = v.into();
@@ -124,6 +188,27 @@ impl Settings {
                 name: "VMLET_STOP_GRACE_S",
                 message: format!("{v:?} is not a number of seconds"),
             })?;
+        }
+        if let Some(v) = var("VMLET_SOCKET") {
+            self.socket = Some(v.into());
+        }
+        if let Some(v) = var("VMLET_TCP_LISTEN") {
+            self.tcp_listen = Some(v.parse().map_err(|_| ConfigError::Env {
+                name: "VMLET_TCP_LISTEN",
+                message: format!("{v:?} is not an address like 127.0.0.1:8780"),
+            })?);
+        }
+        if let Some(v) = var("VMLET_AUTH_TOKEN_FILE") {
+            self.auth_token_file = Some(v.into());
+        }
+        if let Some(v) = var("VMLET_LOG_FORMAT") {
+            self.log_format = v.parse().map_err(|message| ConfigError::Env {
+                name: "VMLET_LOG_FORMAT",
+                message,
+            })?;
+        }
+        if let Some(v) = var("VMLET_ALLOWED_HOST_PATHS") {
+            self.allowed_host_paths = Some(std::env::split_paths(&v).collect());
         }
         Ok(())
     }

@@ -5,5 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod events;
+pub mod node;
 pub mod qemu;
 pub mod vm;

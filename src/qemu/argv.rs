@@ -353,6 +353,7 @@ mod tests {
             }],
             serial: SerialSpec::default(),
             channels: vec![],
+            autostart: false,
         }
     }
 

@@ -42,7 +42,7 @@ pub const DEFAULT_PROFILE: &str = "q35";
 
 /// A VM as the caller describes it. Unknown fields are refused so a typo never
 /// silently means "default".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// The VM's identity; also QEMU's `-uuid` and the name of its directories.
@@ -68,6 +68,11 @@ pub struct VmSpec {
     /// (like libvirt's `<channel>`; e.g. `org.qemu.guest_agent.0`).
     #[serde(default)]
     pub channels: Vec<ChannelSpec>,
+    /// Start the VM when vmlet starts and finds it not running although its
+    /// desired state is running (after a host reboot), like libvirt's
+    /// autostart or Proxmox's `onboot`.
+    #[serde(default)]
+    pub autostart: bool,
 }
 
 fn default_profile() -> String {
@@ -75,15 +80,17 @@ fn default_profile() -> String {
 }
 
 /// How the guest boots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Boot {
     /// Direct kernel boot: QEMU loads the kernel and initrd itself.
     Kernel {
         /// Host path of the kernel image.
+        #[schema(value_type = String)]
         kernel: PathBuf,
         /// Host path of the initial ramdisk.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
         initrd: Option<PathBuf>,
         /// Kernel command line.
         #[serde(default)]
@@ -98,7 +105,7 @@ pub enum Boot {
 }
 
 /// Guest firmware for [`Boot::Firmware`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Firmware {
     /// Legacy BIOS (SeaBIOS, shipped with QEMU).
@@ -107,13 +114,14 @@ pub enum Firmware {
 }
 
 /// One disk backed by a host file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Name unique within the VM (QEMU ids derive from it); defaults to `diskN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Absolute host path of the image.
+    #[schema(value_type = String)]
     pub path: PathBuf,
     /// Image format; never guessed (probing a raw image is a known escape).
     pub format: DiskFormat,
@@ -136,7 +144,7 @@ impl DiskSpec {
 }
 
 /// Disk image format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DiskFormat {
     /// Raw image.
@@ -156,7 +164,7 @@ impl DiskFormat {
 }
 
 /// The serial console.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SerialSpec {
     /// Give the guest a serial port (ttyS0) backed by a socket and a log file.
@@ -175,7 +183,7 @@ fn yes() -> bool {
 }
 
 /// A named virtio-serial port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelSpec {
     /// Port name the guest sees (`/sys/class/virtio-ports/*/name`).
@@ -183,7 +191,7 @@ pub struct ChannelSpec {
 }
 
 /// One problem with a spec, naming the field.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// The field, as the caller wrote it: `name`, `disks[1].path`.
     pub field: String,

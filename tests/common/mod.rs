@@ -161,6 +161,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         disks: vec![],
         serial: SerialSpec::default(),
         channels: vec![],
+        autostart: false,
     }
 }
 

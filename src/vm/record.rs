@@ -1,0 +1,77 @@
+//! `Vm`: one VM as the API shows it and as `vm.json` keeps it.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::vm::spec::VmSpec;
+use crate::vm::state::{Desired, PowerState, Task};
+
+/// Format version of `vm.json`.
+pub const RECORD_VERSION: u32 = 1;
+
+/// A VM: its spec and what vmlet knows of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Vm {
+    /// The VM's UUID (also `spec.uuid`).
+    pub id: Uuid,
+    /// The VM's name (also `spec.name`).
+    pub name: String,
+    /// What the VM is.
+    pub spec: VmSpec,
+    /// What vmlet last observed.
+    pub state: PowerState,
+    /// The operation in progress, if any.
+    #[serde(default)]
+    pub task: Option<Task>,
+    /// The power state the API last asked for.
+    pub desired: Desired,
+    /// Grows by one on every change of this object.
+    pub generation: u64,
+    /// QEMU's pid while a process exists.
+    #[serde(default)]
+    pub pid: Option<i32>,
+    /// Why the VM is `crashed` or `error`, or why the last operation failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the VM was created (RFC 3339, UTC).
+    pub created_at: String,
+    /// When this object last changed (RFC 3339, UTC).
+    pub updated_at: String,
+}
+
+impl Vm {
+    /// A new, stopped VM.
+    pub fn new(spec: VmSpec) -> Vm {
+        let now = timestamp(SystemTime::now());
+        Vm {
+            id: spec.uuid,
+            name: spec.name.clone(),
+            spec,
+            state: PowerState::Stopped,
+            task: None,
+            desired: Desired::Stopped,
+            generation: 1,
+            pid: None,
+            error: None,
+            created_at: now.clone(),
+            updated_at: now,
+        }
+    }
+}
+
+/// `vm.json`: the [`Vm`] with a format version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// [`RECORD_VERSION`].
+    pub version: u32,
+    /// The VM.
+    #[serde(flatten)]
+    pub vm: Vm,
+}
+
+/// RFC 3339 UTC with millisecond precision.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
