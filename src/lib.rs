@@ -4,7 +4,11 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod cli;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod events;
 pub mod node;
 pub mod qemu;

@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use vmlet::config::Settings;
+use vmlet::cli::{ClientOptions, VmCommand};
+use vmlet::config::{LogFormat, Settings};
 use vmlet::qemu::accel::{self, AccelChoice};
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, StopMode, StopOutcome};
@@ -35,6 +36,9 @@ struct Cli {
     /// Log filter, e.g. `info`, `vmlet=debug`.
     #[arg(long, global = true, env = "VMLET_LOG", default_value = "info")]
     log: String,
+    /// Log format: text or json (default: the settings' `log_format`).
+    #[arg(long, global = true)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +61,26 @@ enum Command {
         #[arg(long)]
         grace: Option<u64>,
     },
+    /// Run the daemon: reattach to running VMs, then serve the API on a
+    /// unix socket (and TCP when configured) until SIGTERM. Stopping the
+    /// daemon never stops VMs.
+    Serve {
+        /// State directory (VM records).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Run directory (sockets, pidfiles; default socket RUN_DIR/vmlet.sock).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Where to listen: a unix socket path (`/run/vmlet/vmlet.sock`) or a
+        /// TCP address (`127.0.0.1:8780`). Once each at most.
+        #[arg(long, value_name = "PATH|ADDR")]
+        listen: Vec<String>,
+        /// Accelerator: auto, kvm or tcg.
+        #[arg(long)]
+        accel: Option<AccelChoice>,
+    },
+    /// Print the API's OpenAPI document (as in docs/openapi.json).
+    Openapi,
     /// Check a spec file and print the QEMU command line it gives.
     Argv {
         /// The VM spec (JSON).
@@ -65,17 +89,47 @@ enum Command {
         #[arg(long)]
         accel: Option<AccelChoice>,
     },
+    /// Manage the VMs of a running daemon.
+    Vm {
+        #[command(flatten)]
+        opts: ClientOptions,
+        #[command(subcommand)]
+        cmd: VmCommand,
+    },
+    /// Show the daemon's host: capacity, QEMU, accelerator, VM counts.
+    Node {
+        #[command(flatten)]
+        opts: ClientOptions,
+    },
+    /// Follow the daemon's events, one line each, until interrupted.
+    Events {
+        #[command(flatten)]
+        opts: ClientOptions,
+        /// Replay the buffered events after this sequence number first.
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let format = cli
+        .log_format
+        .or_else(|| {
+            Settings::load(cli.config.as_deref())
+                .ok()
+                .map(|s| s.log_format)
+        })
+        .unwrap_or_default();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logger = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logger.init(),
+        LogFormat::Json => logger.json().flatten_event(true).init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -93,8 +147,44 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Client subcommands only talk to a daemon: they need no settings.
+    let cli = match run_client(cli).await {
+        Ok(outcome) => return outcome,
+        Err(cli) => cli,
+    };
     let mut settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Serve {
+            state_dir,
+            run_dir,
+            listen,
+            accel,
+        } => {
+            if let Some(dir) = state_dir {
+                settings.state_dir = dir;
+            }
+            if let Some(dir) = run_dir {
+                settings.run_dir = dir;
+            }
+            if let Some(a) = accel {
+                settings.accel = a;
+            }
+            for addr in listen {
+                if addr.starts_with('/') {
+                    settings.socket = Some(addr.into());
+                } else {
+                    settings.tcp_listen = Some(addr.parse().with_context(|| {
+                        format!("--listen {addr:?}: neither an absolute socket path nor an address like 127.0.0.1:8780")
+                    })?);
+                }
+            }
+            vmlet::daemon::serve(settings).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Openapi => {
+            print!("{}", vmlet::api::openapi_json());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             spec,
             accel,
@@ -133,7 +223,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Vm { .. } | Command::Node { .. } | Command::Events { .. } => {
+            unreachable!("run_client runs the client subcommands")
+        }
     }
+}
+
+/// Runs a client subcommand (`vm`, `node`, `events`); hands any other
+/// command back.
+async fn run_client(cli: Cli) -> Result<anyhow::Result<ExitCode>, Cli> {
+    let mut stdout = std::io::stdout();
+    let result = match cli.command {
+        Command::Vm { opts, cmd } => vmlet::cli::run_vm(cmd, &opts, &mut stdout).await,
+        Command::Node { opts } => vmlet::cli::run_node(&opts, &mut stdout).await,
+        Command::Events { opts, since } => vmlet::cli::run_events(since, &opts, &mut stdout).await,
+        command => return Err(Cli { command, ..cli }),
+    };
+    Ok(result.map(|()| ExitCode::SUCCESS).map_err(Into::into))
 }
 
 /// Reads and validates a spec file. Prints every field error and returns

@@ -87,6 +87,21 @@ pub fn probe_host() -> KvmProbe {
     }
 }
 
+/// Why `choice` gives the accelerator it gives on a host with `probe`.
+pub fn explain(choice: AccelChoice, probe: KvmProbe) -> String {
+    match (choice, resolve(choice, probe)) {
+        (AccelChoice::Kvm, _) => "kvm chosen in the settings".into(),
+        (AccelChoice::Tcg, _) => "tcg chosen in the settings".into(),
+        (AccelChoice::Auto, Accel::Kvm) => "auto: /dev/kvm and a hardware KVM module".into(),
+        (AccelChoice::Auto, Accel::Tcg) if !probe.dev_kvm_opens => {
+            "auto: /dev/kvm does not open; software emulation".into()
+        }
+        (AccelChoice::Auto, Accel::Tcg) => {
+            "auto: no kvm_intel or kvm_amd module; software emulation".into()
+        }
+    }
+}
+
 /// Resolves `choice` on this host, logging when `auto` falls back to TCG.
 pub fn resolve_on_host(choice: AccelChoice) -> Accel {
     let probe = probe_host();

@@ -5,6 +5,7 @@
 //! not answer, the process is killed and the run directory removed.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::qemu::argv::{self, LaunchInputs, RunPaths};
@@ -73,8 +74,8 @@ pub enum StopOutcome {
 /// A QEMU process vmlet launched or reattached to.
 #[derive(Debug)]
 pub struct QemuInstance {
-    /// The process.
-    pub process: QemuProcess,
+    /// The process (shared with whoever watches for its exit).
+    pub process: Arc<QemuProcess>,
     /// Its QMP link.
     pub qmp: QmpClient,
     /// Its runtime files.
@@ -130,7 +131,7 @@ pub async fn launch(binary: &Path, inputs: LaunchInputs<'_>) -> Result<QemuInsta
     };
     match QmpClient::connect(&paths.qmp_socket(), QMP_CONNECT_DEADLINE).await {
         Ok((qmp, events)) => Ok(QemuInstance {
-            process,
+            process: Arc::new(process),
             qmp,
             paths,
             events,
@@ -151,50 +152,60 @@ impl QemuInstance {
 
     /// Stops QEMU as `mode` says and waits for the process to be gone.
     pub async fn stop(&self, mode: StopMode) -> Result<StopOutcome, ProcessError> {
-        if !self.process.is_running() {
-            self.process.exited().await;
-            return Ok(StopOutcome::AlreadyExited);
-        }
-        match mode {
-            StopMode::Graceful { grace } => {
-                let powerdown = self
-                    .qmp
-                    .execute_with_deadline(qapi::qmp::system_powerdown {}, STOP_COMMAND_DEADLINE)
-                    .await;
-                match powerdown {
-                    Ok(_) => {
-                        if self.process.wait_exit(grace).await.is_some() {
-                            return Ok(StopOutcome::GuestPoweredOff);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(pid = self.process.pid(), error = %e, "system_powerdown failed")
-                    }
-                }
-                tracing::info!(
-                    pid = self.process.pid(),
-                    "guest did not power off in time: quitting QEMU"
-                );
-                let quit = self
-                    .qmp
-                    .execute_with_deadline(qapi::qmp::quit {}, STOP_COMMAND_DEADLINE)
-                    .await;
-                if let Err(e) = quit {
-                    tracing::warn!(pid = self.process.pid(), error = %e, "quit failed");
-                }
-            }
-            StopMode::Force => self.process.signal(libc::SIGTERM)?,
-        }
-        if self.process.wait_exit(QUIT_DEADLINE).await.is_some() {
-            return Ok(StopOutcome::Quit);
-        }
-        tracing::warn!(pid = self.process.pid(), "QEMU did not exit: killing it");
-        self.process.kill().await?;
-        Ok(StopOutcome::Killed)
+        stop_process(&self.process, Some(&self.qmp), mode).await
     }
 
     /// Waits for QEMU to exit.
     pub async fn exited(&self) -> ExitStatus {
         self.process.exited().await
     }
+}
+
+/// Stops `process` as `mode` says and waits for it to be gone. Without a
+/// working QMP link (`qmp` is `None`) a graceful stop becomes SIGTERM.
+pub async fn stop_process(
+    process: &QemuProcess,
+    qmp: Option<&QmpClient>,
+    mode: StopMode,
+) -> Result<StopOutcome, ProcessError> {
+    if !process.is_running() {
+        process.exited().await;
+        return Ok(StopOutcome::AlreadyExited);
+    }
+    match (mode, qmp) {
+        (StopMode::Graceful { grace }, Some(qmp)) => {
+            let powerdown = qmp
+                .execute_with_deadline(qapi::qmp::system_powerdown {}, STOP_COMMAND_DEADLINE)
+                .await;
+            match powerdown {
+                Ok(_) => {
+                    if process.wait_exit(grace).await.is_some() {
+                        return Ok(StopOutcome::GuestPoweredOff);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pid = process.pid(), error = %e, "system_powerdown failed")
+                }
+            }
+            tracing::info!(
+                pid = process.pid(),
+                "guest did not power off in time: quitting QEMU"
+            );
+            let quit = qmp
+                .execute_with_deadline(qapi::qmp::quit {}, STOP_COMMAND_DEADLINE)
+                .await;
+            if let Err(e) = quit {
+                tracing::warn!(pid = process.pid(), error = %e, "quit failed");
+            }
+        }
+        (StopMode::Force, _) | (StopMode::Graceful { .. }, None) => {
+            process.signal(libc::SIGTERM)?
+        }
+    }
+    if process.wait_exit(QUIT_DEADLINE).await.is_some() {
+        return Ok(StopOutcome::Quit);
+    }
+    tracing::warn!(pid = process.pid(), "QEMU did not exit: killing it");
+    process.kill().await?;
+    Ok(StopOutcome::Killed)
 }

@@ -1,8 +1,12 @@
-//! VMs: what they are (spec), their states, their records, and the actor
-//! that runs each one.
+//! VMs: what they are (spec), their states and records, the actor that runs
+//! each one, and the manager that holds them all.
 
+pub mod actor;
+pub mod context;
+pub mod manager;
 pub mod record;
 pub mod spec;
 pub mod state;
+pub mod store;
 
 pub use record::Vm;

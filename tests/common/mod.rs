@@ -2,6 +2,7 @@
 //! specs, and guards that kill QEMU and remove files even when a test fails.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod daemon;
 pub mod guest;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,97 @@
+//! Per-request concerns: a request id and one log line per request, and
+//! bearer-token authentication for TCP listeners.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::api::error::ApiError;
+
+static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
+
+/// Gives each request an id (`x-request-id` on the response) and logs one
+/// line when the response starts.
+pub async fn log_request(request: Request, next: Next) -> Response {
+    let id = format!("r{}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let started = Instant::now();
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = {
+        let _enter = span.enter();
+        next.run(request).await
+    };
+    let status = response.status().as_u16();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if status >= 500 {
+        tracing::warn!(request_id = %id, %method, %path, status, elapsed_ms, "request");
+    } else {
+        tracing::info!(request_id = %id, %method, %path, status, elapsed_ms, "request");
+    }
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// The token TCP clients must present as `Authorization: Bearer TOKEN`.
+#[derive(Clone)]
+pub struct Token(pub Arc<Vec<u8>>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(…)")
+    }
+}
+
+/// Refuses requests without the right bearer token (401). `/healthz`
+/// stays open for load balancers and probes.
+pub async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
+    if request.uri().path() == "/healthz" {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(p) if constant_time_eq(p.as_bytes(), &token.0) => next.run(request).await,
+        Some(_) => ApiError::unauthorized("wrong bearer token").into_response(),
+        None => {
+            ApiError::unauthorized("missing `Authorization: Bearer TOKEN` header").into_response()
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not tell how much of a
+/// guess was right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(!constant_time_eq(&[0u8; 256], &[0u8; 512]));
+    }
+}

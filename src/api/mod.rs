@@ -1,0 +1,184 @@
+//! The HTTP API (v1): routes, request and response types, the error
+//! mapping, authentication and server-sent events. HTTP only: every
+//! decision is the VM manager's.
+
+pub mod body;
+pub mod error;
+pub mod events;
+pub mod middleware;
+pub mod vms;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{from_fn, from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use utoipa::OpenApi;
+
+use crate::api::error::ApiError;
+use crate::node::NodeInfo;
+use crate::vm::manager::Manager;
+
+/// What handlers share.
+#[derive(Debug)]
+pub struct App {
+    /// The VMs.
+    pub manager: Manager,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Flips to `true` when the daemon shuts down (ends event streams).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Handler state.
+pub type AppState = Arc<App>;
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok` when the daemon answers.
+    pub status: String,
+}
+
+/// Liveness: the daemon answers (it only listens once VMs are reattached).
+#[utoipa::path(get, path = "/healthz", tag = "node",
+    responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// The host: CPUs, memory, QEMU, accelerator, profiles, VMs by state.
+#[utoipa::path(get, path = "/v1/node", tag = "node",
+    responses((status = 200, body = NodeInfo)))]
+pub async fn node(State(app): State<AppState>) -> Json<NodeInfo> {
+    Json(app.manager.node())
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "node",
+    responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json")))]
+pub async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document, generated from the handlers and types.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "vmlet", description = "Node daemon for QEMU virtualization hosts: API v1. \
+        Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed, 401 unauthorized, \
+        404 not found, 409 conflicting state or task, 413 body too large, 422 invalid spec \
+        (the field named), 503 QEMU or host failure."),
+    paths(
+        healthz, node, openapi,
+        vms::list, vms::show, vms::create, vms::put, vms::delete,
+        vms::start, vms::stop, vms::reboot, vms::pause, vms::resume,
+        events::stream,
+    ),
+    tags(
+        (name = "vms", description = "VMs and their specs"),
+        (name = "power", description = "Power actions; each answers when done"),
+        (name = "events", description = "Change events"),
+        (name = "node", description = "The host"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let mut text = doc
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
+
+async fn fallback() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+/// Turns axum's own rejections (413 from the body limit, 405, bad path
+/// parameters) into the API's error body.
+async fn uniform_errors(request: Request, next: Next) -> Response {
+    let limit = request
+        .extensions()
+        .get::<BodyLimit>()
+        .map(|l| l.0)
+        .unwrap_or_default();
+    let response = next.run(request).await;
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json")
+                || v.as_bytes().starts_with(b"text/event-stream")
+        });
+    if response.status().is_success() || is_json || response.status() == StatusCode::NO_CONTENT {
+        return response;
+    }
+    let status = response.status();
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(limit),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError {
+            status,
+            code: "method_not_allowed",
+            ..ApiError::bad_request("method not allowed on this route")
+        },
+        s if s.is_client_error() => {
+            let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+                .await
+                .unwrap_or_default();
+            ApiError {
+                status: s,
+                ..ApiError::bad_request(String::from_utf8_lossy(&body).trim().to_string())
+            }
+        }
+        _ => return response,
+    };
+    error.into_response()
+}
+
+#[derive(Clone, Copy)]
+struct BodyLimit(usize);
+
+/// The API's routes. `token`: when set, every route but `/healthz` needs
+/// `Authorization: Bearer TOKEN` (used for TCP listeners).
+pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
+    let limit = app.max_body_bytes;
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/node", get(node))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/vms", get(vms::list).post(vms::create))
+        .route(
+            "/v1/vms/{id}",
+            get(vms::show).put(vms::put).delete(vms::delete),
+        )
+        .route("/v1/vms/{id}/start", post(vms::start))
+        .route("/v1/vms/{id}/stop", post(vms::stop))
+        .route("/v1/vms/{id}/reboot", post(vms::reboot))
+        .route("/v1/vms/{id}/pause", post(vms::pause))
+        .route("/v1/vms/{id}/resume", post(vms::resume))
+        .route("/v1/events", get(events::stream))
+        .fallback(fallback)
+        .with_state(app)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(from_fn(uniform_errors))
+        .layer(axum::Extension(BodyLimit(limit)));
+    if let Some(token) = token {
+        router = router.layer(from_fn_with_state(token, middleware::require_token));
+    }
+    router.layer(from_fn(middleware::log_request))
+}

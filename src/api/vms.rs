@@ -1,0 +1,247 @@
+//! `/v1/vms`: list, create, show, delete, and power actions. Handlers only
+//! parse and answer; the VM manager and actors decide.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::api::body;
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::AppState;
+use crate::vm::actor::ActOptions;
+use crate::vm::manager::Created;
+use crate::vm::spec::VmSpec;
+use crate::vm::state::Action;
+use crate::vm::Vm;
+
+/// `GET /v1/vms`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmList {
+    /// Every VM, by name.
+    pub vms: Vec<Vm>,
+}
+
+/// `DELETE /v1/vms/{id}` options.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct DeleteQuery {
+    /// Delete even a running VM (it is stopped first, without asking the guest).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/vms/{id}/stop` body (optional).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Kill QEMU at once (SIGTERM, then SIGKILL) instead of pressing the
+    /// ACPI power button. May overtake a graceful stop in progress.
+    #[serde(default)]
+    pub force: bool,
+    /// Seconds the guest gets to power off before QEMU is quit
+    /// (default: the daemon's `stop_grace_s`).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// Largest `timeout_s` a stop accepts (one day).
+const MAX_STOP_TIMEOUT_S: u64 = 86_400;
+
+/// List VMs.
+#[utoipa::path(get, path = "/v1/vms", tag = "vms",
+    responses((status = 200, body = VmList)))]
+pub async fn list(State(app): State<AppState>) -> Json<VmList> {
+    Json(VmList {
+        vms: app.manager.list(),
+    })
+}
+
+/// Show one VM (by UUID or name).
+#[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms",
+    params(("id" = String, Path, description = "VM UUID or name")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
+pub async fn show(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(app.manager.find(&id)?.view()))
+}
+
+/// Create a VM; the server picks its UUID. The VM is created stopped.
+#[utoipa::path(post, path = "/v1/vms", tag = "vms",
+    request_body(content = VmSpec, description = "The spec, without `uuid`"),
+    responses((status = 201, body = Vm), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn create(
+    State(app): State<AppState>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    let mut value: serde_json::Value = body::parse(&bytes)?;
+    let object = value
+        .as_object_mut()
+        .ok_or_else(|| ApiError::invalid_field("body", "must be a JSON object (a VM spec)"))?;
+    if object.contains_key("uuid") {
+        return Err(ApiError::invalid_field(
+            "uuid",
+            "is chosen by the server on POST; use PUT /v1/vms/{uuid} to choose it",
+        ));
+    }
+    object.insert("uuid".into(), Uuid::new_v4().to_string().into());
+    let spec: VmSpec = body::from_value(value)?;
+    match app.manager.create(spec).await? {
+        Created::New(vm) | Created::Existing(vm) => Ok((StatusCode::CREATED, Json(vm))),
+    }
+}
+
+/// Create a VM with the caller's UUID. Safe to retry: the same spec again
+/// answers 200; a different spec under that UUID answers 409.
+#[utoipa::path(put, path = "/v1/vms/{id}", tag = "vms",
+    params(("id" = Uuid, Path, description = "The VM's UUID")),
+    request_body(content = VmSpec, description = "The spec; `uuid` may be left out, else it must match the path"),
+    responses((status = 201, body = Vm, description = "Created"),
+        (status = 200, body = Vm, description = "The same spec already existed"),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn put(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a UUID: PUT creates by UUID")))?;
+    let mut value: serde_json::Value = body::parse(&bytes)?;
+    let object = value
+        .as_object_mut()
+        .ok_or_else(|| ApiError::invalid_field("body", "must be a JSON object (a VM spec)"))?;
+    match object.get("uuid") {
+        None => {
+            object.insert("uuid".into(), id.to_string().into());
+        }
+        Some(given) if given.as_str().and_then(|s| Uuid::parse_str(s).ok()) == Some(id) => {}
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "uuid",
+                format!("must match the path ({id})"),
+            ));
+        }
+    }
+    let spec: VmSpec = body::from_value(value)?;
+    match app.manager.create(spec).await? {
+        Created::New(vm) => Ok((StatusCode::CREATED, Json(vm))),
+        Created::Existing(vm) => Ok((StatusCode::OK, Json(vm))),
+    }
+}
+
+/// Delete a VM. A running or paused VM needs `force=true`.
+#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms",
+    params(("id" = String, Path, description = "VM UUID or name"), DeleteQuery),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub async fn delete(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    app.manager
+        .act(
+            &id,
+            Action::Delete { force: query.force },
+            ActOptions::default(),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn act(
+    app: &AppState,
+    id: &str,
+    action: Action,
+    options: ActOptions,
+) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(app.manager.act(id, action, options).await?))
+}
+
+/// Start a VM; answers once the guest runs. Starting a running VM succeeds.
+#[utoipa::path(post, path = "/v1/vms/{id}/start", tag = "power",
+    params(("id" = String, Path, description = "VM UUID or name")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn start(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
+    act(&app, &id, Action::Start, ActOptions::default()).await
+}
+
+/// Stop a VM: ACPI power button, then after `timeout_s` QMP `quit`, then
+/// SIGKILL; or at once with `force`. Answers once QEMU is gone. Stopping a
+/// stopped VM succeeds.
+#[utoipa::path(post, path = "/v1/vms/{id}/stop", tag = "power",
+    params(("id" = String, Path, description = "VM UUID or name")),
+    request_body(content = Option<StopRequest>),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn stop(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Vm>, ApiError> {
+    let request: StopRequest = body::parse_optional(&bytes)?;
+    if request.timeout_s.is_some_and(|t| t > MAX_STOP_TIMEOUT_S) {
+        return Err(ApiError::invalid_field(
+            "timeout_s",
+            format!("must be at most {MAX_STOP_TIMEOUT_S}"),
+        ));
+    }
+    let options = ActOptions {
+        stop_timeout: request.timeout_s.map(Duration::from_secs),
+    };
+    act(
+        &app,
+        &id,
+        Action::Stop {
+            force: request.force,
+        },
+        options,
+    )
+    .await
+}
+
+/// Reset the guest (like pressing the reset button); the VM stays running.
+#[utoipa::path(post, path = "/v1/vms/{id}/reboot", tag = "power",
+    params(("id" = String, Path, description = "VM UUID or name")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn reboot(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
+    act(&app, &id, Action::Reboot, ActOptions::default()).await
+}
+
+/// Pause the vCPUs. Pausing a paused VM succeeds.
+#[utoipa::path(post, path = "/v1/vms/{id}/pause", tag = "power",
+    params(("id" = String, Path, description = "VM UUID or name")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn pause(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
+    act(&app, &id, Action::Pause, ActOptions::default()).await
+}
+
+/// Resume paused vCPUs. Resuming a running VM succeeds.
+#[utoipa::path(post, path = "/v1/vms/{id}/resume", tag = "power",
+    params(("id" = String, Path, description = "VM UUID or name")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn resume(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
+    act(&app, &id, Action::Resume, ActOptions::default()).await
+}

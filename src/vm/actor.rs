@@ -1,0 +1,919 @@
+//! One task per VM. The actor owns the VM's QEMU process, its QMP link and
+//! its state; everything that changes the VM arrives as an [`Input`] in its
+//! inbox: API actions, QMP events, the process's exit, and the results of
+//! operations it spawned.
+//!
+//! Operations (start, stop, …) run as their own tasks so the actor keeps
+//! answering while one is under way: a second conflicting action gets
+//! [`VmError::Busy`] at once, and a hung QEMU only ever delays its own VM.
+//! Readers never ask the actor: they read the latest [`Vm`] from a watch
+//! channel, so a listing cannot block.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::qemu::argv::{LaunchInputs, RunPaths};
+use crate::qemu::instance::{self, StopMode, StopOutcome};
+use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
+use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
+use crate::vm::context::Context;
+use crate::vm::record::timestamp;
+use crate::vm::state::{self, Action, Decision, Desired, Observation, PowerState, Task};
+use crate::vm::Vm;
+
+/// How long reattaching waits for a QEMU's QMP socket.
+const REATTACH_QMP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// No VM has this id or name.
+    #[error("no VM {0}")]
+    NotFound(String),
+    /// Another operation runs on the VM.
+    #[error("VM is busy with task {}", .0.as_str())]
+    Busy(Task),
+    /// The action does not apply in the VM's state.
+    #[error("{0}")]
+    Refused(String),
+    /// A create conflicts with an existing VM.
+    #[error("{0}")]
+    Conflict(String),
+    /// The spec is invalid.
+    #[error(transparent)]
+    Invalid(#[from] crate::vm::spec::SpecError),
+    /// QEMU or the host failed the operation; the message says how.
+    #[error("{0}")]
+    Failed(String),
+    /// A QMP command got no reply in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The VM was deleted while the request waited.
+    #[error("VM was deleted")]
+    Gone,
+}
+
+/// The message of `err` followed by its sources, `: `-separated.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// Options of an action.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ActOptions {
+    /// For a graceful stop: how long the guest gets to power off.
+    pub stop_timeout: Option<Duration>,
+}
+
+type Reply = oneshot::Sender<Result<Vm, VmError>>;
+
+/// What reaches the actor.
+enum Input {
+    Act {
+        action: Action,
+        options: ActOptions,
+        reply: Option<Reply>,
+    },
+    OpDone(OpResult),
+    Qmp {
+        incarnation: u64,
+        event: QmpEvent,
+    },
+    Exited {
+        incarnation: u64,
+        status: ExitStatus,
+    },
+}
+
+enum OpResult {
+    Started(Result<instance::QemuInstance, String>),
+    Stopped(Result<StopOutcome, ProcessError>),
+    Qmp {
+        task: Task,
+        result: Result<(), QmpError>,
+    },
+    Deleted(Result<(), String>),
+}
+
+/// The API's way to one VM: its latest view and its inbox.
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    id: Uuid,
+    view: watch::Receiver<Vm>,
+    inbox: mpsc::UnboundedSender<InputBox>,
+}
+
+/// Opaque wrapper so `Input` stays private.
+pub struct InputBox(Input);
+
+impl std::fmt::Debug for InputBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InputBox")
+    }
+}
+
+impl VmHandle {
+    /// The VM's id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The VM as last observed. Never waits for the actor.
+    pub fn view(&self) -> Vm {
+        self.view.borrow().clone()
+    }
+
+    /// Runs `action` and waits until it is done.
+    pub async fn act(&self, action: Action, options: ActOptions) -> Result<Vm, VmError> {
+        let (reply, answer) = oneshot::channel();
+        self.inbox
+            .send(InputBox(Input::Act {
+                action,
+                options,
+                reply: Some(reply),
+            }))
+            .map_err(|_| VmError::Gone)?;
+        answer.await.map_err(|_| VmError::Gone)?
+    }
+}
+
+/// A QEMU the actor holds.
+struct Runtime {
+    /// Distinguishes this QEMU's inputs from those of an earlier one.
+    incarnation: u64,
+    process: Arc<QemuProcess>,
+    /// `None` when QMP could not be reached (reattach to a hung QEMU).
+    qmp: Option<QmpClient>,
+    paths: RunPaths,
+    forwarders: Vec<JoinHandle<()>>,
+    /// The reason of a `SHUTDOWN` event, once seen: QEMU is about to exit
+    /// because the guest or vmlet asked it to.
+    shutdown_reason: Option<String>,
+    panicked: bool,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for f in &self.forwarders {
+            f.abort();
+        }
+    }
+}
+
+struct InFlight {
+    task: Task,
+    waiters: Vec<Reply>,
+}
+
+struct Actor {
+    ctx: Arc<Context>,
+    vm: Vm,
+    view: watch::Sender<Vm>,
+    inbox: mpsc::UnboundedSender<InputBox>,
+    runtime: Option<Runtime>,
+    op: Option<InFlight>,
+    incarnations: u64,
+    /// The VM changed since the last flush.
+    dirty: bool,
+    /// Replies to send after the next flush.
+    replies: Vec<(Reply, Result<(), VmError>)>,
+}
+
+/// Starts the actor of a newly created VM (already saved).
+pub fn spawn_new(ctx: Arc<Context>, vm: Vm) -> VmHandle {
+    let (handle, actor, rx) = make(ctx, vm);
+    tokio::spawn(actor.run(rx, None));
+    handle
+}
+
+/// Starts the actor of a VM loaded from its record: it first reattaches to
+/// the VM's QEMU (or cleans up after it), then signals `ready`.
+pub fn spawn_existing(ctx: Arc<Context>, vm: Vm, ready: oneshot::Sender<()>) -> VmHandle {
+    let (handle, actor, rx) = make(ctx, vm);
+    tokio::spawn(actor.run(rx, Some(ready)));
+    handle
+}
+
+fn make(ctx: Arc<Context>, vm: Vm) -> (VmHandle, Actor, mpsc::UnboundedReceiver<InputBox>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (view_tx, view_rx) = watch::channel(vm.clone());
+    let handle = VmHandle {
+        id: vm.id,
+        view: view_rx,
+        inbox: tx.clone(),
+    };
+    let actor = Actor {
+        ctx,
+        vm,
+        view: view_tx,
+        inbox: tx,
+        runtime: None,
+        op: None,
+        incarnations: 0,
+        dirty: false,
+        replies: Vec::new(),
+    };
+    (handle, actor, rx)
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<InputBox>,
+        ready: Option<oneshot::Sender<()>>,
+    ) {
+        if let Some(ready) = ready {
+            self.reattach().await;
+            self.flush();
+            let _ = ready.send(());
+            self.autostart();
+            self.flush();
+        }
+        while let Some(InputBox(input)) = rx.recv().await {
+            let deleted = self.handle(input);
+            if deleted {
+                break;
+            }
+            self.flush();
+        }
+        tracing::debug!(vm = %self.vm.id, "actor ended");
+    }
+
+    /// Handles one input; true when the VM is gone and the actor must end.
+    fn handle(&mut self, input: Input) -> bool {
+        match input {
+            Input::Act {
+                action,
+                options,
+                reply,
+            } => self.on_action(action, options, reply),
+            Input::OpDone(result) => return self.on_op_done(result),
+            Input::Qmp { incarnation, event } => {
+                if self.current(incarnation) {
+                    self.on_qmp_event(event);
+                }
+            }
+            Input::Exited {
+                incarnation,
+                status,
+            } => {
+                if self.current(incarnation) {
+                    self.on_exit(status);
+                }
+            }
+        }
+        false
+    }
+
+    fn current(&self, incarnation: u64) -> bool {
+        self.runtime
+            .as_ref()
+            .is_some_and(|rt| rt.incarnation == incarnation)
+    }
+
+    /// Applies `change` to the VM. Changes made while handling one input
+    /// are saved and published together by [`Actor::flush`], as one
+    /// generation.
+    fn commit(&mut self, change: impl FnOnce(&mut Vm)) {
+        let before = self.vm.clone();
+        change(&mut self.vm);
+        if self.vm != before {
+            self.dirty = true;
+        }
+    }
+
+    /// Bumps the generation, saves the record and publishes the view when
+    /// anything changed; then answers the replies waiting for that view.
+    fn flush(&mut self) {
+        if std::mem::take(&mut self.dirty) {
+            self.vm.generation += 1;
+            self.vm.updated_at = timestamp(SystemTime::now());
+            if let Err(e) = self.ctx.store.save(&self.vm) {
+                tracing::error!(vm = %self.vm.id, error = %error_chain(&e), "could not save VM record");
+            }
+            self.view.send_replace(self.vm.clone());
+            self.ctx.publish_vm(&self.vm);
+        }
+        for (reply, result) in self.replies.drain(..) {
+            let _ = reply.send(result.map(|()| self.vm.clone()));
+        }
+    }
+
+    /// Answers `reply` once this input's changes are flushed.
+    fn reply(&mut self, reply: Option<Reply>, result: Result<(), VmError>) {
+        if let Some(reply) = reply {
+            self.replies.push((reply, result));
+        }
+    }
+
+    fn observe(&mut self, observation: Observation) -> bool {
+        match state::next(self.vm.state, observation) {
+            Some(to) => {
+                tracing::info!(vm = %self.vm.name, from = self.vm.state.as_str(), to = to.as_str(), ?observation, "state change");
+                self.commit(|vm| vm.state = to);
+                true
+            }
+            None => {
+                tracing::debug!(vm = %self.vm.name, state = self.vm.state.as_str(), ?observation, "observation ignored");
+                false
+            }
+        }
+    }
+
+    fn spawn_op(&self, op: impl std::future::Future<Output = OpResult> + Send + 'static) {
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let result = op.await;
+            let _ = inbox.send(InputBox(Input::OpDone(result)));
+        });
+    }
+
+    fn finish_op(&mut self, result: Result<(), VmError>) {
+        let waiters = self.op.take().map(|op| op.waiters).unwrap_or_default();
+        self.commit(|vm| vm.task = None);
+        for waiter in waiters {
+            let answer = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(clone_error(e)),
+            };
+            self.reply(Some(waiter), answer);
+        }
+    }
+
+    fn on_action(&mut self, action: Action, options: ActOptions, reply: Option<Reply>) {
+        let task = self.op.as_ref().map(|op| op.task);
+        match state::decide(self.vm.state, task, action) {
+            Decision::Satisfied => {
+                let desired = match action {
+                    Action::Start | Action::Resume => Some(Desired::Running),
+                    Action::Stop { .. } => Some(Desired::Stopped),
+                    Action::Pause => Some(Desired::Paused),
+                    _ => None,
+                };
+                if let Some(desired) = desired {
+                    self.commit(|vm| vm.desired = desired);
+                }
+                self.reply(reply, Ok(()));
+            }
+            Decision::Busy(task) => self.reply(reply, Err(VmError::Busy(task))),
+            Decision::Refused(message) => self.reply(reply, Err(VmError::Refused(message))),
+            Decision::Run(task) => {
+                if let Some(op) = &mut self.op {
+                    // A forced stop overtaking a graceful one: kill QEMU; the
+                    // running stop sees the exit and answers everyone.
+                    if let Some(reply) = reply {
+                        op.waiters.push(reply);
+                    }
+                    if let Some(rt) = &self.runtime {
+                        tracing::info!(vm = %self.vm.name, "forced stop overtakes the graceful stop");
+                        let _ = rt.process.signal(libc::SIGKILL);
+                    }
+                    return;
+                }
+                self.op = Some(InFlight {
+                    task,
+                    waiters: reply.into_iter().collect(),
+                });
+                match action {
+                    Action::Start => self.begin_start(),
+                    Action::Stop { force } => self.begin_stop(force, options.stop_timeout),
+                    Action::Reboot => self.begin_qmp(Task::Reboot),
+                    Action::Pause => self.begin_qmp(Task::Pause),
+                    Action::Resume => self.begin_qmp(Task::Resume),
+                    Action::Delete { .. } => self.begin_delete(),
+                }
+            }
+        }
+    }
+
+    fn begin_start(&mut self) {
+        self.observe(Observation::StartBegun);
+        self.commit(|vm| {
+            vm.task = Some(Task::Start);
+            vm.desired = Desired::Running;
+            vm.error = None;
+        });
+        // A VM in `error` may still hold a QEMU that stopped answering.
+        let leftover = self.runtime.take();
+        let ctx = self.ctx.clone();
+        let spec = self.vm.spec.clone();
+        self.spawn_op(async move {
+            if let Some(rt) = leftover {
+                let _ = rt.process.kill().await;
+                instance::remove_run_dir(&rt.paths);
+            }
+            let result = async {
+                let profile = ctx
+                    .profiles
+                    .get(&spec.profile)
+                    .map_err(|e| error_chain(&e))?;
+                let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
+                let inputs = LaunchInputs {
+                    spec: &spec,
+                    profile,
+                    accel: ctx.accel,
+                    paths: &paths,
+                };
+                let qemu = instance::launch(&ctx.settings.qemu_binary, inputs)
+                    .await
+                    .map_err(|e| error_chain(&e))?;
+                if let Err(e) = qemu.start_guest().await {
+                    let _ = qemu.process.kill().await;
+                    instance::remove_run_dir(&qemu.paths);
+                    return Err(format!("starting the guest: {}", error_chain(&e)));
+                }
+                Ok(qemu)
+            }
+            .await;
+            OpResult::Started(result)
+        });
+    }
+
+    fn begin_stop(&mut self, force: bool, timeout: Option<Duration>) {
+        self.observe(Observation::StopBegun);
+        self.commit(|vm| {
+            vm.task = Some(Task::Stop);
+            vm.desired = Desired::Stopped;
+        });
+        let Some(rt) = &self.runtime else {
+            self.spawn_op(async { OpResult::Stopped(Ok(StopOutcome::AlreadyExited)) });
+            return;
+        };
+        let mode = if force {
+            StopMode::Force
+        } else {
+            StopMode::Graceful {
+                grace: timeout.unwrap_or(Duration::from_secs(self.ctx.settings.stop_grace_s)),
+            }
+        };
+        let process = rt.process.clone();
+        let qmp = rt.qmp.clone();
+        self.spawn_op(async move {
+            OpResult::Stopped(instance::stop_process(&process, qmp.as_ref(), mode).await)
+        });
+    }
+
+    fn begin_qmp(&mut self, task: Task) {
+        self.commit(|vm| vm.task = Some(task));
+        let qmp = self.runtime.as_ref().and_then(|rt| rt.qmp.clone());
+        self.spawn_op(async move {
+            let Some(qmp) = qmp else {
+                return OpResult::Qmp {
+                    task,
+                    result: Err(QmpError::Protocol("no QMP link to this QEMU".into())),
+                };
+            };
+            let result = match task {
+                Task::Reboot => qmp.execute(qapi::qmp::system_reset {}).await.map(drop),
+                Task::Pause => qmp.execute(qapi::qmp::stop {}).await.map(drop),
+                Task::Resume => qmp.execute(qapi::qmp::cont {}).await.map(drop),
+                _ => unreachable!("not a QMP task"),
+            };
+            OpResult::Qmp { task, result }
+        });
+    }
+
+    fn begin_delete(&mut self) {
+        self.commit(|vm| vm.task = Some(Task::Delete));
+        let ctx = self.ctx.clone();
+        let id = self.vm.id;
+        let rt = self
+            .runtime
+            .as_ref()
+            .map(|rt| (rt.process.clone(), rt.paths.clone()));
+        let paths = RunPaths::new(&ctx.settings.run_dir, id);
+        self.spawn_op(async move {
+            if let Some((process, _)) = &rt {
+                if let Err(e) = instance::stop_process(process, None, StopMode::Force).await {
+                    return OpResult::Deleted(Err(error_chain(&e)));
+                }
+            }
+            instance::remove_run_dir(&paths);
+            OpResult::Deleted(ctx.store.remove(id).map_err(|e| error_chain(&e)))
+        });
+    }
+
+    /// Handles an operation's result; true when the VM was deleted.
+    fn on_op_done(&mut self, result: OpResult) -> bool {
+        match result {
+            OpResult::Started(Ok(qemu)) => {
+                let pid = qemu.process.pid();
+                self.attach(
+                    qemu.process.clone(),
+                    Some(qemu.qmp.clone()),
+                    qemu.paths.clone(),
+                    Some(qemu.events),
+                );
+                self.commit(|vm| vm.pid = Some(pid));
+                self.observe(Observation::GuestStarted);
+                self.finish_op(Ok(()));
+            }
+            OpResult::Started(Err(message)) => {
+                tracing::warn!(vm = %self.vm.name, error = %message, "start failed");
+                self.observe(Observation::StartFailed);
+                let error = format!("start failed: {message}");
+                self.commit(|vm| {
+                    vm.pid = None;
+                    vm.error = Some(error.clone());
+                });
+                self.finish_op(Err(VmError::Failed(error)));
+            }
+            OpResult::Stopped(result) => match result {
+                Ok(outcome) => {
+                    tracing::info!(vm = %self.vm.name, ?outcome, "stopped");
+                    self.teardown();
+                    self.commit(|vm| {
+                        vm.state = PowerState::Stopped;
+                        vm.pid = None;
+                        vm.error = None;
+                    });
+                    self.finish_op(Ok(()));
+                }
+                Err(e) => {
+                    let error = format!("stop failed: {}", error_chain(&e));
+                    self.commit(|vm| {
+                        vm.state = PowerState::Error;
+                        vm.error = Some(error.clone());
+                    });
+                    self.finish_op(Err(VmError::Failed(error)));
+                }
+            },
+            OpResult::Qmp { task, result } => match result {
+                Ok(()) => {
+                    match task {
+                        Task::Pause => {
+                            self.observe(Observation::VcpusStopped);
+                            self.commit(|vm| vm.desired = Desired::Paused);
+                        }
+                        Task::Resume => {
+                            self.observe(Observation::VcpusResumed);
+                            self.commit(|vm| vm.desired = Desired::Running);
+                        }
+                        _ => {}
+                    }
+                    self.finish_op(Ok(()));
+                }
+                Err(e) => {
+                    let message = format!("{}: {}", task.as_str(), error_chain(&e));
+                    let error = match e {
+                        QmpError::Timeout { .. } => VmError::Timeout(message.clone()),
+                        _ => VmError::Failed(message.clone()),
+                    };
+                    // A timeout closes the link; QEMU may still run, but
+                    // vmlet can no longer command it.
+                    let lost = matches!(e, QmpError::Timeout { .. } | QmpError::Closed { .. })
+                        && self
+                            .runtime
+                            .as_ref()
+                            .is_some_and(|rt| rt.process.is_running());
+                    if lost {
+                        self.observe(Observation::ControlLost);
+                        self.commit(|vm| vm.error = Some(message));
+                    }
+                    self.finish_op(Err(error));
+                }
+            },
+            OpResult::Deleted(Ok(())) => {
+                self.teardown();
+                self.ctx.forget(self.vm.id);
+                self.ctx.publish_deleted(&self.vm);
+                tracing::info!(vm = %self.vm.name, id = %self.vm.id, "deleted");
+                let waiters = self.op.take().map(|op| op.waiters).unwrap_or_default();
+                self.vm.task = None;
+                for w in waiters {
+                    let _ = w.send(Ok(self.vm.clone()));
+                }
+                return true;
+            }
+            OpResult::Deleted(Err(message)) => {
+                self.teardown();
+                let error = format!("delete failed: {message}");
+                self.commit(|vm| {
+                    vm.pid = None;
+                    if vm.state.has_process() {
+                        vm.state = PowerState::Stopped;
+                    }
+                    vm.error = Some(error.clone());
+                });
+                self.finish_op(Err(VmError::Failed(error)));
+            }
+        }
+        false
+    }
+
+    /// Takes hold of a QEMU: forwards its QMP events and its exit into the
+    /// inbox.
+    fn attach(
+        &mut self,
+        process: Arc<QemuProcess>,
+        qmp: Option<QmpClient>,
+        paths: RunPaths,
+        events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
+    ) {
+        self.incarnations += 1;
+        let incarnation = self.incarnations;
+        let mut forwarders = Vec::new();
+        if let Some(mut events) = events {
+            let inbox = self.inbox.clone();
+            forwarders.push(tokio::spawn(async move {
+                loop {
+                    match events.recv().await {
+                        Ok(event) => {
+                            if inbox
+                                .send(InputBox(Input::Qmp { incarnation, event }))
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "QMP events lagged");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            }));
+        }
+        let inbox = self.inbox.clone();
+        let watched = process.clone();
+        forwarders.push(tokio::spawn(async move {
+            let status = watched.exited().await;
+            let _ = inbox.send(InputBox(Input::Exited {
+                incarnation,
+                status,
+            }));
+        }));
+        self.runtime = Some(Runtime {
+            incarnation,
+            process,
+            qmp,
+            paths,
+            forwarders,
+            shutdown_reason: None,
+            panicked: false,
+        });
+    }
+
+    /// Lets go of the QEMU (which has exited or is being abandoned) and
+    /// removes its run directory.
+    fn teardown(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            instance::remove_run_dir(&rt.paths);
+        }
+    }
+
+    fn on_qmp_event(&mut self, event: QmpEvent) {
+        tracing::debug!(vm = %self.vm.name, event = %event.name, data = %event.data, "QMP event");
+        let task = self.op.as_ref().map(|op| op.task);
+        match event.name.as_str() {
+            "SHUTDOWN" => {
+                let reason = event.data["reason"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_string();
+                if let Some(rt) = &mut self.runtime {
+                    rt.panicked |= reason == "guest-panic";
+                    rt.shutdown_reason = Some(reason);
+                }
+            }
+            "GUEST_PANICKED" => {
+                if let Some(rt) = &mut self.runtime {
+                    rt.panicked = true;
+                    // Like libvirt's default on_crash=destroy: a panicked
+                    // guest holds nothing worth keeping running.
+                    let _ = rt.process.signal(libc::SIGKILL);
+                }
+            }
+            // A pause vmlet did not ask for (guest I/O error, a panic
+            // action): follow it. Pauses of our own are settled by their op.
+            "STOP" if task != Some(Task::Pause) => {
+                self.observe(Observation::VcpusStopped);
+            }
+            "RESUME" if task != Some(Task::Resume) => {
+                self.observe(Observation::VcpusResumed);
+            }
+            "RESET" => tracing::info!(vm = %self.vm.name, "guest reset"),
+            _ => {}
+        }
+    }
+
+    fn on_exit(&mut self, status: ExitStatus) {
+        let task = self.op.as_ref().map(|op| op.task);
+        if matches!(task, Some(Task::Stop | Task::Delete)) {
+            // The stop or delete in progress settles the state.
+            return;
+        }
+        let Some(rt) = &self.runtime else { return };
+        let clean = rt.shutdown_reason.is_some() && !rt.panicked;
+        let reason = if rt.panicked {
+            "guest panicked".to_string()
+        } else {
+            format!("QEMU exited unexpectedly ({})", describe_exit(status))
+        };
+        let shutdown_reason = rt.shutdown_reason.clone();
+        self.teardown();
+        if clean {
+            tracing::info!(vm = %self.vm.name, reason = ?shutdown_reason, "guest powered off");
+            self.observe(Observation::ExitedCleanly);
+            self.commit(|vm| {
+                vm.pid = None;
+                vm.desired = Desired::Stopped;
+                vm.error = None;
+            });
+        } else {
+            tracing::warn!(vm = %self.vm.name, %reason, "VM crashed");
+            let crashed = self.observe(Observation::Crashed);
+            self.commit(|vm| {
+                vm.pid = None;
+                if crashed || vm.state == PowerState::Error {
+                    vm.error = Some(reason);
+                }
+            });
+        }
+    }
+
+    /// After a daemon restart: find the VM's QEMU again (or learn it is gone)
+    /// and set the state from what QEMU says.
+    async fn reattach(&mut self) {
+        let paths = RunPaths::new(&self.ctx.settings.run_dir, self.vm.id);
+        let pid = self
+            .vm
+            .pid
+            .or_else(|| process::read_pidfile(&paths.pidfile()).ok());
+        // A half-finished operation's task means nothing any more.
+        self.vm.task = None;
+        let process = match pid.map(|pid| QemuProcess::adopt(pid, self.vm.id)) {
+            Some(Ok(process)) => Arc::new(process),
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::info!(vm = %self.vm.name, error = %e, "recorded QEMU is gone");
+                }
+                instance::remove_run_dir(&paths);
+                self.settle_gone();
+                return;
+            }
+        };
+        let pid = process.pid();
+        match QmpClient::connect(&paths.qmp_socket(), REATTACH_QMP_DEADLINE).await {
+            Ok((qmp, events)) => {
+                let status = qmp
+                    .execute_with_deadline(qapi::qmp::query_status {}, REATTACH_QMP_DEADLINE)
+                    .await;
+                match status {
+                    Ok(status) => {
+                        self.reattach_with_status(process, qmp, events, paths, status.status)
+                    }
+                    Err(e) => {
+                        self.attach(process, None, paths, None);
+                        self.lost_on_reattach(pid, error_chain(&e));
+                    }
+                }
+            }
+            Err(e) => {
+                self.attach(process, None, paths, None);
+                self.lost_on_reattach(pid, error_chain(&e));
+            }
+        }
+    }
+
+    fn reattach_with_status(
+        &mut self,
+        process: Arc<QemuProcess>,
+        qmp: QmpClient,
+        events: tokio::sync::broadcast::Receiver<QmpEvent>,
+        paths: RunPaths,
+        status: qapi::qmp::RunState,
+    ) {
+        use qapi::qmp::RunState as R;
+        let pid = process.pid();
+        match status {
+            R::prelaunch | R::inmigrate => {
+                tracing::warn!(vm = %self.vm.name, pid, "QEMU left paused by an unfinished start: killing it");
+                let _ = process.signal(libc::SIGKILL);
+                instance::remove_run_dir(&paths);
+                self.commit(|vm| {
+                    vm.state = PowerState::Stopped;
+                    vm.pid = None;
+                    vm.error = Some(
+                        "a start did not finish before vmlet restarted; its QEMU was killed".into(),
+                    );
+                });
+            }
+            R::shutdown | R::guest_panicked | R::internal_error | R::io_error => {
+                tracing::warn!(vm = %self.vm.name, pid, ?status, "reattached QEMU is dead in the water: killing it");
+                let _ = process.signal(libc::SIGKILL);
+                instance::remove_run_dir(&paths);
+                let clean = status == R::shutdown;
+                self.commit(|vm| {
+                    vm.pid = None;
+                    if clean {
+                        vm.state = PowerState::Stopped;
+                        vm.desired = Desired::Stopped;
+                        vm.error = None;
+                    } else {
+                        vm.state = PowerState::Crashed;
+                        vm.error =
+                            Some(format!("QEMU was in state {status:?} when vmlet restarted"));
+                    }
+                });
+            }
+            other => {
+                let state = if other == R::running {
+                    PowerState::Running
+                } else {
+                    PowerState::Paused
+                };
+                tracing::info!(vm = %self.vm.name, pid, state = state.as_str(), "reattached");
+                self.attach(process, Some(qmp), paths, Some(events));
+                self.commit(|vm| {
+                    vm.state = state;
+                    vm.pid = Some(pid);
+                });
+            }
+        }
+    }
+
+    fn lost_on_reattach(&mut self, pid: i32, why: String) {
+        tracing::warn!(vm = %self.vm.name, pid, error = %why, "QEMU runs but QMP does not answer");
+        self.commit(|vm| {
+            vm.state = PowerState::Error;
+            vm.pid = Some(pid);
+            vm.error = Some(format!("QEMU (pid {pid}) does not answer on QMP: {why}"));
+        });
+    }
+
+    /// The VM's QEMU is gone: record how that looks from here.
+    fn settle_gone(&mut self) {
+        let state = self.vm.state;
+        self.commit(|vm| {
+            vm.pid = None;
+            match state {
+                PowerState::Stopping => {
+                    vm.state = PowerState::Stopped;
+                    vm.error = None;
+                }
+                PowerState::Starting => {
+                    vm.state = PowerState::Stopped;
+                    vm.error = Some("a start did not finish before vmlet restarted".into());
+                }
+                PowerState::Running | PowerState::Paused => {
+                    vm.state = PowerState::Crashed;
+                    vm.error = Some("QEMU exited while vmlet was not running".into());
+                }
+                PowerState::Stopped | PowerState::Crashed | PowerState::Error => {}
+            }
+        });
+    }
+
+    /// Starts a VM marked `autostart` whose desired state is running but
+    /// which does not run (its QEMU vanished, as after a host reboot).
+    fn autostart(&mut self) {
+        let down = matches!(
+            self.vm.state,
+            PowerState::Stopped | PowerState::Crashed | PowerState::Error
+        );
+        if self.vm.spec.autostart
+            && self.vm.desired == Desired::Running
+            && down
+            && self.runtime.is_none()
+        {
+            tracing::info!(vm = %self.vm.name, "autostart: starting");
+            self.on_action(Action::Start, ActOptions::default(), None);
+        }
+    }
+}
+
+fn describe_exit(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Code(code) => format!("exit code {code}"),
+        ExitStatus::Signal(sig) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        ExitStatus::Unknown => "exit status unknown".into(),
+    }
+}
+
+fn clone_error(e: &VmError) -> VmError {
+    match e {
+        VmError::NotFound(s) => VmError::NotFound(s.clone()),
+        VmError::Busy(t) => VmError::Busy(*t),
+        VmError::Refused(s) => VmError::Refused(s.clone()),
+        VmError::Conflict(s) => VmError::Conflict(s.clone()),
+        VmError::Invalid(s) => VmError::Invalid(s.clone()),
+        VmError::Failed(s) => VmError::Failed(s.clone()),
+        VmError::Timeout(s) => VmError::Timeout(s.clone()),
+        VmError::Gone => VmError::Gone,
+    }
+}

@@ -1,0 +1,86 @@
+//! What every VM actor shares: settings, profiles, the record store, the
+//! event bus and the registry of VMs.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use uuid::Uuid;
+
+use crate::config::Settings;
+use crate::events::{EventBody, EventBus};
+use crate::qemu::accel::Accel;
+use crate::qemu::profile::Profiles;
+use crate::vm::actor::VmHandle;
+use crate::vm::store::Store;
+use crate::vm::Vm;
+
+/// Shared by the manager and every actor.
+#[derive(Debug)]
+pub struct Context {
+    /// Daemon settings.
+    pub settings: Settings,
+    /// Machine profiles.
+    pub profiles: Profiles,
+    /// The accelerator VMs get.
+    pub accel: Accel,
+    /// VM records.
+    pub store: Store,
+    /// Change events.
+    pub events: EventBus,
+    registry: RwLock<HashMap<Uuid, VmHandle>>,
+}
+
+impl Context {
+    /// A context with no VMs yet.
+    pub fn new(
+        settings: Settings,
+        profiles: Profiles,
+        accel: Accel,
+        store: Store,
+        events: EventBus,
+    ) -> Context {
+        Context {
+            settings,
+            profiles,
+            accel,
+            store,
+            events,
+            registry: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Publishes `vm`'s new view.
+    pub fn publish_vm(&self, vm: &Vm) {
+        self.events.publish(EventBody::Vm {
+            vm: Box::new(vm.clone()),
+        });
+    }
+
+    /// Publishes that `vm` was deleted.
+    pub fn publish_deleted(&self, vm: &Vm) {
+        self.events.publish(EventBody::VmDeleted {
+            id: vm.id,
+            name: vm.name.clone(),
+        });
+    }
+
+    /// Adds a VM to the registry.
+    pub fn register(&self, handle: VmHandle) {
+        self.registry.write().unwrap().insert(handle.id(), handle);
+    }
+
+    /// Removes a deleted VM from the registry.
+    pub fn forget(&self, id: Uuid) {
+        self.registry.write().unwrap().remove(&id);
+    }
+
+    /// The VM with this UUID.
+    pub fn handle(&self, id: Uuid) -> Option<VmHandle> {
+        self.registry.read().unwrap().get(&id).cloned()
+    }
+
+    /// Every VM's handle.
+    pub fn handles(&self) -> Vec<VmHandle> {
+        self.registry.read().unwrap().values().cloned().collect()
+    }
+}

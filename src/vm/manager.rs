@@ -1,0 +1,333 @@
+//! The registry of VMs: loads the records at start (each actor reattaches to
+//! its QEMU), creates VMs, and routes actions to their actors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, Mutex};
+use uuid::Uuid;
+
+use crate::config::Settings;
+use crate::events::EventBus;
+use crate::node::{self, NodeInfo};
+use crate::qemu::accel::{self, Accel};
+use crate::qemu::profile::{ProfileError, Profiles};
+use crate::vm::actor::{self, error_chain, ActOptions, VmError, VmHandle};
+use crate::vm::context::Context;
+use crate::vm::spec::{Boot, FieldError, SpecError, VmSpec};
+use crate::vm::state::Action;
+use crate::vm::store::{Store, StoreError};
+use crate::vm::Vm;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// Profiles could not be loaded.
+    #[error("loading machine profiles")]
+    Profiles(#[source] ProfileError),
+    /// The state directory is unusable.
+    #[error("opening the state directory")]
+    Store(#[source] StoreError),
+    /// The run directory could not be made.
+    #[error("creating run directory {path}")]
+    RunDir {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU is missing or broken.
+    #[error("running {binary} --version (is QEMU installed? scripts/setup.sh installs it)")]
+    Qemu {
+        /// The binary.
+        binary: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Whether a create made a VM or found the same one already there.
+#[derive(Debug)]
+pub enum Created {
+    /// A new VM.
+    New(Vm),
+    /// A VM with this UUID and the same spec already existed (a retried PUT).
+    Existing(Vm),
+}
+
+/// All VMs of this host.
+#[derive(Debug)]
+pub struct Manager {
+    ctx: Arc<Context>,
+    /// Creates are serialized so name and UUID checks cannot race.
+    create_lock: Mutex<()>,
+    qemu_version: String,
+}
+
+impl Manager {
+    /// Loads settings' profiles and records, reattaches every VM's QEMU (or
+    /// records what became of it) and starts `autostart` VMs. Returns once
+    /// every VM has been reattached.
+    pub async fn open(settings: Settings) -> Result<Manager, ManagerError> {
+        let profiles =
+            Profiles::load(Some(&settings.profile_dir)).map_err(ManagerError::Profiles)?;
+        let qemu_version = qemu_version(&settings.qemu_binary).await?;
+        let accel = accel::resolve_on_host(settings.accel);
+        let store = Store::open(&settings.state_dir).map_err(ManagerError::Store)?;
+        std::fs::create_dir_all(settings.run_dir.join("vms")).map_err(|source| {
+            ManagerError::RunDir {
+                path: settings.run_dir.clone(),
+                source,
+            }
+        })?;
+        let events = EventBus::new(settings.event_buffer);
+        let records = store.load_all().map_err(ManagerError::Store)?;
+        let ctx = Arc::new(Context::new(settings, profiles, accel, store, events));
+        let mut waiting = Vec::new();
+        for record in records {
+            match record {
+                Ok(vm) => {
+                    let (ready, done) = oneshot::channel();
+                    ctx.register(actor::spawn_existing(ctx.clone(), vm, ready));
+                    waiting.push(done);
+                }
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "skipping unreadable VM record")
+                }
+            }
+        }
+        for done in waiting {
+            let _ = done.await;
+        }
+        tracing::info!(vms = ctx.handles().len(), accel = accel.as_str(), %qemu_version, "VMs loaded");
+        Ok(Manager {
+            ctx,
+            create_lock: Mutex::new(()),
+            qemu_version,
+        })
+    }
+
+    /// Every VM, by name.
+    pub fn list(&self) -> Vec<Vm> {
+        let mut vms: Vec<Vm> = self.ctx.handles().iter().map(VmHandle::view).collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        vms
+    }
+
+    /// The VM whose UUID or name is `key`.
+    pub fn find(&self, key: &str) -> Result<VmHandle, VmError> {
+        if let Ok(id) = Uuid::parse_str(key) {
+            if let Some(handle) = self.ctx.handle(id) {
+                return Ok(handle);
+            }
+        }
+        self.ctx
+            .handles()
+            .into_iter()
+            .find(|h| h.view().name == key)
+            .ok_or_else(|| VmError::NotFound(key.to_string()))
+    }
+
+    /// Creates a VM from `spec` (stopped). A VM with the same UUID and spec
+    /// already present is returned as [`Created::Existing`], so a retried
+    /// create is safe; a different spec under that UUID is a conflict.
+    pub async fn create(&self, spec: VmSpec) -> Result<Created, VmError> {
+        let _guard = self.create_lock.lock().await;
+        if let Some(existing) = self.ctx.handle(spec.uuid) {
+            let vm = existing.view();
+            return if vm.spec == spec {
+                Ok(Created::Existing(vm))
+            } else {
+                Err(VmError::Conflict(format!(
+                    "VM {} already exists with a different spec",
+                    spec.uuid
+                )))
+            };
+        }
+        spec.validate(|name| self.ctx.profiles.caps(name))?;
+        check_host_paths(&spec, &self.ctx.settings.host_path_roots())?;
+        if let Some(other) = self
+            .ctx
+            .handles()
+            .iter()
+            .find(|h| h.view().name == spec.name)
+        {
+            return Err(VmError::Conflict(format!(
+                "name {:?} is taken by VM {}",
+                spec.name,
+                other.id()
+            )));
+        }
+        let vm = Vm::new(spec);
+        self.ctx
+            .store
+            .save(&vm)
+            .map_err(|e| VmError::Failed(format!("saving the VM record: {}", error_chain(&e))))?;
+        tracing::info!(vm = %vm.name, id = %vm.id, "created");
+        self.ctx
+            .register(actor::spawn_new(self.ctx.clone(), vm.clone()));
+        self.ctx.publish_vm(&vm);
+        Ok(Created::New(vm))
+    }
+
+    /// Runs `action` on the VM `key` and waits for it to finish.
+    pub async fn act(&self, key: &str, action: Action, options: ActOptions) -> Result<Vm, VmError> {
+        self.find(key)?.act(action, options).await
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &EventBus {
+        &self.ctx.events
+    }
+
+    /// The accelerator VMs get.
+    pub fn accel(&self) -> Accel {
+        self.ctx.accel
+    }
+
+    /// Facts about this host.
+    pub fn node(&self) -> NodeInfo {
+        let mut by_state = BTreeMap::new();
+        for vm in self.list() {
+            *by_state.entry(vm.state.as_str().to_string()).or_insert(0) += 1;
+        }
+        let accel = self.ctx.accel;
+        NodeInfo {
+            hostname: node::hostname(),
+            vmlet_version: env!("CARGO_PKG_VERSION").to_string(),
+            cpus: node::cpus(),
+            memory_mib: node::memory_mib(),
+            qemu_binary: self.ctx.settings.qemu_binary.display().to_string(),
+            qemu_version: self.qemu_version.clone(),
+            accel: accel.as_str().to_string(),
+            accel_reason: accel::explain(self.ctx.settings.accel, accel::probe_host()),
+            profiles: self.ctx.profiles.names().map(str::to_string).collect(),
+            vms_by_state: by_state,
+        }
+    }
+}
+
+/// Asks QEMU for its version (`QEMU emulator version 10.0.2 (…)` → `10.0.2`).
+async fn qemu_version(binary: &Path) -> Result<String, ManagerError> {
+    let output = tokio::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|source| ManagerError::Qemu {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(parse_qemu_version(&text).unwrap_or_else(|| text.trim().to_string()))
+}
+
+fn parse_qemu_version(text: &str) -> Option<String> {
+    let rest = text.lines().next()?.split("version ").nth(1)?;
+    rest.split_whitespace().next().map(str::to_string)
+}
+
+/// Refuses host files outside `roots` (after resolving symlinks), so an API
+/// caller cannot hand a guest an arbitrary file of the host.
+pub fn check_host_paths(spec: &VmSpec, roots: &[PathBuf]) -> Result<(), SpecError> {
+    let roots: Vec<PathBuf> = roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .collect();
+    let mut paths: Vec<(String, &Path)> = Vec::new();
+    if let Boot::Kernel { kernel, initrd, .. } = &spec.boot {
+        paths.push(("boot.kernel".into(), kernel));
+        if let Some(initrd) = initrd {
+            paths.push(("boot.initrd".into(), initrd));
+        }
+    }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        paths.push((format!("disks[{i}].path"), &disk.path));
+    }
+    let mut errors = Vec::new();
+    for (field, path) in paths {
+        let message = match std::fs::canonicalize(path) {
+            Err(e) => Some(format!("{}: {e}", path.display())),
+            Ok(real) if !real.is_file() => {
+                Some(format!("{} is not a regular file", path.display()))
+            }
+            Ok(real) if !roots.iter().any(|root| real.starts_with(root)) => Some(format!(
+                "{} is outside the directories VMs may use ({})",
+                path.display(),
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Ok(_) => None,
+        };
+        if let Some(message) = message {
+            errors.push(FieldError { field, message });
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(SpecError { errors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::spec::{DiskFormat, DiskSpec, SerialSpec};
+
+    #[test]
+    fn qemu_version_is_the_number_after_version() {
+        let text = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright";
+        assert_eq!(parse_qemu_version(text).as_deref(), Some("10.0.2"));
+        assert_eq!(parse_qemu_version("garbage"), None);
+    }
+
+    #[test]
+    fn host_paths_must_resolve_inside_the_roots() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let inside_file = root.path().join("ok.img");
+        std::fs::write(&inside_file, b"x").unwrap();
+        let outside_file = outside.path().join("secret");
+        std::fs::write(&outside_file, b"x").unwrap();
+        // A symlink inside the root pointing out of it must not pass.
+        let link = root.path().join("link.img");
+        std::os::unix::fs::symlink(&outside_file, &link).unwrap();
+        let disk = |path: &Path| DiskSpec {
+            name: None,
+            path: path.to_path_buf(),
+            format: DiskFormat::Raw,
+            read_only: false,
+            boot_order: None,
+            serial: None,
+        };
+        let spec = VmSpec {
+            uuid: Uuid::new_v4(),
+            name: "a".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            profile: "q35".into(),
+            boot: Boot::Kernel {
+                kernel: inside_file.clone(),
+                initrd: Some(root.path().join("missing")),
+                cmdline: String::new(),
+            },
+            disks: vec![disk(&inside_file), disk(&outside_file), disk(&link)],
+            serial: SerialSpec::default(),
+            channels: vec![],
+            autostart: false,
+        };
+        let err = check_host_paths(&spec, &[root.path().to_path_buf()]).unwrap_err();
+        let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["boot.initrd", "disks[1].path", "disks[2].path"]
+        );
+        assert!(err.errors[1].message.contains("outside"), "{err}");
+    }
+}

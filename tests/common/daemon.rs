@@ -1,0 +1,268 @@
+//! A `vmlet serve` subprocess on a scratch state dir and socket, for tests
+//! that drive the daemon over HTTP. Dropping it kills the daemon and every
+//! QEMU it started, and removes the scratch directory, even when the test
+//! failed.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use uuid::Uuid;
+use vmlet::client::Client;
+
+use super::{guest, guest_cmdline, processes_with, Scratch};
+
+/// How long the daemon gets to answer after it is started (it reattaches
+/// every VM first).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running daemon.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Its API client (unix socket).
+    pub client: Client,
+    /// The API socket.
+    pub socket: PathBuf,
+    /// `--state-dir`.
+    pub state_dir: PathBuf,
+    /// `--run-dir`.
+    pub run_dir: PathBuf,
+    /// The daemon's log (stdout and stderr, appended across restarts).
+    pub log: PathBuf,
+    extra_env: Vec<(String, String)>,
+    scratch: Scratch,
+}
+
+impl Daemon {
+    /// Starts a daemon on fresh scratch directories and waits until it
+    /// answers.
+    pub async fn start() -> Daemon {
+        Daemon::start_with_env(&[]).await
+    }
+
+    /// [`Daemon::start`] with extra environment (e.g. `VMLET_STOP_GRACE_S`).
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        let scratch = Scratch::new();
+        let root = scratch.path().to_path_buf();
+        let mut daemon = Daemon {
+            child: None,
+            client: Client::unix(root.join("run/vmlet.sock")),
+            socket: root.join("run/vmlet.sock"),
+            state_dir: root.join("state"),
+            run_dir: root.join("run"),
+            log: root.join("daemon.log"),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            scratch,
+        };
+        daemon.spawn().await;
+        daemon
+    }
+
+    /// The scratch directory (allowed for VM files).
+    pub fn scratch(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    async fn spawn(&mut self) {
+        let guest = guest::test_guest();
+        let guest_dir = guest.kernel.parent().unwrap();
+        let allowed = format!("{}:{}", guest_dir.display(), self.scratch.path().display());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vmlet"));
+        command
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("--config")
+            .arg("/dev/null")
+            .env("VMLET_ACCEL", "tcg")
+            .env("VMLET_ALLOWED_HOST_PATHS", allowed)
+            .env("VMLET_LOG", "info,vmlet=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("starting vmlet serve");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("vmlet serve exited with {status}:\n{}", self.log_text());
+            }
+            if self.client.health().await.is_ok() {
+                break;
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                let _ = child.kill();
+                panic!(
+                    "vmlet serve did not answer within {READY_TIMEOUT:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.child = Some(child);
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon runs").id() as i32
+    }
+
+    /// SIGKILLs the daemon (its QEMUs keep running) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERMs the daemon and waits for it to exit; returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        child.wait().unwrap()
+    }
+
+    /// Starts the daemon again on the same directories.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// Starts the daemon after [`Daemon::kill`] or [`Daemon::terminate`].
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "daemon still runs");
+        self.spawn().await;
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// VM `id`'s serial console log.
+    pub fn serial_log(&self, id: Uuid) -> PathBuf {
+        self.run_dir
+            .join("vms")
+            .join(id.to_string())
+            .join("serial.log")
+    }
+
+    /// VM `id`'s record on disk.
+    pub fn record(&self, id: Uuid) -> PathBuf {
+        self.state_dir
+            .join("vms")
+            .join(id.to_string())
+            .join("vm.json")
+    }
+
+    /// QEMU processes started by this daemon (their command lines name the
+    /// run directory).
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        processes_with(&self.run_dir.display().to_string())
+            .into_iter()
+            .filter(|pid| Some(*pid) != self.child.as_ref().map(|c| c.id() as i32))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        for pid in self.qemu_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.qemu_pids().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if std::thread::panicking() {
+            eprintln!("--- vmlet serve log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// A unique VM name for a test.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", &Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// A spec (as API JSON, without `uuid`) that boots the test guest with
+/// `extra` kernel parameters on the q35 profile.
+pub fn guest_spec_json(name: &str, extra: &str) -> Value {
+    let guest = guest::test_guest();
+    serde_json::json!({
+        "name": name,
+        "vcpus": 1,
+        "memory_mib": 256,
+        "boot": {
+            "type": "kernel",
+            "kernel": guest.kernel,
+            "initrd": guest.initrd,
+            "cmdline": guest_cmdline("q35", extra),
+        },
+    })
+}
+
+/// Counts lines containing `needle` in `path`.
+pub fn count_lines(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Waits until `path` has at least `n` lines containing `needle`.
+pub async fn wait_for_count(path: &Path, needle: &str, n: usize, timeout: Duration) {
+    let started = Instant::now();
+    while count_lines(path, needle) < n {
+        if started.elapsed() > timeout {
+            panic!(
+                "fewer than {n} lines with {needle:?} in {} after {timeout:?}; it holds:\n{}",
+                path.display(),
+                std::fs::read_to_string(path).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after
+/// `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if started.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
