@@ -189,7 +189,7 @@ pub enum ClientError {
         source: hyper::Error,
     },
     /// The daemon answered with an error.
-    #[error("{status} {code}: {message}{}", field.as_deref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+    #[error("{status} {code}: {message}{}", field_note(message, field.as_deref()))]
     Api {
         /// HTTP status.
         status: u16,
@@ -210,6 +210,14 @@ pub enum ClientError {
         /// What did not fit.
         reason: String,
     },
+}
+
+/// ` (field F)` unless the message already names the field.
+fn field_note(message: &str, field: Option<&str>) -> String {
+    match field {
+        Some(field) if !message.contains(field) => format!(" (field {field})"),
+        _ => String::new(),
+    }
 }
 
 impl ClientError {
@@ -1074,6 +1082,13 @@ mod tests {
             e.to_string(),
             "422 invalid_spec: must be absolute (field disks[0].path)"
         );
+        let e = raw(
+            422,
+            r#"{"error":{"code":"invalid_spec","message":"name: too long","field":"name"}}"#,
+        )
+        .api_error()
+        .unwrap();
+        assert_eq!(e.to_string(), "422 invalid_spec: name: too long");
         let e = raw(502, "<html>bad gateway</html>").api_error().unwrap();
         assert_eq!(e.to_string(), "502 http_error: <html>bad gateway</html>");
         let e = raw(404, "").api_error().unwrap();

@@ -64,24 +64,22 @@ pub async fn stream(
     let live = stream::unfold(subscription.live, move |mut live| {
         let mut shutdown = shutdown.clone();
         async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.wait_for(|down| *down) => return None,
-                    received = live.recv() => match received {
-                        Ok(event) => return Some((event, live)),
-                        Err(RecvError::Closed) => return None,
-                        Err(RecvError::Lagged(missed)) => {
-                            // Too slow a reader: say so, as for a stale `since`.
-                            tracing::warn!(missed, "event subscriber lagged");
-                            let resync = Event {
-                                seq: 0,
-                                time: crate::vm::record::timestamp(std::time::SystemTime::now()),
-                                body: EventBody::Resync { requested: 0, oldest: None },
-                            };
-                            return Some((resync, live));
-                        }
-                    },
-                }
+            tokio::select! {
+                _ = shutdown.wait_for(|down| *down) => None,
+                received = live.recv() => match received {
+                    Ok(event) => Some((event, live)),
+                    Err(RecvError::Closed) => None,
+                    Err(RecvError::Lagged(missed)) => {
+                        // Too slow a reader: say so, as for a stale `since`.
+                        tracing::warn!(missed, "event subscriber lagged");
+                        let resync = Event {
+                            seq: 0,
+                            time: crate::vm::record::timestamp(std::time::SystemTime::now()),
+                            body: EventBody::Resync { requested: 0, oldest: None },
+                        };
+                        Some((resync, live))
+                    }
+                },
             }
         }
     })

@@ -135,6 +135,7 @@ impl Manager {
     /// already present is returned as [`Created::Existing`], so a retried
     /// create is safe; a different spec under that UUID is a conflict.
     pub async fn create(&self, spec: VmSpec) -> Result<Created, VmError> {
+        spec.validate(|name| self.ctx.profiles.caps(name))?;
         let _guard = self.create_lock.lock().await;
         if let Some(existing) = self.ctx.handle(spec.uuid) {
             let vm = existing.view();
@@ -147,7 +148,6 @@ impl Manager {
                 )))
             };
         }
-        spec.validate(|name| self.ctx.profiles.caps(name))?;
         check_host_paths(&spec, &self.ctx.settings.host_path_roots())?;
         if let Some(other) = self
             .ctx
