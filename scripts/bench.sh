@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks of the QEMU runtime (release build, test guest under TCG).
+# Benchmarks of the QEMU runtime and of the daemon (release build, test
+# guest under TCG).
 # Prints figures; fails only if something breaks, never on speed.
 #   BENCH_RUNS=N  samples per figure (default 5)
 set -euo pipefail
@@ -7,7 +8,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh --test
 guest=$(scripts/build-test-guest.sh | tail -n 1)
-cargo build --release --quiet --example bench --bin vmlet
+cargo build --release --quiet --example bench --example bench_daemon --bin vmlet
 export BENCH_KERNEL="$guest/vmlinuz" BENCH_INITRD="$guest/initrd.img"
 
 echo "== vmlet bench ($(nproc) cores, $(qemu-system-x86_64 --version | head -n1))"
@@ -28,3 +29,7 @@ grep -q GUEST-READY "$work/out" || { cat "$work/out"; exit 1; }
 printf '%-40s%s\n' "vmlet run RSS with one guest:" "$(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$pid/status")"
 kill -INT "$pid"
 wait "$pid" || true
+
+# The daemon: `vmlet serve` on a scratch state dir, driven over its socket.
+echo "== vmlet serve"
+target/release/examples/bench_daemon
