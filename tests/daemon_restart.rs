@@ -28,7 +28,7 @@ use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, QemuInstance};
 use vmlet::qemu::process::QemuProcess;
 use vmlet::qemu::profile::Profiles;
-use vmlet::vm::state::{Desired, PowerState};
+use vmlet::vm::state::{Desired, PowerState, Task};
 use vmlet::vm::Vm;
 
 /// What the API promises for noticing a dead QEMU, and for answering while
@@ -281,6 +281,7 @@ async fn killed_qemu_becomes_crashed_within_a_second() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let noticed = killed.elapsed();
+    eprintln!("crash noticed after {noticed:?}");
     assert!(
         noticed <= PROMPT,
         "crash noticed after {noticed:?} (promised: {PROMPT:?})"
@@ -337,19 +338,19 @@ async fn hung_qemu_delays_only_its_own_vm() {
         let answer = client.request_json(Method::POST, &a_path, None).await;
         (answer, sent.elapsed())
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_vm(&d, a.id, "A's pause to be in flight", PROMPT * 5, |vm| {
+        vm.task == Some(Task::Pause)
+    })
+    .await;
 
     let timed = Instant::now();
     let listed = d.client.list_vms().await.expect("listing");
     let took = timed.elapsed();
+    eprintln!("GET /v1/vms with A hung: {took:?}");
     assert!(took <= PROMPT, "GET /v1/vms took {took:?} with a hung QEMU");
     assert_eq!(listed.len(), 2);
     let a_listed = listed.iter().find(|vm| vm.id == a.id).unwrap();
-    assert_eq!(
-        a_listed.task.map(|t| t.as_str()),
-        Some("pause"),
-        "{a_listed:?}"
-    );
+    assert_eq!(a_listed.task, Some(Task::Pause), "{a_listed:?}");
 
     let b_id = b.id.to_string();
     let timed = Instant::now();
@@ -376,6 +377,7 @@ async fn hung_qemu_delays_only_its_own_vm() {
         })
         .unwrap();
     let (status, body) = answer.expect("pause of the hung VM gets an answer");
+    eprintln!("pause of hung A answered after {took:?}: {status} {body}");
     assert_eq!(status, 503, "pause of a hung QEMU: {body} after {took:?}");
     assert_eq!(body["error"]["code"], "timeout", "{body}");
     assert!(
@@ -485,7 +487,7 @@ async fn guest_poweroff_becomes_stopped() {
     assert_eq!(vm.desired, Desired::Running);
     let pid = vm.pid.unwrap();
     let stopped = wait_vm(&d, vm.id, "the guest to power off", BOOT_TIMEOUT, |vm| {
-        vm.state != PowerState::Running
+        !vm.state.has_process()
     })
     .await;
     assert_eq!(stopped.state, PowerState::Stopped, "{stopped:?}");

@@ -178,11 +178,12 @@ pub async fn stop_process(
                 .execute_with_deadline(qapi::qmp::system_powerdown {}, STOP_COMMAND_DEADLINE)
                 .await;
             match powerdown {
-                Ok(_) => {
-                    if process.wait_exit(grace).await.is_some() {
-                        return Ok(StopOutcome::GuestPoweredOff);
-                    }
-                }
+                Ok(_) => match process.wait_exit(grace).await {
+                    // Killed meanwhile (a forced stop overtaking this one).
+                    Some(ExitStatus::Signal(_)) => return Ok(StopOutcome::Killed),
+                    Some(_) => return Ok(StopOutcome::GuestPoweredOff),
+                    None => {}
+                },
                 Err(e) => {
                     tracing::warn!(pid = process.pid(), error = %e, "system_powerdown failed")
                 }
