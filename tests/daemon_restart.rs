@@ -393,8 +393,29 @@ async fn hung_qemu_delays_only_its_own_vm() {
     assert_eq!(b_now.state, PowerState::Running, "{b_now:?}");
     assert_eq!(b_now.pid, Some(b_pid));
 
-    // Clean up: A can be force-stopped, B force-deleted while running.
+    // A lost its QMP link: `error` until QEMU answers again. Once it runs
+    // again vmlet reconnects by itself and reads QEMU's state (running, or
+    // paused if QEMU still executed the `stop` it had queued).
+    let hung = get(&d, a.id).await;
+    assert_eq!(hung.state, PowerState::Error, "{hung:?}");
+    assert!(
+        hung.error.as_deref().unwrap_or("").contains("stop"),
+        "{hung:?}"
+    );
     signal(a_pid, Signal::SIGCONT);
+    let regained = wait_until(
+        "A to be controllable again",
+        Duration::from_secs(30),
+        || async {
+            let vm = get(&d, a.id).await;
+            matches!(vm.state, PowerState::Running | PowerState::Paused).then_some(vm)
+        },
+    )
+    .await;
+    assert_eq!(regained.error, None, "{regained:?}");
+    assert_eq!(regained.pid, Some(a_pid), "{regained:?}");
+
+    // Clean up: A can be force-stopped, B force-deleted while running.
     let stopped = d
         .client
         .stop(&a.id.to_string(), true, None)

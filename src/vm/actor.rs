@@ -27,6 +27,8 @@ use crate::vm::Vm;
 
 /// How long reattaching waits for a QEMU's QMP socket.
 const REATTACH_QMP_DEADLINE: Duration = Duration::from_secs(5);
+/// How often vmlet tries to reach a QEMU that stopped answering QMP.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Why a VM operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,13 @@ enum Input {
     Exited {
         incarnation: u64,
         status: ExitStatus,
+    },
+    /// QMP answers again after the link was lost.
+    Regained {
+        incarnation: u64,
+        qmp: QmpClient,
+        events: tokio::sync::broadcast::Receiver<QmpEvent>,
+        status: qapi::qmp::RunState,
     },
 }
 
@@ -270,6 +279,16 @@ impl Actor {
             } => {
                 if self.current(incarnation) {
                     self.on_exit(status);
+                }
+            }
+            Input::Regained {
+                incarnation,
+                qmp,
+                events,
+                status,
+            } => {
+                if self.current(incarnation) {
+                    self.on_regained(qmp, events, status);
                 }
             }
         }
@@ -580,6 +599,7 @@ impl Actor {
                     if lost {
                         self.observe(Observation::ControlLost);
                         self.commit(|vm| vm.error = Some(message));
+                        self.reconnect();
                     }
                     self.finish_op(Err(error));
                 }
@@ -624,26 +644,8 @@ impl Actor {
         self.incarnations += 1;
         let incarnation = self.incarnations;
         let mut forwarders = Vec::new();
-        if let Some(mut events) = events {
-            let inbox = self.inbox.clone();
-            forwarders.push(tokio::spawn(async move {
-                loop {
-                    match events.recv().await {
-                        Ok(event) => {
-                            if inbox
-                                .send(InputBox(Input::Qmp { incarnation, event }))
-                                .is_err()
-                            {
-                                break;
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!(missed = n, "QMP events lagged");
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    }
-                }
-            }));
+        if let Some(events) = events {
+            forwarders.push(self.forward_events(incarnation, events));
         }
         let inbox = self.inbox.clone();
         let watched = process.clone();
@@ -663,6 +665,91 @@ impl Actor {
             shutdown_reason: None,
             panicked: false,
         });
+    }
+
+    fn forward_events(
+        &self,
+        incarnation: u64,
+        mut events: tokio::sync::broadcast::Receiver<QmpEvent>,
+    ) -> JoinHandle<()> {
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        if inbox
+                            .send(InputBox(Input::Qmp { incarnation, event }))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "QMP events lagged");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        })
+    }
+
+    /// Keeps trying to reach a QEMU whose QMP link was lost (a QEMU that was
+    /// stopped or starved may answer again) until it answers or exits.
+    fn reconnect(&mut self) {
+        let Some(rt) = &mut self.runtime else { return };
+        let incarnation = rt.incarnation;
+        let process = rt.process.clone();
+        let socket = rt.paths.qmp_socket();
+        let inbox = self.inbox.clone();
+        let name = self.vm.name.clone();
+        rt.forwarders.push(tokio::spawn(async move {
+            while process.is_running() {
+                tokio::time::sleep(RECONNECT_INTERVAL).await;
+                let Ok((qmp, events)) = QmpClient::connect(&socket, REATTACH_QMP_DEADLINE).await
+                else {
+                    continue;
+                };
+                let status = qmp
+                    .execute_with_deadline(qapi::qmp::query_status {}, REATTACH_QMP_DEADLINE)
+                    .await;
+                if let Ok(status) = status {
+                    tracing::info!(vm = %name, "QMP answers again");
+                    let _ = inbox.send(InputBox(Input::Regained {
+                        incarnation,
+                        qmp,
+                        events,
+                        status: status.status,
+                    }));
+                    return;
+                }
+            }
+        }));
+    }
+
+    fn on_regained(
+        &mut self,
+        qmp: QmpClient,
+        events: tokio::sync::broadcast::Receiver<QmpEvent>,
+        status: qapi::qmp::RunState,
+    ) {
+        if self.vm.state != PowerState::Error || self.op.is_some() {
+            return;
+        }
+        let Some(incarnation) = self.runtime.as_ref().map(|rt| rt.incarnation) else {
+            return;
+        };
+        let forwarder = self.forward_events(incarnation, events);
+        if let Some(rt) = &mut self.runtime {
+            rt.qmp = Some(qmp);
+            rt.forwarders.push(forwarder);
+        }
+        let observation = if status == qapi::qmp::RunState::running {
+            Observation::RegainedRunning
+        } else {
+            Observation::RegainedPaused
+        };
+        self.observe(observation);
+        self.commit(|vm| vm.error = None);
     }
 
     /// Lets go of the QEMU (which has exited or is being abandoned) and
@@ -851,6 +938,7 @@ impl Actor {
             vm.pid = Some(pid);
             vm.error = Some(format!("QEMU (pid {pid}) does not answer on QMP: {why}"));
         });
+        self.reconnect();
     }
 
     /// The VM's QEMU is gone: record how that looks from here.

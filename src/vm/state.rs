@@ -244,11 +244,15 @@ pub enum Observation {
     Crashed,
     /// QEMU still runs but no longer answers vmlet.
     ControlLost,
+    /// QMP answers again, and QEMU says the vCPUs run.
+    RegainedRunning,
+    /// QMP answers again, and QEMU says the vCPUs are paused.
+    RegainedPaused,
 }
 
 impl Observation {
     /// Every observation, for exhaustive tests.
-    pub const ALL: [Observation; 9] = [
+    pub const ALL: [Observation; 11] = [
         Observation::StartBegun,
         Observation::GuestStarted,
         Observation::StartFailed,
@@ -258,6 +262,8 @@ impl Observation {
         Observation::ExitedCleanly,
         Observation::Crashed,
         Observation::ControlLost,
+        Observation::RegainedRunning,
+        Observation::RegainedPaused,
     ];
 }
 
@@ -276,6 +282,8 @@ pub fn next(state: PowerState, observation: Observation) -> Option<PowerState> {
         (O::ExitedCleanly, S::Running | S::Paused | S::Stopping) => Some(S::Stopped),
         (O::Crashed, S::Starting | S::Running | S::Paused | S::Stopping) => Some(S::Crashed),
         (O::ControlLost, S::Starting | S::Running | S::Paused | S::Stopping) => Some(S::Error),
+        (O::RegainedRunning, S::Error) => Some(S::Running),
+        (O::RegainedPaused, S::Error) => Some(S::Paused),
         _ => None,
     }
 }
@@ -310,6 +318,8 @@ mod tests {
         (S::Running, Observation::ControlLost, S::Error),
         (S::Paused, Observation::ControlLost, S::Error),
         (S::Stopping, Observation::ControlLost, S::Error),
+        (S::Error, Observation::RegainedRunning, S::Running),
+        (S::Error, Observation::RegainedPaused, S::Paused),
     ];
 
     #[test]
