@@ -19,7 +19,7 @@ use vmlet::client::{Client, Method};
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, StopMode};
-use vmlet::qemu::profile::Profiles;
+use vmlet::qemu::profile::{Profile, Profiles};
 use vmlet::vm::spec::VmSpec;
 use vmlet::vm::state::PowerState;
 
@@ -328,11 +328,6 @@ async fn main() {
         kernel: env_path("BENCH_KERNEL"),
         initrd: env_path("BENCH_INITRD"),
     };
-    let guest_dir = guest
-        .kernel
-        .parent()
-        .expect("BENCH_KERNEL has a directory")
-        .to_path_buf();
     let vmlet = std::env::var_os("BENCH_VMLET")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/vmlet"));
@@ -351,8 +346,21 @@ async fn main() {
             .expect("creating a scratch directory in /tmp"),
         daemon: None,
     };
+    // On SIGINT or SIGTERM, panic so the guard still cleans up.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        () = run(&mut scratch, &vmlet, &guest, profile) => {}
+        _ = tokio::signal::ctrl_c() => panic!("interrupted (SIGINT)"),
+        _ = sigterm.recv() => panic!("terminated (SIGTERM)"),
+    }
+}
+
+/// Takes every figure and prints them.
+async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profile) {
+    let guest_dir = guest.kernel.parent().expect("BENCH_KERNEL has a directory");
     let direct_root = scratch.path().join("direct");
-    let client = scratch.start_daemon(&vmlet, &guest_dir).await;
+    let client = scratch.start_daemon(vmlet, guest_dir).await;
     // Let the daemon settle before its idle size is taken.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_idle = rss_mib(scratch.daemon_pid());
