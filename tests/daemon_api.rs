@@ -948,3 +948,75 @@ async fn cli_commands_drive_the_daemon() {
 
     assert!(list(&d).await.is_empty());
 }
+
+/// A free loopback TCP port (bound and released: another test could take
+/// it in between, which would fail this test loudly, not silently).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn tcp_listener_requires_the_bearer_token_and_logs_json() {
+    use vmlet::client::{Client, Endpoint};
+    let token_dir = common::Scratch::new();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with_env(&[
+        ("VMLET_TCP_LISTEN", &addr),
+        ("VMLET_AUTH_TOKEN_FILE", token_file.to_str().unwrap()),
+        ("VMLET_LOG_FORMAT", "json"),
+    ])
+    .await;
+    let url = format!("http://{addr}");
+    let anonymous = Client::new(Endpoint::Tcp {
+        url: url.clone(),
+        token: None,
+    });
+    let wrong = Client::new(Endpoint::Tcp {
+        url: url.clone(),
+        token: Some("s3cret-tokem".into()),
+    });
+    let right = Client::new(Endpoint::Tcp {
+        url,
+        token: Some("s3cret-token".into()),
+    });
+
+    // Health stays open for probes; everything else needs the token.
+    anonymous.health().await.expect("/healthz without a token");
+    for client in [&anonymous, &wrong] {
+        let answer = client
+            .request_json(Method::GET, "/v1/vms", None)
+            .await
+            .unwrap();
+        assert_error(&answer, 401, "unauthorized");
+    }
+    assert!(right.list_vms().await.unwrap().is_empty());
+    // The unix socket needs no token (its file mode guards it).
+    assert!(d.client.list_vms().await.unwrap().is_empty());
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o660
+    );
+
+    // JSON logs: one object per line, a request line with its id.
+    let log = d.log_text();
+    let requests: Vec<Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("log line is JSON"))
+        .filter(|v: &Value| v["message"] == "request")
+        .collect();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["path"] == "/v1/vms" && r["status"] == 401 && r["request_id"].is_string()),
+        "no JSON request line for the refused request:\n{log}"
+    );
+}
