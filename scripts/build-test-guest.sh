@@ -34,6 +34,8 @@ KERNEL_META=linux-image-cloud-amd64
 # Dependencies are added automatically from each .ko's depends= and always
 # land before their users; built-in ones (modules.builtin) are skipped.
 #   button, evdev: ACPI power button -> /dev/input/event* for busybox acpid.
+#   pvpanic-mmio: drives QEMU's ISA pvpanic (ACPI QEMU0001, an I/O port despite
+#     the name), so a guest panic reaches QEMU (GUEST_PANICKED); pulls in pvpanic.
 WANTED_MODULES=(
     virtio_pci virtio_mmio
     virtio_blk virtio_net virtio_console virtio-rng virtio_balloon
@@ -41,6 +43,7 @@ WANTED_MODULES=(
     sd_mod sr_mod virtio_scsi
     vfat nls_cp437 nls_iso8859-1 nls_utf8 isofs
     evdev button
+    pvpanic-mmio
 )
 
 log() { echo "build-test-guest: $*" >&2; }

@@ -1,9 +1,9 @@
 //! `vmlet serve` losing and finding its VMs again: a SIGKILLed or SIGTERMed
 //! daemon reattaches to the QEMUs it left running (same pids), a crashed or
 //! hung QEMU affects only its own VM, a stale record never adopts an
-//! unrelated process, a guest that powers off is recorded as stopped, a VM
-//! with `autostart` comes back after a "host reboot", and a start cut short
-//! by a restart is cleaned up.
+//! unrelated process, a guest that powers off is recorded as stopped and one
+//! that panics as crashed, a VM with `autostart` comes back after a "host
+//! reboot", and a start cut short by a restart is cleaned up.
 //!
 //! Each test runs its own daemon on scratch directories; the [`Daemon`]
 //! guard kills every QEMU whose command line names its run directory, and
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::daemon::{guest_spec_json, unique_name, wait_for_count, wait_until, Daemon};
-use common::BOOT_TIMEOUT;
+use common::{guest_cmdline, BOOT_TIMEOUT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -517,6 +517,36 @@ async fn guest_poweroff_becomes_stopped() {
     assert_eq!(stopped.pid, None, "{stopped:?}");
     assert_eq!(stopped.task, None, "{stopped:?}");
     wait_qemu_gone(pid, vm.id).await;
+    assert!(d.qemu_pids().is_empty(), "QEMUs left: {:?}", d.qemu_pids());
+}
+
+/// A guest kernel panic (`guest.action=panic`), on q35 and on microvm: the
+/// profile's pvpanic device tells QEMU, even though the guest reboots on
+/// panic (`panic=-1`), and the VM becomes `crashed` with "guest panicked",
+/// its QEMU gone.
+#[tokio::test]
+async fn guest_panic_becomes_crashed() {
+    let d = Daemon::start().await;
+    for profile in ["q35", "microvm"] {
+        let mut spec = guest_spec_json(&unique_name("panic"), "");
+        spec["profile"] = profile.into();
+        spec["boot"]["cmdline"] = guest_cmdline(profile, "guest.action=panic").into();
+        let vm = d.client.create_vm(&spec).await.expect("creating VM");
+        let vm = start(&d, vm.id).await;
+        let pid = vm.pid.unwrap();
+        let crashed = wait_vm(&d, vm.id, "the guest to panic", BOOT_TIMEOUT, |vm| {
+            !vm.state.has_process()
+        })
+        .await;
+        assert_eq!(crashed.state, PowerState::Crashed, "{profile}: {crashed:?}");
+        // Only QEMU's GUEST_PANICKED (or SHUTDOWN reason guest-panic) gives
+        // this reason; a reset or a plain exit would not.
+        let error = crashed.error.clone().unwrap_or_default();
+        assert!(error.contains("panic"), "{profile}: {crashed:?}");
+        assert_eq!(crashed.pid, None, "{profile}: {crashed:?}");
+        assert_eq!(crashed.task, None, "{profile}: {crashed:?}");
+        wait_qemu_gone(pid, vm.id).await;
+    }
     assert!(d.qemu_pids().is_empty(), "QEMUs left: {:?}", d.qemu_pids());
 }
 

@@ -248,6 +248,16 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             format!("{},id=balloon0", profile.devices.balloon),
         );
     }
+    // With a panic device, a guest panic reaches QEMU even when the guest
+    // reboots on panic. QEMU's default `-action panic=shutdown` is what vmlet
+    // wants, so no `-action` is given: QEMU emits GUEST_PANICKED (action
+    // poweroff) and SHUTDOWN (reason guest-panic), then exits; the VM actor
+    // records a crash.
+    if profile.defaults.panic {
+        if let Some(model) = &profile.devices.panic {
+            argv.push("-device", format!("{model},id=panic0"));
+        }
+    }
 
     if profile.devices.bus == DeviceBus::Pci {
         // Empty root ports, last so cold-plugged devices keep the same PCI
@@ -382,6 +392,30 @@ mod tests {
         for flag in ["-S", "-nodefaults", "-no-user-config", "-daemonize"] {
             assert!(argv.iter().any(|a| a == flag), "{flag}");
         }
+    }
+
+    #[test]
+    fn panic_device_follows_the_profile() {
+        let profiles = Profiles::built_in().unwrap();
+        let spec = spec();
+        let paths = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
+        let argv_with = |profile: &Profile| {
+            build(LaunchInputs {
+                spec: &spec,
+                profile,
+                accel: Accel::Tcg,
+                paths: &paths,
+            })
+        };
+        let device = "pvpanic,id=panic0".to_string();
+        for name in ["q35", "microvm"] {
+            let argv = argv_with(profiles.get(name).unwrap());
+            let at = argv.iter().position(|a| *a == device).expect(name);
+            assert_eq!(argv[at - 1], "-device", "{name}");
+        }
+        let mut off = profiles.get("q35").unwrap().clone();
+        off.defaults.panic = false;
+        assert!(!argv_with(&off).iter().any(|a| a.contains("panic0")));
     }
 
     #[test]

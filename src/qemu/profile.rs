@@ -94,6 +94,11 @@ pub struct DeviceSection {
     pub rng: String,
     /// Memory balloon device.
     pub balloon: String,
+    /// Guest panic notifier (`pvpanic`), through which QEMU learns of a
+    /// guest kernel panic (`GUEST_PANICKED`). Optional: a profile without
+    /// one cannot tell a panic from a plain reset or hang.
+    #[serde(default)]
+    pub panic: Option<String>,
 }
 
 /// Default devices.
@@ -104,6 +109,10 @@ pub struct DefaultsSection {
     pub rng: bool,
     /// Add a memory balloon.
     pub balloon: bool,
+    /// Add the panic notifier (`devices.panic`). Off when absent, so profile
+    /// copies written before it existed still load.
+    #[serde(default)]
+    pub panic: bool,
 }
 
 /// Capabilities.
@@ -163,6 +172,13 @@ impl Profile {
             ("devices.balloon", &d.balloon),
         ] {
             check_word(field, model)?;
+        }
+        match &d.panic {
+            Some(model) => check_word("devices.panic", model)?,
+            None if self.defaults.panic => {
+                return Err("defaults.panic: needs devices.panic".into());
+            }
+            None => {}
         }
         if !self.supports.kernel_boot && !self.supports.firmware_boot {
             return Err("supports: needs kernel_boot or firmware_boot".into());
@@ -320,6 +336,44 @@ mod tests {
         let micro = p.get("microvm").unwrap();
         assert!(!micro.supports.hotplug && !micro.supports.firmware_boot);
         assert!(matches!(p.get("nope"), Err(ProfileError::Unknown(_))));
+    }
+
+    #[test]
+    fn built_in_profiles_have_a_panic_device() {
+        let p = Profiles::built_in().unwrap();
+        for name in ["q35", "microvm"] {
+            let profile = p.get(name).unwrap();
+            assert!(profile.defaults.panic, "{name}");
+            assert_eq!(profile.devices.panic.as_deref(), Some("pvpanic"), "{name}");
+        }
+    }
+
+    #[test]
+    fn panic_device_is_optional_and_checked() {
+        // A profile from before the panic device loads, without one.
+        let old = BUILT_IN[0]
+            .1
+            .replace("panic = \"pvpanic\"\n", "")
+            .replace("panic = true\n", "");
+        let profile = Profile::parse("old", &old).unwrap();
+        assert_eq!(profile.devices.panic, None);
+        assert!(!profile.defaults.panic);
+
+        // Enabled but not named.
+        let text = BUILT_IN[0].1.replace("panic = \"pvpanic\"\n", "");
+        let err = Profile::parse("q", &text).unwrap_err();
+        assert!(err.contains("defaults.panic"), "{err}");
+
+        // Named but off: fine.
+        let text = BUILT_IN[0].1.replace("panic = true", "panic = false");
+        assert!(!Profile::parse("q", &text).unwrap().defaults.panic);
+
+        // The model name reaches the command line, so it is checked.
+        let text = BUILT_IN[0]
+            .1
+            .replace("panic = \"pvpanic\"", "panic = \"pvpanic,ioport=1\"");
+        let err = Profile::parse("q", &text).unwrap_err();
+        assert!(err.contains("devices.panic"), "{err}");
     }
 
     #[test]

@@ -643,19 +643,18 @@ impl Actor {
     ) {
         self.incarnations += 1;
         let incarnation = self.incarnations;
-        let mut forwarders = Vec::new();
-        if let Some(events) = events {
-            forwarders.push(self.forward_events(incarnation, events));
-        }
+        // One task forwards both the events and the exit, so the exit always
+        // comes after every event QEMU sent before it (a `SHUTDOWN` must be
+        // seen before the exit it explains).
         let inbox = self.inbox.clone();
         let watched = process.clone();
-        forwarders.push(tokio::spawn(async move {
-            let status = watched.exited().await;
+        let forwarders = vec![tokio::spawn(async move {
+            let status = watch_qemu(incarnation, &watched, events, &inbox).await;
             let _ = inbox.send(InputBox(Input::Exited {
                 incarnation,
                 status,
             }));
-        }));
+        })];
         self.runtime = Some(Runtime {
             incarnation,
             process,
@@ -980,6 +979,53 @@ impl Actor {
             self.on_action(Action::Start, ActOptions::default(), None);
         }
     }
+}
+
+/// How long, after QEMU exited, its last events may take to arrive.
+const LAST_EVENTS_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Forwards `events` into the inbox until the process exits, then the events
+/// still in flight (the QMP connection ends with QEMU, which closes the
+/// channel), and returns the exit status.
+async fn watch_qemu(
+    incarnation: u64,
+    process: &QemuProcess,
+    mut events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
+    inbox: &mpsc::UnboundedSender<InputBox>,
+) -> ExitStatus {
+    use tokio::sync::broadcast::error::RecvError;
+    let forward = |event| {
+        let _ = inbox.send(InputBox(Input::Qmp { incarnation, event }));
+    };
+    let status = loop {
+        let next_event = async {
+            match &mut events {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = process.exited() => break status,
+            received = next_event => match received {
+                Ok(event) => forward(event),
+                Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "QMP events lagged"),
+                Err(RecvError::Closed) => events = None,
+            },
+        }
+    };
+    if let Some(mut rx) = events {
+        let drain = async {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => forward(event),
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LAST_EVENTS_DEADLINE, drain).await;
+    }
+    status
 }
 
 fn describe_exit(status: ExitStatus) -> String {
