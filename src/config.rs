@@ -30,6 +30,9 @@ pub struct Settings {
     pub stop_grace_s: u64,
     /// The API's unix socket (mode 0660). Unset: `RUN_DIR/vmlet.sock`.
     pub socket: Option<PathBuf>,
+    /// Group that owns the API socket, so its members may use the API
+    /// without root (like libvirt's `unix_sock_group`). Unset: root's group.
+    pub socket_group: Option<String>,
     /// A TCP address for the API, e.g. `127.0.0.1:8780`. Unset: no TCP.
     /// A non-loopback address requires `auth_token_file`.
     pub tcp_listen: Option<SocketAddr>,
@@ -80,6 +83,7 @@ impl Default for Settings {
             accel: AccelChoice::Auto,
             stop_grace_s: 60,
             socket: None,
+            socket_group: None,
             tcp_listen: None,
             auth_token_file: None,
             log_format: LogFormat::Text,
@@ -162,7 +166,7 @@ impl Settings {
 
     /// Applies `VMLET_STATE_DIR`, `VMLET_RUN_DIR`, `VMLET_QEMU`,
     /// `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`,
-    /// `VMLET_SOCKET`, `VMLET_TCP_LISTEN`, `VMLET_AUTH_TOKEN_FILE`,
+    /// `VMLET_SOCKET`, `VMLET_SOCKET_GROUP`, `VMLET_TCP_LISTEN`, `VMLET_AUTH_TOKEN_FILE`,
     /// `VMLET_LOG_FORMAT` and `VMLET_ALLOWED_HOST_PATHS` (`:`-separated).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
@@ -191,6 +195,9 @@ impl Settings {
         }
         if let Some(v) = var("VMLET_SOCKET") {
             self.socket = Some(v.into());
+        }
+        if let Some(v) = var("VMLET_SOCKET_GROUP") {
+            self.socket_group = Some(v);
         }
         if let Some(v) = var("VMLET_TCP_LISTEN") {
             self.tcp_listen = Some(v.parse().map_err(|_| ConfigError::Env {

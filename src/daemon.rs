@@ -49,6 +49,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket group does not exist.
+    #[error("socket_group {0:?} is not a group on this host")]
+    NoSuchGroup(String),
     /// The token file is empty.
     #[error("auth token file {0} is empty")]
     EmptyToken(PathBuf),
@@ -64,6 +67,7 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot become a child subreaper: QEMU exit codes will be unknown");
     }
     let max_body_bytes = settings.max_body_bytes;
+    let settings_group = settings.socket_group.clone();
     let tcp = settings.tcp_listen;
     let manager = Manager::open(settings).await?;
 
@@ -73,7 +77,7 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         max_body_bytes,
         shutdown: shutdown_rx.clone(),
     });
-    let unix = bind_unix(&socket_path)?;
+    let unix = bind_unix(&socket_path, settings_group.as_deref())?;
     let mut servers = tokio::task::JoinSet::new();
     {
         let router = api::router(app.clone(), None);
@@ -128,7 +132,7 @@ async fn ensure_not_running(socket: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixListener, DaemonError> {
     let listen_error = |source| DaemonError::Listen {
         what: path.display().to_string(),
         source,
@@ -144,6 +148,15 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
     }
     let listener = UnixListener::bind(path).map_err(listen_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(listen_error)?;
+    if let Some(name) = group {
+        let gid = nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .ok_or_else(|| DaemonError::NoSuchGroup(name.to_string()))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| listen_error(std::io::Error::from(e)))?;
+    }
     Ok(listener)
 }
 

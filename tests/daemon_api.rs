@@ -960,7 +960,7 @@ fn free_port() -> u16 {
 }
 
 #[tokio::test]
-async fn tcp_listener_requires_the_bearer_token_and_logs_json() {
+async fn tcp_listener_requires_the_bearer_token_socket_group_and_json_logs() {
     use vmlet::client::{Client, Endpoint};
     let token_dir = common::Scratch::new();
     let token_file = token_dir.path().join("token");
@@ -971,6 +971,7 @@ async fn tcp_listener_requires_the_bearer_token_and_logs_json() {
         ("VMLET_TCP_LISTEN", &addr),
         ("VMLET_AUTH_TOKEN_FILE", token_file.to_str().unwrap()),
         ("VMLET_LOG_FORMAT", "json"),
+        ("VMLET_SOCKET_GROUP", "daemon"),
     ])
     .await;
     let url = format!("http://{addr}");
