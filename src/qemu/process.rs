@@ -99,6 +99,10 @@ pub fn become_subreaper() -> std::io::Result<()> {
 const REAP_ATTEMPTS: u32 = 400;
 const REAP_INTERVAL: Duration = Duration::from_millis(5);
 
+/// How long QEMU's first process may take to set the VM up and daemonize
+/// (a hung storage path must not leave a start waiting forever).
+pub const SPAWN_DEADLINE: Duration = Duration::from_secs(60);
+
 /// A running QEMU, held by pidfd.
 #[derive(Debug)]
 pub struct QemuProcess {
@@ -119,18 +123,30 @@ pub async fn spawn(
     pidfile: &Path,
     uuid: Uuid,
 ) -> Result<QemuProcess, ProcessError> {
-    let output = tokio::process::Command::new(binary)
+    let run = tokio::process::Command::new(binary)
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| ProcessError::Exec {
+        .output();
+    let output = match tokio::time::timeout(SPAWN_DEADLINE, run).await {
+        Ok(output) => output.map_err(|source| ProcessError::Exec {
             binary: binary.to_path_buf(),
             source,
-        })?;
+        })?,
+        Err(_) => {
+            // The first process was killed when its future was dropped; a
+            // daemonized QEMU it may have left behind goes too.
+            if let Ok(Ok(orphan)) = read_pidfile(pidfile).map(|pid| QemuProcess::adopt(pid, uuid)) {
+                let _ = orphan.kill().await;
+            }
+            reap_daemonize_leftovers(None).await;
+            return Err(ProcessError::StartFailed {
+                message: format!("QEMU did not finish starting within {SPAWN_DEADLINE:?}"),
+            });
+        }
+    };
     if !output.status.success() {
         reap_daemonize_leftovers(None).await;
         let mut message = String::from_utf8_lossy(&output.stderr).trim().to_string();
