@@ -498,6 +498,46 @@ async fn stale_record_pid_is_not_adopted() {
     assert!(d.qemu_pids().is_empty(), "QEMUs left: {:?}", d.qemu_pids());
 }
 
+/// A record written in an earlier boot of the host (its `host_boot_id`
+/// differs): the VM was stopped by the reboot, not crashed, and its recorded
+/// pid is not even looked at.
+#[tokio::test]
+async fn a_host_reboot_is_not_a_crash() {
+    let mut d = Daemon::start().await;
+    let vm = create(&d, "reboot", "guest.action=hold", false).await;
+    let vm = start(&d, vm.id).await;
+    let qemu = vm.pid.unwrap();
+
+    d.kill();
+    signal(qemu, Signal::SIGKILL);
+    wait_qemu_gone(qemu, vm.id).await;
+    edit_record(&d, vm.id, |record| {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        assert_eq!(record["host_boot_id"], boot_id.trim(), "record: {record:?}");
+        record.insert(
+            "host_boot_id".into(),
+            "00000000-0000-4000-8000-000000000000".into(),
+        );
+    });
+    d.start_again().await;
+
+    let after = get(&d, vm.id).await;
+    assert_eq!(after.state, PowerState::Stopped, "{after:?}");
+    assert_eq!(after.desired, Desired::Running, "{after:?}");
+    assert!(
+        after
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("rebooted")),
+        "{after:?}"
+    );
+    assert_eq!(after.pid, None, "{after:?}");
+    // The record now carries this boot's id.
+    let record: Value = serde_json::from_slice(&std::fs::read(d.record(vm.id)).unwrap()).unwrap();
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(record["host_boot_id"], boot_id.trim(), "{record}");
+}
+
 /// A guest that powers itself off: the VM becomes `stopped`, its desired
 /// state follows, and there is no error.
 #[tokio::test]

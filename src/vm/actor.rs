@@ -197,6 +197,8 @@ struct Actor {
     dirty: bool,
     /// Replies to send after the next flush.
     replies: Vec<(Reply, Result<(), VmError>)>,
+    /// The record predates the host's last boot (reattach only).
+    host_rebooted: bool,
 }
 
 /// Starts the actor of a newly created VM (already saved).
@@ -208,8 +210,15 @@ pub fn spawn_new(ctx: Arc<Context>, vm: Vm) -> VmHandle {
 
 /// Starts the actor of a VM loaded from its record: it first reattaches to
 /// the VM's QEMU (or cleans up after it), then signals `ready`.
-pub fn spawn_existing(ctx: Arc<Context>, vm: Vm, ready: oneshot::Sender<()>) -> VmHandle {
-    let (handle, actor, rx) = make(ctx, vm);
+/// `host_rebooted`: the record was written before the host's last boot.
+pub fn spawn_existing(
+    ctx: Arc<Context>,
+    vm: Vm,
+    host_rebooted: bool,
+    ready: oneshot::Sender<()>,
+) -> VmHandle {
+    let (handle, mut actor, rx) = make(ctx, vm);
+    actor.host_rebooted = host_rebooted;
     tokio::spawn(actor.run(rx, Some(ready)));
     handle
 }
@@ -232,6 +241,7 @@ fn make(ctx: Arc<Context>, vm: Vm) -> (VmHandle, Actor, mpsc::UnboundedReceiver<
         incarnations: 0,
         dirty: false,
         replies: Vec::new(),
+        host_rebooted: false,
     };
     (handle, actor, rx)
 }
@@ -833,10 +843,15 @@ impl Actor {
     /// and set the state from what QEMU says.
     async fn reattach(&mut self) {
         let paths = RunPaths::new(&self.ctx.settings.run_dir, self.vm.id);
-        let pid = self
-            .vm
-            .pid
-            .or_else(|| process::read_pidfile(&paths.pidfile()).ok());
+        // No process survives a host reboot: a recorded pid would be
+        // someone else's.
+        let pid = if self.host_rebooted {
+            None
+        } else {
+            self.vm
+                .pid
+                .or_else(|| process::read_pidfile(&paths.pidfile()).ok())
+        };
         // A half-finished operation's task means nothing any more.
         self.vm.task = None;
         let process = match pid.map(|pid| QemuProcess::adopt(pid, self.vm.id)) {
@@ -943,9 +958,20 @@ impl Actor {
     /// The VM's QEMU is gone: record how that looks from here.
     fn settle_gone(&mut self) {
         let state = self.vm.state;
+        let rebooted = self.host_rebooted;
         self.commit(|vm| {
             vm.pid = None;
             match state {
+                // Not a crash: the whole host went down.
+                PowerState::Starting
+                | PowerState::Running
+                | PowerState::Paused
+                | PowerState::Stopping
+                    if rebooted =>
+                {
+                    vm.state = PowerState::Stopped;
+                    vm.error = Some("the host rebooted while the VM was up".into());
+                }
                 PowerState::Stopping => {
                     vm.state = PowerState::Stopped;
                     vm.error = None;

@@ -89,9 +89,14 @@ impl Manager {
         let mut waiting = Vec::new();
         for record in records {
             match record {
-                Ok(vm) => {
+                Ok(loaded) => {
                     let (ready, done) = oneshot::channel();
-                    ctx.register(actor::spawn_existing(ctx.clone(), vm, ready));
+                    ctx.register(actor::spawn_existing(
+                        ctx.clone(),
+                        loaded.vm,
+                        loaded.host_rebooted,
+                        ready,
+                    ));
                     waiting.push(done);
                 }
                 Err(e) => {

@@ -66,6 +66,10 @@ impl Vm {
 pub struct VmRecord {
     /// [`RECORD_VERSION`].
     pub version: u32,
+    /// The host's boot id (`/proc/sys/kernel/random/boot_id`) when the
+    /// record was written: a different one at load means the host rebooted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_boot_id: Option<String>,
     /// The VM.
     #[serde(flatten)]
     pub vm: Vm,

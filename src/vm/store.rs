@@ -40,6 +40,23 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    boot_id: Option<String>,
+}
+
+/// A record read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// The VM as recorded.
+    pub vm: Vm,
+    /// Whether the host rebooted since the record was written.
+    pub host_rebooted: bool,
+}
+
+/// This boot of the host's id, if the kernel tells.
+pub fn current_boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 const RECORD_FILE: &str = "vm.json";
@@ -61,7 +78,10 @@ impl Store {
             .mode(0o700)
             .create(&root)
             .map_err(io("creating", &root))?;
-        Ok(Store { root })
+        Ok(Store {
+            root,
+            boot_id: current_boot_id(),
+        })
     }
 
     /// The directory holding VM `id`'s record (and later its disks).
@@ -79,6 +99,7 @@ impl Store {
             .map_err(io("creating", &dir))?;
         let record = VmRecord {
             version: RECORD_VERSION,
+            host_boot_id: self.boot_id.clone(),
             vm: vm.clone(),
         };
         let mut bytes = serde_json::to_vec_pretty(&record).expect("a Vm always serializes");
@@ -88,7 +109,7 @@ impl Store {
 
     /// Reads every record. Unreadable ones are returned as errors beside the
     /// good ones, so one bad file never hides the other VMs.
-    pub fn load_all(&self) -> Result<Vec<Result<Vm, StoreError>>, StoreError> {
+    pub fn load_all(&self) -> Result<Vec<Result<Loaded, StoreError>>, StoreError> {
         let mut out = Vec::new();
         let entries = fs::read_dir(&self.root).map_err(io("reading", &self.root))?;
         for entry in entries {
@@ -103,7 +124,13 @@ impl Store {
                 // its first write. Nothing to recover.
                 continue;
             }
-            out.push(read_record(&path, id));
+            out.push(read_record(&path, id).map(|record| Loaded {
+                host_rebooted: match (&record.host_boot_id, &self.boot_id) {
+                    (Some(then), Some(now)) => then != now,
+                    _ => false,
+                },
+                vm: record.vm,
+            }));
         }
         Ok(out)
     }
@@ -120,7 +147,7 @@ impl Store {
     }
 }
 
-fn read_record(path: &Path, id: Uuid) -> Result<Vm, StoreError> {
+fn read_record(path: &Path, id: Uuid) -> Result<VmRecord, StoreError> {
     let text = fs::read(path).map_err(io("reading", path))?;
     let record: VmRecord = serde_json::from_slice(&text).map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
@@ -132,7 +159,7 @@ fn read_record(path: &Path, id: Uuid) -> Result<Vm, StoreError> {
             message: format!("record is for VM {}, not {id}", record.vm.id),
         });
     }
-    Ok(record.vm)
+    Ok(record)
 }
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the
@@ -197,8 +224,10 @@ mod tests {
 
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 2);
-        let good: Vec<&Vm> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();
-        assert_eq!(good, vec![&vm]);
+        let good: Vec<&Loaded> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(good.len(), 1);
+        assert_eq!(good[0].vm, vm);
+        assert!(!good[0].host_rebooted);
         let bad = loaded.iter().find_map(|r| r.as_ref().err()).unwrap();
         assert!(bad.to_string().contains(&broken.to_string()), "{bad}");
         assert!(!store.vm_dir(vm.id).join(".vm.json.tmp").exists());
@@ -206,6 +235,25 @@ mod tests {
         store.remove(vm.id).unwrap();
         store.remove(vm.id).unwrap();
         assert!(!store.vm_dir(vm.id).exists());
+    }
+
+    #[test]
+    fn a_record_from_an_earlier_boot_says_the_host_rebooted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let vm = Vm::new(spec("a"));
+        store.save(&vm).unwrap();
+        let path = store.vm_dir(vm.id).join("vm.json");
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            record["host_boot_id"].as_str(),
+            current_boot_id().as_deref()
+        );
+        record["host_boot_id"] = "00000000-0000-0000-0000-000000000000".into();
+        fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+        let loaded = store.load_all().unwrap();
+        assert!(loaded[0].as_ref().unwrap().host_rebooted);
     }
 
     #[test]
