@@ -96,6 +96,10 @@ enum Input {
         incarnation: u64,
         status: ExitStatus,
     },
+    /// The QMP connection ended but QEMU still runs.
+    LinkLost {
+        incarnation: u64,
+    },
     /// QMP answers again after the link was lost.
     Regained {
         incarnation: u64,
@@ -170,6 +174,8 @@ struct Runtime {
     /// because the guest or vmlet asked it to.
     shutdown_reason: Option<String>,
     panicked: bool,
+    /// A task is trying to reach QEMU's QMP socket again.
+    reconnecting: bool,
 }
 
 impl Drop for Runtime {
@@ -289,6 +295,17 @@ impl Actor {
             } => {
                 if self.current(incarnation) {
                     self.on_exit(status);
+                }
+            }
+            Input::LinkLost { incarnation } => {
+                if self.current(incarnation) && self.op.is_none() {
+                    tracing::warn!(vm = %self.vm.name, "QMP connection closed while QEMU runs");
+                    if self.observe(Observation::ControlLost) {
+                        self.commit(|vm| {
+                            vm.error = Some("QMP connection closed while QEMU runs".into())
+                        });
+                        self.reconnect();
+                    }
                 }
             }
             Input::Regained {
@@ -673,6 +690,7 @@ impl Actor {
             forwarders,
             shutdown_reason: None,
             panicked: false,
+            reconnecting: false,
         });
     }
 
@@ -706,6 +724,9 @@ impl Actor {
     /// stopped or starved may answer again) until it answers or exits.
     fn reconnect(&mut self) {
         let Some(rt) = &mut self.runtime else { return };
+        if std::mem::replace(&mut rt.reconnecting, true) {
+            return;
+        }
         let incarnation = rt.incarnation;
         let process = rt.process.clone();
         let socket = rt.paths.qmp_socket();
@@ -751,6 +772,7 @@ impl Actor {
         if let Some(rt) = &mut self.runtime {
             rt.qmp = Some(qmp);
             rt.forwarders.push(forwarder);
+            rt.reconnecting = false;
         }
         let observation = if status == qapi::qmp::RunState::running {
             Observation::RegainedRunning
@@ -1035,7 +1057,17 @@ async fn watch_qemu(
             received = next_event => match received {
                 Ok(event) => forward(event),
                 Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "QMP events lagged"),
-                Err(RecvError::Closed) => events = None,
+                Err(RecvError::Closed) => {
+                    events = None;
+                    // The link ends with QEMU, normally: give the exit a
+                    // moment before calling the link lost.
+                    match tokio::time::timeout(LAST_EVENTS_DEADLINE, process.exited()).await {
+                        Ok(status) => break status,
+                        Err(_) => {
+                            let _ = inbox.send(InputBox(Input::LinkLost { incarnation }));
+                        }
+                    }
+                }
             },
         }
     };
