@@ -25,6 +25,18 @@ pub enum DaemonError {
     /// VMs could not be loaded.
     #[error(transparent)]
     Manager(#[from] ManagerError),
+    /// Another vmlet manages the same state directory.
+    #[error("another vmlet already uses state directory {0} (it holds vmlet.lock)")]
+    StateDirLocked(PathBuf),
+    /// The state directory's lock file could not be opened.
+    #[error("opening lock file {path}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another vmlet answers on the socket.
     #[error("another vmlet is already serving on {0}")]
     AlreadyRunning(PathBuf),
@@ -61,6 +73,7 @@ pub enum DaemonError {
 pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
     // Checked before anything else so a second daemon never touches VMs.
     let socket_path = settings.socket_path();
+    let _lock = lock_state_dir(&settings.state_dir)?;
     ensure_not_running(&socket_path).await?;
     let token = load_token(&settings)?;
     if let Err(e) = process::become_subreaper() {
@@ -123,6 +136,29 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
     }
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// Takes `STATE_DIR/vmlet.lock` for as long as the returned lock lives: two
+/// daemons on one state directory would fight over the same QEMUs.
+fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    let path = state_dir.join("vmlet.lock");
+    let lock_error = |source| DaemonError::Lock {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(lock_error)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_error)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => DaemonError::StateDirLocked(state_dir.to_path_buf()),
+            other => lock_error(std::io::Error::from(other)),
+        },
+    )
 }
 
 async fn ensure_not_running(socket: &Path) -> Result<(), DaemonError> {
@@ -218,6 +254,18 @@ fn send_notify(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_state_dir_takes_one_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_state_dir(dir.path()).unwrap();
+        assert!(matches!(
+            lock_state_dir(dir.path()),
+            Err(DaemonError::StateDirLocked(_))
+        ));
+        drop(held);
+        lock_state_dir(dir.path()).unwrap();
+    }
 
     #[test]
     fn sd_notify_sends_a_datagram() {
