@@ -28,6 +28,9 @@ pub struct Settings {
     /// Seconds a graceful stop waits for the guest to power off after the
     /// ACPI power button before vmlet quits QEMU.
     pub stop_grace_s: u64,
+    /// Seconds QEMU gets to set a VM up (before the guest runs); a QEMU stuck
+    /// longer, e.g. on hung storage, is killed and the start fails.
+    pub start_timeout_s: u64,
     /// The API's unix socket (mode 0660). Unset: `RUN_DIR/vmlet.sock`.
     pub socket: Option<PathBuf>,
     /// Group that owns the API socket, so its members may use the API
@@ -82,6 +85,7 @@ impl Default for Settings {
             profile_dir: "/etc/vmlet/qemu-profiles".into(),
             accel: AccelChoice::Auto,
             stop_grace_s: 60,
+            start_timeout_s: 60,
             socket: None,
             socket_group: None,
             tcp_listen: None,
@@ -165,7 +169,7 @@ impl Settings {
     }
 
     /// Applies `VMLET_STATE_DIR`, `VMLET_RUN_DIR`, `VMLET_QEMU`,
-    /// `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`,
+    /// `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`, `VMLET_START_TIMEOUT_S`,
     /// `VMLET_SOCKET`, `VMLET_SOCKET_GROUP`, `VMLET_TCP_LISTEN`, `VMLET_AUTH_TOKEN_FILE`,
     /// `VMLET_LOG_FORMAT` and `VMLET_ALLOWED_HOST_PATHS` (`:`-separated).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -190,6 +194,12 @@ impl Settings {
         if let Some(v) = var("VMLET_STOP_GRACE_S") {
             self.stop_grace_s = v.parse().map_err(|_| ConfigError::Env {
                 name: "VMLET_STOP_GRACE_S",
+                message: format!("{v:?} is not a number of seconds"),
+            })?;
+        }
+        if let Some(v) = var("VMLET_START_TIMEOUT_S") {
+            self.start_timeout_s = v.parse().map_err(|_| ConfigError::Env {
+                name: "VMLET_START_TIMEOUT_S",
                 message: format!("{v:?} is not a number of seconds"),
             })?;
         }

@@ -764,3 +764,54 @@ async fn unfinished_start_is_cleaned_up() {
         .expect("force stop");
     wait_qemu_gone(started.pid.unwrap(), vm.id).await;
 }
+
+/// A QEMU that never finishes setting up (as on hung storage) fails the
+/// start after `start_timeout_s` instead of holding the VM's task forever:
+/// 503 naming the timeout, state `error`, the stuck process gone, and the
+/// VM free for the next action.
+#[tokio::test]
+async fn a_stuck_qemu_launch_times_out() {
+    let tools = common::Scratch::new();
+    let fake = tools.path().join("stuck-qemu");
+    // Answers --version like QEMU, then never daemonizes.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'QEMU emulator version 10.0.2 (stuck)'; exit 0; }\nexec tail -f \"$0\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = Daemon::start_with_env(&[
+        ("VMLET_QEMU", fake.to_str().unwrap()),
+        ("VMLET_START_TIMEOUT_S", "2"),
+    ])
+    .await;
+    let vm = create(&d, "stuck", "guest.action=hold", false).await;
+    let (status, body) = d
+        .client
+        .request_json(Method::POST, &format!("/v1/vms/{}/start", vm.id), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("did not finish starting within 2s"),
+        "{body}"
+    );
+    let after = get(&d, vm.id).await;
+    assert_eq!(after.state, PowerState::Error, "{after:?}");
+    assert_eq!(after.task, None, "{after:?}");
+    let fake_path = fake.display().to_string();
+    wait_until(
+        "the stuck QEMU to be killed",
+        Duration::from_secs(10),
+        || {
+            let left = common::processes_with(&fake_path);
+            async move { left.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    // Nothing holds the VM: it can be stopped (settles on `stopped`) and deleted.
+    let stopped = d.client.stop(&vm.id.to_string(), true, None).await.unwrap();
+    assert_eq!(stopped.state, PowerState::Stopped, "{stopped:?}");
+    d.client.delete_vm(&vm.id.to_string(), false).await.unwrap();
+}

@@ -112,6 +112,15 @@ pub fn remove_run_dir(paths: &RunPaths) {
 /// Starts QEMU paused (`-S`) and connects QMP. The guest does not run until
 /// [`QemuInstance::start_guest`].
 pub async fn launch(binary: &Path, inputs: LaunchInputs<'_>) -> Result<QemuInstance, LaunchError> {
+    launch_with_deadline(binary, inputs, process::SPAWN_DEADLINE).await
+}
+
+/// [`launch`], giving QEMU `deadline` to set the VM up and daemonize.
+pub async fn launch_with_deadline(
+    binary: &Path,
+    inputs: LaunchInputs<'_>,
+    deadline: Duration,
+) -> Result<QemuInstance, LaunchError> {
     let paths = inputs.paths.clone();
     if let Some(path) = paths.overlong_socket(inputs.spec) {
         return Err(LaunchError::SocketPathTooLong { path });
@@ -122,13 +131,14 @@ pub async fn launch(binary: &Path, inputs: LaunchInputs<'_>) -> Result<QemuInsta
     })?;
     let argv = argv::build(inputs);
     tracing::debug!(uuid = %inputs.spec.uuid, ?argv, "launching QEMU");
-    let process = match process::spawn(binary, &argv, &paths.pidfile(), inputs.spec.uuid).await {
-        Ok(process) => process,
-        Err(e) => {
-            remove_run_dir(&paths);
-            return Err(e.into());
-        }
-    };
+    let process =
+        match process::spawn(binary, &argv, &paths.pidfile(), inputs.spec.uuid, deadline).await {
+            Ok(process) => process,
+            Err(e) => {
+                remove_run_dir(&paths);
+                return Err(e.into());
+            }
+        };
     match QmpClient::connect(&paths.qmp_socket(), QMP_CONNECT_DEADLINE).await {
         Ok((qmp, events)) => Ok(QemuInstance {
             process: Arc::new(process),

@@ -99,8 +99,8 @@ pub fn become_subreaper() -> std::io::Result<()> {
 const REAP_ATTEMPTS: u32 = 400;
 const REAP_INTERVAL: Duration = Duration::from_millis(5);
 
-/// How long QEMU's first process may take to set the VM up and daemonize
-/// (a hung storage path must not leave a start waiting forever).
+/// How long QEMU's first process may take by default to set the VM up and
+/// daemonize (a hung storage path must not leave a start waiting forever).
 pub const SPAWN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A running QEMU, held by pidfd.
@@ -117,11 +117,14 @@ pub struct QemuProcess {
 /// pidfile`) and returns the daemonized process. With `-daemonize`, QEMU's
 /// first process exits only once the VM is set up (paused by `-S`), and
 /// reports failures on its stderr, which becomes [`ProcessError::StartFailed`].
+///
+/// QEMU gets `deadline` to daemonize; then it is killed and the start fails.
 pub async fn spawn(
     binary: &Path,
     argv: &[String],
     pidfile: &Path,
     uuid: Uuid,
+    deadline: Duration,
 ) -> Result<QemuProcess, ProcessError> {
     let run = tokio::process::Command::new(binary)
         .args(argv)
@@ -130,7 +133,7 @@ pub async fn spawn(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .output();
-    let output = match tokio::time::timeout(SPAWN_DEADLINE, run).await {
+    let output = match tokio::time::timeout(deadline, run).await {
         Ok(output) => output.map_err(|source| ProcessError::Exec {
             binary: binary.to_path_buf(),
             source,
@@ -143,7 +146,7 @@ pub async fn spawn(
             }
             reap_daemonize_leftovers(None).await;
             return Err(ProcessError::StartFailed {
-                message: format!("QEMU did not finish starting within {SPAWN_DEADLINE:?}"),
+                message: format!("QEMU did not finish starting within {deadline:?}"),
             });
         }
     };

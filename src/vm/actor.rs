@@ -471,9 +471,11 @@ impl Actor {
                     accel: ctx.accel,
                     paths: &paths,
                 };
-                let qemu = instance::launch(&ctx.settings.qemu_binary, inputs)
-                    .await
-                    .map_err(|e| error_chain(&e))?;
+                let deadline = Duration::from_secs(ctx.settings.start_timeout_s);
+                let qemu =
+                    instance::launch_with_deadline(&ctx.settings.qemu_binary, inputs, deadline)
+                        .await
+                        .map_err(|e| error_chain(&e))?;
                 if let Err(e) = qemu.start_guest().await {
                     let _ = qemu.process.kill().await;
                     instance::remove_run_dir(&qemu.paths);
