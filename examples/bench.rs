@@ -48,14 +48,7 @@ fn mib(samples: &[f64]) -> String {
 }
 
 fn rss_mib(pid: i32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kib| kib.parse::<f64>().ok())
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
+    vmlet::node::rss_kib(pid as u32).unwrap_or(0) as f64 / 1024.0
 }
 
 async fn wait_for(path: &Path, needle: &str) {

@@ -63,15 +63,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// VmRSS of `pid` in MiB.
 fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kib| kib.parse::<f64>().ok())
-        .map(|kib| kib / 1024.0)
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+    vmlet::node::rss_kib(pid).unwrap_or_else(|| panic!("no VmRSS for pid {pid}")) as f64 / 1024.0
 }
 
 /// Pids of processes (other than this one) whose command line contains

@@ -92,17 +92,11 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
     });
     let unix = bind_unix(&socket_path, settings_group.as_deref())?;
     let mut servers = tokio::task::JoinSet::new();
-    {
-        let router = api::router(app.clone(), None);
-        let mut stop = shutdown_rx.clone();
-        servers.spawn(async move {
-            axum::serve(unix, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        });
-    }
+    servers.spawn(serve_until(
+        unix,
+        api::router(app.clone(), None),
+        shutdown_rx.clone(),
+    ));
     tracing::info!(socket = %socket_path.display(), "API listening");
     if let Some(addr) = tcp {
         let listener = TcpListener::bind(addr)
@@ -111,15 +105,11 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
                 what: addr.to_string(),
                 source,
             })?;
-        let router = api::router(app.clone(), token);
-        let mut stop = shutdown_rx.clone();
-        servers.spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        servers.spawn(serve_until(
+            listener,
+            api::router(app.clone(), token),
+            shutdown_rx.clone(),
+        ));
         tracing::info!(%addr, "API listening on TCP");
     }
     sd_notify("READY=1");
@@ -159,6 +149,24 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, 
             other => lock_error(std::io::Error::from(other)),
         },
     )
+}
+
+/// Serves `router` on `listener` until `stop` turns true, then lets the
+/// requests in flight finish.
+async fn serve_until<L>(
+    listener: L,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
 }
 
 async fn ensure_not_running(socket: &Path) -> Result<(), DaemonError> {

@@ -158,23 +158,25 @@ impl EventBus {
                 Some(oldest) => first_needed >= oldest,
                 None => since == inner.last_seq,
             };
-        let mut backlog = Vec::new();
-        if !complete {
-            backlog.push(Event {
+        let backlog = if complete {
+            inner
+                .buffer
+                .iter()
+                .filter(|e| e.seq > since)
+                .cloned()
+                .collect()
+        } else {
+            // The client must re-list; replaying what is left would only
+            // confuse it.
+            vec![Event {
                 seq: inner.last_seq,
                 time: timestamp(SystemTime::now()),
                 body: EventBody::Resync {
                     requested: since,
                     oldest,
                 },
-            });
-        }
-        backlog.extend(inner.buffer.iter().filter(|e| e.seq > since).cloned());
-        if !complete {
-            // After a resync the client re-lists; replaying old events would
-            // only confuse it.
-            backlog.truncate(1);
-        }
+            }]
+        };
         Subscription { backlog, live }
     }
 }

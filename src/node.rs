@@ -48,15 +48,22 @@ pub fn cpus() -> u32 {
 pub fn memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|text| parse_mem_total_kib(&text))
+        .and_then(|text| kib_field(&text, "MemTotal:"))
         .map(|kib| kib / 1024)
         .unwrap_or(0)
 }
 
-fn parse_mem_total_kib(meminfo: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
+/// Resident memory of process `pid` in KiB (`VmRSS` in `/proc/PID/status`);
+/// `None` when the process is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    kib_field(&status, "VmRSS:")
+}
+
+/// The number in a `Key:   1234 kB` line of a `/proc` file.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
 }
@@ -68,13 +75,14 @@ mod tests {
     #[test]
     fn mem_total_is_read_in_kib() {
         let text = "MemFree: 5 kB\nMemTotal:       24594336 kB\n";
-        assert_eq!(parse_mem_total_kib(text), Some(24594336));
-        assert_eq!(parse_mem_total_kib("nothing"), None);
+        assert_eq!(kib_field(text, "MemTotal:"), Some(24594336));
+        assert_eq!(kib_field("nothing", "MemTotal:"), None);
     }
 
     #[test]
     fn this_host_has_cpus_and_memory() {
         assert!(cpus() >= 1);
         assert!(memory_mib() > 0);
+        assert!(rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
     }
 }

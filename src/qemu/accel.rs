@@ -104,6 +104,11 @@ pub fn explain(choice: AccelChoice, probe: KvmProbe) -> String {
 
 /// Resolves `choice` on this host, logging when `auto` falls back to TCG.
 pub fn resolve_on_host(choice: AccelChoice) -> Accel {
+    resolve_on_host_explained(choice).0
+}
+
+/// [`resolve_on_host`], also saying why (see [`explain`]), from one probe.
+pub fn resolve_on_host_explained(choice: AccelChoice) -> (Accel, String) {
     let probe = probe_host();
     let accel = resolve(choice, probe);
     if choice == AccelChoice::Auto && accel == Accel::Tcg {
@@ -113,7 +118,7 @@ pub fn resolve_on_host(choice: AccelChoice) -> Accel {
             "no usable hardware KVM: guests run under TCG (software emulation, much slower)"
         );
     }
-    accel
+    (accel, explain(choice, probe))
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ const REATTACH_QMP_DEADLINE: Duration = Duration::from_secs(5);
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Why a VM operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum VmError {
     /// No VM has this id or name.
     #[error("no VM {0}")]
@@ -124,22 +124,18 @@ enum OpResult {
 pub struct VmHandle {
     id: Uuid,
     view: watch::Receiver<Vm>,
-    inbox: mpsc::UnboundedSender<InputBox>,
-}
-
-/// Opaque wrapper so `Input` stays private.
-pub struct InputBox(Input);
-
-impl std::fmt::Debug for InputBox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InputBox")
-    }
+    inbox: mpsc::UnboundedSender<Input>,
 }
 
 impl VmHandle {
     /// The VM's id.
     pub fn id(&self) -> Uuid {
         self.id
+    }
+
+    /// Whether the VM is called `name`. Never waits for the actor.
+    pub fn has_name(&self, name: &str) -> bool {
+        self.view.borrow().name == name
     }
 
     /// The VM as last observed. Never waits for the actor.
@@ -151,11 +147,11 @@ impl VmHandle {
     pub async fn act(&self, action: Action, options: ActOptions) -> Result<Vm, VmError> {
         let (reply, answer) = oneshot::channel();
         self.inbox
-            .send(InputBox(Input::Act {
+            .send(Input::Act {
                 action,
                 options,
                 reply: Some(reply),
-            }))
+            })
             .map_err(|_| VmError::Gone)?;
         answer.await.map_err(|_| VmError::Gone)?
     }
@@ -195,12 +191,10 @@ struct Actor {
     ctx: Arc<Context>,
     vm: Vm,
     view: watch::Sender<Vm>,
-    inbox: mpsc::UnboundedSender<InputBox>,
+    inbox: mpsc::UnboundedSender<Input>,
     runtime: Option<Runtime>,
     op: Option<InFlight>,
     incarnations: u64,
-    /// The VM changed since the last flush.
-    dirty: bool,
     /// Replies to send after the next flush.
     replies: Vec<(Reply, Result<(), VmError>)>,
     /// The record predates the host's last boot (reattach only).
@@ -229,7 +223,7 @@ pub fn spawn_existing(
     handle
 }
 
-fn make(ctx: Arc<Context>, vm: Vm) -> (VmHandle, Actor, mpsc::UnboundedReceiver<InputBox>) {
+fn make(ctx: Arc<Context>, vm: Vm) -> (VmHandle, Actor, mpsc::UnboundedReceiver<Input>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (view_tx, view_rx) = watch::channel(vm.clone());
     let handle = VmHandle {
@@ -245,7 +239,6 @@ fn make(ctx: Arc<Context>, vm: Vm) -> (VmHandle, Actor, mpsc::UnboundedReceiver<
         runtime: None,
         op: None,
         incarnations: 0,
-        dirty: false,
         replies: Vec::new(),
         host_rebooted: false,
     };
@@ -255,7 +248,7 @@ fn make(ctx: Arc<Context>, vm: Vm) -> (VmHandle, Actor, mpsc::UnboundedReceiver<
 impl Actor {
     async fn run(
         mut self,
-        mut rx: mpsc::UnboundedReceiver<InputBox>,
+        mut rx: mpsc::UnboundedReceiver<Input>,
         ready: Option<oneshot::Sender<()>>,
     ) {
         if let Some(ready) = ready {
@@ -265,7 +258,7 @@ impl Actor {
             self.autostart();
             self.flush();
         }
-        while let Some(InputBox(input)) = rx.recv().await {
+        while let Some(input) = rx.recv().await {
             let deleted = self.handle(input);
             if deleted {
                 break;
@@ -332,17 +325,15 @@ impl Actor {
     /// are saved and published together by [`Actor::flush`], as one
     /// generation.
     fn commit(&mut self, change: impl FnOnce(&mut Vm)) {
-        let before = self.vm.clone();
         change(&mut self.vm);
-        if self.vm != before {
-            self.dirty = true;
-        }
     }
 
     /// Bumps the generation, saves the record and publishes the view when
-    /// anything changed; then answers the replies waiting for that view.
+    /// the VM differs from the view last published; then answers the
+    /// replies waiting for that view.
     fn flush(&mut self) {
-        if std::mem::take(&mut self.dirty) {
+        let changed = *self.view.borrow() != self.vm;
+        if changed {
             self.vm.generation += 1;
             self.vm.updated_at = timestamp(SystemTime::now());
             if let Err(e) = self.ctx.store.save(&self.vm) {
@@ -381,7 +372,7 @@ impl Actor {
         let inbox = self.inbox.clone();
         tokio::spawn(async move {
             let result = op.await;
-            let _ = inbox.send(InputBox(Input::OpDone(result)));
+            let _ = inbox.send(Input::OpDone(result));
         });
     }
 
@@ -389,11 +380,7 @@ impl Actor {
         let waiters = self.op.take().map(|op| op.waiters).unwrap_or_default();
         self.commit(|vm| vm.task = None);
         for waiter in waiters {
-            let answer = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(clone_error(e)),
-            };
-            self.reply(Some(waiter), answer);
+            self.reply(Some(waiter), result.clone());
         }
     }
 
@@ -679,10 +666,10 @@ impl Actor {
         let watched = process.clone();
         let forwarders = vec![tokio::spawn(async move {
             let status = watch_qemu(incarnation, &watched, events, &inbox).await;
-            let _ = inbox.send(InputBox(Input::Exited {
+            let _ = inbox.send(Input::Exited {
                 incarnation,
                 status,
-            }));
+            });
         })];
         self.runtime = Some(Runtime {
             incarnation,
@@ -694,32 +681,6 @@ impl Actor {
             panicked: false,
             reconnecting: false,
         });
-    }
-
-    fn forward_events(
-        &self,
-        incarnation: u64,
-        mut events: tokio::sync::broadcast::Receiver<QmpEvent>,
-    ) -> JoinHandle<()> {
-        let inbox = self.inbox.clone();
-        tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(event) => {
-                        if inbox
-                            .send(InputBox(Input::Qmp { incarnation, event }))
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "QMP events lagged");
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        })
     }
 
     /// Keeps trying to reach a QEMU whose QMP link was lost (a QEMU that was
@@ -746,12 +707,12 @@ impl Actor {
                     .await;
                 if let Ok(status) = status {
                     tracing::info!(vm = %name, "QMP answers again");
-                    let _ = inbox.send(InputBox(Input::Regained {
+                    let _ = inbox.send(Input::Regained {
                         incarnation,
                         qmp,
                         events,
                         status: status.status,
-                    }));
+                    });
                     return;
                 }
             }
@@ -770,7 +731,10 @@ impl Actor {
         let Some(incarnation) = self.runtime.as_ref().map(|rt| rt.incarnation) else {
             return;
         };
-        let forwarder = self.forward_events(incarnation, events);
+        let inbox = self.inbox.clone();
+        let mut events = events;
+        let forwarder =
+            tokio::spawn(async move { forward_events(incarnation, &mut events, &inbox).await });
         if let Some(rt) = &mut self.runtime {
             rt.qmp = Some(qmp);
             rt.forwarders.push(forwarder);
@@ -1034,58 +998,56 @@ impl Actor {
 /// How long, after QEMU exited, its last events may take to arrive.
 const LAST_EVENTS_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Forwards QMP events into the inbox until the channel closes (the QMP
+/// connection ended).
+async fn forward_events(
+    incarnation: u64,
+    events: &mut tokio::sync::broadcast::Receiver<QmpEvent>,
+    inbox: &mpsc::UnboundedSender<Input>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(event) => {
+                let _ = inbox.send(Input::Qmp { incarnation, event });
+            }
+            Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "QMP events lagged"),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 /// Forwards `events` into the inbox until the process exits, then the events
 /// still in flight (the QMP connection ends with QEMU, which closes the
-/// channel), and returns the exit status.
+/// channel), and returns the exit status. A link that ends while QEMU keeps
+/// running is reported as [`Input::LinkLost`].
 async fn watch_qemu(
     incarnation: u64,
     process: &QemuProcess,
-    mut events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
-    inbox: &mpsc::UnboundedSender<InputBox>,
+    events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
+    inbox: &mpsc::UnboundedSender<Input>,
 ) -> ExitStatus {
-    use tokio::sync::broadcast::error::RecvError;
-    let forward = |event| {
-        let _ = inbox.send(InputBox(Input::Qmp { incarnation, event }));
+    let Some(mut events) = events else {
+        return process.exited().await;
     };
-    let status = loop {
-        let next_event = async {
-            match &mut events {
-                Some(rx) => rx.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            status = process.exited() => break status,
-            received = next_event => match received {
-                Ok(event) => forward(event),
-                Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "QMP events lagged"),
-                Err(RecvError::Closed) => {
-                    events = None;
-                    // The link ends with QEMU, normally: give the exit a
-                    // moment before calling the link lost.
-                    match tokio::time::timeout(LAST_EVENTS_DEADLINE, process.exited()).await {
-                        Ok(status) => break status,
-                        Err(_) => {
-                            let _ = inbox.send(InputBox(Input::LinkLost { incarnation }));
-                        }
-                    }
-                }
-            },
+    tokio::select! {
+        status = process.exited() => {
+            let drain = forward_events(incarnation, &mut events, inbox);
+            let _ = tokio::time::timeout(LAST_EVENTS_DEADLINE, drain).await;
+            status
         }
-    };
-    if let Some(mut rx) = events {
-        let drain = async {
-            loop {
-                match rx.recv().await {
-                    Ok(event) => forward(event),
-                    Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => break,
+        () = forward_events(incarnation, &mut events, inbox) => {
+            // The link ends with QEMU, normally: give the exit a moment
+            // before calling the link lost.
+            match tokio::time::timeout(LAST_EVENTS_DEADLINE, process.exited()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    let _ = inbox.send(Input::LinkLost { incarnation });
+                    process.exited().await
                 }
             }
-        };
-        let _ = tokio::time::timeout(LAST_EVENTS_DEADLINE, drain).await;
+        }
     }
-    status
 }
 
 fn describe_exit(status: ExitStatus) -> String {
@@ -1096,18 +1058,5 @@ fn describe_exit(status: ExitStatus) -> String {
             Err(_) => format!("killed by signal {sig}"),
         },
         ExitStatus::Unknown => "exit status unknown".into(),
-    }
-}
-
-fn clone_error(e: &VmError) -> VmError {
-    match e {
-        VmError::NotFound(s) => VmError::NotFound(s.clone()),
-        VmError::Busy(t) => VmError::Busy(*t),
-        VmError::Refused(s) => VmError::Refused(s.clone()),
-        VmError::Conflict(s) => VmError::Conflict(s.clone()),
-        VmError::Invalid(s) => VmError::Invalid(s.clone()),
-        VmError::Failed(s) => VmError::Failed(s.clone()),
-        VmError::Timeout(s) => VmError::Timeout(s.clone()),
-        VmError::Gone => VmError::Gone,
     }
 }

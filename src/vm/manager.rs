@@ -65,6 +65,8 @@ pub struct Manager {
     /// Creates are serialized so name and UUID checks cannot race.
     create_lock: Mutex<()>,
     qemu_version: String,
+    /// Why `accel` was chosen (probed once, at start).
+    accel_reason: String,
 }
 
 impl Manager {
@@ -75,7 +77,7 @@ impl Manager {
         let profiles =
             Profiles::load(Some(&settings.profile_dir)).map_err(ManagerError::Profiles)?;
         let qemu_version = qemu_version(&settings.qemu_binary).await?;
-        let accel = accel::resolve_on_host(settings.accel);
+        let (accel, accel_reason) = accel::resolve_on_host_explained(settings.accel);
         let store = Store::open(&settings.state_dir).map_err(ManagerError::Store)?;
         std::fs::create_dir_all(settings.run_dir.join("vms")).map_err(|source| {
             ManagerError::RunDir {
@@ -112,6 +114,7 @@ impl Manager {
             ctx,
             create_lock: Mutex::new(()),
             qemu_version,
+            accel_reason,
         })
     }
 
@@ -132,7 +135,7 @@ impl Manager {
         self.ctx
             .handles()
             .into_iter()
-            .find(|h| h.view().name == key)
+            .find(|h| h.has_name(key))
             .ok_or_else(|| VmError::NotFound(key.to_string()))
     }
 
@@ -208,7 +211,7 @@ impl Manager {
             qemu_binary: self.ctx.settings.qemu_binary.display().to_string(),
             qemu_version: self.qemu_version.clone(),
             accel: accel.as_str().to_string(),
-            accel_reason: accel::explain(self.ctx.settings.accel, accel::probe_host()),
+            accel_reason: self.accel_reason.clone(),
             profiles: self.ctx.profiles.names().map(str::to_string).collect(),
             vms_by_state: by_state,
         }
