@@ -113,13 +113,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Read once; client subcommands ignore a broken file (they need none).
+    let settings = Settings::load(cli.config.as_deref());
     let format = cli
         .log_format
-        .or_else(|| {
-            Settings::load(cli.config.as_deref())
-                .ok()
-                .map(|s| s.log_format)
-        })
+        .or_else(|| settings.as_ref().ok().map(|s| s.log_format))
         .unwrap_or_default();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -138,7 +136,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(dispatch(cli, settings)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vmlet: {e:#}");
@@ -147,13 +145,16 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn dispatch(
+    cli: Cli,
+    settings: Result<Settings, vmlet::config::ConfigError>,
+) -> anyhow::Result<ExitCode> {
     // Client subcommands only talk to a daemon: they need no settings.
     let cli = match run_client(cli).await {
         Ok(outcome) => return outcome,
         Err(cli) => cli,
     };
-    let mut settings = Settings::load(cli.config.as_deref())?;
+    let mut settings = settings?;
     match cli.command {
         Command::Serve {
             state_dir,

@@ -111,21 +111,14 @@ async fn fallback() -> ApiError {
 
 /// Turns axum's own rejections (413 from the body limit, 405, bad path
 /// parameters) into the API's error body.
-async fn uniform_errors(request: Request, next: Next) -> Response {
-    let limit = request
-        .extensions()
-        .get::<BodyLimit>()
-        .map(|l| l.0)
-        .unwrap_or_default();
+async fn uniform_errors(State(limit): State<usize>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
+    // Our own errors are JSON already.
     let is_json = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| {
-            v.as_bytes().starts_with(b"application/json")
-                || v.as_bytes().starts_with(b"text/event-stream")
-        });
-    if response.status().is_success() || is_json || response.status() == StatusCode::NO_CONTENT {
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status().is_success() || is_json {
         return response;
     }
     let status = response.status();
@@ -150,9 +143,6 @@ async fn uniform_errors(request: Request, next: Next) -> Response {
     error.into_response()
 }
 
-#[derive(Clone, Copy)]
-struct BodyLimit(usize);
-
 /// The API's routes. `token`: when set, every route but `/healthz` needs
 /// `Authorization: Bearer TOKEN` (used for TCP listeners).
 pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
@@ -175,8 +165,7 @@ pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
         .fallback(fallback)
         .with_state(app)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(from_fn(uniform_errors))
-        .layer(axum::Extension(BodyLimit(limit)));
+        .layer(from_fn_with_state(limit, uniform_errors));
     if let Some(token) = token {
         router = router.layer(from_fn_with_state(token, middleware::require_token));
     }
