@@ -94,6 +94,7 @@ impl Bench {
             disks: vec![],
             serial: SerialSpec::default(),
             channels: vec![],
+            cloud_init: None,
             autostart: false,
         }
     }
@@ -107,6 +108,7 @@ impl Bench {
                 profile: self.profiles.get(&spec.profile).unwrap(),
                 accel: Accel::Tcg,
                 paths: &paths,
+                layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
             },
         )
         .await

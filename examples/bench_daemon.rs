@@ -380,6 +380,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
                     profile,
                     accel: Accel::Tcg,
                     paths: &paths,
+                    layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
                 },
             ),
         )

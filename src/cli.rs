@@ -445,7 +445,10 @@ pub fn render_vm(vm: &Vm) -> String {
     lines.push(("profile".into(), spec.profile.clone()));
     lines.push(("boot".into(), boot_str(&spec.boot)));
     for (i, disk) in spec.disks.iter().enumerate() {
-        let mut flags = vec![disk.format.driver().to_string()];
+        let mut flags = vec![];
+        if disk.bus != crate::vm::spec::DiskBus::VirtioBlk {
+            flags.push("scsi".to_string());
+        }
         if disk.read_only {
             flags.push("read-only".into());
         }
@@ -457,7 +460,11 @@ pub fn render_vm(vm: &Vm) -> String {
         }
         lines.push((
             format!("disk {}", disk.name_or_default(i)),
-            format!("{} ({})", disk.path.display(), flags.join(", ")),
+            if flags.is_empty() {
+                disk_source_str(disk)
+            } else {
+                format!("{} ({})", disk_source_str(disk), flags.join(", "))
+            },
         ));
     }
     lines.push((
@@ -510,17 +517,63 @@ pub fn render_node(node: &NodeInfo) -> String {
     key_values(&lines)
 }
 
+/// Where a disk comes from, in words.
+fn disk_source_str(disk: &crate::vm::spec::DiskSpec) -> String {
+    use crate::vm::spec::DiskSource;
+    match disk.source() {
+        Ok(DiskSource::File { path, format }) => format!("{} {}", format.driver(), path.display()),
+        Ok(DiskSource::Image { image, size_mib }) => match size_mib {
+            Some(size) => format!("overlay on image {image}, {}", mib(size)),
+            None => format!("overlay on image {image}"),
+        },
+        Ok(DiskSource::Volume { volume }) => format!("volume {volume}"),
+        Ok(DiskSource::Blank { size_mib }) => format!("blank, {}", mib(size_mib)),
+        Err((field, message)) => format!("invalid: {field}: {message}"),
+    }
+}
+
 /// One event as one line (no newline): `SEQ TIME vm NAME state=… task=… gen=…`.
 pub fn render_event(event: &Event) -> String {
     let what = match &event.body {
         EventBody::Vm { vm } => format!("vm {}", vm_line(vm)),
         EventBody::VmDeleted { id, name } => format!("vm_deleted {name} id={id}"),
+        EventBody::Image { image } => format!("image {}", image_line(image)),
+        EventBody::ImageDeleted { name } => format!("image_deleted {name}"),
+        EventBody::Volume { volume } => format!(
+            "volume {} size={} attached_to={}",
+            volume.name,
+            mib(volume.size_mib),
+            volume
+                .attached_to
+                .as_ref()
+                .map_or("-".to_string(), |a| format!("{}/{}", a.vm_name, a.disk))
+        ),
+        EventBody::VolumeDeleted { name } => format!("volume_deleted {name}"),
         EventBody::Resync { requested, oldest } => format!(
             "resync requested={requested} oldest={} (events were missed: list the VMs again)",
             oldest.map_or("-".to_string(), |o| o.to_string())
         ),
     };
     format!("{} {} {what}", event.seq, event.time)
+}
+
+/// `NAME status=… progress`, with the error when there is one.
+fn image_line(image: &crate::storage::images::Image) -> String {
+    let mut line = format!("{} status={}", image.name, image.status.as_str());
+    if let Some(p) = &image.progress {
+        line.push_str(&format!(
+            " phase={} bytes={}",
+            p.phase.as_str(),
+            p.bytes_done
+        ));
+        if let Some(total) = p.bytes_total {
+            line.push_str(&format!("/{total}"));
+        }
+    }
+    if let Some(error) = &image.error {
+        line.push_str(&format!(" error={error:?}"));
+    }
+    line
 }
 
 /// `NAME state=… task=… gen=…`, with the error when there is one.
@@ -627,12 +680,9 @@ ID                                    NAME              STATE     TASK  DESIRED 
         v.state = PowerState::Error;
         v.error = Some("qemu exited: bad disk".into());
         v.spec.disks.push(DiskSpec {
-            name: None,
-            path: "/var/lib/vmlet/web.qcow2".into(),
-            format: DiskFormat::Qcow2,
             read_only: true,
             boot_order: Some(1),
-            serial: None,
+            ..DiskSpec::file("/var/lib/vmlet/web.qcow2", DiskFormat::Qcow2)
         });
         let text = render_vm(&v);
         let expected = "\
@@ -648,7 +698,7 @@ vcpus:      2
 memory:     512MiB
 profile:    q35
 boot:       kernel /k/vmlinuz
-disk disk0: /var/lib/vmlet/web.qcow2 (qcow2, read-only, boot 1)
+disk disk0: qcow2 /var/lib/vmlet/web.qcow2 (read-only, boot 1)
 serial:     yes
 autostart:  no
 created:    2024-05-01T10:00:00.000Z

@@ -21,6 +21,12 @@ pub struct Settings {
     pub run_dir: PathBuf,
     /// The QEMU system emulator.
     pub qemu_binary: PathBuf,
+    /// `qemu-img`, for images, volumes, overlays and offline snapshots.
+    pub qemu_img_binary: PathBuf,
+    /// Local files may be imported as images only from under this
+    /// directory (checked after resolving symlinks). Unset:
+    /// `STATE_DIR/import`.
+    pub import_dir: Option<PathBuf>,
     /// Extra and overriding machine profiles (`*.toml`).
     pub profile_dir: PathBuf,
     /// Accelerator: `auto`, `kvm` or `tcg`.
@@ -82,6 +88,8 @@ impl Default for Settings {
             state_dir: "/var/lib/vmlet".into(),
             run_dir: "/run/vmlet".into(),
             qemu_binary: "qemu-system-x86_64".into(),
+            qemu_img_binary: "qemu-img".into(),
+            import_dir: None,
             profile_dir: "/etc/vmlet/qemu-profiles".into(),
             accel: AccelChoice::Auto,
             stop_grace_s: 60,
@@ -161,6 +169,13 @@ impl Settings {
             .unwrap_or_else(|| self.run_dir.join("vmlet.sock"))
     }
 
+    /// The directory images may be imported from.
+    pub fn import_dir(&self) -> PathBuf {
+        self.import_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("import"))
+    }
+
     /// Directories a spec's host files must lie under.
     pub fn host_path_roots(&self) -> Vec<PathBuf> {
         self.allowed_host_paths
@@ -169,7 +184,7 @@ impl Settings {
     }
 
     /// Applies `VMLET_STATE_DIR`, `VMLET_RUN_DIR`, `VMLET_QEMU`,
-    /// `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`, `VMLET_START_TIMEOUT_S`,
+    /// `VMLET_QEMU_IMG`, `VMLET_IMPORT_DIR`, `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`, `VMLET_START_TIMEOUT_S`,
     /// `VMLET_SOCKET`, `VMLET_SOCKET_GROUP`, `VMLET_TCP_LISTEN`, `VMLET_AUTH_TOKEN_FILE`,
     /// `VMLET_LOG_FORMAT` and `VMLET_ALLOWED_HOST_PATHS` (`:`-separated).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -181,6 +196,12 @@ impl Settings {
         }
         if let Some(v) = var("VMLET_QEMU") {
             self.qemu_binary = v.into();
+        }
+        if let Some(v) = var("VMLET_QEMU_IMG") {
+            self.qemu_img_binary = v.into();
+        }
+        if let Some(v) = var("VMLET_IMPORT_DIR") {
+            self.import_dir = Some(v.into());
         }
         if let Some(v) = var("VMLET_PROFILE_DIR") {
             self.profile_dir = v.into();

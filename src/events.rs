@@ -45,6 +45,26 @@ pub enum EventBody {
         /// Its name.
         name: String,
     },
+    /// An image was added or changed (import progress, ready, failed).
+    Image {
+        /// The image after the change.
+        image: Box<crate::storage::images::Image>,
+    },
+    /// An image was deleted (or its import cancelled).
+    ImageDeleted {
+        /// Its name.
+        name: String,
+    },
+    /// A volume was created or changed.
+    Volume {
+        /// The volume after the change.
+        volume: Box<crate::storage::volumes::Volume>,
+    },
+    /// A volume was deleted.
+    VolumeDeleted {
+        /// Its name.
+        name: String,
+    },
     /// Sent first (and only) to a client whose `since` is older than the
     /// buffer or unknown: events were missed, re-list to resynchronize.
     /// The stream goes on with new events after it.
@@ -57,11 +77,15 @@ pub enum EventBody {
 }
 
 impl EventBody {
-    /// The SSE event name (`vm`, `vm_deleted`, `resync`).
+    /// The SSE event name (`vm`, `vm_deleted`, `image`, …, `resync`).
     pub fn name(&self) -> &'static str {
         match self {
             EventBody::Vm { .. } => "vm",
             EventBody::VmDeleted { .. } => "vm_deleted",
+            EventBody::Image { .. } => "image",
+            EventBody::ImageDeleted { .. } => "image_deleted",
+            EventBody::Volume { .. } => "volume",
+            EventBody::VolumeDeleted { .. } => "volume_deleted",
             EventBody::Resync { .. } => "resync",
         }
     }

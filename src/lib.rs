@@ -12,4 +12,5 @@ pub mod daemon;
 pub mod events;
 pub mod node;
 pub mod qemu;
+pub mod storage;
 pub mod vm;

@@ -218,6 +218,7 @@ async fn dispatch(
                 profile: profiles.get(&spec.profile)?,
                 accel: accel::resolve_on_host(settings.accel),
                 paths: &paths,
+                layout: &vmlet::storage::Layout::new(&settings.state_dir),
             });
             println!("{}", settings.qemu_binary.display());
             for arg in argv {
@@ -281,13 +282,25 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     if let Err(e) = process::become_subreaper() {
         tracing::warn!(error = %e, "cannot become subreaper: QEMU exit codes will be unknown");
     }
+    // Images, volumes, blank disks and seeds are made by the daemon.
+    let daemon_only = spec.cloud_init.is_some()
+        || spec
+            .disks
+            .iter()
+            .any(|d| !matches!(d.source(), Ok(vmlet::vm::spec::DiskSource::File { .. })));
+    if daemon_only {
+        eprintln!("vmlet run: takes disks with path + format only; image, volume and blank disks and cloud_init need `vmlet serve`");
+        return Ok(ExitCode::from(EXIT_BAD_SPEC));
+    }
     let accel = accel::resolve_on_host(settings.accel);
     let paths = RunPaths::new(&settings.run_dir, spec.uuid);
+    let layout = vmlet::storage::Layout::new(&settings.state_dir);
     let inputs = LaunchInputs {
         spec: &spec,
         profile: profiles.get(&spec.profile)?,
         accel,
         paths: &paths,
+        layout: &layout,
     };
     eprintln!(
         "vmlet: starting {} ({}) under {}; Ctrl-C stops it",

@@ -1,7 +1,8 @@
 //! Golden argv corpus: each `tests/golden/NAME.json` (accelerator, run
 //! directory, spec) must produce exactly `tests/golden/NAME.argv`, one
 //! argument per line. Run with `VMLET_UPDATE_GOLDEN=1` to rewrite the `.argv`
-//! files after an intended change, then review the diff.
+//! files after an intended change, then review the diff. Storage files live
+//! under the state directory `/var/lib/vmlet`.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use serde::Deserialize;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{self, LaunchInputs, RunPaths};
 use vmlet::qemu::profile::Profiles;
+use vmlet::storage::Layout;
 use vmlet::vm::spec::VmSpec;
 
 #[derive(Deserialize)]
@@ -29,6 +31,7 @@ fn render(case: &Case, profiles: &Profiles) -> String {
         profile: profiles.get(&case.spec.profile).unwrap(),
         accel: case.accel,
         paths: &paths,
+        layout: &Layout::new(Path::new("/var/lib/vmlet")),
     });
     let mut text = argv.join("\n");
     text.push('\n');

@@ -249,7 +249,7 @@ async fn firmware_boot_starts_the_disk_with_boot_order() {
     // boot_order, attached read-only.
     spec.disks.push(disk("data", &data));
     let mut boot_disk = disk("boot", &boot);
-    boot_disk.format = vmlet::vm::spec::DiskFormat::Raw;
+    boot_disk.format = Some(vmlet::vm::spec::DiskFormat::Raw);
     boot_disk.read_only = true;
     boot_disk.boot_order = Some(1);
     spec.disks.push(boot_disk);

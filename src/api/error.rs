@@ -128,6 +128,9 @@ impl From<VmError> for ApiError {
             VmError::Timeout(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
             }
+            VmError::NoSpace(_) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "no_space", message)
+            }
         }
     }
 }
@@ -161,6 +164,7 @@ mod tests {
             (VmError::Failed("qemu".into()), 503, "unavailable"),
             (VmError::Timeout("slow".into()), 503, "timeout"),
             (VmError::Gone, 404, "not_found"),
+            (VmError::NoSpace("full".into()), 507, "no_space"),
         ];
         for (err, status, code) in cases {
             let api = ApiError::from(err);

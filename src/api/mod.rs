@@ -5,8 +5,11 @@
 pub mod body;
 pub mod error;
 pub mod events;
+pub mod images;
 pub mod middleware;
+pub mod vm_disks;
 pub mod vms;
+pub mod volumes;
 
 use std::sync::Arc;
 
@@ -14,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{from_fn, from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -78,16 +81,25 @@ pub async fn openapi() -> Response {
     info(title = "vmlet", description = "Node daemon for QEMU virtualization hosts: API v1. \
         Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed, 401 unauthorized, \
         404 not found, 409 conflicting state or task, 413 body too large, 422 invalid spec \
-        (the field named), 503 QEMU or host failure."),
+        (the field named), 503 QEMU or host failure, 507 the host's disk is full."),
     paths(
         healthz, node, openapi,
         vms::list, vms::show, vms::create, vms::put, vms::delete,
         vms::start, vms::stop, vms::reboot, vms::pause, vms::resume,
+        vm_disks::attach, vm_disks::detach, vm_disks::set_limits,
+        vm_disks::list_snapshots, vm_disks::create_snapshot, vm_disks::revert_snapshot,
+        vm_disks::delete_snapshot,
+        images::list, images::show, images::import, images::delete,
+        volumes::list, volumes::show, volumes::create, volumes::resize, volumes::delete,
         events::stream,
     ),
     tags(
         (name = "vms", description = "VMs and their specs"),
         (name = "power", description = "Power actions; each answers when done"),
+        (name = "disks", description = "Hot-plug, unplug and I/O limits of a VM's disks"),
+        (name = "snapshots", description = "VM snapshots (live: memory and disks)"),
+        (name = "images", description = "The image store"),
+        (name = "volumes", description = "Named volumes"),
         (name = "events", description = "Change events"),
         (name = "node", description = "The host"),
     )
@@ -161,6 +173,35 @@ pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
         .route("/v1/vms/{id}/reboot", post(vms::reboot))
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
+        .route("/v1/vms/{id}/disks", post(vm_disks::attach))
+        .route("/v1/vms/{id}/disks/{disk}", delete(vm_disks::detach))
+        .route(
+            "/v1/vms/{id}/disks/{disk}/limits",
+            put(vm_disks::set_limits),
+        )
+        .route(
+            "/v1/vms/{id}/snapshots",
+            get(vm_disks::list_snapshots).post(vm_disks::create_snapshot),
+        )
+        .route(
+            "/v1/vms/{id}/snapshots/{name}",
+            delete(vm_disks::delete_snapshot),
+        )
+        .route(
+            "/v1/vms/{id}/snapshots/{name}/revert",
+            post(vm_disks::revert_snapshot),
+        )
+        .route("/v1/images", get(images::list).post(images::import))
+        .route(
+            "/v1/images/{name}",
+            get(images::show).delete(images::delete),
+        )
+        .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::show).delete(volumes::delete),
+        )
+        .route("/v1/volumes/{name}/resize", post(volumes::resize))
         .route("/v1/events", get(events::stream))
         .fallback(fallback)
         .with_state(app)

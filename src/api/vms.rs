@@ -32,6 +32,10 @@ pub struct DeleteQuery {
     /// Delete even a running VM (it is stopped first, without asking the guest).
     #[serde(default)]
     pub force: bool,
+    /// Delete the VM's volumes too (its own overlays and blank disks always
+    /// go; images never do).
+    #[serde(default)]
+    pub delete_volumes: bool,
 }
 
 /// `POST /v1/vms/{id}/stop` body (optional).
@@ -146,11 +150,7 @@ pub async fn delete(
     Query(query): Query<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     app.manager
-        .act(
-            &id,
-            Action::Delete { force: query.force },
-            ActOptions::default(),
-        )
+        .delete(&id, query.force, query.delete_volumes)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

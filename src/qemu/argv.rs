@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::qemu::accel::Accel;
+use crate::qemu::disk::{self, DiskPlan, SCSI_CONTROLLER};
 use crate::qemu::profile::{DeviceBus, Profile};
-use crate::vm::spec::{Boot, DiskSpec, VmSpec};
+use crate::storage::Layout;
+use crate::vm::spec::{Boot, DiskBus, VmSpec};
 
 /// Where a VM's runtime files live: `RUN_DIR/vms/UUID/`. Named by UUID only,
 /// so no caller-chosen string ever becomes part of a host path.
@@ -87,6 +89,8 @@ pub struct LaunchInputs<'a> {
     pub accel: Accel,
     /// Runtime file locations.
     pub paths: &'a RunPaths,
+    /// Where images, volumes and the VM's own disks live.
+    pub layout: &'a Layout,
 }
 
 /// Escapes a value for QEMU's `key=value,…` syntax: commas are doubled.
@@ -96,21 +100,6 @@ pub fn escape(value: &str) -> String {
 
 fn path_value(path: &Path) -> String {
     escape(&path.to_string_lossy())
-}
-
-/// QEMU id of a disk's format node (what the device's `drive=` names).
-pub fn disk_node(name: &str) -> String {
-    name.to_string()
-}
-
-/// QEMU id of a disk's protocol (file) node.
-pub fn disk_file_node(name: &str) -> String {
-    format!("{name}-file")
-}
-
-/// QEMU id of a disk's guest device.
-pub fn disk_device_id(name: &str) -> String {
-    format!("{name}-dev")
 }
 
 /// The QMP chardev id.
@@ -127,6 +116,7 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         profile,
         accel,
         paths,
+        layout,
     } = input;
     let mut argv = Argv::default();
 
@@ -208,8 +198,20 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         }
     }
 
-    for (index, disk) in spec.disks.iter().enumerate() {
-        push_disk(&mut argv, profile, &disk.name_or_default(index), disk);
+    let plans = DiskPlan::all(layout, spec.uuid, &spec.disks, spec.cloud_init.is_some());
+    if plans.iter().any(|p| p.spec.bus == DiskBus::VirtioScsi) {
+        if let Some(controller) = &profile.devices.scsi {
+            argv.push("-device", format!("{controller},id={SCSI_CONTROLLER}"));
+        }
+    }
+    for plan in &plans {
+        if disk::has_throttle(plan) {
+            argv.push("-object", disk::throttle_group(plan).to_string());
+        }
+        for node in disk::blockdevs(plan) {
+            argv.push("-blockdev", node.to_string());
+        }
+        argv.push("-device", disk::device(profile, plan, None).to_string());
     }
 
     if !spec.channels.is_empty() {
@@ -284,43 +286,6 @@ fn machine_value(profile: &Profile) -> String {
     value
 }
 
-/// A disk is two block nodes (file protocol, then format) and a device, as
-/// libvirt does it: the split lets later features (throttling, snapshots)
-/// address the format node by name.
-fn push_disk(argv: &mut Argv, profile: &Profile, name: &str, disk: &DiskSpec) {
-    let read_only = if disk.read_only { "on" } else { "off" };
-    argv.push(
-        "-blockdev",
-        format!(
-            "driver=file,node-name={},filename={},read-only={read_only},discard=unmap",
-            disk_file_node(name),
-            path_value(&disk.path)
-        ),
-    );
-    argv.push(
-        "-blockdev",
-        format!(
-            "driver={},node-name={},file={},read-only={read_only},discard=unmap",
-            disk.format.driver(),
-            disk_node(name),
-            disk_file_node(name)
-        ),
-    );
-    let mut device = format!(
-        "{},drive={},id={}",
-        profile.devices.disk,
-        disk_node(name),
-        disk_device_id(name)
-    );
-    if let Some(order) = disk.boot_order {
-        device.push_str(&format!(",bootindex={order}"));
-    }
-    if let Some(serial) = &disk.serial {
-        device.push_str(&format!(",serial={}", escape(serial)));
-    }
-    argv.push("-device", device);
-}
-
 #[derive(Default)]
 struct Argv(Vec<String>);
 
@@ -339,7 +304,7 @@ impl Argv {
 mod tests {
     use super::*;
     use crate::qemu::profile::Profiles;
-    use crate::vm::spec::{DiskFormat, SerialSpec};
+    use crate::vm::spec::{DiskFormat, DiskSpec, SerialSpec};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -354,15 +319,12 @@ mod tests {
                 cmdline: String::new(),
             },
             disks: vec![DiskSpec {
-                name: None,
-                path: "/a,b/c.img".into(),
-                format: DiskFormat::Raw,
                 read_only: true,
-                boot_order: None,
-                serial: None,
+                ..DiskSpec::file("/a,b/c.img", DiskFormat::Raw)
             }],
             serial: SerialSpec::default(),
             channels: vec![],
+            cloud_init: None,
             autostart: false,
         }
     }
@@ -383,11 +345,16 @@ mod tests {
             profile: profiles.get("q35").unwrap(),
             accel: Accel::Tcg,
             paths: &paths,
+            layout: &Layout::new(Path::new("/var/lib/vmlet")),
         });
-        assert!(argv.contains(
-            &"driver=file,node-name=disk0-file,filename=/a,,b/c.img,read-only=on,discard=unmap"
-                .to_string()
-        ));
+        // Block nodes are JSON: a comma in a path is just a character.
+        let file_node: serde_json::Value = argv
+            .iter()
+            .find(|a| a.contains("disk0-file") && a.contains("\"driver\":\"file\""))
+            .map(|a| serde_json::from_str(a).unwrap())
+            .expect("the file node");
+        assert_eq!(file_node["filename"], "/a,b/c.img");
+        assert_eq!(file_node["read-only"], true);
         // The argv always starts paused and daemonized.
         for flag in ["-S", "-nodefaults", "-no-user-config", "-daemonize"] {
             assert!(argv.iter().any(|a| a == flag), "{flag}");
@@ -405,6 +372,7 @@ mod tests {
                 profile,
                 accel: Accel::Tcg,
                 paths: &paths,
+                layout: &Layout::new(Path::new("/var/lib/vmlet")),
             })
         };
         let device = "pvpanic,id=panic0".to_string();

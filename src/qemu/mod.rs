@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod disk;
 pub mod instance;
 pub mod process;
 pub mod profile;

@@ -99,6 +99,10 @@ pub struct DeviceSection {
     /// one cannot tell a panic from a plain reset or hang.
     #[serde(default)]
     pub panic: Option<String>,
+    /// SCSI controller for `bus: virtio_scsi` disks (`virtio-scsi-pci`).
+    /// Optional: without one, such disks are refused.
+    #[serde(default)]
+    pub scsi: Option<String>,
 }
 
 /// Default devices.
@@ -142,6 +146,7 @@ impl Profile {
         ProfileCaps {
             kernel_boot: self.supports.kernel_boot,
             firmware_boot: self.supports.firmware_boot,
+            scsi: self.devices.scsi.is_some(),
         }
     }
 
@@ -172,6 +177,9 @@ impl Profile {
             ("devices.balloon", &d.balloon),
         ] {
             check_word(field, model)?;
+        }
+        if let Some(model) = &d.scsi {
+            check_word("devices.scsi", model)?;
         }
         match &d.panic {
             Some(model) => check_word("devices.panic", model)?,

@@ -2,7 +2,7 @@
 //! event bus and the registry of VMs.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
 
@@ -10,6 +10,10 @@ use crate::config::Settings;
 use crate::events::{EventBody, EventBus};
 use crate::qemu::accel::Accel;
 use crate::qemu::profile::Profiles;
+use crate::storage::images::ImageStore;
+use crate::storage::qemu_img::QemuImg;
+use crate::storage::volumes::VolumeStore;
+use crate::storage::Layout;
 use crate::vm::actor::VmHandle;
 use crate::vm::store::Store;
 use crate::vm::Vm;
@@ -26,27 +30,49 @@ pub struct Context {
     /// VM records.
     pub store: Store,
     /// Change events.
-    pub events: EventBus,
+    pub events: Arc<EventBus>,
+    /// Where storage files live.
+    pub layout: Layout,
+    /// `qemu-img`.
+    pub qemu_img: QemuImg,
+    /// The image store.
+    pub images: Arc<ImageStore>,
+    /// The volume store.
+    pub volumes: VolumeStore,
     registry: RwLock<HashMap<Uuid, VmHandle>>,
 }
 
 impl Context {
-    /// A context with no VMs yet.
+    /// A context with no VMs yet; opens the image and volume stores.
     pub fn new(
         settings: Settings,
         profiles: Profiles,
         accel: Accel,
         store: Store,
         events: EventBus,
-    ) -> Context {
-        Context {
+    ) -> std::io::Result<Context> {
+        let events = Arc::new(events);
+        let layout = Layout::new(&settings.state_dir);
+        let qemu_img = QemuImg::new(&settings.qemu_img_binary);
+        let images = Arc::new(ImageStore::open(
+            layout.clone(),
+            qemu_img.clone(),
+            settings.import_dir(),
+            events.clone(),
+        )?);
+        let volumes = VolumeStore::open(layout.clone(), qemu_img.clone(), events.clone())?;
+        Ok(Context {
             settings,
             profiles,
             accel,
             store,
             events,
+            layout,
+            qemu_img,
+            images,
+            volumes,
             registry: RwLock::new(HashMap::new()),
-        }
+        })
     }
 
     /// Publishes `vm`'s new view.

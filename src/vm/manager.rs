@@ -12,10 +12,15 @@ use crate::config::Settings;
 use crate::events::EventBus;
 use crate::node::{self, NodeInfo};
 use crate::qemu::accel::{self, Accel};
+use crate::qemu::disk::DiskPlan;
 use crate::qemu::profile::{ProfileError, Profiles};
-use crate::vm::actor::{self, error_chain, ActOptions, VmError, VmHandle};
+use crate::storage::images::ImageStore;
+use crate::storage::volumes::{Volume, VolumeAttachment, VolumeCreate};
+use crate::storage::{disks, MIB};
+use crate::vm::actor::{self, error_chain, ActOptions, StorageOp, VmError, VmHandle};
 use crate::vm::context::Context;
-use crate::vm::spec::{Boot, FieldError, SpecError, VmSpec};
+use crate::vm::disk_ops::{self, Snapshot};
+use crate::vm::spec::{Boot, DiskSource, FieldError, SpecError, VmSpec};
 use crate::vm::state::Action;
 use crate::vm::store::{Store, StoreError};
 use crate::vm::Vm;
@@ -33,6 +38,15 @@ pub enum ManagerError {
     #[error("creating run directory {path}")]
     RunDir {
         /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image or volume store is unusable.
+    #[error("opening the image and volume stores under {path}")]
+    Storage {
+        /// The state directory.
         path: PathBuf,
         /// Cause.
         #[source]
@@ -87,7 +101,15 @@ impl Manager {
         })?;
         let events = EventBus::new(settings.event_buffer);
         let records = store.load_all().map_err(ManagerError::Store)?;
-        let ctx = Arc::new(Context::new(settings, profiles, accel, store, events));
+        let state_dir = settings.state_dir.clone();
+        let ctx = Arc::new(
+            Context::new(settings, profiles, accel, store, events).map_err(|source| {
+                ManagerError::Storage {
+                    path: state_dir,
+                    source,
+                }
+            })?,
+        );
         let mut waiting = Vec::new();
         for record in records {
             match record {
@@ -157,6 +179,17 @@ impl Manager {
             };
         }
         check_host_paths(&spec, &self.ctx.settings.host_path_roots())?;
+        disks::check_references(&spec, &self.ctx.images, &self.ctx.volumes)?;
+        for (i, disk) in spec.disks.iter().enumerate() {
+            if let Ok(DiskSource::Volume { volume }) = disk.source() {
+                if let Some(user) = self.volume_user(volume) {
+                    return Err(VmError::Conflict(format!(
+                        "disks[{i}].volume: volume {volume} is in use by VM {} (disk {})",
+                        user.vm_name, user.disk
+                    )));
+                }
+            }
+        }
         if let Some(other) = self
             .ctx
             .handles()
@@ -169,16 +202,185 @@ impl Manager {
                 other.id()
             )));
         }
+        disks::provision(
+            &self.ctx.layout,
+            &self.ctx.qemu_img,
+            &self.ctx.images,
+            &spec,
+        )
+        .await?;
         let vm = Vm::new(spec);
-        self.ctx
-            .store
-            .save(&vm)
-            .map_err(|e| VmError::Failed(format!("saving the VM record: {}", error_chain(&e))))?;
+        if let Err(e) = self.ctx.store.save(&vm) {
+            // Nothing half-made: the disks just made go too.
+            let _ = self.ctx.store.remove(vm.id);
+            return Err(VmError::Failed(format!(
+                "saving the VM record: {}",
+                error_chain(&e)
+            )));
+        }
         tracing::info!(vm = %vm.name, id = %vm.id, "created");
         self.ctx
             .register(actor::spawn_new(self.ctx.clone(), vm.clone()));
         self.ctx.publish_vm(&vm);
         Ok(Created::New(vm))
+    }
+
+    /// Deletes VM `key` (`force`: even when it runs). Its own disks go with
+    /// it; its volumes too when `delete_volumes`.
+    pub async fn delete(
+        &self,
+        key: &str,
+        force: bool,
+        delete_volumes: bool,
+    ) -> Result<Vm, VmError> {
+        let vm = self
+            .act(key, Action::Delete { force }, ActOptions::default())
+            .await?;
+        if delete_volumes {
+            for disk in &vm.spec.disks {
+                if let Ok(DiskSource::Volume { volume }) = disk.source() {
+                    if let Err(e) = self.ctx.volumes.delete(volume).await {
+                        tracing::warn!(vm = %vm.name, %volume, error = %e, "could not delete the VM's volume");
+                    }
+                }
+            }
+        }
+        Ok(vm)
+    }
+
+    /// Runs a disk or snapshot operation on VM `key`. Attaching a volume
+    /// checks, under the create lock, that no other VM uses it.
+    pub async fn storage(&self, key: &str, op: StorageOp) -> Result<Vm, VmError> {
+        let handle = self.find(key)?;
+        if let StorageOp::AttachDisk(disk) = &op {
+            let _guard = self.create_lock.lock().await;
+            if let Ok(DiskSource::Volume { volume }) = disk.source() {
+                if !self.ctx.volumes.exists(volume) {
+                    return Err(VmError::Invalid(SpecError {
+                        errors: vec![FieldError {
+                            field: "volume".into(),
+                            message: format!("no volume {volume:?}"),
+                        }],
+                    }));
+                }
+                if let Some(user) = self.volume_user(volume) {
+                    return Err(VmError::Conflict(format!(
+                        "volume {volume} is in use by VM {} (disk {})",
+                        user.vm_name, user.disk
+                    )));
+                }
+            }
+            return handle.storage(op).await;
+        }
+        handle.storage(op).await
+    }
+
+    /// VM `key`'s snapshots.
+    pub async fn snapshots(&self, key: &str) -> Result<Vec<Snapshot>, VmError> {
+        let vm = self.find(key)?.view();
+        let plans = DiskPlan::all(&self.ctx.layout, vm.id, &vm.spec.disks, false);
+        disk_ops::list_snapshots(&self.ctx.qemu_img, &plans).await
+    }
+
+    /// The image store.
+    pub fn images(&self) -> &Arc<ImageStore> {
+        &self.ctx.images
+    }
+
+    /// Deletes image `name` (or cancels its import), unless a VM disk is an
+    /// overlay on it.
+    pub async fn delete_image(&self, name: &str) -> Result<(), VmError> {
+        let _guard = self.create_lock.lock().await;
+        let users: Vec<String> = self
+            .ctx
+            .handles()
+            .iter()
+            .map(VmHandle::view)
+            .filter(|vm| {
+                vm.spec.disks.iter().any(
+                    |d| matches!(d.source(), Ok(DiskSource::Image { image, .. }) if image == name),
+                )
+            })
+            .map(|vm| vm.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(VmError::Conflict(format!(
+                "image {name} is in use by VM {}",
+                users.join(", ")
+            )));
+        }
+        self.ctx.images.delete(name)
+    }
+
+    /// Which VM disk uses volume `name`.
+    fn volume_user(&self, name: &str) -> Option<VolumeAttachment> {
+        self.ctx.handles().iter().find_map(|h| {
+            let vm = h.view();
+            vm.spec.disks.iter().enumerate().find_map(|(i, d)| {
+                matches!(d.source(), Ok(DiskSource::Volume { volume }) if volume == name).then(
+                    || VolumeAttachment {
+                        vm: vm.id,
+                        vm_name: vm.name.clone(),
+                        disk: d.name_or_default(i),
+                    },
+                )
+            })
+        })
+    }
+
+    /// Every volume, with the disk using it.
+    pub async fn volumes(&self) -> Result<Vec<Volume>, VmError> {
+        let mut out = Vec::new();
+        for name in self.ctx.volumes.names() {
+            out.push(self.volume(&name).await?);
+        }
+        Ok(out)
+    }
+
+    /// Volume `name`, with the disk using it.
+    pub async fn volume(&self, name: &str) -> Result<Volume, VmError> {
+        let mut volume = self.ctx.volumes.get(name).await?;
+        volume.attached_to = self.volume_user(name);
+        Ok(volume)
+    }
+
+    /// Creates a volume.
+    pub async fn create_volume(&self, request: &VolumeCreate) -> Result<Volume, VmError> {
+        self.ctx.volumes.create(request, &self.ctx.images).await
+    }
+
+    /// Deletes a volume no VM uses.
+    pub async fn delete_volume(&self, name: &str) -> Result<(), VmError> {
+        let _guard = self.create_lock.lock().await;
+        if let Some(user) = self.volume_user(name) {
+            return Err(VmError::Conflict(format!(
+                "volume {name} is in use by VM {} (disk {}); detach it first",
+                user.vm_name, user.disk
+            )));
+        }
+        self.ctx.volumes.delete(name).await
+    }
+
+    /// Grows a volume: through the VM using it (live `block_resize` while it
+    /// runs, serialized with its other operations), else offline.
+    pub async fn resize_volume(&self, name: &str, size_mib: u64) -> Result<Volume, VmError> {
+        self.ctx.volumes.check_resize(name, size_mib).await?;
+        match self.volume_user(name) {
+            Some(user) => {
+                self.storage(
+                    &user.vm.to_string(),
+                    StorageOp::ResizeDisk {
+                        disk: user.disk,
+                        size: size_mib * MIB,
+                    },
+                )
+                .await?;
+                let volume = self.volume(name).await?;
+                self.ctx.volumes.publish(&volume);
+                Ok(volume)
+            }
+            None => self.ctx.volumes.resize_offline(name, size_mib).await,
+        }
     }
 
     /// Runs `action` on the VM `key` and waits for it to finish.
@@ -252,7 +454,9 @@ pub fn check_host_paths(spec: &VmSpec, roots: &[PathBuf]) -> Result<(), SpecErro
         }
     }
     for (i, disk) in spec.disks.iter().enumerate() {
-        paths.push((format!("disks[{i}].path"), &disk.path));
+        if let Some(path) = &disk.path {
+            paths.push((format!("disks[{i}].path"), path));
+        }
     }
     let mut errors = Vec::new();
     for (field, path) in paths {
@@ -306,14 +510,7 @@ mod tests {
         // A symlink inside the root pointing out of it must not pass.
         let link = root.path().join("link.img");
         std::os::unix::fs::symlink(&outside_file, &link).unwrap();
-        let disk = |path: &Path| DiskSpec {
-            name: None,
-            path: path.to_path_buf(),
-            format: DiskFormat::Raw,
-            read_only: false,
-            boot_order: None,
-            serial: None,
-        };
+        let disk = |path: &Path| DiskSpec::file(path, DiskFormat::Raw);
         let spec = VmSpec {
             uuid: Uuid::new_v4(),
             name: "a".into(),
@@ -328,6 +525,7 @@ mod tests {
             disks: vec![disk(&inside_file), disk(&outside_file), disk(&link)],
             serial: SerialSpec::default(),
             channels: vec![],
+            cloud_init: None,
             autostart: false,
         };
         let err = check_host_paths(&spec, &[root.path().to_path_buf()]).unwrap_err();

@@ -3,6 +3,7 @@
 
 pub mod actor;
 pub mod context;
+pub mod disk_ops;
 pub mod manager;
 pub mod record;
 pub mod spec;

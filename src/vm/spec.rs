@@ -35,6 +35,12 @@ pub mod limits {
     pub const MAX_CMDLINE_LEN: usize = 2048;
     /// Longest disk serial (virtio-blk reports 20 bytes).
     pub const MAX_SERIAL_LEN: usize = 20;
+    /// Largest disk made by vmlet, in MiB (64 TiB).
+    pub const MAX_DISK_MIB: u64 = 64 * 1024 * 1024;
+    /// Largest I/O limit (ops or bytes per second).
+    pub const MAX_IO_LIMIT: u64 = 1 << 40;
+    /// Largest cloud-init file.
+    pub const MAX_CLOUD_INIT_BYTES: usize = 256 * 1024;
 }
 
 /// The profile a spec gets when it names none.
@@ -68,6 +74,9 @@ pub struct VmSpec {
     /// (like libvirt's `<channel>`; e.g. `org.qemu.guest_agent.0`).
     #[serde(default)]
     pub channels: Vec<ChannelSpec>,
+    /// A cloud-init NoCloud seed for the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
     /// Start the VM when vmlet starts and finds it not running although its
     /// desired state is running (after a host reboot), like libvirt's
     /// autostart or Proxmox's `onboot`.
@@ -113,18 +122,44 @@ pub enum Firmware {
     Bios,
 }
 
-/// One disk backed by a host file.
+/// One disk. Its contents come from exactly one source:
+///
+/// - `path` + `format`: a host file (under the allowed host paths);
+/// - `image` (+ optional `size_mib`): a qcow2 overlay on an image of the
+///   image store, made when the VM is created (the image is never written);
+/// - `volume`: a named volume of the volume store;
+/// - `size_mib` alone: a blank qcow2 disk made when the VM is created.
+///
+/// Overlays and blank disks belong to the VM and go when it is deleted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Name unique within the VM (QEMU ids derive from it); defaults to `diskN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Absolute host path of the image.
-    #[schema(value_type = String)]
-    pub path: PathBuf,
-    /// Image format; never guessed (probing a raw image is a known escape).
-    pub format: DiskFormat,
+    /// Absolute host path of an image file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub path: Option<PathBuf>,
+    /// Format of `path`; never guessed (probing a raw image is a known escape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+    /// Image (of the image store) this disk is an overlay on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Named volume (of the volume store) this disk is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// Size in MiB: of a blank disk, or of an overlay (at least the image's
+    /// virtual size; default: that size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u64>,
+    /// Guest bus.
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// Host cache mode (as libvirt's `cache=`).
+    #[serde(default)]
+    pub cache: CacheMode,
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
@@ -134,12 +169,222 @@ pub struct DiskSpec {
     /// Serial number the guest sees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// I/O limits (unset: unlimited). Changeable while the VM runs.
+    #[serde(default, skip_serializing_if = "IoLimits::is_unlimited")]
+    pub limits: IoLimits,
+}
+
+/// Where a disk's contents come from (see [`DiskSpec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskSource<'a> {
+    /// A host file.
+    File {
+        /// Its path.
+        path: &'a Path,
+        /// Its format.
+        format: DiskFormat,
+    },
+    /// An overlay on a store image.
+    Image {
+        /// The image's name.
+        image: &'a str,
+        /// Requested size in MiB.
+        size_mib: Option<u64>,
+    },
+    /// A store volume.
+    Volume {
+        /// The volume's name.
+        volume: &'a str,
+    },
+    /// A blank disk.
+    Blank {
+        /// Its size in MiB.
+        size_mib: u64,
+    },
 }
 
 impl DiskSpec {
+    /// A disk on host file `path`, with every other field at its default.
+    pub fn file(path: impl Into<PathBuf>, format: DiskFormat) -> DiskSpec {
+        DiskSpec {
+            name: None,
+            path: Some(path.into()),
+            format: Some(format),
+            image: None,
+            volume: None,
+            size_mib: None,
+            bus: DiskBus::default(),
+            cache: CacheMode::default(),
+            read_only: false,
+            boot_order: None,
+            serial: None,
+            limits: IoLimits::default(),
+        }
+    }
+
     /// The disk's name: the given one, or `disk{index}`.
     pub fn name_or_default(&self, index: usize) -> String {
         self.name.clone().unwrap_or_else(|| format!("disk{index}"))
+    }
+
+    /// The disk's source, or why the fields name none or several.
+    pub fn source(&self) -> Result<DiskSource<'_>, (&'static str, &'static str)> {
+        const ONE: &str = "give exactly one of path (+ format), image, volume, or size_mib alone";
+        match (&self.path, &self.image, &self.volume) {
+            (Some(path), None, None) => {
+                if self.size_mib.is_some() {
+                    return Err(("size_mib", "not allowed with path"));
+                }
+                match self.format {
+                    Some(format) => Ok(DiskSource::File { path, format }),
+                    None => Err(("format", "required with path (raw or qcow2)")),
+                }
+            }
+            (None, Some(image), None) => Ok(DiskSource::Image {
+                image,
+                size_mib: self.size_mib,
+            }),
+            (None, None, Some(volume)) => {
+                if self.size_mib.is_some() {
+                    return Err(("size_mib", "not allowed with volume (resize the volume)"));
+                }
+                Ok(DiskSource::Volume { volume })
+            }
+            (None, None, None) => match self.size_mib {
+                Some(size_mib) => Ok(DiskSource::Blank { size_mib }),
+                None => Err(("path", ONE)),
+            },
+            _ => Err(("path", ONE)),
+        }
+    }
+
+    /// True when vmlet made this disk for the VM (an overlay or a blank
+    /// disk): it lives in the VM's directory and goes with the VM.
+    pub fn owned_by_vm(&self) -> bool {
+        matches!(
+            self.source(),
+            Ok(DiskSource::Image { .. } | DiskSource::Blank { .. })
+        )
+    }
+}
+
+/// The bus a disk is attached to in the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskBus {
+    /// A virtio-blk device per disk (`/dev/vdX`).
+    #[default]
+    VirtioBlk,
+    /// A disk on the VM's virtio-scsi controller (`/dev/sdX`).
+    VirtioScsi,
+}
+
+/// Host cache mode, with libvirt's names and meanings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// O_DIRECT, guest flushes honoured (needs a file system with O_DIRECT).
+    None,
+    /// Host page cache, guest flushes honoured (QEMU's default).
+    #[default]
+    Writeback,
+    /// Host page cache, every write flushed.
+    Writethrough,
+    /// O_DIRECT, every write flushed.
+    Directsync,
+    /// Host page cache, flushes ignored: fast, loses data on a host crash.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// (`cache.direct`, `cache.no-flush`, the device's `write-cache`).
+    pub fn qemu_flags(self) -> (bool, bool, bool) {
+        match self {
+            CacheMode::None => (true, false, true),
+            CacheMode::Writeback => (false, false, true),
+            CacheMode::Writethrough => (false, false, false),
+            CacheMode::Directsync => (true, false, false),
+            CacheMode::Unsafe => (false, true, true),
+        }
+    }
+}
+
+/// Per-disk I/O limits; unset or 0 means unlimited. A total limit and the
+/// read/write limits of the same kind exclude each other (as in QEMU).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IoLimits {
+    /// Read + write operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_total: Option<u64>,
+    /// Read operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_read: Option<u64>,
+    /// Write operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_write: Option<u64>,
+    /// Read + write bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_total: Option<u64>,
+    /// Read bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_read: Option<u64>,
+    /// Write bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_write: Option<u64>,
+}
+
+impl IoLimits {
+    /// No limit set.
+    pub fn is_unlimited(&self) -> bool {
+        self.pairs().iter().all(|(_, v)| v.unwrap_or(0) == 0)
+    }
+
+    /// QEMU's property names (`ThrottleLimits`) with the values.
+    pub fn pairs(&self) -> [(&'static str, Option<u64>); 6] {
+        [
+            ("iops-total", self.iops_total),
+            ("iops-read", self.iops_read),
+            ("iops-write", self.iops_write),
+            ("bps-total", self.bps_total),
+            ("bps-read", self.bps_read),
+            ("bps-write", self.bps_write),
+        ]
+    }
+
+    /// The problems, as (field suffix, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let set = |v: Option<u64>| v.unwrap_or(0) > 0;
+        if set(self.iops_total) && (set(self.iops_read) || set(self.iops_write)) {
+            out.push((
+                "iops_total",
+                "cannot be combined with iops_read or iops_write".to_string(),
+            ));
+        }
+        if set(self.bps_total) && (set(self.bps_read) || set(self.bps_write)) {
+            out.push((
+                "bps_total",
+                "cannot be combined with bps_read or bps_write".to_string(),
+            ));
+        }
+        for (name, value) in self.pairs() {
+            if value.unwrap_or(0) > limits::MAX_IO_LIMIT {
+                out.push((field_of(name), format!("at most {}", limits::MAX_IO_LIMIT)));
+            }
+        }
+        out
+    }
+}
+
+fn field_of(qemu_name: &str) -> &'static str {
+    match qemu_name {
+        "iops-total" => "iops_total",
+        "iops-read" => "iops_read",
+        "iops-write" => "iops_write",
+        "bps-total" => "bps_total",
+        "bps-read" => "bps_read",
+        _ => "bps_write",
     }
 }
 
@@ -162,6 +407,26 @@ impl DiskFormat {
         }
     }
 }
+
+/// A cloud-init NoCloud seed: vmlet writes these files to a small read-only
+/// vfat disk labelled `cidata` (the disk named `cidata`, last on the VM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInit {
+    /// `user-data` (e.g. `#cloud-config …`).
+    #[serde(default)]
+    pub user_data: String,
+    /// `meta-data`. Default: `instance-id` = the VM's UUID and
+    /// `local-hostname` = its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_data: Option<String>,
+    /// `network-config` (version 1 or 2), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
+}
+
+/// The name of the cloud-init seed disk (reserved).
+pub const SEED_DISK: &str = "cidata";
 
 /// The serial console.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -233,11 +498,21 @@ pub struct ProfileCaps {
     pub kernel_boot: bool,
     /// Firmware boot from a disk is possible.
     pub firmware_boot: bool,
+    /// Disks may use `bus: virtio_scsi`.
+    pub scsi: bool,
 }
 
 struct Collector(Vec<FieldError>);
 
 impl Collector {
+    fn into_result(self) -> Result<(), SpecError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecError { errors: self.0 })
+        }
+    }
+
     fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError {
             field: field.into(),
@@ -277,12 +552,19 @@ impl VmSpec {
         }
         self.check_boot(&mut c, caps);
         self.check_disks(&mut c);
-        self.check_channels(&mut c);
-        if c.0.is_empty() {
-            Ok(())
-        } else {
-            Err(SpecError { errors: c.0 })
+        if caps.is_some_and(|p| !p.scsi) {
+            for (i, disk) in self.disks.iter().enumerate() {
+                if disk.bus == DiskBus::VirtioScsi {
+                    c.add(
+                        format!("disks[{i}].bus"),
+                        "this profile has no SCSI controller",
+                    );
+                }
+            }
         }
+        self.check_cloud_init(&mut c);
+        self.check_channels(&mut c);
+        c.into_result()
     }
 
     fn check_boot(&self, c: &mut Collector, caps: Option<ProfileCaps>) {
@@ -326,35 +608,42 @@ impl VmSpec {
         }
         let mut names = HashSet::new();
         let mut orders = HashSet::new();
+        let mut volumes = HashSet::new();
         for (i, disk) in self.disks.iter().enumerate() {
             let field = |f: &str| format!("disks[{i}].{f}");
-            if let Some(name) = &disk.name {
-                check_device_name(c, &field("name"), name);
-            }
+            check_disk(c, &field(""), disk);
             if !names.insert(disk.name_or_default(i)) {
                 c.add(field("name"), "duplicate disk name");
             }
-            check_path(c, &field("path"), &disk.path);
+            if disk.name_or_default(i) == SEED_DISK {
+                c.add(field("name"), "`cidata` is the cloud-init seed's name");
+            }
             if let Some(order) = disk.boot_order {
                 if !orders.insert(order) {
                     c.add(field("boot_order"), "another disk has this boot_order");
                 }
             }
-            if let Some(serial) = &disk.serial {
-                let ok = !serial.is_empty()
-                    && serial.len() <= limits::MAX_SERIAL_LEN
-                    && serial
-                        .chars()
-                        .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
-                if !ok {
-                    c.add(
-                        field("serial"),
-                        format!(
-                            "1..={} characters of A-Z a-z 0-9 . _ -",
-                            limits::MAX_SERIAL_LEN
-                        ),
-                    );
+            if let Ok(DiskSource::Volume { volume }) = disk.source() {
+                if !volumes.insert(volume) {
+                    c.add(field("volume"), "another disk uses this volume");
                 }
+            }
+        }
+    }
+
+    fn check_cloud_init(&self, c: &mut Collector) {
+        let Some(ci) = &self.cloud_init else { return };
+        let files = [
+            ("cloud_init.user_data", Some(&ci.user_data)),
+            ("cloud_init.meta_data", ci.meta_data.as_ref()),
+            ("cloud_init.network_config", ci.network_config.as_ref()),
+        ];
+        for (field, text) in files {
+            if text.is_some_and(|t| t.len() > limits::MAX_CLOUD_INIT_BYTES) {
+                c.add(
+                    field,
+                    format!("longer than {} bytes", limits::MAX_CLOUD_INIT_BYTES),
+                );
             }
         }
     }
@@ -375,6 +664,88 @@ impl VmSpec {
             }
         }
     }
+}
+
+/// Checks one disk; `prefix` is `disks[i].` (or empty for a disk given on
+/// its own, as in a hot-plug request).
+fn check_disk(c: &mut Collector, prefix: &str, disk: &DiskSpec) {
+    let field = |f: &str| format!("{prefix}{f}");
+    if let Some(name) = &disk.name {
+        check_device_name(c, &field("name"), name);
+    }
+    match disk.source() {
+        Err((f, message)) => c.add(field(f), message),
+        Ok(DiskSource::File { path, .. }) => check_path(c, &field("path"), path),
+        Ok(DiskSource::Image { image, size_mib }) => {
+            check_name(c, &field("image"), image, limits::MAX_NAME_LEN);
+            if let Some(size) = size_mib {
+                check_size(c, &field("size_mib"), size);
+            }
+        }
+        Ok(DiskSource::Volume { volume }) => {
+            check_name(c, &field("volume"), volume, limits::MAX_NAME_LEN)
+        }
+        Ok(DiskSource::Blank { size_mib }) => check_size(c, &field("size_mib"), size_mib),
+    }
+    if disk.format.is_some() && disk.path.is_none() {
+        c.add(field("format"), "only with path");
+    }
+    if let Some(serial) = &disk.serial {
+        let ok = !serial.is_empty()
+            && serial.len() <= limits::MAX_SERIAL_LEN
+            && serial
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        if !ok {
+            c.add(
+                field("serial"),
+                format!(
+                    "1..={} characters of A-Z a-z 0-9 . _ -",
+                    limits::MAX_SERIAL_LEN
+                ),
+            );
+        }
+    }
+    for (f, message) in disk.limits.problems() {
+        c.add(field(&format!("limits.{f}")), message);
+    }
+}
+
+fn check_size(c: &mut Collector, field: &str, size_mib: u64) {
+    if size_mib == 0 || size_mib > limits::MAX_DISK_MIB {
+        c.add(field, format!("must be 1..={} MiB", limits::MAX_DISK_MIB));
+    }
+}
+
+/// Validates a disk given on its own (a hot-plug request): field names have
+/// no `disks[i].` prefix.
+pub fn validate_disk(disk: &DiskSpec) -> Result<(), SpecError> {
+    let mut c = Collector(Vec::new());
+    check_disk(&mut c, "", disk);
+    c.into_result()
+}
+
+/// Validates I/O limits given on their own.
+pub fn validate_limits(limits: &IoLimits) -> Result<(), SpecError> {
+    let mut c = Collector(Vec::new());
+    for (f, message) in limits.problems() {
+        c.add(f, message);
+    }
+    c.into_result()
+}
+
+/// Validates the name of an image, volume or snapshot (`field` names it).
+pub fn validate_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let mut c = Collector(Vec::new());
+    check_name(&mut c, field, name, limits::MAX_NAME_LEN);
+    c.into_result()
+}
+
+/// Validates a disk size in MiB (`field` names it).
+pub fn validate_size(field: &str, size_mib: u64) -> Result<(), SpecError> {
+    let mut c = Collector(Vec::new());
+    check_size(&mut c, field, size_mib);
+    c.into_result()
 }
 
 /// Names: `[A-Za-z0-9][A-Za-z0-9._-]*`. They reach QEMU options and logs, so
@@ -459,10 +830,12 @@ mod tests {
             "q35" => Some(ProfileCaps {
                 kernel_boot: true,
                 firmware_boot: true,
+                scsi: true,
             }),
             "microvm" => Some(ProfileCaps {
                 kernel_boot: true,
                 firmware_boot: false,
+                scsi: false,
             }),
             _ => None,
         }
@@ -505,7 +878,7 @@ mod tests {
         v["colour"] = json!("red");
         assert!(serde_json::from_value::<VmSpec>(v).is_err());
         let mut v = base();
-        v["disks"][0]["cache"] = json!("none");
+        v["disks"][0]["colour"] = json!("none");
         assert!(serde_json::from_value::<VmSpec>(v).is_err());
         let mut v = base();
         v["boot"]["firmware"] = json!("bios");

@@ -90,6 +90,10 @@ pub enum Task {
     Resume,
     /// Removing the VM.
     Delete,
+    /// Taking, reverting to or deleting a snapshot.
+    Snapshot,
+    /// Changing disks: hot-plug, unplug, I/O limits, resize.
+    Disks,
 }
 
 impl Task {
@@ -102,6 +106,8 @@ impl Task {
             Task::Pause => "pause",
             Task::Resume => "resume",
             Task::Delete => "delete",
+            Task::Snapshot => "snapshot",
+            Task::Disks => "disks",
         }
     }
 }
@@ -127,11 +133,15 @@ pub enum Action {
         /// Stop a VM that runs.
         force: bool,
     },
+    /// Take, revert to or delete a snapshot (live or offline).
+    Snapshot,
+    /// Change the VM's disks (live or offline).
+    Disks,
 }
 
 impl Action {
     /// Every action, for exhaustive tests.
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 10] = [
         Action::Start,
         Action::Stop { force: false },
         Action::Stop { force: true },
@@ -140,6 +150,8 @@ impl Action {
         Action::Resume,
         Action::Delete { force: false },
         Action::Delete { force: true },
+        Action::Snapshot,
+        Action::Disks,
     ];
 
     /// The task this action runs as.
@@ -151,6 +163,8 @@ impl Action {
             Action::Pause => Task::Pause,
             Action::Resume => Task::Resume,
             Action::Delete { .. } => Task::Delete,
+            Action::Snapshot => Task::Snapshot,
+            Action::Disks => Task::Disks,
         }
     }
 }
@@ -219,6 +233,16 @@ pub fn decide(state: PowerState, task: Option<Task>, action: Action) -> Decision
                 state.as_str()
             )),
             S::Starting | S::Stopping => refused("delete"),
+        },
+        // Live through QMP while QEMU runs, offline on the files otherwise;
+        // not while QEMU comes or goes, nor while vmlet lost control of it.
+        Action::Snapshot | Action::Disks => match state {
+            S::Stopped | S::Crashed | S::Running | S::Paused => Decision::Run(action.task()),
+            _ => refused(if action == Action::Snapshot {
+                "snapshot"
+            } else {
+                "change disks"
+            }),
         },
     }
 }
@@ -371,6 +395,12 @@ mod tests {
                     (Action::Delete { force: true }, S::Running | S::Paused) => {
                         Some(run(Task::Delete))
                     }
+                    (Action::Snapshot, S::Stopped | S::Crashed | S::Running | S::Paused) => {
+                        Some(run(Task::Snapshot))
+                    }
+                    (Action::Disks, S::Stopped | S::Crashed | S::Running | S::Paused) => {
+                        Some(run(Task::Disks))
+                    }
                     _ => None, // refused
                 };
                 match expected_kind {
@@ -393,6 +423,8 @@ mod tests {
             Task::Pause,
             Task::Resume,
             Task::Delete,
+            Task::Snapshot,
+            Task::Disks,
         ];
         for state in PowerState::ALL {
             for task in tasks {

@@ -204,6 +204,7 @@ mod tests {
             disks: vec![],
             serial: SerialSpec::default(),
             channels: vec![],
+            cloud_init: None,
             autostart: true,
         }
     }

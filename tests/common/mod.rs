@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod guest;
+pub mod serial_shell;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -162,6 +163,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         disks: vec![],
         serial: SerialSpec::default(),
         channels: vec![],
+        cloud_init: None,
         autostart: false,
     }
 }
@@ -170,11 +172,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
 pub fn disk(name: &str, path: &Path) -> DiskSpec {
     DiskSpec {
         name: Some(name.to_string()),
-        path: path.to_path_buf(),
-        format: DiskFormat::Qcow2,
-        read_only: false,
-        boot_order: None,
-        serial: None,
+        ..DiskSpec::file(path, DiskFormat::Qcow2)
     }
 }
 
@@ -228,6 +226,7 @@ pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchE
             profile: profiles.get(&spec.profile).unwrap(),
             accel: Accel::Tcg,
             paths: &paths,
+            layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
         },
     )
     .await?;

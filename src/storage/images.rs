@@ -1,0 +1,713 @@
+//! The image store (`STATE_DIR/images/`), like a node-local Glance: images
+//! are imported from a file under the import directory or from an http(s)
+//! URL, checked, converted to qcow2, and never written again: VM disks are
+//! overlays on them.
+//!
+//! An import runs in the background and shows on the image (`status`
+//! `importing`, `progress`) and in `image` events. It is assembled in
+//! `images/.tmp/` and becomes visible by rename only when finished, so a
+//! failed, cancelled or interrupted import leaves nothing behind; a failed
+//! one stays listed as `failed` with its error (in memory only) until it is
+//! deleted or imported again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::events::{EventBody, EventBus};
+use crate::storage::qemu_img::QemuImg;
+use crate::storage::{is_no_space, Layout};
+use crate::vm::actor::{error_chain, VmError};
+use crate::vm::record::timestamp;
+use crate::vm::spec::{validate_name, FieldError, SpecError};
+use crate::vm::store::write_atomically;
+
+/// Formats an import may be in; each is stored as qcow2.
+pub const IMPORT_FORMATS: [&str; 5] = ["raw", "qcow2", "vmdk", "vdi", "vhdx"];
+
+/// How often import progress is published at most.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// An image as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Image {
+    /// Unique name.
+    pub name: String,
+    /// Where it is in its life.
+    pub status: ImageStatus,
+    /// Where it was imported from (a path or URL).
+    pub source: String,
+    /// The format the source was in (detected, never taken from the name).
+    #[serde(default)]
+    pub source_format: Option<String>,
+    /// Stored format (always `qcow2`).
+    pub format: String,
+    /// Size the guest sees, in bytes.
+    #[serde(default)]
+    pub virtual_size: Option<u64>,
+    /// Bytes the stored file uses on the host.
+    #[serde(default)]
+    pub actual_size: Option<u64>,
+    /// SHA-256 of the stored qcow2 file: it never changes.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// SHA-256 of the source as downloaded or read.
+    #[serde(default)]
+    pub source_sha256: Option<String>,
+    /// Progress of an import under way.
+    #[serde(default)]
+    pub progress: Option<ImportProgress>,
+    /// Why the import failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the import began (RFC 3339, UTC).
+    pub created_at: String,
+}
+
+/// An image's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStatus {
+    /// Being imported; not usable yet.
+    Importing,
+    /// Usable by VMs.
+    Ready,
+    /// The import failed (`error` says why); nothing was stored.
+    Failed,
+}
+
+impl ImageStatus {
+    /// The status as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageStatus::Importing => "importing",
+            ImageStatus::Ready => "ready",
+            ImageStatus::Failed => "failed",
+        }
+    }
+}
+
+/// How far an import got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImportProgress {
+    /// What the import is doing.
+    pub phase: ImportPhase,
+    /// Source bytes read so far.
+    pub bytes_done: u64,
+    /// Source size, when known.
+    #[serde(default)]
+    pub bytes_total: Option<u64>,
+}
+
+/// Phases of an import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportPhase {
+    /// Reading the source (download or local copy) and hashing it.
+    Fetch,
+    /// Inspecting and converting to qcow2.
+    Convert,
+}
+
+impl ImportPhase {
+    /// The phase as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportPhase::Fetch => "fetch",
+            ImportPhase::Convert => "convert",
+        }
+    }
+}
+
+/// `POST /v1/images`: give `path` (a file under the import directory) or
+/// `url` (http or https).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImport {
+    /// The image's name.
+    pub name: String,
+    /// A file under the import directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub path: Option<PathBuf>,
+    /// An http(s) URL, streamed to disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Expected SHA-256 of the source (hex); checked before the image
+    /// becomes visible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+enum Source {
+    File(PathBuf),
+    Url(reqwest::Url),
+}
+
+struct Entry {
+    image: Image,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+/// The image store.
+#[derive(Debug)]
+pub struct ImageStore {
+    layout: Layout,
+    qemu_img: QemuImg,
+    import_dir: PathBuf,
+    events: Arc<EventBus>,
+    entries: Mutex<BTreeMap<String, EntrySlot>>,
+}
+
+/// An entry, `Debug` without the abort handle's noise.
+struct EntrySlot(Entry);
+
+impl std::fmt::Debug for EntrySlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.image.fmt(f)
+    }
+}
+
+/// Removes a directory tree when dropped (an import's scratch space).
+struct TmpDir(PathBuf);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl ImageStore {
+    /// Opens the store: loads the finished images and removes the leftovers
+    /// of imports interrupted by a restart.
+    pub fn open(
+        layout: Layout,
+        qemu_img: QemuImg,
+        import_dir: PathBuf,
+        events: Arc<EventBus>,
+    ) -> std::io::Result<ImageStore> {
+        let dir = layout.images_dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = layout.import_tmp_dir();
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        let mut entries = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let loaded = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    serde_json::from_slice::<Image>(&bytes).map_err(|e| e.to_string())
+                });
+            match loaded {
+                Ok(image) if layout.image_file(&image.name).is_file() => {
+                    entries.insert(image.name.clone(), EntrySlot(Entry { image, task: None }));
+                }
+                Ok(image) => {
+                    // The metadata is written before the file is renamed in:
+                    // an import interrupted in between left only this.
+                    tracing::warn!(image = %image.name, "image metadata without its file: removing");
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "skipping unreadable image metadata")
+                }
+            }
+        }
+        Ok(ImageStore {
+            layout,
+            qemu_img,
+            import_dir,
+            events,
+            entries: Mutex::new(entries),
+        })
+    }
+
+    /// Every image, by name.
+    pub fn list(&self) -> Vec<Image> {
+        let entries = self.entries.lock().unwrap();
+        entries.values().map(|e| e.0.image.clone()).collect()
+    }
+
+    /// Image `name`.
+    pub fn get(&self, name: &str) -> Result<Image, VmError> {
+        let entries = self.entries.lock().unwrap();
+        entries
+            .get(name)
+            .map(|e| e.0.image.clone())
+            .ok_or_else(|| VmError::NotFound(format!("image {name}")))
+    }
+
+    /// The file and virtual size of ready image `name`, for a disk that
+    /// names it in field `field`.
+    pub fn ready_file(&self, name: &str, field: &str) -> Result<(PathBuf, u64), VmError> {
+        let image = self
+            .get(name)
+            .map_err(|_| invalid(field, format!("no image {name:?}")))?;
+        if image.status != ImageStatus::Ready {
+            return Err(invalid(
+                field,
+                format!("image {name:?} is {}, not ready", image.status.as_str()),
+            ));
+        }
+        Ok((
+            self.layout.image_file(name),
+            image.virtual_size.unwrap_or(0),
+        ))
+    }
+
+    /// Starts importing; returns the image in `importing` state.
+    pub fn import(self: &Arc<Self>, request: ImageImport) -> Result<Image, VmError> {
+        let source = self.check_request(&request)?;
+        let mut entries = self.entries.lock().unwrap();
+        if let Some(existing) = entries.get(&request.name) {
+            if existing.0.image.status != ImageStatus::Failed {
+                return Err(VmError::Conflict(format!(
+                    "image {} already exists",
+                    request.name
+                )));
+            }
+        }
+        let image = Image {
+            name: request.name.clone(),
+            status: ImageStatus::Importing,
+            source: match &source {
+                Source::File(path) => path.display().to_string(),
+                Source::Url(url) => url.to_string(),
+            },
+            source_format: None,
+            format: "qcow2".into(),
+            virtual_size: None,
+            actual_size: None,
+            sha256: None,
+            source_sha256: None,
+            progress: Some(ImportProgress {
+                phase: ImportPhase::Fetch,
+                bytes_done: 0,
+                bytes_total: None,
+            }),
+            error: None,
+            created_at: timestamp(SystemTime::now()),
+        };
+        let store = self.clone();
+        let name = request.name.clone();
+        let expected = request.sha256.as_ref().map(|s| s.to_ascii_lowercase());
+        let task = tokio::spawn(async move {
+            let result = store.run_import(&name, source, expected).await;
+            store.finish_import(&name, result);
+        });
+        entries.insert(
+            request.name.clone(),
+            EntrySlot(Entry {
+                image: image.clone(),
+                task: Some(task.abort_handle()),
+            }),
+        );
+        drop(entries);
+        tracing::info!(image = %image.name, source = %image.source, "import started");
+        self.publish(&image);
+        Ok(image)
+    }
+
+    fn check_request(&self, request: &ImageImport) -> Result<Source, VmError> {
+        let mut errors = match validate_name("name", &request.name) {
+            Ok(()) => vec![],
+            Err(e) => e.errors,
+        };
+        let mut field = |f: &str, m: String| {
+            errors.push(FieldError {
+                field: f.into(),
+                message: m,
+            })
+        };
+        if let Some(sum) = &request.sha256 {
+            if sum.len() != 64 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
+                field("sha256", "must be 64 hex digits".into());
+            }
+        }
+        let source = match (&request.path, &request.url) {
+            (Some(path), None) => match self.check_import_path(path) {
+                Ok(real) => Some(Source::File(real)),
+                Err(message) => {
+                    field("path", message);
+                    None
+                }
+            },
+            (None, Some(url)) => match reqwest::Url::parse(url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => Some(Source::Url(url)),
+                Ok(url) => {
+                    field(
+                        "url",
+                        format!("scheme {} is not http or https", url.scheme()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    field("url", format!("not a URL: {e}"));
+                    None
+                }
+            },
+            _ => {
+                field("path", "give exactly one of path or url".into());
+                None
+            }
+        };
+        match source {
+            Some(source) if errors.is_empty() => Ok(source),
+            _ => Err(VmError::Invalid(SpecError { errors })),
+        }
+    }
+
+    /// A local source must resolve (symlinks included) to a regular file
+    /// under the import directory.
+    fn check_import_path(&self, path: &Path) -> Result<PathBuf, String> {
+        if !path.is_absolute() {
+            return Err("must be an absolute path".into());
+        }
+        let root = std::fs::canonicalize(&self.import_dir).map_err(|e| {
+            format!(
+                "the import directory {} is unusable: {e}",
+                self.import_dir.display()
+            )
+        })?;
+        let real = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !real.starts_with(&root) {
+            return Err(format!(
+                "{} is outside the import directory {}",
+                path.display(),
+                root.display()
+            ));
+        }
+        if !real.is_file() {
+            return Err(format!("{} is not a regular file", path.display()));
+        }
+        Ok(real)
+    }
+
+    async fn run_import(
+        &self,
+        name: &str,
+        source: Source,
+        expected_sha256: Option<String>,
+    ) -> Result<Image, VmError> {
+        let tmp_root = self.layout.import_tmp_dir();
+        let scratch = TmpDir(tmp_root.join(format!("{name}-{}", uuid::Uuid::new_v4())));
+        std::fs::create_dir_all(&scratch.0).map_err(|e| io_error("creating", &scratch.0, e))?;
+        let raw = scratch.0.join("source");
+        let source_sha256 = match &source {
+            Source::File(path) => self.copy_file(name, path, &raw).await?,
+            Source::Url(url) => self.download(name, url, &raw).await?,
+        };
+        if let Some(expected) = expected_sha256 {
+            if expected != source_sha256 {
+                return Err(VmError::Invalid(SpecError {
+                    errors: vec![FieldError {
+                        field: "sha256".into(),
+                        message: format!(
+                            "checksum mismatch: expected {expected}, the source has {source_sha256}"
+                        ),
+                    }],
+                }));
+            }
+        }
+        self.set_progress(name, ImportPhase::Convert, None);
+        // Probing is safe here: the file is only inspected, then converted
+        // from the format found, never handed to a guest as is.
+        let info = self.qemu_img.info(&raw, None, false).await?;
+        if !IMPORT_FORMATS.contains(&info.format.as_str()) {
+            return Err(VmError::Refused(format!(
+                "format {} is not importable ({})",
+                info.format,
+                IMPORT_FORMATS.join(", ")
+            )));
+        }
+        if let Some(backing) = &info.backing_filename {
+            return Err(VmError::Refused(format!(
+                "the image has a backing file ({backing}); import a flattened image (qemu-img convert)"
+            )));
+        }
+        let external = info.external_files(&raw);
+        if !external.is_empty() {
+            return Err(VmError::Refused(format!(
+                "the image refers to other files ({}); import a self-contained image",
+                external.join(", ")
+            )));
+        }
+        let converted = scratch.0.join("image.qcow2");
+        self.qemu_img
+            .convert_to_qcow2(&raw, &info.format, &converted)
+            .await?;
+        let _ = std::fs::remove_file(&raw);
+        let stored = self.qemu_img.info(&converted, Some("qcow2"), false).await?;
+        let converted_for_hash = converted.clone();
+        let sha256 = tokio::task::spawn_blocking(move || sha256_file(&converted_for_hash))
+            .await
+            .map_err(|e| VmError::Failed(e.to_string()))?
+            .map_err(|e| io_error("hashing", &converted, e))?;
+        let mut image = self.get(name)?;
+        image.status = ImageStatus::Ready;
+        image.source_format = Some(info.format.clone());
+        image.virtual_size = Some(stored.virtual_size);
+        image.actual_size = stored.actual_size;
+        image.sha256 = Some(sha256);
+        image.source_sha256 = Some(source_sha256);
+        image.progress = None;
+        image.error = None;
+        // Metadata first, then the file: a restart in between finds
+        // metadata without a file and drops it.
+        let dir = self.layout.images_dir();
+        let mut meta = serde_json::to_vec_pretty(&image).expect("an Image serializes");
+        meta.push(b'\n');
+        write_atomically(&dir, &format!("{name}.json"), &meta)
+            .map_err(|e| VmError::Failed(error_chain(&e)))?;
+        let target = self.layout.image_file(name);
+        if let Err(e) = std::fs::rename(&converted, &target) {
+            let _ = std::fs::remove_file(self.layout.image_meta(name));
+            return Err(io_error("renaming into place", &target, e));
+        }
+        Ok(image)
+    }
+
+    fn finish_import(&self, name: &str, result: Result<Image, VmError>) {
+        let image = {
+            let mut entries = self.entries.lock().unwrap();
+            let Some(entry) = entries.get_mut(name) else {
+                return;
+            };
+            entry.0.task = None;
+            match result {
+                Ok(image) => {
+                    tracing::info!(image = %name, "import finished");
+                    entry.0.image = image;
+                }
+                Err(e) => {
+                    tracing::warn!(image = %name, error = %e, "import failed");
+                    entry.0.image.status = ImageStatus::Failed;
+                    entry.0.image.progress = None;
+                    entry.0.image.error = Some(e.to_string());
+                }
+            }
+            entry.0.image.clone()
+        };
+        self.publish(&image);
+    }
+
+    /// Deletes image `name` (which no VM may use: the caller checks), or
+    /// cancels its import.
+    pub fn delete(&self, name: &str) -> Result<(), VmError> {
+        let mut entries = self.entries.lock().unwrap();
+        let Some(entry) = entries.get(name) else {
+            return Err(VmError::NotFound(format!("image {name}")));
+        };
+        if let Some(task) = &entry.0.task {
+            task.abort();
+        }
+        if entry.0.image.status == ImageStatus::Ready {
+            let file = self.layout.image_file(name);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("removing", &file, e)),
+            }
+            let _ = std::fs::remove_file(self.layout.image_meta(name));
+        }
+        entries.remove(name);
+        drop(entries);
+        tracing::info!(image = %name, "deleted");
+        self.events.publish(EventBody::ImageDeleted {
+            name: name.to_string(),
+        });
+        Ok(())
+    }
+
+    async fn copy_file(&self, name: &str, src: &Path, dst: &Path) -> Result<String, VmError> {
+        let mut input = tokio::fs::File::open(src)
+            .await
+            .map_err(|e| io_error("opening", src, e))?;
+        let total = input.metadata().await.ok().map(|m| m.len());
+        let mut sink = Sink::create(self, name, dst, total).await?;
+        let mut buf = vec![0u8; 1024 * 1024];
+        loop {
+            let n = input
+                .read(&mut buf)
+                .await
+                .map_err(|e| io_error("reading", src, e))?;
+            if n == 0 {
+                break;
+            }
+            sink.write(&buf[..n]).await?;
+        }
+        sink.finish().await
+    }
+
+    async fn download(
+        &self,
+        name: &str,
+        url: &reqwest::Url,
+        dst: &Path,
+    ) -> Result<String, VmError> {
+        use futures_util::StreamExt;
+        let response = reqwest::get(url.clone())
+            .await
+            .map_err(|e| VmError::Failed(format!("GET {url}: {}", error_chain(&e))))?;
+        if !response.status().is_success() {
+            return Err(VmError::Failed(format!("GET {url}: {}", response.status())));
+        }
+        let total = response.content_length();
+        let mut sink = Sink::create(self, name, dst, total).await?;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| VmError::Failed(format!("GET {url}: {}", error_chain(&e))))?;
+            sink.write(&chunk).await?;
+        }
+        if let Some(total) = total {
+            if sink.done != total {
+                return Err(VmError::Failed(format!(
+                    "GET {url}: got {} of {total} bytes",
+                    sink.done
+                )));
+            }
+        }
+        sink.finish().await
+    }
+
+    fn set_progress(&self, name: &str, phase: ImportPhase, done: Option<(u64, Option<u64>)>) {
+        let image = {
+            let mut entries = self.entries.lock().unwrap();
+            let Some(entry) = entries.get_mut(name) else {
+                return;
+            };
+            let progress = entry.0.image.progress.get_or_insert(ImportProgress {
+                phase,
+                bytes_done: 0,
+                bytes_total: None,
+            });
+            progress.phase = phase;
+            if let Some((bytes_done, bytes_total)) = done {
+                progress.bytes_done = bytes_done;
+                progress.bytes_total = bytes_total;
+            }
+            entry.0.image.clone()
+        };
+        self.publish(&image);
+    }
+
+    fn publish(&self, image: &Image) {
+        self.events.publish(EventBody::Image {
+            image: Box::new(image.clone()),
+        });
+    }
+}
+
+/// Where fetched bytes go: the scratch file, the hash and the progress.
+struct Sink<'a> {
+    store: &'a ImageStore,
+    name: &'a str,
+    path: &'a Path,
+    file: tokio::fs::File,
+    hasher: Sha256,
+    done: u64,
+    total: Option<u64>,
+    last_report: Instant,
+}
+
+impl<'a> Sink<'a> {
+    async fn create(
+        store: &'a ImageStore,
+        name: &'a str,
+        path: &'a Path,
+        total: Option<u64>,
+    ) -> Result<Sink<'a>, VmError> {
+        let file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| io_error("creating", path, e))?;
+        store.set_progress(name, ImportPhase::Fetch, Some((0, total)));
+        Ok(Sink {
+            store,
+            name,
+            path,
+            file,
+            hasher: Sha256::new(),
+            done: 0,
+            total,
+            last_report: Instant::now(),
+        })
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), VmError> {
+        self.file
+            .write_all(bytes)
+            .await
+            .map_err(|e| io_error("writing", self.path, e))?;
+        self.hasher.update(bytes);
+        self.done += bytes.len() as u64;
+        if self.last_report.elapsed() >= PROGRESS_INTERVAL {
+            self.last_report = Instant::now();
+            self.store
+                .set_progress(self.name, ImportPhase::Fetch, Some((self.done, self.total)));
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<String, VmError> {
+        self.file
+            .sync_all()
+            .await
+            .map_err(|e| io_error("syncing", self.path, e))?;
+        self.store.set_progress(
+            self.name,
+            ImportPhase::Fetch,
+            Some((self.done, self.total.or(Some(self.done)))),
+        );
+        Ok(hex(&self.hasher.finalize()))
+    }
+}
+
+/// SHA-256 of a file, as hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn invalid(field: &str, message: String) -> VmError {
+    VmError::Invalid(SpecError {
+        errors: vec![FieldError {
+            field: field.into(),
+            message,
+        }],
+    })
+}
+
+/// An I/O error as a [`VmError`]: a full disk is [`VmError::NoSpace`].
+pub fn io_error(op: &str, path: &Path, e: std::io::Error) -> VmError {
+    let message = format!("{op} {}: {e}", path.display());
+    if is_no_space(&e) {
+        VmError::NoSpace(message)
+    } else {
+        VmError::Failed(message)
+    }
+}

@@ -1,0 +1,98 @@
+//! Disk images, volumes, VM disks and cloud-init seeds: everything vmlet
+//! keeps under `STATE_DIR` besides the VM records, and the `qemu-img` runs
+//! that make them.
+//!
+//! ```text
+//! STATE_DIR/images/NAME.qcow2       an imported image (never written again)
+//! STATE_DIR/images/NAME.json        its metadata (source, checksums)
+//! STATE_DIR/images/.tmp/            imports in progress (emptied at start)
+//! STATE_DIR/volumes/NAME.qcow2      a named volume
+//! STATE_DIR/vms/UUID/disks/D.qcow2  a VM's own disk: an overlay on an image, or blank
+//! STATE_DIR/vms/UUID/cidata.img     its cloud-init seed (written at every start)
+//! ```
+//!
+//! Every file name comes from a validated name (`[A-Za-z0-9][A-Za-z0-9._-]*`)
+//! or a UUID, so no request can name a path outside these directories.
+
+pub mod disks;
+pub mod images;
+pub mod qemu_img;
+pub mod seed;
+pub mod volumes;
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+/// Where storage files live under the state directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    state_dir: PathBuf,
+}
+
+impl Layout {
+    /// The layout under `state_dir`.
+    pub fn new(state_dir: &Path) -> Layout {
+        Layout {
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+
+    /// `STATE_DIR/images`.
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
+    /// An image's qcow2 file.
+    pub fn image_file(&self, name: &str) -> PathBuf {
+        self.images_dir().join(format!("{name}.qcow2"))
+    }
+
+    /// An image's metadata.
+    pub fn image_meta(&self, name: &str) -> PathBuf {
+        self.images_dir().join(format!("{name}.json"))
+    }
+
+    /// Where imports are assembled before they become visible.
+    pub fn import_tmp_dir(&self) -> PathBuf {
+        self.images_dir().join(".tmp")
+    }
+
+    /// `STATE_DIR/volumes`.
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.state_dir.join("volumes")
+    }
+
+    /// A volume's qcow2 file.
+    pub fn volume_file(&self, name: &str) -> PathBuf {
+        self.volumes_dir().join(format!("{name}.qcow2"))
+    }
+
+    /// A VM's directory (its record lives there too).
+    pub fn vm_dir(&self, vm: Uuid) -> PathBuf {
+        self.state_dir.join("vms").join(vm.to_string())
+    }
+
+    /// The directory of a VM's own disks.
+    pub fn vm_disks_dir(&self, vm: Uuid) -> PathBuf {
+        self.vm_dir(vm).join("disks")
+    }
+
+    /// A VM's own disk (overlay or blank).
+    pub fn vm_disk(&self, vm: Uuid, disk: &str) -> PathBuf {
+        self.vm_disks_dir(vm).join(format!("{disk}.qcow2"))
+    }
+
+    /// A VM's cloud-init seed.
+    pub fn seed(&self, vm: Uuid) -> PathBuf {
+        self.vm_dir(vm).join("cidata.img")
+    }
+}
+
+/// Bytes in a MiB.
+pub const MIB: u64 = 1024 * 1024;
+
+/// True when `err` (or a message from a tool) says the disk is full.
+pub fn is_no_space(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::StorageFull || err.raw_os_error() == Some(libc::ENOSPC)
+}

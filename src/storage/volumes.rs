@@ -1,0 +1,302 @@
+//! Named volumes (`STATE_DIR/volumes/NAME.qcow2`), like node-local Cinder
+//! volumes: created blank or from an image, attached to at most one VM,
+//! grown (never shrunk), kept when the VM goes unless asked.
+//!
+//! The volume file is the only state: size and usage come from `qemu-img
+//! info`, and which VM uses a volume from the VM specs (the manager fills
+//! in `attached_to`).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::events::{EventBody, EventBus};
+use crate::storage::images::{io_error, ImageStore};
+use crate::storage::qemu_img::QemuImg;
+use crate::storage::{Layout, MIB};
+use crate::vm::actor::VmError;
+use crate::vm::record::timestamp;
+use crate::vm::spec::{validate_name, validate_size, SpecError};
+
+/// A volume as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Volume {
+    /// Unique name.
+    pub name: String,
+    /// Size the guest sees, in MiB (rounded down).
+    pub size_mib: u64,
+    /// Size the guest sees, in bytes.
+    pub virtual_size: u64,
+    /// Bytes used on the host.
+    #[serde(default)]
+    pub actual_size: Option<u64>,
+    /// Stored format (always `qcow2`).
+    pub format: String,
+    /// The VM disk using it, if any.
+    #[serde(default)]
+    pub attached_to: Option<VolumeAttachment>,
+    /// When the file was created (RFC 3339, UTC).
+    pub created_at: String,
+}
+
+/// Which VM disk uses a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VolumeAttachment {
+    /// The VM's UUID.
+    pub vm: Uuid,
+    /// The VM's name.
+    pub vm_name: String,
+    /// The disk's name in the VM.
+    pub disk: String,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    /// The volume's name.
+    pub name: String,
+    /// Size in MiB (with `image`: at least the image's size; default: it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u64>,
+    /// Copy this image's contents (a full copy: the volume does not depend
+    /// on the image afterwards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    /// New size in MiB; must not be smaller than the current size.
+    pub size_mib: u64,
+}
+
+/// The volume store.
+#[derive(Debug)]
+pub struct VolumeStore {
+    layout: Layout,
+    qemu_img: QemuImg,
+    events: Arc<EventBus>,
+    /// Serializes creates and deletes, so a name is made once.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl VolumeStore {
+    /// Opens the store, removing temp files of creates interrupted by a
+    /// restart.
+    pub fn open(
+        layout: Layout,
+        qemu_img: QemuImg,
+        events: Arc<EventBus>,
+    ) -> std::io::Result<VolumeStore> {
+        let dir = layout.volumes_dir();
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if hidden {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(VolumeStore {
+            layout,
+            qemu_img,
+            events,
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Names of every volume, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.layout.volumes_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".qcow2")?.to_string();
+                (!name.starts_with('.')).then_some(name)
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Whether volume `name` exists.
+    pub fn exists(&self, name: &str) -> bool {
+        validate_name("volume", name).is_ok() && self.layout.volume_file(name).is_file()
+    }
+
+    /// Volume `name` (without `attached_to`).
+    pub async fn get(&self, name: &str) -> Result<Volume, VmError> {
+        if !self.exists(name) {
+            return Err(VmError::NotFound(format!("volume {name}")));
+        }
+        let file = self.layout.volume_file(name);
+        // -U: a running VM holds the image's lock.
+        let info = self.qemu_img.info(&file, Some("qcow2"), true).await?;
+        let created = std::fs::metadata(&file)
+            .and_then(|m| m.created().or_else(|_| m.modified()))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(Volume {
+            name: name.to_string(),
+            size_mib: info.virtual_size / MIB,
+            virtual_size: info.virtual_size,
+            actual_size: info.actual_size,
+            format: "qcow2".into(),
+            attached_to: None,
+            created_at: timestamp(created),
+        })
+    }
+
+    /// Creates a volume, blank or as a copy of an image. Nothing is left
+    /// behind when it fails (a full disk gives [`VmError::NoSpace`]).
+    pub async fn create(
+        &self,
+        request: &VolumeCreate,
+        images: &ImageStore,
+    ) -> Result<Volume, VmError> {
+        let mut errors = Vec::new();
+        if let Err(e) = validate_name("name", &request.name) {
+            errors.extend(e.errors);
+        }
+        if let Some(size) = request.size_mib {
+            if let Err(e) = validate_size("size_mib", size) {
+                errors.extend(e.errors);
+            }
+        } else if request.image.is_none() {
+            errors.extend(
+                validate_size("size_mib", 0)
+                    .err()
+                    .map(|e| e.errors)
+                    .unwrap_or_default(),
+            );
+        }
+        let source = match &request.image {
+            Some(image) => match images.ready_file(image, "image") {
+                Ok(found) => Some(found),
+                Err(VmError::Invalid(e)) => {
+                    errors.extend(e.errors);
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        if !errors.is_empty() {
+            return Err(VmError::Invalid(SpecError { errors }));
+        }
+        let size = match (&source, request.size_mib) {
+            (Some((_, image_size)), Some(mib)) if mib * MIB < *image_size => {
+                return Err(VmError::Invalid(SpecError {
+                    errors: vec![crate::vm::spec::FieldError {
+                        field: "size_mib".into(),
+                        message: format!("smaller than the image ({image_size} bytes)"),
+                    }],
+                }))
+            }
+            (Some((_, image_size)), None) => *image_size,
+            (_, Some(mib)) => mib * MIB,
+            (None, None) => unreachable!("checked above"),
+        };
+        let _guard = self.lock.lock().await;
+        let target = self.layout.volume_file(&request.name);
+        if target.exists() {
+            return Err(VmError::Conflict(format!(
+                "volume {} already exists",
+                request.name
+            )));
+        }
+        let tmp =
+            self.layout
+                .volumes_dir()
+                .join(format!(".{}.{}.qcow2", request.name, Uuid::new_v4()));
+        let made = async {
+            match &source {
+                Some((image_file, image_size)) => {
+                    self.qemu_img
+                        .convert_to_qcow2(image_file, "qcow2", &tmp)
+                        .await?;
+                    if size > *image_size {
+                        self.qemu_img.resize(&tmp, size).await?;
+                    }
+                }
+                None => self.qemu_img.create(&tmp, size).await?,
+            }
+            std::fs::rename(&tmp, &target).map_err(|e| io_error("renaming into place", &target, e))
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        tracing::info!(volume = %request.name, size, "volume created");
+        let volume = self.get(&request.name).await?;
+        self.publish(&volume);
+        Ok(volume)
+    }
+
+    /// Grows a volume no running VM uses (`qemu-img resize`).
+    pub async fn resize_offline(&self, name: &str, size_mib: u64) -> Result<Volume, VmError> {
+        let current = self.check_resize(name, size_mib).await?;
+        if size_mib * MIB > current.virtual_size {
+            self.qemu_img
+                .resize(&self.layout.volume_file(name), size_mib * MIB)
+                .await?;
+        }
+        let volume = self.get(name).await?;
+        self.publish(&volume);
+        Ok(volume)
+    }
+
+    /// Checks a resize request against volume `name`; returns the volume.
+    pub async fn check_resize(&self, name: &str, size_mib: u64) -> Result<Volume, VmError> {
+        validate_size("size_mib", size_mib)?;
+        let current = self.get(name).await?;
+        if size_mib * MIB < current.virtual_size {
+            return Err(VmError::Invalid(SpecError {
+                errors: vec![crate::vm::spec::FieldError {
+                    field: "size_mib".into(),
+                    message: format!(
+                        "volumes only grow: {size_mib} MiB is smaller than the current {} bytes",
+                        current.virtual_size
+                    ),
+                }],
+            }));
+        }
+        Ok(current)
+    }
+
+    /// Deletes a volume no VM uses (the caller checks).
+    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+        let _guard = self.lock.lock().await;
+        if !self.exists(name) {
+            return Err(VmError::NotFound(format!("volume {name}")));
+        }
+        let file = self.layout.volume_file(name);
+        std::fs::remove_file(&file).map_err(|e| io_error("removing", &file, e))?;
+        tracing::info!(volume = %name, "volume deleted");
+        self.events.publish(EventBody::VolumeDeleted {
+            name: name.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Publishes a volume's new view.
+    pub fn publish(&self, volume: &Volume) {
+        self.events.publish(EventBody::Volume {
+            volume: Box::new(volume.clone()),
+        });
+    }
+
+    /// The file of volume `name`.
+    pub fn file(&self, name: &str) -> std::path::PathBuf {
+        self.layout.volume_file(name)
+    }
+}
