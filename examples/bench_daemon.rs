@@ -148,6 +148,7 @@ impl Scratch {
             .arg(self.run_dir())
             .env("VMLET_ACCEL", "tcg")
             .env("VMLET_ALLOWED_HOST_PATHS", allowed)
+            .env("VMLET_IMPORT_DIR", self.path().join("import"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning the log handle"))
             .stderr(log)
@@ -447,6 +448,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
         delete(&client, id).await;
     }
     let rss_after = rss_mib(scratch.daemon_pid());
+    let storage = storage_figures(&client, scratch, guest).await;
     scratch.stop_daemon();
 
     row(
@@ -486,4 +488,126 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
             percentile(&latency, 99.0).as_secs_f64() * 1000.0
         ),
     );
+    storage.print();
+}
+
+/// Size of the image imported by the storage figures.
+const IMPORT_MIB: u64 = 256;
+/// Snapshot and revert samples.
+const SNAPSHOT_RUNS: usize = 5;
+
+struct StorageFigures {
+    import: Duration,
+    create_with_overlay: Duration,
+    snapshot: Duration,
+    revert: Duration,
+}
+
+impl StorageFigures {
+    fn print(&self) {
+        row(
+            &format!("import {IMPORT_MIB} MiB raw image (file)"),
+            format!(
+                "{}  ({:.0} MiB/s)",
+                ms(self.import),
+                IMPORT_MIB as f64 / self.import.as_secs_f64()
+            ),
+        );
+        row(
+            "create VM with an overlay disk",
+            ms(self.create_with_overlay),
+        );
+        row(
+            &format!("live snapshot, 128 MiB guest (median of {SNAPSHOT_RUNS})"),
+            ms(self.snapshot),
+        );
+        row(
+            &format!("live revert, 128 MiB guest (median of {SNAPSHOT_RUNS})"),
+            ms(self.revert),
+        );
+    }
+}
+
+async fn api(client: &Client, method: Method, path: &str, body: Option<&Value>) -> Value {
+    let (status, value) = within(path, client.request_json(method.clone(), path, body))
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    assert!(status < 300, "{method} {path}: {status} {value}");
+    value
+}
+
+/// Image import, a VM on an overlay, and live snapshot/revert times.
+async fn storage_figures(client: &Client, scratch: &Scratch, guest: &Guest) -> StorageFigures {
+    let import_dir = scratch.path().join("import");
+    std::fs::create_dir_all(&import_dir).expect("creating the import directory");
+    let raw = import_dir.join("bench.raw");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&raw).expect("creating the raw image");
+        // Real bytes (not a sparse file), so the import reads and hashes
+        // every one.
+        let chunk: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        for _ in 0..IMPORT_MIB {
+            file.write_all(&chunk).expect("writing the raw image");
+        }
+    }
+    let started = Instant::now();
+    api(
+        client,
+        Method::POST,
+        "/v1/images",
+        Some(&json!({"name": "bench", "path": raw})),
+    )
+    .await;
+    loop {
+        let image = api(client, Method::GET, "/v1/images/bench", None).await;
+        match image["status"].as_str() {
+            Some("ready") => break,
+            Some("importing") => {}
+            _ => panic!("import failed: {image}"),
+        }
+        assert!(started.elapsed() < TIMEOUT, "import took over {TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let import = started.elapsed();
+
+    let mut spec = guest.spec_json("storage");
+    spec["disks"] = json!([{"image": "bench"}]);
+    let started = Instant::now();
+    let vm = api(client, Method::POST, "/v1/vms", Some(&spec)).await;
+    let create_with_overlay = started.elapsed();
+    let id: Uuid = serde_json::from_value(vm["id"].clone()).expect("a VM id");
+    api(client, Method::POST, &format!("/v1/vms/{id}/start"), None).await;
+
+    let mut snapshots = Vec::new();
+    let mut reverts = Vec::new();
+    for round in 0..SNAPSHOT_RUNS {
+        let name = format!("s{round}");
+        let t = Instant::now();
+        api(
+            client,
+            Method::POST,
+            &format!("/v1/vms/{id}/snapshots"),
+            Some(&json!({"name": name})),
+        )
+        .await;
+        snapshots.push(t.elapsed());
+        let t = Instant::now();
+        api(
+            client,
+            Method::POST,
+            &format!("/v1/vms/{id}/snapshots/{name}/revert"),
+            None,
+        )
+        .await;
+        reverts.push(t.elapsed());
+    }
+    delete(client, id).await;
+    api(client, Method::DELETE, "/v1/images/bench", None).await;
+    StorageFigures {
+        import,
+        create_with_overlay,
+        snapshot: median(snapshots),
+        revert: median(reverts),
+    }
 }

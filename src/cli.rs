@@ -1,12 +1,13 @@
-//! The client subcommands of `vmlet` (`vmlet vm …`, `vmlet node`,
-//! `vmlet events`): parse options, call the daemon through
-//! [`crate::client`], print tables or JSON.
+//! The client subcommands of `vmlet` (`vmlet vm …`, `vmlet image …`,
+//! `vmlet volume …`, `vmlet node`, `vmlet events`): parse options, call the
+//! daemon through [`crate::client`], print tables or JSON.
 //!
 //! Rendering is pure (data in, `String` out) so every format is unit-tested;
 //! the `run_*` functions only fetch and print.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use uuid::Uuid;
@@ -14,8 +15,19 @@ use uuid::Uuid;
 use crate::client::{Client, ClientError, Endpoint, DEFAULT_SOCKET};
 use crate::events::{Event, EventBody};
 use crate::node::NodeInfo;
-use crate::vm::spec::{Boot, Firmware};
+use crate::storage::images::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
+use crate::storage::volumes::{Volume, VolumeCreate};
+use crate::vm::disk_ops::Snapshot;
+use crate::vm::spec::{Boot, CacheMode, DiskBus, DiskFormat, DiskSpec, Firmware, IoLimits};
 use crate::vm::Vm;
+
+/// How often `image import` asks the daemon how the import is going.
+const IMPORT_POLL: Duration = Duration::from_millis(200);
+/// How often `image import` prints a progress line when stderr is not a
+/// terminal (and at each phase change).
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// Cells of the progress bar drawn on a terminal.
+const BAR_WIDTH: usize = 30;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -145,13 +157,289 @@ pub enum VmCommand {
         /// UUID or name.
         vm: String,
     },
-    /// Delete a stopped VM.
+    /// Delete a stopped VM with its own disks (overlays, blank disks, the
+    /// cloud-init seed). Volumes are kept unless --delete-volumes.
     Delete {
         /// UUID or name.
         vm: String,
         /// Delete a running VM too, stopping it first.
         #[arg(long)]
         force: bool,
+        /// Delete the volumes attached to it too.
+        #[arg(long)]
+        delete_volumes: bool,
+    },
+    /// Attach, detach and throttle a VM's disks.
+    Disk {
+        /// The disk operation.
+        #[command(subcommand)]
+        cmd: DiskCommand,
+    },
+    /// List, take, revert to and delete a VM's snapshots.
+    Snapshot {
+        /// The snapshot operation.
+        #[command(subcommand)]
+        cmd: SnapshotCommand,
+    },
+}
+
+/// `vmlet vm disk …`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum DiskCommand {
+    /// Attach a volume: hot-plugged into a running VM (q35), or added to
+    /// the spec of a stopped one.
+    Attach {
+        /// UUID or name.
+        vm: String,
+        /// The volume to attach.
+        #[arg(long)]
+        volume: String,
+        /// The disk's name in the VM (default: the next `diskN`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Guest bus.
+        #[arg(long, value_enum, default_value_t = BusArg::VirtioBlk)]
+        bus: BusArg,
+        /// Host cache mode.
+        #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
+        cache: CacheArg,
+        /// Attach read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Serial number the guest sees.
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// Detach a volume or host-file disk (the guest is asked to release it
+    /// first when the VM runs).
+    Detach {
+        /// UUID or name.
+        vm: String,
+        /// The disk's name.
+        disk: String,
+    },
+    /// Set a disk's I/O limits, replacing the old ones (none given: no
+    /// limits). Applied at once when the VM runs.
+    Limits {
+        /// UUID or name.
+        vm: String,
+        /// The disk's name.
+        disk: String,
+        /// The new limits.
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// The six I/O limits; a total and the read/write limits of the same kind
+/// exclude each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::Args)]
+#[command(next_help_heading = "I/O limits (unset or 0: unlimited)")]
+pub struct LimitArgs {
+    /// Read + write operations per second.
+    #[arg(long, value_name = "N")]
+    pub iops_total: Option<u64>,
+    /// Read operations per second.
+    #[arg(long, value_name = "N")]
+    pub iops_read: Option<u64>,
+    /// Write operations per second.
+    #[arg(long, value_name = "N")]
+    pub iops_write: Option<u64>,
+    /// Read + write bytes per second (K, M, G suffixes: powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub bps_total: Option<u64>,
+    /// Read bytes per second.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub bps_read: Option<u64>,
+    /// Write bytes per second.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub bps_write: Option<u64>,
+}
+
+impl From<LimitArgs> for IoLimits {
+    fn from(a: LimitArgs) -> IoLimits {
+        IoLimits {
+            iops_total: a.iops_total,
+            iops_read: a.iops_read,
+            iops_write: a.iops_write,
+            bps_total: a.bps_total,
+            bps_read: a.bps_read,
+            bps_write: a.bps_write,
+        }
+    }
+}
+
+/// A byte count: digits with an optional `K`, `M`, `G` or `T` suffix
+/// (powers of 1024; `KiB`, `k`, `MB`… are read the same).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, suffix) = t.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{text:?}: unknown unit {suffix:?} (K, M, G, T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// A disk's guest bus, as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BusArg {
+    /// A virtio-blk device (`/dev/vdX`).
+    #[value(name = "virtio_blk", alias = "virtio-blk")]
+    VirtioBlk,
+    /// A disk on the virtio-scsi controller (`/dev/sdX`).
+    #[value(name = "virtio_scsi", alias = "virtio-scsi")]
+    VirtioScsi,
+}
+
+impl From<BusArg> for DiskBus {
+    fn from(b: BusArg) -> DiskBus {
+        match b {
+            BusArg::VirtioBlk => DiskBus::VirtioBlk,
+            BusArg::VirtioScsi => DiskBus::VirtioScsi,
+        }
+    }
+}
+
+/// A disk's host cache mode, as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheArg {
+    /// Host page cache, guest flushes honoured.
+    Writeback,
+    /// O_DIRECT, guest flushes honoured.
+    None,
+    /// Host page cache, every write flushed.
+    Writethrough,
+    /// O_DIRECT, every write flushed.
+    Directsync,
+    /// Flushes ignored: fast, loses data on a host crash.
+    Unsafe,
+}
+
+impl From<CacheArg> for CacheMode {
+    fn from(c: CacheArg) -> CacheMode {
+        match c {
+            CacheArg::Writeback => CacheMode::Writeback,
+            CacheArg::None => CacheMode::None,
+            CacheArg::Writethrough => CacheMode::Writethrough,
+            CacheArg::Directsync => CacheMode::Directsync,
+            CacheArg::Unsafe => CacheMode::Unsafe,
+        }
+    }
+}
+
+/// `vmlet vm snapshot …`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum SnapshotCommand {
+    /// List a VM's snapshots.
+    List {
+        /// UUID or name.
+        vm: String,
+    },
+    /// Take a snapshot: memory and disks of a running VM, disks only of a
+    /// stopped one. Every writable disk must be qcow2.
+    Create {
+        /// UUID or name.
+        vm: String,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Go back to a snapshot (a running VM continues from that moment).
+    Revert {
+        /// UUID or name.
+        vm: String,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// UUID or name.
+        vm: String,
+        /// The snapshot's name.
+        name: String,
+    },
+}
+
+/// `vmlet image …`: the daemon's image store.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum ImageCommand {
+    /// List every image (failed imports too, until deleted).
+    List,
+    /// Show one image.
+    Show {
+        /// The image's name.
+        name: String,
+    },
+    /// Import an image (raw, qcow2, vmdk, vdi or vhdx; stored as qcow2) and
+    /// follow the import until it is ready. Ctrl-C stops following; the
+    /// import goes on (`vmlet image delete` cancels it).
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["file", "from_url"])))]
+    Import {
+        /// The image's name.
+        name: String,
+        /// A file under the daemon's import directory (VMLET_IMPORT_DIR).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// An http(s) URL the daemon downloads (`--url` names the daemon).
+        #[arg(long, value_name = "URL")]
+        from_url: Option<String>,
+        /// Expected SHA-256 of the source file (hex).
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+        /// Return once the import has started.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete an image, or cancel its import (refused while a VM uses it).
+    Delete {
+        /// The image's name.
+        name: String,
+    },
+}
+
+/// `vmlet volume …`: the daemon's named volumes.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum VolumeCommand {
+    /// List every volume.
+    List,
+    /// Show one volume.
+    Show {
+        /// The volume's name.
+        name: String,
+    },
+    /// Create a volume: blank (--size-mib), or a full copy of an image
+    /// (--image, grown to --size-mib when given).
+    Create {
+        /// The volume's name.
+        name: String,
+        /// Size in MiB.
+        #[arg(long, value_name = "N")]
+        size_mib: Option<u64>,
+        /// Copy this (ready) image.
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
+    },
+    /// Grow a volume (online when its VM runs); it never shrinks.
+    Resize {
+        /// The volume's name.
+        name: String,
+        /// New size in MiB.
+        #[arg(long, value_name = "N")]
+        size_mib: u64,
+    },
+    /// Delete a volume (refused while a VM uses it).
+    Delete {
+        /// The volume's name.
+        name: String,
     },
 }
 
@@ -204,6 +492,21 @@ pub enum CliError {
     /// The output could not be written.
     #[error("writing the output")]
     Output(#[source] std::io::Error),
+    /// An image import ended `failed`.
+    #[error("import of image {name} failed: {error}")]
+    ImportFailed {
+        /// The image.
+        name: String,
+        /// The image's error.
+        error: String,
+    },
+    /// The image being followed was deleted (or deleted and imported
+    /// again) meanwhile.
+    #[error("image {name} was deleted while it was being imported")]
+    ImageGone {
+        /// The image.
+        name: String,
+    },
 }
 
 /// Runs `vmlet vm CMD`, printing to `out`.
@@ -250,14 +553,22 @@ pub async fn run_vm(
                 format!("VM {} ({}) already exists with this spec\n", vm.name, vm.id)
             }
         }
-        VmCommand::Delete { vm, force } => {
-            client.delete_vm(&vm, force).await?;
+        VmCommand::Delete {
+            vm,
+            force,
+            delete_volumes,
+        } => {
+            client.delete_vm_with(&vm, force, delete_volumes).await?;
             if json {
                 String::new()
+            } else if delete_volumes {
+                format!("deleted VM {vm} and its volumes\n")
             } else {
                 format!("deleted VM {vm}\n")
             }
         }
+        VmCommand::Disk { cmd } => disk_command(&client, cmd, json).await?,
+        VmCommand::Snapshot { cmd } => snapshot_command(&client, cmd, json).await?,
         VmCommand::Start { vm } => action_output(client.start(&vm).await?, json),
         VmCommand::Stop { vm, force, timeout } => {
             action_output(client.stop(&vm, force, timeout).await?, json)
@@ -265,6 +576,350 @@ pub async fn run_vm(
         VmCommand::Reboot { vm } => action_output(client.reboot(&vm).await?, json),
         VmCommand::Pause { vm } => action_output(client.pause(&vm).await?, json),
         VmCommand::Resume { vm } => action_output(client.resume(&vm).await?, json),
+    };
+    write_flush(out, &text)
+}
+
+async fn disk_command(client: &Client, cmd: DiskCommand, json: bool) -> Result<String, CliError> {
+    Ok(match cmd {
+        DiskCommand::Attach {
+            vm,
+            volume,
+            name,
+            bus,
+            cache,
+            read_only,
+            serial,
+        } => {
+            let disk = DiskSpec {
+                name,
+                path: None,
+                format: None,
+                volume: Some(volume.clone()),
+                bus: bus.into(),
+                cache: cache.into(),
+                read_only,
+                serial,
+                ..DiskSpec::file("", DiskFormat::Raw)
+            };
+            let vm = client.attach_disk(&vm, &disk).await?;
+            if json {
+                pretty(&vm)
+            } else {
+                let disk = vm
+                    .spec
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .find(|(_, d)| d.volume.as_deref() == Some(volume.as_str()))
+                    .map_or_else(|| "?".to_string(), |(i, d)| d.name_or_default(i));
+                format!("attached volume {volume} to VM {} as {disk}\n", vm.name)
+            }
+        }
+        DiskCommand::Detach { vm, disk } => {
+            let vm = client.detach_disk(&vm, &disk).await?;
+            if json {
+                pretty(&vm)
+            } else {
+                format!("detached {disk} from VM {}\n", vm.name)
+            }
+        }
+        DiskCommand::Limits { vm, disk, limits } => {
+            let vm = client.set_disk_limits(&vm, &disk, &limits.into()).await?;
+            if json {
+                pretty(&vm)
+            } else {
+                let now = vm
+                    .spec
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .find(|(i, d)| d.name_or_default(*i) == disk)
+                    .map_or(IoLimits::from(limits), |(_, d)| d.limits);
+                format!("VM {} {disk}: {}\n", vm.name, limits_str(&now))
+            }
+        }
+    })
+}
+
+async fn snapshot_command(
+    client: &Client,
+    cmd: SnapshotCommand,
+    json: bool,
+) -> Result<String, CliError> {
+    Ok(match cmd {
+        SnapshotCommand::List { vm } => {
+            let snapshots = client.list_snapshots(&vm).await?;
+            if json {
+                pretty(&serde_json::json!({ "snapshots": snapshots }))
+            } else {
+                render_snapshot_list(&snapshots)
+            }
+        }
+        SnapshotCommand::Create { vm, name } => {
+            let snapshot = client.create_snapshot(&vm, &name).await?;
+            if json {
+                pretty(&snapshot)
+            } else {
+                format!(
+                    "created snapshot {} of VM {vm} ({})\n",
+                    snapshot.name,
+                    snapshot_kind(&snapshot)
+                )
+            }
+        }
+        SnapshotCommand::Revert { vm, name } => {
+            let vm = client.revert_snapshot(&vm, &name).await?;
+            if json {
+                pretty(&vm)
+            } else {
+                format!("reverted VM {} to snapshot {name}\n", vm.name)
+            }
+        }
+        SnapshotCommand::Delete { vm, name } => {
+            client.delete_snapshot(&vm, &name).await?;
+            if json {
+                String::new()
+            } else {
+                format!("deleted snapshot {name} of VM {vm}\n")
+            }
+        }
+    })
+}
+
+/// Runs `vmlet image CMD`, printing to `out`. An import's progress goes to
+/// standard error: a bar redrawn in place on a terminal, a line every few
+/// seconds otherwise.
+pub async fn run_image(
+    cmd: ImageCommand,
+    opts: &ClientOptions,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let client = opts.client()?;
+    let json = opts.output == Output::Json;
+    let text = match cmd {
+        ImageCommand::List => {
+            let images = client.list_images().await?;
+            if json {
+                pretty(&serde_json::json!({ "images": images }))
+            } else {
+                render_image_list(&images)
+            }
+        }
+        ImageCommand::Show { name } => {
+            let image = client.get_image(&name).await?;
+            if json {
+                pretty(&image)
+            } else {
+                render_image(&image)
+            }
+        }
+        ImageCommand::Import {
+            name,
+            file,
+            from_url,
+            sha256,
+            no_wait,
+        } => {
+            // The daemon wants an absolute path; a relative one is taken
+            // from here.
+            let path = file.map(|p| std::path::absolute(&p).unwrap_or(p));
+            let request = ImageImport {
+                name,
+                path,
+                url: from_url,
+                sha256,
+            };
+            let image = client.import_image(&request).await?;
+            let image = if no_wait {
+                image
+            } else {
+                let stderr = std::io::stderr();
+                let tty = stderr.is_terminal();
+                let mut progress = ProgressView::new(stderr.lock(), tty);
+                let result = follow_import(&client, image, &mut progress).await;
+                progress.finish();
+                result?
+            };
+            if json {
+                pretty(&image)
+            } else if image.status == ImageStatus::Importing {
+                format!(
+                    "importing image {} from {} (follow it with `vmlet image show {}`)\n",
+                    image.name, image.source, image.name
+                )
+            } else {
+                format!("imported image {}: {}\n", image.name, image_summary(&image))
+            }
+        }
+        ImageCommand::Delete { name } => {
+            client.delete_image(&name).await?;
+            if json {
+                String::new()
+            } else {
+                format!("deleted image {name}\n")
+            }
+        }
+    };
+    write_flush(out, &text)
+}
+
+/// Polls `image` until its import ends: `Ok` with the ready image, or the
+/// image's error. Progress is shown on `view`.
+async fn follow_import(
+    client: &Client,
+    mut image: Image,
+    view: &mut ProgressView<impl Write>,
+) -> Result<Image, CliError> {
+    let name = image.name.clone();
+    let created_at = image.created_at.clone();
+    loop {
+        match image.status {
+            ImageStatus::Ready => return Ok(image),
+            ImageStatus::Failed => {
+                return Err(CliError::ImportFailed {
+                    name,
+                    error: image.error.unwrap_or_else(|| "no reason given".into()),
+                })
+            }
+            ImageStatus::Importing => view.update(&image),
+        }
+        tokio::time::sleep(IMPORT_POLL).await;
+        image = match client.get_image(&name).await {
+            Err(e) if e.status() == Some(404) => return Err(CliError::ImageGone { name }),
+            other => other?,
+        };
+        // Deleted and imported again between two looks: not ours any more.
+        if image.created_at != created_at {
+            return Err(CliError::ImageGone { name });
+        }
+    }
+}
+
+/// Shows an import's progress: a bar redrawn in place on a terminal, or a
+/// plain line at each phase change and every few seconds.
+struct ProgressView<W: Write> {
+    out: W,
+    tty: bool,
+    /// When the last plain line was printed, and its phase.
+    last_line: Option<(Instant, Option<ImportPhase>)>,
+    /// Whether a bar is on screen.
+    drawn: bool,
+}
+
+impl<W: Write> ProgressView<W> {
+    fn new(out: W, tty: bool) -> Self {
+        ProgressView {
+            out,
+            tty,
+            last_line: None,
+            drawn: false,
+        }
+    }
+
+    /// Shows `image`'s progress (write errors are ignored: progress is
+    /// only a courtesy).
+    fn update(&mut self, image: &Image) {
+        let progress = image.progress.as_ref();
+        if self.tty {
+            let bar = progress_bar(&image.name, progress, BAR_WIDTH);
+            let _ = write!(self.out, "\r{bar}\x1b[K");
+            self.drawn = true;
+        } else {
+            let phase = progress.map(|p| p.phase);
+            let due = match self.last_line {
+                None => true,
+                Some((at, last_phase)) => {
+                    last_phase != phase || at.elapsed() >= PLAIN_PROGRESS_EVERY
+                }
+            };
+            if !due {
+                return;
+            }
+            self.last_line = Some((Instant::now(), phase));
+            let _ = writeln!(self.out, "{}", progress_line(&image.name, progress));
+        }
+        let _ = self.out.flush();
+    }
+
+    /// Clears the bar, so what follows starts on a clean line.
+    fn finish(&mut self) {
+        if self.drawn {
+            let _ = write!(self.out, "\r\x1b[K");
+            let _ = self.out.flush();
+            self.drawn = false;
+        }
+    }
+}
+
+/// Runs `vmlet volume CMD`, printing to `out`.
+pub async fn run_volume(
+    cmd: VolumeCommand,
+    opts: &ClientOptions,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let client = opts.client()?;
+    let json = opts.output == Output::Json;
+    let text = match cmd {
+        VolumeCommand::List => {
+            let volumes = client.list_volumes().await?;
+            if json {
+                pretty(&serde_json::json!({ "volumes": volumes }))
+            } else {
+                render_volume_list(&volumes)
+            }
+        }
+        VolumeCommand::Show { name } => {
+            let volume = client.get_volume(&name).await?;
+            if json {
+                pretty(&volume)
+            } else {
+                render_volume(&volume)
+            }
+        }
+        VolumeCommand::Create {
+            name,
+            size_mib,
+            image,
+        } => {
+            let volume = client
+                .create_volume(&VolumeCreate {
+                    name,
+                    size_mib,
+                    image: image.clone(),
+                })
+                .await?;
+            if json {
+                pretty(&volume)
+            } else {
+                let from = image.map_or(String::new(), |i| format!(" from image {i}"));
+                format!(
+                    "created volume {}{from}: {}\n",
+                    volume.name,
+                    mib(volume.size_mib)
+                )
+            }
+        }
+        VolumeCommand::Resize { name, size_mib } => {
+            let volume = client.resize_volume(&name, size_mib).await?;
+            if json {
+                pretty(&volume)
+            } else {
+                format!(
+                    "resized volume {} to {}\n",
+                    volume.name,
+                    mib(volume.size_mib)
+                )
+            }
+        }
+        VolumeCommand::Delete { name } => {
+            client.delete_volume(&name).await?;
+            if json {
+                String::new()
+            } else {
+                format!("deleted volume {name}\n")
+            }
+        }
     };
     write_flush(out, &text)
 }
@@ -446,8 +1101,11 @@ pub fn render_vm(vm: &Vm) -> String {
     lines.push(("boot".into(), boot_str(&spec.boot)));
     for (i, disk) in spec.disks.iter().enumerate() {
         let mut flags = vec![];
-        if disk.bus != crate::vm::spec::DiskBus::VirtioBlk {
+        if disk.bus != DiskBus::VirtioBlk {
             flags.push("scsi".to_string());
+        }
+        if disk.cache != CacheMode::Writeback {
+            flags.push(format!("cache {}", cache_str(disk.cache)));
         }
         if disk.read_only {
             flags.push("read-only".into());
@@ -457,6 +1115,9 @@ pub fn render_vm(vm: &Vm) -> String {
         }
         if let Some(serial) = &disk.serial {
             flags.push(format!("serial {serial}"));
+        }
+        if !disk.limits.is_unlimited() {
+            flags.push(limits_str(&disk.limits));
         }
         lines.push((
             format!("disk {}", disk.name_or_default(i)),
@@ -539,15 +1200,7 @@ pub fn render_event(event: &Event) -> String {
         EventBody::VmDeleted { id, name } => format!("vm_deleted {name} id={id}"),
         EventBody::Image { image } => format!("image {}", image_line(image)),
         EventBody::ImageDeleted { name } => format!("image_deleted {name}"),
-        EventBody::Volume { volume } => format!(
-            "volume {} size={} attached_to={}",
-            volume.name,
-            mib(volume.size_mib),
-            volume
-                .attached_to
-                .as_ref()
-                .map_or("-".to_string(), |a| format!("{}/{}", a.vm_name, a.disk))
-        ),
+        EventBody::Volume { volume } => format!("volume {}", volume_line(volume)),
         EventBody::VolumeDeleted { name } => format!("volume_deleted {name}"),
         EventBody::Resync { requested, oldest } => format!(
             "resync requested={requested} oldest={} (events were missed: list the VMs again)",
@@ -557,23 +1210,267 @@ pub fn render_event(event: &Event) -> String {
     format!("{} {} {what}", event.seq, event.time)
 }
 
-/// `NAME status=… progress`, with the error when there is one.
-fn image_line(image: &crate::storage::images::Image) -> String {
+/// `NAME status=…` and the progress, the sizes or the error.
+fn image_line(image: &Image) -> String {
     let mut line = format!("{} status={}", image.name, image.status.as_str());
-    if let Some(p) = &image.progress {
-        line.push_str(&format!(
-            " phase={} bytes={}",
-            p.phase.as_str(),
-            p.bytes_done
-        ));
-        if let Some(total) = p.bytes_total {
-            line.push_str(&format!("/{total}"));
+    match image.status {
+        ImageStatus::Importing => {
+            line.push(' ');
+            line.push_str(&progress_detail(image.progress.as_ref()));
         }
+        ImageStatus::Ready => {
+            line.push_str(&format!(
+                " size={} allocated={}",
+                opt_bytes(image.virtual_size),
+                opt_bytes(image.actual_size)
+            ));
+        }
+        ImageStatus::Failed => {}
     }
     if let Some(error) = &image.error {
         line.push_str(&format!(" error={error:?}"));
     }
     line
+}
+
+/// `NAME size=… allocated=… attached_to=VM/DISK`.
+fn volume_line(volume: &Volume) -> String {
+    format!(
+        "{} size={} allocated={} attached_to={}",
+        volume.name,
+        mib(volume.size_mib),
+        opt_bytes(volume.actual_size),
+        attachment_str(volume)
+    )
+}
+
+fn attachment_str(volume: &Volume) -> String {
+    volume
+        .attached_to
+        .as_ref()
+        .map_or("-".to_string(), |a| format!("{}/{}", a.vm_name, a.disk))
+}
+
+/// Where an import is: `fetch 45% 12.5MiB/27.8MiB`, `fetch 12.5MiB` (size
+/// unknown), `convert 100% 27.8MiB/27.8MiB`.
+pub fn progress_detail(progress: Option<&ImportProgress>) -> String {
+    let Some(p) = progress else {
+        return "starting".to_string();
+    };
+    match p.bytes_total {
+        Some(total) => format!(
+            "{} {}% {}/{}",
+            p.phase.as_str(),
+            percent(p.bytes_done, total),
+            bytes(p.bytes_done),
+            bytes(total)
+        ),
+        None => format!("{} {}", p.phase.as_str(), bytes(p.bytes_done)),
+    }
+}
+
+/// `done` of `total` in whole percent, 0 to 100 (an empty source is done).
+fn percent(done: u64, total: u64) -> u64 {
+    if total == 0 {
+        100
+    } else {
+        (u128::from(done.min(total)) * 100 / u128::from(total)) as u64
+    }
+}
+
+/// One frame of the import progress bar (no `\r`, no newline):
+/// `NAME [#########---------]  45%  12.5MiB/27.8MiB  fetch`. The bar has
+/// `width` cells; with the size unknown it stays empty and the percentage
+/// is `--`.
+pub fn progress_bar(name: &str, progress: Option<&ImportProgress>, width: usize) -> String {
+    let (filled, pct, amount, phase) = match progress {
+        None => (0, "--".to_string(), String::new(), "starting"),
+        Some(p) => match p.bytes_total {
+            Some(total) => {
+                let pct = percent(p.bytes_done, total);
+                (
+                    (pct as usize * width) / 100,
+                    format!("{pct}%"),
+                    format!("{}/{}", bytes(p.bytes_done), bytes(total)),
+                    p.phase.as_str(),
+                )
+            }
+            None => (0, "--".to_string(), bytes(p.bytes_done), p.phase.as_str()),
+        },
+    };
+    let bar: String = std::iter::repeat_n('#', filled)
+        .chain(std::iter::repeat_n('-', width - filled))
+        .collect();
+    let mut line = format!("{name} [{bar}] {pct:>4}");
+    if !amount.is_empty() {
+        line.push_str("  ");
+        line.push_str(&amount);
+    }
+    line.push_str("  ");
+    line.push_str(phase);
+    line
+}
+
+/// One line of import progress for a log: `importing NAME: fetch 45% …`.
+pub fn progress_line(name: &str, progress: Option<&ImportProgress>) -> String {
+    format!("importing {name}: {}", progress_detail(progress))
+}
+
+/// A ready image in a few words: `64MiB (raw, 196KiB allocated)`.
+fn image_summary(image: &Image) -> String {
+    format!(
+        "{} ({}, {} allocated)",
+        opt_bytes(image.virtual_size),
+        image.source_format.as_deref().unwrap_or("?"),
+        opt_bytes(image.actual_size)
+    )
+}
+
+/// `image list` as aligned columns: importing images show their
+/// progress, failed ones their error.
+pub fn render_image_list(images: &[Image]) -> String {
+    let header = ["NAME", "STATUS", "SIZE", "ALLOCATED", "FORMAT", "DETAIL"];
+    let rows: Vec<Vec<String>> = images
+        .iter()
+        .map(|image| {
+            vec![
+                image.name.clone(),
+                image.status.as_str().to_string(),
+                opt_bytes(image.virtual_size),
+                opt_bytes(image.actual_size),
+                image.source_format.clone().unwrap_or_else(|| "-".into()),
+                match image.status {
+                    ImageStatus::Importing => progress_detail(image.progress.as_ref()),
+                    _ => image.error.clone().unwrap_or_default(),
+                },
+            ]
+        })
+        .collect();
+    columns(&header, &rows)
+}
+
+/// `image show` as `key: value` lines.
+pub fn render_image(image: &Image) -> String {
+    let mut lines: Vec<(String, String)> = vec![
+        ("name".into(), image.name.clone()),
+        ("status".into(), image.status.as_str().into()),
+    ];
+    if let Some(error) = &image.error {
+        lines.push(("error".into(), error.clone()));
+    }
+    if image.status == ImageStatus::Importing {
+        lines.push(("progress".into(), progress_detail(image.progress.as_ref())));
+    }
+    lines.push(("source".into(), image.source.clone()));
+    lines.push((
+        "format".into(),
+        match &image.source_format {
+            Some(from) => format!("{} (imported from {from})", image.format),
+            None => image.format.clone(),
+        },
+    ));
+    lines.push(("size".into(), size_with_bytes(image.virtual_size)));
+    lines.push(("allocated".into(), size_with_bytes(image.actual_size)));
+    lines.push((
+        "sha256".into(),
+        image.sha256.clone().unwrap_or_else(|| "-".into()),
+    ));
+    lines.push((
+        "source sha256".into(),
+        image.source_sha256.clone().unwrap_or_else(|| "-".into()),
+    ));
+    lines.push(("created".into(), image.created_at.clone()));
+    key_values(&lines)
+}
+
+/// `volume list` as aligned columns.
+pub fn render_volume_list(volumes: &[Volume]) -> String {
+    let header = ["NAME", "SIZE", "ALLOCATED", "ATTACHED TO"];
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                mib(v.size_mib),
+                opt_bytes(v.actual_size),
+                attachment_str(v),
+            ]
+        })
+        .collect();
+    columns(&header, &rows)
+}
+
+/// `volume show` as `key: value` lines.
+pub fn render_volume(volume: &Volume) -> String {
+    let lines: Vec<(String, String)> = vec![
+        ("name".into(), volume.name.clone()),
+        (
+            "size".into(),
+            format!("{} ({} bytes)", mib(volume.size_mib), volume.virtual_size),
+        ),
+        ("allocated".into(), size_with_bytes(volume.actual_size)),
+        ("format".into(), volume.format.clone()),
+        (
+            "attached to".into(),
+            match &volume.attached_to {
+                Some(a) => format!("VM {} ({}) as {}", a.vm_name, a.vm, a.disk),
+                None => "-".into(),
+            },
+        ),
+        ("created".into(), volume.created_at.clone()),
+    ];
+    key_values(&lines)
+}
+
+/// `vm snapshot list` as aligned columns.
+pub fn render_snapshot_list(snapshots: &[Snapshot]) -> String {
+    let header = ["NAME", "CONTENTS", "STATE SIZE", "CREATED"];
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                snapshot_kind(s).to_string(),
+                if s.vm_state {
+                    bytes(s.vm_state_size)
+                } else {
+                    "-".into()
+                },
+                s.created_at.clone(),
+            ]
+        })
+        .collect();
+    columns(&header, &rows)
+}
+
+fn snapshot_kind(snapshot: &Snapshot) -> &'static str {
+    if snapshot.vm_state {
+        "memory+disks"
+    } else {
+        "disks"
+    }
+}
+
+/// A disk's limits: `iops_total=500 bps_read=10MiB/s`, or `unlimited`.
+fn limits_str(limits: &IoLimits) -> String {
+    let set: Vec<String> = limits
+        .pairs()
+        .iter()
+        .filter_map(|(key, value)| {
+            let value = value.filter(|v| *v > 0)?;
+            let key = key.replace('-', "_");
+            Some(if key.starts_with("bps") {
+                format!("{key}={}/s", bytes(value))
+            } else {
+                format!("{key}={value}")
+            })
+        })
+        .collect();
+    if set.is_empty() {
+        "unlimited".to_string()
+    } else {
+        set.join(" ")
+    }
 }
 
 /// `NAME state=… task=… gen=…`, with the error when there is one.
@@ -618,6 +1515,48 @@ fn boot_str(boot: &Boot) -> String {
         Boot::Firmware { firmware } => match firmware {
             Firmware::Bios => "firmware bios".to_string(),
         },
+    }
+}
+
+fn cache_str(cache: CacheMode) -> &'static str {
+    match cache {
+        CacheMode::None => "none",
+        CacheMode::Writeback => "writeback",
+        CacheMode::Writethrough => "writethrough",
+        CacheMode::Directsync => "directsync",
+        CacheMode::Unsafe => "unsafe",
+    }
+}
+
+/// A byte count for people: `512B`, `1.5KiB`, `64MiB`, `2.3GiB` (one
+/// decimal at most, none when it is 0).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut value = n as f64;
+    // Move up while the value would print as 1024 or more.
+    while unit + 1 < UNITS.len() && (value * 10.0).round() >= 10240.0 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{n}B");
+    }
+    let text = format!("{value:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text}{}", UNITS[unit])
+}
+
+fn opt_bytes(n: Option<u64>) -> String {
+    n.map_or("-".to_string(), bytes)
+}
+
+/// `2GiB (2147483648 bytes)`, or `-`.
+fn size_with_bytes(n: Option<u64>) -> String {
+    match n {
+        Some(n) if n >= 1024 => format!("{} ({n} bytes)", bytes(n)),
+        Some(n) => bytes(n),
+        None => "-".to_string(),
     }
 }
 
@@ -787,6 +1726,497 @@ vms:      running=2 stopped=1
         ));
         assert!(parse_spec(Path::new("s.json"), "[1]").is_err());
         assert!(parse_spec(Path::new("s.json"), "{").is_err());
+    }
+
+    fn image(name: &str, status: ImageStatus) -> Image {
+        Image {
+            name: name.into(),
+            status,
+            source: format!("/srv/import/{name}.raw"),
+            source_format: None,
+            format: "qcow2".into(),
+            virtual_size: None,
+            actual_size: None,
+            sha256: None,
+            source_sha256: None,
+            progress: None,
+            error: None,
+            created_at: "2024-05-01T10:00:00.000Z".into(),
+        }
+    }
+
+    fn ready_image(name: &str) -> Image {
+        Image {
+            source_format: Some("raw".into()),
+            virtual_size: Some(64 << 20),
+            actual_size: Some(200_704),
+            sha256: Some("ab".repeat(32)),
+            source_sha256: Some("cd".repeat(32)),
+            ..image(name, ImageStatus::Ready)
+        }
+    }
+
+    fn fetch(done: u64, total: Option<u64>) -> ImportProgress {
+        ImportProgress {
+            phase: ImportPhase::Fetch,
+            bytes_done: done,
+            bytes_total: total,
+        }
+    }
+
+    fn volume(name: &str, size_mib: u64) -> Volume {
+        Volume {
+            name: name.into(),
+            size_mib,
+            virtual_size: size_mib << 20,
+            actual_size: Some(196_608),
+            format: "qcow2".into(),
+            attached_to: None,
+            created_at: "2024-05-01T10:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn byte_counts_read_like_people_write_them() {
+        assert_eq!(bytes(0), "0B");
+        assert_eq!(bytes(1023), "1023B");
+        assert_eq!(bytes(1024), "1KiB");
+        assert_eq!(bytes(1536), "1.5KiB");
+        assert_eq!(bytes(64 << 20), "64MiB");
+        assert_eq!(bytes((5 << 30) / 2), "2.5GiB");
+        // Just under a unit rounds up into it, not to "1024.0MiB".
+        assert_eq!(bytes((1 << 30) - 1), "1GiB");
+        assert_eq!(bytes(u64::MAX), "16384PiB");
+        assert_eq!(mib(512), "512MiB");
+        assert_eq!(mib(2048), "2GiB");
+        assert_eq!(parse_bytes("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("10M").unwrap(), 10 << 20);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("4k").unwrap(), 4096);
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("10X").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+    }
+
+    #[test]
+    fn progress_bar_frames() {
+        let p = fetch(12 << 20, Some(40 << 20));
+        assert_eq!(
+            progress_bar("debian", Some(&p), 20),
+            "debian [######--------------]  30%  12MiB/40MiB  fetch"
+        );
+        let done = ImportProgress {
+            phase: ImportPhase::Convert,
+            ..fetch(40 << 20, Some(40 << 20))
+        };
+        assert_eq!(
+            progress_bar("debian", Some(&done), 10),
+            "debian [##########] 100%  40MiB/40MiB  convert"
+        );
+        // A download of unknown size: an empty bar and the bytes so far.
+        assert_eq!(
+            progress_bar("web", Some(&fetch(1536, None)), 4),
+            "web [----]   --  1.5KiB  fetch"
+        );
+        assert_eq!(progress_bar("web", None, 4), "web [----]   --  starting");
+        // An empty source is complete; more than the total does not overflow.
+        assert_eq!(
+            progress_bar("e", Some(&fetch(0, Some(0))), 4),
+            "e [####] 100%  0B/0B  fetch"
+        );
+        assert_eq!(
+            progress_bar("e", Some(&fetch(9, Some(3))), 4),
+            "e [####] 100%  9B/3B  fetch"
+        );
+        assert_eq!(
+            progress_line("debian", Some(&p)),
+            "importing debian: fetch 30% 12MiB/40MiB"
+        );
+        assert_eq!(
+            progress_line("web", Some(&fetch(5 << 20, None))),
+            "importing web: fetch 5MiB"
+        );
+    }
+
+    #[test]
+    fn progress_view_draws_in_place_on_a_terminal_and_lines_otherwise() {
+        let mut importing = image("deb", ImageStatus::Importing);
+        importing.progress = Some(fetch(1 << 20, Some(2 << 20)));
+        let mut view = ProgressView::new(Vec::new(), true);
+        view.update(&importing);
+        view.update(&importing);
+        view.finish();
+        let text = String::from_utf8(view.out).unwrap();
+        let frame = format!(
+            "\r{}\x1b[K",
+            progress_bar("deb", importing.progress.as_ref(), BAR_WIDTH)
+        );
+        assert_eq!(text, format!("{frame}{frame}\r\x1b[K"));
+
+        let mut view = ProgressView::new(Vec::new(), false);
+        view.update(&importing);
+        // Within the interval and the same phase: nothing new.
+        view.update(&importing);
+        importing.progress.as_mut().unwrap().phase = ImportPhase::Convert;
+        view.update(&importing);
+        view.finish();
+        assert_eq!(
+            String::from_utf8(view.out).unwrap(),
+            "importing deb: fetch 50% 1MiB/2MiB\nimporting deb: convert 50% 1MiB/2MiB\n"
+        );
+    }
+
+    #[test]
+    fn image_list_shows_progress_and_errors() {
+        let mut importing = image("fedora", ImageStatus::Importing);
+        importing.progress = Some(fetch(300 << 20, Some(1200 << 20)));
+        let mut failed = image("broken", ImageStatus::Failed);
+        failed.error = Some("sha256: checksum mismatch".into());
+        let text = render_image_list(&[ready_image("debian"), importing, failed]);
+        let expected = "\
+NAME    STATUS     SIZE   ALLOCATED  FORMAT  DETAIL
+debian  ready      64MiB  196KiB     raw
+fedora  importing  -      -          -       fetch 25% 300MiB/1.2GiB
+broken  failed     -      -          -       sha256: checksum mismatch
+";
+        assert_eq!(text, expected);
+        assert_eq!(
+            render_image_list(&[]),
+            "NAME  STATUS  SIZE  ALLOCATED  FORMAT  DETAIL\n"
+        );
+    }
+
+    #[test]
+    fn image_show_is_key_values() {
+        let expected = format!(
+            "\
+name:          debian
+status:        ready
+source:        /srv/import/debian.raw
+format:        qcow2 (imported from raw)
+size:          64MiB (67108864 bytes)
+allocated:     196KiB (200704 bytes)
+sha256:        {}
+source sha256: {}
+created:       2024-05-01T10:00:00.000Z
+",
+            "ab".repeat(32),
+            "cd".repeat(32)
+        );
+        assert_eq!(render_image(&ready_image("debian")), expected);
+        let mut importing = image("fedora", ImageStatus::Importing);
+        importing.progress = Some(fetch(0, None));
+        let text = render_image(&importing);
+        assert!(text.contains("progress:      fetch 0B\n"), "{text}");
+        assert!(text.contains("size:          -\n"), "{text}");
+    }
+
+    #[test]
+    fn volume_list_and_show() {
+        let mut attached = volume("data", 2048);
+        attached.attached_to = Some(crate::storage::volumes::VolumeAttachment {
+            vm: Uuid::from_u128(1),
+            vm_name: "web".into(),
+            disk: "disk1".into(),
+        });
+        let text = render_volume_list(&[attached.clone(), volume("scratch", 100)]);
+        let expected = "\
+NAME     SIZE    ALLOCATED  ATTACHED TO
+data     2GiB    192KiB     web/disk1
+scratch  100MiB  192KiB     -
+";
+        assert_eq!(text, expected);
+        let expected = "\
+name:        data
+size:        2GiB (2147483648 bytes)
+allocated:   192KiB (196608 bytes)
+format:      qcow2
+attached to: VM web (00000000-0000-0000-0000-000000000001) as disk1
+created:     2024-05-01T10:00:00.000Z
+";
+        assert_eq!(render_volume(&attached), expected);
+    }
+
+    #[test]
+    fn snapshot_list_is_aligned_columns() {
+        let snapshots = [
+            Snapshot {
+                name: "before-upgrade".into(),
+                vm_state: true,
+                vm_state_size: 210 << 20,
+                created_at: "2024-05-01T10:00:00.000Z".into(),
+            },
+            Snapshot {
+                name: "cold".into(),
+                vm_state: false,
+                vm_state_size: 0,
+                created_at: "2024-05-02T10:00:00.000Z".into(),
+            },
+        ];
+        let expected = "\
+NAME            CONTENTS      STATE SIZE  CREATED
+before-upgrade  memory+disks  210MiB      2024-05-01T10:00:00.000Z
+cold            disks         -           2024-05-02T10:00:00.000Z
+";
+        assert_eq!(render_snapshot_list(&snapshots), expected);
+    }
+
+    #[test]
+    fn storage_events_are_one_line_each() {
+        let time = "2024-05-01T10:00:00.000Z".to_string();
+        let event = |seq, body| Event {
+            seq,
+            time: time.clone(),
+            body,
+        };
+        let mut importing = image("deb", ImageStatus::Importing);
+        importing.progress = Some(fetch(1 << 20, Some(4 << 20)));
+        assert_eq!(
+            render_event(&event(
+                1,
+                EventBody::Image {
+                    image: Box::new(importing)
+                }
+            )),
+            "1 2024-05-01T10:00:00.000Z image deb status=importing fetch 25% 1MiB/4MiB"
+        );
+        assert_eq!(
+            render_event(&event(
+                2,
+                EventBody::Image {
+                    image: Box::new(ready_image("deb"))
+                }
+            )),
+            "2 2024-05-01T10:00:00.000Z image deb status=ready size=64MiB allocated=196KiB"
+        );
+        let mut failed = image("deb", ImageStatus::Failed);
+        failed.error = Some("checksum mismatch".into());
+        assert_eq!(
+            render_event(&event(
+                3,
+                EventBody::Image {
+                    image: Box::new(failed)
+                }
+            )),
+            "3 2024-05-01T10:00:00.000Z image deb status=failed error=\"checksum mismatch\""
+        );
+        assert_eq!(
+            render_event(&event(4, EventBody::ImageDeleted { name: "deb".into() })),
+            "4 2024-05-01T10:00:00.000Z image_deleted deb"
+        );
+        assert_eq!(
+            render_event(&event(
+                5,
+                EventBody::Volume {
+                    volume: Box::new(volume("data", 1024))
+                }
+            )),
+            "5 2024-05-01T10:00:00.000Z volume data size=1GiB allocated=192KiB attached_to=-"
+        );
+        assert_eq!(
+            render_event(&event(
+                6,
+                EventBody::VolumeDeleted {
+                    name: "data".into()
+                }
+            )),
+            "6 2024-05-01T10:00:00.000Z volume_deleted data"
+        );
+    }
+
+    #[test]
+    fn vm_show_names_volume_disks_with_their_cache_and_limits() {
+        let mut v = vm("web", 1);
+        v.spec.disks.push(DiskSpec {
+            path: None,
+            format: None,
+            volume: Some("data".into()),
+            name: Some("data0".into()),
+            cache: CacheMode::None,
+            limits: IoLimits {
+                iops_total: Some(500),
+                bps_read: Some(10 << 20),
+                ..IoLimits::default()
+            },
+            ..DiskSpec::file("", DiskFormat::Raw)
+        });
+        let text = render_vm(&v);
+        assert!(
+            text.contains(
+                "disk data0: volume data (cache none, iops_total=500 bps_read=10MiB/s)\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(limits_str(&IoLimits::default()), "unlimited");
+    }
+
+    /// The storage commands as they parse.
+    #[derive(Parser)]
+    struct StorageCli {
+        #[command(flatten)]
+        opts: ClientOptions,
+        #[command(subcommand)]
+        cmd: StorageCmd,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum StorageCmd {
+        #[command(subcommand)]
+        Image(ImageCommand),
+        #[command(subcommand)]
+        Volume(VolumeCommand),
+        #[command(subcommand)]
+        Vm(VmCommand),
+    }
+
+    fn parse(args: &[&str]) -> Result<StorageCmd, clap::Error> {
+        StorageCli::try_parse_from(std::iter::once("vmlet").chain(args.iter().copied()))
+            .map(|c| c.cmd)
+    }
+
+    #[test]
+    fn storage_commands_parse() {
+        let Ok(StorageCmd::Image(cmd)) = parse(&[
+            "image",
+            "import",
+            "deb",
+            "--file",
+            "/i/deb.raw",
+            "--sha256",
+            "ab",
+            "--no-wait",
+        ]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            ImageCommand::Import {
+                name: "deb".into(),
+                file: Some("/i/deb.raw".into()),
+                from_url: None,
+                sha256: Some("ab".into()),
+                no_wait: true
+            }
+        );
+        // Exactly one source.
+        assert!(parse(&["image", "import", "deb"]).is_err());
+        assert!(parse(&[
+            "image",
+            "import",
+            "deb",
+            "--file",
+            "a",
+            "--from-url",
+            "http://x/"
+        ])
+        .is_err());
+        // `--url` still names the daemon.
+        let cli = StorageCli::try_parse_from([
+            "vmlet",
+            "image",
+            "import",
+            "deb",
+            "--from-url",
+            "http://x/d.img",
+            "--url",
+            "http://node1:8780",
+        ])
+        .unwrap();
+        assert_eq!(cli.opts.url.as_deref(), Some("http://node1:8780"));
+
+        let Ok(StorageCmd::Volume(cmd)) =
+            parse(&["volume", "resize", "data", "--size-mib", "2048"])
+        else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VolumeCommand::Resize {
+                name: "data".into(),
+                size_mib: 2048
+            }
+        );
+        assert!(parse(&["volume", "resize", "data"]).is_err());
+
+        let Ok(StorageCmd::Vm(cmd)) = parse(&[
+            "vm",
+            "disk",
+            "attach",
+            "web",
+            "--volume",
+            "data",
+            "--bus",
+            "virtio_scsi",
+            "--cache",
+            "none",
+            "--read-only",
+            "--serial",
+            "S1",
+        ]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::Disk {
+                cmd: DiskCommand::Attach {
+                    vm: "web".into(),
+                    volume: "data".into(),
+                    name: None,
+                    bus: BusArg::VirtioScsi,
+                    cache: CacheArg::None,
+                    read_only: true,
+                    serial: Some("S1".into())
+                }
+            }
+        );
+        let Ok(StorageCmd::Vm(VmCommand::Disk {
+            cmd: DiskCommand::Limits { limits, .. },
+        })) = parse(&[
+            "vm",
+            "disk",
+            "limits",
+            "web",
+            "disk1",
+            "--iops-total",
+            "100",
+            "--bps-write",
+            "8M",
+        ])
+        else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            IoLimits::from(limits),
+            IoLimits {
+                iops_total: Some(100),
+                bps_write: Some(8 << 20),
+                ..IoLimits::default()
+            }
+        );
+        let Ok(StorageCmd::Vm(cmd)) = parse(&["vm", "delete", "web", "--delete-volumes"]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::Delete {
+                vm: "web".into(),
+                force: false,
+                delete_volumes: true
+            }
+        );
+        let Ok(StorageCmd::Vm(cmd)) = parse(&["vm", "snapshot", "revert", "web", "s1"]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::Snapshot {
+                cmd: SnapshotCommand::Revert {
+                    vm: "web".into(),
+                    name: "s1".into()
+                }
+            }
+        );
     }
 
     /// The options as they parse on a command line, without the environment

@@ -24,6 +24,10 @@ use uuid::Uuid;
 
 use crate::events::Event;
 use crate::node::NodeInfo;
+use crate::storage::images::{Image, ImageImport};
+use crate::storage::volumes::{Volume, VolumeCreate};
+use crate::vm::disk_ops::Snapshot;
+use crate::vm::spec::{DiskSpec, IoLimits};
 use crate::vm::Vm;
 
 pub use hyper::Method;
@@ -358,10 +362,60 @@ fn vm_path(id: &str) -> Result<String, ClientError> {
     Ok(format!("/v1/vms/{}", check_segment("VM id or name", id)?))
 }
 
+fn image_path(name: &str) -> Result<String, ClientError> {
+    Ok(format!("/v1/images/{}", check_segment("image name", name)?))
+}
+
+fn volume_path(name: &str) -> Result<String, ClientError> {
+    Ok(format!(
+        "/v1/volumes/{}",
+        check_segment("volume name", name)?
+    ))
+}
+
+fn disk_path(vm: &str, disk: &str) -> Result<String, ClientError> {
+    Ok(format!(
+        "{}/disks/{}",
+        vm_path(vm)?,
+        check_segment("disk name", disk)?
+    ))
+}
+
+fn snapshot_path(vm: &str, snapshot: &str) -> Result<String, ClientError> {
+    Ok(format!(
+        "{}/snapshots/{}",
+        vm_path(vm)?,
+        check_segment("snapshot name", snapshot)?
+    ))
+}
+
+/// A request body as JSON (the API's request types always serialize).
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or_default()
+}
+
 /// The body of `GET /v1/vms`.
 #[derive(Deserialize)]
 struct VmList {
     vms: Vec<Vm>,
+}
+
+/// The body of `GET /v1/images`.
+#[derive(Deserialize)]
+struct ImageList {
+    images: Vec<Image>,
+}
+
+/// The body of `GET /v1/volumes`.
+#[derive(Deserialize)]
+struct VolumeList {
+    volumes: Vec<Volume>,
+}
+
+/// The body of `GET /v1/vms/{id}/snapshots`.
+#[derive(Deserialize)]
+struct SnapshotList {
+    snapshots: Vec<Snapshot>,
 }
 
 /// A client of one vmlet daemon. Cheap to clone; holds no connection.
@@ -525,11 +579,154 @@ impl Client {
 
     /// `DELETE /v1/vms/{id}`; `force` deletes a running VM too, stopping it.
     pub async fn delete_vm(&self, id_or_name: &str, force: bool) -> Result<(), ClientError> {
+        self.delete_vm_with(id_or_name, force, false).await
+    }
+
+    /// [`Client::delete_vm`]; `delete_volumes` deletes the volumes attached
+    /// to it too (they are kept otherwise).
+    pub async fn delete_vm_with(
+        &self,
+        id_or_name: &str,
+        force: bool,
+        delete_volumes: bool,
+    ) -> Result<(), ClientError> {
         let mut path = vm_path(id_or_name)?;
-        if force {
-            path.push_str("?force=true");
+        let query: Vec<&str> = [
+            (force, "force=true"),
+            (delete_volumes, "delete_volumes=true"),
+        ]
+        .into_iter()
+        .filter_map(|(on, q)| on.then_some(q))
+        .collect();
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(&query.join("&"));
         }
         self.call_empty(Method::DELETE, &path, None).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/vms/{id}/disks`: attaches a volume (`disk.volume`), hot-
+    /// plugging it into a running VM. Returns the VM after.
+    pub async fn attach_disk(&self, id_or_name: &str, disk: &DiskSpec) -> Result<Vm, ClientError> {
+        let path = format!("{}/disks", vm_path(id_or_name)?);
+        Ok(self
+            .call(Method::POST, &path, Some(&to_json(disk)))
+            .await?
+            .1)
+    }
+
+    /// `DELETE /v1/vms/{id}/disks/{disk}`: detaches a disk (unplugging it
+    /// from a running VM). Returns the VM after.
+    pub async fn detach_disk(&self, id_or_name: &str, disk: &str) -> Result<Vm, ClientError> {
+        let path = disk_path(id_or_name, disk)?;
+        Ok(self.call(Method::DELETE, &path, None).await?.1)
+    }
+
+    /// `PUT /v1/vms/{id}/disks/{disk}/limits`: replaces a disk's I/O limits
+    /// (applied at once to a running VM). Returns the VM after.
+    pub async fn set_disk_limits(
+        &self,
+        id_or_name: &str,
+        disk: &str,
+        limits: &IoLimits,
+    ) -> Result<Vm, ClientError> {
+        let path = format!("{}/limits", disk_path(id_or_name, disk)?);
+        Ok(self
+            .call(Method::PUT, &path, Some(&to_json(limits)))
+            .await?
+            .1)
+    }
+
+    /// `GET /v1/vms/{id}/snapshots`: a VM's snapshots, oldest first.
+    pub async fn list_snapshots(&self, id_or_name: &str) -> Result<Vec<Snapshot>, ClientError> {
+        let path = format!("{}/snapshots", vm_path(id_or_name)?);
+        let (_, list): (_, SnapshotList) = self.call(Method::GET, &path, None).await?;
+        Ok(list.snapshots)
+    }
+
+    /// `POST /v1/vms/{id}/snapshots`: takes a snapshot (memory and disks of
+    /// a running VM, disks only of a stopped one).
+    pub async fn create_snapshot(
+        &self,
+        id_or_name: &str,
+        name: &str,
+    ) -> Result<Snapshot, ClientError> {
+        let path = format!("{}/snapshots", vm_path(id_or_name)?);
+        let body = serde_json::json!({ "name": name });
+        Ok(self.call(Method::POST, &path, Some(&body)).await?.1)
+    }
+
+    /// `POST /v1/vms/{id}/snapshots/{name}/revert`: goes back to a snapshot.
+    /// Returns the VM after.
+    pub async fn revert_snapshot(&self, id_or_name: &str, name: &str) -> Result<Vm, ClientError> {
+        let path = format!("{}/revert", snapshot_path(id_or_name, name)?);
+        Ok(self.call(Method::POST, &path, None).await?.1)
+    }
+
+    /// `DELETE /v1/vms/{id}/snapshots/{name}`.
+    pub async fn delete_snapshot(&self, id_or_name: &str, name: &str) -> Result<(), ClientError> {
+        let path = snapshot_path(id_or_name, name)?;
+        self.call_empty(Method::DELETE, &path, None).await?;
+        Ok(())
+    }
+
+    /// `GET /v1/images`: every image (failed imports included).
+    pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {
+        let (_, list): (_, ImageList) = self.call(Method::GET, "/v1/images", None).await?;
+        Ok(list.images)
+    }
+
+    /// `GET /v1/images/{name}`.
+    pub async fn get_image(&self, name: &str) -> Result<Image, ClientError> {
+        Ok(self.call(Method::GET, &image_path(name)?, None).await?.1)
+    }
+
+    /// `POST /v1/images`: starts an import; returns the image, `importing`.
+    pub async fn import_image(&self, request: &ImageImport) -> Result<Image, ClientError> {
+        Ok(self
+            .call(Method::POST, "/v1/images", Some(&to_json(request)))
+            .await?
+            .1)
+    }
+
+    /// `DELETE /v1/images/{name}` (also cancels an import under way).
+    pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
+        self.call_empty(Method::DELETE, &image_path(name)?, None)
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /v1/volumes`: every volume.
+    pub async fn list_volumes(&self) -> Result<Vec<Volume>, ClientError> {
+        let (_, list): (_, VolumeList) = self.call(Method::GET, "/v1/volumes", None).await?;
+        Ok(list.volumes)
+    }
+
+    /// `GET /v1/volumes/{name}`.
+    pub async fn get_volume(&self, name: &str) -> Result<Volume, ClientError> {
+        Ok(self.call(Method::GET, &volume_path(name)?, None).await?.1)
+    }
+
+    /// `POST /v1/volumes`: creates a volume, blank or copied from an image.
+    pub async fn create_volume(&self, request: &VolumeCreate) -> Result<Volume, ClientError> {
+        Ok(self
+            .call(Method::POST, "/v1/volumes", Some(&to_json(request)))
+            .await?
+            .1)
+    }
+
+    /// `POST /v1/volumes/{name}/resize`: grows a volume to `size_mib`.
+    pub async fn resize_volume(&self, name: &str, size_mib: u64) -> Result<Volume, ClientError> {
+        let path = format!("{}/resize", volume_path(name)?);
+        let body = serde_json::json!({ "size_mib": size_mib });
+        Ok(self.call(Method::POST, &path, Some(&body)).await?.1)
+    }
+
+    /// `DELETE /v1/volumes/{name}` (refused while a VM uses it).
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+        self.call_empty(Method::DELETE, &volume_path(name)?, None)
+            .await?;
         Ok(())
     }
 
@@ -1026,6 +1223,15 @@ mod tests {
         }
         assert_eq!(vm_path("web").unwrap(), "/v1/vms/web");
         assert!(vm_path("../node").is_err());
+        assert_eq!(image_path("deb-12").unwrap(), "/v1/images/deb-12");
+        assert_eq!(volume_path("data").unwrap(), "/v1/volumes/data");
+        assert_eq!(disk_path("web", "d1").unwrap(), "/v1/vms/web/disks/d1");
+        assert_eq!(
+            snapshot_path("web", "s1").unwrap(),
+            "/v1/vms/web/snapshots/s1"
+        );
+        assert!(image_path("a/b").is_err());
+        assert!(disk_path("web", "..").is_err());
     }
 
     #[test]

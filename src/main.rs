@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use vmlet::cli::{ClientOptions, VmCommand};
+use vmlet::cli::{ClientOptions, ImageCommand, VmCommand, VolumeCommand};
 use vmlet::config::{LogFormat, Settings};
 use vmlet::qemu::accel::{self, AccelChoice};
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
@@ -95,6 +95,20 @@ enum Command {
         opts: ClientOptions,
         #[command(subcommand)]
         cmd: VmCommand,
+    },
+    /// Manage the daemon's images: import (file or URL), list, show, delete.
+    Image {
+        #[command(flatten)]
+        opts: ClientOptions,
+        #[command(subcommand)]
+        cmd: ImageCommand,
+    },
+    /// Manage the daemon's volumes: create, list, show, resize, delete.
+    Volume {
+        #[command(flatten)]
+        opts: ClientOptions,
+        #[command(subcommand)]
+        cmd: VolumeCommand,
     },
     /// Show the daemon's host: capacity, QEMU, accelerator, VM counts.
     Node {
@@ -226,18 +240,24 @@ async fn dispatch(
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Vm { .. } | Command::Node { .. } | Command::Events { .. } => {
+        Command::Vm { .. }
+        | Command::Image { .. }
+        | Command::Volume { .. }
+        | Command::Node { .. }
+        | Command::Events { .. } => {
             unreachable!("run_client runs the client subcommands")
         }
     }
 }
 
-/// Runs a client subcommand (`vm`, `node`, `events`); hands any other
-/// command back.
+/// Runs a client subcommand (`vm`, `image`, `volume`, `node`, `events`);
+/// hands any other command back.
 async fn run_client(cli: Cli) -> Result<anyhow::Result<ExitCode>, Cli> {
     let mut stdout = std::io::stdout();
     let result = match cli.command {
         Command::Vm { opts, cmd } => vmlet::cli::run_vm(cmd, &opts, &mut stdout).await,
+        Command::Image { opts, cmd } => vmlet::cli::run_image(cmd, &opts, &mut stdout).await,
+        Command::Volume { opts, cmd } => vmlet::cli::run_volume(cmd, &opts, &mut stdout).await,
         Command::Node { opts } => vmlet::cli::run_node(&opts, &mut stdout).await,
         Command::Events { opts, since } => vmlet::cli::run_events(since, &opts, &mut stdout).await,
         command => return Err(Cli { command, ..cli }),

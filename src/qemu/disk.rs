@@ -201,3 +201,79 @@ pub fn device(profile: &Profile, plan: &DiskPlan, port: Option<&str>) -> Value {
     }
     device
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::profile::Profiles;
+    use std::path::Path;
+
+    fn disk(v: Value) -> DiskSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn plans_resolve_to_files_under_the_state_dir() {
+        let layout = Layout::new(Path::new("/var/lib/vmlet"));
+        let vm = Uuid::nil();
+        let disks = [
+            disk(json!({"image": "debian"})),
+            disk(json!({"name": "data", "volume": "pg"})),
+            disk(json!({"size_mib": 4})),
+            disk(json!({"path": "/srv/a.img", "format": "raw"})),
+        ];
+        let plans = DiskPlan::all(&layout, vm, &disks, true);
+        let files: Vec<String> = plans.iter().map(|p| p.file.display().to_string()).collect();
+        let vm_dir = format!("/var/lib/vmlet/vms/{vm}");
+        assert_eq!(
+            files,
+            [
+                format!("{vm_dir}/disks/disk0.qcow2"),
+                "/var/lib/vmlet/volumes/pg.qcow2".to_string(),
+                format!("{vm_dir}/disks/disk2.qcow2"),
+                "/srv/a.img".to_string(),
+                format!("{vm_dir}/cidata.img"),
+            ]
+        );
+        assert_eq!(plans[3].format, DiskFormat::Raw);
+        let seed = &plans[4];
+        assert!(seed.spec.read_only && !has_throttle(seed));
+        assert_eq!(blockdevs(seed).len(), 2);
+        assert_eq!(top_node(seed), "cidata");
+    }
+
+    #[test]
+    fn devices_follow_bus_port_and_cache() {
+        let profiles = Profiles::built_in().unwrap();
+        let q35 = profiles.get("q35").unwrap();
+        let layout = Layout::new(Path::new("/s"));
+        let scsi = DiskPlan::new(
+            &layout,
+            Uuid::nil(),
+            0,
+            &disk(json!({"volume": "v", "bus": "virtio_scsi", "cache": "writethrough"})),
+        );
+        let device = device(q35, &scsi, Some("hp3"));
+        assert_eq!(device["driver"], "scsi-hd");
+        assert_eq!(device["bus"], "scsi0.0");
+        assert_eq!(device["drive"], "disk0-io");
+        assert_eq!(device["write-cache"], "off");
+        let blk = DiskPlan::new(&layout, Uuid::nil(), 1, &disk(json!({"volume": "w"})));
+        let device = super::device(q35, &blk, Some("hp3"));
+        assert_eq!(device["driver"], "virtio-blk-pci");
+        assert_eq!(device["bus"], "hp3");
+        assert_eq!(device["id"], "disk1-dev");
+    }
+
+    #[test]
+    fn throttle_limits_name_every_field() {
+        let limits = IoLimits {
+            iops_total: Some(7),
+            ..IoLimits::default()
+        };
+        let value = throttle_limits(&limits);
+        assert_eq!(value.as_object().unwrap().len(), 6);
+        assert_eq!(value["iops-total"], 7);
+        assert_eq!(value["bps-write"], 0);
+    }
+}

@@ -659,7 +659,13 @@ impl<'a> Sink<'a> {
         Ok(())
     }
 
-    async fn finish(self) -> Result<String, VmError> {
+    async fn finish(mut self) -> Result<String, VmError> {
+        // tokio's File writes in the background: only flush reports an
+        // error of the last write (sync_all drops it).
+        self.file
+            .flush()
+            .await
+            .map_err(|e| io_error("writing", self.path, e))?;
         self.file
             .sync_all()
             .await

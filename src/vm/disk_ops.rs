@@ -317,12 +317,13 @@ pub async fn set_limits(
     .map(drop)
 }
 
-/// Grows a running disk (`block_resize` on its format node).
+/// Grows a running disk: `block_resize` on the node its device reads from
+/// (resizing a node under the throttle filter would not reach the guest).
 pub async fn resize(qmp: &QmpClient, plan: &DiskPlan, size: u64) -> Result<(), VmError> {
     call(
         qmp,
         "block_resize",
-        json!({"node-name": disk::format_node(&plan.name), "size": size}),
+        json!({"node-name": disk::top_node(plan), "size": size}),
     )
     .await
     .map(drop)

@@ -982,6 +982,106 @@ mod tests {
     }
 
     #[test]
+    fn disk_sources_are_exactly_one() {
+        let cases = [
+            (json!({"image": "debian", "size_mib": 10240}), vec![]),
+            (json!({"volume": "data"}), vec![]),
+            (json!({"size_mib": 64}), vec![]),
+            (json!({"path": "/a"}), vec!["disks[0].format"]),
+            (
+                json!({"format": "raw"}),
+                vec!["disks[0].path", "disks[0].format"],
+            ),
+            (json!({}), vec!["disks[0].path"]),
+            (json!({"image": "a", "volume": "b"}), vec!["disks[0].path"]),
+            (
+                json!({"path": "/a", "format": "raw", "image": "x"}),
+                vec!["disks[0].path"],
+            ),
+            (
+                json!({"volume": "v", "size_mib": 5}),
+                vec!["disks[0].size_mib"],
+            ),
+            (
+                json!({"path": "/a", "format": "raw", "size_mib": 5}),
+                vec!["disks[0].size_mib"],
+            ),
+            (json!({"size_mib": 0}), vec!["disks[0].size_mib"]),
+            (json!({"image": "../etc"}), vec!["disks[0].image"]),
+            (json!({"volume": "a/b"}), vec!["disks[0].volume"]),
+        ];
+        for (disk, expected) in cases {
+            let mut v = base();
+            v["disks"] = json!([disk.clone()]);
+            assert_eq!(fields(v), expected, "{disk}");
+        }
+    }
+
+    #[test]
+    fn a_volume_is_used_once_and_cidata_is_reserved() {
+        let mut v = base();
+        v["disks"] = json!([
+            {"volume": "data"},
+            {"volume": "data"},
+            {"name": "cidata", "size_mib": 1},
+        ]);
+        assert_eq!(fields(v), ["disks[1].volume", "disks[2].name"]);
+    }
+
+    #[test]
+    fn io_limits_and_buses_are_checked() {
+        let mut v = base();
+        v["disks"][0]["limits"] = json!({"iops_total": 100, "iops_read": 5, "bps_write": 1});
+        assert_eq!(fields(v), ["disks[0].limits.iops_total"]);
+        let mut v = base();
+        v["disks"][0]["limits"] = json!({"bps_total": 0, "bps_read": 5});
+        assert_eq!(fields(v.clone()), Vec::<String>::new());
+        let spec = parse(v);
+        assert!(!spec.disks[0].limits.is_unlimited());
+        assert!(IoLimits::default().is_unlimited());
+        let mut v = base();
+        v["disks"][0]["bus"] = json!("virtio_scsi");
+        assert_eq!(fields(v.clone()), Vec::<String>::new());
+        v["profile"] = json!("microvm");
+        assert_eq!(fields(v), ["disks[0].bus"]);
+        assert!(validate_limits(&IoLimits {
+            bps_total: Some(1),
+            bps_write: Some(1),
+            ..IoLimits::default()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn cloud_init_sizes_are_capped() {
+        let mut v = base();
+        v["cloud_init"] = json!({"user_data": "#cloud-config\n"});
+        assert_eq!(fields(v.clone()), Vec::<String>::new());
+        v["cloud_init"]["network_config"] = json!("x".repeat(limits::MAX_CLOUD_INIT_BYTES + 1));
+        assert_eq!(fields(v), ["cloud_init.network_config"]);
+    }
+
+    #[test]
+    fn cache_modes_map_like_libvirt() {
+        // (direct, no-flush, write-cache)
+        assert_eq!(CacheMode::None.qemu_flags(), (true, false, true));
+        assert_eq!(CacheMode::Writeback.qemu_flags(), (false, false, true));
+        assert_eq!(CacheMode::Writethrough.qemu_flags(), (false, false, false));
+        assert_eq!(CacheMode::Directsync.qemu_flags(), (true, false, false));
+        assert_eq!(CacheMode::Unsafe.qemu_flags(), (false, true, true));
+        assert_eq!(CacheMode::default(), CacheMode::Writeback);
+    }
+
+    #[test]
+    fn owned_disks_are_overlays_and_blank_ones() {
+        let disk = |v: serde_json::Value| serde_json::from_value::<DiskSpec>(v).unwrap();
+        assert!(disk(json!({"image": "a"})).owned_by_vm());
+        assert!(disk(json!({"size_mib": 1})).owned_by_vm());
+        assert!(!disk(json!({"volume": "a"})).owned_by_vm());
+        assert!(!disk(json!({"path": "/a", "format": "raw"})).owned_by_vm());
+    }
+
+    #[test]
     fn nil_uuid_is_refused() {
         let mut v = base();
         v["uuid"] = json!("00000000-0000-0000-0000-000000000000");

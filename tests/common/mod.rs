@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod guest;
 pub mod serial_shell;
+pub mod storage;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
