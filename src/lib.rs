@@ -14,3 +14,15 @@ pub mod node;
 pub mod qemu;
 pub mod storage;
 pub mod vm;
+
+/// The message of `err` followed by its sources, `: `-separated.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}

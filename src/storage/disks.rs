@@ -3,12 +3,13 @@
 //! written before every start. They go when the VM is deleted; images never
 //! change and volumes stay unless asked.
 
-use crate::storage::images::{io_error, ImageStore};
+use crate::error_chain;
+use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
 use crate::storage::seed::{self, SeedContent};
 use crate::storage::volumes::VolumeStore;
+use crate::storage::StorageError;
 use crate::storage::{Layout, MIB};
-use crate::vm::actor::{error_chain, VmError};
 use crate::vm::spec::{DiskSource, FieldError, SpecError, VmSpec};
 
 /// Checks that every image and volume `spec` names exists (and images are
@@ -17,7 +18,7 @@ pub fn check_references(
     spec: &VmSpec,
     images: &ImageStore,
     volumes: &VolumeStore,
-) -> Result<(), VmError> {
+) -> Result<(), StorageError> {
     let mut errors = Vec::new();
     for (i, disk) in spec.disks.iter().enumerate() {
         match disk.source() {
@@ -34,7 +35,7 @@ pub fn check_references(
                             });
                         }
                     }
-                    Err(VmError::Invalid(e)) => errors.extend(e.errors),
+                    Err(StorageError::Invalid(e)) => errors.extend(e.errors),
                     Err(e) => return Err(e),
                 }
             }
@@ -50,18 +51,18 @@ pub fn check_references(
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(VmError::Invalid(SpecError { errors }))
+        Err(StorageError::Invalid(SpecError { errors }))
     }
 }
 
 /// Makes the overlays and blank disks of a new VM. On failure, removes
-/// every file it made (a full disk gives [`VmError::NoSpace`]).
+/// every file it made (a full disk gives [`StorageError::NoSpace`]).
 pub async fn provision(
     layout: &Layout,
     qemu_img: &QemuImg,
     images: &ImageStore,
     spec: &VmSpec,
-) -> Result<(), VmError> {
+) -> Result<(), StorageError> {
     let dir = layout.vm_disks_dir(spec.uuid);
     let mut made = Vec::new();
     let result = async {
@@ -96,12 +97,12 @@ pub async fn provision(
     result
 }
 
-fn create_dir(dir: &std::path::Path) -> Result<(), VmError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))
+fn create_dir(dir: &std::path::Path) -> Result<(), StorageError> {
+    std::fs::create_dir_all(dir).map_err(|e| StorageError::io("creating", dir, e))
 }
 
 /// Writes the VM's cloud-init seed, when its spec has one.
-pub fn write_seed(layout: &Layout, spec: &VmSpec) -> Result<(), VmError> {
+pub fn write_seed(layout: &Layout, spec: &VmSpec) -> Result<(), StorageError> {
     let Some(ci) = &spec.cloud_init else {
         return Ok(());
     };
@@ -118,9 +119,9 @@ pub fn write_seed(layout: &Layout, spec: &VmSpec) -> Result<(), VmError> {
             .is_some_and(crate::storage::is_no_space);
         let message = format!("writing the cloud-init seed: {}", error_chain(&e));
         if no_space {
-            VmError::NoSpace(message)
+            StorageError::NoSpace(message)
         } else {
-            VmError::Failed(message)
+            StorageError::Failed(message)
         }
     })
 }

@@ -19,10 +19,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::error_chain;
 use crate::events::{EventBody, EventBus};
 use crate::storage::qemu_img::QemuImg;
-use crate::storage::{is_no_space, Layout};
-use crate::vm::actor::{error_chain, VmError};
+use crate::storage::Layout;
+use crate::storage::StorageError;
 use crate::vm::record::timestamp;
 use crate::vm::spec::{validate_name, FieldError, SpecError};
 use crate::vm::store::write_atomically;
@@ -239,22 +240,22 @@ impl ImageStore {
     }
 
     /// Image `name`.
-    pub fn get(&self, name: &str) -> Result<Image, VmError> {
+    pub fn get(&self, name: &str) -> Result<Image, StorageError> {
         let entries = self.entries.lock().unwrap();
         entries
             .get(name)
             .map(|e| e.0.image.clone())
-            .ok_or_else(|| VmError::NotFound(format!("image {name}")))
+            .ok_or_else(|| StorageError::NotFound(format!("image {name}")))
     }
 
     /// The file and virtual size of ready image `name`, for a disk that
     /// names it in field `field`.
-    pub fn ready_file(&self, name: &str, field: &str) -> Result<(PathBuf, u64), VmError> {
+    pub fn ready_file(&self, name: &str, field: &str) -> Result<(PathBuf, u64), StorageError> {
         let image = self
             .get(name)
-            .map_err(|_| invalid(field, format!("no image {name:?}")))?;
+            .map_err(|_| StorageError::field(field, format!("no image {name:?}")))?;
         if image.status != ImageStatus::Ready {
-            return Err(invalid(
+            return Err(StorageError::field(
                 field,
                 format!("image {name:?} is {}, not ready", image.status.as_str()),
             ));
@@ -266,12 +267,12 @@ impl ImageStore {
     }
 
     /// Starts importing; returns the image in `importing` state.
-    pub fn import(self: &Arc<Self>, request: ImageImport) -> Result<Image, VmError> {
+    pub fn import(self: &Arc<Self>, request: ImageImport) -> Result<Image, StorageError> {
         let source = self.check_request(&request)?;
         let mut entries = self.entries.lock().unwrap();
         if let Some(existing) = entries.get(&request.name) {
             if existing.0.image.status != ImageStatus::Failed {
-                return Err(VmError::Conflict(format!(
+                return Err(StorageError::Conflict(format!(
                     "image {} already exists",
                     request.name
                 )));
@@ -318,7 +319,7 @@ impl ImageStore {
         Ok(image)
     }
 
-    fn check_request(&self, request: &ImageImport) -> Result<Source, VmError> {
+    fn check_request(&self, request: &ImageImport) -> Result<Source, StorageError> {
         let mut errors = match validate_name("name", &request.name) {
             Ok(()) => vec![],
             Err(e) => e.errors,
@@ -363,7 +364,7 @@ impl ImageStore {
         };
         match source {
             Some(source) if errors.is_empty() => Ok(source),
-            _ => Err(VmError::Invalid(SpecError { errors })),
+            _ => Err(StorageError::Invalid(SpecError { errors })),
         }
     }
 
@@ -398,10 +399,11 @@ impl ImageStore {
         name: &str,
         source: Source,
         expected_sha256: Option<String>,
-    ) -> Result<Image, VmError> {
+    ) -> Result<Image, StorageError> {
         let tmp_root = self.layout.import_tmp_dir();
         let scratch = TmpDir(tmp_root.join(format!("{name}-{}", uuid::Uuid::new_v4())));
-        std::fs::create_dir_all(&scratch.0).map_err(|e| io_error("creating", &scratch.0, e))?;
+        std::fs::create_dir_all(&scratch.0)
+            .map_err(|e| StorageError::io("creating", &scratch.0, e))?;
         let raw = scratch.0.join("source");
         let source_sha256 = match &source {
             Source::File(path) => self.copy_file(name, path, &raw).await?,
@@ -409,7 +411,7 @@ impl ImageStore {
         };
         if let Some(expected) = expected_sha256 {
             if expected != source_sha256 {
-                return Err(VmError::Invalid(SpecError {
+                return Err(StorageError::Invalid(SpecError {
                     errors: vec![FieldError {
                         field: "sha256".into(),
                         message: format!(
@@ -424,20 +426,20 @@ impl ImageStore {
         // from the format found, never handed to a guest as is.
         let info = self.qemu_img.info(&raw, None, false).await?;
         if !IMPORT_FORMATS.contains(&info.format.as_str()) {
-            return Err(VmError::Refused(format!(
+            return Err(StorageError::Refused(format!(
                 "format {} is not importable ({})",
                 info.format,
                 IMPORT_FORMATS.join(", ")
             )));
         }
         if let Some(backing) = &info.backing_filename {
-            return Err(VmError::Refused(format!(
+            return Err(StorageError::Refused(format!(
                 "the image has a backing file ({backing}); import a flattened image (qemu-img convert)"
             )));
         }
         let external = info.external_files(&raw);
         if !external.is_empty() {
-            return Err(VmError::Refused(format!(
+            return Err(StorageError::Refused(format!(
                 "the image refers to other files ({}); import a self-contained image",
                 external.join(", ")
             )));
@@ -451,8 +453,8 @@ impl ImageStore {
         let converted_for_hash = converted.clone();
         let sha256 = tokio::task::spawn_blocking(move || sha256_file(&converted_for_hash))
             .await
-            .map_err(|e| VmError::Failed(e.to_string()))?
-            .map_err(|e| io_error("hashing", &converted, e))?;
+            .map_err(|e| StorageError::Failed(e.to_string()))?
+            .map_err(|e| StorageError::io("hashing", &converted, e))?;
         let mut image = self.get(name)?;
         image.status = ImageStatus::Ready;
         image.source_format = Some(info.format.clone());
@@ -468,16 +470,16 @@ impl ImageStore {
         let mut meta = serde_json::to_vec_pretty(&image).expect("an Image serializes");
         meta.push(b'\n');
         write_atomically(&dir, &format!("{name}.json"), &meta)
-            .map_err(|e| VmError::Failed(error_chain(&e)))?;
+            .map_err(|e| StorageError::Failed(error_chain(&e)))?;
         let target = self.layout.image_file(name);
         if let Err(e) = std::fs::rename(&converted, &target) {
             let _ = std::fs::remove_file(self.layout.image_meta(name));
-            return Err(io_error("renaming into place", &target, e));
+            return Err(StorageError::io("renaming into place", &target, e));
         }
         Ok(image)
     }
 
-    fn finish_import(&self, name: &str, result: Result<Image, VmError>) {
+    fn finish_import(&self, name: &str, result: Result<Image, StorageError>) {
         let image = {
             let mut entries = self.entries.lock().unwrap();
             let Some(entry) = entries.get_mut(name) else {
@@ -503,10 +505,10 @@ impl ImageStore {
 
     /// Deletes image `name` (which no VM may use: the caller checks), or
     /// cancels its import.
-    pub fn delete(&self, name: &str) -> Result<(), VmError> {
+    pub fn delete(&self, name: &str) -> Result<(), StorageError> {
         let mut entries = self.entries.lock().unwrap();
         let Some(entry) = entries.get(name) else {
-            return Err(VmError::NotFound(format!("image {name}")));
+            return Err(StorageError::NotFound(format!("image {name}")));
         };
         if let Some(task) = &entry.0.task {
             task.abort();
@@ -516,7 +518,7 @@ impl ImageStore {
             match std::fs::remove_file(&file) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_error("removing", &file, e)),
+                Err(e) => return Err(StorageError::io("removing", &file, e)),
             }
             let _ = std::fs::remove_file(self.layout.image_meta(name));
         }
@@ -529,10 +531,10 @@ impl ImageStore {
         Ok(())
     }
 
-    async fn copy_file(&self, name: &str, src: &Path, dst: &Path) -> Result<String, VmError> {
+    async fn copy_file(&self, name: &str, src: &Path, dst: &Path) -> Result<String, StorageError> {
         let mut input = tokio::fs::File::open(src)
             .await
-            .map_err(|e| io_error("opening", src, e))?;
+            .map_err(|e| StorageError::io("opening", src, e))?;
         let total = input.metadata().await.ok().map(|m| m.len());
         let mut sink = Sink::create(self, name, dst, total).await?;
         let mut buf = vec![0u8; 1024 * 1024];
@@ -540,7 +542,7 @@ impl ImageStore {
             let n = input
                 .read(&mut buf)
                 .await
-                .map_err(|e| io_error("reading", src, e))?;
+                .map_err(|e| StorageError::io("reading", src, e))?;
             if n == 0 {
                 break;
             }
@@ -554,25 +556,28 @@ impl ImageStore {
         name: &str,
         url: &reqwest::Url,
         dst: &Path,
-    ) -> Result<String, VmError> {
+    ) -> Result<String, StorageError> {
         use futures_util::StreamExt;
         let response = reqwest::get(url.clone())
             .await
-            .map_err(|e| VmError::Failed(format!("GET {url}: {}", error_chain(&e))))?;
+            .map_err(|e| StorageError::Failed(format!("GET {url}: {}", error_chain(&e))))?;
         if !response.status().is_success() {
-            return Err(VmError::Failed(format!("GET {url}: {}", response.status())));
+            return Err(StorageError::Failed(format!(
+                "GET {url}: {}",
+                response.status()
+            )));
         }
         let total = response.content_length();
         let mut sink = Sink::create(self, name, dst, total).await?;
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| VmError::Failed(format!("GET {url}: {}", error_chain(&e))))?;
+            let chunk = chunk
+                .map_err(|e| StorageError::Failed(format!("GET {url}: {}", error_chain(&e))))?;
             sink.write(&chunk).await?;
         }
         if let Some(total) = total {
             if sink.done != total {
-                return Err(VmError::Failed(format!(
+                return Err(StorageError::Failed(format!(
                     "GET {url}: got {} of {total} bytes",
                     sink.done
                 )));
@@ -627,10 +632,10 @@ impl<'a> Sink<'a> {
         name: &'a str,
         path: &'a Path,
         total: Option<u64>,
-    ) -> Result<Sink<'a>, VmError> {
+    ) -> Result<Sink<'a>, StorageError> {
         let file = tokio::fs::File::create(path)
             .await
-            .map_err(|e| io_error("creating", path, e))?;
+            .map_err(|e| StorageError::io("creating", path, e))?;
         store.set_progress(name, ImportPhase::Fetch, Some((0, total)));
         Ok(Sink {
             store,
@@ -644,11 +649,11 @@ impl<'a> Sink<'a> {
         })
     }
 
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), VmError> {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
         self.file
             .write_all(bytes)
             .await
-            .map_err(|e| io_error("writing", self.path, e))?;
+            .map_err(|e| StorageError::io("writing", self.path, e))?;
         self.hasher.update(bytes);
         self.done += bytes.len() as u64;
         if self.last_report.elapsed() >= PROGRESS_INTERVAL {
@@ -659,17 +664,17 @@ impl<'a> Sink<'a> {
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<String, VmError> {
+    async fn finish(mut self) -> Result<String, StorageError> {
         // tokio's File writes in the background: only flush reports an
         // error of the last write (sync_all drops it).
         self.file
             .flush()
             .await
-            .map_err(|e| io_error("writing", self.path, e))?;
+            .map_err(|e| StorageError::io("writing", self.path, e))?;
         self.file
             .sync_all()
             .await
-            .map_err(|e| io_error("syncing", self.path, e))?;
+            .map_err(|e| StorageError::io("syncing", self.path, e))?;
         self.store.set_progress(
             self.name,
             ImportPhase::Fetch,
@@ -697,23 +702,4 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn invalid(field: &str, message: String) -> VmError {
-    VmError::Invalid(SpecError {
-        errors: vec![FieldError {
-            field: field.into(),
-            message,
-        }],
-    })
-}
-
-/// An I/O error as a [`VmError`]: a full disk is [`VmError::NoSpace`].
-pub fn io_error(op: &str, path: &Path, e: std::io::Error) -> VmError {
-    let message = format!("{op} {}: {e}", path.display());
-    if is_no_space(&e) {
-        VmError::NoSpace(message)
-    } else {
-        VmError::Failed(message)
-    }
 }

@@ -24,6 +24,53 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::vm::spec::{FieldError, SpecError};
+
+/// Why a storage operation failed. The VM layer maps these to API errors.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    /// No such image, volume or snapshot (the message names it).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The name is taken, or the thing is in use.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request names a bad field.
+    #[error(transparent)]
+    Invalid(#[from] SpecError),
+    /// The content is refused (a backing file, an unknown format).
+    #[error("{0}")]
+    Refused(String),
+    /// The host's disk is full; nothing was left half-made.
+    #[error("{0}")]
+    NoSpace(String),
+    /// `qemu-img` or the file system failed; the message says how.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl StorageError {
+    /// An invalid request naming one field.
+    pub fn field(field: &str, message: impl Into<String>) -> StorageError {
+        StorageError::Invalid(SpecError {
+            errors: vec![FieldError {
+                field: field.into(),
+                message: message.into(),
+            }],
+        })
+    }
+
+    /// An I/O error on `path`: a full disk is [`StorageError::NoSpace`].
+    pub fn io(op: &str, path: &Path, e: std::io::Error) -> StorageError {
+        let message = format!("{op} {}: {e}", path.display());
+        if is_no_space(&e) {
+            StorageError::NoSpace(message)
+        } else {
+            StorageError::Failed(message)
+        }
+    }
+}
+
 /// Where storage files live under the state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {

@@ -1,11 +1,11 @@
 //! `qemu-img`, run with argument lists (never a shell). Failures carry the
-//! tool's stderr; a full disk becomes [`VmError::NoSpace`].
+//! tool's stderr; a full disk becomes [`StorageError::NoSpace`].
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::vm::actor::VmError;
+use crate::storage::StorageError;
 
 /// The `qemu-img` binary to run.
 #[derive(Debug, Clone)]
@@ -105,7 +105,7 @@ impl QemuImg {
         path: &Path,
         format: Option<&str>,
         force_share: bool,
-    ) -> Result<ImageInfo, VmError> {
+    ) -> Result<ImageInfo, StorageError> {
         let mut args = vec!["info".to_string(), "--output=json".into()];
         if let Some(format) = format {
             args.extend(["-f".into(), format.into()]);
@@ -116,7 +116,7 @@ impl QemuImg {
         args.push(path_arg(path));
         let out = self.run(&args).await?;
         serde_json::from_str(&out)
-            .map_err(|e| VmError::Failed(format!("qemu-img info {}: {e}", path.display())))
+            .map_err(|e| StorageError::Failed(format!("qemu-img info {}: {e}", path.display())))
     }
 
     /// Converts `src` (of format `src_format`) to a new qcow2 file `dst`.
@@ -125,7 +125,7 @@ impl QemuImg {
         src: &Path,
         src_format: &str,
         dst: &Path,
-    ) -> Result<(), VmError> {
+    ) -> Result<(), StorageError> {
         self.run(&[
             "convert".into(),
             "-f".into(),
@@ -140,7 +140,7 @@ impl QemuImg {
     }
 
     /// Creates a blank qcow2 image of `size` bytes.
-    pub async fn create(&self, path: &Path, size: u64) -> Result<(), VmError> {
+    pub async fn create(&self, path: &Path, size: u64) -> Result<(), StorageError> {
         self.run(&[
             "create".into(),
             "-q".into(),
@@ -159,7 +159,7 @@ impl QemuImg {
         path: &Path,
         backing: &Path,
         size: u64,
-    ) -> Result<(), VmError> {
+    ) -> Result<(), StorageError> {
         self.run(&[
             "create".into(),
             "-q".into(),
@@ -177,7 +177,7 @@ impl QemuImg {
     }
 
     /// Grows a qcow2 image to `size` bytes (`--shrink` is never passed).
-    pub async fn resize(&self, path: &Path, size: u64) -> Result<(), VmError> {
+    pub async fn resize(&self, path: &Path, size: u64) -> Result<(), StorageError> {
         self.run(&[
             "resize".into(),
             "-q".into(),
@@ -196,7 +196,7 @@ impl QemuImg {
         path: &Path,
         command: SnapshotCommand,
         name: &str,
-    ) -> Result<(), VmError> {
+    ) -> Result<(), StorageError> {
         let flag = match command {
             SnapshotCommand::Create => "-c",
             SnapshotCommand::Apply => "-a",
@@ -215,7 +215,7 @@ impl QemuImg {
         .map(drop)
     }
 
-    async fn run(&self, args: &[String]) -> Result<String, VmError> {
+    async fn run(&self, args: &[String]) -> Result<String, StorageError> {
         let output = tokio::process::Command::new(&self.binary)
             .args(args)
             .stdin(std::process::Stdio::null())
@@ -223,7 +223,7 @@ impl QemuImg {
             .output()
             .await
             .map_err(|e| {
-                VmError::Failed(format!(
+                StorageError::Failed(format!(
                     "running {}: {e} (scripts/setup.sh installs qemu-utils)",
                     self.binary.display()
                 ))
@@ -234,9 +234,9 @@ impl QemuImg {
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
         let message = format!("qemu-img {} failed: {stderr}", args[0]);
         if stderr.contains("No space left on device") {
-            Err(VmError::NoSpace(message))
+            Err(StorageError::NoSpace(message))
         } else {
-            Err(VmError::Failed(message))
+            Err(StorageError::Failed(message))
         }
     }
 }

@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::events::{EventBody, EventBus};
-use crate::storage::images::{io_error, ImageStore};
+use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
+use crate::storage::StorageError;
 use crate::storage::{Layout, MIB};
-use crate::vm::actor::VmError;
 use crate::vm::record::timestamp;
 use crate::vm::spec::{validate_name, validate_size, SpecError};
 
@@ -134,9 +134,9 @@ impl VolumeStore {
     }
 
     /// Volume `name` (without `attached_to`).
-    pub async fn get(&self, name: &str) -> Result<Volume, VmError> {
+    pub async fn get(&self, name: &str) -> Result<Volume, StorageError> {
         if !self.exists(name) {
-            return Err(VmError::NotFound(format!("volume {name}")));
+            return Err(StorageError::NotFound(format!("volume {name}")));
         }
         let file = self.layout.volume_file(name);
         // -U: a running VM holds the image's lock.
@@ -156,12 +156,12 @@ impl VolumeStore {
     }
 
     /// Creates a volume, blank or as a copy of an image. Nothing is left
-    /// behind when it fails (a full disk gives [`VmError::NoSpace`]).
+    /// behind when it fails (a full disk gives [`StorageError::NoSpace`]).
     pub async fn create(
         &self,
         request: &VolumeCreate,
         images: &ImageStore,
-    ) -> Result<Volume, VmError> {
+    ) -> Result<Volume, StorageError> {
         let mut errors = Vec::new();
         if let Err(e) = validate_name("name", &request.name) {
             errors.extend(e.errors);
@@ -181,7 +181,7 @@ impl VolumeStore {
         let source = match &request.image {
             Some(image) => match images.ready_file(image, "image") {
                 Ok(found) => Some(found),
-                Err(VmError::Invalid(e)) => {
+                Err(StorageError::Invalid(e)) => {
                     errors.extend(e.errors);
                     None
                 }
@@ -190,11 +190,11 @@ impl VolumeStore {
             None => None,
         };
         if !errors.is_empty() {
-            return Err(VmError::Invalid(SpecError { errors }));
+            return Err(StorageError::Invalid(SpecError { errors }));
         }
         let size = match (&source, request.size_mib) {
             (Some((_, image_size)), Some(mib)) if mib * MIB < *image_size => {
-                return Err(VmError::Invalid(SpecError {
+                return Err(StorageError::Invalid(SpecError {
                     errors: vec![crate::vm::spec::FieldError {
                         field: "size_mib".into(),
                         message: format!("smaller than the image ({image_size} bytes)"),
@@ -208,7 +208,7 @@ impl VolumeStore {
         let _guard = self.lock.lock().await;
         let target = self.layout.volume_file(&request.name);
         if target.exists() {
-            return Err(VmError::Conflict(format!(
+            return Err(StorageError::Conflict(format!(
                 "volume {} already exists",
                 request.name
             )));
@@ -229,7 +229,8 @@ impl VolumeStore {
                 }
                 None => self.qemu_img.create(&tmp, size).await?,
             }
-            std::fs::rename(&tmp, &target).map_err(|e| io_error("renaming into place", &target, e))
+            std::fs::rename(&tmp, &target)
+                .map_err(|e| StorageError::io("renaming into place", &target, e))
         }
         .await;
         if let Err(e) = made {
@@ -243,7 +244,7 @@ impl VolumeStore {
     }
 
     /// Grows a volume no running VM uses (`qemu-img resize`).
-    pub async fn resize_offline(&self, name: &str, size_mib: u64) -> Result<Volume, VmError> {
+    pub async fn resize_offline(&self, name: &str, size_mib: u64) -> Result<Volume, StorageError> {
         let current = self.check_resize(name, size_mib).await?;
         if size_mib * MIB > current.virtual_size {
             self.qemu_img
@@ -256,11 +257,11 @@ impl VolumeStore {
     }
 
     /// Checks a resize request against volume `name`; returns the volume.
-    pub async fn check_resize(&self, name: &str, size_mib: u64) -> Result<Volume, VmError> {
+    pub async fn check_resize(&self, name: &str, size_mib: u64) -> Result<Volume, StorageError> {
         validate_size("size_mib", size_mib)?;
         let current = self.get(name).await?;
         if size_mib * MIB < current.virtual_size {
-            return Err(VmError::Invalid(SpecError {
+            return Err(StorageError::Invalid(SpecError {
                 errors: vec![crate::vm::spec::FieldError {
                     field: "size_mib".into(),
                     message: format!(
@@ -274,13 +275,13 @@ impl VolumeStore {
     }
 
     /// Deletes a volume no VM uses (the caller checks).
-    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+    pub async fn delete(&self, name: &str) -> Result<(), StorageError> {
         let _guard = self.lock.lock().await;
         if !self.exists(name) {
-            return Err(VmError::NotFound(format!("volume {name}")));
+            return Err(StorageError::NotFound(format!("volume {name}")));
         }
         let file = self.layout.volume_file(name);
-        std::fs::remove_file(&file).map_err(|e| io_error("removing", &file, e))?;
+        std::fs::remove_file(&file).map_err(|e| StorageError::io("removing", &file, e))?;
         tracing::info!(volume = %name, "volume deleted");
         self.events.publish(EventBody::VolumeDeleted {
             name: name.to_string(),

@@ -38,8 +38,8 @@ const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
 /// Why a VM operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum VmError {
-    /// No VM has this id or name.
-    #[error("no VM {0}")]
+    /// No such VM, disk, image, volume or snapshot (the message says which).
+    #[error("{0}")]
     NotFound(String),
     /// Another operation runs on the VM.
     #[error("VM is busy with task {}", .0.as_str())]
@@ -67,16 +67,20 @@ pub enum VmError {
     Gone,
 }
 
-/// The message of `err` followed by its sources, `: `-separated.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
+pub use crate::error_chain;
+
+impl From<crate::storage::StorageError> for VmError {
+    fn from(e: crate::storage::StorageError) -> VmError {
+        use crate::storage::StorageError as S;
+        match e {
+            S::NotFound(_) => VmError::NotFound(e.to_string()),
+            S::Conflict(m) => VmError::Conflict(m),
+            S::Invalid(spec) => VmError::Invalid(spec),
+            S::Refused(m) => VmError::Refused(m),
+            S::NoSpace(m) => VmError::NoSpace(m),
+            S::Failed(m) => VmError::Failed(m),
+        }
     }
-    message
 }
 
 /// Options of an action.
@@ -552,7 +556,7 @@ impl Actor {
             spec.disks
                 .iter()
                 .position(|d| d.name.as_deref() == Some(name))
-                .ok_or_else(|| VmError::NotFound(format!("disk {name} of VM {}", spec.name)))
+                .ok_or_else(|| VmError::NotFound(format!("VM {} has no disk {name}", spec.name)))
         };
         let layout = ctx.layout.clone();
         match op {
@@ -632,7 +636,11 @@ impl Actor {
                 self.spawn_op(async move {
                     let result = match &qmp {
                         Some(qmp) => disk_ops::resize(qmp, &plan, size).await,
-                        None => ctx.qemu_img.resize(&plan.file, size).await,
+                        None => ctx
+                            .qemu_img
+                            .resize(&plan.file, size)
+                            .await
+                            .map_err(VmError::from),
                     };
                     OpResult::Storage {
                         result: result.map(|()| None),
@@ -656,7 +664,7 @@ impl Actor {
                                 )))
                             }
                             SnapshotKind::Revert | SnapshotKind::Delete if !exists => {
-                                return Err(VmError::NotFound(format!("snapshot {name}")))
+                                return Err(VmError::NotFound(format!("no snapshot {name}")))
                             }
                             _ => {}
                         }

@@ -186,7 +186,7 @@ pub async fn snapshot_offline(
                         .await;
                 }
             }
-            return Err(e);
+            return Err(e.into());
         }
     }
     Ok(())

@@ -158,7 +158,7 @@ impl Manager {
             .handles()
             .into_iter()
             .find(|h| h.has_name(key))
-            .ok_or_else(|| VmError::NotFound(key.to_string()))
+            .ok_or_else(|| VmError::NotFound(format!("no VM {key}")))
     }
 
     /// Creates a VM from `spec` (stopped). A VM with the same UUID and spec
@@ -309,7 +309,7 @@ impl Manager {
                 users.join(", ")
             )));
         }
-        self.ctx.images.delete(name)
+        Ok(self.ctx.images.delete(name)?)
     }
 
     /// Which VM disk uses volume `name`.
@@ -346,7 +346,7 @@ impl Manager {
 
     /// Creates a volume.
     pub async fn create_volume(&self, request: &VolumeCreate) -> Result<Volume, VmError> {
-        self.ctx.volumes.create(request, &self.ctx.images).await
+        Ok(self.ctx.volumes.create(request, &self.ctx.images).await?)
     }
 
     /// Deletes a volume no VM uses.
@@ -358,7 +358,7 @@ impl Manager {
                 user.vm_name, user.disk
             )));
         }
-        self.ctx.volumes.delete(name).await
+        Ok(self.ctx.volumes.delete(name).await?)
     }
 
     /// Grows a volume: through the VM using it (live `block_resize` while it
@@ -379,7 +379,7 @@ impl Manager {
                 self.ctx.volumes.publish(&volume);
                 Ok(volume)
             }
-            None => self.ctx.volumes.resize_offline(name, size_mib).await,
+            None => Ok(self.ctx.volumes.resize_offline(name, size_mib).await?),
         }
     }
 
