@@ -93,6 +93,9 @@ pub async fn provision(
         for file in made {
             let _ = std::fs::remove_file(file);
         }
+        // Only empty directories go: remove_dir refuses anything else.
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(layout.vm_dir(spec.uuid));
     }
     result
 }

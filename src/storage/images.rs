@@ -194,6 +194,7 @@ impl ImageStore {
     ) -> std::io::Result<ImageStore> {
         let dir = layout.images_dir();
         std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&import_dir)?;
         let tmp = layout.import_tmp_dir();
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
