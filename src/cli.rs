@@ -796,13 +796,17 @@ async fn follow_import(
     }
 }
 
+/// What makes a plain progress line due at once when it changes: the
+/// phase and the source size.
+type PlainKey = Option<(ImportPhase, Option<u64>)>;
+
 /// Shows an import's progress: a bar redrawn in place on a terminal, or a
 /// plain line at each phase change and every few seconds.
 struct ProgressView<W: Write> {
     out: W,
     tty: bool,
-    /// When the last plain line was printed, and its phase.
-    last_line: Option<(Instant, Option<ImportPhase>)>,
+    /// When the last plain line was printed, with its phase and total.
+    last_line: Option<(Instant, PlainKey)>,
     /// Whether a bar is on screen.
     drawn: bool,
 }
@@ -826,17 +830,16 @@ impl<W: Write> ProgressView<W> {
             let _ = write!(self.out, "\r{bar}\x1b[K");
             self.drawn = true;
         } else {
-            let phase = progress.map(|p| p.phase);
+            // A new phase or a size now known is worth a line at once.
+            let key = progress.map(|p| (p.phase, p.bytes_total));
             let due = match self.last_line {
                 None => true,
-                Some((at, last_phase)) => {
-                    last_phase != phase || at.elapsed() >= PLAIN_PROGRESS_EVERY
-                }
+                Some((at, last)) => last != key || at.elapsed() >= PLAIN_PROGRESS_EVERY,
             };
             if !due {
                 return;
             }
-            self.last_line = Some((Instant::now(), phase));
+            self.last_line = Some((Instant::now(), key));
             let _ = writeln!(self.out, "{}", progress_line(&image.name, progress));
         }
         let _ = self.out.flush();
@@ -1203,7 +1206,7 @@ pub fn render_event(event: &Event) -> String {
         EventBody::Volume { volume } => format!("volume {}", volume_line(volume)),
         EventBody::VolumeDeleted { name } => format!("volume_deleted {name}"),
         EventBody::Resync { requested, oldest } => format!(
-            "resync requested={requested} oldest={} (events were missed: list the VMs again)",
+            "resync requested={requested} oldest={} (events were missed: list VMs, images and volumes again)",
             oldest.map_or("-".to_string(), |o| o.to_string())
         ),
     };
@@ -1855,15 +1858,23 @@ vms:      running=2 stopped=1
         assert_eq!(text, format!("{frame}{frame}\r\x1b[K"));
 
         let mut view = ProgressView::new(Vec::new(), false);
+        importing.progress = Some(fetch(0, None));
         view.update(&importing);
-        // Within the interval and the same phase: nothing new.
+        // Within the interval, same phase and size: nothing new.
+        importing.progress = Some(fetch(1024, None));
+        view.update(&importing);
+        // The size became known: a line at once.
+        importing.progress = Some(fetch(1 << 20, Some(2 << 20)));
+        view.update(&importing);
         view.update(&importing);
         importing.progress.as_mut().unwrap().phase = ImportPhase::Convert;
         view.update(&importing);
         view.finish();
         assert_eq!(
             String::from_utf8(view.out).unwrap(),
-            "importing deb: fetch 50% 1MiB/2MiB\nimporting deb: convert 50% 1MiB/2MiB\n"
+            "importing deb: fetch 0B\n\
+             importing deb: fetch 50% 1MiB/2MiB\n\
+             importing deb: convert 50% 1MiB/2MiB\n"
         );
     }
 

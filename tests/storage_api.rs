@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
 use common::storage::{
-    dir_entries, image_info, images_identical, qemu_img, sha256_of, write_pattern_raw,
+    dir_entries, files_under, image_info, images_identical, qemu_img, sha256_of, write_pattern_raw,
     write_random, HttpServer, Reply, TmpfsMount, MIB,
 };
 use common::Scratch;
@@ -79,6 +79,17 @@ fn assert_invalid_field(answer: &(u16, Value), field: &str) {
         .map(|a| a.iter().filter_map(|f| f["field"].as_str()).collect())
         .unwrap_or_default();
     assert!(fields.contains(&field), "fields in {error}");
+}
+
+/// Asserts a 404 whose message names `what` (and not a VM, for a
+/// storage object).
+fn assert_not_found(answer: &(u16, Value), what: &str) {
+    let error = assert_error(answer, 404, "not_found");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains(what) && !message.contains("no VM"),
+        "404 message {message:?} should name {what:?}"
+    );
 }
 
 /// `POST /v1/images`, expecting 202 and the image `importing`.
@@ -298,11 +309,7 @@ async fn imports_raw_and_qcow2_files_as_qcow2_with_checksums() {
     let (status, body) = delete(&d, &format!("/v1/images/{from_raw}")).await;
     assert_eq!(status, 204, "{body}");
     assert_nothing_stored(&d, &from_raw);
-    assert_error(
-        &get(&d, &format!("/v1/images/{from_raw}")).await,
-        404,
-        "not_found",
-    );
+    assert_not_found(&get(&d, &format!("/v1/images/{from_raw}")).await, &from_raw);
     assert_error(
         &delete(&d, &format!("/v1/images/{from_raw}")).await,
         404,
@@ -748,11 +755,7 @@ async fn volumes_blank_from_image_resize_and_delete() {
     let (status, body) = delete(&d, &format!("/v1/volumes/{blank}")).await;
     assert_eq!(status, 204, "{body}");
     assert!(!volume_file(&d, &blank).exists());
-    assert_error(
-        &get(&d, &format!("/v1/volumes/{blank}")).await,
-        404,
-        "not_found",
-    );
+    assert_not_found(&get(&d, &format!("/v1/volumes/{blank}")).await, &blank);
     assert_error(
         &delete(&d, &format!("/v1/volumes/{blank}")).await,
         404,
@@ -1012,7 +1015,7 @@ async fn offline_snapshots_of_a_stopped_vm() {
     io("read -P 0 0 64k");
 
     let unknown = post(&d, &format!("{snapshots}/nope/revert"), &json!({})).await;
-    assert_error(&unknown, 404, "not_found");
+    assert_not_found(&unknown, "nope");
     assert_error(
         &delete(&d, &format!("{snapshots}/nope")).await,
         404,
@@ -1130,6 +1133,28 @@ async fn a_full_disk_gives_507_and_leaves_nothing() {
         );
         assert_nothing_stored(&d, &name);
     }
+
+    // A VM whose blank disk does not fit: 507, no VM, no directory.
+    let full = mount.path().join("filler-rest");
+    std::fs::write(&full, vec![0u8; mount.free_bytes() as usize]).unwrap();
+    let vm_name = unique_name("nospace");
+    let answer = post(
+        &d,
+        "/v1/vms",
+        &spec_with_disks(&vm_name, json!([{"name": "d", "size_mib": 64}])),
+    )
+    .await;
+    assert_error(&answer, 507, "no_space");
+    let (_, vms) = get(&d, "/v1/vms").await;
+    assert_eq!(vms["vms"], json!([]), "{vms}");
+    // (Empty directories vms/UUID/disks are left: reported; only files
+    // are checked here.)
+    let left = files_under(&d.state_dir.join("vms"));
+    assert!(
+        left.is_empty(),
+        "a VM that could not be created left {left:?}"
+    );
+    std::fs::remove_file(&full).unwrap();
 
     // With space again, the same copy works.
     std::fs::remove_file(&filler).unwrap();

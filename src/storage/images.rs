@@ -412,14 +412,9 @@ impl ImageStore {
         };
         if let Some(expected) = expected_sha256 {
             if expected != source_sha256 {
-                return Err(StorageError::Invalid(SpecError {
-                    errors: vec![FieldError {
-                        field: "sha256".into(),
-                        message: format!(
-                            "checksum mismatch: expected {expected}, the source has {source_sha256}"
-                        ),
-                    }],
-                }));
+                return Err(StorageError::Refused(format!(
+                    "sha256 checksum mismatch: expected {expected}, the source has {source_sha256}"
+                )));
             }
         }
         self.set_progress(name, ImportPhase::Convert, None);

@@ -171,12 +171,10 @@ impl VolumeStore {
                 errors.extend(e.errors);
             }
         } else if request.image.is_none() {
-            errors.extend(
-                validate_size("size_mib", 0)
-                    .err()
-                    .map(|e| e.errors)
-                    .unwrap_or_default(),
-            );
+            errors.push(crate::vm::spec::FieldError {
+                field: "size_mib".into(),
+                message: "give size_mib (a blank volume) or image (a copy of it)".into(),
+            });
         }
         let source = match &request.image {
             Some(image) => match images.ready_file(image, "image") {

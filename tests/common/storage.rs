@@ -139,6 +139,24 @@ pub fn dir_entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Every file (not directory) under `dir`, recursively, relative to it.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(path);
+            } else {
+                files.push(path.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
 /// How a [`HttpServer`] answers one path.
 #[derive(Clone)]
 pub enum Reply {
