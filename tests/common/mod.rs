@@ -234,13 +234,17 @@ pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchE
     Ok(TestVm { vm })
 }
 
-/// Waits until the file at `path` has a line containing `needle`; returns that
-/// line. Panics with the file's content after `timeout`.
+/// Waits until the file at `path` has a whole line (ended by a newline)
+/// containing `needle`; returns it without the line end. (A guest may be
+/// caught half-way through writing a line.) Panics with the file's content
+/// after `timeout`.
 pub async fn wait_for_line(path: &Path, needle: &str, timeout: Duration) -> String {
     let started = Instant::now();
     loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        if let Some(line) = whole.lines().find(|l| l.contains(needle)) {
             return line.trim_end_matches('\r').to_string();
         }
         if started.elapsed() > timeout {
