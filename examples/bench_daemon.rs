@@ -506,7 +506,7 @@ struct StorageFigures {
 impl StorageFigures {
     fn print(&self) {
         row(
-            &format!("import {IMPORT_MIB} MiB raw image (file)"),
+            &format!("import {IMPORT_MIB} MiB raw image"),
             format!(
                 "{}  ({:.0} MiB/s)",
                 ms(self.import),
@@ -518,11 +518,11 @@ impl StorageFigures {
             ms(self.create_with_overlay),
         );
         row(
-            &format!("live snapshot, 128 MiB guest (median of {SNAPSHOT_RUNS})"),
+            &format!("live snapshot (median of {SNAPSHOT_RUNS})"),
             ms(self.snapshot),
         );
         row(
-            &format!("live revert, 128 MiB guest (median of {SNAPSHOT_RUNS})"),
+            &format!("live revert (median of {SNAPSHOT_RUNS})"),
             ms(self.revert),
         );
     }
@@ -578,6 +578,20 @@ async fn storage_figures(client: &Client, scratch: &Scratch, guest: &Guest) -> S
     let create_with_overlay = started.elapsed();
     let id: Uuid = serde_json::from_value(vm["id"].clone()).expect("a VM id");
     api(client, Method::POST, &format!("/v1/vms/{id}/start"), None).await;
+    // Snapshots of a booted guest, not of one still loading its kernel.
+    let serial = scratch
+        .run_dir()
+        .join("vms")
+        .join(id.to_string())
+        .join("serial.log");
+    let booting = Instant::now();
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("GUEST-READY")
+    {
+        assert!(booting.elapsed() < TIMEOUT, "the guest did not boot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut snapshots = Vec::new();
     let mut reverts = Vec::new();

@@ -150,6 +150,7 @@ enum Source {
     Url(reqwest::Url),
 }
 
+#[derive(Debug)]
 struct Entry {
     image: Image,
     task: Option<tokio::task::AbortHandle>,
@@ -162,16 +163,7 @@ pub struct ImageStore {
     qemu_img: QemuImg,
     import_dir: PathBuf,
     events: Arc<EventBus>,
-    entries: Mutex<BTreeMap<String, EntrySlot>>,
-}
-
-/// An entry, `Debug` without the abort handle's noise.
-struct EntrySlot(Entry);
-
-impl std::fmt::Debug for EntrySlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.image.fmt(f)
-    }
+    entries: Mutex<BTreeMap<String, Entry>>,
 }
 
 /// Removes a directory tree when dropped (an import's scratch space).
@@ -212,7 +204,7 @@ impl ImageStore {
                 });
             match loaded {
                 Ok(image) if layout.image_file(&image.name).is_file() => {
-                    entries.insert(image.name.clone(), EntrySlot(Entry { image, task: None }));
+                    entries.insert(image.name.clone(), Entry { image, task: None });
                 }
                 Ok(image) => {
                     // The metadata is written before the file is renamed in:
@@ -237,7 +229,7 @@ impl ImageStore {
     /// Every image, by name.
     pub fn list(&self) -> Vec<Image> {
         let entries = self.entries.lock().unwrap();
-        entries.values().map(|e| e.0.image.clone()).collect()
+        entries.values().map(|e| e.image.clone()).collect()
     }
 
     /// Image `name`.
@@ -245,7 +237,7 @@ impl ImageStore {
         let entries = self.entries.lock().unwrap();
         entries
             .get(name)
-            .map(|e| e.0.image.clone())
+            .map(|e| e.image.clone())
             .ok_or_else(|| StorageError::NotFound(format!("image {name}")))
     }
 
@@ -272,7 +264,7 @@ impl ImageStore {
         let source = self.check_request(&request)?;
         let mut entries = self.entries.lock().unwrap();
         if let Some(existing) = entries.get(&request.name) {
-            if existing.0.image.status != ImageStatus::Failed {
+            if existing.image.status != ImageStatus::Failed {
                 return Err(StorageError::Conflict(format!(
                     "image {} already exists",
                     request.name
@@ -309,10 +301,10 @@ impl ImageStore {
         });
         entries.insert(
             request.name.clone(),
-            EntrySlot(Entry {
+            Entry {
                 image: image.clone(),
                 task: Some(task.abort_handle()),
-            }),
+            },
         );
         drop(entries);
         tracing::info!(image = %image.name, source = %image.source, "import started");
@@ -481,20 +473,20 @@ impl ImageStore {
             let Some(entry) = entries.get_mut(name) else {
                 return;
             };
-            entry.0.task = None;
+            entry.task = None;
             match result {
                 Ok(image) => {
                     tracing::info!(image = %name, "import finished");
-                    entry.0.image = image;
+                    entry.image = image;
                 }
                 Err(e) => {
                     tracing::warn!(image = %name, error = %e, "import failed");
-                    entry.0.image.status = ImageStatus::Failed;
-                    entry.0.image.progress = None;
-                    entry.0.image.error = Some(e.to_string());
+                    entry.image.status = ImageStatus::Failed;
+                    entry.image.progress = None;
+                    entry.image.error = Some(e.to_string());
                 }
             }
-            entry.0.image.clone()
+            entry.image.clone()
         };
         self.publish(&image);
     }
@@ -506,10 +498,10 @@ impl ImageStore {
         let Some(entry) = entries.get(name) else {
             return Err(StorageError::NotFound(format!("image {name}")));
         };
-        if let Some(task) = &entry.0.task {
+        if let Some(task) = &entry.task {
             task.abort();
         }
-        if entry.0.image.status == ImageStatus::Ready {
+        if entry.image.status == ImageStatus::Ready {
             let file = self.layout.image_file(name);
             match std::fs::remove_file(&file) {
                 Ok(()) => {}
@@ -588,7 +580,7 @@ impl ImageStore {
             let Some(entry) = entries.get_mut(name) else {
                 return;
             };
-            let progress = entry.0.image.progress.get_or_insert(ImportProgress {
+            let progress = entry.image.progress.get_or_insert(ImportProgress {
                 phase,
                 bytes_done: 0,
                 bytes_total: None,
@@ -598,7 +590,7 @@ impl ImageStore {
                 progress.bytes_done = bytes_done;
                 progress.bytes_total = bytes_total;
             }
-            entry.0.image.clone()
+            entry.image.clone()
         };
         self.publish(&image);
     }
