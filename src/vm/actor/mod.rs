@@ -8,6 +8,10 @@
 //! [`VmError::Busy`] at once, and a hung QEMU only ever delays its own VM.
 //! Readers never ask the actor: they read the latest [`Vm`] from a watch
 //! channel, so a listing cannot block.
+//!
+//! This file owns the actor itself and its lifecycle operations (start,
+//! stop, reboot, pause, resume, delete, reattach after a restart); the disk
+//! and snapshot operations ([`StorageOp`]) live in `storage`.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,18 +21,18 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::qemu::argv::{LaunchInputs, RunPaths};
-use crate::qemu::disk::DiskPlan;
 use crate::qemu::instance::{self, StopMode, StopOutcome};
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 use crate::vm::context::Context;
-use crate::vm::disk_ops::{self, SnapshotKind};
 use crate::vm::record::timestamp;
-use crate::vm::spec::{
-    validate_disk, validate_limits, validate_name, DiskSource, DiskSpec, IoLimits, VmSpec,
-};
+use crate::vm::spec::VmSpec;
 use crate::vm::state::{self, Action, Decision, Desired, Observation, PowerState, Task};
 use crate::vm::Vm;
+
+mod storage;
+
+pub use storage::StorageOp;
 
 /// How long reattaching waits for a QEMU's QMP socket.
 const REATTACH_QMP_DEADLINE: Duration = Duration::from_secs(5);
@@ -88,37 +92,6 @@ impl From<crate::storage::StorageError> for VmError {
 pub struct ActOptions {
     /// For a graceful stop: how long the guest gets to power off.
     pub stop_timeout: Option<Duration>,
-}
-
-/// A change to a VM's disks or snapshots, run by its actor as a task: live
-/// over QMP while QEMU runs, on the files while it does not.
-#[derive(Debug, Clone)]
-pub enum StorageOp {
-    /// Add a disk (a volume): hot-plug, or just the spec when stopped.
-    AttachDisk(DiskSpec),
-    /// Remove a disk (a volume or host file): unplug, or just the spec.
-    DetachDisk(String),
-    /// Change a disk's I/O limits.
-    SetLimits {
-        /// The disk.
-        disk: String,
-        /// The new limits (replacing the old ones).
-        limits: IoLimits,
-    },
-    /// Grow a disk to `size` bytes (the caller checked it grows).
-    ResizeDisk {
-        /// The disk.
-        disk: String,
-        /// New size in bytes.
-        size: u64,
-    },
-    /// Take, revert to or delete a snapshot.
-    Snapshot {
-        /// Which.
-        kind: SnapshotKind,
-        /// The snapshot's name.
-        name: String,
-    },
 }
 
 type Reply = oneshot::Sender<Result<Vm, VmError>>;
@@ -205,17 +178,6 @@ impl VmHandle {
                 options,
                 reply: Some(reply),
             })
-            .map_err(|_| VmError::Gone)?;
-        answer.await.map_err(|_| VmError::Gone)?
-    }
-}
-
-impl VmHandle {
-    /// Runs a disk or snapshot operation and waits until it is done.
-    pub async fn storage(&self, op: StorageOp) -> Result<Vm, VmError> {
-        let (reply, answer) = oneshot::channel();
-        self.inbox
-            .send(Input::Storage { op, reply })
             .map_err(|_| VmError::Gone)?;
         answer.await.map_err(|_| VmError::Gone)?
     }
@@ -498,209 +460,6 @@ impl Actor {
         }
     }
 
-    fn on_storage(&mut self, op: StorageOp, reply: Reply) {
-        let action = match op {
-            StorageOp::Snapshot { .. } => Action::Snapshot,
-            _ => Action::Disks,
-        };
-        let task = self.op.as_ref().map(|op| op.task);
-        match state::decide(self.vm.state, task, action) {
-            Decision::Run(task) => match self.begin_storage(op) {
-                Ok(()) => {
-                    self.op = Some(InFlight {
-                        task,
-                        waiters: vec![reply],
-                    });
-                    self.commit(|vm| vm.task = Some(task));
-                }
-                Err(e) => self.reply(Some(reply), Err(e)),
-            },
-            Decision::Busy(task) => self.reply(Some(reply), Err(VmError::Busy(task))),
-            Decision::Refused(message) => self.reply(Some(reply), Err(VmError::Refused(message))),
-            Decision::Satisfied => self.reply(Some(reply), Ok(())),
-        }
-    }
-
-    /// Checks a storage operation against the VM and spawns it.
-    fn begin_storage(&mut self, op: StorageOp) -> Result<(), VmError> {
-        let ctx = self.ctx.clone();
-        let profile = ctx
-            .profiles
-            .get(&self.vm.spec.profile)
-            .map_err(|e| VmError::Failed(error_chain(&e)))?
-            .clone();
-        // Live when QEMU runs (decide() let only running, paused, stopped
-        // and crashed VMs through).
-        let qmp = match &self.runtime {
-            Some(rt) if self.vm.state.has_process() => Some(
-                rt.qmp
-                    .clone()
-                    .ok_or_else(|| VmError::Failed("no QMP link to this QEMU".into()))?,
-            ),
-            _ => None,
-        };
-        let live = qmp.is_some();
-        let no_hotplug = || {
-            VmError::Refused(format!(
-                "profile {} does not support hot-plug: stop the VM to change its disks",
-                profile.name
-            ))
-        };
-        // Name every disk, so that removing one never renames the others.
-        let mut spec = self.vm.spec.clone();
-        for (i, disk) in spec.disks.iter_mut().enumerate() {
-            disk.name = Some(disk.name_or_default(i));
-        }
-        let uuid = spec.uuid;
-        let find = |spec: &VmSpec, name: &str| {
-            spec.disks
-                .iter()
-                .position(|d| d.name.as_deref() == Some(name))
-                .ok_or_else(|| VmError::NotFound(format!("VM {} has no disk {name}", spec.name)))
-        };
-        let layout = ctx.layout.clone();
-        match op {
-            StorageOp::AttachDisk(mut disk) => {
-                validate_disk(&disk)?;
-                if !matches!(disk.source(), Ok(DiskSource::Volume { .. })) {
-                    return Err(VmError::Invalid(crate::vm::spec::SpecError {
-                        errors: vec![crate::vm::spec::FieldError {
-                            field: "volume".into(),
-                            message:
-                                "a disk is attached from a volume (POST /v1/volumes makes one)"
-                                    .into(),
-                        }],
-                    }));
-                }
-                if live && !profile.supports.hotplug {
-                    return Err(no_hotplug());
-                }
-                let index = spec.disks.len();
-                disk.name = Some(disk.name_or_default(index));
-                spec.disks.push(disk.clone());
-                spec.validate(|name| ctx.profiles.caps(name))?;
-                let plan = DiskPlan::new(&layout, uuid, index, &disk);
-                self.spawn_op(async move {
-                    let result = match &qmp {
-                        Some(qmp) => disk_ops::attach(qmp, &profile, &plan).await,
-                        None => Ok(()),
-                    };
-                    OpResult::Storage {
-                        result: result.map(|()| Some(spec)),
-                        status: None,
-                    }
-                });
-            }
-            StorageOp::DetachDisk(name) => {
-                let index = find(&spec, &name)?;
-                if spec.disks[index].owned_by_vm() {
-                    return Err(VmError::Refused(format!(
-                        "disk {name} was made for this VM (from an image or blank) and goes with it; only volumes and host files are detached"
-                    )));
-                }
-                if live && !profile.supports.hotplug {
-                    return Err(no_hotplug());
-                }
-                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
-                spec.disks.remove(index);
-                self.spawn_op(async move {
-                    let result = match &qmp {
-                        Some(qmp) => disk_ops::detach(qmp, &plan).await,
-                        None => Ok(()),
-                    };
-                    OpResult::Storage {
-                        result: result.map(|()| Some(spec)),
-                        status: None,
-                    }
-                });
-            }
-            StorageOp::SetLimits { disk, limits } => {
-                validate_limits(&limits)?;
-                let index = find(&spec, &disk)?;
-                spec.disks[index].limits = limits;
-                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
-                self.spawn_op(async move {
-                    let result = match &qmp {
-                        Some(qmp) => disk_ops::set_limits(qmp, &plan, &limits).await,
-                        None => Ok(()),
-                    };
-                    OpResult::Storage {
-                        result: result.map(|()| Some(spec)),
-                        status: None,
-                    }
-                });
-            }
-            StorageOp::ResizeDisk { disk, size } => {
-                let index = find(&spec, &disk)?;
-                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
-                self.spawn_op(async move {
-                    let result = match &qmp {
-                        Some(qmp) => disk_ops::resize(qmp, &plan, size).await,
-                        None => ctx
-                            .qemu_img
-                            .resize(&plan.file, size)
-                            .await
-                            .map_err(VmError::from),
-                    };
-                    OpResult::Storage {
-                        result: result.map(|()| None),
-                        status: None,
-                    }
-                });
-            }
-            StorageOp::Snapshot { kind, name } => {
-                validate_name("name", &name)?;
-                let plans = DiskPlan::all(&layout, uuid, &spec.disks, false);
-                disk_ops::snapshot_disks(&plans)?;
-                self.spawn_op(async move {
-                    let result = async {
-                        let disks = disk_ops::snapshot_disks(&plans)?;
-                        let existing = disk_ops::list_snapshots(&ctx.qemu_img, &plans).await?;
-                        let exists = existing.iter().any(|s| s.name == name);
-                        match kind {
-                            SnapshotKind::Create if exists => {
-                                return Err(VmError::Conflict(format!(
-                                    "snapshot {name} already exists"
-                                )))
-                            }
-                            SnapshotKind::Revert | SnapshotKind::Delete if !exists => {
-                                return Err(VmError::NotFound(format!("no snapshot {name}")))
-                            }
-                            _ => {}
-                        }
-                        match &qmp {
-                            Some(qmp) => {
-                                disk_ops::snapshot_live(qmp, kind, &name, &disks).await?;
-                                let status = qmp
-                                    .execute(qapi::qmp::query_status {})
-                                    .await
-                                    .map_err(|e| VmError::Failed(error_chain(&e)))?;
-                                Ok(Some(status.status))
-                            }
-                            None => {
-                                disk_ops::snapshot_offline(&ctx.qemu_img, kind, &name, &disks)
-                                    .await?;
-                                Ok(None)
-                            }
-                        }
-                    }
-                    .await;
-                    match result {
-                        Ok(status) => OpResult::Storage {
-                            result: Ok(None),
-                            status,
-                        },
-                        Err(e) => OpResult::Storage {
-                            result: Err(e),
-                            status: None,
-                        },
-                    }
-                });
-            }
-        }
-        Ok(())
-    }
-
     fn begin_start(&mut self) {
         self.observe(Observation::StartBegun);
         self.commit(|vm| {
@@ -905,22 +664,7 @@ impl Actor {
                 }
                 return true;
             }
-            OpResult::Storage { result, status } => {
-                if let Ok(Some(spec)) = &result {
-                    let spec = spec.clone();
-                    self.commit(|vm| vm.spec = spec);
-                }
-                match status {
-                    Some(qapi::qmp::RunState::running) => {
-                        self.observe(Observation::VcpusResumed);
-                    }
-                    Some(_) => {
-                        self.observe(Observation::VcpusStopped);
-                    }
-                    None => {}
-                }
-                self.finish_op(result.map(drop));
-            }
+            OpResult::Storage { result, status } => self.on_storage_done(result, status),
             OpResult::Deleted(Err(message)) => {
                 self.teardown();
                 let error = format!("delete failed: {message}");

@@ -1,0 +1,559 @@
+//! The client subcommands of `vmlet` (`vmlet vm …`, `vmlet image …`,
+//! `vmlet volume …`, `vmlet node`, `vmlet events`): parse options, call the
+//! daemon through [`crate::client`], print tables or JSON.
+//!
+//! Rendering is pure (data in, `String` out) so every format is unit-tested;
+//! the `run_*` functions only fetch and print.
+//!
+//! This file owns what every subcommand shares: how to reach the daemon
+//! ([`ClientOptions`]) and how to print ([`Output`]), the error
+//! ([`CliError`]), and the formatting helpers (byte counts, sizes, aligned
+//! columns, `key: value` lines). The subcommands live in:
+//!
+//! - `vm`: `vmlet vm …`, its disks and snapshots included, and how VMs and
+//!   snapshots are rendered;
+//! - `storage`: `vmlet image …` and `vmlet volume …`, the import progress
+//!   bar, and how images and volumes are rendered;
+//! - `node`: `vmlet node` and `vmlet events`, and their rendering.
+//!
+//! Their public items are re-exported here: callers name them `cli::…`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::client::{Client, ClientError, Endpoint, DEFAULT_SOCKET};
+
+#[cfg(test)]
+mod fixtures;
+mod node;
+mod storage;
+mod vm;
+
+pub use node::{render_event, render_node, run_events, run_node};
+pub use storage::{
+    progress_bar, progress_detail, progress_line, render_image, render_image_list, render_volume,
+    render_volume_list, run_image, run_volume, ImageCommand, VolumeCommand,
+};
+pub use vm::{
+    render_snapshot_list, render_vm, render_vm_list, run_vm, BusArg, CacheArg, DiskCommand,
+    LimitArgs, SnapshotCommand, VmCommand,
+};
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns or `key: value` lines, for people.
+    #[default]
+    Table,
+    /// The API's JSON, for scripts.
+    Json,
+}
+
+/// How to reach the daemon, and how to print.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientOptions {
+    /// The daemon's unix socket.
+    #[arg(long, global = true, env = "VMLET_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Talk to the daemon over TCP instead: `http://HOST:PORT`.
+    #[arg(long, global = true, env = "VMLET_URL")]
+    pub url: Option<String>,
+    /// File holding the bearer token sent with `--url`.
+    #[arg(long, global = true, env = "VMLET_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl ClientOptions {
+    /// Options for the unix socket at `socket`, printing tables.
+    pub fn unix(socket: impl Into<PathBuf>) -> ClientOptions {
+        ClientOptions {
+            socket: socket.into(),
+            url: None,
+            token_file: None,
+            output: Output::Table,
+        }
+    }
+
+    /// The endpoint these options name: `--url` (with the token from
+    /// `--token-file`) when given, else `--socket`.
+    pub fn endpoint(&self) -> Result<Endpoint, CliError> {
+        let Some(url) = &self.url else {
+            return Ok(Endpoint::Unix(self.socket.clone()));
+        };
+        let token = match &self.token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        let endpoint = Endpoint::Tcp {
+            url: url.clone(),
+            token,
+        };
+        endpoint.check()?;
+        Ok(endpoint)
+    }
+
+    /// A client for [`ClientOptions::endpoint`].
+    pub fn client(&self) -> Result<Client, CliError> {
+        Ok(Client::new(self.endpoint()?))
+    }
+}
+
+fn read_token(path: &Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(CliError::EmptyToken {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(token.to_string())
+}
+
+/// A byte count: digits with an optional `K`, `M`, `G` or `T` suffix
+/// (powers of 1024; `KiB`, `k`, `MB`… are read the same).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, suffix) = t.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{text:?}: unknown unit {suffix:?} (K, M, G, T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// What a client subcommand could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The daemon could not be reached or refused the request.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The spec file could not be read.
+    #[error("reading the spec {path}")]
+    ReadSpec {
+        /// The file (`-` for standard input).
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The spec file is not a JSON object.
+    #[error("the spec {path} is not a JSON object: {reason}")]
+    SpecNotJson {
+        /// The file (`-` for standard input).
+        path: PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+    /// `--id` and the spec's `uuid` disagree.
+    #[error("--id {id} differs from the spec's uuid {spec}")]
+    UuidMismatch {
+        /// `--id`.
+        id: Uuid,
+        /// The spec's `uuid`.
+        spec: String,
+    },
+    /// The token file could not be read.
+    #[error("reading the token file {path}")]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file holds no token.
+    #[error("the token file {path} is empty")]
+    EmptyToken {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The output could not be written.
+    #[error("writing the output")]
+    Output(#[source] std::io::Error),
+    /// An image import ended `failed`.
+    #[error("import of image {name} failed: {error}")]
+    ImportFailed {
+        /// The image.
+        name: String,
+        /// The image's error.
+        error: String,
+    },
+    /// The image being followed was deleted (or deleted and imported
+    /// again) meanwhile.
+    #[error("image {name} was deleted while it was being imported")]
+    ImageGone {
+        /// The image.
+        name: String,
+    },
+}
+
+fn write_flush(out: &mut impl Write, text: &str) -> Result<(), CliError> {
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)
+}
+
+fn pretty<T: serde::Serialize>(value: &T) -> String {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Lays out rows under a header, each column as wide as its widest cell,
+/// two spaces apart, without trailing spaces.
+fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(
+                ' ',
+                width.saturating_sub(cell.chars().count()),
+            ));
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+fn key_values(lines: &[(String, String)]) -> String {
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    lines
+        .iter()
+        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+/// A byte count for people: `512B`, `1.5KiB`, `64MiB`, `2.3GiB` (one
+/// decimal at most, none when it is 0).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut value = n as f64;
+    // Move up while the value would print as 1024 or more.
+    while unit + 1 < UNITS.len() && (value * 10.0).round() >= 10240.0 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{n}B");
+    }
+    let text = format!("{value:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text}{}", UNITS[unit])
+}
+
+fn opt_bytes(n: Option<u64>) -> String {
+    n.map_or("-".to_string(), bytes)
+}
+
+/// `2GiB (2147483648 bytes)`, or `-`.
+fn size_with_bytes(n: Option<u64>) -> String {
+    match n {
+        Some(n) if n >= 1024 => format!("{} ({n} bytes)", bytes(n)),
+        Some(n) => bytes(n),
+        None => "-".to_string(),
+    }
+}
+
+/// A size in MiB, in GiB when it divides evenly.
+fn mib(n: u64) -> String {
+    if n >= 1024 && n.is_multiple_of(1024) {
+        format!("{}GiB", n / 1024)
+    } else {
+        format!("{n}MiB")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::spec::IoLimits;
+    use clap::Parser;
+
+    #[test]
+    fn byte_counts_read_like_people_write_them() {
+        assert_eq!(bytes(0), "0B");
+        assert_eq!(bytes(1023), "1023B");
+        assert_eq!(bytes(1024), "1KiB");
+        assert_eq!(bytes(1536), "1.5KiB");
+        assert_eq!(bytes(64 << 20), "64MiB");
+        assert_eq!(bytes((5 << 30) / 2), "2.5GiB");
+        // Just under a unit rounds up into it, not to "1024.0MiB".
+        assert_eq!(bytes((1 << 30) - 1), "1GiB");
+        assert_eq!(bytes(u64::MAX), "16384PiB");
+        assert_eq!(mib(512), "512MiB");
+        assert_eq!(mib(2048), "2GiB");
+        assert_eq!(parse_bytes("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("10M").unwrap(), 10 << 20);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("4k").unwrap(), 4096);
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("10X").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+    }
+
+    /// The storage commands as they parse.
+    #[derive(Parser)]
+    struct StorageCli {
+        #[command(flatten)]
+        opts: ClientOptions,
+        #[command(subcommand)]
+        cmd: StorageCmd,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum StorageCmd {
+        #[command(subcommand)]
+        Image(ImageCommand),
+        #[command(subcommand)]
+        Volume(VolumeCommand),
+        #[command(subcommand)]
+        Vm(VmCommand),
+    }
+
+    fn parse(args: &[&str]) -> Result<StorageCmd, clap::Error> {
+        StorageCli::try_parse_from(std::iter::once("vmlet").chain(args.iter().copied()))
+            .map(|c| c.cmd)
+    }
+
+    #[test]
+    fn storage_commands_parse() {
+        let Ok(StorageCmd::Image(cmd)) = parse(&[
+            "image",
+            "import",
+            "deb",
+            "--file",
+            "/i/deb.raw",
+            "--sha256",
+            "ab",
+            "--no-wait",
+        ]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            ImageCommand::Import {
+                name: "deb".into(),
+                file: Some("/i/deb.raw".into()),
+                from_url: None,
+                sha256: Some("ab".into()),
+                no_wait: true
+            }
+        );
+        // Exactly one source.
+        assert!(parse(&["image", "import", "deb"]).is_err());
+        assert!(parse(&[
+            "image",
+            "import",
+            "deb",
+            "--file",
+            "a",
+            "--from-url",
+            "http://x/"
+        ])
+        .is_err());
+        // `--url` still names the daemon.
+        let cli = StorageCli::try_parse_from([
+            "vmlet",
+            "image",
+            "import",
+            "deb",
+            "--from-url",
+            "http://x/d.img",
+            "--url",
+            "http://node1:8780",
+        ])
+        .unwrap();
+        assert_eq!(cli.opts.url.as_deref(), Some("http://node1:8780"));
+
+        let Ok(StorageCmd::Volume(cmd)) =
+            parse(&["volume", "resize", "data", "--size-mib", "2048"])
+        else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VolumeCommand::Resize {
+                name: "data".into(),
+                size_mib: 2048
+            }
+        );
+        assert!(parse(&["volume", "resize", "data"]).is_err());
+
+        let Ok(StorageCmd::Vm(cmd)) = parse(&[
+            "vm",
+            "disk",
+            "attach",
+            "web",
+            "--volume",
+            "data",
+            "--bus",
+            "virtio_scsi",
+            "--cache",
+            "none",
+            "--read-only",
+            "--serial",
+            "S1",
+        ]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::Disk {
+                cmd: DiskCommand::Attach {
+                    vm: "web".into(),
+                    volume: "data".into(),
+                    name: None,
+                    bus: BusArg::VirtioScsi,
+                    cache: CacheArg::None,
+                    read_only: true,
+                    serial: Some("S1".into())
+                }
+            }
+        );
+        let Ok(StorageCmd::Vm(VmCommand::Disk {
+            cmd: DiskCommand::Limits { limits, .. },
+        })) = parse(&[
+            "vm",
+            "disk",
+            "limits",
+            "web",
+            "disk1",
+            "--iops-total",
+            "100",
+            "--bps-write",
+            "8M",
+        ])
+        else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            IoLimits::from(limits),
+            IoLimits {
+                iops_total: Some(100),
+                bps_write: Some(8 << 20),
+                ..IoLimits::default()
+            }
+        );
+        let Ok(StorageCmd::Vm(cmd)) = parse(&["vm", "delete", "web", "--delete-volumes"]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::Delete {
+                vm: "web".into(),
+                force: false,
+                delete_volumes: true
+            }
+        );
+        let Ok(StorageCmd::Vm(cmd)) = parse(&["vm", "snapshot", "revert", "web", "s1"]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::Snapshot {
+                cmd: SnapshotCommand::Revert {
+                    vm: "web".into(),
+                    name: "s1".into()
+                }
+            }
+        );
+    }
+
+    /// The options as they parse on a command line, without the environment
+    /// getting in the way of the defaults.
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        opts: ClientOptions,
+        #[command(subcommand)]
+        cmd: VmCommand,
+    }
+
+    #[test]
+    fn options_parse_before_or_after_the_subcommand() {
+        let cli = TestCli::try_parse_from([
+            "vm",
+            "--socket",
+            "/tmp/s.sock",
+            "stop",
+            "web",
+            "--force",
+            "--timeout",
+            "5",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.opts.socket, Path::new("/tmp/s.sock"));
+        assert_eq!(cli.opts.output, Output::Json);
+        assert_eq!(
+            cli.cmd,
+            VmCommand::Stop {
+                vm: "web".into(),
+                force: true,
+                timeout: Some(5)
+            }
+        );
+        assert_eq!(
+            cli.opts.endpoint().unwrap(),
+            Endpoint::Unix("/tmp/s.sock".into())
+        );
+    }
+
+    #[test]
+    fn a_url_takes_its_token_from_the_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let mut opts = ClientOptions::unix("/nonexistent");
+        opts.url = Some("http://127.0.0.1:8780".into());
+        opts.token_file = Some(token.clone());
+        assert_eq!(
+            opts.endpoint().unwrap(),
+            Endpoint::Tcp {
+                url: "http://127.0.0.1:8780".into(),
+                token: Some("s3cret".into())
+            }
+        );
+        std::fs::write(&token, " \n").unwrap();
+        assert!(matches!(opts.endpoint(), Err(CliError::EmptyToken { .. })));
+        opts.token_file = Some(dir.path().join("missing"));
+        assert!(matches!(opts.endpoint(), Err(CliError::TokenFile { .. })));
+        opts.token_file = None;
+        opts.url = Some("https://node1".into());
+        let err = opts.endpoint().unwrap_err().to_string();
+        assert!(err.contains("only http://"), "{err}");
+    }
+}

@@ -1,0 +1,294 @@
+//! The disk and snapshot operations of a VM's actor: attach, detach,
+//! throttle and grow disks, and take, revert to and delete snapshots. Each
+//! arrives as a [`StorageOp`] (through [`VmHandle::storage`]), is checked
+//! against the VM's spec and state, and runs as the actor's operation: live
+//! over QMP while QEMU runs, on the files while it does not.
+
+use tokio::sync::oneshot;
+
+use crate::qemu::disk::DiskPlan;
+use crate::vm::disk_ops::{self, SnapshotKind};
+use crate::vm::spec::{
+    validate_disk, validate_limits, validate_name, DiskBus, DiskSource, DiskSpec, IoLimits, VmSpec,
+};
+use crate::vm::state::{self, Action, Decision, Observation};
+use crate::vm::Vm;
+
+use super::{error_chain, Actor, InFlight, Input, OpResult, Reply, VmError, VmHandle};
+
+/// A change to a VM's disks or snapshots, run by its actor as a task: live
+/// over QMP while QEMU runs, on the files while it does not.
+#[derive(Debug, Clone)]
+pub enum StorageOp {
+    /// Add a disk (a volume): hot-plug, or just the spec when stopped.
+    AttachDisk(DiskSpec),
+    /// Remove a disk (a volume or host file): unplug, or just the spec.
+    DetachDisk(String),
+    /// Change a disk's I/O limits.
+    SetLimits {
+        /// The disk.
+        disk: String,
+        /// The new limits (replacing the old ones).
+        limits: IoLimits,
+    },
+    /// Grow a disk to `size` bytes (the caller checked it grows).
+    ResizeDisk {
+        /// The disk.
+        disk: String,
+        /// New size in bytes.
+        size: u64,
+    },
+    /// Take, revert to or delete a snapshot.
+    Snapshot {
+        /// Which.
+        kind: SnapshotKind,
+        /// The snapshot's name.
+        name: String,
+    },
+}
+
+impl VmHandle {
+    /// Runs a disk or snapshot operation and waits until it is done.
+    pub async fn storage(&self, op: StorageOp) -> Result<Vm, VmError> {
+        let (reply, answer) = oneshot::channel();
+        self.inbox
+            .send(Input::Storage { op, reply })
+            .map_err(|_| VmError::Gone)?;
+        answer.await.map_err(|_| VmError::Gone)?
+    }
+}
+
+impl Actor {
+    /// Decides whether `op` may run now: starts it as the VM's operation,
+    /// or answers `reply` at once (busy, refused, invalid).
+    pub(super) fn on_storage(&mut self, op: StorageOp, reply: Reply) {
+        let action = match op {
+            StorageOp::Snapshot { .. } => Action::Snapshot,
+            _ => Action::Disks,
+        };
+        let task = self.op.as_ref().map(|op| op.task);
+        match state::decide(self.vm.state, task, action) {
+            Decision::Run(task) => match self.begin_storage(op) {
+                Ok(()) => {
+                    self.op = Some(InFlight {
+                        task,
+                        waiters: vec![reply],
+                    });
+                    self.commit(|vm| vm.task = Some(task));
+                }
+                Err(e) => self.reply(Some(reply), Err(e)),
+            },
+            Decision::Busy(task) => self.reply(Some(reply), Err(VmError::Busy(task))),
+            Decision::Refused(message) => self.reply(Some(reply), Err(VmError::Refused(message))),
+            Decision::Satisfied => self.reply(Some(reply), Ok(())),
+        }
+    }
+
+    /// Checks a storage operation against the VM and spawns it.
+    fn begin_storage(&mut self, op: StorageOp) -> Result<(), VmError> {
+        let ctx = self.ctx.clone();
+        let profile = ctx
+            .profiles
+            .get(&self.vm.spec.profile)
+            .map_err(|e| VmError::Failed(error_chain(&e)))?
+            .clone();
+        // Live when QEMU runs (decide() let only running, paused, stopped
+        // and crashed VMs through).
+        let qmp = match &self.runtime {
+            Some(rt) if self.vm.state.has_process() => Some(
+                rt.qmp
+                    .clone()
+                    .ok_or_else(|| VmError::Failed("no QMP link to this QEMU".into()))?,
+            ),
+            _ => None,
+        };
+        let live = qmp.is_some();
+        let no_hotplug = || {
+            VmError::Refused(format!(
+                "profile {} does not support hot-plug: stop the VM to change its disks",
+                profile.name
+            ))
+        };
+        // Name every disk, so that removing one never renames the others.
+        let mut spec = self.vm.spec.clone();
+        for (i, disk) in spec.disks.iter_mut().enumerate() {
+            disk.name = Some(disk.name_or_default(i));
+        }
+        let uuid = spec.uuid;
+        let find = |spec: &VmSpec, name: &str| {
+            spec.disks
+                .iter()
+                .position(|d| d.name.as_deref() == Some(name))
+                .ok_or_else(|| VmError::NotFound(format!("VM {} has no disk {name}", spec.name)))
+        };
+        let layout = ctx.layout.clone();
+        match op {
+            StorageOp::AttachDisk(mut disk) => {
+                validate_disk(&disk)?;
+                if !matches!(disk.source(), Ok(DiskSource::Volume { .. })) {
+                    return Err(VmError::Invalid(crate::vm::spec::SpecError {
+                        errors: vec![crate::vm::spec::FieldError {
+                            field: "volume".into(),
+                            message:
+                                "a disk is attached from a volume (POST /v1/volumes makes one)"
+                                    .into(),
+                        }],
+                    }));
+                }
+                if live && !profile.supports.hotplug {
+                    return Err(no_hotplug());
+                }
+                // The controller is added at start only when a disk uses
+                // SCSI (a VM that started with one and had them all
+                // unplugged is refused too: the spec cannot tell).
+                let scsi = |d: &DiskSpec| d.bus == DiskBus::VirtioScsi;
+                if live && scsi(&disk) && !self.vm.spec.disks.iter().any(scsi) {
+                    return Err(VmError::Refused(
+                        "the VM has no SCSI controller (one is added at start when a disk uses virtio_scsi): attach with bus virtio_blk, or stop the VM".into(),
+                    ));
+                }
+                let index = spec.disks.len();
+                disk.name = Some(disk.name_or_default(index));
+                spec.disks.push(disk.clone());
+                spec.validate(|name| ctx.profiles.caps(name))?;
+                let plan = DiskPlan::new(&layout, uuid, index, &disk);
+                let live =
+                    qmp.map(|qmp| async move { disk_ops::attach(&qmp, &profile, &plan).await });
+                self.spawn_spec_change(spec, live);
+            }
+            StorageOp::DetachDisk(name) => {
+                let index = find(&spec, &name)?;
+                if spec.disks[index].owned_by_vm() {
+                    return Err(VmError::Refused(format!(
+                        "disk {name} was made for this VM (from an image or blank) and goes with it; only volumes and host files are detached"
+                    )));
+                }
+                if live && !profile.supports.hotplug {
+                    return Err(no_hotplug());
+                }
+                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
+                spec.disks.remove(index);
+                let live = qmp.map(|qmp| async move { disk_ops::detach(&qmp, &plan).await });
+                self.spawn_spec_change(spec, live);
+            }
+            StorageOp::SetLimits { disk, limits } => {
+                validate_limits(&limits)?;
+                let index = find(&spec, &disk)?;
+                spec.disks[index].limits = limits;
+                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
+                let live =
+                    qmp.map(|qmp| async move { disk_ops::set_limits(&qmp, &plan, &limits).await });
+                self.spawn_spec_change(spec, live);
+            }
+            StorageOp::ResizeDisk { disk, size } => {
+                let index = find(&spec, &disk)?;
+                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
+                self.spawn_op(async move {
+                    let result = match &qmp {
+                        Some(qmp) => disk_ops::resize(qmp, &plan, size).await,
+                        None => ctx
+                            .qemu_img
+                            .resize(&plan.file, size)
+                            .await
+                            .map_err(VmError::from),
+                    };
+                    OpResult::Storage {
+                        result: result.map(|()| None),
+                        status: None,
+                    }
+                });
+            }
+            StorageOp::Snapshot { kind, name } => {
+                validate_name("name", &name)?;
+                let plans = DiskPlan::all(&layout, uuid, &spec.disks, false);
+                disk_ops::snapshot_disks(&plans)?;
+                self.spawn_op(async move {
+                    let result = async {
+                        let disks = disk_ops::snapshot_disks(&plans)?;
+                        let existing = disk_ops::list_snapshots(&ctx.qemu_img, &plans).await?;
+                        let exists = existing.iter().any(|s| s.name == name);
+                        match kind {
+                            SnapshotKind::Create if exists => {
+                                return Err(VmError::Conflict(format!(
+                                    "snapshot {name} already exists"
+                                )))
+                            }
+                            SnapshotKind::Revert | SnapshotKind::Delete if !exists => {
+                                return Err(VmError::NotFound(format!("no snapshot {name}")))
+                            }
+                            _ => {}
+                        }
+                        match &qmp {
+                            Some(qmp) => {
+                                disk_ops::snapshot_live(qmp, kind, &name, &disks).await?;
+                                let status = qmp
+                                    .execute(qapi::qmp::query_status {})
+                                    .await
+                                    .map_err(|e| VmError::Failed(error_chain(&e)))?;
+                                Ok(Some(status.status))
+                            }
+                            None => {
+                                disk_ops::snapshot_offline(&ctx.qemu_img, kind, &name, &disks)
+                                    .await?;
+                                Ok(None)
+                            }
+                        }
+                    }
+                    .await;
+                    match result {
+                        Ok(status) => OpResult::Storage {
+                            result: Ok(None),
+                            status,
+                        },
+                        Err(e) => OpResult::Storage {
+                            result: Err(e),
+                            status: None,
+                        },
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Spawns a change of the VM's spec: runs `live` first (the QMP side,
+    /// when QEMU runs), then the spec is committed if that worked.
+    fn spawn_spec_change<F>(&self, spec: VmSpec, live: Option<F>)
+    where
+        F: std::future::Future<Output = Result<(), VmError>> + Send + 'static,
+    {
+        self.spawn_op(async move {
+            let result = match live {
+                Some(change) => change.await,
+                None => Ok(()),
+            };
+            OpResult::Storage {
+                result: result.map(|()| Some(spec)),
+                status: None,
+            }
+        });
+    }
+
+    /// Settles a storage operation: the new spec when it changed, the
+    /// vCPUs' state when QEMU reported it, then the waiting replies.
+    pub(super) fn on_storage_done(
+        &mut self,
+        result: Result<Option<VmSpec>, VmError>,
+        status: Option<qapi::qmp::RunState>,
+    ) {
+        if let Ok(Some(spec)) = &result {
+            let spec = spec.clone();
+            self.commit(|vm| vm.spec = spec);
+        }
+        match status {
+            Some(qapi::qmp::RunState::running) => {
+                self.observe(Observation::VcpusResumed);
+            }
+            Some(_) => {
+                self.observe(Observation::VcpusStopped);
+            }
+            None => {}
+        }
+        self.finish_op(result.map(drop));
+    }
+}
