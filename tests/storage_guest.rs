@@ -400,6 +400,18 @@ async fn volume_hot_plug_resize_and_unplug() {
     let ready = ready_line(&d, uuid).await;
     assert!(ready_disks(&ready).is_empty(), "{ready}");
 
+    // No SCSI controller on this VM (no disk used SCSI at start): 409.
+    let scsi = json!({"volume": volume, "bus": "virtio_scsi"});
+    let answer = call(
+        &d,
+        Method::POST,
+        &format!("/v1/vms/{id}/disks"),
+        Some(&scsi),
+    )
+    .await;
+    let message = assert_error(&answer, 409, "conflict");
+    assert!(message.contains("SCSI controller"), "{message}");
+
     let vm = expect(
         &d,
         Method::POST,
