@@ -5,10 +5,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
+use common::api::expect;
 use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
+use common::storage::create_image;
 use common::Scratch;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,23 +25,6 @@ async fn daemon_with_imports() -> (Daemon, Scratch) {
     let dir = imports.path().to_str().unwrap().to_string();
     let d = Daemon::start_with_env(&[("VMLET_IMPORT_DIR", &dir)]).await;
     (d, imports)
-}
-
-/// A raw disk image of `size` (e.g. `"4M"`) made with `qemu-img create`.
-fn raw_image(dir: &Path, name: &str, size: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(&path)
-        .arg(size)
-        .output()
-        .expect("running qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
 }
 
 /// What one `vmlet` run gave.
@@ -135,7 +119,7 @@ fn row<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
 async fn image_import_follows_the_import_to_ready() {
     let (d, imports) = daemon_with_imports().await;
     let name = unique_name("img");
-    let file = raw_image(imports.path(), "disk.raw", "16M");
+    let file = create_image(imports.path(), "disk.raw", "raw", "16M");
     let sha256 = vmlet::storage::images::sha256_file(&file).unwrap();
 
     let args = [
@@ -207,7 +191,7 @@ async fn image_import_follows_the_import_to_ready() {
     assert_eq!(image["source"], file.to_str().unwrap());
 
     // A file outside the import directory: refused at once, naming the field.
-    let outside = raw_image(d.scratch(), "outside.raw", "1M");
+    let outside = create_image(d.scratch(), "outside.raw", "raw", "1M");
     let err = vmlet_fails(
         &d,
         &[
@@ -231,7 +215,7 @@ async fn image_import_follows_the_import_to_ready() {
 async fn image_import_with_a_wrong_checksum_fails_with_the_images_error() {
     let (d, imports) = daemon_with_imports().await;
     let name = unique_name("bad");
-    let file = raw_image(imports.path(), "disk.raw", "4M");
+    let file = create_image(imports.path(), "disk.raw", "raw", "4M");
     let wrong = "0".repeat(64);
     let err = vmlet_fails(
         &d,
@@ -358,12 +342,7 @@ async fn image_import_from_a_url_and_deleted_while_followed() {
     .await;
     // Let the CLI see it once or twice.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (status, _) = d
-        .client
-        .request_json(Method::DELETE, &format!("/v1/images/{slow}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, 204);
+    expect(&d, Method::DELETE, &format!("/v1/images/{slow}"), None, 204).await;
     let output = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
         .await
         .expect("the import command ends once the image is gone")
@@ -412,7 +391,7 @@ async fn volumes_are_created_resized_listed_and_deleted() {
 
     // A copy of an image, grown.
     let image = unique_name("img");
-    let file = raw_image(imports.path(), "disk.raw", "8M");
+    let file = create_image(imports.path(), "disk.raw", "raw", "8M");
     vmlet_ok(
         &d,
         &["image", "import", &image, "--file", file.to_str().unwrap()],

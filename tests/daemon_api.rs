@@ -9,6 +9,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::api::{
+    assert_error, assert_invalid_field, call, create_vm, expect_event_within, force_delete_vm,
+    id_of, next_event, uuid_of,
+};
 use common::daemon::{guest_spec_json, unique_name, wait_for_count, wait_until, Daemon};
 use common::BOOT_TIMEOUT;
 use serde_json::{json, Value};
@@ -29,21 +33,6 @@ const QUIET: Duration = Duration::from_millis(500);
 
 // ---- helpers ------------------------------------------------------------------
 
-/// Sends a request and returns its status and JSON body.
-async fn call(d: &Daemon, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {
-    d.client
-        .request_json(method.clone(), path, body)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-/// `POST /v1/vms`, expecting 201; returns the VM.
-async fn create(d: &Daemon, spec: &Value) -> Value {
-    let (status, vm) = call(d, Method::POST, "/v1/vms", Some(spec)).await;
-    assert_eq!(status, 201, "create: {vm}");
-    vm
-}
-
 /// `POST /v1/vms/{id}/{action}`, returning status and body whatever they are.
 async fn try_act(d: &Daemon, id: &str, action: &str, body: Option<&Value>) -> (u16, Value) {
     call(d, Method::POST, &format!("/v1/vms/{id}/{action}"), body).await
@@ -59,39 +48,6 @@ async fn act(d: &Daemon, id: &str, action: &str, body: Option<&Value>) -> Value 
 /// A graceful stop's body.
 fn graceful() -> Value {
     json!({"force": false, "timeout_s": STOP_TIMEOUT_S})
-}
-
-/// Asserts an error answer with `status` and `code`; returns the `error`
-/// object.
-fn assert_error(answer: &(u16, Value), status: u16, code: &str) -> Value {
-    let (got, body) = answer;
-    assert_eq!(*got, status, "expected {status} {code}, got: {body}");
-    let error = &body["error"];
-    assert_eq!(error["code"], code, "error code in {body}");
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "error message in {body}"
-    );
-    error.clone()
-}
-
-/// Asserts a 422 naming `field`.
-fn assert_invalid_field(answer: &(u16, Value), field: &str) {
-    let error = assert_error(answer, 422, "invalid_spec");
-    assert_eq!(error["field"], field, "field in {error}");
-    let fields: Vec<&str> = error["fields"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|f| f["field"].as_str()).collect())
-        .unwrap_or_default();
-    assert!(fields.contains(&field), "fields in {error}");
-}
-
-fn id_of(vm: &Value) -> String {
-    vm["id"].as_str().expect("VM has an id").to_string()
-}
-
-fn uuid_of(vm: &Value) -> Uuid {
-    id_of(vm).parse().expect("VM id is a UUID")
 }
 
 fn generation(vm: &Value) -> u64 {
@@ -124,21 +80,9 @@ fn assert_settled(vm: &Value, state: &str, desired: &str) {
     }
 }
 
-/// The next event, or `None` when none comes within `timeout`.
-async fn next_event(stream: &mut EventStream, timeout: Duration) -> Option<Event> {
-    match tokio::time::timeout(timeout, stream.next()).await {
-        Ok(Some(Ok(event))) => Some(event),
-        Ok(Some(Err(e))) => panic!("event stream failed: {e}"),
-        Ok(None) => panic!("the daemon ended the event stream"),
-        Err(_) => None,
-    }
-}
-
 /// The next event, which must come within [`EVENT_TIMEOUT`].
 async fn expect_event(stream: &mut EventStream) -> Event {
-    next_event(stream, EVENT_TIMEOUT)
-        .await
-        .unwrap_or_else(|| panic!("no event within {EVENT_TIMEOUT:?}"))
+    expect_event_within(stream, EVENT_TIMEOUT).await
 }
 
 /// Reads events until (and with) the one `last` accepts.
@@ -205,7 +149,7 @@ async fn full_lifecycle_through_http_with_matching_events() {
     let name = unique_name("life");
 
     let mut views: Vec<(&str, Value)> = Vec::new();
-    let vm = create(&d, &guest_spec_json(&name, "guest.action=hold")).await;
+    let vm = create_vm(&d, &guest_spec_json(&name, "guest.action=hold")).await;
     assert_eq!(vm["name"], name.as_str());
     assert_settled(&vm, "stopped", "stopped");
     assert_eq!(vm["error"], Value::Null);
@@ -273,14 +217,7 @@ async fn full_lifecycle_through_http_with_matching_events() {
             .collect::<Vec<_>>()
     );
 
-    let answer = call(
-        &d,
-        Method::DELETE,
-        &format!("/v1/vms/{id}?force=true"),
-        None,
-    )
-    .await;
-    assert_eq!(answer.0, 204, "delete: {}", answer.1);
+    force_delete_vm(&d, &id).await;
     let answer = call(&d, Method::GET, &format!("/v1/vms/{id}"), None).await;
     assert_error(&answer, 404, "not_found");
     let answer = call(&d, Method::GET, &format!("/v1/vms/{name}"), None).await;
@@ -527,7 +464,7 @@ async fn invalid_requests_are_refused_and_create_nothing() {
     assert!(list(&d).await.is_empty(), "a VM was created");
     assert_eq!(state_entries(&d), Vec::<String>::new());
     // The daemon still works after all that.
-    let vm = create(&d, &spec()).await;
+    let vm = create_vm(&d, &spec()).await;
     assert_eq!(state_entries(&d), vec![id_of(&vm)]);
 }
 
@@ -551,7 +488,7 @@ async fn of_two_concurrent_conflicting_actions_exactly_one_gets_409() {
     // The guest ignores the power button: a graceful stop waits for its
     // timeout, which holds the stop task open for as long as the test needs.
     let spec = guest_spec_json(&unique_name("race"), "guest.action=hold guest.acpi=ignore");
-    let vm = create(&d, &spec).await;
+    let vm = create_vm(&d, &spec).await;
     let id = id_of(&vm);
 
     let (a, b) = tokio::join!(
@@ -602,7 +539,7 @@ async fn of_two_concurrent_conflicting_actions_exactly_one_gets_409() {
 #[tokio::test]
 async fn satisfied_repeats_succeed_and_senseless_actions_conflict() {
     let d = Daemon::start().await;
-    let vm = create(
+    let vm = create_vm(
         &d,
         &guest_spec_json(&unique_name("again"), "guest.action=hold"),
     )
@@ -664,14 +601,7 @@ async fn satisfied_repeats_succeed_and_senseless_actions_conflict() {
     assert_settled(&vm, "running", "running");
     assert_eq!(pid_of(&vm), pid);
 
-    let answer = call(
-        &d,
-        Method::DELETE,
-        &format!("/v1/vms/{id}?force=true"),
-        None,
-    )
-    .await;
-    assert_eq!(answer.0, 204, "forced delete: {}", answer.1);
+    force_delete_vm(&d, &id).await;
     assert!(
         !process_exists(pid),
         "QEMU {pid} outlived the forced delete"
@@ -692,7 +622,7 @@ async fn events_resume_after_a_sequence_number_or_ask_for_a_resync() {
     let d = Daemon::start().await;
     let mut live = d.client.events(None).await.unwrap();
 
-    let a = create(&d, &guest_spec_json(&unique_name("ev-a"), "")).await;
+    let a = create_vm(&d, &guest_spec_json(&unique_name("ev-a"), "")).await;
     let first = expect_event(&mut live).await;
     assert!(
         first.seq > before_start,
@@ -700,12 +630,12 @@ async fn events_resume_after_a_sequence_number_or_ask_for_a_resync() {
         first.seq
     );
     assert!(matches!(&first.body, EventBody::Vm { vm } if vm.id == uuid_of(&a)));
-    let b = create(&d, &guest_spec_json(&unique_name("ev-b"), "")).await;
+    let b = create_vm(&d, &guest_spec_json(&unique_name("ev-b"), "")).await;
     let mark = expect_event(&mut live).await;
     assert!(mark.seq > first.seq);
 
     // Changes after the mark: a create, two deletes.
-    let c = create(&d, &guest_spec_json(&unique_name("ev-c"), "")).await;
+    let c = create_vm(&d, &guest_spec_json(&unique_name("ev-c"), "")).await;
     for vm in [&a, &b] {
         let answer = call(&d, Method::DELETE, &format!("/v1/vms/{}", id_of(vm)), None).await;
         assert_eq!(answer.0, 204, "delete: {}", answer.1);
@@ -725,7 +655,7 @@ async fn events_resume_after_a_sequence_number_or_ask_for_a_resync() {
     assert_eq!(replayed, later);
     assert_quiet(&mut replay).await;
     // Then it goes on live.
-    let d_vm = create(&d, &guest_spec_json(&unique_name("ev-d"), "")).await;
+    let d_vm = create_vm(&d, &guest_spec_json(&unique_name("ev-d"), "")).await;
     let next = expect_event(&mut replay).await;
     assert!(next.seq > later.last().unwrap().seq);
     assert!(matches!(&next.body, EventBody::Vm { vm } if vm.id == uuid_of(&d_vm)));
@@ -814,7 +744,7 @@ async fn node_health_and_unknown_routes() {
         assert!(profiles.contains(&profile), "{profile} missing: {node}");
     }
     assert_eq!(node["vms_by_state"], json!({}), "{node}");
-    create(&d, &guest_spec_json(&unique_name("node"), "")).await;
+    create_vm(&d, &guest_spec_json(&unique_name("node"), "")).await;
     let node = d.client.node().await.unwrap();
     assert_eq!(node.vms_by_state.get("stopped"), Some(&1), "{node:?}");
 

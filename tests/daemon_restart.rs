@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::api::expect;
 use common::daemon::{guest_spec_json, unique_name, wait_for_count, wait_until, Daemon};
 use common::{guest_cmdline, BOOT_TIMEOUT};
 use nix::sys::signal::{kill, Signal};
@@ -430,12 +431,7 @@ async fn hung_qemu_delays_only_its_own_vm() {
         .await
         .expect("DELETE ?force=true of a running VM");
     wait_qemu_gone(b_pid, b.id).await;
-    let (status, body) = d
-        .client
-        .request_json(Method::GET, &format!("/v1/vms/{b_id}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, 404, "{body}");
+    expect(&d, Method::GET, &format!("/v1/vms/{b_id}"), None, 404).await;
     d.client
         .delete_vm(&a.id.to_string(), true)
         .await
@@ -787,12 +783,14 @@ async fn a_stuck_qemu_launch_times_out() {
     ])
     .await;
     let vm = create(&d, "stuck", "guest.action=hold", false).await;
-    let (status, body) = d
-        .client
-        .request_json(Method::POST, &format!("/v1/vms/{}/start", vm.id), None)
-        .await
-        .unwrap();
-    assert_eq!(status, 503, "{body}");
+    let body = expect(
+        &d,
+        Method::POST,
+        &format!("/v1/vms/{}/start", vm.id),
+        None,
+        503,
+    )
+    .await;
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("did not finish starting within 2s"),

@@ -9,6 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::api::{
+    assert_error, assert_invalid_field, call, create_vm, expect_event_within, id_of,
+};
 use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
 use common::storage::{
     dir_entries, files_under, image_info, images_identical, qemu_img, sha256_of, write_pattern_raw,
@@ -37,14 +40,6 @@ fn s(path: &Path) -> &str {
     path.to_str().expect("scratch paths are UTF-8")
 }
 
-/// Sends a request and returns its status and JSON body (`null` if empty).
-async fn call(d: &Daemon, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {
-    d.client
-        .request_json(method.clone(), path, body)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
 async fn get(d: &Daemon, path: &str) -> (u16, Value) {
     call(d, Method::GET, path, None).await
 }
@@ -55,30 +50,6 @@ async fn post(d: &Daemon, path: &str, body: &Value) -> (u16, Value) {
 
 async fn delete(d: &Daemon, path: &str) -> (u16, Value) {
     call(d, Method::DELETE, path, None).await
-}
-
-/// Asserts an error answer with `status` and `code`; returns the `error`.
-fn assert_error(answer: &(u16, Value), status: u16, code: &str) -> Value {
-    let (got, body) = answer;
-    assert_eq!(*got, status, "expected {status} {code}, got: {body}");
-    let error = &body["error"];
-    assert_eq!(error["code"], code, "error code in {body}");
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "error message in {body}"
-    );
-    error.clone()
-}
-
-/// Asserts a 422 naming `field` (first, and among `fields`).
-fn assert_invalid_field(answer: &(u16, Value), field: &str) {
-    let error = assert_error(answer, 422, "invalid_spec");
-    assert_eq!(error["field"], field, "field in {error}");
-    let fields: Vec<&str> = error["fields"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|f| f["field"].as_str()).collect())
-        .unwrap_or_default();
-    assert!(fields.contains(&field), "fields in {error}");
 }
 
 /// Asserts a 404 whose message names `what` (and not a VM, for a
@@ -184,22 +155,11 @@ async fn create_volume(d: &Daemon, body: &Value) -> Value {
     volume
 }
 
-/// `POST /v1/vms`, expecting 201; returns the VM.
-async fn create_vm(d: &Daemon, spec: &Value) -> Value {
-    let (status, vm) = post(d, "/v1/vms", spec).await;
-    assert_eq!(status, 201, "create VM: {vm}");
-    vm
-}
-
 /// A stopped test-guest VM spec with `disks`.
 fn spec_with_disks(name: &str, disks: Value) -> Value {
     let mut spec = guest_spec_json(name, "");
     spec["disks"] = disks;
     spec
-}
-
-fn id_of(vm: &Value) -> String {
-    vm["id"].as_str().expect("VM has an id").to_string()
 }
 
 fn vm_disk_file(d: &Daemon, id: &str, disk: &str) -> PathBuf {
@@ -218,12 +178,7 @@ fn virtual_size(path: &Path) -> u64 {
 
 /// The next event, which must come within [`EVENT_TIMEOUT`].
 async fn expect_event(stream: &mut EventStream) -> vmlet::events::Event {
-    match tokio::time::timeout(EVENT_TIMEOUT, stream.next()).await {
-        Ok(Some(Ok(event))) => event,
-        Ok(Some(Err(e))) => panic!("event stream failed: {e}"),
-        Ok(None) => panic!("the daemon ended the event stream"),
-        Err(_) => panic!("no event within {EVENT_TIMEOUT:?}"),
-    }
+    expect_event_within(stream, EVENT_TIMEOUT).await
 }
 
 // ---- 1. imports: conversion and checksums ----------------------------------------

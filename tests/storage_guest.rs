@@ -12,8 +12,10 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::api::{assert_error, call, create_vm, expect, force_delete_vm, id_of, uuid_of};
 use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
 use common::serial_shell::SerialShell;
+use common::storage::{create_image, sha256_of};
 use common::{guest_cmdline, wait_for_line, Scratch, BOOT_TIMEOUT};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -32,53 +34,22 @@ const SHELL_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---- helpers ------------------------------------------------------------------
 
-/// Sends a request and returns its status and JSON body (`null` when empty).
-async fn call(d: &Daemon, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {
-    d.client
-        .request_json(method.clone(), path, body)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-/// [`call`] that expects `status`; returns the body.
-async fn expect(
-    d: &Daemon,
-    method: Method,
-    path: &str,
-    body: Option<&Value>,
-    status: u16,
-) -> Value {
-    let (got, answer) = call(d, method.clone(), path, body).await;
-    assert_eq!(got, status, "{method} {path}: {answer}");
-    answer
-}
-
-/// Asserts an error answer with `status` and `code`; returns its message.
-fn assert_error(answer: &(u16, Value), status: u16, code: &str) -> String {
-    let (got, body) = answer;
-    assert_eq!(*got, status, "expected {status} {code}, got: {body}");
-    assert_eq!(body["error"]["code"], code, "error code in {body}");
-    body["error"]["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error message in {body}"))
-        .to_string()
-}
-
-fn id_of(vm: &Value) -> String {
-    vm["id"].as_str().expect("VM has an id").to_string()
-}
-
-fn uuid_of(vm: &Value) -> Uuid {
-    id_of(vm).parse().expect("VM id is a UUID")
-}
-
 /// Creates the VM (201) and starts it (200, running); returns the VM.
 async fn create_and_start(d: &Daemon, spec: &Value) -> Value {
-    let vm = expect(d, Method::POST, "/v1/vms", Some(spec), 201).await;
+    let vm = create_vm(d, spec).await;
     let id = id_of(&vm);
     let vm = expect(d, Method::POST, &format!("/v1/vms/{id}/start"), None, 200).await;
     assert_eq!(vm["state"], "running", "start: {vm}");
     vm
+}
+
+/// `POST /v1/vms/{id}/disks` with `body`, expecting a 409 whose message
+/// contains `why`.
+async fn attach_refused(d: &Daemon, id: &str, body: &Value, why: &str) {
+    let answer = call(d, Method::POST, &format!("/v1/vms/{id}/disks"), Some(body)).await;
+    let error = assert_error(&answer, 409, "conflict");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains(why), "{message}");
 }
 
 async fn get_vm(d: &Daemon, id: &str) -> Value {
@@ -132,10 +103,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-fn file_sha256(path: &Path) -> String {
-    sha256_hex(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-}
-
 fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -143,18 +110,7 @@ fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
 /// Makes a raw image of `mib` MiB with `qemu-img` (with some data in it, so
 /// that it is not all holes), in `dir`.
 fn raw_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
-    let path = dir.join(name);
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(&path)
-        .arg(format!("{mib}M"))
-        .output()
-        .expect("running qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let path = create_image(dir, name, "raw", &format!("{mib}M"));
     let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     file.seek(SeekFrom::Start(1024 * 1024)).unwrap();
     file.write_all(&[0x5a; 64 * 1024]).unwrap();
@@ -191,6 +147,7 @@ async fn image_overlay_blank_disk_seed_and_live_limits() {
     let d =
         Daemon::start_with_env(&[("VMLET_IMPORT_DIR", &import.path().display().to_string())]).await;
     let image_name = unique_name("img");
+    let image_uri = format!("/v1/images/{image_name}");
     let raw = raw_image(import.path(), "base.raw", 32);
     let image = import_image(&d, &image_name, &raw).await;
     assert_eq!(image["virtual_size"], 32 * 1024 * 1024, "{image}");
@@ -199,7 +156,7 @@ async fn image_overlay_blank_disk_seed_and_live_limits() {
         .join("images")
         .join(format!("{image_name}.qcow2"));
     let image_sha = image["sha256"].as_str().expect("image sha256").to_string();
-    assert_eq!(file_sha256(&stored), image_sha, "stored image vs sha256");
+    assert_eq!(sha256_of(&stored), image_sha, "stored image vs sha256");
 
     let name = unique_name("ovl");
     let user_data = "#cloud-config\nhostname: storage-guest\nruncmd:\n  - [echo, hello]\n";
@@ -259,15 +216,8 @@ async fn image_overlay_blank_disk_seed_and_live_limits() {
         contains_bytes(&std::fs::read(&overlay).unwrap(), b"MARKER-OVERLAY"),
         "the write did not land in the overlay"
     );
-    assert_eq!(file_sha256(&stored), image_sha, "the image file changed");
-    let image = expect(
-        &d,
-        Method::GET,
-        &format!("/v1/images/{image_name}"),
-        None,
-        200,
-    )
-    .await;
+    assert_eq!(sha256_of(&stored), image_sha, "the image file changed");
+    let image = expect(&d, Method::GET, &image_uri, None, 200).await;
     assert_eq!(image["sha256"], image_sha.as_str(), "{image}");
 
     // 6. I/O limits, live.
@@ -304,43 +254,16 @@ async fn image_overlay_blank_disk_seed_and_live_limits() {
 
     // 5. An image in use cannot go; deleting the VM removes its overlays
     // (the whole VM directory) but never the image.
-    let answer = call(
-        &d,
-        Method::DELETE,
-        &format!("/v1/images/{image_name}"),
-        None,
-    )
-    .await;
+    let answer = call(&d, Method::DELETE, &image_uri, None).await;
     assert_error(&answer, 409, "conflict");
     assert!(stored.is_file());
-    let answer = call(
-        &d,
-        Method::DELETE,
-        &format!("/v1/vms/{id}?force=true"),
-        None,
-    )
-    .await;
-    assert_eq!(answer.0, 204, "delete: {}", answer.1);
+    force_delete_vm(&d, &id).await;
     assert!(!vm_dir.exists(), "{} left behind", vm_dir.display());
-    let image = expect(
-        &d,
-        Method::GET,
-        &format!("/v1/images/{image_name}"),
-        None,
-        200,
-    )
-    .await;
+    let image = expect(&d, Method::GET, &image_uri, None, 200).await;
     assert_eq!(image["status"], "ready", "{image}");
-    assert_eq!(file_sha256(&stored), image_sha, "the image file changed");
+    assert_eq!(sha256_of(&stored), image_sha, "the image file changed");
     // Unused now.
-    expect(
-        &d,
-        Method::DELETE,
-        &format!("/v1/images/{image_name}"),
-        None,
-        204,
-    )
-    .await;
+    expect(&d, Method::DELETE, &image_uri, None, 204).await;
     assert!(!stored.exists(), "image file left behind");
 }
 
@@ -364,15 +287,7 @@ async fn volume_hot_plug_resize_and_unplug() {
     let micro = create_and_start(&d, &micro).await;
     let micro_id = id_of(&micro);
     let attach = json!({"volume": volume});
-    let answer = call(
-        &d,
-        Method::POST,
-        &format!("/v1/vms/{micro_id}/disks"),
-        Some(&attach),
-    )
-    .await;
-    let message = assert_error(&answer, 409, "conflict");
-    assert!(message.contains("hot-plug"), "{message}");
+    attach_refused(&d, &micro_id, &attach, "hot-plug").await;
     let vol = expect(&d, Method::GET, &volume_uri, None, 200).await;
     assert_eq!(vol["attached_to"], Value::Null, "{vol}");
     let micro = get_vm(&d, &micro_id).await;
@@ -382,14 +297,7 @@ async fn volume_hot_plug_resize_and_unplug() {
             .is_none_or(|disks| disks.is_empty()),
         "{micro}"
     );
-    let answer = call(
-        &d,
-        Method::DELETE,
-        &format!("/v1/vms/{micro_id}?force=true"),
-        None,
-    )
-    .await;
-    assert_eq!(answer.0, 204, "delete: {}", answer.1);
+    force_delete_vm(&d, &micro_id).await;
 
     // q35: hot-plug.
     let name = unique_name("hp");
@@ -402,15 +310,7 @@ async fn volume_hot_plug_resize_and_unplug() {
 
     // No SCSI controller on this VM (no disk used SCSI at start): 409.
     let scsi = json!({"volume": volume, "bus": "virtio_scsi"});
-    let answer = call(
-        &d,
-        Method::POST,
-        &format!("/v1/vms/{id}/disks"),
-        Some(&scsi),
-    )
-    .await;
-    let message = assert_error(&answer, 409, "conflict");
-    assert!(message.contains("SCSI controller"), "{message}");
+    attach_refused(&d, &id, &scsi, "SCSI controller").await;
 
     let vm = expect(
         &d,

@@ -216,6 +216,40 @@ fn pretty<T: serde::Serialize>(value: &T) -> String {
     text
 }
 
+/// `value` as pretty JSON (`-o json`), or as `render` shows it.
+fn shown<T: serde::Serialize>(json: bool, value: &T, render: impl FnOnce(&T) -> String) -> String {
+    if json {
+        pretty(value)
+    } else {
+        render(value)
+    }
+}
+
+/// `items` as pretty JSON under `key` (`{"vms": [...]}`), or as `render`
+/// shows them.
+fn shown_list<T: serde::Serialize>(
+    json: bool,
+    key: &str,
+    items: &[T],
+    render: impl FnOnce(&[T]) -> String,
+) -> String {
+    if json {
+        pretty(&serde_json::json!({ key: items }))
+    } else {
+        render(items)
+    }
+}
+
+/// What a command with nothing to show prints: `message` for people,
+/// nothing with `-o json`.
+fn unless_json(json: bool, message: impl FnOnce() -> String) -> String {
+    if json {
+        String::new()
+    } else {
+        message()
+    }
+}
+
 /// Lays out rows under a header, each column as wide as its widest cell,
 /// two spaces apart, without trailing spaces.
 fn columns(header: &[&str], rows: &[Vec<String>]) -> String {

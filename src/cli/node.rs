@@ -5,17 +5,14 @@ use std::io::Write;
 
 use super::storage::{image_line, volume_line};
 use super::vm::vm_line;
-use super::{key_values, mib, pretty, write_flush, CliError, ClientOptions, Output};
+use super::{key_values, mib, shown, write_flush, CliError, ClientOptions, Output};
 use crate::events::{Event, EventBody};
 use crate::node::NodeInfo;
 
 /// Runs `vmlet node`, printing to `out`.
 pub async fn run_node(opts: &ClientOptions, out: &mut impl Write) -> Result<(), CliError> {
     let node = opts.client()?.node().await?;
-    let text = match opts.output {
-        Output::Json => pretty(&node),
-        Output::Table => render_node(&node),
-    };
+    let text = shown(opts.output == Output::Json, &node, render_node);
     write_flush(out, &text)
 }
 

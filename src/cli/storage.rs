@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{
-    bytes, columns, key_values, mib, opt_bytes, pretty, size_with_bytes, write_flush, CliError,
-    ClientOptions, Output,
+    bytes, columns, key_values, mib, opt_bytes, shown, shown_list, size_with_bytes, unless_json,
+    write_flush, CliError, ClientOptions, Output,
 };
 use crate::client::Client;
 use crate::storage::images::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
@@ -109,20 +109,9 @@ pub async fn run_image(
     let text = match cmd {
         ImageCommand::List => {
             let images = client.list_images().await?;
-            if json {
-                pretty(&serde_json::json!({ "images": images }))
-            } else {
-                render_image_list(&images)
-            }
+            shown_list(json, "images", &images, render_image_list)
         }
-        ImageCommand::Show { name } => {
-            let image = client.get_image(&name).await?;
-            if json {
-                pretty(&image)
-            } else {
-                render_image(&image)
-            }
-        }
+        ImageCommand::Show { name } => shown(json, &client.get_image(&name).await?, render_image),
         ImageCommand::Import {
             name,
             file,
@@ -150,24 +139,20 @@ pub async fn run_image(
                 progress.finish();
                 result?
             };
-            if json {
-                pretty(&image)
-            } else if image.status == ImageStatus::Importing {
-                format!(
-                    "importing image {} from {} (follow it with `vmlet image show {}`)\n",
-                    image.name, image.source, image.name
-                )
-            } else {
-                format!("imported image {}: {}\n", image.name, image_summary(&image))
-            }
+            shown(json, &image, |image| {
+                if image.status == ImageStatus::Importing {
+                    format!(
+                        "importing image {} from {} (follow it with `vmlet image show {}`)\n",
+                        image.name, image.source, image.name
+                    )
+                } else {
+                    format!("imported image {}: {}\n", image.name, image_summary(image))
+                }
+            })
         }
         ImageCommand::Delete { name } => {
             client.delete_image(&name).await?;
-            if json {
-                String::new()
-            } else {
-                format!("deleted image {name}\n")
-            }
+            unless_json(json, || format!("deleted image {name}\n"))
         }
     };
     write_flush(out, &text)
@@ -275,19 +260,10 @@ pub async fn run_volume(
     let text = match cmd {
         VolumeCommand::List => {
             let volumes = client.list_volumes().await?;
-            if json {
-                pretty(&serde_json::json!({ "volumes": volumes }))
-            } else {
-                render_volume_list(&volumes)
-            }
+            shown_list(json, "volumes", &volumes, render_volume_list)
         }
         VolumeCommand::Show { name } => {
-            let volume = client.get_volume(&name).await?;
-            if json {
-                pretty(&volume)
-            } else {
-                render_volume(&volume)
-            }
+            shown(json, &client.get_volume(&name).await?, render_volume)
         }
         VolumeCommand::Create {
             name,
@@ -301,36 +277,28 @@ pub async fn run_volume(
                     image: image.clone(),
                 })
                 .await?;
-            if json {
-                pretty(&volume)
-            } else {
+            shown(json, &volume, |volume| {
                 let from = image.map_or(String::new(), |i| format!(" from image {i}"));
                 format!(
                     "created volume {}{from}: {}\n",
                     volume.name,
                     mib(volume.size_mib)
                 )
-            }
+            })
         }
         VolumeCommand::Resize { name, size_mib } => {
             let volume = client.resize_volume(&name, size_mib).await?;
-            if json {
-                pretty(&volume)
-            } else {
+            shown(json, &volume, |volume| {
                 format!(
                     "resized volume {} to {}\n",
                     volume.name,
                     mib(volume.size_mib)
                 )
-            }
+            })
         }
         VolumeCommand::Delete { name } => {
             client.delete_volume(&name).await?;
-            if json {
-                String::new()
-            } else {
-                format!("deleted volume {name}\n")
-            }
+            unless_json(json, || format!("deleted volume {name}\n"))
         }
     };
     write_flush(out, &text)

@@ -8,8 +8,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    bytes, columns, key_values, mib, parse_bytes, pretty, write_flush, CliError, ClientOptions,
-    Output,
+    bytes, columns, key_values, mib, parse_bytes, shown, shown_list, unless_json, write_flush,
+    CliError, ClientOptions, Output,
 };
 use crate::client::Client;
 use crate::vm::disk_ops::Snapshot;
@@ -270,20 +270,9 @@ pub async fn run_vm(
     let text = match cmd {
         VmCommand::List => {
             let vms = client.list_vms().await?;
-            if json {
-                pretty(&serde_json::json!({ "vms": vms }))
-            } else {
-                render_vm_list(&vms)
-            }
+            shown_list(json, "vms", &vms, render_vm_list)
         }
-        VmCommand::Show { vm } => {
-            let vm = client.get_vm(&vm).await?;
-            if json {
-                pretty(&vm)
-            } else {
-                render_vm(&vm)
-            }
-        }
+        VmCommand::Show { vm } => shown(json, &client.get_vm(&vm).await?, render_vm),
         VmCommand::Create { file, id } => {
             let spec = read_spec(&file)?;
             let uuid = create_uuid(&spec, id)?;
@@ -295,13 +284,13 @@ pub async fn run_vm(
                 }
                 None => (true, client.create_vm(&spec).await?),
             };
-            if json {
-                pretty(&vm)
-            } else if created {
-                format!("created VM {} ({})\n", vm.name, vm.id)
-            } else {
-                format!("VM {} ({}) already exists with this spec\n", vm.name, vm.id)
-            }
+            shown(json, &vm, |vm| {
+                if created {
+                    format!("created VM {} ({})\n", vm.name, vm.id)
+                } else {
+                    format!("VM {} ({}) already exists with this spec\n", vm.name, vm.id)
+                }
+            })
         }
         VmCommand::Delete {
             vm,
@@ -309,13 +298,13 @@ pub async fn run_vm(
             delete_volumes,
         } => {
             client.delete_vm_with(&vm, force, delete_volumes).await?;
-            if json {
-                String::new()
-            } else if delete_volumes {
-                format!("deleted VM {vm} and its volumes\n")
-            } else {
-                format!("deleted VM {vm}\n")
-            }
+            unless_json(json, || {
+                if delete_volumes {
+                    format!("deleted VM {vm} and its volumes\n")
+                } else {
+                    format!("deleted VM {vm}\n")
+                }
+            })
         }
         VmCommand::Disk { cmd } => disk_command(&client, cmd, json).await?,
         VmCommand::Snapshot { cmd } => snapshot_command(&client, cmd, json).await?,
@@ -353,9 +342,7 @@ async fn disk_command(client: &Client, cmd: DiskCommand, json: bool) -> Result<S
                 ..DiskSpec::file("", DiskFormat::Raw)
             };
             let vm = client.attach_disk(&vm, &disk).await?;
-            if json {
-                pretty(&vm)
-            } else {
+            shown(json, &vm, |vm| {
                 let disk = vm
                     .spec
                     .disks
@@ -364,21 +351,17 @@ async fn disk_command(client: &Client, cmd: DiskCommand, json: bool) -> Result<S
                     .find(|(_, d)| d.volume.as_deref() == Some(volume.as_str()))
                     .map_or_else(|| "?".to_string(), |(i, d)| d.name_or_default(i));
                 format!("attached volume {volume} to VM {} as {disk}\n", vm.name)
-            }
+            })
         }
         DiskCommand::Detach { vm, disk } => {
             let vm = client.detach_disk(&vm, &disk).await?;
-            if json {
-                pretty(&vm)
-            } else {
+            shown(json, &vm, |vm| {
                 format!("detached {disk} from VM {}\n", vm.name)
-            }
+            })
         }
         DiskCommand::Limits { vm, disk, limits } => {
             let vm = client.set_disk_limits(&vm, &disk, &limits.into()).await?;
-            if json {
-                pretty(&vm)
-            } else {
+            shown(json, &vm, |vm| {
                 let now = vm
                     .spec
                     .disks
@@ -387,7 +370,7 @@ async fn disk_command(client: &Client, cmd: DiskCommand, json: bool) -> Result<S
                     .find(|(i, d)| d.name_or_default(*i) == disk)
                     .map_or(IoLimits::from(limits), |(_, d)| d.limits);
                 format!("VM {} {disk}: {}\n", vm.name, limits_str(&now))
-            }
+            })
         }
     })
 }
@@ -400,49 +383,33 @@ async fn snapshot_command(
     Ok(match cmd {
         SnapshotCommand::List { vm } => {
             let snapshots = client.list_snapshots(&vm).await?;
-            if json {
-                pretty(&serde_json::json!({ "snapshots": snapshots }))
-            } else {
-                render_snapshot_list(&snapshots)
-            }
+            shown_list(json, "snapshots", &snapshots, render_snapshot_list)
         }
         SnapshotCommand::Create { vm, name } => {
             let snapshot = client.create_snapshot(&vm, &name).await?;
-            if json {
-                pretty(&snapshot)
-            } else {
+            shown(json, &snapshot, |snapshot| {
                 format!(
                     "created snapshot {} of VM {vm} ({})\n",
                     snapshot.name,
-                    snapshot_kind(&snapshot)
+                    snapshot_kind(snapshot)
                 )
-            }
+            })
         }
         SnapshotCommand::Revert { vm, name } => {
             let vm = client.revert_snapshot(&vm, &name).await?;
-            if json {
-                pretty(&vm)
-            } else {
+            shown(json, &vm, |vm| {
                 format!("reverted VM {} to snapshot {name}\n", vm.name)
-            }
+            })
         }
         SnapshotCommand::Delete { vm, name } => {
             client.delete_snapshot(&vm, &name).await?;
-            if json {
-                String::new()
-            } else {
-                format!("deleted snapshot {name} of VM {vm}\n")
-            }
+            unless_json(json, || format!("deleted snapshot {name} of VM {vm}\n"))
         }
     })
 }
 
 fn action_output(vm: Vm, json: bool) -> String {
-    if json {
-        pretty(&vm)
-    } else {
-        format!("{}\n", vm_line(&vm))
-    }
+    shown(json, &vm, |vm| format!("{}\n", vm_line(vm)))
 }
 
 /// Reads a spec file (`-`: standard input) as a JSON object.

@@ -291,15 +291,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cidata.img");
         let meta = default_meta_data(uuid::Uuid::new_v4(), "web-1");
-        write_seed(
-            &path,
-            &SeedContent {
-                user_data: USER,
-                meta_data: &meta,
-                network_config: Some(NET),
-            },
-        )
-        .unwrap();
+        let content = SeedContent {
+            user_data: USER,
+            meta_data: &meta,
+            network_config: Some(NET),
+        };
+        write_seed(&path, &content).unwrap();
 
         let md = fs::metadata(&path).unwrap();
         assert_eq!(md.permissions().mode() & 0o777, 0o600);
@@ -329,15 +326,7 @@ mod tests {
 
         // Deterministic: the same content gives the same bytes.
         let first = fs::read(&path).unwrap();
-        write_seed(
-            &path,
-            &SeedContent {
-                user_data: USER,
-                meta_data: &meta,
-                network_config: Some(NET),
-            },
-        )
-        .unwrap();
+        write_seed(&path, &content).unwrap();
         assert_eq!(fs::read(&path).unwrap(), first);
     }
 

@@ -2,6 +2,7 @@
 //! specs, and guards that kill QEMU and remove files even when a test fails.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod api;
 pub mod daemon;
 pub mod guest;
 pub mod serial_shell;
@@ -52,19 +53,7 @@ impl Scratch {
 
     /// Creates a qcow2 image of `size` (e.g. `"64M"`) with real `qemu-img`.
     pub fn qcow2(&self, name: &str, size: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&path)
-            .arg(size)
-            .output()
-            .expect("running qemu-img");
-        assert!(
-            out.status.success(),
-            "qemu-img: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        path
+        storage::create_image(self.dir.path(), name, "qcow2", size)
     }
 }
 

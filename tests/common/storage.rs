@@ -39,6 +39,21 @@ pub fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Creates an empty image `name` in `dir` with `qemu-img create -f FORMAT`,
+/// of `size` as `qemu-img` takes it (e.g. `"64M"`); returns its path.
+pub fn create_image(dir: &Path, name: &str, format: &str, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    qemu_img(&[
+        OsStr::new("create"),
+        OsStr::new("-q"),
+        OsStr::new("-f"),
+        OsStr::new(format),
+        path.as_os_str(),
+        OsStr::new(size),
+    ]);
+    path
+}
+
 /// `qemu-img info --output=json` of `path` (`-U`: a daemon may hold it).
 pub fn image_info(path: &Path) -> Value {
     let out = qemu_img(&[
