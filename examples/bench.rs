@@ -95,6 +95,7 @@ impl Bench {
             serial: SerialSpec::default(),
             channels: vec![],
             cloud_init: None,
+            nics: vec![],
             autostart: false,
         }
     }
@@ -109,6 +110,7 @@ impl Bench {
                 accel: Accel::Tcg,
                 paths: &paths,
                 layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+                nics: &[],
             },
         )
         .await

@@ -382,6 +382,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
                     accel: Accel::Tcg,
                     paths: &paths,
                     layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+                    nics: &[],
                 },
             ),
         )

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod net;
 pub mod node;
 pub mod qemu;
 pub mod storage;

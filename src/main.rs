@@ -14,6 +14,7 @@ use vmlet::config::{LogFormat, Settings};
 use vmlet::qemu::accel::{self, AccelChoice};
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, StopMode, StopOutcome};
+use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::process::{self, ExitStatus};
 use vmlet::qemu::profile::Profiles;
 use vmlet::vm::spec::VmSpec;
@@ -227,12 +228,28 @@ async fn dispatch(
                 return Ok(ExitCode::from(EXIT_BAD_SPEC));
             };
             let paths = RunPaths::new(&settings.run_dir, spec.uuid);
+            // The daemon opens taps and passes their fds; shown as FDn here.
+            let nics: Vec<NicPlan> = spec
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, nic)| NicPlan {
+                    spec: nic.clone(),
+                    backend: NicBackend::Tap {
+                        fds: (0..nic.queue_count())
+                            .map(|q| format!("FD{i}.{q}"))
+                            .collect(),
+                        vhost_fds: vec![],
+                    },
+                })
+                .collect();
             let argv = vmlet::qemu::argv::build(LaunchInputs {
                 spec: &spec,
                 profile: profiles.get(&spec.profile)?,
                 accel: accel::resolve_on_host(settings.accel),
                 paths: &paths,
                 layout: &vmlet::storage::Layout::new(&settings.state_dir),
+                nics: &nics,
             });
             println!("{}", settings.qemu_binary.display());
             for arg in argv {
@@ -304,12 +321,13 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     }
     // Images, volumes, blank disks and seeds are made by the daemon.
     let daemon_only = spec.cloud_init.is_some()
+        || !spec.nics.is_empty()
         || spec
             .disks
             .iter()
             .any(|d| !matches!(d.source(), Ok(vmlet::vm::spec::DiskSource::File { .. })));
     if daemon_only {
-        eprintln!("vmlet run: takes disks with path + format only; image, volume and blank disks and cloud_init need `vmlet serve`");
+        eprintln!("vmlet run: takes disks with path + format only, and no NICs; image, volume and blank disks, cloud_init and NICs need `vmlet serve`");
         return Ok(ExitCode::from(EXIT_BAD_SPEC));
     }
     let accel = accel::resolve_on_host(settings.accel);
@@ -321,6 +339,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         accel,
         paths: &paths,
         layout: &layout,
+        nics: &[],
     };
     eprintln!(
         "vmlet: starting {} ({}) under {}; Ctrl-C stops it",

@@ -713,6 +713,7 @@ async fn unfinished_start_is_cleaned_up() {
             accel: Accel::Tcg,
             paths: &paths,
             layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+            nics: &[],
         },
     )
     .await

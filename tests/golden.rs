@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{self, LaunchInputs, RunPaths};
+use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::profile::Profiles;
 use vmlet::storage::Layout;
 use vmlet::vm::spec::VmSpec;
@@ -26,12 +27,38 @@ fn render(case: &Case, profiles: &Profiles) -> String {
         .validate(|p| profiles.caps(p))
         .expect("golden specs are valid");
     let paths = RunPaths::new(&case.run_dir, case.spec.uuid);
+    // NICs on the network named `user` use user-mode networking; the others
+    // get tap fds numbered from 10 (one per queue), as the daemon would pass.
+    let mut next_fd = 10;
+    let nics: Vec<NicPlan> = case
+        .spec
+        .nics
+        .iter()
+        .map(|nic| NicPlan {
+            spec: nic.clone(),
+            backend: if nic.network == "user" {
+                NicBackend::User
+            } else {
+                let fds = (0..nic.queue_count())
+                    .map(|_| {
+                        next_fd += 1;
+                        (next_fd - 1).to_string()
+                    })
+                    .collect();
+                NicBackend::Tap {
+                    fds,
+                    vhost_fds: vec![],
+                }
+            },
+        })
+        .collect();
     let argv = argv::build(LaunchInputs {
         spec: &case.spec,
         profile: profiles.get(&case.spec.profile).unwrap(),
         accel: case.accel,
         paths: &paths,
         layout: &Layout::new(Path::new("/var/lib/vmlet")),
+        nics: &nics,
     });
     let mut text = argv.join("\n");
     text.push('\n');

@@ -7,6 +7,7 @@ pub mod error;
 pub mod events;
 pub mod images;
 pub mod middleware;
+pub mod networks;
 pub mod vm_disks;
 pub mod vms;
 pub mod volumes;
@@ -91,6 +92,8 @@ pub async fn openapi() -> Response {
         vm_disks::delete_snapshot,
         images::list, images::show, images::import, images::delete,
         volumes::list, volumes::show, volumes::create, volumes::resize, volumes::delete,
+        networks::list, networks::show, networks::create, networks::delete,
+        networks::attach_nic, networks::detach_nic,
         events::stream,
     ),
     tags(
@@ -100,6 +103,7 @@ pub async fn openapi() -> Response {
         (name = "snapshots", description = "VM snapshots (live: memory and disks)"),
         (name = "images", description = "The image store"),
         (name = "volumes", description = "Named volumes"),
+        (name = "networks", description = "Bridges, VLANs and a VM's NICs"),
         (name = "events", description = "Change events"),
         (name = "node", description = "The host"),
     )
@@ -202,6 +206,13 @@ pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
             get(volumes::show).delete(volumes::delete),
         )
         .route("/v1/volumes/{name}/resize", post(volumes::resize))
+        .route("/v1/networks", get(networks::list).post(networks::create))
+        .route(
+            "/v1/networks/{name}",
+            get(networks::show).delete(networks::delete),
+        )
+        .route("/v1/vms/{id}/nics", post(networks::attach_nic))
+        .route("/v1/vms/{id}/nics/{nic}", delete(networks::detach_nic))
         .route("/v1/events", get(events::stream))
         .fallback(fallback)
         .with_state(app)

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::qemu::accel::Accel;
 use crate::qemu::disk::{self, DiskPlan, SCSI_CONTROLLER};
+use crate::qemu::nic::{self, NicPlan};
 use crate::qemu::profile::{DeviceBus, Profile};
 use crate::storage::Layout;
 use crate::vm::spec::{Boot, DiskBus, VmSpec};
@@ -91,6 +92,9 @@ pub struct LaunchInputs<'a> {
     pub paths: &'a RunPaths,
     /// Where images, volumes and the VM's own disks live.
     pub layout: &'a Layout,
+    /// The NICs, in `spec.nics` order, with their host side resolved (tap
+    /// fds QEMU inherits, or user-mode networking).
+    pub nics: &'a [NicPlan],
 }
 
 /// Escapes a value for QEMU's `key=value,…` syntax: commas are doubled.
@@ -117,6 +121,7 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         accel,
         paths,
         layout,
+        nics,
     } = input;
     let mut argv = Argv::default();
 
@@ -212,6 +217,11 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             argv.push("-blockdev", node.to_string());
         }
         argv.push("-device", disk::device(profile, plan, None).to_string());
+    }
+
+    for plan in nics {
+        argv.push("-netdev", nic::netdev(plan).to_string());
+        argv.push("-device", nic::device(profile, plan, None).to_string());
     }
 
     if !spec.channels.is_empty() {
@@ -325,6 +335,7 @@ mod tests {
             serial: SerialSpec::default(),
             channels: vec![],
             cloud_init: None,
+            nics: vec![],
             autostart: false,
         }
     }
@@ -346,6 +357,7 @@ mod tests {
             accel: Accel::Tcg,
             paths: &paths,
             layout: &Layout::new(Path::new("/var/lib/vmlet")),
+            nics: &[],
         });
         // Block nodes are JSON: a comma in a path is just a character.
         let file_node: serde_json::Value = argv
@@ -373,6 +385,7 @@ mod tests {
                 accel: Accel::Tcg,
                 paths: &paths,
                 layout: &Layout::new(Path::new("/var/lib/vmlet")),
+                nics: &[],
             })
         };
         let device = "pvpanic,id=panic0".to_string();

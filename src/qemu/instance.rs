@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::qemu::argv::{self, LaunchInputs, RunPaths};
+use crate::qemu::nic::{NicBackend, NicPlan};
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 
@@ -131,14 +132,23 @@ pub async fn launch_with_deadline(
     })?;
     let argv = argv::build(inputs);
     tracing::debug!(uuid = %inputs.spec.uuid, ?argv, "launching QEMU");
-    let process =
-        match process::spawn(binary, &argv, &paths.pidfile(), inputs.spec.uuid, deadline).await {
-            Ok(process) => process,
-            Err(e) => {
-                remove_run_dir(&paths);
-                return Err(e.into());
-            }
-        };
+    let inherit = inherited_fds(inputs.nics);
+    let process = match process::spawn(
+        binary,
+        &argv,
+        &paths.pidfile(),
+        inputs.spec.uuid,
+        deadline,
+        &inherit,
+    )
+    .await
+    {
+        Ok(process) => process,
+        Err(e) => {
+            remove_run_dir(&paths);
+            return Err(e.into());
+        }
+    };
     match QmpClient::connect(&paths.qmp_socket(), QMP_CONNECT_DEADLINE).await {
         Ok((qmp, events)) => Ok(QemuInstance {
             process: Arc::new(process),
@@ -152,6 +162,17 @@ pub async fn launch_with_deadline(
             Err(LaunchError::Qmp(e))
         }
     }
+}
+
+/// The fd numbers the NICs' netdevs name: QEMU inherits exactly these.
+fn inherited_fds(nics: &[NicPlan]) -> Vec<std::os::fd::RawFd> {
+    nics.iter()
+        .flat_map(|nic| match &nic.backend {
+            NicBackend::Tap { fds, vhost_fds } => fds.iter().chain(vhost_fds).cloned().collect(),
+            NicBackend::User => vec![],
+        })
+        .filter_map(|fd| fd.parse().ok())
+        .collect()
 }
 
 impl QemuInstance {

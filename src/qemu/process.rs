@@ -125,14 +125,32 @@ pub async fn spawn(
     pidfile: &Path,
     uuid: Uuid,
     deadline: Duration,
+    inherit: &[std::os::fd::RawFd],
 ) -> Result<QemuProcess, ProcessError> {
-    let run = tokio::process::Command::new(binary)
+    let mut command = tokio::process::Command::new(binary);
+    command
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
+        .kill_on_drop(true);
+    if !inherit.is_empty() {
+        let inherit = inherit.to_vec();
+        // SAFETY: between fork and exec only async-signal-safe calls run:
+        // fcntl clears close-on-exec on the fds QEMU is told about (tap
+        // fds), so exactly these cross into QEMU, at the same numbers.
+        unsafe {
+            command.pre_exec(move || {
+                for fd in &inherit {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    let run = command.output();
     let output = match tokio::time::timeout(deadline, run).await {
         Ok(output) => output.map_err(|source| ProcessError::Exec {
             binary: binary.to_path_buf(),

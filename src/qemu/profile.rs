@@ -147,6 +147,7 @@ impl Profile {
             kernel_boot: self.supports.kernel_boot,
             firmware_boot: self.supports.firmware_boot,
             scsi: self.devices.scsi.is_some(),
+            pci: self.devices.bus == DeviceBus::Pci,
         }
     }
 

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::events::{EventBody, EventBus};
+use crate::net::networks::NetworkStore;
 use crate::qemu::accel::Accel;
 use crate::qemu::profile::Profiles;
 use crate::storage::images::ImageStore;
@@ -39,6 +40,8 @@ pub struct Context {
     pub images: Arc<ImageStore>,
     /// The volume store.
     pub volumes: VolumeStore,
+    /// The networks.
+    pub networks: NetworkStore,
     registry: RwLock<HashMap<Uuid, VmHandle>>,
 }
 
@@ -61,6 +64,7 @@ impl Context {
             events.clone(),
         )?);
         let volumes = VolumeStore::open(layout.clone(), qemu_img.clone(), events.clone())?;
+        let networks = NetworkStore::open(&settings.state_dir)?;
         Ok(Context {
             settings,
             profiles,
@@ -71,6 +75,7 @@ impl Context {
             qemu_img,
             images,
             volumes,
+            networks,
             registry: RwLock::new(HashMap::new()),
         })
     }

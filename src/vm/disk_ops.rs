@@ -47,7 +47,8 @@ pub enum SnapshotKind {
     Delete,
 }
 
-fn qmp_error(what: &str, e: QmpError) -> VmError {
+/// A QMP failure as a [`VmError`] (a timeout stays a timeout).
+pub fn qmp_error(what: &str, e: QmpError) -> VmError {
     let message = format!("{what}: {}", error_chain(&e));
     match e {
         QmpError::Timeout { .. } => VmError::Timeout(message),
@@ -193,7 +194,7 @@ pub async fn snapshot_offline(
 }
 
 /// The first empty hot-plug root port (`hpN`), asked of QEMU (`query-pci`).
-async fn free_port(qmp: &QmpClient) -> Result<String, VmError> {
+pub async fn free_port(qmp: &QmpClient) -> Result<String, VmError> {
     let buses = qmp
         .execute_raw("query-pci", None, QMP_DEADLINE)
         .await

@@ -1,7 +1,7 @@
 //! The registry of VMs: loads the records at start (each actor reattaches to
 //! its QEMU), creates VMs, and routes actions to their actors.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::events::EventBus;
+use crate::net::networks::{Network, NetworkNic, NetworkSpec};
 use crate::node::{self, NodeInfo};
 use crate::qemu::accel::{self, Accel};
 use crate::qemu::disk::DiskPlan;
@@ -20,7 +21,7 @@ use crate::storage::{disks, MIB};
 use crate::vm::actor::{self, error_chain, ActOptions, StorageOp, VmError, VmHandle};
 use crate::vm::context::Context;
 use crate::vm::disk_ops::{self, Snapshot};
-use crate::vm::spec::{Boot, DiskSource, FieldError, SpecError, VmSpec};
+use crate::vm::spec::{derived_mac, Boot, DiskSource, FieldError, NicSpec, SpecError, VmSpec};
 use crate::vm::state::Action;
 use crate::vm::store::{Store, StoreError};
 use crate::vm::Vm;
@@ -110,6 +111,8 @@ impl Manager {
                 }
             })?,
         );
+        // Bridges first: autostart VMs put their taps on them.
+        ctx.networks.restore_all().await;
         let mut waiting = Vec::new();
         for record in records {
             match record {
@@ -131,6 +134,7 @@ impl Manager {
         for done in waiting {
             let _ = done.await;
         }
+        remove_stale_taps(&ctx).await;
         tracing::info!(vms = ctx.handles().len(), accel = accel.as_str(), %qemu_version, "VMs loaded");
         Ok(Manager {
             ctx,
@@ -164,9 +168,11 @@ impl Manager {
     /// Creates a VM from `spec` (stopped). A VM with the same UUID and spec
     /// already present is returned as [`Created::Existing`], so a retried
     /// create is safe; a different spec under that UUID is a conflict.
-    pub async fn create(&self, spec: VmSpec) -> Result<Created, VmError> {
+    pub async fn create(&self, mut spec: VmSpec) -> Result<Created, VmError> {
         spec.validate(|name| self.ctx.profiles.caps(name))?;
         let _guard = self.create_lock.lock().await;
+        self.settle_nics(spec.uuid, &mut spec.nics, 0, "nics")
+            .await?;
         if let Some(existing) = self.ctx.handle(spec.uuid) {
             let vm = existing.view();
             return if vm.spec == spec {
@@ -273,6 +279,150 @@ impl Manager {
             return handle.storage(op).await;
         }
         handle.storage(op).await
+    }
+
+    /// Fills in the MACs `nics` lack (derived from the VM's UUID and each
+    /// NIC's index from `first_index`, skipping MACs in use) and checks
+    /// that every MAC is free on the host and every network exists.
+    /// `field` prefixes error fields (`nics` → `nics[0].mac`). Runs under
+    /// the create lock.
+    async fn settle_nics(
+        &self,
+        vm: Uuid,
+        nics: &mut [NicSpec],
+        first_index: usize,
+        field: &str,
+    ) -> Result<(), VmError> {
+        let taken: HashSet<String> = self
+            .ctx
+            .handles()
+            .iter()
+            .filter(|h| h.id() != vm)
+            .flat_map(|h| h.view().spec.nics)
+            .filter_map(|n| n.mac.map(|m| m.to_ascii_lowercase()))
+            .collect();
+        let mut errors = Vec::new();
+        for (offset, nic) in nics.iter_mut().enumerate() {
+            let index = first_index + offset;
+            let at = |f: &str| {
+                if field.is_empty() {
+                    f.to_string()
+                } else {
+                    format!("{field}[{offset}].{f}")
+                }
+            };
+            match &nic.mac {
+                Some(mac) => {
+                    let mac = mac.to_ascii_lowercase();
+                    if taken.contains(&mac) {
+                        return Err(VmError::Conflict(format!(
+                            "{}: MAC {mac} is in use by another VM",
+                            at("mac")
+                        )));
+                    }
+                    nic.mac = Some(mac);
+                }
+                None => {
+                    let mac = (0..)
+                        .map(|attempt| derived_mac(vm, index, attempt))
+                        .find(|mac| !taken.contains(mac))
+                        .expect("some derived MAC is free");
+                    nic.mac = Some(mac);
+                }
+            }
+            if self.ctx.networks.get(&nic.network).await.is_err() {
+                errors.push(FieldError {
+                    field: at("network"),
+                    message: format!("no network {:?}", nic.network),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(VmError::Invalid(SpecError { errors }))
+        }
+    }
+
+    /// Attaches a NIC to VM `key` (hot-plugged when it runs).
+    pub async fn attach_nic(&self, key: &str, mut nic: NicSpec) -> Result<Vm, VmError> {
+        let handle = self.find(key)?;
+        let _guard = self.create_lock.lock().await;
+        let vm = handle.view();
+        let profile_caps = self.ctx.profiles.caps(&vm.spec.profile);
+        crate::vm::spec::validate_nic(&nic, profile_caps)?;
+        let index = vm.spec.nics.len();
+        let mut one = [nic.clone()];
+        self.settle_nics(vm.id, &mut one, index, "").await?;
+        if vm
+            .spec
+            .nics
+            .iter()
+            .any(|n| n.mac.as_deref() == one[0].mac.as_deref())
+        {
+            return Err(VmError::Conflict(format!(
+                "the VM already has a NIC with MAC {}",
+                one[0].mac.as_deref().unwrap_or("?")
+            )));
+        }
+        nic = one[0].clone();
+        handle.storage(StorageOp::AttachNic(nic)).await
+    }
+
+    /// Every network, with the NICs on it.
+    pub async fn networks(&self) -> Vec<Network> {
+        let mut networks = self.ctx.networks.list().await;
+        for network in &mut networks {
+            network.nics = self.nics_on(&network.spec.name);
+        }
+        networks
+    }
+
+    /// Network `name`, with the NICs on it.
+    pub async fn network(&self, name: &str) -> Result<Network, VmError> {
+        let mut network = self.ctx.networks.get(name).await?;
+        network.nics = self.nics_on(name);
+        Ok(network)
+    }
+
+    /// Creates a network (a bridge, adopted when it exists, and a VLAN).
+    pub async fn create_network(&self, spec: NetworkSpec) -> Result<Network, VmError> {
+        Ok(self.ctx.networks.create(spec).await?)
+    }
+
+    /// Deletes a network no NIC is on; only links vmlet created go.
+    pub async fn delete_network(&self, name: &str) -> Result<(), VmError> {
+        let _guard = self.create_lock.lock().await;
+        let nics = self.nics_on(name);
+        if !nics.is_empty() {
+            let vms: Vec<String> = nics.iter().map(|n| n.vm_name.clone()).collect();
+            return Err(VmError::Conflict(format!(
+                "network {name} has NICs of VM {}; remove them first",
+                vms.join(", ")
+            )));
+        }
+        Ok(self.ctx.networks.delete(name).await?)
+    }
+
+    /// The NICs (of any VM, running or not) on network `name`.
+    fn nics_on(&self, name: &str) -> Vec<NetworkNic> {
+        let mut nics = Vec::new();
+        for handle in self.ctx.handles() {
+            let vm = handle.view();
+            for nic in vm.spec.nics.iter().filter(|n| n.network == name) {
+                nics.push(NetworkNic {
+                    vm: vm.id,
+                    vm_name: vm.name.clone(),
+                    mac: nic.mac.clone().unwrap_or_default(),
+                    tap: vm
+                        .state
+                        .has_process()
+                        .then(|| crate::qemu::nic::tap_name(nic)),
+                });
+            }
+        }
+        nics.sort_by(|a, b| a.vm_name.cmp(&b.vm_name).then(a.mac.cmp(&b.mac)));
+        nics
     }
 
     /// VM `key`'s snapshots.
@@ -420,6 +570,36 @@ impl Manager {
     }
 }
 
+/// Removes vmlet's taps that no VM with a QEMU owns (left by a QEMU that
+/// is gone, or by an older vmlet): a tap never outlives its VM.
+async fn remove_stale_taps(ctx: &Context) {
+    let owned: HashSet<String> = ctx
+        .handles()
+        .iter()
+        .map(VmHandle::view)
+        .filter(|vm| vm.state.has_process() || vm.pid.is_some())
+        .flat_map(|vm| vm.spec.nics)
+        .map(|nic| crate::qemu::nic::tap_name(&nic))
+        .collect();
+    let links = match crate::net::bridge::links().await {
+        Ok(links) => links,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list links to clean up taps");
+            return;
+        }
+    };
+    for link in links {
+        if crate::qemu::nic::is_tap_name(&link.name) && !owned.contains(&link.name) {
+            match crate::net::bridge::delete_link(&link.name).await {
+                Ok(()) => tracing::info!(tap = %link.name, "removed a tap no VM owns"),
+                Err(e) => {
+                    tracing::warn!(tap = %link.name, error = %e, "could not remove a stale tap")
+                }
+            }
+        }
+    }
+}
+
 /// Asks QEMU for its version (`QEMU emulator version 10.0.2 (…)` → `10.0.2`).
 async fn qemu_version(binary: &Path) -> Result<String, ManagerError> {
     let output = tokio::process::Command::new(binary)
@@ -526,6 +706,7 @@ mod tests {
             serial: SerialSpec::default(),
             channels: vec![],
             cloud_init: None,
+            nics: vec![],
             autostart: false,
         };
         let err = check_host_paths(&spec, &[root.path().to_path_buf()]).unwrap_err();

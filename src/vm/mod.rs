@@ -5,6 +5,7 @@ pub mod actor;
 pub mod context;
 pub mod disk_ops;
 pub mod manager;
+pub mod nic_ops;
 pub mod record;
 pub mod spec;
 pub mod state;

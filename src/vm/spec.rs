@@ -39,6 +39,10 @@ pub mod limits {
     pub const MAX_DISK_MIB: u64 = 64 * 1024 * 1024;
     /// Largest I/O limit (ops or bytes per second).
     pub const MAX_IO_LIMIT: u64 = 1 << 40;
+    /// Most NICs on one VM.
+    pub const MAX_NICS: usize = 16;
+    /// Most queues of one NIC.
+    pub const MAX_NIC_QUEUES: u32 = 16;
     /// Largest cloud-init file.
     pub const MAX_CLOUD_INIT_BYTES: usize = 256 * 1024;
 }
@@ -74,6 +78,9 @@ pub struct VmSpec {
     /// (like libvirt's `<channel>`; e.g. `org.qemu.guest_agent.0`).
     #[serde(default)]
     pub channels: Vec<ChannelSpec>,
+    /// Network interfaces, in guest order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
     /// A cloud-init NoCloud seed for the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInit>,
@@ -425,6 +432,84 @@ pub struct CloudInit {
     pub network_config: Option<String>,
 }
 
+/// One network interface: a NIC on a network (`POST /v1/networks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The network's name.
+    pub network: String,
+    /// MAC address (`52:54:00:12:34:56`): unicast, not all zero. Unset: one
+    /// is derived from the VM's UUID and the NIC's index (locally
+    /// administered, unique on the host) and written into the spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Device model.
+    #[serde(default)]
+    pub model: NicModel,
+    /// Queue pairs (multi-queue virtio-net; one tap fd per queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u32>,
+}
+
+impl NicSpec {
+    /// The number of queues (1 when unset).
+    pub fn queue_count(&self) -> u32 {
+        self.queues.unwrap_or(1).max(1)
+    }
+}
+
+/// A NIC's device model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NicModel {
+    /// virtio-net (the profile's `devices.net`).
+    #[default]
+    Virtio,
+    /// Intel e1000 (PCI), for guests without virtio drivers.
+    E1000,
+    /// Intel 82574 (e1000e, PCIe).
+    E1000e,
+    /// Realtek RTL8139 (PCI).
+    Rtl8139,
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff` (hex, either case).
+pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut out = [0u8; 6];
+    for (byte, part) in out.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Formats a MAC address in lower case.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The MAC vmlet derives for NIC `index` of VM `uuid` (`attempt` > 0 after
+/// a collision): `52:54` (locally administered, unicast, as QEMU's own
+/// default) and four bytes of SHA-256 over the UUID, index and attempt.
+pub fn derived_mac(uuid: Uuid, index: usize, attempt: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(uuid.as_bytes());
+    hasher.update((index as u32).to_le_bytes());
+    hasher.update(attempt.to_le_bytes());
+    let hash = hasher.finalize();
+    format_mac([0x52, 0x54, hash[0], hash[1], hash[2], hash[3]])
+}
+
 /// The name of the cloud-init seed disk (reserved).
 pub const SEED_DISK: &str = "cidata";
 
@@ -500,6 +585,8 @@ pub struct ProfileCaps {
     pub firmware_boot: bool,
     /// Disks may use `bus: virtio_scsi`.
     pub scsi: bool,
+    /// Devices sit on PCI (other NIC models than virtio exist).
+    pub pci: bool,
 }
 
 struct Collector(Vec<FieldError>);
@@ -563,6 +650,7 @@ impl VmSpec {
             }
         }
         self.check_cloud_init(&mut c);
+        self.check_nics(&mut c, caps);
         self.check_channels(&mut c);
         c.into_result()
     }
@@ -626,6 +714,21 @@ impl VmSpec {
             if let Ok(DiskSource::Volume { volume }) = disk.source() {
                 if !volumes.insert(volume) {
                     c.add(field("volume"), "another disk uses this volume");
+                }
+            }
+        }
+    }
+
+    fn check_nics(&self, c: &mut Collector, caps: Option<ProfileCaps>) {
+        if self.nics.len() > limits::MAX_NICS {
+            c.add("nics", format!("more than {} NICs", limits::MAX_NICS));
+        }
+        let mut macs = HashSet::new();
+        for (i, nic) in self.nics.iter().enumerate() {
+            check_nic(c, &format!("nics[{i}]."), nic, caps);
+            if let Some(mac) = nic.mac.as_deref().and_then(parse_mac) {
+                if !macs.insert(mac) {
+                    c.add(format!("nics[{i}].mac"), "another NIC has this MAC");
                 }
             }
         }
@@ -709,6 +812,44 @@ fn check_disk(c: &mut Collector, prefix: &str, disk: &DiskSpec) {
     for (f, message) in disk.limits.problems() {
         c.add(field(&format!("limits.{f}")), message);
     }
+}
+
+fn check_nic(c: &mut Collector, prefix: &str, nic: &NicSpec, caps: Option<ProfileCaps>) {
+    let field = |f: &str| format!("{prefix}{f}");
+    check_name(c, &field("network"), &nic.network, limits::MAX_NAME_LEN);
+    if let Some(mac) = &nic.mac {
+        match parse_mac(mac) {
+            None => c.add(
+                field("mac"),
+                "must be six hex octets like 52:54:00:12:34:56",
+            ),
+            Some(bytes) if bytes[0] & 1 == 1 => c.add(
+                field("mac"),
+                "is a multicast address (the first octet is odd)",
+            ),
+            Some([0, 0, 0, 0, 0, 0]) => c.add(field("mac"), "must not be all zero"),
+            Some(_) => {}
+        }
+    }
+    let queues = nic.queues.unwrap_or(1);
+    if queues == 0 || queues > limits::MAX_NIC_QUEUES {
+        c.add(
+            field("queues"),
+            format!("must be 1..={}", limits::MAX_NIC_QUEUES),
+        );
+    } else if queues > 1 && nic.model != NicModel::Virtio {
+        c.add(field("queues"), "multi-queue needs model virtio");
+    }
+    if nic.model != NicModel::Virtio && caps.is_some_and(|p| !p.pci) {
+        c.add(field("model"), "this profile has no PCI bus: only virtio");
+    }
+}
+
+/// Validates a NIC given on its own (a hot-plug request).
+pub fn validate_nic(nic: &NicSpec, caps: Option<ProfileCaps>) -> Result<(), SpecError> {
+    let mut c = Collector(Vec::new());
+    check_nic(&mut c, "", nic, caps);
+    c.into_result()
 }
 
 fn check_size(c: &mut Collector, field: &str, size_mib: u64) {
@@ -831,11 +972,13 @@ mod tests {
                 kernel_boot: true,
                 firmware_boot: true,
                 scsi: true,
+                pci: true,
             }),
             "microvm" => Some(ProfileCaps {
                 kernel_boot: true,
                 firmware_boot: false,
                 scsi: false,
+                pci: false,
             }),
             _ => None,
         }
@@ -1079,6 +1222,51 @@ mod tests {
         assert!(disk(json!({"size_mib": 1})).owned_by_vm());
         assert!(!disk(json!({"volume": "a"})).owned_by_vm());
         assert!(!disk(json!({"path": "/a", "format": "raw"})).owned_by_vm());
+    }
+
+    #[test]
+    fn nics_are_checked() {
+        let mut v = base();
+        v["nics"] = json!([
+            {"network": "lan"},
+            {"network": "lan", "mac": "52:54:00:AB:cd:ef", "queues": 4},
+            {"network": "lan", "mac": "01:00:5e:00:00:01"},
+            {"network": "lan", "mac": "00:00:00:00:00:00"},
+            {"network": "lan", "mac": "52:54:00:ab:cd"},
+            {"network": "lan", "mac": "52:54:00:ab:cd:ef"},
+            {"network": "a b"},
+            {"network": "lan", "queues": 0},
+            {"network": "lan", "model": "e1000", "queues": 2},
+        ]);
+        assert_eq!(
+            fields(v.clone()),
+            [
+                "nics[2].mac",
+                "nics[3].mac",
+                "nics[4].mac",
+                "nics[5].mac",
+                "nics[6].network",
+                "nics[7].queues",
+                "nics[8].queues"
+            ]
+        );
+        let mut v = base();
+        v["profile"] = json!("microvm");
+        v["nics"] = json!([{"network": "lan", "model": "rtl8139"}]);
+        assert_eq!(fields(v), ["nics[0].model"]);
+    }
+
+    #[test]
+    fn derived_macs_are_stable_local_unicast_and_distinct() {
+        let uuid = Uuid::parse_str("5b0c2d4e-8a51-4f3e-9b1c-2a7f4d6e8c10").unwrap();
+        let a = derived_mac(uuid, 0, 0);
+        assert_eq!(a, derived_mac(uuid, 0, 0));
+        assert_ne!(a, derived_mac(uuid, 1, 0));
+        assert_ne!(a, derived_mac(uuid, 0, 1));
+        let bytes = parse_mac(&a).unwrap();
+        assert_eq!(bytes[0] & 0b11, 0b10, "locally administered unicast: {a}");
+        assert!(a.starts_with("52:54:"), "{a}");
+        assert_eq!(format_mac(bytes), a);
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub enum Task {
     Snapshot,
     /// Changing disks: hot-plug, unplug, I/O limits, resize.
     Disks,
+    /// Changing NICs: hot-plug, unplug.
+    Nics,
 }
 
 impl Task {
@@ -108,6 +110,7 @@ impl Task {
             Task::Delete => "delete",
             Task::Snapshot => "snapshot",
             Task::Disks => "disks",
+            Task::Nics => "nics",
         }
     }
 }
@@ -137,11 +140,13 @@ pub enum Action {
     Snapshot,
     /// Change the VM's disks (live or offline).
     Disks,
+    /// Change the VM's NICs (live or offline).
+    Nics,
 }
 
 impl Action {
     /// Every action, for exhaustive tests.
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 11] = [
         Action::Start,
         Action::Stop { force: false },
         Action::Stop { force: true },
@@ -152,6 +157,7 @@ impl Action {
         Action::Delete { force: true },
         Action::Snapshot,
         Action::Disks,
+        Action::Nics,
     ];
 
     /// The task this action runs as.
@@ -165,6 +171,7 @@ impl Action {
             Action::Delete { .. } => Task::Delete,
             Action::Snapshot => Task::Snapshot,
             Action::Disks => Task::Disks,
+            Action::Nics => Task::Nics,
         }
     }
 }
@@ -236,12 +243,12 @@ pub fn decide(state: PowerState, task: Option<Task>, action: Action) -> Decision
         },
         // Live through QMP while QEMU runs, offline on the files otherwise;
         // not while QEMU comes or goes, nor while vmlet lost control of it.
-        Action::Snapshot | Action::Disks => match state {
+        Action::Snapshot | Action::Disks | Action::Nics => match state {
             S::Stopped | S::Crashed | S::Running | S::Paused => Decision::Run(action.task()),
-            _ => refused(if action == Action::Snapshot {
-                "snapshot"
-            } else {
-                "change disks"
+            _ => refused(match action {
+                Action::Snapshot => "snapshot",
+                Action::Disks => "change disks",
+                _ => "change NICs",
             }),
         },
     }
@@ -401,6 +408,9 @@ mod tests {
                     (Action::Disks, S::Stopped | S::Crashed | S::Running | S::Paused) => {
                         Some(run(Task::Disks))
                     }
+                    (Action::Nics, S::Stopped | S::Crashed | S::Running | S::Paused) => {
+                        Some(run(Task::Nics))
+                    }
                     _ => None, // refused
                 };
                 match expected_kind {
@@ -425,6 +435,7 @@ mod tests {
             Task::Delete,
             Task::Snapshot,
             Task::Disks,
+            Task::Nics,
         ];
         for state in PowerState::ALL {
             for task in tasks {

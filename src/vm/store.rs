@@ -205,6 +205,7 @@ mod tests {
             serial: SerialSpec::default(),
             channels: vec![],
             cloud_init: None,
+            nics: vec![],
             autostart: true,
         }
     }

@@ -154,6 +154,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         serial: SerialSpec::default(),
         channels: vec![],
         cloud_init: None,
+        nics: vec![],
         autostart: false,
     }
 }
@@ -217,6 +218,7 @@ pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchE
             accel: Accel::Tcg,
             paths: &paths,
             layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+            nics: &[],
         },
     )
     .await?;

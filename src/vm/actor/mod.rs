@@ -25,6 +25,7 @@ use crate::qemu::instance::{self, StopMode, StopOutcome};
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 use crate::vm::context::Context;
+use crate::vm::nic_ops;
 use crate::vm::record::timestamp;
 use crate::vm::spec::VmSpec;
 use crate::vm::state::{self, Action, Decision, Desired, Observation, PowerState, Task};
@@ -72,6 +73,27 @@ pub enum VmError {
 }
 
 pub use crate::error_chain;
+
+impl From<crate::net::networks::NetworkError> for VmError {
+    fn from(e: crate::net::networks::NetworkError) -> VmError {
+        use crate::net::networks::NetworkError as N;
+        use crate::net::NetError;
+        match e {
+            N::NotFound(_) => VmError::NotFound(e.to_string()),
+            N::Conflict(m) => VmError::Conflict(m),
+            N::Invalid(spec) => VmError::Invalid(spec),
+            N::Net(NetError::Invalid(m)) => VmError::Conflict(m),
+            N::Net(
+                net @ NetError::Netlink {
+                    errno: Some(libc::EEXIST),
+                    ..
+                },
+            ) => VmError::Conflict(net.to_string()),
+            N::Net(net) => VmError::Failed(net.to_string()),
+            N::Failed(m) => VmError::Failed(m),
+        }
+    }
+}
 
 impl From<crate::storage::StorageError> for VmError {
     fn from(e: crate::storage::StorageError) -> VmError {
@@ -139,7 +161,7 @@ enum OpResult {
     Deleted(Result<(), String>),
     Storage {
         /// The VM's new spec, when the operation changed it.
-        result: Result<Option<VmSpec>, VmError>,
+        result: Result<Option<Box<VmSpec>>, VmError>,
         /// QEMU's run state afterwards (snapshots pause the vCPUs).
         status: Option<qapi::qmp::RunState>,
     },
@@ -452,7 +474,7 @@ impl Actor {
                     Action::Pause => self.begin_qmp(Task::Pause),
                     Action::Resume => self.begin_qmp(Task::Resume),
                     Action::Delete { .. } => self.begin_delete(),
-                    Action::Snapshot | Action::Disks => {
+                    Action::Snapshot | Action::Disks | Action::Nics => {
                         unreachable!("storage actions arrive as Input::Storage")
                     }
                 }
@@ -483,12 +505,18 @@ impl Actor {
                     .map_err(|e| error_chain(&e))?;
                 let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
                 crate::storage::disks::write_seed(&ctx.layout, &spec).map_err(|e| e.to_string())?;
+                // The taps live while `_host_nics` holds their fds: until
+                // QEMU has inherited them (or the start failed, and they go).
+                let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let inputs = LaunchInputs {
                     spec: &spec,
                     profile,
                     accel: ctx.accel,
                     paths: &paths,
                     layout: &ctx.layout,
+                    nics: &nics,
                 };
                 let deadline = Duration::from_secs(ctx.settings.start_timeout_s);
                 let qemu =

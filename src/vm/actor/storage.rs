@@ -1,5 +1,6 @@
-//! The disk and snapshot operations of a VM's actor: attach, detach,
-//! throttle and grow disks, and take, revert to and delete snapshots. Each
+//! The device and snapshot operations of a VM's actor: attach, detach,
+//! throttle and grow disks, attach and detach NICs, and take, revert to
+//! and delete snapshots. Each
 //! arrives as a [`StorageOp`] (through [`VmHandle::storage`]), is checked
 //! against the VM's spec and state, and runs as the actor's operation: live
 //! over QMP while QEMU runs, on the files while it does not.
@@ -8,8 +9,10 @@ use tokio::sync::oneshot;
 
 use crate::qemu::disk::DiskPlan;
 use crate::vm::disk_ops::{self, SnapshotKind};
+use crate::vm::nic_ops;
 use crate::vm::spec::{
-    validate_disk, validate_limits, validate_name, DiskBus, DiskSource, DiskSpec, IoLimits, VmSpec,
+    validate_disk, validate_limits, validate_name, DiskBus, DiskSource, DiskSpec, IoLimits,
+    NicSpec, VmSpec,
 };
 use crate::vm::state::{self, Action, Decision, Observation};
 use crate::vm::Vm;
@@ -38,6 +41,10 @@ pub enum StorageOp {
         /// New size in bytes.
         size: u64,
     },
+    /// Add a NIC (its `mac` set): hot-plug, or just the spec when stopped.
+    AttachNic(NicSpec),
+    /// Remove the NIC with this MAC or index: unplug, or just the spec.
+    DetachNic(String),
     /// Take, revert to or delete a snapshot.
     Snapshot {
         /// Which.
@@ -64,6 +71,7 @@ impl Actor {
     pub(super) fn on_storage(&mut self, op: StorageOp, reply: Reply) {
         let action = match op {
             StorageOp::Snapshot { .. } => Action::Snapshot,
+            StorageOp::AttachNic(_) | StorageOp::DetachNic(_) => Action::Nics,
             _ => Action::Disks,
         };
         let task = self.op.as_ref().map(|op| op.task);
@@ -105,7 +113,7 @@ impl Actor {
         let live = qmp.is_some();
         let no_hotplug = || {
             VmError::Refused(format!(
-                "profile {} does not support hot-plug: stop the VM to change its disks",
+                "profile {} does not support hot-plug: stop the VM to change its devices",
                 profile.name
             ))
         };
@@ -198,6 +206,37 @@ impl Actor {
                     }
                 });
             }
+            StorageOp::AttachNic(nic) => {
+                if live && !profile.supports.hotplug {
+                    return Err(no_hotplug());
+                }
+                spec.nics.push(nic.clone());
+                spec.validate(|name| ctx.profiles.caps(name))?;
+                let live = qmp.map(|qmp| async move {
+                    nic_ops::attach(&qmp, &profile, &ctx.networks, &nic).await
+                });
+                self.spawn_spec_change(spec, live);
+            }
+            StorageOp::DetachNic(key) => {
+                let index = spec
+                    .nics
+                    .iter()
+                    .position(|n| {
+                        n.mac
+                            .as_deref()
+                            .is_some_and(|m| m.eq_ignore_ascii_case(&key))
+                    })
+                    .or_else(|| key.parse::<usize>().ok().filter(|i| *i < spec.nics.len()))
+                    .ok_or_else(|| {
+                        VmError::NotFound(format!("VM {} has no NIC {key}", spec.name))
+                    })?;
+                if live && !profile.supports.hotplug {
+                    return Err(no_hotplug());
+                }
+                let nic = spec.nics.remove(index);
+                let live = qmp.map(|qmp| async move { nic_ops::detach(&qmp, &nic).await });
+                self.spawn_spec_change(spec, live);
+            }
             StorageOp::Snapshot { kind, name } => {
                 validate_name("name", &name)?;
                 let plans = DiskPlan::all(&layout, uuid, &spec.disks, false);
@@ -263,7 +302,7 @@ impl Actor {
                 None => Ok(()),
             };
             OpResult::Storage {
-                result: result.map(|()| Some(spec)),
+                result: result.map(|()| Some(Box::new(spec))),
                 status: None,
             }
         });
@@ -273,11 +312,11 @@ impl Actor {
     /// vCPUs' state when QEMU reported it, then the waiting replies.
     pub(super) fn on_storage_done(
         &mut self,
-        result: Result<Option<VmSpec>, VmError>,
+        result: Result<Option<Box<VmSpec>>, VmError>,
         status: Option<qapi::qmp::RunState>,
     ) {
         if let Ok(Some(spec)) = &result {
-            let spec = spec.clone();
+            let spec = VmSpec::clone(spec);
             self.commit(|vm| vm.spec = spec);
         }
         match status {

@@ -1,0 +1,217 @@
+//! NICs at start and while running: a tap per NIC on a bridge network,
+//! opened by vmlet (`/dev/net/tun`), enslaved to the network's bridge with
+//! its MTU and brought up, then handed to QEMU by fd; hot-plug and unplug
+//! over QMP (`getfd` → `netdev_add` → `device_add`, and `device_del` →
+//! `DEVICE_DELETED` → `netdev_del`).
+//!
+//! Taps are not persistent: the kernel removes one when its last fd closes,
+//! so a VM's taps go when its QEMU exits, however it exits, and a failed
+//! start leaves none.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::net::bridge;
+use crate::net::networks::{NetworkKind, NetworkStore};
+use crate::net::tap::{self, Tap};
+use crate::qemu::nic::{self, NicBackend, NicPlan};
+use crate::qemu::profile::Profile;
+use crate::qemu::qmp::QmpClient;
+use crate::vm::actor::VmError;
+use crate::vm::disk_ops::{free_port, qmp_error, UNPLUG_DEADLINE};
+use crate::vm::spec::NicSpec;
+
+/// Deadline of one QMP command here.
+const QMP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The host side of a NIC that vmlet holds until QEMU has its own copies.
+#[derive(Debug)]
+pub struct HostNic {
+    /// The tap (none for user-mode networking).
+    pub tap: Option<Tap>,
+    /// vhost-net fds.
+    pub vhost: Vec<OwnedFd>,
+}
+
+/// Opens the host side of `nic`: for a bridge network, a tap named after
+/// the MAC, enslaved to the bridge (which is recreated if it vanished),
+/// with the network's MTU, up. Dropping the result closes the fds (and so
+/// removes the tap, unless QEMU holds it).
+pub async fn open_host_nic(networks: &NetworkStore, nic: &NicSpec) -> Result<HostNic, VmError> {
+    let network = networks.ensure(&nic.network).await?;
+    if network.spec.kind == NetworkKind::User {
+        return Ok(HostNic {
+            tap: None,
+            vhost: vec![],
+        });
+    }
+    let bridge = network.bridge().unwrap_or_default().to_string();
+    let name = nic::tap_name(nic);
+    let tap = tap::open_tap(&name, nic.queue_count()).map_err(net_error)?;
+    bridge::set_master_mtu_up(&name, &bridge, network.spec.mtu)
+        .await
+        .map_err(net_error)?;
+    let vhost = tap::open_vhost(nic.queue_count()).map_err(net_error)?;
+    Ok(HostNic {
+        tap: Some(tap),
+        vhost,
+    })
+}
+
+fn net_error(e: crate::net::NetError) -> VmError {
+    VmError::from(crate::net::networks::NetworkError::Net(e))
+}
+
+/// The plan for a NIC whose host side QEMU inherits at launch (fd numbers).
+pub fn launch_plan(nic: &NicSpec, host: &HostNic) -> NicPlan {
+    let backend = match &host.tap {
+        None => NicBackend::User,
+        Some(tap) => NicBackend::Tap {
+            fds: tap
+                .fds
+                .iter()
+                .map(|fd| fd.as_raw_fd().to_string())
+                .collect(),
+            vhost_fds: host
+                .vhost
+                .iter()
+                .map(|fd| fd.as_raw_fd().to_string())
+                .collect(),
+        },
+    };
+    NicPlan {
+        spec: nic.clone(),
+        backend,
+    }
+}
+
+/// Opens the host side of every NIC of a VM about to start.
+pub async fn open_all(
+    networks: &NetworkStore,
+    nics: &[NicSpec],
+) -> Result<(Vec<NicPlan>, Vec<HostNic>), VmError> {
+    let mut plans = Vec::new();
+    let mut hosts = Vec::new();
+    for nic in nics {
+        let host = open_host_nic(networks, nic).await?;
+        plans.push(launch_plan(nic, &host));
+        hosts.push(host);
+    }
+    Ok((plans, hosts))
+}
+
+/// Hot-plugs a NIC: passes its fds with `getfd`, then `netdev_add` and
+/// `device_add` on a free root port. Undoes what it did if a step fails.
+pub async fn attach(
+    qmp: &QmpClient,
+    profile: &Profile,
+    networks: &NetworkStore,
+    nic: &NicSpec,
+) -> Result<(), VmError> {
+    let host = open_host_nic(networks, nic).await?;
+    let port = free_port(qmp).await?;
+    let id = nic::netdev_id(nic);
+    let tap_fds = host.tap.iter().flat_map(|t| t.fds.iter());
+    let named: Vec<(&OwnedFd, String, bool)> = tap_fds
+        .enumerate()
+        .map(|(q, fd)| (fd, format!("{id}-q{q}"), false))
+        .chain(
+            host.vhost
+                .iter()
+                .enumerate()
+                .map(|(q, fd)| (fd, format!("{id}-v{q}"), true)),
+        )
+        .collect();
+    let mut passed = Vec::new();
+    let result = async {
+        let mut fds = Vec::new();
+        let mut vhost_fds = Vec::new();
+        for (fd, name, is_vhost) in named {
+            qmp.execute_with_fd(
+                qapi::qmp::getfd {
+                    fdname: name.clone(),
+                },
+                fd.as_fd(),
+            )
+            .await
+            .map_err(|e| qmp_error("getfd", e))?;
+            passed.push(name.clone());
+            if is_vhost {
+                vhost_fds.push(name);
+            } else {
+                fds.push(name);
+            }
+        }
+        let plan = NicPlan {
+            spec: nic.clone(),
+            backend: if host.tap.is_some() {
+                NicBackend::Tap { fds, vhost_fds }
+            } else {
+                NicBackend::User
+            },
+        };
+        call(qmp, "netdev_add", nic::netdev(&plan)).await?;
+        if let Err(e) = call(qmp, "device_add", nic::device(profile, &plan, Some(&port))).await {
+            let _ = call(qmp, "netdev_del", json!({"id": id})).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+    .await;
+    // QEMU holds its own copies now (or nothing, on failure: then the fds
+    // it was given are closed so the tap goes).
+    for name in passed {
+        if result.is_err() {
+            let _ = call(qmp, "closefd", json!({"fdname": name})).await;
+        }
+    }
+    result
+}
+
+/// Unplugs a NIC: `device_del`, waits for the guest to let go
+/// (`DEVICE_DELETED`), `netdev_del` (QEMU closes the tap), and removes the
+/// tap should it linger.
+pub async fn detach(qmp: &QmpClient, nic: &NicSpec) -> Result<(), VmError> {
+    let id = nic::device_id(nic);
+    let mut events = qmp.subscribe();
+    call(qmp, "device_del", json!({"id": id})).await?;
+    let deleted = async {
+        loop {
+            match events.recv().await {
+                Ok(event) if event.name == "DEVICE_DELETED" && event.data["device"] == id => {
+                    return Ok(());
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return Err(VmError::Failed("QMP closed while unplugging".into()))
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(UNPLUG_DEADLINE, deleted).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(VmError::Timeout(format!(
+                "the guest did not release NIC {} within {UNPLUG_DEADLINE:?}",
+                nic.mac.as_deref().unwrap_or("?")
+            )))
+        }
+    }
+    call(qmp, "netdev_del", json!({"id": nic::netdev_id(nic)})).await?;
+    bridge::delete_link(&nic::tap_name(nic))
+        .await
+        .map_err(net_error)?;
+    Ok(())
+}
+
+async fn call(
+    qmp: &QmpClient,
+    command: &str,
+    args: serde_json::Value,
+) -> Result<serde_json::Value, VmError> {
+    qmp.execute_raw(command, Some(args), QMP_DEADLINE)
+        .await
+        .map_err(|e| qmp_error(command, e))
+}
