@@ -23,11 +23,12 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::events::Event;
+use crate::net::networks::{Network, NetworkSpec};
 use crate::node::NodeInfo;
 use crate::storage::images::{Image, ImageImport};
 use crate::storage::volumes::{Volume, VolumeCreate};
 use crate::vm::disk_ops::Snapshot;
-use crate::vm::spec::{DiskSpec, IoLimits};
+use crate::vm::spec::{DiskSpec, IoLimits, NicSpec};
 use crate::vm::Vm;
 
 pub use hyper::Method;
@@ -373,6 +374,27 @@ fn volume_path(name: &str) -> Result<String, ClientError> {
     ))
 }
 
+fn network_path(name: &str) -> Result<String, ClientError> {
+    Ok(format!(
+        "/v1/networks/{}",
+        check_segment("network name", name)?
+    ))
+}
+
+/// `/v1/vms/{id}/nics/{nic}`: `nic` is a MAC (`52:54:00:12:34:56`) or an
+/// index, so `:` is allowed besides what [`check_segment`] takes.
+fn nic_path(vm: &str, nic: &str) -> Result<String, ClientError> {
+    let ok = !nic.is_empty() && nic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b':');
+    let path = format!("{}/nics/{nic}", vm_path(vm)?);
+    if !ok {
+        return Err(ClientError::BadPath {
+            path,
+            reason: "a NIC is named by its MAC (52:54:00:12:34:56) or its index".into(),
+        });
+    }
+    Ok(path)
+}
+
 fn disk_path(vm: &str, disk: &str) -> Result<String, ClientError> {
     Ok(format!(
         "{}/disks/{}",
@@ -410,6 +432,12 @@ struct ImageList {
 #[derive(Deserialize)]
 struct VolumeList {
     volumes: Vec<Volume>,
+}
+
+/// The body of `GET /v1/networks`.
+#[derive(Deserialize)]
+struct NetworkList {
+    networks: Vec<Network>,
 }
 
 /// The body of `GET /v1/vms/{id}/snapshots`.
@@ -728,6 +756,46 @@ impl Client {
         self.call_empty(Method::DELETE, &volume_path(name)?, None)
             .await?;
         Ok(())
+    }
+
+    /// `GET /v1/networks`: every network, with the NICs on it.
+    pub async fn list_networks(&self) -> Result<Vec<Network>, ClientError> {
+        let (_, list): (_, NetworkList) = self.call(Method::GET, "/v1/networks", None).await?;
+        Ok(list.networks)
+    }
+
+    /// `GET /v1/networks/{name}`.
+    pub async fn get_network(&self, name: &str) -> Result<Network, ClientError> {
+        Ok(self.call(Method::GET, &network_path(name)?, None).await?.1)
+    }
+
+    /// `POST /v1/networks`: creates (or adopts) the bridge, the VLAN device.
+    pub async fn create_network(&self, spec: &NetworkSpec) -> Result<Network, ClientError> {
+        Ok(self
+            .call(Method::POST, "/v1/networks", Some(&to_json(spec)))
+            .await?
+            .1)
+    }
+
+    /// `DELETE /v1/networks/{name}` (refused while NICs are on it).
+    pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
+        self.call_empty(Method::DELETE, &network_path(name)?, None)
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /v1/vms/{id}/nics`: adds a NIC (hot-plugged into a running VM).
+    /// Returns the VM after.
+    pub async fn attach_nic(&self, id_or_name: &str, nic: &NicSpec) -> Result<Vm, ClientError> {
+        let path = format!("{}/nics", vm_path(id_or_name)?);
+        Ok(self.call(Method::POST, &path, Some(&to_json(nic))).await?.1)
+    }
+
+    /// `DELETE /v1/vms/{id}/nics/{nic}`: removes a NIC by MAC or index
+    /// (unplugging it from a running VM). Returns the VM after.
+    pub async fn detach_nic(&self, id_or_name: &str, nic: &str) -> Result<Vm, ClientError> {
+        let path = nic_path(id_or_name, nic)?;
+        Ok(self.call(Method::DELETE, &path, None).await?.1)
     }
 
     /// `POST /v1/vms/{id}/{action}` (`start`, `stop`, `reboot`, `pause`,

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use vmlet::cli::{ClientOptions, ImageCommand, VmCommand, VolumeCommand};
+use vmlet::cli::{ClientOptions, ImageCommand, NetworkCommand, VmCommand, VolumeCommand};
 use vmlet::config::{LogFormat, Settings};
 use vmlet::qemu::accel::{self, AccelChoice};
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
@@ -110,6 +110,14 @@ enum Command {
         opts: ClientOptions,
         #[command(subcommand)]
         cmd: VolumeCommand,
+    },
+    /// Manage the daemon's networks: create (bridge, VLAN or user-mode),
+    /// list, show, delete.
+    Network {
+        #[command(flatten)]
+        opts: ClientOptions,
+        #[command(subcommand)]
+        cmd: NetworkCommand,
     },
     /// Show the daemon's host: capacity, QEMU, accelerator, VM counts.
     Node {
@@ -260,6 +268,7 @@ async fn dispatch(
         Command::Vm { .. }
         | Command::Image { .. }
         | Command::Volume { .. }
+        | Command::Network { .. }
         | Command::Node { .. }
         | Command::Events { .. } => {
             unreachable!("run_client runs the client subcommands")
@@ -267,7 +276,8 @@ async fn dispatch(
     }
 }
 
-/// Runs a client subcommand (`vm`, `image`, `volume`, `node`, `events`);
+/// Runs a client subcommand (`vm`, `image`, `volume`, `network`, `node`,
+/// `events`);
 /// hands any other command back.
 async fn run_client(cli: Cli) -> Result<anyhow::Result<ExitCode>, Cli> {
     let mut stdout = std::io::stdout();
@@ -275,6 +285,7 @@ async fn run_client(cli: Cli) -> Result<anyhow::Result<ExitCode>, Cli> {
         Command::Vm { opts, cmd } => vmlet::cli::run_vm(cmd, &opts, &mut stdout).await,
         Command::Image { opts, cmd } => vmlet::cli::run_image(cmd, &opts, &mut stdout).await,
         Command::Volume { opts, cmd } => vmlet::cli::run_volume(cmd, &opts, &mut stdout).await,
+        Command::Network { opts, cmd } => vmlet::cli::run_network(cmd, &opts, &mut stdout).await,
         Command::Node { opts } => vmlet::cli::run_node(&opts, &mut stdout).await,
         Command::Events { opts, since } => vmlet::cli::run_events(since, &opts, &mut stdout).await,
         command => return Err(Cli { command, ..cli }),

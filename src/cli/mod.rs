@@ -1,5 +1,5 @@
 //! The client subcommands of `vmlet` (`vmlet vm …`, `vmlet image …`,
-//! `vmlet volume …`, `vmlet node`, `vmlet events`): parse options, call the
+//! `vmlet volume …`, `vmlet network …`, `vmlet node`, `vmlet events`): parse options, call the
 //! daemon through [`crate::client`], print tables or JSON.
 //!
 //! Rendering is pure (data in, `String` out) so every format is unit-tested;
@@ -10,10 +10,11 @@
 //! ([`CliError`]), and the formatting helpers (byte counts, sizes, aligned
 //! columns, `key: value` lines). The subcommands live in:
 //!
-//! - `vm`: `vmlet vm …`, its disks and snapshots included, and how VMs and
-//!   snapshots are rendered;
+//! - `vm`: `vmlet vm …`, its disks, NICs and snapshots included, and how
+//!   VMs and snapshots are rendered;
 //! - `storage`: `vmlet image …` and `vmlet volume …`, the import progress
 //!   bar, and how images and volumes are rendered;
+//! - `network`: `vmlet network …`, and how networks are rendered;
 //! - `node`: `vmlet node` and `vmlet events`, and their rendering.
 //!
 //! Their public items are re-exported here: callers name them `cli::…`.
@@ -27,10 +28,12 @@ use crate::client::{Client, ClientError, Endpoint, DEFAULT_SOCKET};
 
 #[cfg(test)]
 mod fixtures;
+mod network;
 mod node;
 mod storage;
 mod vm;
 
+pub use network::{render_network, render_network_list, run_network, NetworkCommand};
 pub use node::{render_event, render_node, run_events, run_node};
 pub use storage::{
     progress_bar, progress_detail, progress_line, render_image, render_image_list, render_volume,
@@ -38,7 +41,7 @@ pub use storage::{
 };
 pub use vm::{
     render_snapshot_list, render_vm, render_vm_list, run_vm, BusArg, CacheArg, DiskCommand,
-    LimitArgs, SnapshotCommand, VmCommand,
+    LimitArgs, NicCommand, NicModelArg, SnapshotCommand, VmCommand,
 };
 
 /// How results are printed.
@@ -374,6 +377,8 @@ mod tests {
         Volume(VolumeCommand),
         #[command(subcommand)]
         Vm(VmCommand),
+        #[command(subcommand)]
+        Network(NetworkCommand),
     }
 
     fn parse(args: &[&str]) -> Result<StorageCmd, clap::Error> {
@@ -520,6 +525,81 @@ mod tests {
                 cmd: SnapshotCommand::Revert {
                     vm: "web".into(),
                     name: "s1".into()
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn network_and_nic_commands_parse() {
+        let Ok(StorageCmd::Network(cmd)) = parse(&[
+            "network",
+            "create",
+            "lan",
+            "--bridge",
+            "br0",
+            "--mtu",
+            "9000",
+            "--vlan-uplink",
+            "eth0",
+            "--vlan-id",
+            "100",
+        ]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            NetworkCommand::Create {
+                name: "lan".into(),
+                bridge: Some("br0".into()),
+                mtu: Some(9000),
+                vlan_uplink: Some("eth0".into()),
+                vlan_id: Some(100),
+                user: false
+            }
+        );
+        assert!(parse(&["network", "create", "nat", "--user"]).is_ok());
+        // A VLAN needs both halves; user networks take no bridge options.
+        assert!(parse(&["network", "create", "lan", "--vlan-id", "100"]).is_err());
+        assert!(parse(&["network", "create", "lan", "--vlan-uplink", "eth0"]).is_err());
+        assert!(parse(&["network", "create", "nat", "--user", "--mtu", "1400"]).is_err());
+
+        let Ok(StorageCmd::Vm(cmd)) = parse(&[
+            "vm",
+            "nic",
+            "attach",
+            "web",
+            "--network",
+            "lan",
+            "--model",
+            "e1000e",
+            "--mac",
+            "52:54:00:12:34:56",
+        ]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::Nic {
+                cmd: NicCommand::Attach {
+                    vm: "web".into(),
+                    network: "lan".into(),
+                    mac: Some("52:54:00:12:34:56".into()),
+                    model: NicModelArg::E1000e,
+                    queues: None
+                }
+            }
+        );
+        assert!(parse(&["vm", "nic", "attach", "web"]).is_err());
+        let Ok(StorageCmd::Vm(cmd)) = parse(&["vm", "nic", "detach", "web", "1"]) else {
+            panic!("no parse");
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::Nic {
+                cmd: NicCommand::Detach {
+                    vm: "web".into(),
+                    nic: "1".into()
                 }
             }
         );

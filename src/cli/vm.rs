@@ -1,5 +1,5 @@
-//! `vmlet vm …`: the VM subcommands, the disk and snapshot ones included,
-//! and how VMs, their disks and their snapshots are rendered.
+//! `vmlet vm …`: the VM subcommands, the disk, NIC and snapshot ones
+//! included, and how VMs, their disks and their snapshots are rendered.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -13,7 +13,9 @@ use super::{
 };
 use crate::client::Client;
 use crate::vm::disk_ops::Snapshot;
-use crate::vm::spec::{Boot, CacheMode, DiskBus, DiskFormat, DiskSpec, Firmware, IoLimits};
+use crate::vm::spec::{
+    Boot, CacheMode, DiskBus, DiskFormat, DiskSpec, Firmware, IoLimits, NicModel, NicSpec,
+};
 use crate::vm::Vm;
 
 /// `vmlet vm …`: one VM operation. `VM` is a UUID or a name.
@@ -86,6 +88,12 @@ pub enum VmCommand {
         #[command(subcommand)]
         cmd: DiskCommand,
     },
+    /// Attach and detach a VM's NICs.
+    Nic {
+        /// The NIC operation.
+        #[command(subcommand)]
+        cmd: NicCommand,
+    },
     /// List, take, revert to and delete a VM's snapshots.
     Snapshot {
         /// The snapshot operation.
@@ -140,6 +148,60 @@ pub enum DiskCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
+}
+
+/// `vmlet vm nic …`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum NicCommand {
+    /// Add a NIC on a network: hot-plugged into a running VM, or added to
+    /// the spec of a stopped one.
+    Attach {
+        /// UUID or name.
+        vm: String,
+        /// The network to put it on.
+        #[arg(long)]
+        network: String,
+        /// MAC address (default: derived from the VM's UUID).
+        #[arg(long)]
+        mac: Option<String>,
+        /// Device model.
+        #[arg(long, value_enum, default_value_t = NicModelArg::Virtio)]
+        model: NicModelArg,
+        /// Queue pairs (multi-queue virtio-net).
+        #[arg(long, value_name = "N")]
+        queues: Option<u32>,
+    },
+    /// Remove a NIC (unplugged from a running VM, its tap removed).
+    Detach {
+        /// UUID or name.
+        vm: String,
+        /// The NIC's MAC or index.
+        nic: String,
+    },
+}
+
+/// A NIC's device model, as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NicModelArg {
+    /// virtio-net.
+    Virtio,
+    /// Intel e1000 (PCI), for guests without virtio drivers.
+    E1000,
+    /// Intel 82574 (PCIe).
+    E1000e,
+    /// Realtek RTL8139 (PCI).
+    Rtl8139,
+}
+
+impl From<NicModelArg> for NicModel {
+    fn from(m: NicModelArg) -> NicModel {
+        match m {
+            NicModelArg::Virtio => NicModel::Virtio,
+            NicModelArg::E1000 => NicModel::E1000,
+            NicModelArg::E1000e => NicModel::E1000e,
+            NicModelArg::Rtl8139 => NicModel::Rtl8139,
+        }
+    }
 }
 
 /// The six I/O limits; a total and the read/write limits of the same kind
@@ -307,6 +369,7 @@ pub async fn run_vm(
             })
         }
         VmCommand::Disk { cmd } => disk_command(&client, cmd, json).await?,
+        VmCommand::Nic { cmd } => nic_command(&client, cmd, json).await?,
         VmCommand::Snapshot { cmd } => snapshot_command(&client, cmd, json).await?,
         VmCommand::Start { vm } => action_output(client.start(&vm).await?, json),
         VmCommand::Stop { vm, force, timeout } => {
@@ -370,6 +433,45 @@ async fn disk_command(client: &Client, cmd: DiskCommand, json: bool) -> Result<S
                     .find(|(i, d)| d.name_or_default(*i) == disk)
                     .map_or(IoLimits::from(limits), |(_, d)| d.limits);
                 format!("VM {} {disk}: {}\n", vm.name, limits_str(&now))
+            })
+        }
+    })
+}
+
+async fn nic_command(client: &Client, cmd: NicCommand, json: bool) -> Result<String, CliError> {
+    Ok(match cmd {
+        NicCommand::Attach {
+            vm,
+            network,
+            mac,
+            model,
+            queues,
+        } => {
+            let nic = NicSpec {
+                network,
+                mac,
+                model: model.into(),
+                queues,
+            };
+            let vm = client.attach_nic(&vm, &nic).await?;
+            shown(json, &vm, |vm| {
+                // The new NIC is the last one; its MAC may have been derived.
+                let mac = vm
+                    .spec
+                    .nics
+                    .last()
+                    .and_then(|n| n.mac.clone())
+                    .unwrap_or_else(|| "?".into());
+                format!(
+                    "attached NIC {mac} on network {} to VM {}\n",
+                    nic.network, vm.name
+                )
+            })
+        }
+        NicCommand::Detach { vm, nic } => {
+            let vm = client.detach_nic(&vm, &nic).await?;
+            shown(json, &vm, |vm| {
+                format!("detached NIC {nic} from VM {}\n", vm.name)
             })
         }
     })
@@ -532,6 +634,9 @@ pub fn render_vm(vm: &Vm) -> String {
             },
         ));
     }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        lines.push((format!("nic {i}"), nic_str(nic)));
+    }
     lines.push((
         "serial".into(),
         if spec.serial.enabled { "yes" } else { "no" }.into(),
@@ -560,6 +665,28 @@ fn disk_source_str(disk: &crate::vm::spec::DiskSpec) -> String {
         Ok(DiskSource::Volume { volume }) => format!("volume {volume}"),
         Ok(DiskSource::Blank { size_mib }) => format!("blank, {}", mib(size_mib)),
         Err((field, message)) => format!("invalid: {field}: {message}"),
+    }
+}
+
+/// A NIC in words: `network lan, 52:54:00:12:34:56, virtio, 4 queues`.
+fn nic_str(nic: &NicSpec) -> String {
+    let mut parts = vec![
+        format!("network {}", nic.network),
+        nic.mac.clone().unwrap_or_else(|| "-".into()),
+        nic_model_str(nic.model).into(),
+    ];
+    if nic.queue_count() > 1 {
+        parts.push(format!("{} queues", nic.queue_count()));
+    }
+    parts.join(", ")
+}
+
+fn nic_model_str(model: NicModel) -> &'static str {
+    match model {
+        NicModel::Virtio => "virtio",
+        NicModel::E1000 => "e1000",
+        NicModel::E1000e => "e1000e",
+        NicModel::Rtl8139 => "rtl8139",
     }
 }
 
@@ -720,6 +847,36 @@ created:    2024-05-01T10:00:00.000Z
 updated:    2024-05-01T10:00:05.000Z
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn vm_show_lists_nics_after_the_disks() {
+        let mut v = vm("web", 1);
+        v.spec
+            .disks
+            .push(DiskSpec::file("/d/web.raw", DiskFormat::Raw));
+        v.spec.nics = vec![
+            NicSpec {
+                network: "lan".into(),
+                mac: Some("52:54:00:12:34:56".into()),
+                model: NicModel::Virtio,
+                queues: Some(4),
+            },
+            NicSpec {
+                network: "nat".into(),
+                mac: Some("52:54:00:ab:cd:ef".into()),
+                model: NicModel::E1000,
+                queues: None,
+            },
+        ];
+        let text = render_vm(&v);
+        let expected = "\
+disk disk0: raw /d/web.raw
+nic 0:      network lan, 52:54:00:12:34:56, virtio, 4 queues
+nic 1:      network nat, 52:54:00:ab:cd:ef, e1000
+serial:     yes
+";
+        assert!(text.contains(expected), "{text}");
     }
 
     #[test]
