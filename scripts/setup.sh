@@ -7,7 +7,8 @@
 #   iproute2              ip, bridge (used by tests and operators)
 # With --test, also what the test suite needs: gzip and procps, and
 # syslinux, mtools and dosfstools (a BIOS-bootable disk for the firmware-boot
-# test). The test guest's busybox and kernel are downloaded by
+# test), iputils-ping (the network tests ping guests from a namespace).
+# The test guest's busybox and kernel are downloaded by
 # build-test-guest.sh with apt-get download, not installed.
 set -euo pipefail
 
@@ -27,7 +28,7 @@ command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ "$want_test_tools" = 1 ]; then
     # command -> package, for the test suite only.
-    for pair in gzip:gzip pgrep:procps mkfs.vfat:dosfstools mcopy:mtools syslinux:syslinux; do
+    for pair in gzip:gzip pgrep:procps mkfs.vfat:dosfstools mcopy:mtools syslinux:syslinux ping:iputils-ping; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
     done
     # syslinux's BIOS boot files (ldlinux.c32) for the firmware-boot test disk.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, builds the test guest,
 # checks formatting and lints, runs every test, then checks that no QEMU
-# process, socket or temp directory made by the tests is left behind.
+# process, socket, temp directory, network namespace or tap made by the
+# tests is left behind.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -28,5 +29,13 @@ fi
 if compgen -G '/tmp/vmlet-test-*' >/dev/null; then
     echo "FAIL: temp files left by the tests:"; ls -d /tmp/vmlet-test-*; left=1
 fi
-[ "$left" = 0 ] && echo "no QEMU process, socket or temp file left"
+# Network tests make their own namespaces (vmlet-test-*): the bridges,
+# VLANs and taps they made live and die with them.
+if ip netns list 2>/dev/null | grep -q '^vmlet-test-'; then
+    echo "FAIL: network namespaces left by the tests:"; ip netns list | grep '^vmlet-test-'; left=1
+fi
+if ip -o link show 2>/dev/null | grep -Eq ': vmt[0-9a-f]{12}[:@]'; then
+    echo "FAIL: vmlet taps left in the host namespace:"; ip -o link show | grep -E ': vmt[0-9a-f]{12}'; left=1
+fi
+[ "$left" = 0 ] && echo "no QEMU process, socket, temp file, namespace or tap left"
 exit "$left"

@@ -12,6 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 use vmlet::client::Client;
 
+use super::netns::NetNs;
 use super::{guest, guest_cmdline, processes_with, Scratch};
 
 /// How long the daemon gets to answer after it is started (it reattaches
@@ -32,6 +33,9 @@ pub struct Daemon {
     /// The daemon's log (stdout and stderr, appended across restarts).
     pub log: PathBuf,
     extra_env: Vec<(String, String)>,
+    /// The network namespace the daemon runs in (`ip netns exec`), if any;
+    /// restarts keep it.
+    netns: Option<String>,
     scratch: Scratch,
 }
 
@@ -44,6 +48,18 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra environment (e.g. `VMLET_STOP_GRACE_S`).
     pub async fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(env, None).await
+    }
+
+    /// [`Daemon::start_with_env`] inside the network namespace `ns` (the
+    /// command is `ip netns exec NS vmlet serve ...`). The API socket is on
+    /// the file system, so [`Daemon::client`] works from the host side.
+    /// Drop the daemon before `ns`.
+    pub async fn start_in_netns(ns: &NetNs, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(env, Some(ns.name.clone())).await
+    }
+
+    async fn start_with(env: &[(&str, &str)], netns: Option<String>) -> Daemon {
         let scratch = Scratch::new();
         let root = scratch.path().to_path_buf();
         let mut daemon = Daemon {
@@ -57,6 +73,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns,
             scratch,
         };
         daemon.spawn().await;
@@ -77,7 +94,17 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_vmlet"));
+        let vmlet = env!("CARGO_BIN_EXE_vmlet");
+        // `ip netns exec` execs the program (same pid), so the child is the
+        // daemon itself either way.
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str(), vmlet]);
+                c
+            }
+            None => Command::new(vmlet),
+        };
         command
             .arg("serve")
             .arg("--state-dir")

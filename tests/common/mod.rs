@@ -5,6 +5,7 @@
 pub mod api;
 pub mod daemon;
 pub mod guest;
+pub mod netns;
 pub mod serial_shell;
 pub mod storage;
 
