@@ -5,7 +5,7 @@
 //! guest, NIC hot-plug and unplug (tap gone), a VLAN on a veth uplink, the
 //! 409 for a network in use, netlink errors with the kernel's reason, and a
 //! simulated host reboot (the bridge deleted behind vmlet's back, an
-//! autostart VM's NIC working again after a restart).
+//! autostart VM's NIC working again after a restart, a stale tap removed).
 
 mod common;
 
@@ -358,7 +358,15 @@ async fn after_a_simulated_reboot_the_bridge_is_back_and_the_nic_works() {
     ns.ip(&["link", "del", "vmbr-boot"]);
     assert!(!ns.links().contains(&"vmbr-boot".to_string()));
 
+    // A vmlet tap no VM owns (left by a QEMU that is gone) is removed at
+    // start; someone else's tap is not.
+    ns.ip(&["tuntap", "add", "dev", "vmt0123456789ab", "mode", "tap"]);
+    ns.ip(&["tuntap", "add", "dev", "othertap0", "mode", "tap"]);
+
     d.start_again().await;
+    let links = ns.links();
+    assert!(!links.contains(&"vmt0123456789ab".to_string()), "{links:?}");
+    assert!(links.contains(&"othertap0".to_string()), "{links:?}");
     // The bridge is back (the address is the host's business, as after a
     // real reboot), and the autostart VM runs with its NIC on it again.
     let bridge = link_details(&ns, "vmbr-boot");
