@@ -56,7 +56,8 @@ pub fn qmp_error(what: &str, e: QmpError) -> VmError {
     }
 }
 
-async fn call(qmp: &QmpClient, command: &str, args: Value) -> Result<Value, VmError> {
+/// Runs QMP `command` with `args`, errors as [`VmError`].
+pub async fn call(qmp: &QmpClient, command: &str, args: Value) -> Result<Value, VmError> {
     qmp.execute_raw(command, Some(args), QMP_DEADLINE)
         .await
         .map_err(|e| qmp_error(command, e))
@@ -257,10 +258,10 @@ pub async fn attach(qmp: &QmpClient, profile: &Profile, plan: &DiskPlan) -> Resu
     result
 }
 
-/// Unplugs a disk: `device_del`, waits for the guest to let go
-/// (`DEVICE_DELETED`), then removes its block nodes and throttle group.
-pub async fn detach(qmp: &QmpClient, plan: &DiskPlan) -> Result<(), VmError> {
-    let id = disk::device_id(&plan.name);
+/// `device_del` of device `id`, then waits (up to [`UNPLUG_DEADLINE`]) for
+/// the guest to let go of it (`DEVICE_DELETED`). `what` names it in errors.
+pub async fn unplug_device(qmp: &QmpClient, id: &str, what: &str) -> Result<(), VmError> {
+    // Subscribed before the command, so the event cannot be missed.
     let mut events = qmp.subscribe();
     call(qmp, "device_del", json!({"id": id})).await?;
     let deleted = async {
@@ -277,14 +278,18 @@ pub async fn detach(qmp: &QmpClient, plan: &DiskPlan) -> Result<(), VmError> {
         }
     };
     match tokio::time::timeout(UNPLUG_DEADLINE, deleted).await {
-        Ok(result) => result?,
-        Err(_) => {
-            return Err(VmError::Timeout(format!(
-                "the guest did not release disk {} within {UNPLUG_DEADLINE:?}",
-                plan.name
-            )))
-        }
+        Ok(result) => result,
+        Err(_) => Err(VmError::Timeout(format!(
+            "the guest did not release {what} within {UNPLUG_DEADLINE:?}"
+        ))),
     }
+}
+
+/// Unplugs a disk: `device_del`, waits for the guest to let go
+/// (`DEVICE_DELETED`), then removes its block nodes and throttle group.
+pub async fn detach(qmp: &QmpClient, plan: &DiskPlan) -> Result<(), VmError> {
+    let what = format!("disk {}", plan.name);
+    unplug_device(qmp, &disk::device_id(&plan.name), &what).await?;
     for node in disk::blockdevs(plan).iter().rev() {
         call(qmp, "blockdev-del", json!({"node-name": node["node-name"]})).await?;
     }

@@ -9,7 +9,6 @@
 //! start leaves none.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::Duration;
 
 use serde_json::json;
 
@@ -20,11 +19,8 @@ use crate::qemu::nic::{self, NicBackend, NicPlan};
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::QmpClient;
 use crate::vm::actor::VmError;
-use crate::vm::disk_ops::{free_port, qmp_error, UNPLUG_DEADLINE};
+use crate::vm::disk_ops::{call, free_port, qmp_error, unplug_device};
 use crate::vm::spec::NicSpec;
-
-/// Deadline of one QMP command here.
-const QMP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The host side of a NIC that vmlet holds until QEMU has its own copies.
 #[derive(Debug)]
@@ -174,44 +170,11 @@ pub async fn attach(
 /// (`DEVICE_DELETED`), `netdev_del` (QEMU closes the tap), and removes the
 /// tap should it linger.
 pub async fn detach(qmp: &QmpClient, nic: &NicSpec) -> Result<(), VmError> {
-    let id = nic::device_id(nic);
-    let mut events = qmp.subscribe();
-    call(qmp, "device_del", json!({"id": id})).await?;
-    let deleted = async {
-        loop {
-            match events.recv().await {
-                Ok(event) if event.name == "DEVICE_DELETED" && event.data["device"] == id => {
-                    return Ok(());
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    return Err(VmError::Failed("QMP closed while unplugging".into()))
-                }
-            }
-        }
-    };
-    match tokio::time::timeout(UNPLUG_DEADLINE, deleted).await {
-        Ok(result) => result?,
-        Err(_) => {
-            return Err(VmError::Timeout(format!(
-                "the guest did not release NIC {} within {UNPLUG_DEADLINE:?}",
-                nic.mac.as_deref().unwrap_or("?")
-            )))
-        }
-    }
+    let what = format!("NIC {}", nic.mac.as_deref().unwrap_or("?"));
+    unplug_device(qmp, &nic::device_id(nic), &what).await?;
     call(qmp, "netdev_del", json!({"id": nic::netdev_id(nic)})).await?;
     bridge::delete_link(&nic::tap_name(nic))
         .await
         .map_err(net_error)?;
     Ok(())
-}
-
-async fn call(
-    qmp: &QmpClient,
-    command: &str,
-    args: serde_json::Value,
-) -> Result<serde_json::Value, VmError> {
-    qmp.execute_raw(command, Some(args), QMP_DEADLINE)
-        .await
-        .map_err(|e| qmp_error(command, e))
 }
