@@ -12,7 +12,7 @@ use crate::qemu::accel::AccelChoice;
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/vmlet/vmlet.toml";
 
 /// vmlet's settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Persistent state: VM records, images, volumes.
@@ -58,6 +58,54 @@ pub struct Settings {
     /// images) must lie. Checked after resolving symlinks, so an API caller
     /// cannot hand a VM an arbitrary host file. Unset: `STATE_DIR`.
     pub allowed_host_paths: Option<Vec<PathBuf>>,
+    /// What the host offers the scheduler (`[capacity]` in the file).
+    pub capacity: CapacitySettings,
+}
+
+/// The host's capacity as the scheduler sees it, like Nova's placement
+/// inventory: for each resource, `free = total × allocation_ratio −
+/// reserved − allocated`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapacitySettings {
+    /// vCPUs on offer. Unset: the host's online CPUs.
+    pub vcpus_total: Option<u64>,
+    /// Memory on offer, in MiB. Unset: the host's physical memory.
+    pub memory_mib_total: Option<u64>,
+    /// Disk on offer for VMs' own disks, in GiB. Unset: the size of the
+    /// file system holding the state directory.
+    pub disk_gib_total: Option<u64>,
+    /// vCPUs kept for the host.
+    pub reserved_vcpus: u64,
+    /// Memory kept for the host, in MiB.
+    pub reserved_memory_mib: u64,
+    /// Disk kept for the host, in GiB.
+    pub reserved_disk_gib: u64,
+    /// vCPU overcommit (Nova's default: 4.0).
+    pub cpu_allocation_ratio: f64,
+    /// Memory overcommit.
+    pub ram_allocation_ratio: f64,
+    /// Disk overcommit (qcow2 overlays and blank disks are sparse).
+    pub disk_allocation_ratio: f64,
+    /// Refuse to create a VM that does not fit (409 naming the resource).
+    pub enforce: bool,
+}
+
+impl Default for CapacitySettings {
+    fn default() -> Self {
+        CapacitySettings {
+            vcpus_total: None,
+            memory_mib_total: None,
+            disk_gib_total: None,
+            reserved_vcpus: 0,
+            reserved_memory_mib: 512,
+            reserved_disk_gib: 0,
+            cpu_allocation_ratio: 4.0,
+            ram_allocation_ratio: 1.0,
+            disk_allocation_ratio: 1.0,
+            enforce: true,
+        }
+    }
 }
 
 /// How log lines are written.
@@ -102,6 +150,7 @@ impl Default for Settings {
             event_buffer: 4096,
             max_body_bytes: 1024 * 1024,
             allowed_host_paths: None,
+            capacity: CapacitySettings::default(),
         }
     }
 }
@@ -186,7 +235,10 @@ impl Settings {
     /// Applies `VMLET_STATE_DIR`, `VMLET_RUN_DIR`, `VMLET_QEMU`,
     /// `VMLET_QEMU_IMG`, `VMLET_IMPORT_DIR`, `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`, `VMLET_START_TIMEOUT_S`,
     /// `VMLET_SOCKET`, `VMLET_SOCKET_GROUP`, `VMLET_TCP_LISTEN`, `VMLET_AUTH_TOKEN_FILE`,
-    /// `VMLET_LOG_FORMAT` and `VMLET_ALLOWED_HOST_PATHS` (`:`-separated).
+    /// `VMLET_LOG_FORMAT`, `VMLET_ALLOWED_HOST_PATHS` (`:`-separated), and for
+    /// `[capacity]` `VMLET_CAPACITY_VCPUS`, `VMLET_CAPACITY_MEMORY_MIB`,
+    /// `VMLET_CAPACITY_DISK_GIB`, `VMLET_RESERVED_MEMORY_MIB`,
+    /// `VMLET_CPU_ALLOCATION_RATIO` and `VMLET_CAPACITY_ENFORCE`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
             self.state_dir = v.into();
@@ -244,6 +296,42 @@ impl Settings {
                 name: "VMLET_LOG_FORMAT",
                 message,
             })?;
+        }
+        let number = |name: &'static str, v: &str| -> Result<u64, ConfigError> {
+            v.parse().map_err(|_| ConfigError::Env {
+                name,
+                message: format!("{v:?} is not a whole number"),
+            })
+        };
+        if let Some(v) = var("VMLET_CAPACITY_VCPUS") {
+            self.capacity.vcpus_total = Some(number("VMLET_CAPACITY_VCPUS", &v)?);
+        }
+        if let Some(v) = var("VMLET_CAPACITY_MEMORY_MIB") {
+            self.capacity.memory_mib_total = Some(number("VMLET_CAPACITY_MEMORY_MIB", &v)?);
+        }
+        if let Some(v) = var("VMLET_CAPACITY_DISK_GIB") {
+            self.capacity.disk_gib_total = Some(number("VMLET_CAPACITY_DISK_GIB", &v)?);
+        }
+        if let Some(v) = var("VMLET_RESERVED_MEMORY_MIB") {
+            self.capacity.reserved_memory_mib = number("VMLET_RESERVED_MEMORY_MIB", &v)?;
+        }
+        if let Some(v) = var("VMLET_CPU_ALLOCATION_RATIO") {
+            self.capacity.cpu_allocation_ratio = v.parse().map_err(|_| ConfigError::Env {
+                name: "VMLET_CPU_ALLOCATION_RATIO",
+                message: format!("{v:?} is not a number"),
+            })?;
+        }
+        if let Some(v) = var("VMLET_CAPACITY_ENFORCE") {
+            self.capacity.enforce = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "VMLET_CAPACITY_ENFORCE",
+                        message: format!("{v:?} is not true or false"),
+                    })
+                }
+            };
         }
         if let Some(v) = var("VMLET_ALLOWED_HOST_PATHS") {
             self.allowed_host_paths = Some(std::env::split_paths(&v).collect());

@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::CapacitySettings;
+
 /// Facts about this host and its vmlet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeInfo {
     /// The host's name.
     pub hostname: String,
@@ -27,6 +29,123 @@ pub struct NodeInfo {
     pub profiles: Vec<String>,
     /// How many VMs are in each state (states with none are left out).
     pub vms_by_state: BTreeMap<String, u64>,
+    /// What the host offers, has given out and has left.
+    pub inventory: Inventory,
+}
+
+/// The scheduler's view of the host, like Nova's placement inventory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Inventory {
+    /// Virtual CPUs.
+    pub vcpus: Resource,
+    /// Guest memory, in MiB.
+    pub memory_mib: Resource,
+    /// VMs' own disks (overlays and blank disks, at their full size), in GiB.
+    pub disk_gib: Resource,
+}
+
+/// One resource: `free = total × allocation_ratio − reserved − allocated`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Resource {
+    /// What the host has.
+    pub total: u64,
+    /// Kept for the host.
+    pub reserved: u64,
+    /// Overcommit factor.
+    pub allocation_ratio: f64,
+    /// Given to the VMs that exist (whatever their state).
+    pub allocated: u64,
+    /// Left for new VMs (negative when overcommitted past the ratio).
+    pub free: i64,
+}
+
+impl Resource {
+    fn new(total: u64, reserved: u64, allocation_ratio: f64, allocated: u64) -> Resource {
+        let capacity = (total as f64 * allocation_ratio).floor() as i64;
+        Resource {
+            total,
+            reserved,
+            allocation_ratio,
+            allocated,
+            free: capacity - reserved as i64 - allocated as i64,
+        }
+    }
+}
+
+/// What VMs use of each resource.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Own disks in GiB.
+    pub disk_gib: u64,
+}
+
+/// The host's own totals, before configuration overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostTotals {
+    /// Online CPUs.
+    pub cpus: u64,
+    /// Physical memory in MiB.
+    pub memory_mib: u64,
+    /// Size of the state directory's file system in GiB.
+    pub disk_gib: u64,
+}
+
+impl Inventory {
+    /// The inventory for `allocated` use, from the settings and the host.
+    pub fn new(settings: &CapacitySettings, host: HostTotals, allocated: Usage) -> Inventory {
+        Inventory {
+            vcpus: Resource::new(
+                settings.vcpus_total.unwrap_or(host.cpus),
+                settings.reserved_vcpus,
+                settings.cpu_allocation_ratio,
+                allocated.vcpus,
+            ),
+            memory_mib: Resource::new(
+                settings.memory_mib_total.unwrap_or(host.memory_mib),
+                settings.reserved_memory_mib,
+                settings.ram_allocation_ratio,
+                allocated.memory_mib,
+            ),
+            disk_gib: Resource::new(
+                settings.disk_gib_total.unwrap_or(host.disk_gib),
+                settings.reserved_disk_gib,
+                settings.disk_allocation_ratio,
+                allocated.disk_gib,
+            ),
+        }
+    }
+
+    /// Whether `request` fits; otherwise which resource does not, in words.
+    pub fn check_fits(&self, request: Usage) -> Result<(), String> {
+        for (name, resource, asked) in [
+            ("vcpus", &self.vcpus, request.vcpus),
+            ("memory_mib", &self.memory_mib, request.memory_mib),
+            ("disk_gib", &self.disk_gib, request.disk_gib),
+        ] {
+            if asked as i64 > resource.free {
+                return Err(format!(
+                    "not enough {name} on this host: {asked} asked, {} free ({} total × {} ratio − {} reserved − {} allocated)",
+                    resource.free.max(0),
+                    resource.total,
+                    resource.allocation_ratio,
+                    resource.reserved,
+                    resource.allocated
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Size of the file system holding `path`, in GiB (0 when unknown).
+pub fn filesystem_gib(path: &std::path::Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|st| st.blocks() * st.fragment_size() / (1024 * 1024 * 1024))
+        .unwrap_or(0)
 }
 
 /// The host's name, from the kernel.
@@ -84,5 +203,95 @@ mod tests {
         assert!(cpus() >= 1);
         assert!(memory_mib() > 0);
         assert!(rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+    }
+}
+
+#[cfg(test)]
+mod inventory_tests {
+    use super::*;
+
+    fn host() -> HostTotals {
+        HostTotals {
+            cpus: 8,
+            memory_mib: 16384,
+            disk_gib: 100,
+        }
+    }
+
+    #[test]
+    fn free_is_total_times_ratio_minus_reserved_and_allocated() {
+        let settings = CapacitySettings::default();
+        let used = Usage {
+            vcpus: 10,
+            memory_mib: 4096,
+            disk_gib: 30,
+        };
+        let inv = Inventory::new(&settings, host(), used);
+        assert_eq!(inv.vcpus.free, 8 * 4 - 10);
+        assert_eq!(inv.memory_mib.free, 16384 - 512 - 4096);
+        assert_eq!(inv.disk_gib.free, 100 - 30);
+        assert_eq!(inv.vcpus.total, 8);
+        assert_eq!(inv.memory_mib.reserved, 512);
+    }
+
+    #[test]
+    fn configured_totals_override_the_host_and_the_misfit_is_named() {
+        let settings = CapacitySettings {
+            vcpus_total: Some(4),
+            memory_mib_total: Some(1024),
+            reserved_memory_mib: 0,
+            cpu_allocation_ratio: 1.0,
+            ..CapacitySettings::default()
+        };
+        let inv = Inventory::new(
+            &settings,
+            host(),
+            Usage {
+                vcpus: 3,
+                memory_mib: 512,
+                disk_gib: 0,
+            },
+        );
+        assert_eq!(inv.vcpus.free, 1);
+        let one = Usage {
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib: 1,
+        };
+        assert_eq!(inv.check_fits(one), Ok(()));
+        let err = inv.check_fits(Usage { vcpus: 2, ..one }).unwrap_err();
+        assert!(err.starts_with("not enough vcpus"), "{err}");
+        let err = inv
+            .check_fits(Usage {
+                memory_mib: 513,
+                ..one
+            })
+            .unwrap_err();
+        assert!(err.starts_with("not enough memory_mib"), "{err}");
+        let err = inv
+            .check_fits(Usage {
+                disk_gib: 101,
+                ..one
+            })
+            .unwrap_err();
+        assert!(err.starts_with("not enough disk_gib"), "{err}");
+    }
+
+    #[test]
+    fn overcommit_past_the_ratio_shows_negative_free() {
+        let settings = CapacitySettings {
+            vcpus_total: Some(2),
+            cpu_allocation_ratio: 1.0,
+            ..CapacitySettings::default()
+        };
+        let inv = Inventory::new(
+            &settings,
+            host(),
+            Usage {
+                vcpus: 5,
+                ..Usage::default()
+            },
+        );
+        assert_eq!(inv.vcpus.free, -3);
     }
 }

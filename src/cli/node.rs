@@ -52,7 +52,7 @@ pub fn render_node(node: &NodeInfo) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let lines: Vec<(String, String)> = vec![
+    let mut lines: Vec<(String, String)> = vec![
         ("hostname".into(), node.hostname.clone()),
         ("vmlet".into(), node.vmlet_version.clone()),
         ("cpus".into(), node.cpus.to_string()),
@@ -72,6 +72,20 @@ pub fn render_node(node: &NodeInfo) -> String {
         ("profiles".into(), node.profiles.join(", ")),
         ("vms".into(), vms),
     ];
+    let inv = &node.inventory;
+    for (name, r) in [
+        ("vcpus", &inv.vcpus),
+        ("memory_mib", &inv.memory_mib),
+        ("disk_gib", &inv.disk_gib),
+    ] {
+        lines.push((
+            name.into(),
+            format!(
+                "{} free of {} × {} − {} reserved, {} allocated",
+                r.free, r.total, r.allocation_ratio, r.reserved, r.allocated
+            ),
+        ));
+    }
     key_values(&lines)
 }
 
@@ -113,16 +127,32 @@ mod tests {
             accel_reason: "/dev/kvm missing".into(),
             profiles: vec!["microvm".into(), "q35".into()],
             vms_by_state: [("running".to_string(), 2), ("stopped".to_string(), 1)].into(),
+            inventory: crate::node::Inventory::new(
+                &crate::config::CapacitySettings::default(),
+                crate::node::HostTotals {
+                    cpus: 8,
+                    memory_mib: 16384,
+                    disk_gib: 100,
+                },
+                crate::node::Usage {
+                    vcpus: 3,
+                    memory_mib: 1024,
+                    disk_gib: 10,
+                },
+            ),
         };
         let expected = "\
-hostname: h1
-vmlet:    0.1.0
-cpus:     8
-memory:   16GiB
-qemu:     qemu-system-x86_64 8.2.2
-accel:    tcg (/dev/kvm missing)
-profiles: microvm, q35
-vms:      running=2 stopped=1
+hostname:   h1
+vmlet:      0.1.0
+cpus:       8
+memory:     16GiB
+qemu:       qemu-system-x86_64 8.2.2
+accel:      tcg (/dev/kvm missing)
+profiles:   microvm, q35
+vms:        running=2 stopped=1
+vcpus:      29 free of 8 × 4 − 0 reserved, 3 allocated
+memory_mib: 14848 free of 16384 × 1 − 512 reserved, 1024 allocated
+disk_gib:   90 free of 100 × 1 − 0 reserved, 10 allocated
 ";
         assert_eq!(render_node(&node), expected);
     }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::config::Settings;
 use crate::events::EventBus;
 use crate::net::networks::{Network, NetworkNic, NetworkSpec};
-use crate::node::{self, NodeInfo};
+use crate::node::{self, HostTotals, Inventory, NodeInfo, Usage};
 use crate::qemu::accel::{self, Accel};
 use crate::qemu::disk::DiskPlan;
 use crate::qemu::profile::{ProfileError, Profiles};
@@ -185,6 +185,11 @@ impl Manager {
             };
         }
         check_host_paths(&spec, &self.ctx.settings.host_path_roots())?;
+        if self.ctx.settings.capacity.enforce {
+            self.inventory()
+                .check_fits(self.usage(&spec))
+                .map_err(VmError::Conflict)?;
+        }
         disks::check_references(&spec, &self.ctx.images, &self.ctx.volumes)?;
         for (i, disk) in spec.disks.iter().enumerate() {
             if let Ok(DiskSource::Volume { volume }) = disk.source() {
@@ -566,6 +571,52 @@ impl Manager {
             accel_reason: self.accel_reason.clone(),
             profiles: self.ctx.profiles.names().map(str::to_string).collect(),
             vms_by_state: by_state,
+            inventory: self.inventory(),
+        }
+    }
+
+    /// The host's inventory with every VM's allocation.
+    fn inventory(&self) -> Inventory {
+        let mut used = Usage::default();
+        for vm in self.list() {
+            let u = self.usage(&vm.spec);
+            used.vcpus += u.vcpus;
+            used.memory_mib += u.memory_mib;
+            used.disk_gib += u.disk_gib;
+        }
+        let host = HostTotals {
+            cpus: u64::from(node::cpus()),
+            memory_mib: node::memory_mib(),
+            disk_gib: node::filesystem_gib(&self.ctx.settings.state_dir),
+        };
+        Inventory::new(&self.ctx.settings.capacity, host, used)
+    }
+
+    /// What a VM takes: its vCPUs, memory and own disks (overlays at their
+    /// full size, blank disks), rounded up to whole GiB.
+    fn usage(&self, spec: &VmSpec) -> Usage {
+        let disk_mib: u64 = spec
+            .disks
+            .iter()
+            .map(|d| match d.source() {
+                Ok(DiskSource::Blank { size_mib }) => size_mib,
+                Ok(DiskSource::Image { image, size_mib }) => {
+                    let image_mib = self
+                        .ctx
+                        .images
+                        .get(image)
+                        .ok()
+                        .and_then(|i| i.virtual_size)
+                        .map_or(0, |b| b.div_ceil(MIB));
+                    size_mib.unwrap_or(0).max(image_mib)
+                }
+                _ => 0,
+            })
+            .sum();
+        Usage {
+            vcpus: u64::from(spec.vcpus),
+            memory_mib: spec.memory_mib,
+            disk_gib: disk_mib.div_ceil(1024),
         }
     }
 }
