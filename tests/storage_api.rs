@@ -1037,7 +1037,13 @@ async fn offline_snapshots_of_a_stopped_vm() {
 #[tokio::test]
 async fn a_full_disk_gives_507_and_leaves_nothing() {
     let import = Scratch::new();
-    let mut d = daemon_importing_from(&import).await;
+    // The capacity check would refuse first (a 16 MiB file system offers
+    // 0 GiB): this test is about what happens when the disk really fills.
+    let mut d = Daemon::start_with_env(&[
+        ("VMLET_IMPORT_DIR", s(import.path())),
+        ("VMLET_CAPACITY_DISK_GIB", "100"),
+    ])
+    .await;
     // The state directory moves onto a small tmpfs.
     d.kill();
     let mount = match TmpfsMount::mount(&d.state_dir, "16M") {
