@@ -640,7 +640,8 @@ async fn remove_stale_taps(ctx: &Context) {
         }
     };
     for link in links {
-        if crate::qemu::nic::is_tap_name(&link.name) && !owned.contains(&link.name) {
+        let tap = link.kind.as_deref() == Some("tun");
+        if tap && crate::qemu::nic::is_tap_name(&link.name) && !owned.contains(&link.name) {
             match crate::net::bridge::delete_link(&link.name).await {
                 Ok(()) => tracing::info!(tap = %link.name, "removed a tap no VM owns"),
                 Err(e) => {
