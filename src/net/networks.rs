@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::net::bridge;
 use crate::net::{valid_ifname, NetError, MAX_IFNAME};
 use crate::vm::record::timestamp;
-use crate::vm::spec::{validate_name, FieldError, SpecError};
+use crate::vm::spec::{validate_name, SpecError};
 use crate::vm::store::write_atomically;
 
 /// Why a network operation failed.
@@ -133,12 +133,7 @@ pub struct NetworkStore {
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> NetworkError {
-    NetworkError::Invalid(SpecError {
-        errors: vec![FieldError {
-            field: field.into(),
-            message: message.into(),
-        }],
-    })
+    NetworkError::Invalid(SpecError::field(field, message))
 }
 
 impl NetworkStore {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::vm::spec::{FieldError, SpecError};
+use crate::vm::spec::SpecError;
 
 /// Why a storage operation failed. The VM layer maps these to API errors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -52,12 +52,7 @@ pub enum StorageError {
 impl StorageError {
     /// An invalid request naming one field.
     pub fn field(field: &str, message: impl Into<String>) -> StorageError {
-        StorageError::Invalid(SpecError {
-            errors: vec![FieldError {
-                field: field.into(),
-                message: message.into(),
-            }],
-        })
+        StorageError::Invalid(SpecError::field(field, message))
     }
 
     /// An I/O error on `path`: a full disk is [`StorageError::NoSpace`].

@@ -192,12 +192,10 @@ impl VolumeStore {
         }
         let size = match (&source, request.size_mib) {
             (Some((_, image_size)), Some(mib)) if mib * MIB < *image_size => {
-                return Err(StorageError::Invalid(SpecError {
-                    errors: vec![crate::vm::spec::FieldError {
-                        field: "size_mib".into(),
-                        message: format!("smaller than the image ({image_size} bytes)"),
-                    }],
-                }))
+                return Err(StorageError::Invalid(SpecError::field(
+                    "size_mib",
+                    format!("smaller than the image ({image_size} bytes)"),
+                )))
             }
             (Some((_, image_size)), None) => *image_size,
             (_, Some(mib)) => mib * MIB,
@@ -259,15 +257,13 @@ impl VolumeStore {
         validate_size("size_mib", size_mib)?;
         let current = self.get(name).await?;
         if size_mib * MIB < current.virtual_size {
-            return Err(StorageError::Invalid(SpecError {
-                errors: vec![crate::vm::spec::FieldError {
-                    field: "size_mib".into(),
-                    message: format!(
-                        "volumes only grow: {size_mib} MiB is smaller than the current {} bytes",
-                        current.virtual_size
-                    ),
-                }],
-            }));
+            return Err(StorageError::Invalid(SpecError::field(
+                "size_mib",
+                format!(
+                    "volumes only grow: {size_mib} MiB is smaller than the current {} bytes",
+                    current.virtual_size
+                ),
+            )));
         }
         Ok(current)
     }

@@ -267,12 +267,10 @@ impl Manager {
             let _guard = self.create_lock.lock().await;
             if let Ok(DiskSource::Volume { volume }) = disk.source() {
                 if !self.ctx.volumes.exists(volume) {
-                    return Err(VmError::Invalid(SpecError {
-                        errors: vec![FieldError {
-                            field: "volume".into(),
-                            message: format!("no volume {volume:?}"),
-                        }],
-                    }));
+                    return Err(VmError::Invalid(SpecError::field(
+                        "volume",
+                        format!("no volume {volume:?}"),
+                    )));
                 }
                 if let Some(user) = self.volume_user(volume) {
                     return Err(VmError::Conflict(format!(

@@ -570,6 +570,16 @@ impl fmt::Display for SpecError {
 }
 
 impl SpecError {
+    /// An error naming one field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+        SpecError {
+            errors: vec![FieldError {
+                field: field.into(),
+                message: message.into(),
+            }],
+        }
+    }
+
     /// The first field named, for APIs that report one.
     pub fn first_field(&self) -> Option<&str> {
         self.errors.first().map(|e| e.field.as_str())

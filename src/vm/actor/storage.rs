@@ -12,7 +12,7 @@ use crate::vm::disk_ops::{self, SnapshotKind};
 use crate::vm::nic_ops;
 use crate::vm::spec::{
     validate_disk, validate_limits, validate_name, DiskBus, DiskSource, DiskSpec, IoLimits,
-    NicSpec, VmSpec,
+    NicSpec, SpecError, VmSpec,
 };
 use crate::vm::state::{self, Action, Decision, Observation};
 use crate::vm::Vm;
@@ -134,14 +134,10 @@ impl Actor {
             StorageOp::AttachDisk(mut disk) => {
                 validate_disk(&disk)?;
                 if !matches!(disk.source(), Ok(DiskSource::Volume { .. })) {
-                    return Err(VmError::Invalid(crate::vm::spec::SpecError {
-                        errors: vec![crate::vm::spec::FieldError {
-                            field: "volume".into(),
-                            message:
-                                "a disk is attached from a volume (POST /v1/volumes makes one)"
-                                    .into(),
-                        }],
-                    }));
+                    return Err(VmError::Invalid(SpecError::field(
+                        "volume",
+                        "a disk is attached from a volume (POST /v1/volumes makes one)",
+                    )));
                 }
                 if live && !profile.supports.hotplug {
                     return Err(no_hotplug());
