@@ -109,6 +109,7 @@ impl Bench {
                 profile: self.profiles.get(&spec.profile).unwrap(),
                 accel: Accel::Tcg,
                 paths: &paths,
+                serial_log: &paths.serial_log(),
                 layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
                 nics: &[],
             },

@@ -60,6 +60,35 @@ pub struct Settings {
     pub allowed_host_paths: Option<Vec<PathBuf>>,
     /// What the host offers the scheduler (`[capacity]` in the file).
     pub capacity: CapacitySettings,
+    /// Consoles: tokens, the serial log, the browser page (`[console]`).
+    pub console: ConsoleSettings,
+}
+
+/// Consoles (`[console]` in the file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Seconds a console token stays valid.
+    pub token_ttl_s: u64,
+    /// Size at which a VM's serial log (`STATE_DIR/vms/UUID/console.log`)
+    /// is rotated, in bytes.
+    pub log_max_bytes: u64,
+    /// Rotated serial logs kept per VM (`console.log.1` …).
+    pub log_backups: u32,
+    /// noVNC's files (`core/rfb.js` …), served under `/novnc/` for the
+    /// console page: Debian's `novnc` package or npm's `@novnc/novnc`.
+    pub novnc_dir: PathBuf,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        ConsoleSettings {
+            token_ttl_s: 60,
+            log_max_bytes: 2 * 1024 * 1024,
+            log_backups: 3,
+            novnc_dir: "/usr/share/novnc".into(),
+        }
+    }
 }
 
 /// The host's capacity as the scheduler sees it, like Nova's placement
@@ -151,6 +180,7 @@ impl Default for Settings {
             max_body_bytes: 1024 * 1024,
             allowed_host_paths: None,
             capacity: CapacitySettings::default(),
+            console: ConsoleSettings::default(),
         }
     }
 }
@@ -238,7 +268,9 @@ impl Settings {
     /// `VMLET_LOG_FORMAT`, `VMLET_ALLOWED_HOST_PATHS` (`:`-separated), and for
     /// `[capacity]` `VMLET_CAPACITY_VCPUS`, `VMLET_CAPACITY_MEMORY_MIB`,
     /// `VMLET_CAPACITY_DISK_GIB`, `VMLET_RESERVED_MEMORY_MIB`,
-    /// `VMLET_CPU_ALLOCATION_RATIO` and `VMLET_CAPACITY_ENFORCE`.
+    /// `VMLET_CPU_ALLOCATION_RATIO` and `VMLET_CAPACITY_ENFORCE`, and for
+    /// `[console]` `VMLET_CONSOLE_TOKEN_TTL_S`, `VMLET_CONSOLE_LOG_MAX_BYTES`
+    /// and `VMLET_NOVNC_DIR`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
             self.state_dir = v.into();
@@ -335,6 +367,15 @@ impl Settings {
         }
         if let Some(v) = var("VMLET_ALLOWED_HOST_PATHS") {
             self.allowed_host_paths = Some(std::env::split_paths(&v).collect());
+        }
+        if let Some(v) = var("VMLET_CONSOLE_TOKEN_TTL_S") {
+            self.console.token_ttl_s = number("VMLET_CONSOLE_TOKEN_TTL_S", &v)?;
+        }
+        if let Some(v) = var("VMLET_CONSOLE_LOG_MAX_BYTES") {
+            self.console.log_max_bytes = number("VMLET_CONSOLE_LOG_MAX_BYTES", &v)?;
+        }
+        if let Some(v) = var("VMLET_NOVNC_DIR") {
+            self.console.novnc_dir = v.into();
         }
         Ok(())
     }

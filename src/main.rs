@@ -256,6 +256,7 @@ async fn dispatch(
                 profile: profiles.get(&spec.profile)?,
                 accel: accel::resolve_on_host(settings.accel),
                 paths: &paths,
+                serial_log: &paths.serial_log(),
                 layout: &vmlet::storage::Layout::new(&settings.state_dir),
                 nics: &nics,
             });
@@ -349,6 +350,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         profile: profiles.get(&spec.profile)?,
         accel,
         paths: &paths,
+        serial_log: &paths.serial_log(),
         layout: &layout,
         nics: &[],
     };

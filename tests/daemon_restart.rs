@@ -712,6 +712,7 @@ async fn unfinished_start_is_cleaned_up() {
             profile: profiles.get(&vm.spec.profile).unwrap(),
             accel: Accel::Tcg,
             paths: &paths,
+            serial_log: &paths.serial_log(),
             layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
             nics: &[],
         },

@@ -57,6 +57,7 @@ fn render(case: &Case, profiles: &Profiles) -> String {
         profile: profiles.get(&case.spec.profile).unwrap(),
         accel: case.accel,
         paths: &paths,
+        serial_log: &paths.serial_log(),
         layout: &Layout::new(Path::new("/var/lib/vmlet")),
         nics: &nics,
     });

@@ -47,9 +47,15 @@ impl RunPaths {
         self.dir.join("serial.sock")
     }
 
-    /// Serial console log: everything the guest wrote to ttyS0.
+    /// Serial console log for a VM run without the daemon (`vmlet run`);
+    /// the daemon keeps its VMs' logs in their state directories.
     pub fn serial_log(&self) -> PathBuf {
         self.dir.join("serial.log")
+    }
+
+    /// The VNC server's socket (profiles with a display adapter).
+    pub fn vnc_socket(&self) -> PathBuf {
+        self.dir.join("vnc.sock")
     }
 
     /// Socket of virtio-serial channel `index`.
@@ -90,6 +96,8 @@ pub struct LaunchInputs<'a> {
     pub accel: Accel,
     /// Runtime file locations.
     pub paths: &'a RunPaths,
+    /// The serial console log QEMU appends to.
+    pub serial_log: &'a Path,
     /// Where images, volumes and the VM's own disks live.
     pub layout: &'a Layout,
     /// The NICs, in `spec.nics` order, with their host side resolved (tap
@@ -120,6 +128,7 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         profile,
         accel,
         paths,
+        serial_log,
         layout,
         nics,
     } = input;
@@ -141,6 +150,14 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
     argv.push("-pidfile", paths.pidfile().to_string_lossy());
     argv.push("-msg", "timestamp=on");
     argv.push("-display", "none");
+    if profile.devices.display.is_some() {
+        // The only VNC server is a unix socket in the run directory: never
+        // TCP. Guests cannot power the VM off through it.
+        argv.push(
+            "-vnc",
+            format!("unix:{},power-control=off", path_value(&paths.vnc_socket())),
+        );
+    }
     argv.push("-machine", machine_value(profile));
     argv.push("-accel", accel.as_str());
     argv.push(
@@ -168,7 +185,7 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             format!(
                 "socket,id={SERIAL_CHARDEV},path={},server=on,wait=off,logfile={},logappend=on",
                 path_value(&paths.serial_socket()),
-                path_value(&paths.serial_log())
+                path_value(serial_log)
             ),
         );
         argv.push(
@@ -245,6 +262,10 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
                 ),
             );
         }
+    }
+
+    if let Some(display) = &profile.devices.display {
+        argv.push("-device", format!("{display},id=video0"));
     }
 
     if profile.defaults.rng {
@@ -356,6 +377,7 @@ mod tests {
             profile: profiles.get("q35").unwrap(),
             accel: Accel::Tcg,
             paths: &paths,
+            serial_log: &paths.serial_log(),
             layout: &Layout::new(Path::new("/var/lib/vmlet")),
             nics: &[],
         });
@@ -384,6 +406,7 @@ mod tests {
                 profile,
                 accel: Accel::Tcg,
                 paths: &paths,
+                serial_log: &paths.serial_log(),
                 layout: &Layout::new(Path::new("/var/lib/vmlet")),
                 nics: &[],
             })

@@ -103,6 +103,11 @@ pub struct DeviceSection {
     /// Optional: without one, such disks are refused.
     #[serde(default)]
     pub scsi: Option<String>,
+    /// Display adapter (`VGA`) shown by the VM's VNC server (a unix socket
+    /// in its run directory, reached through a console token). Optional: a
+    /// profile without one has no graphical console.
+    #[serde(default)]
+    pub display: Option<String>,
 }
 
 /// Default devices.
@@ -181,6 +186,9 @@ impl Profile {
         }
         if let Some(model) = &d.scsi {
             check_word("devices.scsi", model)?;
+        }
+        if let Some(model) = &d.display {
+            check_word("devices.display", model)?;
         }
         match &d.panic {
             Some(model) => check_word("devices.panic", model)?,

@@ -125,6 +125,11 @@ impl Layout {
         self.vm_disks_dir(vm).join(format!("{disk}.qcow2"))
     }
 
+    /// A VM's serial console log (QEMU appends to it; vmlet rotates it).
+    pub fn console_log(&self, vm: Uuid) -> PathBuf {
+        self.vm_dir(vm).join("console.log")
+    }
+
     /// A VM's cloud-init seed.
     pub fn seed(&self, vm: Uuid) -> PathBuf {
         self.vm_dir(vm).join("cidata.img")

@@ -218,6 +218,7 @@ pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchE
             profile: profiles.get(&spec.profile).unwrap(),
             accel: Accel::Tcg,
             paths: &paths,
+            serial_log: &paths.serial_log(),
             layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
             nics: &[],
         },

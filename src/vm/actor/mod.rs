@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::console::serial::{SerialHub, SerialLog};
 use crate::qemu::argv::{LaunchInputs, RunPaths};
 use crate::qemu::instance::{self, StopMode, StopOutcome};
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
@@ -152,7 +153,7 @@ enum Input {
 }
 
 enum OpResult {
-    Started(Result<instance::QemuInstance, String>),
+    Started(Result<(instance::QemuInstance, Option<Arc<SerialHub>>), String>),
     Stopped(Result<StopOutcome, ProcessError>),
     Qmp {
         task: Task,
@@ -172,7 +173,34 @@ enum OpResult {
 pub struct VmHandle {
     id: Uuid,
     view: watch::Receiver<Vm>,
+    live: watch::Receiver<Option<Live>>,
     inbox: mpsc::UnboundedSender<Input>,
+}
+
+/// The VM's QEMU while the actor holds one, for consoles and metrics: they
+/// talk to QEMU themselves and never wait for the actor.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// QEMU's pid.
+    pub pid: i32,
+    /// The QMP link; `None` while QEMU does not answer (state `error`).
+    pub qmp: Option<QmpClient>,
+    /// Its run directory (sockets).
+    pub paths: RunPaths,
+    /// The serial console, when the VM has one and vmlet reached it.
+    pub serial: Option<Arc<SerialHub>>,
+    /// Whether the VM has a display (and so a VNC socket).
+    pub display: bool,
+    gone: watch::Receiver<()>,
+}
+
+impl Live {
+    /// Resolves when the actor lets go of this QEMU (it stopped, crashed or
+    /// the VM was deleted).
+    pub async fn gone(&self) {
+        let mut gone = self.gone.clone();
+        while gone.changed().await.is_ok() {}
+    }
 }
 
 impl VmHandle {
@@ -189,6 +217,11 @@ impl VmHandle {
     /// The VM as last observed. Never waits for the actor.
     pub fn view(&self) -> Vm {
         self.view.borrow().clone()
+    }
+
+    /// The VM's QEMU, when one runs. Never waits for the actor.
+    pub fn live(&self) -> Option<Live> {
+        self.live.borrow().clone()
     }
 
     /// Runs `action` and waits until it is done.
@@ -220,12 +253,19 @@ struct Runtime {
     panicked: bool,
     /// A task is trying to reach QEMU's QMP socket again.
     reconnecting: bool,
+    serial: Option<Arc<SerialHub>>,
+    /// Dropped with the runtime: tells [`Live::gone`] waiters.
+    gone: watch::Sender<()>,
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
         for f in &self.forwarders {
             f.abort();
+        }
+        // Console sessions end with the QEMU they were attached to.
+        if let Some(serial) = &self.serial {
+            serial.close();
         }
     }
 }
@@ -239,6 +279,7 @@ struct Actor {
     ctx: Arc<Context>,
     vm: Vm,
     view: watch::Sender<Vm>,
+    live: watch::Sender<Option<Live>>,
     inbox: mpsc::UnboundedSender<Input>,
     runtime: Option<Runtime>,
     op: Option<InFlight>,
@@ -274,15 +315,18 @@ pub fn spawn_existing(
 fn make(ctx: Arc<Context>, vm: Vm) -> (VmHandle, Actor, mpsc::UnboundedReceiver<Input>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (view_tx, view_rx) = watch::channel(vm.clone());
+    let (live_tx, live_rx) = watch::channel(None);
     let handle = VmHandle {
         id: vm.id,
         view: view_rx,
+        live: live_rx,
         inbox: tx.clone(),
     };
     let actor = Actor {
         ctx,
         vm,
         view: view_tx,
+        live: live_tx,
         inbox: tx,
         runtime: None,
         op: None,
@@ -381,6 +425,7 @@ impl Actor {
     /// the VM differs from the view last published; then answers the
     /// replies waiting for that view.
     fn flush(&mut self) {
+        self.publish_live();
         let changed = *self.view.borrow() != self.vm;
         if changed {
             self.vm.generation += 1;
@@ -394,6 +439,39 @@ impl Actor {
         for (reply, result) in self.replies.drain(..) {
             let _ = reply.send(result.map(|()| self.vm.clone()));
         }
+    }
+
+    /// Publishes the QEMU the actor holds when it changed (another QEMU, or
+    /// the QMP link lost or regained).
+    fn publish_live(&mut self) {
+        let display = self
+            .ctx
+            .profiles
+            .get(&self.vm.spec.profile)
+            .is_ok_and(|p| p.devices.display.is_some());
+        let next = self.runtime.as_ref().map(|rt| Live {
+            pid: rt.process.pid(),
+            qmp: rt.qmp.clone(),
+            paths: rt.paths.clone(),
+            serial: rt.serial.clone(),
+            display,
+            gone: rt.gone.subscribe(),
+        });
+        self.live.send_if_modified(|live| {
+            let same = match (live.as_ref(), next.as_ref()) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    a.pid == b.pid
+                        && a.qmp.is_some() == b.qmp.is_some()
+                        && a.gone.same_channel(&b.gone)
+                }
+                _ => false,
+            };
+            if !same {
+                *live = next;
+            }
+            !same
+        });
     }
 
     /// Answers `reply` once this input's changes are flushed.
@@ -510,11 +588,13 @@ impl Actor {
                 let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics)
                     .await
                     .map_err(|e| e.to_string())?;
+                let serial_log = ctx.layout.console_log(spec.uuid);
                 let inputs = LaunchInputs {
                     spec: &spec,
                     profile,
                     accel: ctx.accel,
                     paths: &paths,
+                    serial_log: &serial_log,
                     layout: &ctx.layout,
                     nics: &nics,
                 };
@@ -523,12 +603,15 @@ impl Actor {
                     instance::launch_with_deadline(&ctx.settings.qemu_binary, inputs, deadline)
                         .await
                         .map_err(|e| error_chain(&e))?;
+                // Attached before the guest runs, so the live stream has
+                // every byte of this boot.
+                let serial = open_serial(&ctx, &spec, &paths).await;
                 if let Err(e) = qemu.start_guest().await {
                     let _ = qemu.process.kill().await;
                     instance::remove_run_dir(&qemu.paths);
                     return Err(format!("starting the guest: {}", error_chain(&e)));
                 }
-                Ok(qemu)
+                Ok((qemu, serial))
             }
             .await;
             OpResult::Started(result)
@@ -602,13 +685,14 @@ impl Actor {
     /// Handles an operation's result; true when the VM was deleted.
     fn on_op_done(&mut self, result: OpResult) -> bool {
         match result {
-            OpResult::Started(Ok(qemu)) => {
+            OpResult::Started(Ok((qemu, serial))) => {
                 let pid = qemu.process.pid();
                 self.attach(
                     qemu.process.clone(),
                     Some(qemu.qmp.clone()),
                     qemu.paths.clone(),
                     Some(qemu.events),
+                    serial,
                 );
                 self.commit(|vm| vm.pid = Some(pid));
                 self.observe(Observation::GuestStarted);
@@ -717,6 +801,7 @@ impl Actor {
         qmp: Option<QmpClient>,
         paths: RunPaths,
         events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
+        serial: Option<Arc<SerialHub>>,
     ) {
         self.incarnations += 1;
         let incarnation = self.incarnations;
@@ -741,6 +826,8 @@ impl Actor {
             shutdown_reason: None,
             panicked: false,
             reconnecting: false,
+            serial,
+            gone: watch::channel(()).0,
         });
     }
 
@@ -917,23 +1004,28 @@ impl Actor {
             }
         };
         let pid = process.pid();
+        let serial = open_serial(&self.ctx, &self.vm.spec, &paths).await;
         match QmpClient::connect(&paths.qmp_socket(), REATTACH_QMP_DEADLINE).await {
             Ok((qmp, events)) => {
                 let status = qmp
                     .execute_with_deadline(qapi::qmp::query_status {}, REATTACH_QMP_DEADLINE)
                     .await;
                 match status {
-                    Ok(status) => {
-                        self.reattach_with_status(process, qmp, events, paths, status.status)
-                    }
+                    Ok(status) => self.reattach_with_status(
+                        process,
+                        (qmp, events),
+                        paths,
+                        serial,
+                        status.status,
+                    ),
                     Err(e) => {
-                        self.attach(process, None, paths, None);
+                        self.attach(process, None, paths, None, serial);
                         self.lost_on_reattach(pid, error_chain(&e));
                     }
                 }
             }
             Err(e) => {
-                self.attach(process, None, paths, None);
+                self.attach(process, None, paths, None, serial);
                 self.lost_on_reattach(pid, error_chain(&e));
             }
         }
@@ -942,9 +1034,9 @@ impl Actor {
     fn reattach_with_status(
         &mut self,
         process: Arc<QemuProcess>,
-        qmp: QmpClient,
-        events: tokio::sync::broadcast::Receiver<QmpEvent>,
+        (qmp, events): (QmpClient, tokio::sync::broadcast::Receiver<QmpEvent>),
         paths: RunPaths,
+        serial: Option<Arc<SerialHub>>,
         status: qapi::qmp::RunState,
     ) {
         use qapi::qmp::RunState as R;
@@ -987,7 +1079,7 @@ impl Actor {
                     PowerState::Paused
                 };
                 tracing::info!(vm = %self.vm.name, pid, state = state.as_str(), "reattached");
-                self.attach(process, Some(qmp), paths, Some(events));
+                self.attach(process, Some(qmp), paths, Some(events), serial);
                 self.commit(|vm| {
                     vm.state = state;
                     vm.pid = Some(pid);
@@ -1063,6 +1155,30 @@ const LAST_EVENTS_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Forwards QMP events into the inbox until the channel closes (the QMP
 /// connection ended).
+/// Where VM `spec`'s serial log lives and how big it may grow.
+pub fn serial_log(ctx: &Context, spec: &VmSpec) -> SerialLog {
+    SerialLog {
+        path: ctx.layout.console_log(spec.uuid),
+        max_bytes: ctx.settings.console.log_max_bytes,
+        backups: ctx.settings.console.log_backups,
+    }
+}
+
+/// Attaches vmlet to the serial console of the QEMU in `paths`. A console
+/// vmlet cannot reach is logged and left out: the VM runs without it.
+async fn open_serial(ctx: &Context, spec: &VmSpec, paths: &RunPaths) -> Option<Arc<SerialHub>> {
+    if !spec.serial.enabled {
+        return None;
+    }
+    match SerialHub::open(&paths.serial_socket(), serial_log(ctx, spec)).await {
+        Ok(hub) => Some(hub),
+        Err(e) => {
+            tracing::warn!(vm = %spec.name, error = %e, "cannot attach to the serial console");
+            None
+        }
+    }
+}
+
 async fn forward_events(
     incarnation: u64,
     events: &mut tokio::sync::broadcast::Receiver<QmpEvent>,

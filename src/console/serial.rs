@@ -1,0 +1,396 @@
+//! The serial console of a running VM.
+//!
+//! QEMU serves the serial port as a unix socket (one client at a time) and
+//! appends everything the guest prints to a log file in the VM's state
+//! directory (`logfile=…,logappend=on`), whoever is connected and even while
+//! vmlet is down. vmlet is that one socket client: a [`SerialHub`] reads the
+//! stream into a 64 KiB history and fans it out to every attached session,
+//! and writes sessions' input to the socket. It also keeps the log's size
+//! under a cap by rotating it (`console.log` → `console.log.1` → …).
+//!
+//! Rotation copies the log and then truncates it (QEMU keeps the file open
+//! with `O_APPEND`, so its next write lands at the new start); bytes QEMU
+//! writes between the copy and the truncation are lost from the log (not
+//! from the live stream), as with logrotate's `copytruncate`.
+
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+
+/// History a new session gets first: the last 64 KiB of output.
+pub const HISTORY_BYTES: usize = 64 * 1024;
+/// Chunks a slow session may fall behind before it skips ahead.
+const FANOUT_CHUNKS: usize = 1024;
+/// How long [`SerialHub::open`] waits for QEMU's socket.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a VM's serial log lives and how big it may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialLog {
+    /// The current log (`…/console.log`).
+    pub path: PathBuf,
+    /// Size at which the log is rotated.
+    pub max_bytes: u64,
+    /// Rotated files kept (`console.log.1` … `console.log.N`); 0 keeps none.
+    pub backups: u32,
+}
+
+impl SerialLog {
+    /// The `n`th rotated file (`n` ≥ 1).
+    pub fn backup(&self, n: u32) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    /// Rotates the log when it has reached `max_bytes`: shifts the backups,
+    /// copies the log to `.1` and truncates it. True when it rotated.
+    pub fn rotate_if_full(&self) -> std::io::Result<bool> {
+        let size = match std::fs::metadata(&self.path) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if size < self.max_bytes {
+            return Ok(false);
+        }
+        if self.backups > 0 {
+            for n in (1..self.backups).rev() {
+                match std::fs::rename(self.backup(n), self.backup(n + 1)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            std::fs::copy(&self.path, self.backup(1))?;
+        }
+        OpenOptions::new()
+            .write(true)
+            .open(&self.path)?
+            .set_len(0)?;
+        Ok(true)
+    }
+
+    /// The last `n` bytes the guest printed, across the log and its backups
+    /// (oldest first). A missing log reads as empty.
+    pub fn tail(&self, n: u64) -> std::io::Result<Vec<u8>> {
+        let mut pieces = Vec::new();
+        let mut wanted = n;
+        let files =
+            std::iter::once(self.path.clone()).chain((1..=self.backups).map(|i| self.backup(i)));
+        for file in files {
+            if wanted == 0 {
+                break;
+            }
+            let mut f = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => return Err(e),
+            };
+            let len = f.metadata()?.len();
+            let take = len.min(wanted);
+            f.seek(SeekFrom::Start(len - take))?;
+            let mut piece = Vec::with_capacity(take as usize);
+            f.take(take).read_to_end(&mut piece)?;
+            wanted -= piece.len() as u64;
+            pieces.push(piece);
+        }
+        pieces.reverse();
+        Ok(pieces.concat())
+    }
+
+    /// Removes the log and its backups (the VM is being deleted).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        for n in 1..=self.backups {
+            let _ = std::fs::remove_file(self.backup(n));
+        }
+    }
+}
+
+struct Shared {
+    history: VecDeque<u8>,
+    /// `None` once the console has closed (QEMU exited or vmlet let go).
+    output: Option<broadcast::Sender<Bytes>>,
+}
+
+/// One VM's serial console while its QEMU runs: history, live output to any
+/// number of sessions, and input from them.
+pub struct SerialHub {
+    shared: Arc<Mutex<Shared>>,
+    input: mpsc::Sender<Bytes>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SerialHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialHub")
+            .field("open", &self.is_open())
+            .finish()
+    }
+}
+
+/// What a session gets when it attaches.
+#[derive(Debug)]
+pub struct Attached {
+    /// Up to the last 64 KiB of output, oldest first.
+    pub history: Vec<u8>,
+    /// Output from now on; ends (`Closed`) when the console closes.
+    pub live: broadcast::Receiver<Bytes>,
+}
+
+/// The console has closed: QEMU exited or vmlet let go of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the serial console is closed (the VM is not running)")]
+pub struct Closed;
+
+impl SerialHub {
+    /// Connects to QEMU's serial socket (retrying while it is not there
+    /// yet) and starts reading. The history starts with the log's tail, so
+    /// a session sees what the guest printed before vmlet (re)connected.
+    pub async fn open(socket: &Path, log: SerialLog) -> std::io::Result<Arc<SerialHub>> {
+        let stream = connect(socket).await?;
+        if let Err(e) = log.rotate_if_full() {
+            tracing::warn!(log = %log.path.display(), error = %e, "rotating the serial log");
+        }
+        let seed = log.tail(HISTORY_BYTES as u64).unwrap_or_default();
+        let (output, _) = broadcast::channel(FANOUT_CHUNKS);
+        let shared = Arc::new(Mutex::new(Shared {
+            history: seed.into_iter().collect(),
+            output: Some(output),
+        }));
+        let (reader, mut writer) = stream.into_split();
+        let (input, mut inputs) = mpsc::channel::<Bytes>(64);
+        let reading = tokio::spawn(read_loop(reader, shared.clone(), log));
+        let writing = tokio::spawn(async move {
+            while let Some(bytes) = inputs.recv().await {
+                if writer.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Arc::new(SerialHub {
+            shared,
+            input,
+            tasks: vec![reading, writing],
+        }))
+    }
+
+    /// Attaches a session: the history so far and the output after it, with
+    /// nothing lost or repeated in between.
+    pub fn attach(&self) -> Result<Attached, Closed> {
+        let shared = self.shared.lock().expect("serial hub lock");
+        let output = shared.output.as_ref().ok_or(Closed)?;
+        Ok(Attached {
+            history: shared.history.iter().copied().collect(),
+            live: output.subscribe(),
+        })
+    }
+
+    /// Sends input to the guest's serial port.
+    pub async fn send(&self, bytes: Bytes) -> Result<(), Closed> {
+        if !self.is_open() {
+            return Err(Closed);
+        }
+        self.input.send(bytes).await.map_err(|_| Closed)
+    }
+
+    /// Whether the console still runs.
+    pub fn is_open(&self) -> bool {
+        self.shared
+            .lock()
+            .expect("serial hub lock")
+            .output
+            .is_some()
+    }
+
+    /// Closes the console: every session's stream ends.
+    pub fn close(&self) {
+        self.shared.lock().expect("serial hub lock").output = None;
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for SerialHub {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn connect(socket: &Path) -> std::io::Result<UnixStream> {
+    let started = std::time::Instant::now();
+    loop {
+        match UnixStream::connect(socket).await {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && started.elapsed() < CONNECT_TIMEOUT =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Bytes read between two checks of the log's size.
+fn check_every(log: &SerialLog) -> u64 {
+    (log.max_bytes / 16).clamp(1, 64 * 1024)
+}
+
+async fn read_loop(
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    shared: Arc<Mutex<Shared>>,
+    log: SerialLog,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut since_check = 0u64;
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        {
+            let mut shared = shared.lock().expect("serial hub lock");
+            let kept = shared.history.len();
+            let overflow = (kept + n).saturating_sub(HISTORY_BYTES);
+            shared.history.drain(..overflow.min(kept));
+            let start = n.saturating_sub(HISTORY_BYTES);
+            shared.history.extend(&buf[start..n]);
+            match &shared.output {
+                // No receivers is fine: nobody is attached.
+                Some(output) => drop(output.send(Bytes::copy_from_slice(&buf[..n]))),
+                None => break,
+            }
+        }
+        since_check += n as u64;
+        if since_check >= check_every(&log) {
+            since_check = 0;
+            let log = log.clone();
+            let rotated = tokio::task::spawn_blocking(move || log.rotate_if_full()).await;
+            if let Ok(Err(e)) = rotated {
+                tracing::warn!(error = %e, "rotating the serial log");
+            }
+        }
+    }
+    shared.lock().expect("serial hub lock").output = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_in(dir: &Path, max_bytes: u64, backups: u32) -> SerialLog {
+        SerialLog {
+            path: dir.join("console.log"),
+            max_bytes,
+            backups,
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_in(dir.path(), 10, 2);
+        for round in ["aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc", "dd"] {
+            std::fs::write(&log.path, round).unwrap();
+            log.rotate_if_full().unwrap();
+        }
+        assert_eq!(std::fs::read(&log.path).unwrap(), b"dd");
+        assert_eq!(std::fs::read(log.backup(1)).unwrap(), b"cccccccccc");
+        assert_eq!(std::fs::read(log.backup(2)).unwrap(), b"bbbbbbbbbb");
+        assert!(!log.backup(3).exists());
+        assert_eq!(log.tail(5).unwrap(), b"cccdd");
+        assert_eq!(log.tail(100).unwrap(), b"bbbbbbbbbbccccccccccdd");
+    }
+
+    #[test]
+    fn without_backups_rotation_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_in(dir.path(), 4, 0);
+        std::fs::write(&log.path, "12345").unwrap();
+        assert!(log.rotate_if_full().unwrap());
+        assert_eq!(std::fs::read(&log.path).unwrap(), b"");
+        assert!(!log.backup(1).exists());
+    }
+
+    #[test]
+    fn tail_of_a_missing_log_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_in(dir.path(), 4, 3);
+        assert_eq!(log.tail(10).unwrap(), b"");
+        assert!(!log.rotate_if_full().unwrap());
+    }
+
+    #[tokio::test]
+    async fn sessions_get_history_then_live_output_and_input_reaches_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("serial.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let log = log_in(dir.path(), 1 << 20, 1);
+        std::fs::write(&log.path, "before\n").unwrap();
+        let hub_task = tokio::spawn({
+            let socket = socket.clone();
+            async move { SerialHub::open(&socket, log).await.unwrap() }
+        });
+        let (mut qemu, _) = listener.accept().await.unwrap();
+        let hub = hub_task.await.unwrap();
+
+        let mut first = hub.attach().unwrap();
+        assert_eq!(first.history, b"before\n");
+        qemu.write_all(b"live\n").await.unwrap();
+        assert_eq!(&first.live.recv().await.unwrap()[..], b"live\n");
+        // A second session sees everything so far as history.
+        let second = hub.attach().unwrap();
+        assert_eq!(second.history, b"before\nlive\n");
+
+        hub.send(Bytes::from_static(b"typed")).await.unwrap();
+        let mut got = [0u8; 5];
+        qemu.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"typed");
+
+        // QEMU goes away: sessions' streams end, new ones are refused.
+        drop(qemu);
+        assert!(matches!(
+            first.live.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        assert!(hub.attach().is_err());
+    }
+
+    #[tokio::test]
+    async fn history_keeps_only_the_last_64_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("serial.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let log = log_in(dir.path(), 1 << 30, 0);
+        let hub_task = tokio::spawn({
+            let socket = socket.clone();
+            async move { SerialHub::open(&socket, log).await.unwrap() }
+        });
+        let (mut qemu, _) = listener.accept().await.unwrap();
+        let hub = hub_task.await.unwrap();
+        let mut watcher = hub.attach().unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        qemu.write_all(&data).await.unwrap();
+        let mut seen = 0;
+        while seen < data.len() {
+            seen += watcher.live.recv().await.unwrap().len();
+        }
+        let history = hub.attach().unwrap().history;
+        assert_eq!(history.len(), HISTORY_BYTES);
+        assert_eq!(history, data[data.len() - HISTORY_BYTES..]);
+    }
+}
