@@ -80,6 +80,10 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot become a child subreaper: QEMU exit codes will be unknown");
     }
     let max_body_bytes = settings.max_body_bytes;
+    let consoles = crate::console::tokens::TokenStore::new(std::time::Duration::from_secs(
+        settings.console.token_ttl_s,
+    ));
+    let novnc_dir = settings.console.novnc_dir.clone();
     let settings_group = settings.socket_group.clone();
     let tcp = settings.tcp_listen;
     let manager = Manager::open(settings).await?;
@@ -89,6 +93,8 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         manager,
         max_body_bytes,
         shutdown: shutdown_rx.clone(),
+        consoles,
+        novnc_dir,
     });
     let unix = bind_unix(&socket_path, settings_group.as_deref())?;
     let mut servers = tokio::task::JoinSet::new();

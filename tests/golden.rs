@@ -57,7 +57,8 @@ fn render(case: &Case, profiles: &Profiles) -> String {
         profile: profiles.get(&case.spec.profile).unwrap(),
         accel: case.accel,
         paths: &paths,
-        serial_log: &paths.serial_log(),
+        // Where the daemon keeps it.
+        serial_log: &Layout::new(Path::new("/var/lib/vmlet")).console_log(case.spec.uuid),
         layout: &Layout::new(Path::new("/var/lib/vmlet")),
         nics: &nics,
     });

@@ -12,7 +12,9 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::api::{assert_error, call, create_vm, expect, force_delete_vm, id_of, uuid_of};
+use common::api::{
+    assert_error, call, create_vm, expect, force_delete_vm, id_of, serial_token, uuid_of,
+};
 use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
 use common::serial_shell::SerialShell;
 use common::storage::{create_image, sha256_of};
@@ -88,12 +90,6 @@ fn word_value<'a>(line: &'a str, key: &str) -> &'a str {
 }
 
 /// The serial console socket of a running VM.
-fn serial_socket(d: &Daemon, id: Uuid) -> PathBuf {
-    d.run_dir
-        .join("vms")
-        .join(id.to_string())
-        .join("serial.sock")
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -201,7 +197,7 @@ async fn image_overlay_blank_disk_seed_and_live_limits() {
     );
 
     // 1. The guest writes to its overlay; the image does not change.
-    let mut shell = SerialShell::connect(&serial_socket(&d, uuid), &log);
+    let mut shell = SerialShell::connect(&d.socket, &serial_token(&d, &id).await, &log);
     let (out, status) = shell.run_with_status(
         "echo MARKER-OVERLAY | dd of=/dev/vda bs=512 seek=100 conv=fsync",
         SHELL_TIMEOUT,
@@ -410,11 +406,10 @@ async fn live_snapshot_revert_restores_the_disk() {
     let id = id_of(&vm);
     let uuid = uuid_of(&vm);
     let log = d.serial_log(uuid);
-    let socket = serial_socket(&d, uuid);
     let ready = ready_line(&d, uuid).await;
     assert_eq!(ready_disks(&ready), ["vda:16777216"], "{ready}");
 
-    let mut shell = SerialShell::connect(&socket, &log);
+    let mut shell = SerialShell::connect(&d.socket, &serial_token(&d, &id).await, &log);
     let (out, status) = shell.run_with_status(
         "echo MARKER-A | dd of=/dev/vda conv=fsync 2>/dev/null",
         SHELL_TIMEOUT,
@@ -470,7 +465,7 @@ async fn live_snapshot_revert_restores_the_disk() {
     // The guest goes on from the moment of the snapshot; a fresh connection
     // resynchronises with its shell (the probe is retried until it answers).
     drop(shell);
-    let mut shell = SerialShell::connect(&socket, &log);
+    let mut shell = SerialShell::connect(&d.socket, &serial_token(&d, &id).await, &log);
     assert_vda_starts_with(&mut shell, &log, "MARKER-A");
     drop(shell);
 

@@ -51,9 +51,10 @@ impl std::fmt::Debug for Token {
 }
 
 /// Refuses requests without the right bearer token (401). `/healthz`
-/// stays open for load balancers and probes.
+/// stays open for load balancers and probes, and so do the console routes a
+/// browser opens: their one-time token is the credential.
 pub async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
-    if request.uri().path() == "/healthz" {
+    if is_open_route(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
     let presented = request
@@ -69,6 +70,22 @@ pub async fn require_token(State(token): State<Token>, request: Request, next: N
             ApiError::unauthorized("missing `Authorization: Bearer TOKEN` header").into_response()
         }
     }
+}
+
+/// Routes that need no bearer token: `/healthz`, and the console's
+/// websocket, page and noVNC files (GET only).
+pub fn is_open_route(method: &axum::http::Method, path: &str) -> bool {
+    if path == "/healthz" {
+        return true;
+    }
+    if method != axum::http::Method::GET {
+        return false;
+    }
+    let vm_console = path
+        .strip_prefix("/v1/vms/")
+        .and_then(|rest| rest.strip_suffix("/console"))
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'));
+    path == "/v1/console" || path == "/console" || path.starts_with("/novnc/") || vm_console
 }
 
 /// Compares without an early exit, so timing does not tell how much of a

@@ -3,6 +3,7 @@
 //! decision is the VM manager's.
 
 pub mod body;
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod images;
@@ -37,6 +38,10 @@ pub struct App {
     pub max_body_bytes: usize,
     /// Flips to `true` when the daemon shuts down (ends event streams).
     pub shutdown: watch::Receiver<bool>,
+    /// Live console tokens.
+    pub consoles: crate::console::tokens::TokenStore,
+    /// noVNC's files, for the console page.
+    pub novnc_dir: std::path::PathBuf,
 }
 
 /// Handler state.
@@ -94,6 +99,7 @@ pub async fn openapi() -> Response {
         volumes::list, volumes::show, volumes::create, volumes::resize, volumes::delete,
         networks::list, networks::show, networks::create, networks::delete,
         networks::attach_nic, networks::detach_nic,
+        console::create_token, console::open, console::open_vm, console::page, console::log,
         events::stream,
     ),
     tags(
@@ -104,6 +110,7 @@ pub async fn openapi() -> Response {
         (name = "images", description = "The image store"),
         (name = "volumes", description = "Named volumes"),
         (name = "networks", description = "Bridges, VLANs and a VM's NICs"),
+        (name = "console", description = "VNC and serial consoles: one-time tokens, websockets, the noVNC page, the serial log"),
         (name = "events", description = "Change events"),
         (name = "node", description = "The host"),
     )
@@ -214,6 +221,14 @@ pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
         .route("/v1/vms/{id}/nics", post(networks::attach_nic))
         .route("/v1/vms/{id}/nics/{nic}", delete(networks::detach_nic))
         .route("/v1/events", get(events::stream))
+        .route(
+            "/v1/vms/{id}/console",
+            get(console::open_vm).post(console::create_token),
+        )
+        .route("/v1/vms/{id}/console-log", get(console::log))
+        .route("/v1/console", get(console::open))
+        .route("/console", get(console::page))
+        .route("/novnc/{*path}", get(console::novnc))
         .fallback(fallback)
         .with_state(app)
         .layer(DefaultBodyLimit::max(limit))

@@ -9,6 +9,7 @@ use tokio::sync::{oneshot, Mutex};
 use uuid::Uuid;
 
 use crate::config::Settings;
+use crate::console::ConsoleKind;
 use crate::events::EventBus;
 use crate::net::networks::{Network, NetworkNic, NetworkSpec};
 use crate::node::{self, HostTotals, Inventory, NodeInfo, Usage};
@@ -18,7 +19,7 @@ use crate::qemu::profile::{ProfileError, Profiles};
 use crate::storage::images::ImageStore;
 use crate::storage::volumes::{Volume, VolumeAttachment, VolumeCreate};
 use crate::storage::{disks, MIB};
-use crate::vm::actor::{self, error_chain, ActOptions, StorageOp, VmError, VmHandle};
+use crate::vm::actor::{self, error_chain, ActOptions, Live, StorageOp, VmError, VmHandle};
 use crate::vm::context::Context;
 use crate::vm::disk_ops::{self, Snapshot};
 use crate::vm::spec::{derived_mac, Boot, DiskSource, FieldError, NicSpec, SpecError, VmSpec};
@@ -163,6 +164,48 @@ impl Manager {
             .into_iter()
             .find(|h| h.has_name(key))
             .ok_or_else(|| VmError::NotFound(format!("no VM {key}")))
+    }
+
+    /// The running QEMU of VM `key`, checked to offer the `kind` console.
+    /// Not running, or no such console on this VM: refused (409).
+    pub fn console(&self, key: &str, kind: ConsoleKind) -> Result<(Uuid, Live), VmError> {
+        let handle = self.find(key)?;
+        let vm = handle.view();
+        let live = handle.live().ok_or_else(|| {
+            VmError::Refused(format!(
+                "VM {} is {}: consoles need a running QEMU",
+                vm.name,
+                vm.state.as_str()
+            ))
+        })?;
+        match kind {
+            ConsoleKind::Vnc if !live.display => Err(VmError::Refused(format!(
+                "VM {} has no display (profile {} has no devices.display): use the serial console",
+                vm.name, vm.spec.profile
+            ))),
+            ConsoleKind::Serial if live.serial.is_none() => Err(VmError::Refused(format!(
+                "VM {} has no serial console attached (spec.serial.enabled is {})",
+                vm.name, vm.spec.serial.enabled
+            ))),
+            _ => Ok((vm.id, live)),
+        }
+    }
+
+    /// The last `tail_bytes` of VM `key`'s serial console log (whatever its
+    /// state: the log outlives the QEMU that wrote it).
+    pub async fn console_log(&self, key: &str, tail_bytes: u64) -> Result<Vec<u8>, VmError> {
+        let spec = self.find(key)?.view().spec;
+        let log = crate::vm::actor::serial_log(&self.ctx, &spec);
+        tokio::task::spawn_blocking(move || log.tail(tail_bytes))
+            .await
+            .map_err(|e| VmError::Failed(e.to_string()))?
+            .map_err(|e| VmError::Failed(format!("reading the serial log: {e}")))
+    }
+
+    /// The most a console-log request may ask for: the log and its backups.
+    pub fn console_log_limit(&self) -> u64 {
+        let c = &self.ctx.settings.console;
+        c.log_max_bytes.saturating_mul(u64::from(c.log_backups) + 1)
     }
 
     /// Creates a VM from `spec` (stopped). A VM with the same UUID and spec

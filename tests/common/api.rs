@@ -94,3 +94,24 @@ pub async fn expect_event_within(stream: &mut EventStream, timeout: Duration) ->
         .await
         .unwrap_or_else(|| panic!("no event within {timeout:?}"))
 }
+
+/// A one-time token for VM `id`'s console of `kind` (`vnc` or `serial`).
+pub async fn console_token(d: &Daemon, id: &str, kind: &str) -> String {
+    let token = expect(
+        d,
+        Method::POST,
+        &format!("/v1/vms/{id}/console"),
+        Some(&serde_json::json!({ "type": kind })),
+        201,
+    )
+    .await;
+    token["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token in {token}"))
+        .to_string()
+}
+
+/// A one-time token for VM `id`'s serial console.
+pub async fn serial_token(d: &Daemon, id: &str) -> String {
+    console_token(d, id, "serial").await
+}

@@ -184,12 +184,13 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// VM `id`'s serial console log.
+    /// VM `id`'s serial console log (in its state directory; QEMU appends
+    /// to it across starts).
     pub fn serial_log(&self, id: Uuid) -> PathBuf {
-        self.run_dir
+        self.state_dir
             .join("vms")
             .join(id.to_string())
-            .join("serial.log")
+            .join("console.log")
     }
 
     /// VM `id`'s record on disk.

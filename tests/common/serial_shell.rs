@@ -1,19 +1,20 @@
 //! Commands in a test guest booted with `guest.action=shell` (busybox `sh -i`
-//! on ttyS0), through the VM's serial console socket.
+//! on ttyS0), through vmlet's serial console websocket.
 //!
-//! QEMU serves the console as a unix socket (`-chardev socket,server=on,
-//! wait=off,logfile=...`, one client at a time) and appends everything the
-//! guest prints to the log file. A command goes in through the socket; its
-//! output is read back from the log, between two unique markers the guest
-//! echoes around it. The log is the place to read because it has all the
-//! output from the start, whoever is connected; the socket's copy is drained
-//! and dropped (unread, it would fill up and stall the guest's serial output).
+//! vmlet is the one client of QEMU's serial socket; a test types into the
+//! guest through a `type: serial` console token's websocket, like any user.
+//! QEMU appends everything the guest prints to the VM's console log (in its
+//! state directory). A command's output is read back from that log, between
+//! two unique markers the guest echoes around it: the log has all the output
+//! from the start, whoever is connected. What the websocket sends back is
+//! read and dropped.
 //!
 //! Synchronous on purpose: call it from a tokio test directly (it blocks the
 //! thread for a few seconds at most) or through `tokio::task::spawn_blocking`.
 //!
 //! ```ignore
-//! let mut shell = SerialShell::connect(&vm.paths.serial_socket(), &vm.paths.serial_log());
+//! let token = serial_token(&d, &id).await;
+//! let mut shell = SerialShell::connect(&d.socket, &token, &d.serial_log(uuid));
 //! let cmdline = shell.run("cat /proc/cmdline", Duration::from_secs(10));
 //! ```
 #![allow(dead_code)]
@@ -21,15 +22,16 @@
 use std::collections::hash_map::RandomState;
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
-use std::net::Shutdown;
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// How long [`SerialShell::connect`] retries while the socket is not there yet.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
 /// One try of the readiness round trip in [`SerialShell::connect`].
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the log is re-read while waiting.
@@ -39,7 +41,10 @@ const TAIL_BYTES: usize = 4000;
 
 /// A connection to the guest's shell on the serial console.
 pub struct SerialShell {
-    stream: UnixStream,
+    /// Input for the thread that owns the websocket; dropping it closes
+    /// the websocket.
+    input: Option<mpsc::Sender<Vec<u8>>>,
+    pumping: Option<thread::JoinHandle<()>>,
     log: PathBuf,
     /// Per-connection random part of the markers.
     tag: String,
@@ -48,36 +53,59 @@ pub struct SerialShell {
 }
 
 impl SerialShell {
-    /// Connects to `socket` (retrying up to 10 s while it does not exist or
-    /// refuses), then waits for the guest's shell: for `GUEST-READY` in `log`
-    /// (the serial log file) and for an `echo` round trip to come back (tried
-    /// again every 3 s, since input sent before the shell starts may be lost).
+    /// Opens the serial console websocket on the daemon's API socket
+    /// `api_socket` with `token` (a `type: serial` console token), then
+    /// waits for the guest's shell: for `GUEST-READY` in `log` (the VM's
+    /// console log) and for an `echo` round trip to come back (tried again
+    /// every 3 s, since input sent before the shell starts may be lost).
     /// Waits for the boot up to `BOOT_TIMEOUT`; panics with the log's tail
     /// when the shell does not answer by then (is the guest booted with
     /// `guest.action=shell`?).
-    pub fn connect(socket: &Path, log: &Path) -> SerialShell {
-        let started = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(socket) {
-                Ok(stream) => break stream,
-                Err(e)
-                    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
-                        && started.elapsed() < CONNECT_TIMEOUT =>
-                {
-                    thread::sleep(Duration::from_millis(50));
+    pub fn connect(api_socket: &Path, token: &str, log: &Path) -> SerialShell {
+        let stream = UnixStream::connect(api_socket).unwrap_or_else(|e| {
+            panic!(
+                "serial shell: cannot connect to {}: {e}",
+                api_socket.display()
+            )
+        });
+        let request = format!("ws://localhost/v1/console?token={token}")
+            .into_client_request()
+            .expect("a websocket request");
+        let (mut socket, response) = tungstenite::client::client(request, stream)
+            .unwrap_or_else(|e| panic!("serial shell: opening the console websocket: {e}"));
+        assert_eq!(response.status(), 101, "serial shell: no websocket upgrade");
+        socket
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("a read timeout on the API socket");
+        // One thread owns the websocket: it sends the input and reads (and
+        // drops) the output, which the log has too.
+        let (input, inputs) = mpsc::channel::<Vec<u8>>();
+        let pumping = thread::spawn(move || loop {
+            match inputs.try_recv() {
+                Ok(bytes) => {
+                    if socket.send(Message::Binary(bytes.into())).is_err() {
+                        return;
+                    }
+                    continue;
                 }
-                Err(e) => panic!("serial shell: cannot connect to {}: {e}", socket.display()),
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    let _ = socket.close(None);
+                    let _ = socket.flush();
+                    return;
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
             }
-        };
-        // Drain (and drop) what QEMU sends to the client; the log has it all.
-        // Ends when the stream is shut down (drop) or QEMU goes away.
-        let mut drain = stream.try_clone().expect("cloning the serial socket");
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while matches!(drain.read(&mut buf), Ok(n) if n > 0) {}
+            match socket.read() {
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
         });
         let mut shell = SerialShell {
-            stream,
+            input: Some(input),
+            pumping: Some(pumping),
             log: log.to_path_buf(),
             tag: random_tag(),
             count: 0,
@@ -146,9 +174,11 @@ impl SerialShell {
             .unwrap_or_else(|e| panic!("serial shell: cannot open {}: {e}", self.log.display()));
         // Only what comes after this point: the command has not been sent yet.
         log.seek(SeekFrom::End(0)).expect("seeking the serial log");
-        self.stream
-            .write_all(line.as_bytes())
-            .unwrap_or_else(|e| panic!("serial shell: writing to the socket: {e}"));
+        self.input
+            .as_ref()
+            .expect("the websocket is open")
+            .send(line.into_bytes())
+            .unwrap_or_else(|_| panic!("serial shell: the console websocket closed"));
 
         let deadline = Instant::now() + timeout;
         let mut text = Vec::new();
@@ -179,10 +209,12 @@ impl SerialShell {
 }
 
 impl Drop for SerialShell {
-    /// Disconnects (which also ends the drain thread), so that another client
-    /// can connect.
+    /// Closes the websocket and waits for its thread.
     fn drop(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.input.take();
+        if let Some(pumping) = self.pumping.take() {
+            let _ = pumping.join();
+        }
     }
 }
 
