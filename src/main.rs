@@ -124,6 +124,24 @@ enum Command {
         #[command(flatten)]
         opts: ClientOptions,
     },
+    /// Attach this terminal to a VM's serial console (raw mode; the escape
+    /// key, Ctrl-] by default, detaches), or print its log with --print-log.
+    Console {
+        #[command(flatten)]
+        opts: ClientOptions,
+        /// The VM (UUID or name).
+        vm: String,
+        /// The key that detaches: ^X for a control key, or one character.
+        #[arg(long, default_value = vmlet::cli::DEFAULT_ESCAPE, value_parser = vmlet::cli::parse_escape)]
+        escape: u8,
+        /// Print the end of the console log instead of attaching (works
+        /// for stopped VMs too).
+        #[arg(long = "print-log")]
+        print_log: bool,
+        /// With --print-log: how many bytes from the end (default 64 KiB).
+        #[arg(long, value_name = "N", requires = "print_log")]
+        tail_bytes: Option<u64>,
+    },
     /// Follow the daemon's events, one line each, until interrupted.
     Events {
         #[command(flatten)]
@@ -271,6 +289,7 @@ async fn dispatch(
         | Command::Volume { .. }
         | Command::Network { .. }
         | Command::Node { .. }
+        | Command::Console { .. }
         | Command::Events { .. } => {
             unreachable!("run_client runs the client subcommands")
         }
@@ -289,6 +308,16 @@ async fn run_client(cli: Cli) -> Result<anyhow::Result<ExitCode>, Cli> {
         Command::Network { opts, cmd } => vmlet::cli::run_network(cmd, &opts, &mut stdout).await,
         Command::Node { opts } => vmlet::cli::run_node(&opts, &mut stdout).await,
         Command::Events { opts, since } => vmlet::cli::run_events(since, &opts, &mut stdout).await,
+        Command::Console {
+            opts,
+            vm,
+            print_log: true,
+            tail_bytes,
+            ..
+        } => vmlet::cli::run_console_log(&opts, &vm, tail_bytes, &mut stdout).await,
+        Command::Console {
+            opts, vm, escape, ..
+        } => vmlet::cli::run_console(&opts, &vm, escape).await,
         command => return Err(Cli { command, ..cli }),
     };
     Ok(result.map(|()| ExitCode::SUCCESS).map_err(Into::into))

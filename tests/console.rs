@@ -286,6 +286,10 @@ async fn serial_console_history_input_readers_and_log() {
     }
     read_until(&mut second, b"MARK-4711").await;
 
+    // `vmlet console`: history on stdout, typed input reaches the guest,
+    // the escape key detaches.
+    cli_console(&d, &id).await;
+
     // The log's tail over HTTP.
     assert_eq!(console_log(&d, &id, 0).await, b"");
     let tail = console_log(&d, &id, 64).await;
@@ -355,4 +359,50 @@ async fn console_log(d: &Daemon, id: &str, n: u64) -> Vec<u8> {
         .console_log(id, Some(n))
         .await
         .unwrap_or_else(|e| panic!("console-log: {e}"))
+}
+
+/// Runs `vmlet console ID` with piped stdin: types a command, waits for its
+/// answer on stdout, then detaches with Ctrl-].
+async fn cli_console(d: &Daemon, id: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vmlet"))
+        .args(["console", id, "--socket"])
+        .arg(&d.socket)
+        .env_remove("VMLET_URL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("vmlet console");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    stdin.write_all(b"echo CLI-''0042\r").await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while !seen.windows(8).any(|w| w == b"CLI-0042") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stdout.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            other => {
+                let mut stderr = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut stderr).await;
+                panic!(
+                    "vmlet console: no answer ({other:?}); it printed:\n{}\nand on stderr:\n{stderr}",
+                    String::from_utf8_lossy(&seen)
+                )
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("GUEST-READY"), "no history: {text}");
+    stdin.write_all(b"\x1d").await.unwrap();
+    let out = tokio::time::timeout(READ_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("vmlet console detaches")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("[detached]"), "{stderr}");
 }

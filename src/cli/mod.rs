@@ -15,7 +15,8 @@
 //! - `storage`: `vmlet image …` and `vmlet volume …`, the import progress
 //!   bar, and how images and volumes are rendered;
 //! - `network`: `vmlet network …`, and how networks are rendered;
-//! - `node`: `vmlet node` and `vmlet events`, and their rendering.
+//! - `node`: `vmlet node` and `vmlet events`, and their rendering;
+//! - `console`: `vmlet console VM` (the serial console in the terminal).
 //!
 //! Their public items are re-exported here: callers name them `cli::…`.
 
@@ -26,6 +27,7 @@ use uuid::Uuid;
 
 use crate::client::{Client, ClientError, Endpoint, DEFAULT_SOCKET};
 
+mod console;
 #[cfg(test)]
 mod fixtures;
 mod network;
@@ -33,6 +35,7 @@ mod node;
 mod storage;
 mod vm;
 
+pub use console::{parse_escape, run_console, run_console_log, split_at_escape, DEFAULT_ESCAPE};
 pub use network::{render_network, render_network_list, run_network, NetworkCommand};
 pub use node::{render_event, render_node, run_events, run_node};
 pub use storage::{

@@ -1,0 +1,171 @@
+//! `vmlet console VM`: the VM's serial console in this terminal, like
+//! `virsh console`. The terminal goes into raw mode (every key goes to the
+//! guest, Ctrl-C included) until the escape key (Ctrl-] by default) detaches
+//! or the VM stops. `--print-log` prints the console log's tail instead.
+
+use std::io::{IsTerminal, Write};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cli::{CliError, ClientOptions};
+use crate::console::ConsoleKind;
+
+/// The default escape key, Ctrl-] (as in telnet and `virsh console`).
+pub const DEFAULT_ESCAPE: &str = "^]";
+
+/// Parses an escape key: `^X` (Ctrl-X, for `@`, `A`–`Z`, `[`, `\`, `]`,
+/// `^`, `_`) or one ASCII character.
+pub fn parse_escape(text: &str) -> Result<u8, String> {
+    let bytes = text.as_bytes();
+    match bytes {
+        [b'^', c] if (b'@'..=b'_').contains(&c.to_ascii_uppercase()) => {
+            Ok(c.to_ascii_uppercase() & 0x1f)
+        }
+        [c] if c.is_ascii() => Ok(*c),
+        _ => Err(format!(
+            "{text:?} is not an escape key: use ^X (a control key) or one ASCII character"
+        )),
+    }
+}
+
+/// Splits what was typed at the escape key: the bytes before it, and
+/// whether it was pressed.
+pub fn split_at_escape(typed: &[u8], escape: u8) -> (&[u8], bool) {
+    match typed.iter().position(|&b| b == escape) {
+        Some(at) => (&typed[..at], true),
+        None => (typed, false),
+    }
+}
+
+/// Restores the terminal's mode when dropped.
+struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    /// Puts standard input into raw mode; `None` when it is not a terminal.
+    fn enter() -> Result<Option<RawMode>, CliError> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Ok(None);
+        }
+        let saved = tcgetattr(&stdin).map_err(|e| CliError::Output(e.into()))?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).map_err(|e| CliError::Output(e.into()))?;
+        Ok(Some(RawMode { saved }))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
+    }
+}
+
+/// `vmlet console VM`: attaches this terminal to the serial console until
+/// `escape` is typed or the console closes.
+pub async fn run_console(opts: &ClientOptions, vm: &str, escape: u8) -> Result<(), CliError> {
+    let client = opts.client()?;
+    let token = client.console_token(vm, ConsoleKind::Serial).await?;
+    let mut socket = client.open_console(&token.url).await?;
+    eprintln!(
+        "Connected to the serial console of {vm} (escape: {}); the last 64 KiB of output follows.",
+        describe_escape(escape)
+    );
+    let raw = RawMode::enter()?;
+    let mut stdin = tokio::io::stdin();
+    let mut stdout = std::io::stdout();
+    let mut typed = vec![0u8; 4096];
+    let why = loop {
+        tokio::select! {
+            message = socket.next() => match message {
+                Some(Ok(Message::Binary(bytes))) => {
+                    stdout.write_all(&bytes).map_err(CliError::Output)?;
+                    stdout.flush().map_err(CliError::Output)?;
+                }
+                Some(Ok(Message::Text(text))) => {
+                    stdout.write_all(text.as_bytes()).map_err(CliError::Output)?;
+                    stdout.flush().map_err(CliError::Output)?;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    break frame
+                        .map(|f| f.reason.to_string())
+                        .filter(|r| !r.is_empty())
+                        .unwrap_or_else(|| "the console closed".into());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break format!("the console broke: {e}"),
+                None => break "the console closed".into(),
+            },
+            read = stdin.read(&mut typed) => {
+                let n = read.map_err(CliError::Output)?;
+                if n == 0 {
+                    break "end of input".into();
+                }
+                let (before, escaped) = split_at_escape(&typed[..n], escape);
+                if !before.is_empty() {
+                    let sent = socket.send(Message::Binary(before.to_vec().into())).await;
+                    if let Err(e) = sent {
+                        break format!("the console broke: {e}");
+                    }
+                }
+                if escaped {
+                    let _ = socket.close(None).await;
+                    break "detached".into();
+                }
+            }
+        }
+    };
+    drop(raw);
+    eprintln!("\r\n[{why}]");
+    Ok(())
+}
+
+/// `vmlet console VM --print-log`: prints the log's tail as the guest wrote it.
+pub async fn run_console_log(
+    opts: &ClientOptions,
+    vm: &str,
+    tail_bytes: Option<u64>,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let bytes = opts.client()?.console_log(vm, tail_bytes).await?;
+    out.write_all(&bytes).map_err(CliError::Output)?;
+    out.flush().map_err(CliError::Output)
+}
+
+fn describe_escape(escape: u8) -> String {
+    if escape < 0x20 {
+        format!("Ctrl-{}", (escape | 0x40) as char)
+    } else {
+        format!("{:?}", escape as char)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_keys_parse() {
+        assert_eq!(parse_escape("^]"), Ok(0x1d));
+        assert_eq!(parse_escape("^a"), Ok(0x01));
+        assert_eq!(parse_escape("~"), Ok(b'~'));
+        assert!(parse_escape("^").is_ok(), "a lone caret is a character");
+        assert!(parse_escape("^1").is_err());
+        assert!(parse_escape("ab").is_err());
+        assert!(parse_escape("").is_err());
+        assert_eq!(describe_escape(0x1d), "Ctrl-]");
+    }
+
+    #[test]
+    fn typing_stops_at_the_escape_key() {
+        assert_eq!(split_at_escape(b"ls\r", 0x1d), (&b"ls\r"[..], false));
+        assert_eq!(split_at_escape(b"ls\x1dmore", 0x1d), (&b"ls"[..], true));
+        assert_eq!(split_at_escape(b"\x1d", 0x1d), (&b""[..], true));
+    }
+}
