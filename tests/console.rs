@@ -198,6 +198,51 @@ async fn vnc_console_through_one_time_tokens() {
         .expect("A's token on A");
     read_until(&mut ws, b"RFB 003.008\n").await;
 
+    // The noVNC page: served for a live vnc token without spending it.
+    let for_page = console_token(&d, &a_id, "vnc").await;
+    let page = d
+        .client
+        .request(Method::GET, &format!("/console?token={for_page}"), None)
+        .await
+        .unwrap();
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert_eq!(page.content_type(), Some("text/html; charset=utf-8"));
+    assert_eq!(
+        page.headers.get("referrer-policy").map(|v| v.as_bytes()),
+        Some(&b"no-referrer"[..])
+    );
+    assert!(
+        page.text().contains("/novnc/core/rfb.js"),
+        "{}",
+        page.text()
+    );
+    let mut from_page = open_ws(&d, &format!("/v1/console?token={for_page}"))
+        .await
+        .expect("the page left its token for the websocket");
+    read_until(&mut from_page, b"RFB 003.008\n").await;
+    drop(from_page);
+    let answer = call(&d, Method::GET, &format!("/console?token={for_page}"), None).await;
+    assert_error(&answer, 401, "unauthorized");
+    let serial = console_token(&d, &a_id, "serial").await;
+    let answer = call(&d, Method::GET, &format!("/console?token={serial}"), None).await;
+    assert_error(&answer, 400, "bad_request");
+    // noVNC's own files, and nothing outside their directory.
+    let rfb = d
+        .client
+        .request(Method::GET, "/novnc/core/rfb.js", None)
+        .await
+        .unwrap();
+    assert_eq!(rfb.status, 200, "is Debian's novnc installed?");
+    assert_eq!(rfb.content_type(), Some("text/javascript; charset=utf-8"));
+    for bad in [
+        "/novnc/../../../etc/passwd",
+        "/novnc/%2e%2e/%2e%2e/etc/passwd",
+        "/novnc/.hidden",
+    ] {
+        let answer = d.client.request(Method::GET, bad, None).await.unwrap();
+        assert_eq!(answer.status, 404, "{bad}: {}", answer.text());
+    }
+
     // No token for a stopped VM, a bad type, or a VM without a display.
     let answer = call(
         &d,
@@ -387,7 +432,12 @@ async fn cli_console(d: &Daemon, id: &str) {
             Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
             other => {
                 let mut stderr = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut stderr).await;
+                let _ = child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr)
+                    .await;
                 panic!(
                     "vmlet console: no answer ({other:?}); it printed:\n{}\nand on stderr:\n{stderr}",
                     String::from_utf8_lossy(&seen)
