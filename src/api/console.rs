@@ -17,6 +17,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -224,16 +225,35 @@ fn token_refused(e: TokenError) -> ApiError {
     ApiError::unauthorized(e.to_string())
 }
 
-fn close(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
+/// Sends the close frame: `reason` when the VM side ended the session,
+/// a normal close when the client did.
+async fn finish(mut sink: SplitSink<WebSocket, Message>, reason: Option<(u16, &str)>) {
+    let (code, text) = reason.unwrap_or((CLOSE_NORMAL, "closed"));
+    let frame = Message::Close(Some(CloseFrame {
         code,
-        reason: reason.into(),
-    }))
+        reason: text.into(),
+    }));
+    let _ = sink.send(frame).await;
+    let _ = sink.close().await;
 }
 
 /// Close codes: normal, and "going away" when the VM stopped.
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// The next bytes the client sends (binary or text messages); `None` once
+/// it closes or the connection breaks.
+async fn next_input(from_client: &mut SplitStream<WebSocket>) -> Option<Bytes> {
+    while let Some(Ok(message)) = from_client.next().await {
+        match message {
+            Message::Binary(bytes) => return Some(bytes),
+            Message::Text(text) => return Some(Bytes::copy_from_slice(text.as_bytes())),
+            Message::Close(_) => return None,
+            _ => {}
+        }
+    }
+    None
+}
 
 /// Joins the websocket and the VM's VNC socket until either side closes or
 /// the VM stops.
@@ -241,13 +261,7 @@ async fn proxy_vnc(socket: WebSocket, stream: UnixStream, live: Live) {
     let (mut sink, mut from_client) = socket.split();
     let (mut vm_read, mut vm_write) = stream.into_split();
     let to_vm = async {
-        while let Some(Ok(message)) = from_client.next().await {
-            let bytes = match message {
-                Message::Binary(bytes) => bytes,
-                Message::Text(text) => Bytes::copy_from_slice(text.as_bytes()),
-                Message::Close(_) => break,
-                _ => continue,
-            };
+        while let Some(bytes) = next_input(&mut from_client).await {
             if vm_write.write_all(&bytes).await.is_err() {
                 break;
             }
@@ -272,9 +286,7 @@ async fn proxy_vnc(socket: WebSocket, stream: UnixStream, live: Live) {
         _ = from_vm => Some((CLOSE_GOING_AWAY, "the VNC server closed the connection")),
         _ = live.gone() => Some((CLOSE_GOING_AWAY, "the VM stopped")),
     };
-    let (code, text) = reason.unwrap_or((CLOSE_NORMAL, "closed"));
-    let _ = sink.send(close(code, text)).await;
-    let _ = sink.close().await;
+    finish(sink, reason).await;
 }
 
 /// Streams the serial console (history first) to the websocket and its
@@ -289,13 +301,7 @@ async fn proxy_serial(socket: WebSocket, attached: Attached, live: Live) {
     } = attached;
     let (mut sink, mut from_client) = socket.split();
     let to_vm = async {
-        while let Some(Ok(message)) = from_client.next().await {
-            let bytes = match message {
-                Message::Binary(bytes) => bytes,
-                Message::Text(text) => Bytes::copy_from_slice(text.as_bytes()),
-                Message::Close(_) => break,
-                _ => continue,
-            };
+        while let Some(bytes) = next_input(&mut from_client).await {
             if hub.send(bytes).await.is_err() {
                 break;
             }
@@ -323,9 +329,7 @@ async fn proxy_serial(socket: WebSocket, attached: Attached, live: Live) {
         _ = from_vm => Some((CLOSE_GOING_AWAY, "the serial console closed (the VM stopped)")),
         _ = live.gone() => Some((CLOSE_GOING_AWAY, "the VM stopped")),
     };
-    let (code, text) = reason.unwrap_or((CLOSE_NORMAL, "closed"));
-    let _ = sink.send(close(code, text)).await;
-    let _ = sink.close().await;
+    finish(sink, reason).await;
 }
 
 /// The console page (noVNC) for a `vnc` token. The token is checked, not
