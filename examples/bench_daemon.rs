@@ -383,6 +383,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
                     profile,
                     accel: Accel::Tcg,
                     paths: &paths,
+                    serial_log: &paths.serial_log(),
                     layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
                     nics: &[],
                 },

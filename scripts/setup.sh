@@ -5,9 +5,15 @@
 #   qemu-system-x86 10.x  from bookworm-backports (added as an apt source if absent)
 #   qemu-utils            qemu-img
 #   iproute2              ip, bridge (used by tests and operators)
+#   novnc                 the noVNC files vmlet serves with its console page
+#                         (/usr/share/novnc, setting console.novnc_dir)
 # With --test, also what the test suite needs: gzip and procps, and
 # syslinux, mtools and dosfstools (a BIOS-bootable disk for the firmware-boot
-# test), iputils-ping (the network tests ping guests from a namespace).
+# test), iputils-ping (the network tests ping guests from a namespace), and
+# for the console's browser test chromium (Debian's, /usr/bin/chromium),
+# nodejs and npm when node or npm is missing, and playwright-core (npm ci in
+# tests/browser, from its package-lock.json; it drives that chromium and
+# never downloads a browser of its own).
 # The test guest's busybox and kernel are downloaded by
 # build-test-guest.sh with apt-get download, not installed.
 set -euo pipefail
@@ -26,6 +32,7 @@ missing=()
 [ "$(qemu_major)" -ge 10 ] 2>/dev/null || missing+=(qemu-system-x86)
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+[ -f /usr/share/novnc/core/rfb.js ] || missing+=(novnc)
 if [ "$want_test_tools" = 1 ]; then
     # command -> package, for the test suite only.
     for pair in gzip:gzip pgrep:procps mkfs.vfat:dosfstools mcopy:mtools syslinux:syslinux ping:iputils-ping; do
@@ -33,7 +40,29 @@ if [ "$want_test_tools" = 1 ]; then
     done
     # syslinux's BIOS boot files (ldlinux.c32) for the firmware-boot test disk.
     dpkg -s syslinux-common >/dev/null 2>&1 || missing+=(syslinux-common)
+    # The console's browser test (tests/console_browser.rs).
+    for pair in chromium:chromium node:nodejs npm:npm; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
 fi
+
+browser_dir=$(cd "$(dirname "$0")/.." && pwd)/tests/browser
+
+# npm ci in tests/browser, unless node_modules already matches the lock file
+# (npm ci leaves its own copy of the lock in there).
+install_browser_driver() {
+    local lock=$browser_dir/package-lock.json installed=$browser_dir/node_modules/.package-lock.json
+    if [ -f "$installed" ] && [ ! "$lock" -nt "$installed" ] &&
+        [ -f "$browser_dir/node_modules/playwright-core/package.json" ]; then
+        return 0
+    fi
+    log "npm ci in tests/browser (playwright-core)"
+    (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    local major
+    major=$(node --version | sed -n 's/^v\([0-9]*\)\..*/\1/p')
+    [ "${major:-0}" -ge 20 ] ||
+        log "warning: node $(node --version) is older than playwright-core's minimum (20)"
+}
 
 if ! command -v cargo >/dev/null 2>&1; then
     # Debian 12's own Rust (1.63) is too old for vmlet's dependencies.
@@ -42,6 +71,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then
+    [ "$want_test_tools" = 0 ] || install_browser_driver
     exit 0
 fi
 
@@ -70,4 +100,5 @@ apt-get update -qq
 # -t lets QEMU's own dependencies (seabios, qemu-system-data, …) come from
 # backports too; packages that are not in backports still come from bookworm.
 apt-get install -y -qq --no-install-recommends -t bookworm-backports "${missing[@]}" >/dev/null
+[ "$want_test_tools" = 0 ] || install_browser_driver
 log "done: $(qemu-system-x86_64 --version | head -n1)"

@@ -11,6 +11,7 @@ pub mod config;
 pub mod console;
 pub mod daemon;
 pub mod events;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod qemu;

@@ -40,6 +40,31 @@ const CHUNK: usize = 64 * 1024;
 /// The console page.
 const PAGE: &str = include_str!("console.html");
 
+/// The page's Content-Security-Policy: its own origin only, and of inline
+/// scripts only the page's own (by hash), so nothing injected can run.
+fn page_policy() -> &'static str {
+    static POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        use base64::Engine;
+        use sha2::Digest;
+        let script = inline_script(PAGE).unwrap_or_default();
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+        format!(
+            "default-src 'self'; script-src 'self' 'sha256-{hash}'; connect-src 'self'; \
+             img-src 'self' data:; style-src 'self' 'unsafe-inline'; base-uri 'none'; \
+             object-src 'none'"
+        )
+    });
+    &POLICY
+}
+
+/// The text of the page's one inline module script.
+fn inline_script(page: &str) -> Option<&str> {
+    const OPEN: &str = "<script type=\"module\">";
+    let start = page.find(OPEN)? + OPEN.len();
+    let len = page[start..].find("</script>")?;
+    Some(&page[start..start + len])
+}
+
 /// `POST /v1/vms/{id}/console` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -345,11 +370,7 @@ pub async fn page(State(app): State<AppState>, Query(query): Query<TokenQuery>) 
                 (header::CACHE_CONTROL, "no-store"),
                 // The token is in the URL: never send it on as a referrer.
                 (header::REFERRER_POLICY, "no-referrer"),
-                (
-                    header::CONTENT_SECURITY_POLICY,
-                    "default-src 'self'; connect-src 'self'; img-src 'self' data:; \
-                     style-src 'self' 'unsafe-inline'; base-uri 'none'; object-src 'none'",
-                ),
+                (header::CONTENT_SECURITY_POLICY, page_policy()),
             ],
             PAGE,
         )
@@ -459,6 +480,14 @@ mod tests {
         ] {
             assert_eq!(static_path(dir, bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_page_policy_allows_exactly_its_own_script() {
+        let script = inline_script(PAGE).expect("the page has its module script");
+        assert!(script.contains("/novnc/core/rfb.js"));
+        assert!(page_policy().contains("script-src 'self' 'sha256-"));
+        assert_eq!(inline_script("<p>no script</p>"), None);
     }
 
     #[test]

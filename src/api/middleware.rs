@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -14,12 +14,17 @@ use crate::api::error::ApiError;
 
 static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 
-/// Gives each request an id (`x-request-id` on the response) and logs one
-/// line when the response starts.
+/// Gives each request an id (`x-request-id` on the response), logs one
+/// line when the response starts, and records its latency by route template
+/// (axum's [`MatchedPath`]; `unmatched` for the fallback) for `/metrics`.
 pub async fn log_request(request: Request, next: Next) -> Response {
     let id = format!("r{}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|r| r.as_str().to_string());
     let started = Instant::now();
     let span = tracing::info_span!("request", request_id = %id);
     let mut response = {
@@ -27,6 +32,12 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         next.run(request).await
     };
     let status = response.status().as_u16();
+    crate::metrics::observe_api_request(
+        route.as_deref().unwrap_or("unmatched"),
+        method.as_str(),
+        status,
+        started.elapsed(),
+    );
     // Microsecond precision is plenty for a log line.
     let elapsed_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
     if status >= 500 {
@@ -111,5 +122,37 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
         assert!(!constant_time_eq(&[0u8; 256], &[0u8; 512]));
+    }
+}
+
+#[cfg(test)]
+mod open_route_tests {
+    use super::is_open_route;
+    use axum::http::Method;
+
+    #[test]
+    fn only_health_and_console_gets_skip_the_bearer_token() {
+        for path in [
+            "/healthz",
+            "/v1/console",
+            "/console",
+            "/novnc/core/rfb.js",
+            "/v1/vms/web-1/console",
+        ] {
+            assert!(is_open_route(&Method::GET, path), "{path}");
+        }
+        for path in [
+            "/v1/vms",
+            "/v1/vms/web-1",
+            "/v1/vms/web-1/console-log",
+            "/v1/vms/a/b/console",
+            "/v1/vms//console",
+            "/metrics",
+        ] {
+            assert!(!is_open_route(&Method::GET, path), "{path}");
+        }
+        // Issuing a token needs the bearer token.
+        assert!(!is_open_route(&Method::POST, "/v1/vms/web-1/console"));
+        assert!(!is_open_route(&Method::POST, "/v1/console"));
     }
 }

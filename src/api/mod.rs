@@ -7,6 +7,7 @@ pub mod console;
 pub mod error;
 pub mod events;
 pub mod images;
+pub mod metrics;
 pub mod middleware;
 pub mod networks;
 pub mod vm_disks;
@@ -89,7 +90,7 @@ pub async fn openapi() -> Response {
         404 not found, 409 conflicting state or task, 413 body too large, 422 invalid spec \
         (the field named), 503 QEMU or host failure, 507 the host's disk is full."),
     paths(
-        healthz, node, openapi,
+        healthz, node, openapi, metrics::scrape,
         vms::list, vms::show, vms::create, vms::put, vms::delete,
         vms::start, vms::stop, vms::reboot, vms::pause, vms::resume,
         vm_disks::attach, vm_disks::detach, vm_disks::set_limits,
@@ -174,6 +175,7 @@ pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/node", get(node))
         .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics::scrape))
         .route("/v1/vms", get(vms::list).post(vms::create))
         .route(
             "/v1/vms/{id}",

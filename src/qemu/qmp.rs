@@ -500,6 +500,8 @@ struct Pending {
     command: String,
     deadline: Duration,
     expires: Instant,
+    /// When it was queued, for the latency metric.
+    sent: Instant,
     reply: oneshot::Sender<Result<Value, QmpError>>,
 }
 
@@ -625,6 +627,7 @@ impl Connection {
                 command: request.command,
                 deadline: request.deadline,
                 expires: request.expires,
+                sent: Instant::now(),
                 reply: request.reply,
             },
         );
@@ -777,6 +780,7 @@ impl Connection {
             warn!(socket = %self.socket, id = ?message.get("id"), "QMP: skipping a reply to no pending command");
             return;
         };
+        crate::metrics::observe_qmp_command(&pending.command, pending.sent.elapsed());
         let outcome = match message.remove("error") {
             Some(error) => Err(qemu_error(pending.command, error)),
             None => Ok(message.remove("return").unwrap_or(Value::Null)),
@@ -799,6 +803,7 @@ impl Connection {
         // Nothing due only if the timer woke a hair early; the next loop
         // sets it again.
         let pending = expired.and_then(|id| self.pending.remove(&id))?;
+        crate::metrics::count_qmp_timeout(&pending.command);
         let reason = CloseReason::Timeout {
             command: pending.command.clone(),
             after: pending.deadline,

@@ -660,6 +660,11 @@ impl Manager {
             disk_gib: disk_mib.div_ceil(1024),
         }
     }
+
+    /// Every VM's handle (for the metrics scrape).
+    pub fn handles(&self) -> Vec<VmHandle> {
+        self.ctx.handles()
+    }
 }
 
 /// Removes vmlet's taps that no VM with a QEMU owns (left by a QEMU that
