@@ -8,10 +8,14 @@
 //! and writes sessions' input to the socket. It also keeps the log's size
 //! under a cap by rotating it (`console.log` → `console.log.1` → …).
 //!
-//! Rotation copies the log and then truncates it (QEMU keeps the file open
-//! with `O_APPEND`, so its next write lands at the new start); bytes QEMU
-//! writes between the copy and the truncation are lost from the log (not
-//! from the live stream), as with logrotate's `copytruncate`.
+//! QEMU keeps the log open (`O_APPEND`), so rotation cannot rename it.
+//! vmlet copies the log's head, whole file-system blocks, to `console.log.1`
+//! and cuts exactly those bytes from the front of the file with
+//! `fallocate(FALLOC_FL_COLLAPSE_RANGE)`, which the kernel does atomically
+//! with QEMU's appends: no byte is lost. On a file system without collapse
+//! (tmpfs, …) it falls back to logrotate's `copytruncate`, where bytes QEMU
+//! writes between the copy and the truncation are lost from the log (never
+//! from the live stream).
 
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
@@ -53,29 +57,57 @@ impl SerialLog {
     }
 
     /// Rotates the log when it has reached `max_bytes`: shifts the backups,
-    /// copies the log to `.1` and truncates it. True when it rotated.
+    /// moves the log's head to `.1` and cuts it from the log (see the module
+    /// notes). True when it rotated.
     pub fn rotate_if_full(&self) -> std::io::Result<bool> {
-        let size = match std::fs::metadata(&self.path) {
-            Ok(meta) => meta.len(),
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(&self.path) {
+            Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
+        let size = meta.len();
         if size < self.max_bytes {
             return Ok(false);
         }
-        if self.backups > 0 {
-            for n in (1..self.backups).rev() {
-                match std::fs::rename(self.backup(n), self.backup(n + 1)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
+        // Collapse works on whole blocks and must leave at least one byte.
+        let block = meta.blksize().max(1);
+        let head = (size - 1) / block * block;
+        let mut log = OpenOptions::new().read(true).write(true).open(&self.path)?;
+        for n in (1..self.backups).rev() {
+            match std::fs::rename(self.backup(n), self.backup(n + 1)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
             }
-            std::fs::copy(&self.path, self.backup(1))?;
         }
-        OpenOptions::new()
-            .write(true)
-            .open(&self.path)?
-            .set_len(0)?;
+        if head > 0 {
+            if self.backups > 0 {
+                let mut backup = std::fs::File::create(self.backup(1))?;
+                std::io::copy(&mut (&log).take(head), &mut backup)?;
+            }
+            let collapsed = nix::fcntl::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&log),
+                nix::fcntl::FallocateFlags::FALLOC_FL_COLLAPSE_RANGE,
+                0,
+                head as libc::off_t,
+            );
+            if collapsed.is_ok() {
+                return Ok(true);
+            }
+        }
+        // No collapse here: copy what is left and truncate (copytruncate).
+        if self.backups > 0 {
+            let mut backup = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.backup(1))?;
+            if head == 0 {
+                backup.set_len(0)?;
+            }
+            log.seek(SeekFrom::Start(head))?;
+            std::io::copy(&mut log, &mut backup)?;
+        }
+        log.set_len(0)?;
         Ok(true)
     }
 
@@ -314,6 +346,23 @@ mod tests {
         assert!(!log.backup(3).exists());
         assert_eq!(log.tail(5).unwrap(), b"cccdd");
         assert_eq!(log.tail(100).unwrap(), b"bbbbbbbbbbccccccccccdd");
+    }
+
+    #[test]
+    fn rotation_keeps_every_byte_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_in(dir.path(), 8192, 1);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&log.path, &data).unwrap();
+        assert!(log.rotate_if_full().unwrap());
+        let kept = std::fs::read(&log.path).unwrap();
+        // With collapse (ext4, xfs) whole blocks moved and the rest stayed;
+        // without it, everything moved.
+        assert!(kept.len() < 8192, "{} bytes left", kept.len());
+        let mut both = std::fs::read(log.backup(1)).unwrap();
+        both.extend_from_slice(&kept);
+        assert_eq!(both, data);
+        assert_eq!(log.tail(10_000).unwrap(), data);
     }
 
     #[test]
