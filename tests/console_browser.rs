@@ -19,7 +19,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::api::{create_vm, expect, force_delete_vm, id_of, uuid_of};
-use common::daemon::{unique_name, Daemon};
+use common::daemon::{free_port, unique_name, Daemon};
 use common::{guest, processes_with, wait_for_line, Scratch, BOOT_TIMEOUT};
 use serde_json::{json, Value};
 use vmlet::client::Method;
@@ -81,14 +81,6 @@ fn require_browser_tools() {
         "{}/node_modules has no playwright-core: {fix}",
         browser_dir().display()
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// SIGKILLs every process whose command line contains `needle`.

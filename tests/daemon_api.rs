@@ -13,7 +13,7 @@ use common::api::{
     assert_error, assert_invalid_field, call, create_vm, expect_event_within, force_delete_vm,
     id_of, next_event, uuid_of,
 };
-use common::daemon::{guest_spec_json, unique_name, wait_for_count, wait_until, Daemon};
+use common::daemon::{free_port, guest_spec_json, unique_name, wait_for_count, wait_until, Daemon};
 use common::BOOT_TIMEOUT;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -877,16 +877,6 @@ async fn cli_commands_drive_the_daemon() {
     assert!(stderr.contains("cannot connect"), "{stderr}");
 
     assert!(list(&d).await.is_empty());
-}
-
-/// A free loopback TCP port (bound and released: another test could take
-/// it in between, which would fail this test loudly, not silently).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]
