@@ -614,10 +614,10 @@ async fn storage_figures(client: &Client, scratch: &Scratch, guest: &Guest) -> S
     api(client, Method::POST, &format!("/v1/vms/{id}/start"), None).await;
     // Snapshots of a booted guest, not of one still loading its kernel.
     let serial = scratch
-        .run_dir()
-        .join("vms")
+        .path()
+        .join("state/vms")
         .join(id.to_string())
-        .join("serial.log");
+        .join("console.log");
     let booting = Instant::now();
     while !std::fs::read_to_string(&serial)
         .unwrap_or_default()
