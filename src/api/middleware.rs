@@ -114,6 +114,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::Method;
 
     #[test]
     fn token_comparison() {
@@ -123,12 +124,6 @@ mod tests {
         assert!(!constant_time_eq(b"", b"x"));
         assert!(!constant_time_eq(&[0u8; 256], &[0u8; 512]));
     }
-}
-
-#[cfg(test)]
-mod open_route_tests {
-    use super::is_open_route;
-    use axum::http::Method;
 
     #[test]
     fn only_health_and_console_gets_skip_the_bearer_token() {

@@ -191,6 +191,7 @@ pub struct Live {
     pub serial: Option<Arc<SerialHub>>,
     /// Whether the VM has a display (and so a VNC socket).
     pub display: bool,
+    incarnation: u64,
     gone: watch::Receiver<()>,
 }
 
@@ -254,6 +255,8 @@ struct Runtime {
     /// A task is trying to reach QEMU's QMP socket again.
     reconnecting: bool,
     serial: Option<Arc<SerialHub>>,
+    /// Its profile has a display adapter (a VNC socket).
+    display: bool,
     /// Dropped with the runtime: tells [`Live::gone`] waiters.
     gone: watch::Sender<()>,
 }
@@ -444,34 +447,26 @@ impl Actor {
     /// Publishes the QEMU the actor holds when it changed (another QEMU, or
     /// the QMP link lost or regained).
     fn publish_live(&mut self) {
-        let display = self
-            .ctx
-            .profiles
-            .get(&self.vm.spec.profile)
-            .is_ok_and(|p| p.devices.display.is_some());
+        let unchanged = match (self.live.borrow().as_ref(), self.runtime.as_ref()) {
+            (None, None) => true,
+            (Some(live), Some(rt)) => {
+                live.incarnation == rt.incarnation && live.qmp.is_some() == rt.qmp.is_some()
+            }
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
         let next = self.runtime.as_ref().map(|rt| Live {
             pid: rt.process.pid(),
             qmp: rt.qmp.clone(),
             paths: rt.paths.clone(),
             serial: rt.serial.clone(),
-            display,
+            display: rt.display,
+            incarnation: rt.incarnation,
             gone: rt.gone.subscribe(),
         });
-        self.live.send_if_modified(|live| {
-            let same = match (live.as_ref(), next.as_ref()) {
-                (None, None) => true,
-                (Some(a), Some(b)) => {
-                    a.pid == b.pid
-                        && a.qmp.is_some() == b.qmp.is_some()
-                        && a.gone.same_channel(&b.gone)
-                }
-                _ => false,
-            };
-            if !same {
-                *live = next;
-            }
-            !same
-        });
+        self.live.send_replace(next);
     }
 
     /// Answers `reply` once this input's changes are flushed.
@@ -827,6 +822,11 @@ impl Actor {
             panicked: false,
             reconnecting: false,
             serial,
+            display: self
+                .ctx
+                .profiles
+                .get(&self.vm.spec.profile)
+                .is_ok_and(|p| p.devices.display.is_some()),
             gone: watch::channel(()).0,
         });
     }
