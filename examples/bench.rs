@@ -102,6 +102,12 @@ impl Bench {
 
     async fn launch(&self, spec: &VmSpec) -> QemuInstance {
         let paths = RunPaths::new(&self.run_root, spec.uuid);
+        let files = vmlet::qemu::launch_files::LaunchFiles::open(
+            spec,
+            &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+            &[std::path::PathBuf::from("/")],
+        )
+        .expect("opening the VM's files");
         instance::launch(
             Path::new("qemu-system-x86_64"),
             LaunchInputs {
@@ -110,7 +116,10 @@ impl Bench {
                 accel: Accel::Tcg,
                 paths: &paths,
                 serial_log: &paths.serial_log(),
-                layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+                disks: &files.disks,
+                disk_sets: &files.sets,
+                passed_fds: &files.passed,
+                boot_files: files.boot.as_ref(),
                 nics: &[],
             },
         )

@@ -137,7 +137,11 @@ impl Scratch {
     /// answers; returns its client.
     async fn start_daemon(&mut self, vmlet: &Path, guest_dir: &Path) -> Client {
         let log = std::fs::File::create(self.log()).expect("creating the daemon log");
-        let allowed = format!("{}:{}", guest_dir.display(), self.path().display());
+        // Host files come from a directory of their own (never one holding
+        // the state or run directory).
+        let host = self.path().join("host");
+        std::fs::create_dir_all(&host).expect("creating the host-file directory");
+        let allowed = format!("{}:{}", guest_dir.display(), host.display());
         let child = Command::new(vmlet)
             .arg("serve")
             .arg("--config")
@@ -374,6 +378,12 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
         let spec = guest.spec(&format!("direct-{round}"));
         let paths = RunPaths::new(&direct_root, spec.uuid);
         let started = Instant::now();
+        let files = vmlet::qemu::launch_files::LaunchFiles::open(
+            &spec,
+            &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+            &[std::path::PathBuf::from("/")],
+        )
+        .unwrap_or_else(|e| panic!("opening the guest's files: {e}"));
         let vm = within(
             "direct launch",
             instance::launch(
@@ -384,7 +394,10 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
                     accel: Accel::Tcg,
                     paths: &paths,
                     serial_log: &paths.serial_log(),
-                    layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+                    disks: &files.disks,
+                    disk_sets: &files.sets,
+                    passed_fds: &files.passed,
+                    boot_files: files.boot.as_ref(),
                     nics: &[],
                 },
             ),

@@ -54,9 +54,13 @@ pub struct Settings {
     pub event_buffer: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
-    /// Directories under which a spec's host files (kernels, initrds, disk
-    /// images) must lie. Checked after resolving symlinks, so an API caller
-    /// cannot hand a VM an arbitrary host file. Unset: `STATE_DIR`.
+    /// Directories below which a spec's host files (disk `path`s, kernels,
+    /// initrds) must lie. vmlet opens those files itself at every start,
+    /// without following symlinks, and hands QEMU the fds. Each directory
+    /// must hold nothing vmlet manages: it may not contain, or lie inside,
+    /// the state or run directory (except the default, `STATE_DIR/host`,
+    /// which vmlet creates and never writes to), so vmlet's own images,
+    /// volumes, overlays and records can never be named by path.
     pub allowed_host_paths: Option<Vec<PathBuf>>,
     /// What the host offers the scheduler (`[capacity]` in the file).
     pub capacity: CapacitySettings,
@@ -185,6 +189,37 @@ impl Default for Settings {
     }
 }
 
+/// Why `root` (canonical) cannot be a host-file directory, if it cannot:
+/// it may not be a pseudo file system, nor contain or lie inside a directory
+/// vmlet manages (`managed`), except for `default` (`STATE_DIR/host`),
+/// which lies inside the state directory but holds nothing vmlet made.
+pub fn host_root_refusal(root: &Path, managed: &[PathBuf], default: &Path) -> Option<String> {
+    if ["/proc", "/sys", "/dev"]
+        .iter()
+        .any(|p| root.starts_with(p))
+    {
+        return Some("a pseudo file system".into());
+    }
+    if root.starts_with(default) {
+        return None;
+    }
+    managed.iter().find_map(|dir| {
+        if dir.starts_with(root) {
+            Some(format!(
+                "contains {}, which vmlet manages: name a directory of its own",
+                dir.display()
+            ))
+        } else if root.starts_with(dir) {
+            Some(format!(
+                "lies inside {}, which vmlet manages: name a directory of its own",
+                dir.display()
+            ))
+        } else {
+            None
+        }
+    })
+}
+
 /// Settings that could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -259,7 +294,42 @@ impl Settings {
     pub fn host_path_roots(&self) -> Vec<PathBuf> {
         self.allowed_host_paths
             .clone()
-            .unwrap_or_else(|| vec![self.state_dir.clone()])
+            .unwrap_or_else(|| vec![self.default_host_dir()])
+    }
+
+    /// `STATE_DIR/host`: where host files go when `allowed_host_paths` is
+    /// not set.
+    pub fn default_host_dir(&self) -> PathBuf {
+        self.state_dir.join("host")
+    }
+
+    /// The host-file directories, canonical, after checking that none
+    /// overlaps what vmlet manages (the default one is created, mode 0700).
+    pub fn checked_host_roots(&self) -> Result<Vec<PathBuf>, String> {
+        if self.allowed_host_paths.is_none() {
+            use std::os::unix::fs::DirBuilderExt;
+            let dir = self.default_host_dir();
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            }
+        }
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let managed = [canonical(&self.state_dir), canonical(&self.run_dir)];
+        let default = canonical(&self.default_host_dir());
+        let mut roots = Vec::new();
+        for root in self.host_path_roots() {
+            let real = std::fs::canonicalize(&root)
+                .map_err(|e| format!("allowed_host_paths: {}: {e}", root.display()))?;
+            if let Some(reason) = host_root_refusal(&real, &managed, &default) {
+                return Err(format!("allowed_host_paths: {}: {reason}", root.display()));
+            }
+            roots.push(real);
+        }
+        Ok(roots)
     }
 
     /// Applies `VMLET_STATE_DIR`, `VMLET_RUN_DIR`, `VMLET_QEMU`,
@@ -411,5 +481,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("VMLET_ACCEL"), "{err}");
+    }
+
+    #[test]
+    fn host_roots_may_not_overlap_what_vmlet_manages() {
+        let managed = [PathBuf::from("/var/lib/vmlet"), PathBuf::from("/run/vmlet")];
+        let default = Path::new("/var/lib/vmlet/host");
+        let refusal = |root: &str| host_root_refusal(Path::new(root), &managed, default);
+        assert_eq!(refusal("/srv/vm-files"), None);
+        assert_eq!(refusal("/var/lib/vmlet/host"), None);
+        assert_eq!(refusal("/var/lib/vmlet/host/kernels"), None);
+        for bad in [
+            "/var/lib/vmlet",
+            "/var/lib",
+            "/",
+            "/var/lib/vmlet/volumes",
+            "/var/lib/vmlet/vms/x",
+            "/run",
+            "/run/vmlet/vms",
+            "/proc/self",
+            "/dev",
+        ] {
+            assert!(refusal(bad).is_some(), "{bad} accepted");
+        }
+        assert!(refusal("/var/lib/vmlet")
+            .unwrap()
+            .contains("contains /var/lib/vmlet"));
+    }
+
+    #[test]
+    fn the_default_host_dir_is_made_and_an_overlapping_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Settings {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            ..Settings::default()
+        };
+        std::fs::create_dir_all(&s.state_dir).unwrap();
+        let roots = s.checked_host_roots().unwrap();
+        assert_eq!(
+            roots,
+            vec![std::fs::canonicalize(s.state_dir.join("host")).unwrap()]
+        );
+        s.allowed_host_paths = Some(vec![dir.path().to_path_buf()]);
+        let err = s.checked_host_roots().unwrap_err();
+        assert!(
+            err.contains("allowed_host_paths") && err.contains("manages"),
+            "{err}"
+        );
     }
 }

@@ -14,6 +14,7 @@ use vmlet::config::{LogFormat, Settings};
 use vmlet::qemu::accel::{self, AccelChoice};
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, StopMode, StopOutcome};
+use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::process::{self, ExitStatus};
 use vmlet::qemu::profile::Profiles;
@@ -269,13 +270,25 @@ async fn dispatch(
                     },
                 })
                 .collect();
+            // The daemon opens every disk, kernel and initrd and passes
+            // fds; here they are numbered from 100 without opening anything.
+            let disks = vmlet::qemu::disk::DiskPlan::all(
+                &vmlet::storage::Layout::new(&settings.state_dir),
+                spec.uuid,
+                &spec.disks,
+                spec.cloud_init.is_some(),
+            );
+            let (sets, passed, boot) = vmlet::qemu::launch_files::numbered(&spec, &disks, 100);
             let argv = vmlet::qemu::argv::build(LaunchInputs {
                 spec: &spec,
                 profile: profiles.get(&spec.profile)?,
                 accel: accel::resolve_on_host(settings.accel),
                 paths: &paths,
                 serial_log: &paths.serial_log(),
-                layout: &vmlet::storage::Layout::new(&settings.state_dir),
+                disks: &disks,
+                disk_sets: &sets,
+                passed_fds: &passed,
+                boot_files: boot.as_ref(),
                 nics: &nics,
             });
             println!("{}", settings.qemu_binary.display());
@@ -374,13 +387,21 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     let accel = accel::resolve_on_host(settings.accel);
     let paths = RunPaths::new(&settings.run_dir, spec.uuid);
     let layout = vmlet::storage::Layout::new(&settings.state_dir);
+    // The spec is the operator's own: its paths are resolved here, then
+    // opened like the daemon opens them (no symlink on the resolved path)
+    // and passed to QEMU as fds.
+    let spec = canonical_host_paths(spec)?;
+    let files = LaunchFiles::open(&spec, &layout, &[PathBuf::from("/")])?;
     let inputs = LaunchInputs {
         spec: &spec,
         profile: profiles.get(&spec.profile)?,
         accel,
         paths: &paths,
         serial_log: &paths.serial_log(),
-        layout: &layout,
+        disks: &files.disks,
+        disk_sets: &files.sets,
+        passed_fds: &files.passed,
+        boot_files: files.boot.as_ref(),
         nics: &[],
     };
     eprintln!(
@@ -390,6 +411,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         accel.as_str()
     );
     let vm = instance::launch(&settings.qemu_binary, inputs).await?;
+    drop(files);
     eprintln!(
         "vmlet: QEMU {} running as pid {}, run directory {}",
         vm.qmp.qemu_version(),
@@ -403,6 +425,27 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     }
     instance::remove_run_dir(&paths);
     outcome
+}
+
+/// `spec` with its kernel, initrd and disk paths resolved (symlinks
+/// followed) for `vmlet run`.
+fn canonical_host_paths(mut spec: VmSpec) -> anyhow::Result<VmSpec> {
+    let resolve = |path: &mut PathBuf| -> anyhow::Result<()> {
+        *path = std::fs::canonicalize(&*path).with_context(|| format!("{}", path.display()))?;
+        Ok(())
+    };
+    if let vmlet::vm::spec::Boot::Kernel { kernel, initrd, .. } = &mut spec.boot {
+        resolve(kernel)?;
+        if let Some(initrd) = initrd {
+            resolve(initrd)?;
+        }
+    }
+    for disk in &mut spec.disks {
+        if let Some(path) = &mut disk.path {
+            resolve(path)?;
+        }
+    }
+    Ok(spec)
 }
 
 /// Runs the launched VM until QEMU exits, streaming the serial console and

@@ -191,7 +191,7 @@ async fn image_import_follows_the_import_to_ready() {
     assert_eq!(image["source"], file.to_str().unwrap());
 
     // A file outside the import directory: refused at once, naming the field.
-    let outside = create_image(d.scratch(), "outside.raw", "raw", "1M");
+    let outside = create_image(&d.scratch(), "outside.raw", "raw", "1M");
     let err = vmlet_fails(
         &d,
         &[

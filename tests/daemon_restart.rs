@@ -700,6 +700,12 @@ async fn unfinished_start_is_cleaned_up() {
 
     let profiles = Profiles::built_in().unwrap();
     let paths = RunPaths::new(&d.run_dir, vm.id);
+    let files = vmlet::qemu::launch_files::LaunchFiles::open(
+        &vm.spec,
+        &vmlet::storage::Layout::new(&d.state_dir),
+        &[std::path::PathBuf::from("/")],
+    )
+    .expect("opening the VM's files");
     let QemuInstance {
         process,
         qmp,
@@ -713,7 +719,10 @@ async fn unfinished_start_is_cleaned_up() {
             accel: Accel::Tcg,
             paths: &paths,
             serial_log: &paths.serial_log(),
-            layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+            disks: &files.disks,
+            disk_sets: &files.sets,
+            passed_fds: &files.passed,
+            boot_files: files.boot.as_ref(),
             nics: &[],
         },
     )

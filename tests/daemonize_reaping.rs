@@ -7,9 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{guest_spec, launch, Scratch};
+use common::{disk, guest_spec, launch, Scratch};
 use vmlet::qemu::instance::StopMode;
-use vmlet::vm::spec::Boot;
 
 /// Zombie children of this process.
 fn zombie_children() -> Vec<String> {
@@ -37,14 +36,15 @@ async fn launches_and_failed_launches_leave_no_zombies() {
         vm.stop(StopMode::Force).await.unwrap();
         assert_eq!(zombie_children(), Vec::<String>::new(), "after a stop");
     }
+    // QEMU refuses to start when another QEMU holds its disk's lock.
+    let image = scratch.qcow2("shared.qcow2", "16M");
+    let mut holder = guest_spec("q35", "");
+    holder.disks.push(disk("data", &image));
+    let holder = launch(&holder, &scratch).await.expect("launch");
     for _ in 0..2 {
         let mut spec = guest_spec("q35", "");
-        spec.boot = Boot::Kernel {
-            kernel: scratch.path().join("missing"),
-            initrd: None,
-            cmdline: String::new(),
-        };
-        launch(&spec, &scratch).await.expect_err("missing kernel");
+        spec.disks.push(disk("data", &image));
+        launch(&spec, &scratch).await.expect_err("disk locked");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
             zombie_children(),
@@ -52,4 +52,5 @@ async fn launches_and_failed_launches_leave_no_zombies() {
             "after a failed launch"
         );
     }
+    holder.stop(StopMode::Force).await.unwrap();
 }

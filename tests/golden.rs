@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{self, LaunchInputs, RunPaths};
+use vmlet::qemu::disk::DiskPlan;
+use vmlet::qemu::launch_files;
 use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::profile::Profiles;
 use vmlet::storage::Layout;
@@ -52,14 +54,27 @@ fn render(case: &Case, profiles: &Profiles) -> String {
             },
         })
         .collect();
+    // Disks, kernel and initrd: the files the daemon would open, with fd
+    // numbers counted from 100.
+    let layout = Layout::new(Path::new("/var/lib/vmlet"));
+    let disks = DiskPlan::all(
+        &layout,
+        case.spec.uuid,
+        &case.spec.disks,
+        case.spec.cloud_init.is_some(),
+    );
+    let (sets, passed, boot) = launch_files::numbered(&case.spec, &disks, 100);
     let argv = argv::build(LaunchInputs {
         spec: &case.spec,
         profile: profiles.get(&case.spec.profile).unwrap(),
         accel: case.accel,
         paths: &paths,
         // Where the daemon keeps it.
-        serial_log: &Layout::new(Path::new("/var/lib/vmlet")).console_log(case.spec.uuid),
-        layout: &Layout::new(Path::new("/var/lib/vmlet")),
+        serial_log: &layout.console_log(case.spec.uuid),
+        disks: &disks,
+        disk_sets: &sets,
+        passed_fds: &passed,
+        boot_files: boot.as_ref(),
         nics: &nics,
     });
     let mut text = argv.join("\n");

@@ -10,6 +10,7 @@ use common::{disk, guest_channel, guest_spec, launch, wait_for_line, Scratch, BO
 use qapi::qmp::RunState;
 use tokio::io::AsyncBufReadExt;
 use vmlet::qemu::instance::{LaunchError, StopMode, StopOutcome};
+use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::process::{ExitStatus, ProcessError};
 use vmlet::vm::spec::Boot;
 
@@ -138,30 +139,53 @@ async fn force_stop_ends_a_running_guest() {
     );
 }
 
+/// A QEMU that refuses to start (here: its disk is in use by another QEMU,
+/// which holds the image lock) reports QEMU's own message and leaves
+/// nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_start_failure_reports_qemus_message_and_leaves_nothing() {
     let scratch = Scratch::new();
+    let image = scratch.qcow2("shared.qcow2", "16M");
+    let mut holder = guest_spec("q35", "");
+    holder.disks.push(disk("data", &image));
+    let _holder = launch(&holder, &scratch).await.expect("launch");
     let mut spec = guest_spec("q35", "");
-    let missing = scratch.path().join("no-such-kernel");
-    spec.boot = Boot::Kernel {
-        kernel: missing.clone(),
-        initrd: None,
-        cmdline: String::new(),
-    };
+    spec.disks.push(disk("data", &image));
     let err = launch(&spec, &scratch).await.expect_err("must fail");
     let LaunchError::Process(ProcessError::StartFailed { message }) = &err else {
         panic!("expected QEMU's own failure, got {err:?}");
     };
-    // QEMU names the file it could not load.
     assert!(
-        message.contains("no-such-kernel"),
-        "QEMU's message should name the kernel: {message}"
+        message.contains("lock"),
+        "QEMU's message should say the image is locked: {message}"
     );
     let run_dir = scratch.run_dir().join("vms").join(spec.uuid.to_string());
     assert!(
         !run_dir.exists(),
         "run directory removed after a failed start"
     );
+    assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
+}
+
+/// A kernel that is not there is refused by vmlet, which opens it for QEMU,
+/// naming the field; no QEMU runs.
+#[test]
+fn missing_kernel_is_refused_before_qemu_runs() {
+    let scratch = Scratch::new();
+    let mut spec = guest_spec("q35", "");
+    spec.boot = Boot::Kernel {
+        kernel: scratch.path().join("no-such-kernel"),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    let err = LaunchFiles::open(
+        &spec,
+        &vmlet::storage::Layout::new(scratch.path()),
+        &[std::path::PathBuf::from("/")],
+    )
+    .expect_err("missing kernel");
+    assert_eq!(err.field, "boot.kernel");
+    assert!(err.to_string().contains("no-such-kernel"), "{err}");
     assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
 }
 

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::qemu::accel::Accel;
-use crate::qemu::disk::{self, DiskPlan, SCSI_CONTROLLER};
+use crate::qemu::disk::{self, DiskPlan, DiskSets, SCSI_CONTROLLER};
+use crate::qemu::launch_files::{proc_fd_path, BootFiles, PassedFd};
 use crate::qemu::nic::{self, NicPlan};
 use crate::qemu::profile::{DeviceBus, Profile};
-use crate::storage::Layout;
 use crate::vm::spec::{Boot, DiskBus, VmSpec};
 
 /// Where a VM's runtime files live: `RUN_DIR/vms/UUID/`. Named by UUID only,
@@ -98,8 +98,15 @@ pub struct LaunchInputs<'a> {
     pub paths: &'a RunPaths,
     /// The serial console log QEMU appends to.
     pub serial_log: &'a Path,
-    /// Where images, volumes and the VM's own disks live.
-    pub layout: &'a Layout,
+    /// The disks, resolved to their host files, the seed last.
+    pub disks: &'a [DiskPlan],
+    /// The fd sets each disk's files are read through (`disks` order).
+    pub disk_sets: &'a [DiskSets],
+    /// The files vmlet opened for QEMU, put into fd sets with `-add-fd`.
+    pub passed_fds: &'a [PassedFd],
+    /// What `-kernel`/`-initrd` name, for direct kernel boot: files vmlet
+    /// opened (`/proc/self/fd/N`).
+    pub boot_files: Option<&'a BootFiles>,
     /// The NICs, in `spec.nics` order, with their host side resolved (tap
     /// fds QEMU inherits, or user-mode networking).
     pub nics: &'a [NicPlan],
@@ -129,7 +136,10 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         accel,
         paths,
         serial_log,
-        layout,
+        disks,
+        disk_sets,
+        passed_fds,
+        boot_files,
         nics,
     } = input;
     let mut argv = Argv::default();
@@ -203,11 +213,22 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             initrd,
             cmdline,
         } => {
-            // -kernel/-initrd/-append take plain strings, not key=value lists,
-            // so no escaping applies (and validation refused control chars).
-            argv.push("-kernel", kernel.to_string_lossy());
+            // The daemon names the files it opened (`/proc/self/fd/N`), so
+            // no path from a spec reaches QEMU, and no comma (QEMU splits a
+            // multiboot `-initrd` on commas). Without them (argv tests), the
+            // spec's paths. -append is a plain string; validation refused
+            // control characters.
+            let kernel = boot_files.map_or_else(
+                || kernel.to_string_lossy().into_owned(),
+                |b| proc_fd_path(b.kernel),
+            );
+            argv.push("-kernel", kernel);
+            let initrd = match boot_files {
+                Some(b) => b.initrd.map(proc_fd_path),
+                None => initrd.as_ref().map(|i| i.to_string_lossy().into_owned()),
+            };
             if let Some(initrd) = initrd {
-                argv.push("-initrd", initrd.to_string_lossy());
+                argv.push("-initrd", initrd);
             }
             if !cmdline.is_empty() {
                 argv.push("-append", cmdline.as_str());
@@ -220,17 +241,27 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         }
     }
 
-    let plans = DiskPlan::all(layout, spec.uuid, &spec.disks, spec.cloud_init.is_some());
-    if plans.iter().any(|p| p.spec.bus == DiskBus::VirtioScsi) {
+    for passed in passed_fds {
+        argv.push(
+            "-add-fd",
+            format!(
+                "fd={},set={},opaque={}",
+                passed.fd,
+                passed.set,
+                escape(&passed.opaque)
+            ),
+        );
+    }
+    if disks.iter().any(|p| p.spec.bus == DiskBus::VirtioScsi) {
         if let Some(controller) = &profile.devices.scsi {
             argv.push("-device", format!("{controller},id={SCSI_CONTROLLER}"));
         }
     }
-    for plan in &plans {
+    for (plan, sets) in disks.iter().zip(disk_sets) {
         if disk::has_throttle(plan) {
             argv.push("-object", disk::throttle_group(plan).to_string());
         }
-        for node in disk::blockdevs(plan) {
+        for node in disk::blockdevs(plan, *sets) {
             argv.push("-blockdev", node.to_string());
         }
         argv.push("-device", disk::device(profile, plan, None).to_string());
@@ -361,6 +392,20 @@ mod tests {
         }
     }
 
+    fn files_of(
+        spec: &VmSpec,
+    ) -> (
+        Vec<DiskPlan>,
+        Vec<DiskSets>,
+        Vec<PassedFd>,
+        Option<BootFiles>,
+    ) {
+        let layout = crate::storage::Layout::new(Path::new("/var/lib/vmlet"));
+        let disks = DiskPlan::all(&layout, spec.uuid, &spec.disks, false);
+        let (sets, passed, boot) = crate::qemu::launch_files::numbered(spec, &disks, 100);
+        (disks, sets, passed, boot)
+    }
+
     #[test]
     fn escape_doubles_commas() {
         assert_eq!(escape("a,b,,c"), "a,,b,,,,c");
@@ -372,23 +417,33 @@ mod tests {
         let profiles = Profiles::built_in().unwrap();
         let spec = spec();
         let paths = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
+        let (disks, sets, passed, boot) = files_of(&spec);
         let argv = build(LaunchInputs {
             spec: &spec,
             profile: profiles.get("q35").unwrap(),
             accel: Accel::Tcg,
             paths: &paths,
             serial_log: &paths.serial_log(),
-            layout: &Layout::new(Path::new("/var/lib/vmlet")),
+            disks: &disks,
+            disk_sets: &sets,
+            passed_fds: &passed,
+            boot_files: boot.as_ref(),
             nics: &[],
         });
-        // Block nodes are JSON: a comma in a path is just a character.
+        // QEMU gets no path at all: the disk is an fd set, the kernel an
+        // inherited fd.
+        assert!(!argv.iter().any(|a| a.contains("/a,b/c.img")), "{argv:?}");
         let file_node: serde_json::Value = argv
             .iter()
             .find(|a| a.contains("disk0-file") && a.contains("\"driver\":\"file\""))
             .map(|a| serde_json::from_str(a).unwrap())
             .expect("the file node");
-        assert_eq!(file_node["filename"], "/a,b/c.img");
+        assert_eq!(file_node["filename"], "/dev/fdset/1");
         assert_eq!(file_node["read-only"], true);
+        let add_fd = argv.iter().position(|a| a == "-add-fd").expect("-add-fd");
+        assert_eq!(argv[add_fd + 1], "fd=100,set=1,opaque=disk:disk0");
+        let kernel = argv.iter().position(|a| a == "-kernel").unwrap();
+        assert_eq!(argv[kernel + 1], "/proc/self/fd/101");
         // The argv always starts paused and daemonized.
         for flag in ["-S", "-nodefaults", "-no-user-config", "-daemonize"] {
             assert!(argv.iter().any(|a| a == flag), "{flag}");
@@ -401,13 +456,17 @@ mod tests {
         let spec = spec();
         let paths = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
         let argv_with = |profile: &Profile| {
+            let (disks, sets, passed, boot) = files_of(&spec);
             build(LaunchInputs {
                 spec: &spec,
                 profile,
                 accel: Accel::Tcg,
                 paths: &paths,
                 serial_log: &paths.serial_log(),
-                layout: &Layout::new(Path::new("/var/lib/vmlet")),
+                disks: &disks,
+                disk_sets: &sets,
+                passed_fds: &passed,
+                boot_files: boot.as_ref(),
                 nics: &[],
             })
         };

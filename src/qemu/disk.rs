@@ -14,13 +14,25 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::qemu::profile::Profile;
+use crate::storage::files::OpenMode;
 use crate::storage::Layout;
 use crate::vm::spec::{DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, SEED_DISK};
 
 /// The id of the SCSI controller (its bus is `scsi0.0`).
 pub const SCSI_CONTROLLER: &str = "scsi0";
 
-/// One disk, resolved to a host file.
+/// Where a disk's file comes from, which says how vmlet opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOrigin {
+    /// A host file a spec names (`path`): opened below the allowed host
+    /// directories without following symlinks; a qcow2 one must name no
+    /// backing or data file.
+    Host,
+    /// One of vmlet's own files (overlay, blank disk, volume, seed).
+    Managed,
+}
+
+/// One disk, resolved to its host files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskPlan {
     /// The disk's name in the VM.
@@ -31,24 +43,60 @@ pub struct DiskPlan {
     pub format: DiskFormat,
     /// The spec (bus, cache, limits, …).
     pub spec: DiskSpec,
+    /// For an overlay: the image it reads through (qcow2, read only). QEMU
+    /// is given this node as the overlay's backing, never a name from a
+    /// header.
+    pub base: Option<PathBuf>,
+    /// How vmlet opens the file.
+    pub origin: FileOrigin,
+}
+
+/// The fd sets (`/dev/fdset/N`) QEMU reads a disk's files through: vmlet
+/// opened them and QEMU never resolves a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSets {
+    /// The disk's own file.
+    pub file: u32,
+    /// The overlay's image, when there is one.
+    pub base: Option<u32>,
 }
 
 impl DiskPlan {
     /// Resolves disk `index` of VM `vm` to its host file.
     pub fn new(layout: &Layout, vm: Uuid, index: usize, disk: &DiskSpec) -> DiskPlan {
         let name = disk.name_or_default(index);
-        let (file, format) = match disk.source() {
-            Ok(DiskSource::File { path, format }) => (path.to_path_buf(), format),
-            Ok(DiskSource::Volume { volume }) => (layout.volume_file(volume), DiskFormat::Qcow2),
-            // Validation guarantees a source; an overlay or blank disk lives
-            // in the VM's directory.
-            _ => (layout.vm_disk(vm, &name), DiskFormat::Qcow2),
+        let (file, format, base, origin) = match disk.source() {
+            Ok(DiskSource::File { path, format }) => {
+                (path.to_path_buf(), format, None, FileOrigin::Host)
+            }
+            Ok(DiskSource::Volume { volume }) => (
+                layout.volume_file(volume),
+                DiskFormat::Qcow2,
+                None,
+                FileOrigin::Managed,
+            ),
+            Ok(DiskSource::Image { image, .. }) => (
+                layout.vm_disk(vm, &name),
+                DiskFormat::Qcow2,
+                Some(layout.image_file(image)),
+                FileOrigin::Managed,
+            ),
+            // Validation guarantees a source; a blank disk lives in the
+            // VM's directory.
+            _ => (
+                layout.vm_disk(vm, &name),
+                DiskFormat::Qcow2,
+                None,
+                FileOrigin::Managed,
+            ),
         };
         DiskPlan {
             name,
             file,
             format,
             spec: disk.clone(),
+            base,
+            origin,
         }
     }
 
@@ -63,6 +111,8 @@ impl DiskPlan {
                 read_only: true,
                 ..DiskSpec::file(layout.seed(vm), DiskFormat::Raw)
             },
+            base: None,
+            origin: FileOrigin::Managed,
         }
     }
 
@@ -78,6 +128,66 @@ impl DiskPlan {
         }
         plans
     }
+
+    /// How the disk's own file is opened: writable unless read only,
+    /// `O_DIRECT` with `cache.direct` (QEMU matches fd-set members on both).
+    pub fn file_mode(&self) -> OpenMode {
+        let (direct, _, _) = self.spec.cache.qemu_flags();
+        OpenMode {
+            write: !self.spec.read_only,
+            direct,
+        }
+    }
+
+    /// How the overlay's image is opened (read only).
+    pub fn base_mode(&self) -> OpenMode {
+        OpenMode {
+            write: false,
+            ..self.file_mode()
+        }
+    }
+
+    /// The `opaque` tag of the disk's fd set (`disk:NAME`), by which an
+    /// unplug finds the sets to remove.
+    pub fn file_tag(&self) -> String {
+        format!("disk:{}", self.name)
+    }
+
+    /// The `opaque` tag of the overlay image's fd set.
+    pub fn base_tag(&self) -> String {
+        format!("disk:{}:image", self.name)
+    }
+}
+
+/// Fd sets for `plans` at launch: numbered from 1 in order, each disk's
+/// file, then its image.
+pub fn launch_sets(plans: &[DiskPlan]) -> Vec<DiskSets> {
+    let mut next = 0;
+    let mut take = || {
+        next += 1;
+        next
+    };
+    plans
+        .iter()
+        .map(|plan| DiskSets {
+            file: take(),
+            base: plan.base.as_ref().map(|_| take()),
+        })
+        .collect()
+}
+
+/// QEMU id of the format node of an overlay's image.
+pub fn base_node(name: &str) -> String {
+    format!("{name}-img")
+}
+
+/// QEMU id of the protocol node of an overlay's image.
+pub fn base_file_node(name: &str) -> String {
+    format!("{name}-imgf")
+}
+
+fn fdset_path(set: u32) -> String {
+    format!("/dev/fdset/{set}")
 }
 
 /// QEMU id of a disk's format node.
@@ -124,30 +234,57 @@ pub fn throttle_group(plan: &DiskPlan) -> Value {
     })
 }
 
-/// The block nodes, bottom up (`-blockdev` / `blockdev-add`). The seed disk
-/// has no throttle node.
-pub fn blockdevs(plan: &DiskPlan) -> Vec<Value> {
+/// The block nodes, bottom up (`-blockdev` / `blockdev-add`), reading
+/// the files through fd sets `sets`. Every qcow2 node has its backing
+/// stated: the image's node for an overlay, none otherwise, so no header a
+/// guest could have written makes QEMU open another file. The seed disk has
+/// no throttle node.
+pub fn blockdevs(plan: &DiskPlan, sets: DiskSets) -> Vec<Value> {
     let (direct, no_flush, _) = plan.spec.cache.qemu_flags();
     let cache = json!({"direct": direct, "no-flush": no_flush});
     let read_only = plan.spec.read_only;
-    let mut nodes = vec![
-        json!({
-            "driver": "file",
-            "node-name": file_node(&plan.name),
-            "filename": plan.file,
-            "read-only": read_only,
-            "discard": "unmap",
-            "cache": cache,
-        }),
-        json!({
-            "driver": plan.format.driver(),
-            "node-name": format_node(&plan.name),
-            "file": file_node(&plan.name),
-            "read-only": read_only,
-            "discard": "unmap",
-            "cache": cache,
-        }),
-    ];
+    let mut nodes = Vec::new();
+    let backing = match (&plan.base, sets.base) {
+        (Some(_), Some(base_set)) => {
+            nodes.push(json!({
+                "driver": "file",
+                "node-name": base_file_node(&plan.name),
+                "filename": fdset_path(base_set),
+                "read-only": true,
+                "cache": cache,
+            }));
+            nodes.push(json!({
+                "driver": "qcow2",
+                "node-name": base_node(&plan.name),
+                "file": base_file_node(&plan.name),
+                "backing": null,
+                "read-only": true,
+                "cache": cache,
+            }));
+            json!(base_node(&plan.name))
+        }
+        _ => Value::Null,
+    };
+    nodes.push(json!({
+        "driver": "file",
+        "node-name": file_node(&plan.name),
+        "filename": fdset_path(sets.file),
+        "read-only": read_only,
+        "discard": "unmap",
+        "cache": cache,
+    }));
+    let mut format = json!({
+        "driver": plan.format.driver(),
+        "node-name": format_node(&plan.name),
+        "file": file_node(&plan.name),
+        "read-only": read_only,
+        "discard": "unmap",
+        "cache": cache,
+    });
+    if plan.format == DiskFormat::Qcow2 {
+        format["backing"] = backing;
+    }
+    nodes.push(format);
     if has_throttle(plan) {
         nodes.push(json!({
             "driver": "throttle",
@@ -238,7 +375,11 @@ mod tests {
         assert_eq!(plans[3].format, DiskFormat::Raw);
         let seed = &plans[4];
         assert!(seed.spec.read_only && !has_throttle(seed));
-        assert_eq!(blockdevs(seed).len(), 2);
+        let sets = DiskSets {
+            file: 1,
+            base: None,
+        };
+        assert_eq!(blockdevs(seed, sets).len(), 2);
         assert_eq!(top_node(seed), "cidata");
     }
 
@@ -263,6 +404,79 @@ mod tests {
         assert_eq!(device["driver"], "virtio-blk-pci");
         assert_eq!(device["bus"], "hp3");
         assert_eq!(device["id"], "disk1-dev");
+    }
+
+    #[test]
+    fn every_qcow2_node_has_its_backing_pinned_and_reads_an_fd_set() {
+        let layout = Layout::new(Path::new("/s"));
+        let vm = Uuid::nil();
+        let disks = [
+            disk(json!({"name": "root", "image": "debian"})),
+            disk(json!({"name": "data", "volume": "pg"})),
+            disk(json!({"name": "host", "path": "/srv/h.qcow2", "format": "qcow2"})),
+            disk(json!({"name": "raw", "path": "/srv/r.img", "format": "raw"})),
+        ];
+        let plans = DiskPlan::all(&layout, vm, &disks, false);
+        let sets = launch_sets(&plans);
+        assert_eq!(
+            sets,
+            [
+                DiskSets {
+                    file: 1,
+                    base: Some(2)
+                },
+                DiskSets {
+                    file: 3,
+                    base: None
+                },
+                DiskSets {
+                    file: 4,
+                    base: None
+                },
+                DiskSets {
+                    file: 5,
+                    base: None
+                },
+            ]
+        );
+        assert_eq!(
+            plans[0].base.as_deref(),
+            Some(Path::new("/s/images/debian.qcow2"))
+        );
+        assert_eq!(plans[2].origin, FileOrigin::Host);
+        assert_eq!(plans[1].origin, FileOrigin::Managed);
+        for (plan, sets) in plans.iter().zip(&sets) {
+            let nodes = blockdevs(plan, *sets);
+            for node in &nodes {
+                if node["driver"] == "file" {
+                    assert!(
+                        node["filename"]
+                            .as_str()
+                            .unwrap()
+                            .starts_with("/dev/fdset/"),
+                        "{node}"
+                    );
+                }
+                if node["driver"] == "qcow2" {
+                    let backing = &node["backing"];
+                    if node["node-name"] == "root" {
+                        assert_eq!(backing, "root-img");
+                    } else {
+                        assert!(backing.is_null() && node.get("backing").is_some(), "{node}");
+                    }
+                }
+                if node["driver"] == "raw" {
+                    assert!(node.get("backing").is_none(), "{node}");
+                }
+            }
+        }
+        // The overlay's image comes first, read only, backing pinned too.
+        let root = blockdevs(&plans[0], sets[0]);
+        assert_eq!(root[0]["node-name"], "root-imgf");
+        assert_eq!(root[0]["filename"], "/dev/fdset/2");
+        assert_eq!(root[1]["node-name"], "root-img");
+        assert_eq!(root[1]["read-only"], true);
+        assert!(root[1]["backing"].is_null());
     }
 
     #[test]

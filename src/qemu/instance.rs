@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::qemu::argv::{self, LaunchInputs, RunPaths};
-use crate::qemu::nic::{NicBackend, NicPlan};
+use crate::qemu::nic::NicBackend;
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 
@@ -132,7 +132,7 @@ pub async fn launch_with_deadline(
     })?;
     let argv = argv::build(inputs);
     tracing::debug!(uuid = %inputs.spec.uuid, ?argv, "launching QEMU");
-    let inherit = inherited_fds(inputs.nics);
+    let inherit = inherited_fds(&inputs);
     let process = match process::spawn(
         binary,
         &argv,
@@ -164,14 +164,18 @@ pub async fn launch_with_deadline(
     }
 }
 
-/// The fd numbers the NICs' netdevs name: QEMU inherits exactly these.
-fn inherited_fds(nics: &[NicPlan]) -> Vec<std::os::fd::RawFd> {
-    nics.iter()
-        .flat_map(|nic| match &nic.backend {
-            NicBackend::Tap { fds, vhost_fds } => fds.iter().chain(vhost_fds).cloned().collect(),
-            NicBackend::User => vec![],
-        })
+/// The fd numbers the argv names (the NICs' netdevs, `-add-fd`, and
+/// `/proc/self/fd/N` for the kernel and initrd): QEMU inherits exactly
+/// these.
+fn inherited_fds(inputs: &LaunchInputs<'_>) -> Vec<std::os::fd::RawFd> {
+    let nic_fds = inputs.nics.iter().flat_map(|nic| match &nic.backend {
+        NicBackend::Tap { fds, vhost_fds } => fds.iter().chain(vhost_fds).cloned().collect(),
+        NicBackend::User => vec![],
+    });
+    nic_fds
         .filter_map(|fd| fd.parse().ok())
+        .chain(inputs.passed_fds.iter().map(|p| p.fd))
+        .chain(inputs.boot_files.iter().flat_map(|b| b.fds()))
         .collect()
 }
 

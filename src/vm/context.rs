@@ -42,6 +42,8 @@ pub struct Context {
     pub volumes: VolumeStore,
     /// The networks.
     pub networks: NetworkStore,
+    /// The directories a spec's host files must lie below (canonical).
+    pub host_roots: Vec<std::path::PathBuf>,
     registry: RwLock<HashMap<Uuid, VmHandle>>,
 }
 
@@ -54,6 +56,9 @@ impl Context {
         store: Store,
         events: EventBus,
     ) -> std::io::Result<Context> {
+        let host_roots = settings
+            .checked_host_roots()
+            .map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidInput, message))?;
         let events = Arc::new(events);
         let layout = Layout::new(&settings.state_dir);
         let qemu_img = QemuImg::new(&settings.qemu_img_binary);
@@ -76,6 +81,7 @@ impl Context {
             images,
             volumes,
             networks,
+            host_roots,
             registry: RwLock::new(HashMap::new()),
         })
     }

@@ -7,9 +7,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::qemu::disk::{self, DiskPlan};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+
+use crate::qemu::disk::{self, DiskPlan, DiskSets};
+use crate::qemu::launch_files;
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::{QmpClient, QmpError};
+use crate::storage::files;
 use crate::storage::qemu_img::{QemuImg, SnapshotCommand};
 use crate::vm::actor::{error_chain, VmError};
 use crate::vm::record::timestamp;
@@ -219,9 +224,24 @@ pub async fn free_port(qmp: &QmpClient) -> Result<String, VmError> {
         .ok_or_else(|| VmError::Refused("every hot-plug slot of this VM is in use".into()))
 }
 
-/// Hot-plugs a disk: throttle group, block nodes, then the device (on a
-/// free root port for PCI virtio-blk). Undoes what it did when a step fails.
-pub async fn attach(qmp: &QmpClient, profile: &Profile, plan: &DiskPlan) -> Result<(), VmError> {
+/// Hot-plugs a disk: opens its files (as a launch would) and passes them
+/// into fd sets (`add-fd`), then the throttle group, block nodes and the
+/// device (on a free root port for PCI virtio-blk). Undoes what it did when
+/// a step fails.
+pub async fn attach(
+    qmp: &QmpClient,
+    profile: &Profile,
+    plan: &DiskPlan,
+    host_roots: &[PathBuf],
+) -> Result<(), VmError> {
+    let file = launch_files::open_disk_file(plan, host_roots)
+        .map_err(|e| VmError::Refused(error_chain(&e)))?;
+    let base = plan
+        .base
+        .as_ref()
+        .map(|base| files::open_managed(base, plan.base_mode()))
+        .transpose()
+        .map_err(|e| VmError::Refused(error_chain(&e)))?;
     let port = match (plan.spec.bus, profile.devices.bus) {
         (crate::vm::spec::DiskBus::VirtioBlk, crate::qemu::profile::DeviceBus::Pci) => {
             Some(free_port(qmp).await?)
@@ -230,13 +250,27 @@ pub async fn attach(qmp: &QmpClient, profile: &Profile, plan: &DiskPlan) -> Resu
     };
     let mut undo: Vec<(&str, Value)> = Vec::new();
     let result = async {
+        let file_set = add_fd(qmp, &file, &plan.file_tag()).await?;
+        undo.push(("remove-fd", json!({"fdset-id": file_set})));
+        let base_set = match &base {
+            Some(fd) => {
+                let set = add_fd(qmp, fd, &plan.base_tag()).await?;
+                undo.push(("remove-fd", json!({"fdset-id": set})));
+                Some(set)
+            }
+            None => None,
+        };
+        let sets = DiskSets {
+            file: file_set,
+            base: base_set,
+        };
         let group = disk::throttle_group(plan);
         call(qmp, "object-add", group).await?;
         undo.push((
             "object-del",
             json!({"id": disk::throttle_group_id(&plan.name)}),
         ));
-        for node in disk::blockdevs(plan) {
+        for node in disk::blockdevs(plan, sets) {
             let node_name = node["node-name"].clone();
             call(qmp, "blockdev-add", node).await?;
             undo.push(("blockdev-del", json!({"node-name": node_name})));
@@ -256,6 +290,39 @@ pub async fn attach(qmp: &QmpClient, profile: &Profile, plan: &DiskPlan) -> Resu
         }
     }
     result
+}
+
+/// Passes `fd` into a new fd set tagged `tag`; returns the set's id.
+async fn add_fd(qmp: &QmpClient, fd: &OwnedFd, tag: &str) -> Result<u32, VmError> {
+    let info = qmp
+        .execute_with_fd(
+            qapi::qmp::add_fd {
+                fdset_id: None,
+                opaque: Some(tag.to_string()),
+            },
+            fd.as_fd(),
+        )
+        .await
+        .map_err(|e| qmp_error("add-fd", e))?;
+    u32::try_from(info.fdset_id)
+        .map_err(|_| VmError::Failed(format!("add-fd: fd set id {}", info.fdset_id)))
+}
+
+/// Removes the fd sets whose fds carry one of `tags` (`query-fdsets`), so
+/// QEMU lets go of an unplugged disk's files.
+async fn remove_fdsets(qmp: &QmpClient, tags: &[String]) -> Result<(), VmError> {
+    let sets = call(qmp, "query-fdsets", json!({})).await?;
+    for set in sets.as_array().into_iter().flatten() {
+        let tagged = set["fds"].as_array().into_iter().flatten().any(|fd| {
+            fd["opaque"]
+                .as_str()
+                .is_some_and(|o| tags.iter().any(|t| t == o))
+        });
+        if tagged {
+            call(qmp, "remove-fd", json!({"fdset-id": set["fdset-id"]})).await?;
+        }
+    }
+    Ok(())
 }
 
 /// `device_del` of device `id`, then waits (up to [`UNPLUG_DEADLINE`]) for
@@ -290,7 +357,12 @@ pub async fn unplug_device(qmp: &QmpClient, id: &str, what: &str) -> Result<(), 
 pub async fn detach(qmp: &QmpClient, plan: &DiskPlan) -> Result<(), VmError> {
     let what = format!("disk {}", plan.name);
     unplug_device(qmp, &disk::device_id(&plan.name), &what).await?;
-    for node in disk::blockdevs(plan).iter().rev() {
+    // Only the node names matter here.
+    let sets = DiskSets {
+        file: 0,
+        base: plan.base.as_ref().map(|_| 0),
+    };
+    for node in disk::blockdevs(plan, sets).iter().rev() {
         call(qmp, "blockdev-del", json!({"node-name": node["node-name"]})).await?;
     }
     if disk::has_throttle(plan) {
@@ -301,7 +373,7 @@ pub async fn detach(qmp: &QmpClient, plan: &DiskPlan) -> Result<(), VmError> {
         )
         .await?;
     }
-    Ok(())
+    remove_fdsets(qmp, &[plan.file_tag(), plan.base_tag()]).await
 }
 
 /// Sets a running disk's I/O limits (its throttle group's `limits`).

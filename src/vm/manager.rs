@@ -16,13 +16,16 @@ use crate::node::{self, HostTotals, Inventory, NodeInfo, Usage};
 use crate::qemu::accel::{self, Accel};
 use crate::qemu::disk::DiskPlan;
 use crate::qemu::profile::{ProfileError, Profiles};
+use crate::storage::files::{self, OpenMode};
 use crate::storage::images::ImageStore;
 use crate::storage::volumes::{Volume, VolumeAttachment, VolumeCreate};
 use crate::storage::{disks, MIB};
 use crate::vm::actor::{self, error_chain, ActOptions, Live, StorageOp, VmError, VmHandle};
 use crate::vm::context::Context;
 use crate::vm::disk_ops::{self, Snapshot};
-use crate::vm::spec::{derived_mac, Boot, DiskSource, FieldError, NicSpec, SpecError, VmSpec};
+use crate::vm::spec::{
+    derived_mac, Boot, DiskFormat, DiskSource, FieldError, NicSpec, SpecError, VmSpec,
+};
 use crate::vm::state::Action;
 use crate::vm::store::{Store, StoreError};
 use crate::vm::Vm;
@@ -227,7 +230,7 @@ impl Manager {
                 )))
             };
         }
-        check_host_paths(&spec, &self.ctx.settings.host_path_roots())?;
+        check_host_paths(&spec, &self.ctx.host_roots)?;
         if self.ctx.settings.capacity.enforce {
             self.inventory()
                 .check_fits(self.usage(&spec))
@@ -717,45 +720,36 @@ fn parse_qemu_version(text: &str) -> Option<String> {
     rest.split_whitespace().next().map(str::to_string)
 }
 
-/// Refuses host files outside `roots` (after resolving symlinks), so an API
-/// caller cannot hand a guest an arbitrary file of the host.
+/// Refuses host files that vmlet would not open at start: outside `roots`
+/// (canonical), reached through a symlink, not regular files, or qcow2
+/// files naming a backing or data file. Checked again at every start, when
+/// the files are opened for QEMU; this makes a bad spec fail at create.
 pub fn check_host_paths(spec: &VmSpec, roots: &[PathBuf]) -> Result<(), SpecError> {
-    let roots: Vec<PathBuf> = roots
-        .iter()
-        .filter_map(|r| std::fs::canonicalize(r).ok())
-        .collect();
-    let mut paths: Vec<(String, &Path)> = Vec::new();
+    let mut paths: Vec<(String, &Path, Option<DiskFormat>)> = Vec::new();
     if let Boot::Kernel { kernel, initrd, .. } = &spec.boot {
-        paths.push(("boot.kernel".into(), kernel));
+        paths.push(("boot.kernel".into(), kernel, None));
         if let Some(initrd) = initrd {
-            paths.push(("boot.initrd".into(), initrd));
+            paths.push(("boot.initrd".into(), initrd, None));
         }
     }
     for (i, disk) in spec.disks.iter().enumerate() {
-        if let Some(path) = &disk.path {
-            paths.push((format!("disks[{i}].path"), path));
+        if let Ok(DiskSource::File { path, format }) = disk.source() {
+            paths.push((format!("disks[{i}].path"), path, Some(format)));
         }
     }
     let mut errors = Vec::new();
-    for (field, path) in paths {
-        let message = match std::fs::canonicalize(path) {
-            Err(e) => Some(format!("{}: {e}", path.display())),
-            Ok(real) if !real.is_file() => {
-                Some(format!("{} is not a regular file", path.display()))
+    for (field, path, format) in paths {
+        let opened = files::open_beneath(roots, path, OpenMode::READ).and_then(|fd| {
+            if format == Some(DiskFormat::Qcow2) {
+                files::check_qcow2_header(&fd, path)?;
             }
-            Ok(real) if !roots.iter().any(|root| real.starts_with(root)) => Some(format!(
-                "{} is outside the directories VMs may use ({})",
-                path.display(),
-                roots
-                    .iter()
-                    .map(|r| r.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-            Ok(_) => None,
-        };
-        if let Some(message) = message {
-            errors.push(FieldError { field, message });
+            Ok(())
+        });
+        if let Err(e) = opened {
+            errors.push(FieldError {
+                field,
+                message: e.to_string(),
+            });
         }
     }
     if errors.is_empty() {
@@ -807,7 +801,8 @@ mod tests {
             nics: vec![],
             autostart: false,
         };
-        let err = check_host_paths(&spec, &[root.path().to_path_buf()]).unwrap_err();
+        let roots = [std::fs::canonicalize(root.path()).unwrap()];
+        let err = check_host_paths(&spec, &roots).unwrap_err();
         let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,

@@ -80,15 +80,18 @@ impl Daemon {
         daemon
     }
 
-    /// The scratch directory (allowed for VM files).
-    pub fn scratch(&self) -> &Path {
-        self.scratch.path()
+    /// The directory a spec's host files may come from
+    /// (`allowed_host_paths`): a directory of its own beside the state and
+    /// run directories, never containing them.
+    pub fn scratch(&self) -> PathBuf {
+        self.scratch.path().join("host")
     }
 
     async fn spawn(&mut self) {
         let guest = guest::test_guest();
         let guest_dir = guest.kernel.parent().unwrap();
-        let allowed = format!("{}:{}", guest_dir.display(), self.scratch.path().display());
+        std::fs::create_dir_all(self.scratch()).unwrap();
+        let allowed = format!("{}:{}", guest_dir.display(), self.scratch().display());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, LaunchError, QemuInstance};
+use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::profile::Profiles;
 use vmlet::vm::spec::{Boot, ChannelSpec, DiskFormat, DiskSpec, SerialSpec, VmSpec};
 
@@ -211,6 +212,14 @@ pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchE
     spec.validate(|p| profiles.caps(p))
         .expect("test spec is valid");
     let paths = RunPaths::new(run_root, spec.uuid);
+    // Opened as the daemon opens them (no symlinks on the way), with the
+    // whole file system allowed: test specs name their own scratch files.
+    let files = LaunchFiles::open(
+        spec,
+        &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+        &[PathBuf::from("/")],
+    )
+    .expect("opening the test VM's files");
     let vm = instance::launch(
         Path::new("qemu-system-x86_64"),
         LaunchInputs {
@@ -219,7 +228,10 @@ pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchE
             accel: Accel::Tcg,
             paths: &paths,
             serial_log: &paths.serial_log(),
-            layout: &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
+            disks: &files.disks,
+            disk_sets: &files.sets,
+            passed_fds: &files.passed,
+            boot_files: files.boot.as_ref(),
             nics: &[],
         },
     )

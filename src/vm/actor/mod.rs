@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::console::serial::{SerialHub, SerialLog};
 use crate::qemu::argv::{LaunchInputs, RunPaths};
 use crate::qemu::instance::{self, StopMode, StopOutcome};
+use crate::qemu::launch_files::LaunchFiles;
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 use crate::vm::context::Context;
@@ -583,6 +584,10 @@ impl Actor {
                 let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics)
                     .await
                     .map_err(|e| e.to_string())?;
+                // Every disk, kernel and initrd opened now, by vmlet: QEMU
+                // gets fds and never resolves a path from the spec.
+                let files = LaunchFiles::open(&spec, &ctx.layout, &ctx.host_roots)
+                    .map_err(|e| error_chain(&e))?;
                 let serial_log = ctx.layout.console_log(spec.uuid);
                 let inputs = LaunchInputs {
                     spec: &spec,
@@ -590,7 +595,10 @@ impl Actor {
                     accel: ctx.accel,
                     paths: &paths,
                     serial_log: &serial_log,
-                    layout: &ctx.layout,
+                    disks: &files.disks,
+                    disk_sets: &files.sets,
+                    passed_fds: &files.passed,
+                    boot_files: files.boot.as_ref(),
                     nics: &nics,
                 };
                 let deadline = Duration::from_secs(ctx.settings.start_timeout_s);

@@ -156,8 +156,9 @@ impl Actor {
                 spec.disks.push(disk.clone());
                 spec.validate(|name| ctx.profiles.caps(name))?;
                 let plan = DiskPlan::new(&layout, uuid, index, &disk);
-                let live =
-                    qmp.map(|qmp| async move { disk_ops::attach(&qmp, &profile, &plan).await });
+                let live = qmp.map(|qmp| async move {
+                    disk_ops::attach(&qmp, &profile, &plan, &ctx.host_roots).await
+                });
                 self.spawn_spec_change(spec, live);
             }
             StorageOp::DetachDisk(name) => {
