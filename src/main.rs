@@ -222,6 +222,10 @@ async fn dispatch(
                     })?);
                 }
             }
+            // Everything vmlet and its QEMUs create (records, images,
+            // volumes, overlays, serial logs, sockets) is private unless
+            // vmlet widens it on purpose (the API socket's 0660).
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
             vmlet::daemon::serve(settings).await?;
             Ok(ExitCode::SUCCESS)
         }

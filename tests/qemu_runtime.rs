@@ -196,7 +196,7 @@ async fn commas_and_spaces_in_paths_reach_qemu_intact() {
     std::fs::create_dir(&odd).unwrap();
     let guest = common::guest::test_guest();
     let kernel = odd.join("vmlinuz,1");
-    let initrd = odd.join("initrd 1.img");
+    let initrd = odd.join("initrd,1 x.img");
     std::fs::copy(&guest.kernel, &kernel).unwrap();
     std::fs::copy(&guest.initrd, &initrd).unwrap();
     let image = scratch.qcow2("data,1 x.qcow2", "32M");

@@ -4,7 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -92,11 +92,16 @@ impl Store {
     /// Writes `vm`'s record atomically.
     pub fn save(&self, vm: &Vm) -> Result<(), StoreError> {
         let dir = self.vm_dir(vm.id);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io("creating", &dir))?;
+        if !dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io("creating", &dir))?;
+            // The new directory's entry must be durable before the record
+            // in it counts as written.
+            sync_dir(&self.root)?;
+        }
         let record = VmRecord {
             version: RECORD_VERSION,
             host_boot_id: self.boot_id.clone(),
@@ -120,8 +125,19 @@ impl Store {
             };
             let path = self.vm_dir(id).join(RECORD_FILE);
             if !path.exists() {
-                // A directory without a record: a create that died before
-                // its first write. Nothing to recover.
+                // A directory without a record: a create that died (vmlet
+                // killed) after making the VM's disks and before its first
+                // write. Nothing lists it and nothing can be recovered from
+                // it: sweep it, or it would hold its disk space forever.
+                let dir = self.vm_dir(id);
+                match fs::remove_dir_all(&dir) {
+                    Ok(()) => {
+                        tracing::warn!(dir = %dir.display(), "removed the directory of a VM whose create never finished")
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "could not remove an unfinished VM's directory")
+                    }
+                }
                 continue;
             }
             out.push(read_record(&path, id).map(|record| Loaded {
@@ -168,7 +184,15 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Stor
     let target = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let result = (|| {
-        let mut file = File::create(&tmp).map_err(io("creating", &tmp))?;
+        // Records hold cloud-init user data and network settings: only
+        // vmlet reads them, whatever the umask.
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
         file.write_all(bytes).map_err(io("writing", &tmp))?;
         file.sync_all().map_err(io("syncing", &tmp))?;
         fs::rename(&tmp, &target).map_err(io("renaming into place", &target))?;
@@ -221,8 +245,11 @@ mod tests {
         let broken = Uuid::new_v4();
         fs::create_dir_all(store.vm_dir(broken)).unwrap();
         fs::write(store.vm_dir(broken).join("vm.json"), b"{not json").unwrap();
-        // A directory with no record is skipped silently.
-        fs::create_dir_all(store.vm_dir(Uuid::new_v4())).unwrap();
+        // A directory with no record (a create killed after making its
+        // disks) is swept.
+        let orphan = store.vm_dir(Uuid::new_v4());
+        fs::create_dir_all(orphan.join("disks")).unwrap();
+        fs::write(orphan.join("disks/disk0.qcow2"), b"x").unwrap();
 
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 2);
@@ -233,6 +260,13 @@ mod tests {
         let bad = loaded.iter().find_map(|r| r.as_ref().err()).unwrap();
         assert!(bad.to_string().contains(&broken.to_string()), "{bad}");
         assert!(!store.vm_dir(vm.id).join(".vm.json.tmp").exists());
+        assert!(!orphan.exists(), "orphan directory swept");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(store.vm_dir(vm.id).join("vm.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "records are private");
 
         store.remove(vm.id).unwrap();
         store.remove(vm.id).unwrap();
