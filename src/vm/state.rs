@@ -254,7 +254,8 @@ pub fn decide(state: PowerState, task: Option<Task>, action: Action) -> Decision
     }
 }
 
-/// Something vmlet observed or did that moves a VM's state.
+/// Something vmlet observed or did that moves a VM's state. Every change of
+/// a VM's state is one of these, through [`next`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observation {
     /// A start began (QEMU is being launched).
@@ -269,6 +270,10 @@ pub enum Observation {
     VcpusResumed,
     /// A stop began.
     StopBegun,
+    /// A stop finished: QEMU is gone.
+    StopFinished,
+    /// A stop failed: QEMU may still run, out of vmlet's hands.
+    StopFailed,
     /// QEMU exited after a stop or a guest-initiated shutdown.
     ExitedCleanly,
     /// QEMU exited when nobody asked it to, or the guest panicked.
@@ -279,78 +284,329 @@ pub enum Observation {
     RegainedRunning,
     /// QMP answers again, and QEMU says the vCPUs are paused.
     RegainedPaused,
+    /// A delete stopped the QEMU but could not remove the record.
+    DeleteFailed,
+    /// At vmlet's start: the VM's QEMU runs and its vCPUs run.
+    FoundRunning,
+    /// At vmlet's start: the VM's QEMU runs with its vCPUs paused.
+    FoundPaused,
+    /// At vmlet's start: QEMU was left in prelaunch by a start that never
+    /// finished (vmlet kills it).
+    FoundUnstarted,
+    /// At vmlet's start: the guest had shut down, QEMU not yet exited
+    /// (vmlet kills it).
+    FoundShutDown,
+    /// At vmlet's start: QEMU was dead in the water (panicked guest, I/O or
+    /// internal error; vmlet kills it).
+    FoundDead,
+    /// At vmlet's start: QEMU runs but does not answer on QMP.
+    FoundUnanswering,
+    /// At vmlet's start: the QEMU exited while vmlet was not running.
+    GoneWhileDown,
+    /// At vmlet's start: the host rebooted since the record was written, so
+    /// no QEMU of it can be running.
+    GoneWithHostReboot,
 }
 
 impl Observation {
     /// Every observation, for exhaustive tests.
-    pub const ALL: [Observation; 11] = [
+    pub const ALL: [Observation; 22] = [
         Observation::StartBegun,
         Observation::GuestStarted,
         Observation::StartFailed,
         Observation::VcpusStopped,
         Observation::VcpusResumed,
         Observation::StopBegun,
+        Observation::StopFinished,
+        Observation::StopFailed,
         Observation::ExitedCleanly,
         Observation::Crashed,
         Observation::ControlLost,
         Observation::RegainedRunning,
         Observation::RegainedPaused,
+        Observation::DeleteFailed,
+        Observation::FoundRunning,
+        Observation::FoundPaused,
+        Observation::FoundUnstarted,
+        Observation::FoundShutDown,
+        Observation::FoundDead,
+        Observation::FoundUnanswering,
+        Observation::GoneWhileDown,
+        Observation::GoneWithHostReboot,
     ];
+
+    /// Whether this observation means no QEMU of the VM remains.
+    pub fn leaves_no_process(self) -> bool {
+        use Observation as O;
+        matches!(
+            self,
+            O::StartFailed
+                | O::StopFinished
+                | O::ExitedCleanly
+                | O::Crashed
+                | O::DeleteFailed
+                | O::FoundUnstarted
+                | O::FoundShutDown
+                | O::FoundDead
+                | O::GoneWhileDown
+                | O::GoneWithHostReboot
+        )
+    }
 }
 
-/// The state after `observation`, or `None` when the observation does not
-/// apply in `state` (a stale or duplicate event, which is ignored).
+/// The state `observation` moves a VM in `state` to, or `None` when it
+/// does not apply (the state stays).
 pub fn next(state: PowerState, observation: Observation) -> Option<PowerState> {
     use Observation as O;
     use PowerState as S;
-    match (observation, state) {
-        (O::StartBegun, S::Stopped | S::Crashed | S::Error) => Some(S::Starting),
-        (O::GuestStarted, S::Starting) => Some(S::Running),
-        (O::StartFailed, S::Starting) => Some(S::Error),
-        (O::VcpusStopped, S::Running) => Some(S::Paused),
-        (O::VcpusResumed, S::Paused) => Some(S::Running),
-        (O::StopBegun, S::Running | S::Paused | S::Crashed | S::Error) => Some(S::Stopping),
-        (O::ExitedCleanly, S::Running | S::Paused | S::Stopping) => Some(S::Stopped),
-        (O::Crashed, S::Starting | S::Running | S::Paused | S::Stopping) => Some(S::Crashed),
-        (O::ControlLost, S::Starting | S::Running | S::Paused | S::Stopping) => Some(S::Error),
-        (O::RegainedRunning, S::Error) => Some(S::Running),
-        (O::RegainedPaused, S::Error) => Some(S::Paused),
-        _ => None,
+    let to = match (observation, state) {
+        (O::StartBegun, S::Stopped | S::Crashed | S::Error) => S::Starting,
+        (O::GuestStarted, S::Starting) => S::Running,
+        (O::StartFailed, S::Starting) => S::Error,
+        (O::VcpusStopped, S::Running) => S::Paused,
+        (O::VcpusResumed, S::Paused) => S::Running,
+        (O::StopBegun, S::Running | S::Paused | S::Crashed | S::Error) => S::Stopping,
+        (O::StopFinished, S::Running | S::Paused | S::Stopping | S::Crashed | S::Error) => {
+            S::Stopped
+        }
+        (O::StopFailed, S::Running | S::Paused | S::Stopping | S::Crashed) => S::Error,
+        (O::ExitedCleanly, S::Running | S::Paused | S::Stopping) => S::Stopped,
+        (O::Crashed, S::Starting | S::Running | S::Paused | S::Stopping) => S::Crashed,
+        (O::ControlLost, S::Starting | S::Running | S::Paused | S::Stopping) => S::Error,
+        (O::RegainedRunning, S::Error) => S::Running,
+        (O::RegainedPaused, S::Error) => S::Paused,
+        (O::DeleteFailed, S::Starting | S::Running | S::Paused | S::Stopping) => S::Stopped,
+        // What vmlet finds at its start overrides whatever was recorded.
+        (O::FoundRunning, _) => S::Running,
+        (O::FoundPaused, _) => S::Paused,
+        (O::FoundUnstarted | O::FoundShutDown, _) => S::Stopped,
+        (O::FoundDead, _) => S::Crashed,
+        (O::FoundUnanswering, _) => S::Error,
+        (O::GoneWhileDown, S::Running | S::Paused) => S::Crashed,
+        (O::GoneWhileDown, S::Starting | S::Stopping) => S::Stopped,
+        (O::GoneWithHostReboot, S::Starting | S::Running | S::Paused | S::Stopping) => S::Stopped,
+        _ => return None,
+    };
+    (to != state).then_some(to)
+}
+
+/// What QEMU's `query-status` said, as far as reattaching cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoundStatus {
+    /// `prelaunch` or `inmigrate`: the guest never ran.
+    Unstarted,
+    /// `running`.
+    Running,
+    /// `shutdown`: the guest powered off, QEMU has not exited.
+    ShutDown,
+    /// `guest-panicked`, `internal-error`, `io-error`.
+    Dead,
+    /// Any other status (paused, suspended, debug, …): vCPUs not running.
+    Paused,
+}
+
+/// What vmlet found of a VM's QEMU when it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// No QEMU of the VM runs.
+    Gone {
+        /// The host rebooted since the record was written.
+        host_rebooted: bool,
+    },
+    /// QEMU runs and answered `query-status`.
+    Status(FoundStatus),
+    /// QEMU runs but QMP does not answer.
+    Unanswering,
+}
+
+/// What happens to a VM's recorded error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorNote {
+    /// Left as it was.
+    Keep,
+    /// Cleared.
+    Clear,
+    /// Replaced by this.
+    Set(String),
+}
+
+/// What to do about a VM at vmlet's start, decided without I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reattach {
+    /// The observation to apply.
+    pub observation: Observation,
+    /// Kill the QEMU found (it can never be of use).
+    pub kill: bool,
+    /// Take hold of the QEMU (watch it, keep its QMP link).
+    pub attach: bool,
+    /// The recorded error.
+    pub error: ErrorNote,
+    /// The guest powered itself off: the desired state follows.
+    pub desired_stopped: bool,
+}
+
+/// Decides what a VM recorded in `recorded` becomes when vmlet finds
+/// `found` at its start.
+pub fn reattach(recorded: PowerState, found: Found) -> Reattach {
+    let plan = |observation, kill, attach, error| Reattach {
+        observation,
+        kill,
+        attach,
+        error,
+        desired_stopped: false,
+    };
+    use ErrorNote as E;
+    use Observation as O;
+    match found {
+        Found::Gone { host_rebooted } => {
+            let was_up = recorded.has_process();
+            match recorded {
+                _ if host_rebooted && was_up => plan(
+                    O::GoneWithHostReboot,
+                    false,
+                    false,
+                    E::Set("the host rebooted while the VM was up".into()),
+                ),
+                PowerState::Stopping => plan(O::GoneWhileDown, false, false, E::Clear),
+                PowerState::Starting => plan(
+                    O::GoneWhileDown,
+                    false,
+                    false,
+                    E::Set("a start did not finish before vmlet restarted".into()),
+                ),
+                PowerState::Running | PowerState::Paused => plan(
+                    O::GoneWhileDown,
+                    false,
+                    false,
+                    E::Set("QEMU exited while vmlet was not running".into()),
+                ),
+                PowerState::Stopped | PowerState::Crashed | PowerState::Error => {
+                    plan(O::GoneWhileDown, false, false, E::Keep)
+                }
+            }
+        }
+        Found::Status(FoundStatus::Unstarted) => plan(
+            O::FoundUnstarted,
+            true,
+            false,
+            E::Set("a start did not finish before vmlet restarted; its QEMU was killed".into()),
+        ),
+        Found::Status(FoundStatus::ShutDown) => Reattach {
+            desired_stopped: true,
+            ..plan(O::FoundShutDown, true, false, E::Clear)
+        },
+        Found::Status(FoundStatus::Dead) => plan(
+            O::FoundDead,
+            true,
+            false,
+            E::Set("QEMU was dead in the water (guest panic, I/O or internal error) when vmlet restarted".into()),
+        ),
+        Found::Status(FoundStatus::Running) => plan(O::FoundRunning, false, true, E::Keep),
+        Found::Status(FoundStatus::Paused) => plan(O::FoundPaused, false, true, E::Keep),
+        Found::Unanswering => plan(O::FoundUnanswering, false, true, E::Keep),
+    }
+}
+
+/// How QEMU's exit reads: a clean power-off when the guest shut down
+/// (`SHUTDOWN` seen) and did not panic; a crash otherwise.
+pub fn exit_observation(shutdown_seen: bool, panicked: bool) -> Observation {
+    if shutdown_seen && !panicked {
+        Observation::ExitedCleanly
+    } else {
+        Observation::Crashed
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Observation as O;
     use PowerState as S;
 
     /// The whole transition table, written out: every (state, observation)
     /// pair not listed here must be ignored.
     const TABLE: &[(PowerState, Observation, PowerState)] = &[
-        (S::Stopped, Observation::StartBegun, S::Starting),
-        (S::Crashed, Observation::StartBegun, S::Starting),
-        (S::Error, Observation::StartBegun, S::Starting),
-        (S::Starting, Observation::GuestStarted, S::Running),
-        (S::Starting, Observation::StartFailed, S::Error),
-        (S::Running, Observation::VcpusStopped, S::Paused),
-        (S::Paused, Observation::VcpusResumed, S::Running),
-        (S::Running, Observation::StopBegun, S::Stopping),
-        (S::Paused, Observation::StopBegun, S::Stopping),
-        (S::Crashed, Observation::StopBegun, S::Stopping),
-        (S::Error, Observation::StopBegun, S::Stopping),
-        (S::Running, Observation::ExitedCleanly, S::Stopped),
-        (S::Paused, Observation::ExitedCleanly, S::Stopped),
-        (S::Stopping, Observation::ExitedCleanly, S::Stopped),
-        (S::Starting, Observation::Crashed, S::Crashed),
-        (S::Running, Observation::Crashed, S::Crashed),
-        (S::Paused, Observation::Crashed, S::Crashed),
-        (S::Stopping, Observation::Crashed, S::Crashed),
-        (S::Starting, Observation::ControlLost, S::Error),
-        (S::Running, Observation::ControlLost, S::Error),
-        (S::Paused, Observation::ControlLost, S::Error),
-        (S::Stopping, Observation::ControlLost, S::Error),
-        (S::Error, Observation::RegainedRunning, S::Running),
-        (S::Error, Observation::RegainedPaused, S::Paused),
+        (S::Stopped, O::StartBegun, S::Starting),
+        (S::Crashed, O::StartBegun, S::Starting),
+        (S::Error, O::StartBegun, S::Starting),
+        (S::Starting, O::GuestStarted, S::Running),
+        (S::Starting, O::StartFailed, S::Error),
+        (S::Running, O::VcpusStopped, S::Paused),
+        (S::Paused, O::VcpusResumed, S::Running),
+        (S::Running, O::StopBegun, S::Stopping),
+        (S::Paused, O::StopBegun, S::Stopping),
+        (S::Crashed, O::StopBegun, S::Stopping),
+        (S::Error, O::StopBegun, S::Stopping),
+        (S::Running, O::StopFinished, S::Stopped),
+        (S::Paused, O::StopFinished, S::Stopped),
+        (S::Stopping, O::StopFinished, S::Stopped),
+        (S::Crashed, O::StopFinished, S::Stopped),
+        (S::Error, O::StopFinished, S::Stopped),
+        (S::Running, O::StopFailed, S::Error),
+        (S::Paused, O::StopFailed, S::Error),
+        (S::Stopping, O::StopFailed, S::Error),
+        (S::Crashed, O::StopFailed, S::Error),
+        (S::Running, O::ExitedCleanly, S::Stopped),
+        (S::Paused, O::ExitedCleanly, S::Stopped),
+        (S::Stopping, O::ExitedCleanly, S::Stopped),
+        (S::Starting, O::Crashed, S::Crashed),
+        (S::Running, O::Crashed, S::Crashed),
+        (S::Paused, O::Crashed, S::Crashed),
+        (S::Stopping, O::Crashed, S::Crashed),
+        (S::Starting, O::ControlLost, S::Error),
+        (S::Running, O::ControlLost, S::Error),
+        (S::Paused, O::ControlLost, S::Error),
+        (S::Stopping, O::ControlLost, S::Error),
+        (S::Error, O::RegainedRunning, S::Running),
+        (S::Error, O::RegainedPaused, S::Paused),
+        (S::Starting, O::DeleteFailed, S::Stopped),
+        (S::Running, O::DeleteFailed, S::Stopped),
+        (S::Paused, O::DeleteFailed, S::Stopped),
+        (S::Stopping, O::DeleteFailed, S::Stopped),
+        (S::Stopped, O::FoundRunning, S::Running),
+        (S::Starting, O::FoundRunning, S::Running),
+        (S::Paused, O::FoundRunning, S::Running),
+        (S::Stopping, O::FoundRunning, S::Running),
+        (S::Crashed, O::FoundRunning, S::Running),
+        (S::Error, O::FoundRunning, S::Running),
+        (S::Stopped, O::FoundPaused, S::Paused),
+        (S::Starting, O::FoundPaused, S::Paused),
+        (S::Running, O::FoundPaused, S::Paused),
+        (S::Stopping, O::FoundPaused, S::Paused),
+        (S::Crashed, O::FoundPaused, S::Paused),
+        (S::Error, O::FoundPaused, S::Paused),
+        (S::Starting, O::FoundUnstarted, S::Stopped),
+        (S::Running, O::FoundUnstarted, S::Stopped),
+        (S::Paused, O::FoundUnstarted, S::Stopped),
+        (S::Stopping, O::FoundUnstarted, S::Stopped),
+        (S::Crashed, O::FoundUnstarted, S::Stopped),
+        (S::Error, O::FoundUnstarted, S::Stopped),
+        (S::Starting, O::FoundShutDown, S::Stopped),
+        (S::Running, O::FoundShutDown, S::Stopped),
+        (S::Paused, O::FoundShutDown, S::Stopped),
+        (S::Stopping, O::FoundShutDown, S::Stopped),
+        (S::Crashed, O::FoundShutDown, S::Stopped),
+        (S::Error, O::FoundShutDown, S::Stopped),
+        (S::Stopped, O::FoundDead, S::Crashed),
+        (S::Starting, O::FoundDead, S::Crashed),
+        (S::Running, O::FoundDead, S::Crashed),
+        (S::Paused, O::FoundDead, S::Crashed),
+        (S::Stopping, O::FoundDead, S::Crashed),
+        (S::Error, O::FoundDead, S::Crashed),
+        (S::Stopped, O::FoundUnanswering, S::Error),
+        (S::Starting, O::FoundUnanswering, S::Error),
+        (S::Running, O::FoundUnanswering, S::Error),
+        (S::Paused, O::FoundUnanswering, S::Error),
+        (S::Stopping, O::FoundUnanswering, S::Error),
+        (S::Crashed, O::FoundUnanswering, S::Error),
+        (S::Running, O::GoneWhileDown, S::Crashed),
+        (S::Paused, O::GoneWhileDown, S::Crashed),
+        (S::Starting, O::GoneWhileDown, S::Stopped),
+        (S::Stopping, O::GoneWhileDown, S::Stopped),
+        (S::Starting, O::GoneWithHostReboot, S::Stopped),
+        (S::Running, O::GoneWithHostReboot, S::Stopped),
+        (S::Paused, O::GoneWithHostReboot, S::Stopped),
+        (S::Stopping, O::GoneWithHostReboot, S::Stopped),
     ];
 
     #[test]
@@ -367,14 +623,69 @@ mod tests {
     }
 
     #[test]
-    fn a_state_with_a_process_never_jumps_to_stopped_without_an_exit() {
+    fn a_state_with_a_process_never_becomes_one_without_unless_the_process_went() {
         for state in PowerState::ALL {
             for obs in Observation::ALL {
-                if next(state, obs) == Some(S::Stopped) {
-                    assert_eq!(obs, Observation::ExitedCleanly, "{state:?} + {obs:?}");
+                if let Some(to) = next(state, obs) {
+                    if state.has_process() && !to.has_process() && to != S::Error {
+                        assert!(obs.leaves_no_process(), "{state:?} + {obs:?} → {to:?}");
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn reattach_decisions() {
+        use ErrorNote as E;
+        let gone = Found::Gone {
+            host_rebooted: false,
+        };
+        let rebooted = Found::Gone {
+            host_rebooted: true,
+        };
+        // (recorded, found) → (resulting state, kill, attach, error kind, desired stopped)
+        #[allow(clippy::type_complexity)]
+        let cases: &[(PowerState, Found, PowerState, bool, bool, &str, bool)] = &[
+            (S::Running, gone, S::Crashed, false, false, "set", false),
+            (S::Paused, gone, S::Crashed, false, false, "set", false),
+            (S::Starting, gone, S::Stopped, false, false, "set", false),
+            (S::Stopping, gone, S::Stopped, false, false, "clear", false),
+            (S::Stopped, gone, S::Stopped, false, false, "keep", false),
+            (S::Crashed, gone, S::Crashed, false, false, "keep", false),
+            (S::Error, gone, S::Error, false, false, "keep", false),
+            (S::Running, rebooted, S::Stopped, false, false, "set", false),
+            (S::Stopping, rebooted, S::Stopped, false, false, "set", false),
+            (S::Crashed, rebooted, S::Crashed, false, false, "keep", false),
+            (S::Running, Found::Status(FoundStatus::Running), S::Running, false, true, "keep", false),
+            (S::Running, Found::Status(FoundStatus::Paused), S::Paused, false, true, "keep", false),
+            (S::Error, Found::Status(FoundStatus::Running), S::Running, false, true, "keep", false),
+            (S::Starting, Found::Status(FoundStatus::Unstarted), S::Stopped, true, false, "set", false),
+            (S::Running, Found::Status(FoundStatus::ShutDown), S::Stopped, true, false, "clear", true),
+            (S::Running, Found::Status(FoundStatus::Dead), S::Crashed, true, false, "set", false),
+            (S::Running, Found::Unanswering, S::Error, false, true, "keep", false),
+        ];
+        for &(recorded, found, to, kill, attach, error, desired_stopped) in cases {
+            let plan = reattach(recorded, found);
+            let got = next(recorded, plan.observation).unwrap_or(recorded);
+            assert_eq!(got, to, "{recorded:?} {found:?}");
+            assert_eq!((plan.kill, plan.attach), (kill, attach), "{recorded:?} {found:?}");
+            let kind = match plan.error {
+                E::Keep => "keep",
+                E::Clear => "clear",
+                E::Set(_) => "set",
+            };
+            assert_eq!(kind, error, "{recorded:?} {found:?}");
+            assert_eq!(plan.desired_stopped, desired_stopped, "{recorded:?} {found:?}");
+        }
+    }
+
+    #[test]
+    fn exits_read_as_power_off_only_after_a_shutdown_without_panic() {
+        assert_eq!(exit_observation(true, false), O::ExitedCleanly);
+        assert_eq!(exit_observation(false, false), O::Crashed);
+        assert_eq!(exit_observation(true, true), O::Crashed);
+        assert_eq!(exit_observation(false, true), O::Crashed);
     }
 
     #[test]
