@@ -468,9 +468,13 @@ async fn imports_from_a_url() {
     ]);
     let d = Daemon::start_with_env(&[
         ("VMLET_IMPORT_DIR", s(scratch.path())),
-        // A proxy of the environment must not get in the way of 127.0.0.1.
-        ("NO_PROXY", "127.0.0.1,localhost"),
-        ("no_proxy", "127.0.0.1,localhost"),
+        // Loopback is denied unless allowed.
+        ("VMLET_IMPORT_ALLOWED_NETWORKS", "127.0.0.0/8"),
+        // Proxies of the environment are not used: they would connect to
+        // addresses that were never checked (nothing listens on port 9).
+        ("http_proxy", "http://127.0.0.1:9"),
+        ("HTTP_PROXY", "http://127.0.0.1:9"),
+        ("all_proxy", "http://127.0.0.1:9"),
     ])
     .await;
 
