@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::api::{assert_invalid_field, call, expect};
 use common::daemon::{free_port, unique_name, wait_until, Daemon};
 use common::storage::{dir_entries, qemu_img, write_pattern_raw, MIB};
-use common::Scratch;
+use common::{processes_with, Scratch};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmlet::client::Method;
@@ -563,6 +563,25 @@ async fn crafted_images_are_refused_before_conversion() {
     assert_eq!(mode(&images), 0o700, "images/");
     assert_eq!(mode(&images.join(format!("{name}.qcow2"))), 0o600);
     assert_eq!(mode(&images.join(format!("{name}.json"))), 0o600);
+
+    // A conversion over its time limit is killed and fails the import (a
+    // limit of 0 s makes any conversion too slow).
+    drop(d);
+    let d = Daemon::start_with_env(&[
+        ("VMLET_IMPORT_DIR", import.path().to_str().unwrap()),
+        ("VMLET_IMAGE_CONVERT_TIMEOUT_S", "0"),
+    ])
+    .await;
+    let name = unique_name("slow-convert");
+    let error = import_error(&d, &json!({"name": name, "path": raw})).await;
+    assert!(
+        error.contains("qemu-img convert took longer than 0 s and was killed"),
+        "{error}"
+    );
+    assert_no_image_file(&d, &name);
+    let scratch = d.state_dir.join("images").join(".tmp");
+    let left = processes_with(scratch.to_str().unwrap());
+    assert!(left.is_empty(), "qemu-img processes left: {left:?}");
 }
 
 // ---- 6. an import interrupted by SIGKILL ---------------------------------------------

@@ -447,7 +447,9 @@ async fn backing_files_and_paths_outside_the_import_dir_are_refused() {
     assert_eq!(image_names(&d).await, vec![name.clone()]);
     let images = dir_entries(&d.state_dir.join("images"));
     assert!(
-        images.iter().all(|e| e == ".tmp" || *e == format!("{name}.json")),
+        images
+            .iter()
+            .all(|e| e == ".tmp" || *e == format!("{name}.json")),
         "images/ holds {images:?}"
     );
 }

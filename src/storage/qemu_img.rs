@@ -231,9 +231,9 @@ pub async fn run_limited(
                 program: program.display().to_string(),
                 source,
             })?;
-            // Reaped: the group id may be reused from now on. Children the
-            // program left behind in its group are killed first.
-            killer.kill();
+            // Reaped: its pid (the group id) may be reused from now on, so
+            // the group is no longer ours to kill.
+            killer.0 = None;
             Ok(LimitedOutput {
                 status,
                 stdout,
@@ -618,12 +618,20 @@ mod tests {
     #[tokio::test]
     async fn the_memory_limit_fails_large_allocations() {
         // Reading 64 MiB into one shell variable needs more than 16 MiB of
-        // address space.
+        // address space; 1 KiB fits (so the shell itself runs under it).
         let limits = RunLimits {
             address_space: Some(16 << 20),
             cpu_s: None,
             wall: Duration::from_secs(60),
         };
+        let small = run_limited(
+            Path::new(SH),
+            &sh("x=$(head -c 1024 /dev/zero | tr '\\0' a); echo ${#x}"),
+            limits,
+        )
+        .await
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&small.stdout).trim(), "1024");
         let out = run_limited(
             Path::new(SH),
             &sh("x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}"),
