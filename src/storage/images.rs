@@ -862,3 +862,76 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::Permissions;
+
+    fn record(name: &str, status: ImageStatus) -> Image {
+        Image {
+            name: name.into(),
+            status,
+            source: "/import/x.raw".into(),
+            source_format: None,
+            format: "qcow2".into(),
+            virtual_size: None,
+            actual_size: None,
+            sha256: None,
+            source_sha256: None,
+            progress: Some(ImportProgress {
+                phase: ImportPhase::Convert,
+                bytes_done: 5,
+                bytes_total: Some(5),
+            }),
+            error: None,
+            created_at: "2024-01-01T00:00:00Z".into(),
+        }
+    }
+
+    /// A kill -9 after the converted file was renamed in but before the
+    /// record said ready (or at any earlier point): the restart finds an
+    /// `importing` record, fails it and removes the unverified file and the
+    /// scratch space; a ready image keeps its file, made private.
+    #[test]
+    fn opening_fails_interrupted_imports_and_removes_their_files() {
+        let state = tempfile::tempdir().unwrap();
+        let layout = Layout::new(state.path());
+        let dir = layout.images_dir();
+        std::fs::create_dir_all(layout.import_tmp_dir().join("half-abc")).unwrap();
+        std::fs::write(layout.import_tmp_dir().join("half-abc/source"), b"x").unwrap();
+        write_record(&dir, &record("half", ImageStatus::Importing)).unwrap();
+        std::fs::write(layout.image_file("half"), b"unverified").unwrap();
+        let mut ready = record("done", ImageStatus::Ready);
+        ready.progress = None;
+        write_record(&dir, &ready).unwrap();
+        std::fs::write(layout.image_file("done"), b"qcow2").unwrap();
+        std::fs::set_permissions(layout.image_file("done"), Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o755)).unwrap();
+
+        let store = ImageStore::open(
+            layout.clone(),
+            QemuImg::new(Path::new("qemu-img")),
+            state.path().join("import"),
+            &ImageSettings::default(),
+            Arc::new(EventBus::new(16)),
+        )
+        .unwrap();
+        let half = store.get("half").unwrap();
+        assert_eq!(half.status, ImageStatus::Failed);
+        assert_eq!(half.error.as_deref(), Some(INTERRUPTED));
+        assert_eq!(half.progress, None);
+        assert!(!layout.image_file("half").exists());
+        assert!(!layout.import_tmp_dir().exists());
+        // The failure is recorded on disk, not only in memory.
+        let on_disk: Image =
+            serde_json::from_slice(&std::fs::read(layout.image_meta("half")).unwrap()).unwrap();
+        assert_eq!(on_disk, half);
+        assert_eq!(store.get("done").unwrap().status, ImageStatus::Ready);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&layout.image_file("done")), 0o600);
+        assert_eq!(mode(&layout.image_meta("half")), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&state.path().join("import")), 0o700);
+    }
+}
