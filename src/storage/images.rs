@@ -233,6 +233,15 @@ impl ImageStore {
                     serde_json::from_slice::<Image>(&bytes).map_err(|e| e.to_string())
                 });
             let mut image = match loaded {
+                // The name makes file paths: it must be valid and the
+                // record's own.
+                Ok(image)
+                    if validate_name("name", &image.name).is_err()
+                        || path.file_stem() != Some(std::ffi::OsStr::new(&image.name)) =>
+                {
+                    tracing::error!(file = %path.display(), "skipping image metadata with a foreign name");
+                    continue;
+                }
                 Ok(image) => image,
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "skipping unreadable image metadata");
