@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::qemu::accel::AccelChoice;
+use crate::storage::fetch::{parse_networks, IpNet};
 
 /// Where the config file is looked for when none is given.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/vmlet/vmlet.toml";
@@ -66,6 +67,50 @@ pub struct Settings {
     pub capacity: CapacitySettings,
     /// Consoles: tokens, the serial log, the browser page (`[console]`).
     pub console: ConsoleSettings,
+    /// Image imports: what URLs may reach, and limits (`[images]`).
+    pub images: ImageSettings,
+}
+
+/// Image imports (`[images]` in the file). Imported files are untrusted:
+/// URL imports may not reach internal networks, and `qemu-img` runs on
+/// them under limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageSettings {
+    /// Networks (CIDRs) URL imports may fetch from although the default
+    /// deny list covers them (loopback, private, link-local, CGNAT, …),
+    /// e.g. `["10.20.0.0/16"]` for an internal mirror. Empty: only public
+    /// addresses.
+    pub import_allowed_networks: Vec<IpNet>,
+    /// Seconds to resolve and connect to a URL's host (per redirect hop).
+    pub import_connect_timeout_s: u64,
+    /// Seconds a URL import waits for the response or the next bytes before
+    /// it fails.
+    pub import_idle_timeout_s: u64,
+    /// Seconds a whole URL download may take.
+    pub import_timeout_s: u64,
+    /// Largest source an import accepts, in bytes (a URL's `Content-Length`
+    /// is checked up front, the bytes as they come).
+    pub import_max_bytes: u64,
+    /// Largest virtual size (what the guest sees) of an imported image, in
+    /// bytes; checked before converting.
+    pub max_virtual_bytes: u64,
+    /// Seconds `qemu-img convert` of an import may take before it is killed.
+    pub convert_timeout_s: u64,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        ImageSettings {
+            import_allowed_networks: Vec::new(),
+            import_connect_timeout_s: 10,
+            import_idle_timeout_s: 60,
+            import_timeout_s: 6 * 3600,
+            import_max_bytes: 64 << 30,
+            max_virtual_bytes: 1 << 40,
+            convert_timeout_s: 3600,
+        }
+    }
 }
 
 /// Consoles (`[console]` in the file).
@@ -185,6 +230,7 @@ impl Default for Settings {
             allowed_host_paths: None,
             capacity: CapacitySettings::default(),
             console: ConsoleSettings::default(),
+            images: ImageSettings::default(),
         }
     }
 }
@@ -340,7 +386,11 @@ impl Settings {
     /// `VMLET_CAPACITY_DISK_GIB`, `VMLET_RESERVED_MEMORY_MIB`,
     /// `VMLET_CPU_ALLOCATION_RATIO` and `VMLET_CAPACITY_ENFORCE`, and for
     /// `[console]` `VMLET_CONSOLE_TOKEN_TTL_S`, `VMLET_CONSOLE_LOG_MAX_BYTES`
-    /// and `VMLET_NOVNC_DIR`.
+    /// and `VMLET_NOVNC_DIR`, and for `[images]`
+    /// `VMLET_IMPORT_ALLOWED_NETWORKS` (comma-separated CIDRs),
+    /// `VMLET_IMPORT_CONNECT_TIMEOUT_S`, `VMLET_IMPORT_IDLE_TIMEOUT_S`,
+    /// `VMLET_IMPORT_TIMEOUT_S`, `VMLET_IMPORT_MAX_BYTES`,
+    /// `VMLET_IMAGE_MAX_VIRTUAL_BYTES` and `VMLET_IMAGE_CONVERT_TIMEOUT_S`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
             self.state_dir = v.into();
@@ -447,6 +497,38 @@ impl Settings {
         if let Some(v) = var("VMLET_NOVNC_DIR") {
             self.console.novnc_dir = v.into();
         }
+        if let Some(v) = var("VMLET_IMPORT_ALLOWED_NETWORKS") {
+            self.images.import_allowed_networks =
+                parse_networks(&v).map_err(|message| ConfigError::Env {
+                    name: "VMLET_IMPORT_ALLOWED_NETWORKS",
+                    message,
+                })?;
+        }
+        let images = &mut self.images;
+        for (name, field) in [
+            (
+                "VMLET_IMPORT_CONNECT_TIMEOUT_S",
+                &mut images.import_connect_timeout_s,
+            ),
+            (
+                "VMLET_IMPORT_IDLE_TIMEOUT_S",
+                &mut images.import_idle_timeout_s,
+            ),
+            ("VMLET_IMPORT_TIMEOUT_S", &mut images.import_timeout_s),
+            ("VMLET_IMPORT_MAX_BYTES", &mut images.import_max_bytes),
+            (
+                "VMLET_IMAGE_MAX_VIRTUAL_BYTES",
+                &mut images.max_virtual_bytes,
+            ),
+            (
+                "VMLET_IMAGE_CONVERT_TIMEOUT_S",
+                &mut images.convert_timeout_s,
+            ),
+        ] {
+            if let Some(v) = var(name) {
+                *field = number(name, &v)?;
+            }
+        }
         Ok(())
     }
 }
@@ -529,5 +611,48 @@ mod tests {
             err.contains("allowed_host_paths") && err.contains("manages"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn image_import_settings_from_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vmlet.toml");
+        std::fs::write(
+            &file,
+            "[images]\nimport_allowed_networks = [\"10.20.0.0/16\"]\nimport_max_bytes = 1024\n",
+        )
+        .unwrap();
+        let mut s = Settings::from_file(&file).unwrap();
+        assert_eq!(
+            s.images.import_allowed_networks,
+            vec!["10.20.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(s.images.import_max_bytes, 1024);
+        assert_eq!(s.images.import_timeout_s, 6 * 3600);
+        s.apply_env(|n| match n {
+            "VMLET_IMPORT_ALLOWED_NETWORKS" => Some("127.0.0.0/8,::1".into()),
+            "VMLET_IMPORT_TIMEOUT_S" => Some("5".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.images.import_allowed_networks.len(), 2);
+        assert_eq!(s.images.import_timeout_s, 5);
+
+        // A bad network is named, in the file and in the environment.
+        std::fs::write(
+            &file,
+            "[images]\nimport_allowed_networks = [\"10.0.0.1/8\"]\n",
+        )
+        .unwrap();
+        let err = Settings::from_file(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("import_allowed_networks") && err.contains("host bits"),
+            "{err}"
+        );
+        let err = Settings::default()
+            .apply_env(|n| (n == "VMLET_IMPORT_ALLOWED_NETWORKS").then(|| "intranet".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VMLET_IMPORT_ALLOWED_NETWORKS"), "{err}");
     }
 }

@@ -19,11 +19,16 @@ use vmlet::client::Method;
 /// under a second).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A daemon whose import directory is a scratch directory of its own.
+/// A daemon whose import directory is a scratch directory of its own, and
+/// which may import from URLs on loopback (where the tests serve images).
 async fn daemon_with_imports() -> (Daemon, Scratch) {
     let imports = Scratch::new();
     let dir = imports.path().to_str().unwrap().to_string();
-    let d = Daemon::start_with_env(&[("VMLET_IMPORT_DIR", &dir)]).await;
+    let d = Daemon::start_with_env(&[
+        ("VMLET_IMPORT_DIR", &dir),
+        ("VMLET_IMPORT_ALLOWED_NETWORKS", "127.0.0.0/8"),
+    ])
+    .await;
     (d, imports)
 }
 

@@ -113,15 +113,17 @@ fn volume_file(d: &Daemon, name: &str) -> PathBuf {
     d.state_dir.join("volumes").join(format!("{name}.qcow2"))
 }
 
-/// Asserts that image `name` left nothing in the store: no file, no
-/// metadata, no import leftovers.
+/// Asserts that the failed import of image `name` left nothing in the
+/// store but its record (saying `failed`, so it survives restarts until
+/// deleted): no file, no import leftovers.
 fn assert_nothing_stored(d: &Daemon, name: &str) {
     let images = d.state_dir.join("images");
     assert!(!image_file(d, name).exists(), "{name}.qcow2 was left");
-    assert!(
-        !images.join(format!("{name}.json")).exists(),
-        "{name}.json was left"
-    );
+    let record = images.join(format!("{name}.json"));
+    if let Ok(text) = std::fs::read_to_string(&record) {
+        let image: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(image["status"], "failed", "{name}.json holds {image}");
+    }
     let tmp = dir_entries(&images.join(".tmp"));
     assert!(tmp.is_empty(), "images/.tmp holds {tmp:?}");
 }
@@ -440,11 +442,14 @@ async fn backing_files_and_paths_outside_the_import_dir_are_refused() {
     .await;
     assert_eq!(answer.0, 422, "{}", answer.1);
 
-    // None of the refused requests is listed or left anything.
+    // None of the refused requests is listed or left anything; the failed
+    // import left only its record.
     assert_eq!(image_names(&d).await, vec![name.clone()]);
     let images = dir_entries(&d.state_dir.join("images"));
     assert!(
-        images.iter().all(|e| e == ".tmp"),
+        images
+            .iter()
+            .all(|e| e == ".tmp" || *e == format!("{name}.json")),
         "images/ holds {images:?}"
     );
 }
@@ -468,9 +473,13 @@ async fn imports_from_a_url() {
     ]);
     let d = Daemon::start_with_env(&[
         ("VMLET_IMPORT_DIR", s(scratch.path())),
-        // A proxy of the environment must not get in the way of 127.0.0.1.
-        ("NO_PROXY", "127.0.0.1,localhost"),
-        ("no_proxy", "127.0.0.1,localhost"),
+        // Loopback is denied unless allowed.
+        ("VMLET_IMPORT_ALLOWED_NETWORKS", "127.0.0.0/8"),
+        // Proxies of the environment are not used: they would connect to
+        // addresses that were never checked (nothing listens on port 9).
+        ("http_proxy", "http://127.0.0.1:9"),
+        ("HTTP_PROXY", "http://127.0.0.1:9"),
+        ("all_proxy", "http://127.0.0.1:9"),
     ])
     .await;
 

@@ -6,11 +6,23 @@
 //! An import runs in the background and shows on the image (`status`
 //! `importing`, `progress`) and in `image` events. It is assembled in
 //! `images/.tmp/` and becomes visible by rename only when finished, so a
-//! failed, cancelled or interrupted import leaves nothing behind; a failed
-//! one stays listed as `failed` with its error (in memory only) until it is
-//! deleted or imported again.
+//! failed, cancelled or interrupted import leaves no image file behind. Its
+//! record (`NAME.json`) is written when the import starts: a failed one
+//! stays listed as `failed` with its error until it is deleted or imported
+//! again, and one a restart interrupted becomes `failed` ("interrupted:
+//! vmlet restarted") when the daemon starts again.
+//!
+//! Sources are untrusted. A URL may reach only public addresses unless
+//! `[images] import_allowed_networks` allows more (see [`super::fetch`]); a
+//! source is at most `import_max_bytes`; `qemu-img` inspects it under
+//! resource limits and converts it from the format probed once (never
+//! probed again); images with a backing file or an external data file, and
+//! virtual sizes above `max_virtual_bytes`, are refused. Files and records
+//! are private to the daemon (0600 in 0700 directories).
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -19,20 +31,29 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::error_chain;
+use crate::config::ImageSettings;
 use crate::events::{EventBody, EventBus};
-use crate::storage::qemu_img::QemuImg;
+use crate::storage::fetch::{redact, FetchError, FetchLimits, Fetcher, NetworkPolicy};
+use crate::storage::qemu_img::{qcow2_header_refusal, QemuImg};
 use crate::storage::Layout;
 use crate::storage::StorageError;
 use crate::vm::record::timestamp;
 use crate::vm::spec::{validate_name, FieldError, SpecError};
-use crate::vm::store::write_atomically;
 
 /// Formats an import may be in; each is stored as qcow2.
 pub const IMPORT_FORMATS: [&str; 5] = ["raw", "qcow2", "vmdk", "vdi", "vhdx"];
 
 /// How often import progress is published at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The error of an import a restart interrupted.
+pub const INTERRUPTED: &str = "interrupted: vmlet restarted";
+
+/// Mode of image files and records: the daemon's alone.
+const FILE_MODE: u32 = 0o600;
+
+/// Mode of the directories the store creates.
+const DIR_MODE: u32 = 0o700;
 
 /// An image as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -41,7 +62,8 @@ pub struct Image {
     pub name: String,
     /// Where it is in its life.
     pub status: ImageStatus,
-    /// Where it was imported from (a path or URL).
+    /// Where it was imported from: a path, or a URL without credentials,
+    /// query or fragment.
     pub source: String,
     /// The format the source was in (detected, never taken from the name).
     #[serde(default)]
@@ -162,6 +184,9 @@ pub struct ImageStore {
     layout: Layout,
     qemu_img: QemuImg,
     import_dir: PathBuf,
+    fetcher: Fetcher,
+    max_virtual_bytes: u64,
+    convert_timeout: Duration,
     events: Arc<EventBus>,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
@@ -176,17 +201,22 @@ impl Drop for TmpDir {
 }
 
 impl ImageStore {
-    /// Opens the store: loads the finished images and removes the leftovers
-    /// of imports interrupted by a restart.
+    /// Opens the store: loads the images, marks imports a restart
+    /// interrupted `failed` and removes their leftovers.
     pub fn open(
         layout: Layout,
         qemu_img: QemuImg,
         import_dir: PathBuf,
+        settings: &ImageSettings,
         events: Arc<EventBus>,
     ) -> std::io::Result<ImageStore> {
         let dir = layout.images_dir();
-        std::fs::create_dir_all(&dir)?;
-        std::fs::create_dir_all(&import_dir)?;
+        create_private_dir(&dir)?;
+        // Directories made before images were kept private.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(DIR_MODE))?;
+        if !import_dir.exists() {
+            create_private_dir(&import_dir)?;
+        }
         let tmp = layout.import_tmp_dir();
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -202,25 +232,64 @@ impl ImageStore {
                 .and_then(|bytes| {
                     serde_json::from_slice::<Image>(&bytes).map_err(|e| e.to_string())
                 });
-            match loaded {
-                Ok(image) if layout.image_file(&image.name).is_file() => {
-                    entries.insert(image.name.clone(), Entry { image, task: None });
+            let mut image = match loaded {
+                // The name makes file paths: it must be valid and the
+                // record's own.
+                Ok(image)
+                    if validate_name("name", &image.name).is_err()
+                        || path.file_stem() != Some(std::ffi::OsStr::new(&image.name)) =>
+                {
+                    tracing::error!(file = %path.display(), "skipping image metadata with a foreign name");
+                    continue;
                 }
-                Ok(image) => {
-                    // The metadata is written before the file is renamed in:
-                    // an import interrupted in between left only this.
+                Ok(image) => image,
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "skipping unreadable image metadata");
+                    continue;
+                }
+            };
+            let file = layout.image_file(&image.name);
+            match image.status {
+                ImageStatus::Ready if file.is_file() => {
+                    let _ = std::fs::set_permissions(&file, private_file());
+                }
+                ImageStatus::Ready => {
                     tracing::warn!(image = %image.name, "image metadata without its file: removing");
                     let _ = std::fs::remove_file(&path);
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "skipping unreadable image metadata")
+                ImageStatus::Importing | ImageStatus::Failed => {
+                    // An import killed after renaming its file in but
+                    // before recording it ready: the file is unverified.
+                    let _ = std::fs::remove_file(&file);
+                    if image.status == ImageStatus::Importing {
+                        tracing::warn!(image = %image.name, "import interrupted by a restart: failed");
+                        image.status = ImageStatus::Failed;
+                        image.progress = None;
+                        image.error = Some(INTERRUPTED.into());
+                        write_record(&dir, &image).map_err(std::io::Error::other)?;
+                    }
                 }
             }
+            let _ = std::fs::set_permissions(&path, private_file());
+            entries.insert(image.name.clone(), Entry { image, task: None });
         }
+        let fetcher = Fetcher::new(
+            NetworkPolicy::new(settings.import_allowed_networks.clone()),
+            FetchLimits {
+                connect_timeout: Duration::from_secs(settings.import_connect_timeout_s),
+                idle_timeout: Duration::from_secs(settings.import_idle_timeout_s),
+                total_timeout: Duration::from_secs(settings.import_timeout_s),
+                max_bytes: settings.import_max_bytes,
+            },
+        );
         Ok(ImageStore {
             layout,
             qemu_img,
             import_dir,
+            fetcher,
+            max_virtual_bytes: settings.max_virtual_bytes,
+            convert_timeout: Duration::from_secs(settings.convert_timeout_s),
             events,
             entries: Mutex::new(entries),
         })
@@ -276,7 +345,7 @@ impl ImageStore {
             status: ImageStatus::Importing,
             source: match &source {
                 Source::File(path) => path.display().to_string(),
-                Source::Url(url) => url.to_string(),
+                Source::Url(url) => redact(url),
             },
             source_format: None,
             format: "qcow2".into(),
@@ -292,6 +361,9 @@ impl ImageStore {
             error: None,
             created_at: timestamp(SystemTime::now()),
         };
+        // Recorded before it starts, so a restart finds it and marks it
+        // failed instead of forgetting it.
+        write_record(&self.layout.images_dir(), &image)?;
         let store = self.clone();
         let name = request.name.clone();
         let expected = request.sha256.as_ref().map(|s| s.to_ascii_lowercase());
@@ -337,7 +409,17 @@ impl ImageStore {
                 }
             },
             (None, Some(url)) => match reqwest::Url::parse(url) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") => Some(Source::Url(url)),
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {
+                    // An address in the URL is checked at once; a name
+                    // after its lookup, when the import runs.
+                    match self.fetcher.check_literal(&url) {
+                        Ok(()) => Some(Source::Url(url)),
+                        Err(e) => {
+                            field("url", e.to_string());
+                            None
+                        }
+                    }
+                }
                 Ok(url) => {
                     field(
                         "url",
@@ -395,8 +477,7 @@ impl ImageStore {
     ) -> Result<Image, StorageError> {
         let tmp_root = self.layout.import_tmp_dir();
         let scratch = TmpDir(tmp_root.join(format!("{name}-{}", uuid::Uuid::new_v4())));
-        std::fs::create_dir_all(&scratch.0)
-            .map_err(|e| StorageError::io("creating", &scratch.0, e))?;
+        create_private_dir(&scratch.0).map_err(|e| StorageError::io("creating", &scratch.0, e))?;
         let raw = scratch.0.join("source");
         let source_sha256 = match &source {
             Source::File(path) => self.copy_file(name, path, &raw).await?,
@@ -410,9 +491,17 @@ impl ImageStore {
             }
         }
         self.set_progress(name, ImportPhase::Convert, None);
-        // Probing is safe here: the file is only inspected, then converted
-        // from the format found, never handed to a guest as is.
-        let info = self.qemu_img.info(&raw, None, false).await?;
+        // Before qemu-img opens it: opening a qcow2 with an external data
+        // file would open that file too.
+        if let Some(why) =
+            qcow2_header_refusal(&raw).map_err(|e| StorageError::io("reading", &raw, e))?
+        {
+            return Err(StorageError::Refused(why));
+        }
+        // Probed once, under limits: the file is only inspected, then
+        // converted from the format found (named explicitly from now on),
+        // never handed to a guest as is.
+        let info = self.qemu_img.info_untrusted(&raw, None).await?;
         if !IMPORT_FORMATS.contains(&info.format.as_str()) {
             return Err(StorageError::Refused(format!(
                 "format {} is not importable ({})",
@@ -432,12 +521,28 @@ impl ImageStore {
                 external.join(", ")
             )));
         }
+        if info.virtual_size > self.max_virtual_bytes {
+            return Err(StorageError::Refused(format!(
+                "the virtual size of {} bytes is larger than the limit of {} bytes ([images] max_virtual_bytes)",
+                info.virtual_size, self.max_virtual_bytes
+            )));
+        }
         let converted = scratch.0.join("image.qcow2");
         self.qemu_img
-            .convert_to_qcow2(&raw, &info.format, &converted)
+            .convert_untrusted_to_qcow2(&raw, &info.format, &converted, self.convert_timeout)
             .await?;
         let _ = std::fs::remove_file(&raw);
-        let stored = self.qemu_img.info(&converted, Some("qcow2"), false).await?;
+        let stored = self
+            .qemu_img
+            .info_untrusted(&converted, Some("qcow2"))
+            .await?;
+        // qemu-img creates files by the umask and does not sync them.
+        std::fs::File::open(&converted)
+            .and_then(|f| {
+                f.set_permissions(private_file())?;
+                f.sync_all()
+            })
+            .map_err(|e| StorageError::io("syncing", &converted, e))?;
         let converted_for_hash = converted.clone();
         let sha256 = tokio::task::spawn_blocking(move || sha256_file(&converted_for_hash))
             .await
@@ -452,17 +557,18 @@ impl ImageStore {
         image.source_sha256 = Some(source_sha256);
         image.progress = None;
         image.error = None;
-        // Metadata first, then the file: a restart in between finds
-        // metadata without a file and drops it.
+        // The file first (made durable by syncing the directory), then the
+        // record saying ready: a restart in between finds an `importing`
+        // record, removes the file and marks the import failed.
         let dir = self.layout.images_dir();
-        let mut meta = serde_json::to_vec_pretty(&image).expect("an Image serializes");
-        meta.push(b'\n');
-        write_atomically(&dir, &format!("{name}.json"), &meta)
-            .map_err(|e| StorageError::Failed(error_chain(&e)))?;
         let target = self.layout.image_file(name);
-        if let Err(e) = std::fs::rename(&converted, &target) {
-            let _ = std::fs::remove_file(self.layout.image_meta(name));
-            return Err(StorageError::io("renaming into place", &target, e));
+        let placed = std::fs::rename(&converted, &target)
+            .and_then(|()| sync_dir(&dir))
+            .map_err(|e| StorageError::io("renaming into place", &target, e))
+            .and_then(|()| write_record(&dir, &image));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&target);
+            return Err(e);
         }
         Ok(image)
     }
@@ -471,6 +577,11 @@ impl ImageStore {
         let image = {
             let mut entries = self.entries.lock().unwrap();
             let Some(entry) = entries.get_mut(name) else {
+                // Deleted while it finished: nothing may stay behind.
+                if result.is_ok() {
+                    let _ = std::fs::remove_file(self.layout.image_file(name));
+                    let _ = std::fs::remove_file(self.layout.image_meta(name));
+                }
                 return;
             };
             entry.task = None;
@@ -484,6 +595,9 @@ impl ImageStore {
                     entry.image.status = ImageStatus::Failed;
                     entry.image.progress = None;
                     entry.image.error = Some(e.to_string());
+                    if let Err(e) = write_record(&self.layout.images_dir(), &entry.image) {
+                        tracing::error!(image = %name, error = %e, "recording the failed import");
+                    }
                 }
             }
             entry.image.clone()
@@ -508,8 +622,8 @@ impl ImageStore {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StorageError::io("removing", &file, e)),
             }
-            let _ = std::fs::remove_file(self.layout.image_meta(name));
         }
+        let _ = std::fs::remove_file(self.layout.image_meta(name));
         entries.remove(name);
         drop(entries);
         tracing::info!(image = %name, "deleted");
@@ -524,6 +638,13 @@ impl ImageStore {
             .await
             .map_err(|e| StorageError::io("opening", src, e))?;
         let total = input.metadata().await.ok().map(|m| m.len());
+        let limit = self.fetcher.limits().max_bytes;
+        if total.is_some_and(|t| t > limit) {
+            return Err(StorageError::Refused(format!(
+                "{} is larger than the limit of {limit} bytes ([images] import_max_bytes)",
+                src.display()
+            )));
+        }
         let mut sink = Sink::create(self, name, dst, total).await?;
         let mut buf = vec![0u8; 1024 * 1024];
         loop {
@@ -535,43 +656,55 @@ impl ImageStore {
                 break;
             }
             sink.write(&buf[..n]).await?;
+            // The file may grow while it is read.
+            if sink.done > limit {
+                return Err(StorageError::Refused(format!(
+                    "{} is larger than the limit of {limit} bytes ([images] import_max_bytes)",
+                    src.display()
+                )));
+            }
         }
         sink.finish().await
     }
 
+    /// Downloads `url` to `dst` through the checked [`Fetcher`]; the real
+    /// URL is used only for the request, errors show it redacted.
     async fn download(
         &self,
         name: &str,
         url: &reqwest::Url,
         dst: &Path,
     ) -> Result<String, StorageError> {
-        use futures_util::StreamExt;
-        let response = reqwest::get(url.clone())
-            .await
-            .map_err(|e| StorageError::Failed(format!("GET {url}: {}", error_chain(&e))))?;
-        if !response.status().is_success() {
-            return Err(StorageError::Failed(format!(
-                "GET {url}: {}",
-                response.status()
-            )));
-        }
-        let total = response.content_length();
-        let mut sink = Sink::create(self, name, dst, total).await?;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk
-                .map_err(|e| StorageError::Failed(format!("GET {url}: {}", error_chain(&e))))?;
-            sink.write(&chunk).await?;
-        }
-        if let Some(total) = total {
-            if sink.done != total {
-                return Err(StorageError::Failed(format!(
-                    "GET {url}: got {} of {total} bytes",
-                    sink.done
-                )));
+        let limits = self.fetcher.limits().clone();
+        let fetch = async {
+            let mut download = self.fetcher.open(url).await?;
+            let total = download.content_length();
+            let mut sink = Sink::create(self, name, dst, total).await?;
+            while let Some(chunk) = download.chunk().await? {
+                sink.write(&chunk).await?;
             }
+            if let Some(total) = total {
+                if sink.done != total {
+                    return Err(StorageError::Failed(format!(
+                        "could not fetch {}: got {} of {total} bytes",
+                        download.shown(),
+                        sink.done
+                    )));
+                }
+            }
+            sink.finish().await
+        };
+        match tokio::time::timeout(limits.total_timeout, fetch).await {
+            Ok(result) => result,
+            Err(_) => Err(FetchError::Timeout {
+                url: redact(url),
+                what: format!(
+                    "the download took longer than {} s ([images] import_timeout_s)",
+                    limits.total_timeout.as_secs()
+                ),
+            }
+            .into()),
         }
-        sink.finish().await
     }
 
     fn set_progress(&self, name: &str, phase: ImportPhase, done: Option<(u64, Option<u64>)>) {
@@ -621,7 +754,11 @@ impl<'a> Sink<'a> {
         path: &'a Path,
         total: Option<u64>,
     ) -> Result<Sink<'a>, StorageError> {
-        let file = tokio::fs::File::create(path)
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(path)
             .await
             .map_err(|e| StorageError::io("creating", path, e))?;
         store.set_progress(name, ImportPhase::Fetch, Some((0, total)));
@@ -672,6 +809,49 @@ impl<'a> Sink<'a> {
     }
 }
 
+/// Creates `dir` (and missing parents) with mode 0700.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+fn private_file() -> std::fs::Permissions {
+    std::fs::Permissions::from_mode(FILE_MODE)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `image`'s record (`NAME.json`, mode 0600) atomically and durably:
+/// a temporary file, synced, renamed over the record, the directory synced.
+fn write_record(dir: &Path, image: &Image) -> Result<(), StorageError> {
+    let name = format!("{}.json", image.name);
+    let target = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut bytes = serde_json::to_vec_pretty(image).expect("an Image serializes");
+    bytes.push(b'\n');
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(FILE_MODE)
+            .open(&tmp)?;
+        file.set_permissions(private_file())?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &target)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| StorageError::io("writing", &target, e))
+}
+
 /// SHA-256 of a file, as hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
@@ -690,4 +870,77 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::Permissions;
+
+    fn record(name: &str, status: ImageStatus) -> Image {
+        Image {
+            name: name.into(),
+            status,
+            source: "/import/x.raw".into(),
+            source_format: None,
+            format: "qcow2".into(),
+            virtual_size: None,
+            actual_size: None,
+            sha256: None,
+            source_sha256: None,
+            progress: Some(ImportProgress {
+                phase: ImportPhase::Convert,
+                bytes_done: 5,
+                bytes_total: Some(5),
+            }),
+            error: None,
+            created_at: "2024-01-01T00:00:00Z".into(),
+        }
+    }
+
+    /// A kill -9 after the converted file was renamed in but before the
+    /// record said ready (or at any earlier point): the restart finds an
+    /// `importing` record, fails it and removes the unverified file and the
+    /// scratch space; a ready image keeps its file, made private.
+    #[test]
+    fn opening_fails_interrupted_imports_and_removes_their_files() {
+        let state = tempfile::tempdir().unwrap();
+        let layout = Layout::new(state.path());
+        let dir = layout.images_dir();
+        std::fs::create_dir_all(layout.import_tmp_dir().join("half-abc")).unwrap();
+        std::fs::write(layout.import_tmp_dir().join("half-abc/source"), b"x").unwrap();
+        write_record(&dir, &record("half", ImageStatus::Importing)).unwrap();
+        std::fs::write(layout.image_file("half"), b"unverified").unwrap();
+        let mut ready = record("done", ImageStatus::Ready);
+        ready.progress = None;
+        write_record(&dir, &ready).unwrap();
+        std::fs::write(layout.image_file("done"), b"qcow2").unwrap();
+        std::fs::set_permissions(layout.image_file("done"), Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o755)).unwrap();
+
+        let store = ImageStore::open(
+            layout.clone(),
+            QemuImg::new(Path::new("qemu-img")),
+            state.path().join("import"),
+            &ImageSettings::default(),
+            Arc::new(EventBus::new(16)),
+        )
+        .unwrap();
+        let half = store.get("half").unwrap();
+        assert_eq!(half.status, ImageStatus::Failed);
+        assert_eq!(half.error.as_deref(), Some(INTERRUPTED));
+        assert_eq!(half.progress, None);
+        assert!(!layout.image_file("half").exists());
+        assert!(!layout.import_tmp_dir().exists());
+        // The failure is recorded on disk, not only in memory.
+        let on_disk: Image =
+            serde_json::from_slice(&std::fs::read(layout.image_meta("half")).unwrap()).unwrap();
+        assert_eq!(on_disk, half);
+        assert_eq!(store.get("done").unwrap().status, ImageStatus::Ready);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&layout.image_file("done")), 0o600);
+        assert_eq!(mode(&layout.image_meta("half")), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&state.path().join("import")), 0o700);
+    }
 }

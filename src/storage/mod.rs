@@ -15,6 +15,7 @@
 //! or a UUID, so no request can name a path outside these directories.
 
 pub mod disks;
+pub mod fetch;
 pub mod files;
 pub mod images;
 pub mod qemu_img;

@@ -1,7 +1,16 @@
 //! `qemu-img`, run with argument lists (never a shell). Failures carry the
 //! tool's stderr; a full disk becomes [`StorageError::NoSpace`].
+//!
+//! Files being imported are untrusted: a crafted header can make
+//! `qemu-img` allocate or loop without bound. Those runs go through
+//! [`run_limited`]: address space and CPU limits for `info` (1 GiB and
+//! 30 s, as OpenStack's `oslo.concurrency` prlimit does for image
+//! inspection), a wall-clock limit for `info` and `convert`, and the whole
+//! process group killed when it is exceeded.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -78,6 +87,202 @@ pub struct SnapshotInfo {
     pub date_sec: u64,
 }
 
+/// Resource limits for a run on an untrusted file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLimits {
+    /// `RLIMIT_AS`, in bytes.
+    pub address_space: Option<u64>,
+    /// `RLIMIT_CPU`, in seconds (the kernel sends SIGXCPU, then SIGKILL).
+    pub cpu_s: Option<u64>,
+    /// Wall-clock limit: the process group is killed when it is exceeded.
+    pub wall: Duration,
+}
+
+/// Limits of `qemu-img info` on an untrusted file.
+pub const INFO_LIMITS: RunLimits = RunLimits {
+    address_space: Some(1 << 30),
+    cpu_s: Some(30),
+    wall: Duration::from_secs(60),
+};
+
+/// Most output kept of a limited run (`info` of a sane image is a few KiB).
+const MAX_OUTPUT: u64 = 4 << 20;
+
+/// How a limited run ended.
+#[derive(Debug)]
+pub struct LimitedOutput {
+    /// Exit status.
+    pub status: std::process::ExitStatus,
+    /// Standard output (at most 4 MiB).
+    pub stdout: Vec<u8>,
+    /// Standard error (at most 4 MiB).
+    pub stderr: Vec<u8>,
+}
+
+/// Why a limited run produced no output.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitedError {
+    /// The program could not be started.
+    #[error("running {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It ran longer than the wall-clock limit and was killed.
+    #[error("took longer than {} s and was killed", .0.as_secs())]
+    TimedOut(Duration),
+}
+
+/// Kills a process group when dropped, unless disarmed: a run whose future
+/// is dropped (an import cancelled) or timed out leaves nothing running.
+struct GroupKiller(Option<i32>);
+
+impl GroupKiller {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            // The group leader is not reaped yet (the caller disarms only
+            // after wait), so the id cannot have been reused.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `program` with `args` in its own process group under `limits`.
+pub async fn run_limited(
+    program: &Path,
+    args: &[String],
+    limits: RunLimits,
+) -> Result<LimitedOutput, LimitedError> {
+    use tokio::io::AsyncReadExt;
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let (address_space, cpu_s) = (limits.address_space, limits.cpu_s);
+    // SAFETY: the closure only calls setrlimit(2), which is
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let set = |resource, value: u64| {
+                let limit = libc::rlimit {
+                    rlim_cur: value as libc::rlim_t,
+                    rlim_max: value as libc::rlim_t,
+                };
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            if let Some(bytes) = address_space {
+                set(libc::RLIMIT_AS, bytes)?;
+            }
+            if let Some(seconds) = cpu_s {
+                // The soft limit sends SIGXCPU; the hard one a second later
+                // SIGKILL, should SIGXCPU be ignored.
+                let limit = libc::rlimit {
+                    rlim_cur: seconds as libc::rlim_t,
+                    rlim_max: (seconds + 1) as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_CPU, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| LimitedError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })?;
+    let mut killer = GroupKiller(child.id().map(|id| id as i32));
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let run = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let mut out_reader = (&mut stdout).take(MAX_OUTPUT);
+        let mut err_reader = (&mut stderr).take(MAX_OUTPUT);
+        let (status, _, _) = tokio::join!(
+            child.wait(),
+            out_reader.read_to_end(&mut out),
+            err_reader.read_to_end(&mut err),
+        );
+        (status, out, err)
+    };
+    match tokio::time::timeout(limits.wall, run).await {
+        Ok((status, stdout, stderr)) => {
+            let status = status.map_err(|source| LimitedError::Spawn {
+                program: program.display().to_string(),
+                source,
+            })?;
+            // Reaped: its pid (the group id) may be reused from now on, so
+            // the group is no longer ours to kill.
+            killer.0 = None;
+            Ok(LimitedOutput {
+                status,
+                stdout,
+                stderr,
+            })
+        }
+        Err(_) => {
+            killer.kill();
+            let _ = child.wait().await;
+            Err(LimitedError::TimedOut(limits.wall))
+        }
+    }
+}
+
+/// What in a qcow2 header makes an import unsafe, read before `qemu-img`
+/// opens the file at all: opening a qcow2 with an external data file opens
+/// that file (any host path, a FIFO, a device). `None`: not a qcow2, or
+/// nothing found.
+pub fn qcow2_header_refusal(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let mut header = [0u8; 80];
+    let mut file = std::fs::File::open(path)?;
+    let mut read = 0;
+    while read < header.len() {
+        match file.read(&mut header[read..])? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    if read < 16 || header[..4] != *b"QFI\xfb" {
+        return Ok(None);
+    }
+    let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap());
+    let version = u32::from_be_bytes(header[4..8].try_into().unwrap());
+    if be64(8) != 0 {
+        return Ok(Some(
+            "the image has a backing file; import a flattened image (qemu-img convert)".into(),
+        ));
+    }
+    // Version 3 headers have the incompatible feature bits at offset 72;
+    // bit 2 is "external data file".
+    if version >= 3 && read >= 80 && be64(72) & (1 << 2) != 0 {
+        return Ok(Some(
+            "the image has an external data file; import a self-contained image".into(),
+        ));
+    }
+    Ok(None)
+}
+
 /// What `qemu-img snapshot` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnapshotCommand {
@@ -119,7 +324,26 @@ impl QemuImg {
             .map_err(|e| StorageError::Failed(format!("qemu-img info {}: {e}", path.display())))
     }
 
-    /// Converts `src` (of format `src_format`) to a new qcow2 file `dst`.
+    /// `qemu-img info` of an untrusted file, under [`INFO_LIMITS`].
+    /// `format`: `None` probes (once, for a file about to be converted from
+    /// the format found); every later run names the format.
+    pub async fn info_untrusted(
+        &self,
+        path: &Path,
+        format: Option<&str>,
+    ) -> Result<ImageInfo, StorageError> {
+        let mut args = vec!["info".to_string(), "--output=json".into()];
+        if let Some(format) = format {
+            args.extend(["-f".into(), format.into()]);
+        }
+        args.push(path_arg(path));
+        let out = self.run_with(&args, INFO_LIMITS).await?;
+        serde_json::from_str(&out)
+            .map_err(|e| StorageError::Failed(format!("qemu-img info {}: {e}", path.display())))
+    }
+
+    /// Converts `src` (of format `src_format`, an image of the store) to a
+    /// new qcow2 file `dst`.
     pub async fn convert_to_qcow2(
         &self,
         src: &Path,
@@ -137,6 +361,35 @@ impl QemuImg {
         ])
         .await
         .map(drop)
+    }
+
+    /// Converts the untrusted `src` (of format `src_format`) to a new qcow2
+    /// file `dst`; killed after `timeout`.
+    pub async fn convert_untrusted_to_qcow2(
+        &self,
+        src: &Path,
+        src_format: &str,
+        dst: &Path,
+        timeout: Duration,
+    ) -> Result<(), StorageError> {
+        let args = [
+            "convert".into(),
+            "-f".into(),
+            src_format.into(),
+            "-O".into(),
+            "qcow2".into(),
+            path_arg(src),
+            path_arg(dst),
+        ];
+        // No memory or CPU limit: a large image takes long legitimately,
+        // and qemu-img's I/O threads need address space. The format is
+        // never probed here.
+        let limits = RunLimits {
+            address_space: None,
+            cpu_s: None,
+            wall: timeout,
+        };
+        self.run_with(&args, limits).await.map(drop)
     }
 
     /// Creates a blank qcow2 image of `size` bytes.
@@ -215,6 +468,44 @@ impl QemuImg {
         .map(drop)
     }
 
+    async fn run_with(&self, args: &[String], limits: RunLimits) -> Result<String, StorageError> {
+        let output = run_limited(&self.binary, args, limits)
+            .await
+            .map_err(|e| match e {
+                LimitedError::Spawn { source, .. } => StorageError::Failed(format!(
+                    "running {}: {source} (scripts/setup.sh installs qemu-utils)",
+                    self.binary.display()
+                )),
+                LimitedError::TimedOut(_) => {
+                    StorageError::Failed(format!("qemu-img {} {e}", args[0]))
+                }
+            })?;
+        if output.status.success() {
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        let message = match output.status.signal() {
+            Some(libc::SIGXCPU) | Some(libc::SIGKILL) if limits.cpu_s.is_some() => format!(
+                "qemu-img {} was killed: it used more than {} s of CPU",
+                args[0],
+                limits.cpu_s.unwrap_or_default()
+            ),
+            Some(signal) => format!(
+                "qemu-img {} was killed by signal {signal} (memory limit {}): {stderr}",
+                args[0],
+                limits
+                    .address_space
+                    .map_or("none".to_string(), |b| format!("{} MiB", b >> 20))
+            ),
+            None => format!("qemu-img {} failed: {stderr}", args[0]),
+        };
+        if stderr.contains("No space left on device") {
+            Err(StorageError::NoSpace(message))
+        } else {
+            Err(StorageError::Failed(message))
+        }
+    }
+
     async fn run(&self, args: &[String]) -> Result<String, StorageError> {
         let output = tokio::process::Command::new(&self.binary)
             .args(args)
@@ -246,4 +537,141 @@ impl QemuImg {
 fn path_arg(path: &Path) -> String {
     debug_assert!(path.is_absolute(), "{}", path.display());
     path.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["-c".into(), script.into()]
+    }
+
+    const SH: &str = "/bin/sh";
+
+    #[tokio::test]
+    async fn limits_reach_the_process() {
+        let out = run_limited(Path::new(SH), &sh("ulimit -v; ulimit -t"), INFO_LIMITS)
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // `ulimit -v` is in KiB, `ulimit -t` in seconds.
+        assert_eq!(lines, ["1048576", "30"], "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_wall_clock_limit_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        // A grandchild in the same group: killing only the shell would
+        // leave it running.
+        let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+        let limits = RunLimits {
+            address_space: None,
+            cpu_s: None,
+            wall: Duration::from_millis(500),
+        };
+        let started = Instant::now();
+        let err = run_limited(Path::new(SH), &sh(&script), limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LimitedError::TimedOut(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The sleep was killed (it is our grandchild, reaped by init, so
+        // give it a moment to disappear).
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.is_empty() || stat.contains(") Z ")
+        });
+        assert!(gone, "pid {pid} survived the timeout");
+    }
+
+    #[tokio::test]
+    async fn the_cpu_limit_stops_a_spinning_process() {
+        let limits = RunLimits {
+            address_space: None,
+            cpu_s: Some(1),
+            wall: Duration::from_secs(60),
+        };
+        let out = run_limited(Path::new(SH), &sh("while :; do :; done"), limits)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                out.status.signal(),
+                Some(libc::SIGXCPU) | Some(libc::SIGKILL)
+            ),
+            "{:?}",
+            out.status
+        );
+    }
+
+    #[tokio::test]
+    async fn the_memory_limit_fails_large_allocations() {
+        // Reading 64 MiB into one shell variable needs more than 16 MiB of
+        // address space; 1 KiB fits (so the shell itself runs under it).
+        let limits = RunLimits {
+            address_space: Some(16 << 20),
+            cpu_s: None,
+            wall: Duration::from_secs(60),
+        };
+        let small = run_limited(
+            Path::new(SH),
+            &sh("x=$(head -c 1024 /dev/zero | tr '\\0' a); echo ${#x}"),
+            limits,
+        )
+        .await
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&small.stdout).trim(), "1024");
+        let out = run_limited(
+            Path::new(SH),
+            &sh("x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}"),
+            limits,
+        )
+        .await
+        .unwrap();
+        assert_ne!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "67108864",
+            "the allocation succeeded under the limit"
+        );
+    }
+
+    #[test]
+    fn qcow2_headers_with_a_data_file_or_backing_file_are_spotted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut header = vec![0u8; 104];
+        header[..4].copy_from_slice(b"QFI\xfb");
+        header[4..8].copy_from_slice(&3u32.to_be_bytes());
+        let plain = dir.path().join("plain.qcow2");
+        std::fs::write(&plain, &header).unwrap();
+        assert_eq!(qcow2_header_refusal(&plain).unwrap(), None);
+
+        let mut data_file = header.clone();
+        data_file[72..80].copy_from_slice(&4u64.to_be_bytes());
+        let path = dir.path().join("data-file.qcow2");
+        std::fs::write(&path, &data_file).unwrap();
+        let why = qcow2_header_refusal(&path).unwrap().unwrap();
+        assert!(why.contains("external data file"), "{why}");
+
+        let mut backing = header.clone();
+        backing[8..16].copy_from_slice(&104u64.to_be_bytes());
+        let path = dir.path().join("backing.qcow2");
+        std::fs::write(&path, &backing).unwrap();
+        let why = qcow2_header_refusal(&path).unwrap().unwrap();
+        assert!(why.contains("backing file"), "{why}");
+
+        let raw = dir.path().join("short.raw");
+        std::fs::write(&raw, b"QFI").unwrap();
+        assert_eq!(qcow2_header_refusal(&raw).unwrap(), None);
+    }
 }

@@ -66,6 +66,7 @@ impl Context {
             layout.clone(),
             qemu_img.clone(),
             settings.import_dir(),
+            &settings.images,
             events.clone(),
         )?);
         let volumes = VolumeStore::open(layout.clone(), qemu_img.clone(), events.clone())?;
