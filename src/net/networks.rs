@@ -129,6 +129,8 @@ impl Network {
 #[derive(Debug)]
 pub struct NetworkStore {
     dir: PathBuf,
+    /// The mark this daemon's taps carry (see [`crate::net::owner`]).
+    tap_mark: String,
     networks: tokio::sync::Mutex<BTreeMap<String, Network>>,
 }
 
@@ -137,8 +139,11 @@ fn invalid(field: &str, message: impl Into<String>) -> NetworkError {
 }
 
 impl NetworkStore {
-    /// Loads `STATE_DIR/networks/*.json`.
+    /// Loads `STATE_DIR/networks/*.json` and the daemon's tap mark
+    /// (`STATE_DIR/daemon-id`, made on first use).
     pub fn open(state_dir: &std::path::Path) -> std::io::Result<NetworkStore> {
+        let tap_mark = crate::net::owner::daemon_mark(state_dir)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let dir = state_dir.join("networks");
         std::fs::create_dir_all(&dir)?;
         let mut networks = BTreeMap::new();
@@ -161,8 +166,15 @@ impl NetworkStore {
         }
         Ok(NetworkStore {
             dir,
+            tap_mark,
             networks: tokio::sync::Mutex::new(networks),
         })
+    }
+
+    /// The alias this daemon's taps carry: stale-tap cleanup removes only
+    /// taps with it, never another daemon's.
+    pub fn tap_mark(&self) -> &str {
+        &self.tap_mark
     }
 
     /// Every network, by name.
