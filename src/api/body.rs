@@ -22,9 +22,9 @@ pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Ap
     serde_path_to_error::deserialize(value).map_err(path_error)
 }
 
-/// An optional body: empty means `T::default()`.
+/// An optional body: empty (or JSON `null`) means `T::default()`.
 pub fn parse_optional<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null" {
         Ok(T::default())
     } else {
         parse(bytes)
