@@ -157,6 +157,37 @@ impl utoipa::Modify for CommonResponses {
                     .build(),
             )
         };
+        // Handler names repeat across modules (`list`, `show`, …), but an
+        // operationId must be unique: those get their tag in front.
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for item in openapi.paths.paths.values() {
+            for op in [&item.get, &item.put, &item.post, &item.delete]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(id) = &op.operation_id {
+                    *seen.entry(id.clone()).or_default() += 1;
+                }
+            }
+        }
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
+                if let (Some(id), Some(tag)) = (op.operation_id.as_mut(), tag) {
+                    if seen.get(id.as_str()).is_some_and(|n| *n > 1) {
+                        *id = format!("{tag}_{id}");
+                    }
+                }
+            }
+        }
         for (path, item) in openapi.paths.paths.iter_mut() {
             let operations = [
                 ("get", item.get.as_mut()),
