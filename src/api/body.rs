@@ -79,4 +79,25 @@ mod tests {
         let err = parse::<serde_json::Value>(b"{} trailing").unwrap_err();
         assert_eq!(err.status.as_u16(), 400);
     }
+
+    #[derive(Debug, Default, PartialEq, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Optional {
+        #[serde(default)]
+        force: bool,
+    }
+
+    #[test]
+    fn an_optional_body_may_be_empty_or_null() {
+        for empty in ["", "  \n", "null", " null\n"] {
+            let parsed: Optional = parse_optional(&Bytes::from(empty)).unwrap();
+            assert_eq!(parsed, Optional::default(), "{empty:?}");
+        }
+        let parsed: Optional = parse_optional(&Bytes::from(r#"{"force":true}"#)).unwrap();
+        assert!(parsed.force);
+        let err = parse_optional::<Optional>(&Bytes::from("nul")).unwrap_err();
+        assert_eq!(err.status.as_u16(), 400);
+        let err = parse_optional::<Optional>(&Bytes::from(r#""yes""#)).unwrap_err();
+        assert_eq!(err.status.as_u16(), 422);
+    }
 }
