@@ -13,7 +13,10 @@
 # for the console's browser test chromium (Debian's, /usr/bin/chromium),
 # nodejs and npm when node or npm is missing, and playwright-core (npm ci in
 # tests/browser, from its package-lock.json; it drives that chromium and
-# never downloads a browser of its own).
+# never downloads a browser of its own), python3-venv when python3 cannot
+# make a venv, and schemathesis (pinned, from PyPI, in a venv at
+# TARGET/schemathesis-venv, TARGET being $CARGO_TARGET_DIR or target/) for
+# the OpenAPI conformance test (tests/openapi_conformance.rs).
 # The test guest's busybox and kernel are downloaded by
 # build-test-guest.sh with apt-get download, not installed.
 set -euo pipefail
@@ -44,9 +47,31 @@ if [ "$want_test_tools" = 1 ]; then
     for pair in chromium:chromium node:nodejs npm:npm; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
     done
+    # The OpenAPI conformance test's schemathesis lives in a venv.
+    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 fi
 
-browser_dir=$(cd "$(dirname "$0")/.." && pwd)/tests/browser
+root_dir=$(cd "$(dirname "$0")/.." && pwd)
+browser_dir=$root_dir/tests/browser
+
+# The schemathesis the conformance test runs; bump deliberately (a new
+# version brings new checks).
+SCHEMATHESIS_VERSION=4.32.5
+schemathesis_venv=${CARGO_TARGET_DIR:-$root_dir/target}/schemathesis-venv
+
+# A venv with schemathesis==SCHEMATHESIS_VERSION, unless it is there already.
+install_schemathesis() {
+    local bin=$schemathesis_venv/bin/schemathesis
+    if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -qx "schemathesis, version $SCHEMATHESIS_VERSION"; then
+        return 0
+    fi
+    log "installing schemathesis $SCHEMATHESIS_VERSION into $schemathesis_venv"
+    rm -rf "$schemathesis_venv"
+    mkdir -p "$(dirname "$schemathesis_venv")"
+    python3 -m venv "$schemathesis_venv"
+    "$schemathesis_venv/bin/pip" install --quiet --disable-pip-version-check \
+        "schemathesis==$SCHEMATHESIS_VERSION"
+}
 
 # npm ci in tests/browser, unless node_modules already matches the lock file
 # (npm ci leaves its own copy of the lock in there).
@@ -71,7 +96,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then
-    [ "$want_test_tools" = 0 ] || install_browser_driver
+    [ "$want_test_tools" = 0 ] || { install_browser_driver; install_schemathesis; }
     exit 0
 fi
 
@@ -100,5 +125,5 @@ apt-get update -qq
 # -t lets QEMU's own dependencies (seabios, qemu-system-data, …) come from
 # backports too; packages that are not in backports still come from bookworm.
 apt-get install -y -qq --no-install-recommends -t bookworm-backports "${missing[@]}" >/dev/null
-[ "$want_test_tools" = 0 ] || install_browser_driver
+[ "$want_test_tools" = 0 ] || { install_browser_driver; install_schemathesis; }
 log "done: $(qemu-system-x86_64 --version | head -n1)"

@@ -2,7 +2,8 @@
 //! exposition parses with a strict Prometheus text-format parser, has every
 //! family with HELP and TYPE, and has sane values for a running guest (vCPU
 //! time grows, the guest's disk reads and NIC traffic show up, the balloon
-//! is the VM's memory); and a SIGSTOPped QEMU does not hang the scrape.
+//! is the VM's memory); and a SIGSTOPped QEMU neither hangs the scrape nor
+//! has its VM changed by it.
 
 mod common;
 
@@ -356,4 +357,77 @@ async fn a_hung_qemu_does_not_hang_the_scrape() {
     drop(stopped);
     force_delete_vm(&d, &hung_id).await;
     force_delete_vm(&d, &healthy_id).await;
+}
+
+/// A scrape is a read: scraping a VM whose QEMU is SIGSTOPped answers
+/// within a few seconds and leaves the VM's state and QMP link alone, even
+/// when QEMU stays stopped past QMP's command deadline (10 s); after
+/// SIGCONT the VM still obeys (pause, resume, stop).
+#[tokio::test]
+async fn scraping_a_stopped_qemu_does_not_change_its_vm() {
+    let d = Daemon::start().await;
+    let vm = create_and_start(&d, &guest_spec_json(&unique_name("sigstop"), "")).await;
+    wait_for_line(&d.serial_log(uuid_of(&vm)), "GUEST-READY", BOOT_TIMEOUT).await;
+    let id = id_of(&vm);
+    let pid = vm["pid"].as_i64().expect("pid of a running VM") as i32;
+
+    let stopped = Stopped::stop(pid);
+    let sent = Instant::now();
+    let (text, scraped) = scrape(&d).await;
+    let took = sent.elapsed();
+    assert!(took < Duration::from_secs(5), "the scrape took {took:?}");
+    assert_eq!(
+        value(&scraped, "vmlet_vm_metrics_up", &[("id", id.as_str())]),
+        0.0,
+        "{text}"
+    );
+    // Past QMP's command deadline: an expired scrape query is no lost link.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (text, scraped) = scrape(&d).await;
+    assert!(
+        samples(&scraped, "vmlet_qmp_timeouts_total", &[]).is_empty(),
+        "{text}"
+    );
+    let shown = expect(&d, Method::GET, &format!("/v1/vms/{id}"), None, 200).await;
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert!(shown["error"].is_null(), "{shown}");
+    assert!(
+        !d.log_text().contains("QMP connection closed"),
+        "{}",
+        d.log_text()
+    );
+
+    drop(stopped);
+    let (text, scraped) = wait_until("QMP answers again", Duration::from_secs(30), || async {
+        let (text, scraped) = scrape(&d).await;
+        (value(&scraped, "vmlet_vm_metrics_up", &[("id", id.as_str())]) == 1.0)
+            .then_some((text, scraped))
+    })
+    .await;
+    assert_eq!(
+        value(
+            &scraped,
+            "vmlet_vm_balloon_actual_bytes",
+            &[("id", id.as_str())]
+        ),
+        256.0 * MIB,
+        "{text}"
+    );
+    for (action, state) in [
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("stop", "stopped"),
+    ] {
+        let body = (action == "stop").then(|| json!({"force": true}));
+        let vm = expect(
+            &d,
+            Method::POST,
+            &format!("/v1/vms/{id}/{action}"),
+            body.as_ref(),
+            200,
+        )
+        .await;
+        assert_eq!(vm["state"], state, "{action}: {vm}");
+    }
+    force_delete_vm(&d, &id).await;
 }

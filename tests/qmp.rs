@@ -460,6 +460,78 @@ async fn silent_server_times_out_and_closes_the_connection() {
     ));
 }
 
+/// A monitoring read that QEMU does not answer in time fails alone: the
+/// connection stays open, the late reply is dropped (the next command gets
+/// its own), and reads stop being sent once too many are unanswered.
+#[tokio::test]
+async fn an_expired_query_leaves_the_connection_open() {
+    let (client, _events, mut fake, _dir) = connected().await;
+    let deadline = Duration::from_millis(200);
+    let started = Instant::now();
+    let (expired, first) = tokio::join!(
+        client.query_raw("query-blockstats", None, deadline),
+        fake.recv_command()
+    );
+    let elapsed = started.elapsed();
+    assert!(elapsed >= deadline, "{elapsed:?}");
+    match expired {
+        Err(QmpError::QueryTimeout { command, after }) => {
+            assert_eq!(command, "query-blockstats");
+            assert_eq!(after, deadline);
+        }
+        other => panic!("expected a query timeout, got {other:?}"),
+    }
+    assert!(!client.is_closed(), "{:?}", client.close_reason());
+
+    // QEMU answers late, then a real command runs and gets its own reply.
+    fake.reply(&first, json!([{"device": "late"}])).await;
+    let (status, second) = tokio::join!(client.execute(query_name {}), async {
+        let second = fake.recv_command().await;
+        fake.reply(&second, json!({"name": "vm1"})).await;
+        second
+    });
+    assert_eq!(second.name(), "query-name");
+    assert_eq!(
+        status.expect("query-name answered").name.as_deref(),
+        Some("vm1")
+    );
+
+    // A silent QEMU: reads expire one after another without closing the
+    // link, and once MAX_UNANSWERED_QUERIES wait, the next is not sent.
+    let max = vmlet::qemu::qmp::MAX_UNANSWERED_QUERIES;
+    for i in 0..max {
+        let (result, received) = tokio::join!(
+            client.query_raw("query-balloon", None, Duration::from_millis(20)),
+            fake.recv_command()
+        );
+        assert!(
+            matches!(result, Err(QmpError::QueryTimeout { .. })),
+            "{i}: {result:?}"
+        );
+        assert_eq!(received.name(), "query-balloon");
+    }
+    let refused = within(
+        "refused query",
+        client.query_raw("query-balloon", None, Duration::from_secs(30)),
+    )
+    .await;
+    match refused {
+        Err(QmpError::QueriesUnanswered { unanswered, .. }) => assert_eq!(unanswered, max),
+        other => panic!("expected the query refused, got {other:?}"),
+    }
+    assert!(!client.is_closed());
+    // A command that controls the VM still closes the link when it expires.
+    let (timed_out, _received) = tokio::join!(
+        client.execute_with_deadline(query_status {}, Duration::from_millis(50)),
+        fake.recv_command()
+    );
+    assert!(
+        matches!(timed_out, Err(QmpError::Timeout { .. })),
+        "{timed_out:?}"
+    );
+    assert!(client.is_closed());
+}
+
 #[tokio::test]
 async fn cancelled_command_does_not_disturb_the_next() {
     let (client, _events, mut fake, _dir) = connected().await;

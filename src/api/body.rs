@@ -22,9 +22,9 @@ pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Ap
     serde_path_to_error::deserialize(value).map_err(path_error)
 }
 
-/// An optional body: empty means `T::default()`.
+/// An optional body: empty (or JSON `null`) means `T::default()`.
 pub fn parse_optional<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null" {
         Ok(T::default())
     } else {
         parse(bytes)
@@ -78,5 +78,26 @@ mod tests {
         assert_eq!(err.status.as_u16(), 400);
         let err = parse::<serde_json::Value>(b"{} trailing").unwrap_err();
         assert_eq!(err.status.as_u16(), 400);
+    }
+
+    #[derive(Debug, Default, PartialEq, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Optional {
+        #[serde(default)]
+        force: bool,
+    }
+
+    #[test]
+    fn an_optional_body_may_be_empty_or_null() {
+        for empty in ["", "  \n", "null", " null\n"] {
+            let parsed: Optional = parse_optional(&Bytes::from(empty)).unwrap();
+            assert_eq!(parsed, Optional::default(), "{empty:?}");
+        }
+        let parsed: Optional = parse_optional(&Bytes::from(r#"{"force":true}"#)).unwrap();
+        assert!(parsed.force);
+        let err = parse_optional::<Optional>(&Bytes::from("nul")).unwrap_err();
+        assert_eq!(err.status.as_u16(), 400);
+        let err = parse_optional::<Optional>(&Bytes::from(r#""yes""#)).unwrap_err();
+        assert_eq!(err.status.as_u16(), 422);
     }
 }

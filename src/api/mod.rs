@@ -86,9 +86,10 @@ pub async fn openapi() -> Response {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vmlet", description = "Node daemon for QEMU virtualization hosts: API v1. \
-        Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed, 401 unauthorized, \
-        404 not found, 409 conflicting state or task, 413 body too large, 422 invalid spec \
-        (the field named), 503 QEMU or host failure, 507 the host's disk is full."),
+        Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed (or `bad_host`), \
+        401 unauthorized, 403 foreign origin, 404 not found, 409 conflicting state or task, \
+        413 body too large, 415 body not JSON, 422 invalid spec (the field named), \
+        503 QEMU or host failure, 507 the host's disk is full."),
     paths(
         healthz, node, openapi, metrics::scrape,
         vms::list, vms::show, vms::create, vms::put, vms::delete,
@@ -114,9 +115,127 @@ pub async fn openapi() -> Response {
         (name = "console", description = "VNC and serial consoles: one-time tokens, websockets, the noVNC page, the serial log"),
         (name = "events", description = "Change events"),
         (name = "node", description = "The host"),
-    )
+    ),
+    modifiers(&CommonResponses)
 )]
 pub struct ApiDoc;
+
+/// Adds the error answers every route of a kind can give, whatever its
+/// handler does, so no route's list can forget one: 400 (a malformed
+/// request, a Host the daemon does not answer to), 401 (bearer token, on
+/// every route that needs one), 403 (a foreign `Origin` on a
+/// state-changing request), and for routes with a JSON body 413 (too
+/// large), 415 (not `application/json`) and 422 (a field named).
+struct CommonResponses;
+
+/// Routes a TCP listener serves without a bearer token (see
+/// [`middleware`]): health, and the console's GETs (their one-time token
+/// is their credential).
+fn without_bearer_token(path: &str, method: &str) -> bool {
+    path == "/healthz"
+        || (method == "get"
+            && (path == "/console"
+                || path == "/v1/console"
+                || path == "/v1/vms/{id}/console"
+                || path.starts_with("/novnc/")))
+}
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, ResponseBuilder};
+
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        utoipa::openapi::ContentBuilder::new()
+                            .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        // Handler names repeat across modules (`list`, `show`, …), but an
+        // operationId must be unique: those get their tag in front.
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for item in openapi.paths.paths.values() {
+            for op in [&item.get, &item.put, &item.post, &item.delete]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(id) = &op.operation_id {
+                    *seen.entry(id.clone()).or_default() += 1;
+                }
+            }
+        }
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
+                if let (Some(id), Some(tag)) = (op.operation_id.as_mut(), tag) {
+                    if seen.get(id.as_str()).is_some_and(|n| *n > 1) {
+                        *id = format!("{tag}_{id}");
+                    }
+                }
+            }
+        }
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let operations = [
+                ("get", item.get.as_mut()),
+                ("put", item.put.as_mut()),
+                ("post", item.post.as_mut()),
+                ("delete", item.delete.as_mut()),
+            ];
+            for (method, operation) in operations {
+                let Some(operation) = operation else { continue };
+                let responses = &mut operation.responses.responses;
+                let mut add = |status: &str, description: &str| {
+                    responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| error(description));
+                };
+                add(
+                    "400",
+                    "Malformed request (`bad_request`: bad JSON or parameter), or a Host \
+                     header this daemon does not answer to (`bad_host`, TCP listeners)",
+                );
+                if !without_bearer_token(path, method) {
+                    add(
+                        "401",
+                        "Missing or wrong bearer token (`unauthorized`, TCP listeners)",
+                    );
+                }
+                if method != "get" {
+                    add(
+                        "403",
+                        "An `Origin` header other than the daemon's own \
+                         (`forbidden_origin`, TCP listeners)",
+                    );
+                }
+                if operation.request_body.is_some() {
+                    add("413", "The body is over the limit (`payload_too_large`)");
+                    add(
+                        "415",
+                        "The body is not `application/json` (`unsupported_media_type`)",
+                    );
+                    add(
+                        "422",
+                        "A field is invalid (`invalid_spec`, the field named)",
+                    );
+                }
+            }
+        }
+    }
+}
 
 /// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
 pub fn openapi_json() -> String {

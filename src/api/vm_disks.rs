@@ -27,6 +27,11 @@ pub struct SnapshotList {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreate {
     /// The snapshot's name.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
 }
 

@@ -28,6 +28,7 @@ pub struct VmList {
 
 /// `DELETE /v1/vms/{id}` options.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
     /// Delete even a running VM (it is stopped first, without asking the guest).
     #[serde(default)]
@@ -49,6 +50,7 @@ pub struct StopRequest {
     /// Seconds the guest gets to power off before QEMU is quit
     /// (default: the daemon's `stop_grace_s`).
     #[serde(default)]
+    #[schema(maximum = 86_400)]
     pub timeout_s: Option<u64>,
 }
 
@@ -181,9 +183,10 @@ pub async fn start(
 /// stopped VM succeeds.
 #[utoipa::path(post, path = "/v1/vms/{id}/stop", tag = "power",
     params(("id" = String, Path, description = "VM UUID or name")),
-    request_body(content = Option<StopRequest>),
+    request_body(content = Option<StopRequest>, description = "Optional: no body (or `null`) is `{}`"),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn stop(
     State(app): State<AppState>,
     Path(id): Path<String>,

@@ -6,12 +6,12 @@
 //! CPU time, RSS, tap counters) come from `/proc` and never ask QEMU: vCPU
 //! threads are found by the names QEMU gives them (`CPU 0/KVM`,
 //! `CPU 0/TCG`; vmlet launches with `debug-threads=on`). Block and balloon
-//! numbers need QMP: every VM is asked at once, with the normal command
-//! deadline (a shorter one would declare a slow QEMU dead), and the scrape
-//! waits at most [`QMP_BUDGET`] for the answers. A VM that did not answer in
-//! time lacks those series and has `vmlet_vm_metrics_up` 0; its queries
-//! keep running in the background, and the next scrape does not queue more
-//! behind them.
+//! numbers need QMP: every VM is asked at once with monitoring reads
+//! ([`QmpClient::query_raw`]) whose deadline is [`QMP_BUDGET`]. Their
+//! expiry is not a lost link: a scrape is a read and never changes a VM's
+//! state, however stopped or slow its QEMU is. A VM that did not answer in
+//! time lacks those series and has `vmlet_vm_metrics_up` 0; a concurrent
+//! scrape does not queue more queries behind its unanswered ones.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -22,11 +22,12 @@ use uuid::Uuid;
 
 use crate::metrics::{encode_daemon, Encoder, Kind};
 use crate::qemu::nic::tap_name;
-use crate::qemu::qmp::{QmpClient, DEFAULT_DEADLINE};
+use crate::qemu::qmp::QmpClient;
 use crate::vm::actor::VmHandle;
 use crate::vm::state::PowerState;
 
-/// How long a scrape waits for QEMU's QMP answers (all VMs at once).
+/// How long a scrape waits for QEMU's QMP answers (all VMs at once): the
+/// deadline of its monitoring reads.
 pub const QMP_BUDGET: Duration = Duration::from_secs(2);
 
 /// The whole exposition: host, per-VM and daemon families.
@@ -286,7 +287,7 @@ fn encode_vms(e: &mut Encoder, vms: &[VmStats]) {
 
 // ---- QMP -----------------------------------------------------------------------
 
-/// VMs whose QMP queries from an earlier scrape are still unanswered.
+/// VMs whose QMP queries from a concurrent scrape are still unanswered.
 static IN_FLIGHT: Mutex<BTreeSet<Uuid>> = Mutex::new(BTreeSet::new());
 
 /// A VM's place in [`IN_FLIGHT`], given back on drop.
@@ -313,27 +314,23 @@ impl Drop for InFlight {
 }
 
 /// Block and balloon numbers of VM `id`, or `None` when its QMP link is
-/// gone, still busy with an earlier scrape's queries, or does not answer
-/// within `budget`. The queries run in their own task with the normal
-/// deadline, so giving up on them here cancels nothing.
+/// gone, busy with a concurrent scrape's queries, or does not answer within
+/// `budget`. The queries are monitoring reads: their expiry leaves the QMP
+/// link (and so the VM's state) alone.
 async fn query_qmp(id: Uuid, qmp: Option<QmpClient>, budget: Duration) -> Option<QmpStats> {
     let qmp = qmp.filter(|q| !q.is_closed())?;
-    let claim = InFlight::claim(id)?;
-    let task = tokio::spawn(async move {
-        let _claim = claim;
-        let (blocks, balloon) = tokio::join!(
-            qmp.execute_raw("query-blockstats", None, DEFAULT_DEADLINE),
-            qmp.execute_raw("query-balloon", None, DEFAULT_DEADLINE),
-        );
-        // query-balloon fails on a VM without a balloon; that is no outage.
-        Some(QmpStats {
-            disks: parse_blockstats(&blocks.ok()?),
-            balloon_bytes: balloon
-                .ok()
-                .and_then(|b| b.get("actual").and_then(Value::as_u64)),
-        })
-    });
-    tokio::time::timeout(budget, task).await.ok()?.ok()?
+    let _claim = InFlight::claim(id)?;
+    let (blocks, balloon) = tokio::join!(
+        qmp.query_raw("query-blockstats", None, budget),
+        qmp.query_raw("query-balloon", None, budget),
+    );
+    // query-balloon fails on a VM without a balloon; that is no outage.
+    Some(QmpStats {
+        disks: parse_blockstats(&blocks.ok()?),
+        balloon_bytes: balloon
+            .ok()
+            .and_then(|b| b.get("actual").and_then(Value::as_u64)),
+    })
 }
 
 /// The disks in a `query-blockstats` reply. vmlet's disks are `-device

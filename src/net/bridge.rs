@@ -32,6 +32,9 @@ pub struct LinkInfo {
     pub master: Option<u32>,
     /// The VLAN id, for `vlan` links.
     pub vlan_id: Option<u16>,
+    /// The link's alias (`IFLA_IFALIAS`); vmlet marks its taps with it
+    /// (see [`super::owner`]).
+    pub alias: Option<String>,
 }
 
 impl LinkInfo {
@@ -44,12 +47,17 @@ impl LinkInfo {
             up: msg.header.flags.contains(LinkFlags::Up),
             master: None,
             vlan_id: None,
+            alias: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => info.name = name.clone(),
                 LinkAttribute::Mtu(mtu) => info.mtu = Some(*mtu),
                 LinkAttribute::Controller(index) => info.master = Some(*index),
+                // The kernel reports an empty alias for a cleared one.
+                LinkAttribute::IfAlias(alias) if !alias.is_empty() => {
+                    info.alias = Some(alias.clone())
+                }
                 LinkAttribute::LinkInfo(infos) => {
                     for nl in infos {
                         match nl {
@@ -233,6 +241,29 @@ pub async fn set_master_mtu_up(name: &str, master: &str, mtu: Option<u32>) -> Re
         .map_err(|e| NetError::netlink(format!("add {name} to bridge {master}"), e))
 }
 
+/// Sets the alias (`IFLA_IFALIAS`, at most 255 bytes) of the link `name`.
+pub async fn set_alias(name: &str, alias: &str) -> Result<(), NetError> {
+    check_ifname(name)?;
+    if alias.is_empty() || alias.len() > 255 {
+        return Err(NetError::Invalid(format!(
+            "a link alias is 1 to 255 bytes, not {}",
+            alias.len()
+        )));
+    }
+    let conn = Conn::open()?;
+    let link = conn.require(name, "link").await?;
+    let mut message = LinkUnspec::new_with_index(link.index).build();
+    message
+        .attributes
+        .push(LinkAttribute::IfAlias(alias.to_string()));
+    conn.handle
+        .link()
+        .change(message)
+        .execute()
+        .await
+        .map_err(|e| NetError::netlink(format!("set the alias of {name}"), e))
+}
+
 /// Brings the link `name` up.
 pub async fn set_up(name: &str) -> Result<(), NetError> {
     check_ifname(name)?;
@@ -291,6 +322,7 @@ mod tests {
                 up: true,
                 master: Some(5),
                 vlan_id: Some(42),
+                alias: None,
             }
         );
     }
@@ -309,5 +341,18 @@ mod tests {
         assert_eq!(info.kind, None);
         assert_eq!(info.mtu, Some(9000));
         assert!(!info.up);
+        assert_eq!(info.alias, None);
+    }
+
+    #[test]
+    fn reads_the_alias() {
+        let mut msg = LinkUnspec::new_with_name("vmt525400000001").build();
+        msg.attributes
+            .push(LinkAttribute::IfAlias("vmlet:0123456789abcdef".into()));
+        let info = LinkInfo::from_message(&round_trip(msg));
+        assert_eq!(info.alias.as_deref(), Some("vmlet:0123456789abcdef"));
+        let mut msg = LinkUnspec::new_with_name("eth0").build();
+        msg.attributes.push(LinkAttribute::IfAlias(String::new()));
+        assert_eq!(LinkInfo::from_message(&round_trip(msg)).alias, None);
     }
 }

@@ -2,11 +2,14 @@
 //!
 //! [`bridge`] talks rtnetlink to create, enslave, bring up and delete links;
 //! [`tap`] opens tap devices (and vhost-net) whose file descriptors are handed
-//! to QEMU, so QEMU itself needs no network privileges. This is a leaf
+//! to QEMU, so QEMU itself needs no network privileges; [`owner`] marks the
+//! taps with the daemon's id so that daemons sharing a host never remove
+//! each other's. This is a leaf
 //! module: it knows nothing of VMs or the API, only interface names.
 
 pub mod bridge;
 pub mod networks;
+pub mod owner;
 pub mod tap;
 
 use std::sync::Arc;

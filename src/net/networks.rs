@@ -42,6 +42,11 @@ pub enum NetworkError {
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     /// The network's name.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// `bridge` (default) or `user`.
     #[serde(default, rename = "type")]
@@ -49,9 +54,11 @@ pub struct NetworkSpec {
     /// The bridge (default `vmbr-NAME`); an existing bridge of that name is
     /// adopted and never deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9._-]+$", min_length = 1, max_length = 15)]
     pub bridge: Option<String>,
     /// MTU of the bridge, the VLAN device and the taps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 68, maximum = 65535)]
     pub mtu: Option<u32>,
     /// A VLAN sub-interface `UPLINK.ID` made and enslaved to the bridge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,14 +80,20 @@ pub enum NetworkKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VlanSpec {
-    /// The host interface carrying the tagged traffic (e.g. `eth0`).
+    /// The host interface carrying the tagged traffic (e.g. `eth0`); with
+    /// `.ID` it must fit an interface name (15 characters).
+    #[schema(pattern = r"^[A-Za-z0-9._-]+$", min_length = 1, max_length = 10)]
     pub uplink: String,
     /// The VLAN id, 1..=4094.
+    #[schema(minimum = 1, maximum = 4094)]
     pub id: u16,
 }
 
-/// A network as stored and shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// A network as stored and shown. Its OpenAPI schema is [`NetworkDoc`]'s:
+/// the derived one would be `allOf` the closed [`NetworkSpec`] (a request
+/// type, no unknown field allowed) and the other fields, which no network
+/// could satisfy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     /// What was asked for (with the bridge name filled in).
     #[serde(flatten)]
@@ -110,6 +123,57 @@ pub struct NetworkNic {
     pub tap: Option<String>,
 }
 
+/// The OpenAPI schema of [`Network`]: the same JSON, spelled out flat
+/// (a test checks that a serialized `Network` has exactly these fields).
+#[derive(utoipa::ToSchema)]
+#[schema(as = Network, description = "A network as stored and shown.")]
+#[allow(dead_code)]
+pub struct NetworkDoc {
+    /// The network's name.
+    name: String,
+    /// `bridge` or `user`.
+    #[schema(rename = "type")]
+    kind: NetworkKind,
+    /// The bridge (bridge networks).
+    #[schema(nullable = false)]
+    bridge: Option<String>,
+    /// MTU of the bridge, the VLAN device and the taps, when set.
+    #[schema(nullable = false)]
+    mtu: Option<u32>,
+    /// The VLAN sub-interface `UPLINK.ID`, when there is one.
+    #[schema(nullable = false)]
+    vlan: Option<VlanSpec>,
+    /// vmlet created the bridge (and will delete it with the network).
+    created_bridge: bool,
+    /// vmlet created the VLAN device.
+    created_vlan: bool,
+    /// The NICs on it.
+    nics: Vec<NetworkNic>,
+    /// When it was created (RFC 3339, UTC).
+    created_at: String,
+}
+
+impl utoipa::PartialSchema for Network {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        NetworkDoc::schema()
+    }
+}
+
+impl utoipa::ToSchema for Network {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Network".into()
+    }
+
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        NetworkDoc::schemas(schemas)
+    }
+}
+
 impl Network {
     /// The VLAN device's name, `UPLINK.ID`.
     pub fn vlan_device(&self) -> Option<String> {
@@ -129,6 +193,8 @@ impl Network {
 #[derive(Debug)]
 pub struct NetworkStore {
     dir: PathBuf,
+    /// The mark this daemon's taps carry (see [`crate::net::owner`]).
+    tap_mark: String,
     networks: tokio::sync::Mutex<BTreeMap<String, Network>>,
 }
 
@@ -137,8 +203,11 @@ fn invalid(field: &str, message: impl Into<String>) -> NetworkError {
 }
 
 impl NetworkStore {
-    /// Loads `STATE_DIR/networks/*.json`.
+    /// Loads `STATE_DIR/networks/*.json` and the daemon's tap mark
+    /// (`STATE_DIR/daemon-id`, made on first use).
     pub fn open(state_dir: &std::path::Path) -> std::io::Result<NetworkStore> {
+        let tap_mark = crate::net::owner::daemon_mark(state_dir)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let dir = state_dir.join("networks");
         std::fs::create_dir_all(&dir)?;
         let mut networks = BTreeMap::new();
@@ -161,8 +230,15 @@ impl NetworkStore {
         }
         Ok(NetworkStore {
             dir,
+            tap_mark,
             networks: tokio::sync::Mutex::new(networks),
         })
+    }
+
+    /// The alias this daemon's taps carry: stale-tap cleanup removes only
+    /// taps with it, never another daemon's.
+    pub fn tap_mark(&self) -> &str {
+        &self.tap_mark
     }
 
     /// Every network, by name.
@@ -239,6 +315,18 @@ impl NetworkStore {
                     "bridge {bridge} belongs to network {}",
                     other.spec.name
                 )));
+            }
+        }
+        if let Some(vlan) = &spec.vlan {
+            // A missing uplink is a mistake in the request, not a host
+            // failure: say which field, before anything is created.
+            let device = format!("{}.{}", vlan.uplink, vlan.id);
+            if bridge::link(&device).await?.is_none() && bridge::link(&vlan.uplink).await?.is_none()
+            {
+                return Err(invalid(
+                    "vlan.uplink",
+                    format!("no interface {:?} on this host", vlan.uplink),
+                ));
             }
         }
         let mut network = Network {
@@ -365,5 +453,65 @@ async fn remove_links(network: &Network) {
     }
     if let Some(bridge) = network.bridge().filter(|_| network.created_bridge) {
         let _ = bridge::delete_link(bridge).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    use utoipa::PartialSchema;
+
+    /// Property names and required names of `Network`'s OpenAPI schema.
+    fn documented() -> (Vec<String>, Vec<String>) {
+        let RefOr::T(Schema::Object(object)) = Network::schema() else {
+            panic!("Network's schema is an inline object");
+        };
+        (object.properties.keys().cloned().collect(), object.required)
+    }
+
+    fn keys(network: &Network) -> Vec<String> {
+        let value = serde_json::to_value(network).unwrap();
+        let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn the_documented_schema_matches_what_is_served() {
+        let (mut properties, required) = documented();
+        properties.sort();
+        let full = Network {
+            spec: NetworkSpec {
+                name: "lan".into(),
+                kind: NetworkKind::Bridge,
+                bridge: Some("vmbr-lan".into()),
+                mtu: Some(1400),
+                vlan: Some(VlanSpec {
+                    uplink: "eth0".into(),
+                    id: 42,
+                }),
+            },
+            created_bridge: true,
+            created_vlan: true,
+            nics: vec![],
+            created_at: "2026-01-01T00:00:00Z".into(),
+        };
+        assert_eq!(keys(&full), properties);
+        let user = Network {
+            spec: NetworkSpec {
+                name: "nat".into(),
+                kind: NetworkKind::User,
+                bridge: None,
+                mtu: None,
+                vlan: None,
+            },
+            ..full
+        };
+        let served = keys(&user);
+        for name in &required {
+            assert!(served.contains(name), "{name} is required but not served");
+        }
     }
 }

@@ -16,6 +16,13 @@
 //!   dead: the timed-out command fails with [`QmpError::Timeout`], every other
 //!   pending or later command fails at once with [`QmpError::Closed`], and
 //!   [`QmpClient::closed`] resolves with [`CloseReason::Timeout`].
+//! - Monitoring reads ([`QmpClient::query_raw`], for metrics) are the one
+//!   exception: their deadline fails only that read
+//!   ([`QmpError::QueryTimeout`]) and the connection stays open, so a
+//!   scrape never costs a VM its control link. The late reply is dropped.
+//!   At most [`MAX_UNANSWERED_QUERIES`] such reads may wait for a reply at
+//!   once; more fail at once ([`QmpError::QueriesUnanswered`]) instead of
+//!   piling up behind a QEMU that does not answer.
 //! - Dropping a command's future (cancelling it) is safe: the command may
 //!   still reach QEMU and run, but its late reply is discarded and later
 //!   commands get their own replies. Its deadline still counts: QEMU answers
@@ -39,7 +46,7 @@
 //! (`RecvError::Closed`) once the connection has closed and the buffered
 //! events have been read.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -58,6 +65,10 @@ use tracing::{debug, trace, warn};
 
 /// Deadline of [`QmpClient::execute`] and [`QmpClient::execute_with_fd`].
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Monitoring reads past their deadline that QEMU has not answered yet,
+/// beyond which new reads fail at once.
+pub const MAX_UNANSWERED_QUERIES: usize = 8;
 
 /// How many events the broadcast channel keeps for a slow subscriber; one
 /// that falls further behind gets `RecvError::Lagged` and should re-read the
@@ -93,6 +104,24 @@ pub enum QmpError {
         command: String,
         /// The command's deadline.
         after: Duration,
+    },
+    /// A monitoring read ([`QmpClient::query_raw`]) got no reply within
+    /// its deadline; the connection stays open.
+    #[error("QMP query `{command}` got no reply within {after:?}")]
+    QueryTimeout {
+        /// The QMP command name.
+        command: String,
+        /// The read's deadline.
+        after: Duration,
+    },
+    /// A monitoring read was not sent: QEMU has not answered earlier ones
+    /// (it is stopped or hung); the connection stays open.
+    #[error("QMP query `{command}` not sent: {unanswered} earlier queries are unanswered")]
+    QueriesUnanswered {
+        /// The QMP command name.
+        command: String,
+        /// Earlier reads still without a reply.
+        unanswered: usize,
     },
     /// The connection is closed (before or while the command ran).
     #[error("QMP connection closed")]
@@ -302,6 +331,7 @@ impl QmpClient {
             closed: closed_tx,
             greeting: Some(greeting_tx),
             pending: HashMap::new(),
+            expired_queries: HashSet::new(),
             outgoing: VecDeque::new(),
             read_buf: Vec::new(),
             scanned: 0,
@@ -354,6 +384,22 @@ impl QmpClient {
         deadline: Duration,
     ) -> Result<Value, QmpError> {
         self.call(name, arguments, None, deadline).await
+    }
+
+    /// A monitoring read by name (`query-blockstats`, …): like
+    /// [`QmpClient::execute_raw`], but a `deadline` that passes without a
+    /// reply fails only this read ([`QmpError::QueryTimeout`]) and leaves
+    /// the connection open; QEMU's late reply is dropped. For reads whose
+    /// failure must never change the VM (metrics): a stopped or slow QEMU
+    /// is found out by the commands that control it, not by a scrape.
+    pub async fn query_raw(
+        &self,
+        name: &str,
+        arguments: Option<Value>,
+        deadline: Duration,
+    ) -> Result<Value, QmpError> {
+        self.send(name, arguments, None, deadline, OnExpiry::FailQuery)
+            .await
     }
 
     /// Runs a typed command (`getfd`, `add-fd`) with `fd` passed to QEMU as
@@ -429,6 +475,18 @@ impl QmpClient {
         fd: Option<OwnedFd>,
         deadline: Duration,
     ) -> Result<Value, QmpError> {
+        self.send(command, arguments, fd, deadline, OnExpiry::CloseLink)
+            .await
+    }
+
+    async fn send(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<OwnedFd>,
+        deadline: Duration,
+        on_expiry: OnExpiry,
+    ) -> Result<Value, QmpError> {
         if let Some(reason) = self.close_reason() {
             return Err(QmpError::Closed { reason });
         }
@@ -439,6 +497,7 @@ impl QmpClient {
             fd,
             deadline,
             expires: expiry(deadline),
+            on_expiry,
             reply,
         };
         if self.shared.requests.send(request).is_err() {
@@ -485,6 +544,15 @@ fn decode_reply<C: qapi::Command>(reply: Value) -> Result<C::Ok, QmpError> {
     })
 }
 
+/// What a command's expired deadline means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnExpiry {
+    /// QEMU is hung or out of step: the connection closes.
+    CloseLink,
+    /// A monitoring read: only the read fails.
+    FailQuery,
+}
+
 /// A command on its way to the owner task.
 struct Request {
     command: String,
@@ -492,6 +560,7 @@ struct Request {
     fd: Option<OwnedFd>,
     deadline: Duration,
     expires: Instant,
+    on_expiry: OnExpiry,
     reply: oneshot::Sender<Result<Value, QmpError>>,
 }
 
@@ -500,6 +569,7 @@ struct Pending {
     command: String,
     deadline: Duration,
     expires: Instant,
+    on_expiry: OnExpiry,
     /// When it was queued, for the latency metric.
     sent: Instant,
     reply: oneshot::Sender<Result<Value, QmpError>>,
@@ -523,6 +593,9 @@ struct Connection {
     /// Present until the greeting has been read.
     greeting: Option<oneshot::Sender<Result<QemuVersion, QmpError>>>,
     pending: HashMap<u64, Pending>,
+    /// Ids of monitoring reads that expired before QEMU answered; their
+    /// replies are still due and are dropped when they come.
+    expired_queries: HashSet<u64>,
     outgoing: VecDeque<Outgoing>,
     read_buf: Vec<u8>,
     /// How much of `read_buf` is known to hold no newline.
@@ -601,6 +674,15 @@ impl Connection {
 
     /// Assigns an id, registers the command's deadline and queues its line.
     fn enqueue(&mut self, request: Request) {
+        if request.on_expiry == OnExpiry::FailQuery
+            && self.expired_queries.len() >= MAX_UNANSWERED_QUERIES
+        {
+            let _ = request.reply.send(Err(QmpError::QueriesUnanswered {
+                command: request.command,
+                unanswered: self.expired_queries.len(),
+            }));
+            return;
+        }
         let id = self.next_id;
         self.next_id += 1;
         let mut message = Map::new();
@@ -627,6 +709,7 @@ impl Connection {
                 command: request.command,
                 deadline: request.deadline,
                 expires: request.expires,
+                on_expiry: request.on_expiry,
                 sent: Instant::now(),
                 reply: request.reply,
             },
@@ -774,6 +857,10 @@ impl Connection {
     /// Hands a reply to the command with its id.
     fn complete(&mut self, mut message: Map<String, Value>) {
         let id = message.get("id").and_then(Value::as_u64);
+        if let Some(late) = id.filter(|id| self.expired_queries.remove(id)) {
+            debug!(socket = %self.socket, id = late, "QMP: dropping the late reply to an expired query");
+            return;
+        }
         let Some(pending) = id.and_then(|id| self.pending.remove(&id)) else {
             // QEMU answers a line it could not parse without an id; with
             // well-formed lines from us this should not happen.
@@ -791,7 +878,8 @@ impl Connection {
     }
 
     /// Fails the command whose deadline passed and says why the connection
-    /// must close: it cannot be trusted after that.
+    /// must close: it cannot be trusted after that. An expired monitoring
+    /// read fails alone and the connection stays (`None`).
     fn expire(&mut self) -> Option<CloseReason> {
         let now = Instant::now();
         let expired = self
@@ -802,7 +890,19 @@ impl Connection {
             .map(|(&id, _)| id);
         // Nothing due only if the timer woke a hair early; the next loop
         // sets it again.
-        let pending = expired.and_then(|id| self.pending.remove(&id))?;
+        let id = expired?;
+        let pending = self.pending.remove(&id)?;
+        if pending.on_expiry == OnExpiry::FailQuery {
+            // QEMU will still answer (in order, by id): keep the id so the
+            // late reply is recognised, and keep the link.
+            self.expired_queries.insert(id);
+            debug!(socket = %self.socket, id, command = %pending.command, "QMP: query expired; the connection stays open");
+            let _ = pending.reply.send(Err(QmpError::QueryTimeout {
+                command: pending.command,
+                after: pending.deadline,
+            }));
+            return None;
+        }
         crate::metrics::count_qmp_timeout(&pending.command);
         let reason = CloseReason::Timeout {
             command: pending.command.clone(),

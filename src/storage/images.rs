@@ -153,6 +153,11 @@ impl ImportPhase {
 #[serde(deny_unknown_fields)]
 pub struct ImageImport {
     /// The image's name.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// A file under the import directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]

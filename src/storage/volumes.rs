@@ -57,9 +57,15 @@ pub struct VolumeAttachment {
 #[serde(deny_unknown_fields)]
 pub struct VolumeCreate {
     /// The volume's name.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// Size in MiB (with `image`: at least the image's size; default: it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 67_108_864)]
     pub size_mib: Option<u64>,
     /// Copy this image's contents (a full copy: the volume does not depend
     /// on the image afterwards).
@@ -72,6 +78,7 @@ pub struct VolumeCreate {
 #[serde(deny_unknown_fields)]
 pub struct VolumeResize {
     /// New size in MiB; must not be smaller than the current size.
+    #[schema(minimum = 1, maximum = 67_108_864)]
     pub size_mib: u64,
 }
 

@@ -670,9 +670,12 @@ impl Manager {
     }
 }
 
-/// Removes vmlet's taps that no VM with a QEMU owns (left by a QEMU that
-/// is gone, or by an older vmlet): a tap never outlives its VM.
+/// Removes this daemon's taps that no VM with a QEMU owns (left by a QEMU
+/// that is gone): a tap never outlives its VM. Only taps carrying this
+/// daemon's mark are touched: another daemon on the same host (its own
+/// state dir) owns taps with the same kind of name.
 async fn remove_stale_taps(ctx: &Context) {
+    let mark = ctx.networks.tap_mark();
     let owned: HashSet<String> = ctx
         .handles()
         .iter()
@@ -689,8 +692,10 @@ async fn remove_stale_taps(ctx: &Context) {
         }
     };
     for link in links {
-        let tap = link.kind.as_deref() == Some("tun");
-        if tap && crate::qemu::nic::is_tap_name(&link.name) && !owned.contains(&link.name) {
+        let ours = link.kind.as_deref() == Some("tun")
+            && crate::qemu::nic::is_tap_name(&link.name)
+            && link.alias.as_deref() == Some(mark);
+        if ours && !owned.contains(&link.name) {
             match crate::net::bridge::delete_link(&link.name).await {
                 Ok(()) => tracing::info!(tap = %link.name, "removed a tap no VM owns"),
                 Err(e) => {

@@ -32,7 +32,7 @@ pub struct HostNic {
 }
 
 /// Opens the host side of `nic`: for a bridge network, a tap named after
-/// the MAC, enslaved to the bridge (which is recreated if it vanished),
+/// the MAC, marked as this daemon's (its alias), enslaved to the bridge (which is recreated if it vanished),
 /// with the network's MTU, up. Dropping the result closes the fds (and so
 /// removes the tap, unless QEMU holds it).
 pub async fn open_host_nic(networks: &NetworkStore, nic: &NicSpec) -> Result<HostNic, VmError> {
@@ -46,6 +46,11 @@ pub async fn open_host_nic(networks: &NetworkStore, nic: &NicSpec) -> Result<Hos
     let bridge = network.bridge().unwrap_or_default().to_string();
     let name = nic::tap_name(nic);
     let tap = tap::open_tap(&name, nic.queue_count()).map_err(net_error)?;
+    // Marked before anything else, so that a tap of ours is never taken
+    // for another daemon's (or left unclaimed by our own cleanup).
+    bridge::set_alias(&name, networks.tap_mark())
+        .await
+        .map_err(net_error)?;
     bridge::set_master_mtu_up(&name, &bridge, network.spec.mtu)
         .await
         .map_err(net_error)?;
