@@ -279,7 +279,7 @@ async fn create_and_start(client: &Client, spec: &Value) -> Uuid {
                 .get_vm(&id)
                 .await
                 .unwrap_or_else(|e| panic!("getting {name}: {e}"));
-            match vm.state {
+            match vm.state.get() {
                 PowerState::Running => break,
                 PowerState::Starting => {}
                 other => panic!("{name} is {other:?} after start: {:?}", vm.error),

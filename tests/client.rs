@@ -324,7 +324,8 @@ fn sse_response(payload: &str, piece: usize) -> Reply {
 
 fn sse_payload(web: &Vm) -> String {
     let mut running = web.clone();
-    running.state = PowerState::Running;
+    // A view as a daemon would send it.
+    running.state = serde_json::from_value(json!(PowerState::Running)).unwrap();
     running.generation = 5;
     let vm_event =
         json!({"seq": 101, "time": "2024-05-01T10:00:00.000Z", "type": "vm", "vm": running});

@@ -268,7 +268,7 @@ async fn full_lifecycle_through_http_with_matching_events() {
     let mut states: Vec<PowerState> = Vec::new();
     for vm in &vm_events {
         if states.last() != Some(&vm.state) {
-            states.push(vm.state);
+            states.push(vm.state.get());
         }
     }
     use PowerState as S;

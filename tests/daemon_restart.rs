@@ -409,7 +409,7 @@ async fn hung_qemu_delays_only_its_own_vm() {
         Duration::from_secs(30),
         || async {
             let vm = get(&d, a.id).await;
-            matches!(vm.state, PowerState::Running | PowerState::Paused).then_some(vm)
+            matches!(vm.state.get(), PowerState::Running | PowerState::Paused).then_some(vm)
         },
     )
     .await;

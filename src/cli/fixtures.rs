@@ -25,6 +25,12 @@ pub(super) fn vm(name: &str, uuid: u128) -> Vm {
     vm
 }
 
+/// A VM's state as the client receives it in a view (the daemon changes
+/// it only through its transition table).
+pub(super) fn as_received(state: crate::vm::state::PowerState) -> crate::vm::state::Observed {
+    serde_json::from_value(serde_json::json!(state)).unwrap()
+}
+
 /// An image `name` in `status`, with nothing known yet but its source.
 pub(super) fn image(name: &str, status: ImageStatus) -> Image {
     Image {

@@ -109,7 +109,7 @@ pub fn render_event(event: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::fixtures::{fetch, image, ready_image, vm, volume};
+    use crate::cli::fixtures::{as_received, fetch, image, ready_image, vm, volume};
     use crate::storage::images::ImageStatus;
     use crate::vm::state::PowerState;
     use uuid::Uuid;
@@ -160,7 +160,7 @@ disk_gib:   90 free of 100 × 1 − 0 reserved, 10 allocated
     #[test]
     fn events_are_one_line_each() {
         let mut v = vm("web", 1);
-        v.state = PowerState::Running;
+        v.state = as_received(PowerState::Running);
         v.generation = 5;
         let time = "2024-05-01T10:00:00.000Z".to_string();
         let event = |seq, body| Event {

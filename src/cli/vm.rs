@@ -791,14 +791,14 @@ fn cache_str(cache: CacheMode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::fixtures::vm;
+    use crate::cli::fixtures::{as_received, vm};
     use crate::vm::state::{Desired, PowerState, Task};
 
     #[test]
     fn vm_list_is_aligned_columns() {
         let a = vm("web", 1);
         let mut b = vm("database-primary", 2);
-        b.state = PowerState::Stopping;
+        b.state = as_received(PowerState::Stopping);
         b.task = Some(Task::Stop);
         b.desired = Desired::Stopped;
         b.pid = Some(4242);
@@ -819,7 +819,7 @@ ID                                    NAME              STATE     TASK  DESIRED 
     #[test]
     fn vm_show_lists_fields_and_the_error() {
         let mut v = vm("web", 1);
-        v.state = PowerState::Error;
+        v.state = as_received(PowerState::Error);
         v.error = Some("qemu exited: bad disk".into());
         v.spec.disks.push(DiskSpec {
             read_only: true,

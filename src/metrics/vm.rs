@@ -36,7 +36,7 @@ pub async fn render(handles: &[VmHandle]) -> String {
     let mut targets = Vec::new();
     for handle in handles {
         let vm = handle.view();
-        if let Some(i) = PowerState::ALL.iter().position(|s| *s == vm.state) {
+        if let Some(i) = PowerState::ALL.iter().position(|s| vm.state == *s) {
             by_state[i] += 1;
         }
         if let Some(live) = handle.live() {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::vm::spec::VmSpec;
-use crate::vm::state::{Desired, PowerState, Task};
+use crate::vm::state::{Desired, Observed, PowerState, Task};
 
 /// Format version of `vm.json`.
 pub const RECORD_VERSION: u32 = 1;
@@ -21,7 +21,8 @@ pub struct Vm {
     /// What the VM is.
     pub spec: VmSpec,
     /// What vmlet last observed.
-    pub state: PowerState,
+    #[schema(value_type = PowerState)]
+    pub state: Observed,
     /// The operation in progress, if any.
     #[serde(default)]
     pub task: Option<Task>,
@@ -49,7 +50,7 @@ impl Vm {
             id: spec.uuid,
             name: spec.name.clone(),
             spec,
-            state: PowerState::Stopped,
+            state: Observed::NEW,
             task: None,
             desired: Desired::Stopped,
             generation: 1,

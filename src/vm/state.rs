@@ -62,6 +62,44 @@ impl PowerState {
     }
 }
 
+/// A VM's power state as the VM holds it. It changes only through
+/// [`apply`], so every change follows the table of [`next`]; reading it is
+/// free (it derefs to [`PowerState`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Observed(PowerState);
+
+impl Observed {
+    /// The state of a new VM: `stopped`.
+    pub const NEW: Observed = Observed(PowerState::Stopped);
+
+    /// The state.
+    pub fn get(self) -> PowerState {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Observed {
+    type Target = PowerState;
+    fn deref(&self) -> &PowerState {
+        &self.0
+    }
+}
+
+impl PartialEq<PowerState> for Observed {
+    fn eq(&self, other: &PowerState) -> bool {
+        self.0 == *other
+    }
+}
+
+/// Applies `observation` to `state` through [`next`]; returns the new
+/// state when it moved.
+pub fn apply(state: &mut Observed, observation: Observation) -> Option<PowerState> {
+    let to = next(state.0, observation)?;
+    state.0 = to;
+    Some(to)
+}
+
 /// The power state the API last asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -655,28 +693,107 @@ mod tests {
             (S::Crashed, gone, S::Crashed, false, false, "keep", false),
             (S::Error, gone, S::Error, false, false, "keep", false),
             (S::Running, rebooted, S::Stopped, false, false, "set", false),
-            (S::Stopping, rebooted, S::Stopped, false, false, "set", false),
-            (S::Crashed, rebooted, S::Crashed, false, false, "keep", false),
-            (S::Running, Found::Status(FoundStatus::Running), S::Running, false, true, "keep", false),
-            (S::Running, Found::Status(FoundStatus::Paused), S::Paused, false, true, "keep", false),
-            (S::Error, Found::Status(FoundStatus::Running), S::Running, false, true, "keep", false),
-            (S::Starting, Found::Status(FoundStatus::Unstarted), S::Stopped, true, false, "set", false),
-            (S::Running, Found::Status(FoundStatus::ShutDown), S::Stopped, true, false, "clear", true),
-            (S::Running, Found::Status(FoundStatus::Dead), S::Crashed, true, false, "set", false),
-            (S::Running, Found::Unanswering, S::Error, false, true, "keep", false),
+            (
+                S::Stopping,
+                rebooted,
+                S::Stopped,
+                false,
+                false,
+                "set",
+                false,
+            ),
+            (
+                S::Crashed,
+                rebooted,
+                S::Crashed,
+                false,
+                false,
+                "keep",
+                false,
+            ),
+            (
+                S::Running,
+                Found::Status(FoundStatus::Running),
+                S::Running,
+                false,
+                true,
+                "keep",
+                false,
+            ),
+            (
+                S::Running,
+                Found::Status(FoundStatus::Paused),
+                S::Paused,
+                false,
+                true,
+                "keep",
+                false,
+            ),
+            (
+                S::Error,
+                Found::Status(FoundStatus::Running),
+                S::Running,
+                false,
+                true,
+                "keep",
+                false,
+            ),
+            (
+                S::Starting,
+                Found::Status(FoundStatus::Unstarted),
+                S::Stopped,
+                true,
+                false,
+                "set",
+                false,
+            ),
+            (
+                S::Running,
+                Found::Status(FoundStatus::ShutDown),
+                S::Stopped,
+                true,
+                false,
+                "clear",
+                true,
+            ),
+            (
+                S::Running,
+                Found::Status(FoundStatus::Dead),
+                S::Crashed,
+                true,
+                false,
+                "set",
+                false,
+            ),
+            (
+                S::Running,
+                Found::Unanswering,
+                S::Error,
+                false,
+                true,
+                "keep",
+                false,
+            ),
         ];
         for &(recorded, found, to, kill, attach, error, desired_stopped) in cases {
             let plan = reattach(recorded, found);
             let got = next(recorded, plan.observation).unwrap_or(recorded);
             assert_eq!(got, to, "{recorded:?} {found:?}");
-            assert_eq!((plan.kill, plan.attach), (kill, attach), "{recorded:?} {found:?}");
+            assert_eq!(
+                (plan.kill, plan.attach),
+                (kill, attach),
+                "{recorded:?} {found:?}"
+            );
             let kind = match plan.error {
                 E::Keep => "keep",
                 E::Clear => "clear",
                 E::Set(_) => "set",
             };
             assert_eq!(kind, error, "{recorded:?} {found:?}");
-            assert_eq!(plan.desired_stopped, desired_stopped, "{recorded:?} {found:?}");
+            assert_eq!(
+                plan.desired_stopped, desired_stopped,
+                "{recorded:?} {found:?}"
+            );
         }
     }
 

@@ -30,7 +30,9 @@ use crate::vm::context::Context;
 use crate::vm::nic_ops;
 use crate::vm::record::timestamp;
 use crate::vm::spec::VmSpec;
-use crate::vm::state::{self, Action, Decision, Desired, Observation, PowerState, Task};
+use crate::vm::state::{
+    self, Action, Decision, Desired, ErrorNote, Found, FoundStatus, Observation, PowerState, Task,
+};
 use crate::vm::Vm;
 
 mod storage;
@@ -477,15 +479,17 @@ impl Actor {
         }
     }
 
+    /// Applies `observation` to the VM's state through the transition
+    /// table (the only way the state changes); true when it moved.
     fn observe(&mut self, observation: Observation) -> bool {
-        match state::next(self.vm.state, observation) {
+        let from = self.vm.state;
+        match state::apply(&mut self.vm.state, observation) {
             Some(to) => {
-                tracing::info!(vm = %self.vm.name, from = self.vm.state.as_str(), to = to.as_str(), ?observation, "state change");
-                self.commit(|vm| vm.state = to);
+                tracing::info!(vm = %self.vm.name, from = from.as_str(), to = to.as_str(), ?observation, "state change");
                 true
             }
             None => {
-                tracing::debug!(vm = %self.vm.name, state = self.vm.state.as_str(), ?observation, "observation ignored");
+                tracing::debug!(vm = %self.vm.name, state = from.as_str(), ?observation, "observation ignored");
                 false
             }
         }
@@ -509,7 +513,7 @@ impl Actor {
 
     fn on_action(&mut self, action: Action, options: ActOptions, reply: Option<Reply>) {
         let task = self.op.as_ref().map(|op| op.task);
-        match state::decide(self.vm.state, task, action) {
+        match state::decide(self.vm.state.get(), task, action) {
             Decision::Satisfied => {
                 let desired = match action {
                     Action::Start | Action::Resume => Some(Desired::Running),
@@ -715,8 +719,8 @@ impl Actor {
                 Ok(outcome) => {
                     tracing::info!(vm = %self.vm.name, ?outcome, "stopped");
                     self.teardown();
+                    self.observe(Observation::StopFinished);
                     self.commit(|vm| {
-                        vm.state = PowerState::Stopped;
                         vm.pid = None;
                         vm.error = None;
                     });
@@ -724,10 +728,8 @@ impl Actor {
                 }
                 Err(e) => {
                     let error = format!("stop failed: {}", error_chain(&e));
-                    self.commit(|vm| {
-                        vm.state = PowerState::Error;
-                        vm.error = Some(error.clone());
-                    });
+                    self.observe(Observation::StopFailed);
+                    self.commit(|vm| vm.error = Some(error.clone()));
                     self.finish_op(Err(VmError::Failed(error)));
                 }
             },
@@ -783,11 +785,9 @@ impl Actor {
             OpResult::Deleted(Err(message)) => {
                 self.teardown();
                 let error = format!("delete failed: {message}");
+                self.observe(Observation::DeleteFailed);
                 self.commit(|vm| {
                     vm.pid = None;
-                    if vm.state.has_process() {
-                        vm.state = PowerState::Stopped;
-                    }
                     vm.error = Some(error.clone());
                 });
                 self.finish_op(Err(VmError::Failed(error)));
@@ -957,7 +957,8 @@ impl Actor {
             return;
         }
         let Some(rt) = &self.runtime else { return };
-        let clean = rt.shutdown_reason.is_some() && !rt.panicked;
+        let observation = state::exit_observation(rt.shutdown_reason.is_some(), rt.panicked);
+        let clean = observation == Observation::ExitedCleanly;
         let reason = if rt.panicked {
             "guest panicked".to_string()
         } else {
@@ -975,7 +976,7 @@ impl Actor {
             });
         } else {
             tracing::warn!(vm = %self.vm.name, %reason, "VM crashed");
-            let crashed = self.observe(Observation::Crashed);
+            let crashed = self.observe(observation);
             self.commit(|vm| {
                 vm.pid = None;
                 if crashed || vm.state == PowerState::Error {
@@ -1048,58 +1049,28 @@ impl Actor {
         status: qapi::qmp::RunState,
     ) {
         use qapi::qmp::RunState as R;
-        let pid = process.pid();
-        match status {
-            R::prelaunch | R::inmigrate => {
-                tracing::warn!(vm = %self.vm.name, pid, "QEMU left paused by an unfinished start: killing it");
-                let _ = process.signal(libc::SIGKILL);
-                instance::remove_run_dir(&paths);
-                self.commit(|vm| {
-                    vm.state = PowerState::Stopped;
-                    vm.pid = None;
-                    vm.error = Some(
-                        "a start did not finish before vmlet restarted; its QEMU was killed".into(),
-                    );
-                });
-            }
-            R::shutdown | R::guest_panicked | R::internal_error | R::io_error => {
-                tracing::warn!(vm = %self.vm.name, pid, ?status, "reattached QEMU is dead in the water: killing it");
-                let _ = process.signal(libc::SIGKILL);
-                instance::remove_run_dir(&paths);
-                let clean = status == R::shutdown;
-                self.commit(|vm| {
-                    vm.pid = None;
-                    if clean {
-                        vm.state = PowerState::Stopped;
-                        vm.desired = Desired::Stopped;
-                        vm.error = None;
-                    } else {
-                        vm.state = PowerState::Crashed;
-                        vm.error =
-                            Some(format!("QEMU was in state {status:?} when vmlet restarted"));
-                    }
-                });
-            }
-            other => {
-                let state = if other == R::running {
-                    PowerState::Running
-                } else {
-                    PowerState::Paused
-                };
-                tracing::info!(vm = %self.vm.name, pid, state = state.as_str(), "reattached");
-                self.attach(process, Some(qmp), paths, Some(events), serial);
-                self.commit(|vm| {
-                    vm.state = state;
-                    vm.pid = Some(pid);
-                });
-            }
-        }
+        let found = match status {
+            R::prelaunch | R::inmigrate => FoundStatus::Unstarted,
+            R::running => FoundStatus::Running,
+            R::shutdown => FoundStatus::ShutDown,
+            R::guest_panicked | R::internal_error | R::io_error => FoundStatus::Dead,
+            _ => FoundStatus::Paused,
+        };
+        tracing::info!(vm = %self.vm.name, pid = process.pid(), ?status, "QEMU found");
+        let held = FoundQemu {
+            process,
+            qmp,
+            events,
+            paths,
+            serial,
+        };
+        self.settle_reattach(Found::Status(found), Some(held));
     }
 
     fn lost_on_reattach(&mut self, pid: i32, why: String) {
         tracing::warn!(vm = %self.vm.name, pid, error = %why, "QEMU runs but QMP does not answer");
+        self.settle_reattach(Found::Unanswering, None);
         self.commit(|vm| {
-            vm.state = PowerState::Error;
             vm.pid = Some(pid);
             vm.error = Some(format!("QEMU (pid {pid}) does not answer on QMP: {why}"));
         });
@@ -1108,34 +1079,46 @@ impl Actor {
 
     /// The VM's QEMU is gone: record how that looks from here.
     fn settle_gone(&mut self) {
-        let state = self.vm.state;
-        let rebooted = self.host_rebooted;
+        let found = Found::Gone {
+            host_rebooted: self.host_rebooted,
+        };
+        self.settle_reattach(found, None);
+    }
+
+    /// Carries out what [`state::reattach`] decides for what was found;
+    /// `held` is the QEMU found alive, with its QMP link.
+    fn settle_reattach(&mut self, found: Found, held: Option<FoundQemu>) {
+        let plan = state::reattach(self.vm.state.get(), found);
+        let mut pid = None;
+        if let Some(FoundQemu {
+            process,
+            qmp,
+            events,
+            paths,
+            serial,
+        }) = held
+        {
+            if plan.kill {
+                tracing::warn!(vm = %self.vm.name, pid = process.pid(), ?found, "the QEMU found can never run again: killing it");
+                let _ = process.signal(libc::SIGKILL);
+                instance::remove_run_dir(&paths);
+            } else if plan.attach {
+                pid = Some(process.pid());
+                self.attach(process, Some(qmp), paths, Some(events), serial);
+            }
+        }
+        self.observe(plan.observation);
         self.commit(|vm| {
-            vm.pid = None;
-            match state {
-                // Not a crash: the whole host went down.
-                PowerState::Starting
-                | PowerState::Running
-                | PowerState::Paused
-                | PowerState::Stopping
-                    if rebooted =>
-                {
-                    vm.state = PowerState::Stopped;
-                    vm.error = Some("the host rebooted while the VM was up".into());
-                }
-                PowerState::Stopping => {
-                    vm.state = PowerState::Stopped;
-                    vm.error = None;
-                }
-                PowerState::Starting => {
-                    vm.state = PowerState::Stopped;
-                    vm.error = Some("a start did not finish before vmlet restarted".into());
-                }
-                PowerState::Running | PowerState::Paused => {
-                    vm.state = PowerState::Crashed;
-                    vm.error = Some("QEMU exited while vmlet was not running".into());
-                }
-                PowerState::Stopped | PowerState::Crashed | PowerState::Error => {}
+            if pid.is_some() || !plan.attach {
+                vm.pid = pid;
+            }
+            match plan.error {
+                ErrorNote::Keep => {}
+                ErrorNote::Clear => vm.error = None,
+                ErrorNote::Set(message) => vm.error = Some(message),
+            }
+            if plan.desired_stopped {
+                vm.desired = Desired::Stopped;
             }
         });
     }
@@ -1144,7 +1127,7 @@ impl Actor {
     /// which does not run (its QEMU vanished, as after a host reboot).
     fn autostart(&mut self) {
         let down = matches!(
-            self.vm.state,
+            self.vm.state.get(),
             PowerState::Stopped | PowerState::Crashed | PowerState::Error
         );
         if self.vm.spec.autostart
@@ -1246,4 +1229,12 @@ fn describe_exit(status: ExitStatus) -> String {
         },
         ExitStatus::Unknown => "exit status unknown".into(),
     }
+}
+/// A QEMU found alive at vmlet's start, with its QMP link.
+struct FoundQemu {
+    process: Arc<QemuProcess>,
+    qmp: QmpClient,
+    events: tokio::sync::broadcast::Receiver<QmpEvent>,
+    paths: RunPaths,
+    serial: Option<Arc<SerialHub>>,
 }

@@ -75,7 +75,7 @@ impl Actor {
             _ => Action::Disks,
         };
         let task = self.op.as_ref().map(|op| op.task);
-        match state::decide(self.vm.state, task, action) {
+        match state::decide(self.vm.state.get(), task, action) {
             Decision::Run(task) => match self.begin_storage(op) {
                 Ok(()) => {
                     self.op = Some(InFlight {
