@@ -7,6 +7,7 @@ pub mod console;
 pub mod error;
 pub mod events;
 pub mod images;
+pub mod listener;
 pub mod metrics;
 pub mod middleware;
 pub mod networks;
@@ -167,9 +168,10 @@ async fn uniform_errors(State(limit): State<usize>, request: Request, next: Next
     error.into_response()
 }
 
-/// The API's routes. `token`: when set, every route but `/healthz` needs
-/// `Authorization: Bearer TOKEN` (used for TCP listeners).
-pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
+/// The API's routes. `guard`: for TCP listeners, the `Host`, `Origin` and
+/// bearer-token checks of [`middleware::tcp_guard`]. Every listener refuses
+/// request bodies that are not JSON.
+pub fn router(app: AppState, guard: Option<middleware::TcpGuard>) -> Router {
     let limit = app.max_body_bytes;
     let mut router = Router::new()
         .route("/healthz", get(healthz))
@@ -229,14 +231,21 @@ pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
         )
         .route("/v1/vms/{id}/console-log", get(console::log))
         .route("/v1/console", get(console::open))
-        .route("/console", get(console::page))
-        .route("/novnc/{*path}", get(console::novnc))
+        .route(
+            "/console",
+            get(console::page).layer(from_fn(console::browser_headers)),
+        )
+        .route(
+            "/novnc/{*path}",
+            get(console::novnc).layer(from_fn(console::browser_headers)),
+        )
         .fallback(fallback)
         .with_state(app)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(from_fn_with_state(limit, uniform_errors));
-    if let Some(token) = token {
-        router = router.layer(from_fn_with_state(token, middleware::require_token));
+        .layer(from_fn_with_state(limit, uniform_errors))
+        .layer(from_fn(middleware::require_json_body));
+    if let Some(guard) = guard {
+        router = router.layer(from_fn_with_state(guard, middleware::tcp_guard));
     }
     router.layer(from_fn(middleware::log_request))
 }
