@@ -151,8 +151,13 @@ const DEFAULT_TAIL_BYTES: u64 = 64 * 1024;
 #[utoipa::path(post, path = "/v1/vms/{id}/console", tag = "console",
     params(("id" = String, Path, description = "VM UUID or name")),
     request_body = ConsoleRequest,
-    responses((status = 201, body = ConsoleToken), (status = 404, body = ErrorBody),
+    responses((status = 201, body = ConsoleToken),
+        (status = 400, body = ErrorBody, description = "Malformed JSON, or (TCP) `bad_host`"),
+        (status = 401, body = ErrorBody, description = "TCP: missing or wrong bearer token"),
+        (status = 403, body = ErrorBody, description = "TCP: `forbidden_origin`"),
+        (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "Not running, or no such console"),
+        (status = 415, body = ErrorBody, description = "The body is not application/json"),
         (status = 422, body = ErrorBody)))]
 pub async fn create_token(
     State(app): State<AppState>,
@@ -185,7 +190,7 @@ pub async fn create_token(
 /// live output, and takes input. 401 for an unknown, used or expired token;
 /// 400 for a request that is not a websocket upgrade (the token is not
 /// spent).
-#[utoipa::path(get, path = "/v1/console", tag = "console", params(TokenQuery),
+#[utoipa::path(get, path = "/v1/console", tag = "console", params(TokenQuery), security(()),
     responses((status = 101, description = "Switching to the websocket"),
         (status = 400, body = ErrorBody, description = "Not a websocket upgrade"),
         (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -204,7 +209,7 @@ pub async fn open(
 /// Open a console of this VM: like `GET /v1/console`, and the token must be
 /// for this VM. Any bad token is a 401, whether or not the VM exists, so
 /// VM names cannot be probed with made-up tokens.
-#[utoipa::path(get, path = "/v1/vms/{id}/console", tag = "console",
+#[utoipa::path(get, path = "/v1/vms/{id}/console", tag = "console", security(()),
     params(("id" = String, Path, description = "VM UUID or name"), TokenQuery),
     responses((status = 101, description = "Switching to the websocket"),
         (status = 400, body = ErrorBody, description = "Not a websocket upgrade"),
@@ -419,8 +424,9 @@ async fn proxy_serial(socket: WebSocket, attached: Attached, live: Live) {
 
 /// The console page (noVNC) for a `vnc` token. The token is checked, not
 /// spent: the page's websocket spends it.
-#[utoipa::path(get, path = "/console", tag = "console", params(TokenQuery),
-    responses((status = 200, description = "The noVNC page", content_type = "text/html"),
+#[utoipa::path(get, path = "/console", tag = "console", params(TokenQuery), security(()),
+    responses((status = 200, description = "The noVNC page (framing forbidden by its \
+            Content-Security-Policy and X-Frame-Options)", content_type = "text/html"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn page(State(app): State<AppState>, Query(query): Query<TokenQuery>) -> Response {
     match app.consoles.peek(&query.token) {
@@ -521,6 +527,8 @@ fn content_type(file: &FsPath) -> &'static str {
 #[utoipa::path(get, path = "/v1/vms/{id}/console-log", tag = "console",
     params(("id" = String, Path, description = "VM UUID or name"), LogQuery),
     responses((status = 200, description = "The log's tail", content_type = "text/plain"),
+        (status = 400, body = ErrorBody, description = "TCP: `bad_host`"),
+        (status = 401, body = ErrorBody, description = "TCP: missing or wrong bearer token"),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn log(
     State(app): State<AppState>,

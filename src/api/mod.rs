@@ -57,8 +57,10 @@ pub struct Health {
 }
 
 /// Liveness: the daemon answers (it only listens once VMs are reattached).
-#[utoipa::path(get, path = "/healthz", tag = "node",
-    responses((status = 200, body = Health)))]
+/// No bearer token needed, even on TCP.
+#[utoipa::path(get, path = "/healthz", tag = "node", security(()),
+    responses((status = 200, body = Health),
+        (status = 400, body = crate::api::error::ErrorBody, description = "TCP: `bad_host`")))]
 pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
@@ -87,9 +89,16 @@ pub async fn openapi() -> Response {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vmlet", description = "Node daemon for QEMU virtualization hosts: API v1. \
-        Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed, 401 unauthorized, \
-        404 not found, 409 conflicting state or task, 413 body too large, 422 invalid spec \
-        (the field named), 503 QEMU or host failure, 507 the host's disk is full."),
+        Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed (`bad_host`: on TCP, \
+        a `Host` that is not one of the daemon's names), 401 unauthorized (TCP: missing or wrong \
+        bearer token), 403 `forbidden_origin` (TCP: a state-changing request from another \
+        `Origin`), 404 not found, 409 conflicting state or task, 413 body too large, 415 \
+        `unsupported_media_type` (a body that is not `application/json`), 422 invalid spec \
+        (the field named), 503 QEMU or host failure, 507 the host's disk is full. On TCP every \
+        route but `/healthz` and the console's GET routes (their one-time token is the \
+        credential) needs `Authorization: Bearer TOKEN`; the unix socket needs none."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
     paths(
         healthz, node, openapi, metrics::scrape,
         vms::list, vms::show, vms::create, vms::put, vms::delete,
@@ -118,6 +127,29 @@ pub async fn openapi() -> Response {
     )
 )]
 pub struct ApiDoc;
+
+/// Adds the `bearer` security scheme the TCP listener requires.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "TCP listeners: the token in the daemon's auth_token_file (by default \
+                         STATE_DIR/api-token, generated on first start). The unix socket needs \
+                         no token.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
 pub fn openapi_json() -> String {
