@@ -759,3 +759,28 @@ async fn console_tokens_cannot_probe_vms_or_be_wasted_and_pages_cannot_be_framed
     drop(ws);
     common::api::force_delete_vm(&d, &id).await;
 }
+
+#[tokio::test]
+async fn sigterm_still_shuts_down_promptly_with_streams_and_idle_connections_open() {
+    let (mut d, addr) = tcp_daemon(&[]).await;
+    let token = generated_token(&d);
+    let _tcp_events = tcp_client(&addr, Some(&token)).events(None).await.unwrap();
+    let _unix_events = d.client.events(None).await.unwrap();
+    let mut half = TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"GET /v1/vms HTTP/1.1\r\n").await.unwrap();
+    let _idle = TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = d.terminate();
+        (d, status)
+    })
+    .await
+    .unwrap()
+    .1;
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

@@ -182,6 +182,11 @@ async fn connection<S>(
                 return;
             }
             _ = stop.wait_for(|s| *s), if !stopping => {
+                // A connection without a request in flight has nothing to
+                // finish (a half-sent head included): closed at once.
+                if !activity.busy() {
+                    return;
+                }
                 conn.as_mut().graceful_shutdown();
                 stopping = true;
             }
@@ -226,6 +231,11 @@ impl Activity {
 
     fn now(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NONE - 1)
+    }
+
+    /// Whether a request is being handled or its response sent.
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
     }
 
     fn bytes_read(&self) {
