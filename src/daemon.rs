@@ -154,15 +154,9 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         consoles,
         novnc_dir,
     });
-    let unix = bind_unix(&socket_path, settings_group.as_deref())?;
+    // TCP is bound first: once the unix socket answers (what tests and
+    // scripts wait for), every listener is up.
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(listener::serve(
-        Listener::Unix(unix),
-        api::router(app.clone(), None),
-        limits(api_settings.unix_max_connections),
-        shutdown_rx.clone(),
-    ));
-    tracing::info!(socket = %socket_path.display(), "API listening");
     if let (Some(addr), Some(token)) = (tcp, token) {
         let listen_error = |source| DaemonError::Listen {
             what: addr.to_string(),
@@ -183,6 +177,14 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         ));
         tracing::info!(addr = %bound, "API listening on TCP (bearer token required)");
     }
+    let unix = bind_unix(&socket_path, settings_group.as_deref())?;
+    servers.spawn(listener::serve(
+        Listener::Unix(unix),
+        api::router(app.clone(), None),
+        limits(api_settings.unix_max_connections),
+        shutdown_rx.clone(),
+    ));
+    tracing::info!(socket = %socket_path.display(), "API listening");
     sd_notify("READY=1");
     wait_for_signal().await;
     tracing::info!("shutting down; VMs keep running");
