@@ -12,6 +12,10 @@ use crate::storage::fetch::{parse_networks, IpNet};
 /// Where the config file is looked for when none is given.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/vmlet/vmlet.toml";
 
+/// The token file vmlet generates in the state directory when no
+/// `auth_token_file` is configured.
+pub const GENERATED_TOKEN_FILE: &str = "api-token";
+
 /// vmlet's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -44,10 +48,12 @@ pub struct Settings {
     /// without root (like libvirt's `unix_sock_group`). Unset: root's group.
     pub socket_group: Option<String>,
     /// A TCP address for the API, e.g. `127.0.0.1:8780`. Unset: no TCP.
-    /// A non-loopback address requires `auth_token_file`.
+    /// Every TCP client needs the bearer token (`auth_token_file`).
     pub tcp_listen: Option<SocketAddr>,
-    /// File holding the bearer token TCP clients must send. The unix socket
-    /// is guarded by its file mode instead.
+    /// File holding the bearer token TCP clients must send (mode 0600 or
+    /// stricter, owned by root or the daemon's user). Unset: vmlet makes
+    /// `STATE_DIR/api-token` (256 random bits) on first start and keeps it.
+    /// The unix socket is guarded by its file mode instead.
     pub auth_token_file: Option<PathBuf>,
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
@@ -69,6 +75,9 @@ pub struct Settings {
     pub console: ConsoleSettings,
     /// Image imports: what URLs may reach, and limits (`[images]`).
     pub images: ImageSettings,
+    /// The API's listeners: accepted `Host` names, connection caps and
+    /// timeouts (`[api]`).
+    pub api: ApiSettings,
 }
 
 /// Image imports (`[images]` in the file). Imported files are untrusted:
@@ -109,6 +118,43 @@ impl Default for ImageSettings {
             import_max_bytes: 64 << 30,
             max_virtual_bytes: 1 << 40,
             convert_timeout_s: 3600,
+        }
+    }
+}
+
+/// The API's listeners (`[api]` in the file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Names a TCP client may send in `Host` besides the listen address
+    /// (and `localhost:PORT` on loopback), e.g. `node1.example.com`; an
+    /// entry without a port also matches with the listen port. Anything else
+    /// is refused (400 `bad_host`), which defeats DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Connections the TCP listener serves at once; more are accepted and
+    /// closed at once (with a best-effort 503 `busy`).
+    pub tcp_max_connections: usize,
+    /// Connections the unix socket serves at once, counted apart from TCP so
+    /// a flood of TCP clients never locks out the socket.
+    pub unix_max_connections: usize,
+    /// Seconds a client gets to send a whole request head, counted from the
+    /// connection's opening or the first byte after an idle spell
+    /// (slowloris).
+    pub header_read_timeout_s: u64,
+    /// Seconds a keep-alive connection may sit idle between requests.
+    /// Responses being streamed (`/v1/events`) and console websockets are
+    /// not idle.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            allowed_hosts: Vec::new(),
+            tcp_max_connections: 256,
+            unix_max_connections: 128,
+            header_read_timeout_s: 10,
+            idle_timeout_s: 30,
         }
     }
 }
@@ -231,6 +277,7 @@ impl Default for Settings {
             capacity: CapacitySettings::default(),
             console: ConsoleSettings::default(),
             images: ImageSettings::default(),
+            api: ApiSettings::default(),
         }
     }
 }
@@ -329,6 +376,14 @@ impl Settings {
             .unwrap_or_else(|| self.run_dir.join("vmlet.sock"))
     }
 
+    /// The bearer token file of TCP listeners: `auth_token_file`, or the
+    /// one vmlet generates, `STATE_DIR/api-token`.
+    pub fn auth_token_path(&self) -> PathBuf {
+        self.auth_token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(GENERATED_TOKEN_FILE))
+    }
+
     /// The directory images may be imported from.
     pub fn import_dir(&self) -> PathBuf {
         self.import_dir
@@ -390,7 +445,10 @@ impl Settings {
     /// `VMLET_IMPORT_ALLOWED_NETWORKS` (comma-separated CIDRs),
     /// `VMLET_IMPORT_CONNECT_TIMEOUT_S`, `VMLET_IMPORT_IDLE_TIMEOUT_S`,
     /// `VMLET_IMPORT_TIMEOUT_S`, `VMLET_IMPORT_MAX_BYTES`,
-    /// `VMLET_IMAGE_MAX_VIRTUAL_BYTES` and `VMLET_IMAGE_CONVERT_TIMEOUT_S`.
+    /// `VMLET_IMAGE_MAX_VIRTUAL_BYTES` and `VMLET_IMAGE_CONVERT_TIMEOUT_S`, and for `[api]` `VMLET_ALLOWED_HOSTS`
+    /// (`,`-separated), `VMLET_TCP_MAX_CONNECTIONS`,
+    /// `VMLET_UNIX_MAX_CONNECTIONS`, `VMLET_HEADER_READ_TIMEOUT_S` and
+    /// `VMLET_IDLE_TIMEOUT_S`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
             self.state_dir = v.into();
@@ -529,6 +587,45 @@ impl Settings {
                 *field = number(name, &v)?;
             }
         }
+        self.apply_api_env(&var, number)
+    }
+
+    /// The `[api]` part of [`Settings::apply_env`].
+    fn apply_api_env(
+        &mut self,
+        var: impl Fn(&str) -> Option<String>,
+        number: impl Fn(&'static str, &str) -> Result<u64, ConfigError>,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = var("VMLET_ALLOWED_HOSTS") {
+            self.api.allowed_hosts = v
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+        let count = |name: &'static str, v: &str| -> Result<usize, ConfigError> {
+            let n = number(name, v)?;
+            usize::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError::Env {
+                    name,
+                    message: format!("{v:?} is not a positive number of connections"),
+                })
+        };
+        if let Some(v) = var("VMLET_TCP_MAX_CONNECTIONS") {
+            self.api.tcp_max_connections = count("VMLET_TCP_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = var("VMLET_UNIX_MAX_CONNECTIONS") {
+            self.api.unix_max_connections = count("VMLET_UNIX_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = var("VMLET_HEADER_READ_TIMEOUT_S") {
+            self.api.header_read_timeout_s = number("VMLET_HEADER_READ_TIMEOUT_S", &v)?;
+        }
+        if let Some(v) = var("VMLET_IDLE_TIMEOUT_S") {
+            self.api.idle_timeout_s = number("VMLET_IDLE_TIMEOUT_S", &v)?;
+        }
         Ok(())
     }
 }
@@ -654,5 +751,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("VMLET_IMPORT_ALLOWED_NETWORKS"), "{err}");
+    }
+
+    #[test]
+    fn api_settings_come_from_the_file_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vmlet.toml");
+        std::fs::write(
+            &file,
+            "[api]\nallowed_hosts = [\"node1.example.com\"]\ntcp_max_connections = 16\n",
+        )
+        .unwrap();
+        let mut s = Settings::from_file(&file).unwrap();
+        assert_eq!(s.api.allowed_hosts, vec!["node1.example.com".to_string()]);
+        assert_eq!(s.api.tcp_max_connections, 16);
+        assert_eq!(s.api.unix_max_connections, 128);
+        let env = |n: &str| match n {
+            "VMLET_ALLOWED_HOSTS" => Some("a.example, b.example:8780 ,".to_string()),
+            "VMLET_UNIX_MAX_CONNECTIONS" => Some("8".to_string()),
+            "VMLET_HEADER_READ_TIMEOUT_S" => Some("2".to_string()),
+            "VMLET_IDLE_TIMEOUT_S" => Some("5".to_string()),
+            _ => None,
+        };
+        s.apply_env(env).unwrap();
+        assert_eq!(s.api.allowed_hosts, ["a.example", "b.example:8780"]);
+        assert_eq!(
+            (
+                s.api.unix_max_connections,
+                s.api.header_read_timeout_s,
+                s.api.idle_timeout_s
+            ),
+            (8, 2, 5)
+        );
+        let err = Settings::default()
+            .apply_env(|n| (n == "VMLET_TCP_MAX_CONNECTIONS").then(|| "0".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VMLET_TCP_MAX_CONNECTIONS"), "{err}");
+        assert_eq!(s.auth_token_path(), s.state_dir.join("api-token"));
     }
 }

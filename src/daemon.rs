@@ -1,9 +1,13 @@
 //! `vmlet serve`: reattach every VM, then serve the API on the unix socket
 //! (and TCP when configured) until SIGTERM or SIGINT. Shutting down leaves
 //! every VM running; the next `vmlet serve` reattaches to them.
+//!
+//! A TCP listener always needs the bearer token: from `auth_token_file`, or
+//! generated once into `STATE_DIR/api-token`. Either file must be private
+//! to its owner (root or the daemon's user), or the daemon refuses to start.
 
-use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +15,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
-use crate::api::{self, middleware::Token, App};
+use crate::api::listener::{self, Limits, Listener};
+use crate::api::middleware::{HostRules, TcpGuard, Token};
+use crate::api::{self, App};
 use crate::config::Settings;
 use crate::qemu::process;
 use crate::vm::manager::{Manager, ManagerError};
@@ -49,11 +55,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    /// TCP on a non-loopback address without a token would expose the API.
-    #[error("tcp_listen {0} is not a loopback address: configure auth_token_file to serve it")]
-    NeedsToken(SocketAddr),
     /// The token file is unusable.
-    #[error("reading auth token file {path}")]
+    #[error("auth token file {path}")]
     Token {
         /// The file.
         path: PathBuf,
@@ -67,7 +70,55 @@ pub enum DaemonError {
     /// The token file is empty.
     #[error("auth token file {0} is empty")]
     EmptyToken(PathBuf),
+    /// Others than its owner may read or write the token file.
+    #[error(
+        "auth token file {path} has mode {mode:04o}: group and others must have no access \
+         (chmod 600 {path})"
+    )]
+    TokenMode {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The token file belongs to someone else than root or the daemon's user.
+    #[error("auth token file {path} is owned by uid {uid}: it must belong to root or uid {own}")]
+    TokenOwner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// The daemon's user.
+        own: u32,
+    },
+    /// The token file is a directory, device or the like.
+    #[error("auth token file {0} is not a regular file")]
+    TokenNotAFile(PathBuf),
+    /// The connection caps do not fit the process's file descriptor limit.
+    #[error(
+        "tcp_max_connections ({tcp}) and unix_max_connections ({unix}) need up to {needed} \
+         file descriptors with the room kept for VMs, but the limit (RLIMIT_NOFILE) is {limit}: \
+         lower the caps or raise the limit (LimitNOFILE= in the systemd unit)"
+    )]
+    TooManyConnections {
+        /// The TCP cap (0 without TCP).
+        tcp: usize,
+        /// The unix socket cap.
+        unix: usize,
+        /// Descriptors the caps may use, plus the reserve.
+        needed: u64,
+        /// The soft limit after raising it.
+        limit: u64,
+    },
 }
+
+/// File descriptors kept for everything but API connections: VMs' QMP and
+/// serial sockets, logs, pidfds, taps being handed over, image imports.
+const FD_RESERVE: u64 = 1024;
+
+/// File descriptors one API connection may hold: its socket, and the VM
+/// socket a console websocket is joined to.
+const FDS_PER_CONNECTION: u64 = 2;
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
@@ -76,6 +127,7 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&settings.state_dir)?;
     ensure_not_running(&socket_path).await?;
     let token = load_token(&settings)?;
+    check_fd_limit(&settings)?;
     if let Err(e) = process::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper: QEMU exit codes will be unknown");
     }
@@ -86,6 +138,12 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
     let novnc_dir = settings.console.novnc_dir.clone();
     let settings_group = settings.socket_group.clone();
     let tcp = settings.tcp_listen;
+    let api_settings = settings.api.clone();
+    let limits = |max_connections| Limits {
+        max_connections,
+        header_read_timeout: Duration::from_secs(api_settings.header_read_timeout_s),
+        idle_timeout: Duration::from_secs(api_settings.idle_timeout_s),
+    };
     let manager = Manager::open(settings).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -96,28 +154,37 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         consoles,
         novnc_dir,
     });
-    let unix = bind_unix(&socket_path, settings_group.as_deref())?;
+    // TCP is bound first: once the unix socket answers (what tests and
+    // scripts wait for), every listener is up.
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(serve_until(
-        unix,
+    if let (Some(addr), Some(token)) = (tcp, token) {
+        let listen_error = |source| DaemonError::Listen {
+            what: addr.to_string(),
+            source,
+        };
+        let tcp_listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+        // The port actually bound (`:0` picks one).
+        let bound = tcp_listener.local_addr().map_err(listen_error)?;
+        let guard = TcpGuard {
+            token,
+            hosts: Arc::new(HostRules::new(bound, &api_settings.allowed_hosts)),
+        };
+        servers.spawn(listener::serve(
+            Listener::Tcp(tcp_listener),
+            api::router(app.clone(), Some(guard)),
+            limits(api_settings.tcp_max_connections),
+            shutdown_rx.clone(),
+        ));
+        tracing::info!(addr = %bound, "API listening on TCP (bearer token required)");
+    }
+    let unix = bind_unix(&socket_path, settings_group.as_deref())?;
+    servers.spawn(listener::serve(
+        Listener::Unix(unix),
         api::router(app.clone(), None),
+        limits(api_settings.unix_max_connections),
         shutdown_rx.clone(),
     ));
     tracing::info!(socket = %socket_path.display(), "API listening");
-    if let Some(addr) = tcp {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: addr.to_string(),
-                source,
-            })?;
-        servers.spawn(serve_until(
-            listener,
-            api::router(app.clone(), token),
-            shutdown_rx.clone(),
-        ));
-        tracing::info!(%addr, "API listening on TCP");
-    }
     sd_notify("READY=1");
     wait_for_signal().await;
     tracing::info!("shutting down; VMs keep running");
@@ -157,24 +224,6 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, 
     )
 }
 
-/// Serves `router` on `listener` until `stop` turns true, then lets the
-/// requests in flight finish.
-async fn serve_until<L>(
-    listener: L,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
-}
-
 async fn ensure_not_running(socket: &Path) -> Result<(), DaemonError> {
     if tokio::net::UnixStream::connect(socket).await.is_ok() {
         return Err(DaemonError::AlreadyRunning(socket.to_path_buf()));
@@ -210,25 +259,138 @@ fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixListener, DaemonErr
     Ok(listener)
 }
 
+/// The bearer token of the TCP listener (`None` without one): read from
+/// [`Settings::auth_token_path`], which vmlet creates when no
+/// `auth_token_file` is configured and it does not exist yet.
 fn load_token(settings: &Settings) -> Result<Option<Token>, DaemonError> {
-    let Some(addr) = settings.tcp_listen else {
+    if settings.tcp_listen.is_none() {
         return Ok(None);
-    };
-    let Some(path) = &settings.auth_token_file else {
-        if addr.ip().is_loopback() {
-            return Ok(None);
-        }
-        return Err(DaemonError::NeedsToken(addr));
-    };
-    let text = std::fs::read_to_string(path).map_err(|source| DaemonError::Token {
-        path: path.clone(),
+    }
+    let path = settings.auth_token_path();
+    if settings.auth_token_file.is_none() {
+        create_token_file(&path)?;
+    }
+    read_token_file(&path).map(Some)
+}
+
+/// Writes 256 random bits as hex to `path` unless it exists: created with
+/// `O_EXCL` and mode 0600 (never readable by anyone else, not even for a
+/// moment), synced, and its directory synced, so a crash leaves either no
+/// file or the whole token.
+fn create_token_file(path: &Path) -> Result<(), DaemonError> {
+    let token_error = |source| DaemonError::Token {
+        path: path.to_path_buf(),
         source,
-    })?;
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(token_error)?;
+    }
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => file,
+        // Made by an earlier start: kept, so clients keep working.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(token_error(e)),
+    };
+    let mut secret = [0u8; 32];
+    let written = getrandom::fill(&mut secret)
+        .map_err(|e| std::io::Error::other(format!("no randomness for a token: {e}")))
+        .and_then(|()| {
+            let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            file.write_all(format!("{hex}\n").as_bytes())?;
+            file.sync_all()?;
+            match path.parent() {
+                Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        });
+    if let Err(e) = written {
+        // An empty or partial token file would fail every later start.
+        let _ = std::fs::remove_file(path);
+        return Err(token_error(e));
+    }
+    tracing::info!(path = %path.display(), "generated the API bearer token");
+    Ok(())
+}
+
+/// Reads the token, refusing a file that is not private to root or the
+/// daemon's user. The checks are made on the opened file, so what is
+/// checked is what is read.
+fn read_token_file(path: &Path) -> Result<Token, DaemonError> {
+    let token_error = |source| DaemonError::Token {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(token_error)?;
+    let meta = file.metadata().map_err(token_error)?;
+    if !meta.is_file() {
+        return Err(DaemonError::TokenNotAFile(path.to_path_buf()));
+    }
+    let own = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != own {
+        return Err(DaemonError::TokenOwner {
+            path: path.to_path_buf(),
+            uid: meta.uid(),
+            own,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(DaemonError::TokenMode {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(token_error)?;
     let token = text.trim();
     if token.is_empty() {
-        return Err(DaemonError::EmptyToken(path.clone()));
+        return Err(DaemonError::EmptyToken(path.to_path_buf()));
     }
-    Ok(Some(Token(Arc::new(token.as_bytes().to_vec()))))
+    Ok(Token(Arc::new(token.as_bytes().to_vec())))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard one, then checks that the
+/// connection caps stay well below it: descriptors run out for connections
+/// long before they run out for VMs and the unix socket.
+fn check_fd_limit(settings: &Settings) -> Result<(), DaemonError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the file descriptor limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file descriptor limit");
+            return Ok(());
+        }
+    };
+    let tcp = if settings.tcp_listen.is_some() {
+        settings.api.tcp_max_connections
+    } else {
+        0
+    };
+    let unix = settings.api.unix_max_connections;
+    let needed = (tcp as u64 + unix as u64)
+        .saturating_mul(FDS_PER_CONNECTION)
+        .saturating_add(FD_RESERVE);
+    if needed > limit {
+        return Err(DaemonError::TooManyConnections {
+            tcp,
+            unix,
+            needed,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() {
@@ -293,31 +455,121 @@ mod tests {
     }
 
     #[test]
-    fn a_public_tcp_address_needs_a_token() {
+    fn every_tcp_listener_gets_a_private_generated_token_kept_across_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_token(&Settings::default()).unwrap().is_none());
         let settings = Settings {
+            state_dir: dir.path().join("state"),
+            tcp_listen: Some("127.0.0.1:8780".parse().unwrap()),
+            ..Settings::default()
+        };
+        let first = load_token(&settings).unwrap().unwrap();
+        let path = dir.path().join("state/api-token");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.trim().len(), 64);
+        assert!(text.trim().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(first.0.as_slice(), text.trim().as_bytes());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = load_token(&settings).unwrap().unwrap();
+        assert_eq!(again.0, first.0);
+        let other = tempfile::tempdir().unwrap();
+        let fresh = load_token(&Settings {
+            state_dir: other.path().to_path_buf(),
+            ..settings.clone()
+        })
+        .unwrap()
+        .unwrap();
+        assert_ne!(fresh.0, first.0);
+    }
+
+    #[test]
+    fn a_configured_token_file_must_exist_be_private_and_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let settings = Settings {
+            state_dir: dir.path().join("state"),
             tcp_listen: Some("0.0.0.0:8780".parse().unwrap()),
+            auth_token_file: Some(file.clone()),
             ..Settings::default()
         };
         assert!(matches!(
             load_token(&settings),
-            Err(DaemonError::NeedsToken(_))
+            Err(DaemonError::Token { .. })
         ));
-        let settings = Settings {
-            tcp_listen: Some("127.0.0.1:8780".parse().unwrap()),
-            ..Settings::default()
-        };
-        assert!(load_token(&settings).unwrap().is_none());
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("token");
+        // A configured file is never generated.
+        assert!(!file.exists());
         std::fs::write(&file, "s3cret\n").unwrap();
-        let settings = Settings {
-            tcp_listen: Some("0.0.0.0:8780".parse().unwrap()),
-            auth_token_file: Some(file),
-            ..Settings::default()
-        };
+        for mode in [0o644, 0o640, 0o604, 0o620, 0o602] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = load_token(&settings).unwrap_err();
+            assert!(
+                matches!(err, DaemonError::TokenMode { .. }),
+                "{mode:o}: {err}"
+            );
+            let message = err.to_string();
+            assert!(message.contains(&file.display().to_string()), "{message}");
+            assert!(message.contains(&format!("{mode:04o}")), "{message}");
+        }
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert_eq!(
             load_token(&settings).unwrap().unwrap().0.as_slice(),
             b"s3cret"
         );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&file, " \n").unwrap();
+        assert!(matches!(
+            load_token(&settings),
+            Err(DaemonError::EmptyToken(_))
+        ));
+        let not_a_file = Settings {
+            auth_token_file: Some(dir.path().to_path_buf()),
+            ..settings.clone()
+        };
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(matches!(
+            load_token(&not_a_file),
+            Err(DaemonError::TokenNotAFile(_))
+        ));
+    }
+
+    #[test]
+    fn a_token_file_of_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: changing a file's owner needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let settings = Settings {
+            tcp_listen: Some("127.0.0.1:8780".parse().unwrap()),
+            auth_token_file: Some(file.clone()),
+            ..Settings::default()
+        };
+        let err = load_token(&settings).unwrap_err();
+        assert!(
+            matches!(err, DaemonError::TokenOwner { uid: 65534, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn connection_caps_must_fit_the_descriptor_limit() {
+        let settings = Settings {
+            tcp_listen: Some("127.0.0.1:8780".parse().unwrap()),
+            ..Settings::default()
+        };
+        check_fd_limit(&settings).unwrap();
+        let mut greedy = settings.clone();
+        greedy.api.tcp_max_connections = usize::MAX / 4;
+        let err = check_fd_limit(&greedy).unwrap_err();
+        assert!(
+            matches!(err, DaemonError::TooManyConnections { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("tcp_max_connections"), "{err}");
     }
 }

@@ -196,6 +196,12 @@ async fn the_console_page_shows_the_guests_vga_text_in_chromium() {
     let secrets = Scratch::new();
     let token_file = secrets.path().join("token");
     std::fs::write(&token_file, "console-browser-bearer\n").unwrap();
+    // Token files must be private to their owner.
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start_with_env(&[
         ("VMLET_TCP_LISTEN", &addr),

@@ -885,6 +885,12 @@ async fn tcp_listener_requires_the_bearer_token_socket_group_and_json_logs() {
     let token_dir = common::Scratch::new();
     let token_file = token_dir.path().join("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    // Token files must be private to their owner.
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start_with_env(&[

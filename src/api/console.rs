@@ -51,10 +51,46 @@ fn page_policy() -> &'static str {
         format!(
             "default-src 'self'; script-src 'self' 'sha256-{hash}'; connect-src 'self'; \
              img-src 'self' data:; style-src 'self' 'unsafe-inline'; base-uri 'none'; \
-             object-src 'none'"
+             object-src 'none'; form-action 'none'; frame-ancestors 'none'"
         )
     });
     &POLICY
+}
+
+/// The Content-Security-Policy of every other `/console` and `/novnc/`
+/// response: nothing may run or load from it, nor frame it. noVNC's own
+/// HTML files (`vnc.html` takes a host to connect to in its URL) are inert
+/// this way; its scripts still load as modules into the console page, whose
+/// own policy governs them.
+const INERT_POLICY: &str =
+    "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Adds to every `/console` and `/novnc/` response, errors included: a
+/// Content-Security-Policy (the handler's, or [`INERT_POLICY`]) with
+/// `frame-ancestors 'none'`, `X-Frame-Options: DENY` for browsers without
+/// CSP 2 (no clickjacking of a live console), and `nosniff` so a file is
+/// never run as another type than the one sent.
+pub async fn browser_headers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static(INERT_POLICY),
+        );
+    }
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// The text of the page's one inline module script.
@@ -115,8 +151,13 @@ const DEFAULT_TAIL_BYTES: u64 = 64 * 1024;
 #[utoipa::path(post, path = "/v1/vms/{id}/console", tag = "console",
     params(("id" = String, Path, description = "VM UUID or name")),
     request_body = ConsoleRequest,
-    responses((status = 201, body = ConsoleToken), (status = 404, body = ErrorBody),
+    responses((status = 201, body = ConsoleToken),
+        (status = 400, body = ErrorBody, description = "Malformed JSON, or (TCP) `bad_host`"),
+        (status = 401, body = ErrorBody, description = "TCP: missing or wrong bearer token"),
+        (status = 403, body = ErrorBody, description = "TCP: `forbidden_origin`"),
+        (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "Not running, or no such console"),
+        (status = 415, body = ErrorBody, description = "The body is not application/json"),
         (status = 422, body = ErrorBody)))]
 pub async fn create_token(
     State(app): State<AppState>,
@@ -146,24 +187,34 @@ pub async fn create_token(
 /// Open a console: spends the token and upgrades to a websocket (binary
 /// messages; noVNC's `binary` subprotocol is accepted). A `vnc` console
 /// carries RFB; a `serial` one sends the last 64 KiB of output first, then
-/// live output, and takes input. 401 for an unknown, used or expired token.
-#[utoipa::path(get, path = "/v1/console", tag = "console", params(TokenQuery),
+/// live output, and takes input. 401 for an unknown, used or expired token;
+/// 400 for a request that is not a websocket upgrade (the token is not
+/// spent).
+#[utoipa::path(get, path = "/v1/console", tag = "console", params(TokenQuery), security(()),
     responses((status = 101, description = "Switching to the websocket"),
+        (status = 400, body = ErrorBody, description = "Not a websocket upgrade"),
         (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn open(
     State(app): State<AppState>,
     Query(query): Query<TokenQuery>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let upgrade = match checked_upgrade(&app, &query.token, upgrade) {
+        Ok(upgrade) => upgrade,
+        Err(refused) => return refused.into_response(),
+    };
     connect(&app, &query.token, None, upgrade).await
 }
 
 /// Open a console of this VM: like `GET /v1/console`, and the token must be
-/// for this VM (401 otherwise).
-#[utoipa::path(get, path = "/v1/vms/{id}/console", tag = "console",
+/// for this VM. Any bad token is a 401, whether or not the VM exists, so
+/// VM names cannot be probed with made-up tokens.
+#[utoipa::path(get, path = "/v1/vms/{id}/console", tag = "console", security(()),
     params(("id" = String, Path, description = "VM UUID or name"), TokenQuery),
     responses((status = 101, description = "Switching to the websocket"),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 400, body = ErrorBody, description = "Not a websocket upgrade"),
+        (status = 401, body = ErrorBody, description = "Unknown, used or expired token, \
+            or a token for another (or no) VM"),
         (status = 409, body = ErrorBody)))]
 pub async fn open_vm(
     State(app): State<AppState>,
@@ -171,14 +222,35 @@ pub async fn open_vm(
     Query(query): Query<TokenQuery>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let upgrade = match checked_upgrade(&app, &query.token, upgrade) {
+        Ok(upgrade) => upgrade,
+        Err(refused) => return refused.into_response(),
+    };
     match app.manager.find(&id) {
         Ok(handle) => connect(&app, &query.token, Some(handle.id()), upgrade).await,
-        // Spend the token anyway: a token tried on a wrong VM is burnt.
-        Err(e) => {
+        // A live token tried on a VM that is not its own (here: none) is
+        // burnt, and the answer is the same 401 as for another VM.
+        Err(_) => {
             let _ = app.consoles.redeem(&query.token, None);
-            ApiError::from(e).into_response()
+            token_refused(TokenError::OtherVm).into_response()
         }
     }
+}
+
+/// The checks made before a token is spent: the token is live (401
+/// otherwise) and the request is a websocket upgrade (400 otherwise, and
+/// the token stays usable, so a stray plain GET cannot waste it).
+fn checked_upgrade(
+    app: &AppState,
+    token: &str,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, ApiError> {
+    app.consoles.peek(token).map_err(token_refused)?;
+    upgrade.map_err(|rejection| {
+        ApiError::bad_request(format!(
+            "not a websocket request ({rejection}); the token was not used"
+        ))
+    })
 }
 
 /// What a spent token is joined to.
@@ -191,18 +263,11 @@ async fn connect(
     app: &AppState,
     token: &str,
     vm: Option<uuid::Uuid>,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    upgrade: WebSocketUpgrade,
 ) -> Response {
     let grant = match app.consoles.redeem(token, vm) {
         Ok(grant) => grant,
         Err(e) => return token_refused(e).into_response(),
-    };
-    let upgrade = match upgrade {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => {
-            return ApiError::bad_request(format!("not a websocket request: {rejection}"))
-                .into_response()
-        }
     };
     let target = match reach(app, grant).await {
         Ok(target) => target,
@@ -359,8 +424,9 @@ async fn proxy_serial(socket: WebSocket, attached: Attached, live: Live) {
 
 /// The console page (noVNC) for a `vnc` token. The token is checked, not
 /// spent: the page's websocket spends it.
-#[utoipa::path(get, path = "/console", tag = "console", params(TokenQuery),
-    responses((status = 200, description = "The noVNC page", content_type = "text/html"),
+#[utoipa::path(get, path = "/console", tag = "console", params(TokenQuery), security(()),
+    responses((status = 200, description = "The noVNC page (framing forbidden by its \
+            Content-Security-Policy and X-Frame-Options)", content_type = "text/html"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn page(State(app): State<AppState>, Query(query): Query<TokenQuery>) -> Response {
     match app.consoles.peek(&query.token) {
@@ -397,7 +463,9 @@ pub async fn novnc(State(app): State<AppState>, Path(path): Path<String>) -> Res
             bytes,
         )
             .into_response(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ApiError::not_found(format!(
+        // A name the file system cannot hold (a NUL byte) or a directory is
+        // just not a file here.
+        Err(e) if is_missing(&e) => ApiError::not_found(format!(
             "no such file in the noVNC directory ({})",
             app.novnc_dir.display()
         ))
@@ -409,14 +477,31 @@ pub async fn novnc(State(app): State<AppState>, Path(path): Path<String>) -> Res
 }
 
 /// `dir/path` when `path` is a plain relative path (no `..`, no root, no
-/// hidden names); `None` otherwise.
+/// hidden names, no control characters such as a decoded `%00`); `None`
+/// otherwise.
 fn static_path(dir: &FsPath, path: &str) -> Option<PathBuf> {
+    if path.is_empty() || path.chars().any(char::is_control) {
+        return None;
+    }
     let relative = FsPath::new(path);
     let plain = relative.components().all(|c| match c {
         Component::Normal(name) => !name.to_string_lossy().starts_with('.'),
         _ => false,
     });
-    (plain && !path.is_empty()).then(|| dir.join(relative))
+    plain.then(|| dir.join(relative))
+}
+
+/// Read errors that mean "no such file" to a client.
+fn is_missing(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::NotFound
+            | ErrorKind::InvalidInput
+            | ErrorKind::IsADirectory
+            | ErrorKind::NotADirectory
+            | ErrorKind::InvalidFilename
+    )
 }
 
 fn content_type(file: &FsPath) -> &'static str {
@@ -442,6 +527,8 @@ fn content_type(file: &FsPath) -> &'static str {
 #[utoipa::path(get, path = "/v1/vms/{id}/console-log", tag = "console",
     params(("id" = String, Path, description = "VM UUID or name"), LogQuery),
     responses((status = 200, description = "The log's tail", content_type = "text/plain"),
+        (status = 400, body = ErrorBody, description = "TCP: `bad_host`"),
+        (status = 401, body = ErrorBody, description = "TCP: missing or wrong bearer token"),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn log(
     State(app): State<AppState>,
@@ -477,6 +564,8 @@ mod tests {
             "core/../../etc/passwd",
             "/etc/passwd",
             ".git/config",
+            "core\0.js",
+            "core/rfb.js\n",
         ] {
             assert_eq!(static_path(dir, bad), None, "{bad}");
         }
@@ -487,6 +576,7 @@ mod tests {
         let script = inline_script(PAGE).expect("the page has its module script");
         assert!(script.contains("/novnc/core/rfb.js"));
         assert!(page_policy().contains("script-src 'self' 'sha256-"));
+        assert!(page_policy().contains("frame-ancestors 'none'"));
         assert_eq!(inline_script("<p>no script</p>"), None);
     }
 

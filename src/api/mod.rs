@@ -7,6 +7,7 @@ pub mod console;
 pub mod error;
 pub mod events;
 pub mod images;
+pub mod listener;
 pub mod metrics;
 pub mod middleware;
 pub mod networks;
@@ -56,8 +57,10 @@ pub struct Health {
 }
 
 /// Liveness: the daemon answers (it only listens once VMs are reattached).
-#[utoipa::path(get, path = "/healthz", tag = "node",
-    responses((status = 200, body = Health)))]
+/// No bearer token needed, even on TCP.
+#[utoipa::path(get, path = "/healthz", tag = "node", security(()),
+    responses((status = 200, body = Health),
+        (status = 400, body = crate::api::error::ErrorBody, description = "TCP: `bad_host`")))]
 pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
@@ -86,10 +89,15 @@ pub async fn openapi() -> Response {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vmlet", description = "Node daemon for QEMU virtualization hosts: API v1. \
-        Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed (or `bad_host`), \
-        401 unauthorized, 403 foreign origin, 404 not found, 409 conflicting state or task, \
-        413 body too large, 415 body not JSON, 422 invalid spec (the field named), \
-        503 QEMU or host failure, 507 the host's disk is full."),
+        Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed (`bad_host`: on TCP, \
+        a `Host` that is not one of the daemon's names), 401 unauthorized (TCP: missing or wrong \
+        bearer token), 403 `forbidden_origin` (TCP: a state-changing request from another \
+        `Origin`), 404 not found, 409 conflicting state or task, 413 body too large, 415 \
+        `unsupported_media_type` (a body that is not `application/json`), 422 invalid spec \
+        (the field named), 503 QEMU or host failure, 507 the host's disk is full. On TCP every \
+        route but `/healthz` and the console's GET routes (their one-time token is the \
+        credential) needs `Authorization: Bearer TOKEN`; the unix socket needs none."),
+    security(("bearer" = [])),
     paths(
         healthz, node, openapi, metrics::scrape,
         vms::list, vms::show, vms::create, vms::put, vms::delete,
@@ -116,7 +124,7 @@ pub async fn openapi() -> Response {
         (name = "events", description = "Change events"),
         (name = "node", description = "The host"),
     ),
-    modifiers(&CommonResponses)
+    modifiers(&BearerAuth, &CommonResponses)
 )]
 pub struct ApiDoc;
 
@@ -237,6 +245,29 @@ impl utoipa::Modify for CommonResponses {
     }
 }
 
+/// Adds the `bearer` security scheme the TCP listener requires.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "TCP listeners: the token in the daemon's auth_token_file (by default \
+                         STATE_DIR/api-token, generated on first start). The unix socket needs \
+                         no token.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
 /// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
 pub fn openapi_json() -> String {
     let mut doc = ApiDoc::openapi();
@@ -286,9 +317,10 @@ async fn uniform_errors(State(limit): State<usize>, request: Request, next: Next
     error.into_response()
 }
 
-/// The API's routes. `token`: when set, every route but `/healthz` needs
-/// `Authorization: Bearer TOKEN` (used for TCP listeners).
-pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
+/// The API's routes. `guard`: for TCP listeners, the `Host`, `Origin` and
+/// bearer-token checks of [`middleware::tcp_guard`]. Every listener refuses
+/// request bodies that are not JSON.
+pub fn router(app: AppState, guard: Option<middleware::TcpGuard>) -> Router {
     let limit = app.max_body_bytes;
     let mut router = Router::new()
         .route("/healthz", get(healthz))
@@ -348,14 +380,21 @@ pub fn router(app: AppState, token: Option<middleware::Token>) -> Router {
         )
         .route("/v1/vms/{id}/console-log", get(console::log))
         .route("/v1/console", get(console::open))
-        .route("/console", get(console::page))
-        .route("/novnc/{*path}", get(console::novnc))
+        .route(
+            "/console",
+            get(console::page).layer(from_fn(console::browser_headers)),
+        )
+        .route(
+            "/novnc/{*path}",
+            get(console::novnc).layer(from_fn(console::browser_headers)),
+        )
         .fallback(fallback)
         .with_state(app)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(from_fn_with_state(limit, uniform_errors));
-    if let Some(token) = token {
-        router = router.layer(from_fn_with_state(token, middleware::require_token));
+        .layer(from_fn_with_state(limit, uniform_errors))
+        .layer(from_fn(middleware::require_json_body));
+    if let Some(guard) = guard {
+        router = router.layer(from_fn_with_state(guard, middleware::tcp_guard));
     }
     router.layer(from_fn(middleware::log_request))
 }

@@ -66,7 +66,10 @@ pub struct ClientOptions {
     /// Talk to the daemon over TCP instead: `http://HOST:PORT`.
     #[arg(long, global = true, env = "VMLET_URL")]
     pub url: Option<String>,
-    /// File holding the bearer token sent with `--url`.
+    /// File holding the bearer token sent with `--url`. Default: the
+    /// daemon's token file on this host (`auth_token_file` in
+    /// /etc/vmlet/vmlet.toml or `VMLET_AUTH_TOKEN_FILE`, else
+    /// STATE_DIR/api-token), when it exists.
     #[arg(long, global = true, env = "VMLET_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Output format.
@@ -86,14 +89,20 @@ impl ClientOptions {
     }
 
     /// The endpoint these options name: `--url` (with the token from
-    /// `--token-file`) when given, else `--socket`.
+    /// `--token-file`, else from [`default_token_file`] when it exists) when
+    /// given, else `--socket`.
     pub fn endpoint(&self) -> Result<Endpoint, CliError> {
         let Some(url) = &self.url else {
             return Ok(Endpoint::Unix(self.socket.clone()));
         };
         let token = match &self.token_file {
             Some(path) => Some(read_token(path)?),
-            None => None,
+            None => {
+                let path = default_token_file();
+                // None there (another host's daemon): the daemon's 401 says
+                // what is missing.
+                path.exists().then(|| read_token(&path)).transpose()?
+            }
         };
         let endpoint = Endpoint::Tcp {
             url: url.clone(),
@@ -107,6 +116,16 @@ impl ClientOptions {
     pub fn client(&self) -> Result<Client, CliError> {
         Ok(Client::new(self.endpoint()?))
     }
+}
+
+/// Where a daemon on this host keeps its bearer token: the settings'
+/// [`crate::config::Settings::auth_token_path`] (config file and `VMLET_*`
+/// variables, as `vmlet serve` reads them), or `STATE_DIR/api-token` under
+/// the default state directory when the settings cannot be read.
+pub fn default_token_file() -> PathBuf {
+    crate::config::Settings::load(None)
+        .unwrap_or_default()
+        .auth_token_path()
 }
 
 fn read_token(path: &Path) -> Result<String, CliError> {
