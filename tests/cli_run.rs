@@ -139,8 +139,29 @@ async fn a_bad_spec_names_the_field_and_starts_nothing() {
     assert!(stderr.contains("memroy_mib"), "{stderr}");
 }
 
-#[tokio::test]
+/// QEMU refusing to start (its disk is held by another QEMU) is reported
+/// with QEMU's own message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_that_cannot_start_reports_its_own_message() {
+    let scratch = Scratch::new();
+    let image = scratch.qcow2("shared.qcow2", "16M");
+    let mut holder = guest_spec("q35", "");
+    holder.disks.push(common::disk("data", &image));
+    let _holder = common::launch(&holder, &scratch).await.expect("launch");
+    let mut spec = guest_spec("q35", "");
+    spec.disks.push(common::disk("data", &image));
+    let file = write_spec(&scratch, &spec);
+    let out = vmlet(&scratch, &file).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("QEMU failed to start"), "{stderr}");
+    assert!(stderr.contains("lock"), "{stderr}");
+}
+
+/// A kernel that is not there is named before any QEMU runs (vmlet opens
+/// the files and hands QEMU descriptors).
+#[tokio::test]
+async fn a_missing_kernel_is_named_before_qemu_runs() {
     let scratch = Scratch::new();
     let mut spec = guest_spec("q35", "");
     if let vmlet::vm::spec::Boot::Kernel { kernel, .. } = &mut spec.boot {
@@ -150,8 +171,8 @@ async fn a_qemu_that_cannot_start_reports_its_own_message() {
     let out = vmlet(&scratch, &file).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("QEMU failed to start"), "{stderr}");
     assert!(stderr.contains("missing-vmlinuz"), "{stderr}");
+    assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
 }
 
 #[tokio::test]
