@@ -11,7 +11,7 @@ use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, QemuInstance, StopMode, StopOutcome};
 use vmlet::qemu::profile::Profiles;
-use vmlet::vm::spec::{Boot, SerialSpec, VmSpec};
+use vmlet::spec::{Boot, SerialSpec, VmSpec};
 
 struct Bench {
     kernel: PathBuf,

@@ -20,7 +20,7 @@ use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, StopMode};
 use vmlet::qemu::profile::{Profile, Profiles};
-use vmlet::vm::spec::VmSpec;
+use vmlet::spec::VmSpec;
 use vmlet::vm::state::PowerState;
 
 /// Samples for the create+start comparison.

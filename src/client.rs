@@ -27,10 +27,10 @@ use crate::console::ConsoleKind;
 use crate::events::Event;
 use crate::net::networks::{Network, NetworkSpec};
 use crate::node::NodeInfo;
+use crate::spec::{DiskSpec, IoLimits, NicSpec};
 use crate::storage::images::{Image, ImageImport};
 use crate::storage::volumes::{Volume, VolumeCreate};
 use crate::vm::disk_ops::Snapshot;
-use crate::vm::spec::{DiskSpec, IoLimits, NicSpec};
 use crate::vm::Vm;
 
 pub use hyper::Method;

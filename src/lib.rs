@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod qemu;
+pub mod spec;
 pub mod storage;
 pub mod vm;
 

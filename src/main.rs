@@ -18,7 +18,7 @@ use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::process::{self, ExitStatus};
 use vmlet::qemu::profile::Profiles;
-use vmlet::vm::spec::VmSpec;
+use vmlet::spec::VmSpec;
 
 /// Exit code when the spec is invalid (nothing was started).
 const EXIT_BAD_SPEC: u8 = 2;
@@ -383,7 +383,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         || spec
             .disks
             .iter()
-            .any(|d| !matches!(d.source(), Ok(vmlet::vm::spec::DiskSource::File { .. })));
+            .any(|d| !matches!(d.source(), Ok(vmlet::spec::DiskSource::File { .. })));
     if daemon_only {
         eprintln!("vmlet run: takes disks with path + format only, and no NICs; image, volume and blank disks, cloud_init and NICs need `vmlet serve`");
         return Ok(ExitCode::from(EXIT_BAD_SPEC));
@@ -438,7 +438,7 @@ fn canonical_host_paths(mut spec: VmSpec) -> anyhow::Result<VmSpec> {
         *path = std::fs::canonicalize(&*path).with_context(|| format!("{}", path.display()))?;
         Ok(())
     };
-    if let vmlet::vm::spec::Boot::Kernel { kernel, initrd, .. } = &mut spec.boot {
+    if let vmlet::spec::Boot::Kernel { kernel, initrd, .. } = &mut spec.boot {
         resolve(kernel)?;
         if let Some(initrd) = initrd {
             resolve(initrd)?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{guest_spec, Scratch, BOOT_TIMEOUT};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::process::Command;
-use vmlet::vm::spec::VmSpec;
+use vmlet::spec::VmSpec;
 
 fn vmlet(scratch: &Scratch, spec_file: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlet"));
@@ -164,7 +164,7 @@ async fn a_qemu_that_cannot_start_reports_its_own_message() {
 async fn a_missing_kernel_is_named_before_qemu_runs() {
     let scratch = Scratch::new();
     let mut spec = guest_spec("q35", "");
-    if let vmlet::vm::spec::Boot::Kernel { kernel, .. } = &mut spec.boot {
+    if let vmlet::spec::Boot::Kernel { kernel, .. } = &mut spec.boot {
         *kernel = scratch.path().join("missing-vmlinuz");
     }
     let file = write_spec(&scratch, &spec);

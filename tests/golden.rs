@@ -13,8 +13,8 @@ use vmlet::qemu::disk::DiskPlan;
 use vmlet::qemu::launch_files;
 use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::profile::Profiles;
+use vmlet::spec::VmSpec;
 use vmlet::storage::Layout;
-use vmlet::vm::spec::VmSpec;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

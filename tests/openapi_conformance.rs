@@ -47,6 +47,9 @@ async fn schemathesis_finds_no_failure() {
     let token_file = token_dir.path().join("token");
     let token = format!("conformance-{}", uuid::Uuid::new_v4().simple());
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    // The daemon refuses a token file others could read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start_with_env(&[
         ("VMLET_TCP_LISTEN", &addr),

@@ -12,7 +12,7 @@ use tokio::io::AsyncBufReadExt;
 use vmlet::qemu::instance::{LaunchError, StopMode, StopOutcome};
 use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::process::{ExitStatus, ProcessError};
-use vmlet::vm::spec::Boot;
+use vmlet::spec::Boot;
 
 /// Boots the test guest on `profile` with a 64 MiB qcow2 disk made by
 /// qemu-img and checks what the guest reports, on the serial console and on
@@ -267,13 +267,13 @@ async fn firmware_boot_starts_the_disk_with_boot_order() {
     );
     let mut spec = guest_spec("q35", "");
     spec.boot = Boot::Firmware {
-        firmware: vmlet::vm::spec::Firmware::Bios,
+        firmware: vmlet::spec::Firmware::Bios,
     };
     // The first disk is not bootable; SeaBIOS must skip to the one with
     // boot_order, attached read-only.
     spec.disks.push(disk("data", &data));
     let mut boot_disk = disk("boot", &boot);
-    boot_disk.format = Some(vmlet::vm::spec::DiskFormat::Raw);
+    boot_disk.format = Some(vmlet::spec::DiskFormat::Raw);
     boot_disk.read_only = true;
     boot_disk.boot_order = Some(1);
     spec.disks.push(boot_disk);

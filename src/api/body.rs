@@ -60,7 +60,7 @@ fn strip_position(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::spec::VmSpec;
+    use crate::spec::VmSpec;
 
     #[test]
     fn a_wrongly_typed_field_is_named_and_bad_json_is_a_400() {

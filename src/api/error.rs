@@ -7,8 +7,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use crate::spec::FieldError;
 use crate::vm::actor::VmError;
-use crate::vm::spec::FieldError;
 use crate::vm::state::Task;
 
 /// An error answer of the API.

@@ -10,8 +10,8 @@ use crate::api::body;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::AppState;
 use crate::net::networks::{Network, NetworkSpec};
+use crate::spec::NicSpec;
 use crate::vm::actor::StorageOp;
-use crate::vm::spec::NicSpec;
 use crate::vm::Vm;
 
 /// `GET /v1/networks`.

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::api::body;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::AppState;
+use crate::spec::{DiskSpec, IoLimits};
 use crate::vm::actor::StorageOp;
 use crate::vm::disk_ops::{Snapshot, SnapshotKind};
-use crate::vm::spec::{DiskSpec, IoLimits};
 use crate::vm::Vm;
 
 /// `GET /v1/vms/{id}/snapshots`.

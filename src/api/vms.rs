@@ -13,9 +13,9 @@ use uuid::Uuid;
 use crate::api::body;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::AppState;
+use crate::spec::VmSpec;
 use crate::vm::actor::ActOptions;
 use crate::vm::manager::Created;
-use crate::vm::spec::VmSpec;
 use crate::vm::state::Action;
 use crate::vm::Vm;
 

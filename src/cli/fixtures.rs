@@ -3,9 +3,9 @@
 
 use uuid::Uuid;
 
+use crate::spec::VmSpec;
 use crate::storage::images::{Image, ImageStatus, ImportPhase, ImportProgress};
 use crate::storage::volumes::Volume;
-use crate::vm::spec::VmSpec;
 use crate::vm::Vm;
 
 /// A stopped VM `name` (2 vCPUs, 512 MiB, a kernel boot) with the UUID

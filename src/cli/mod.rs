@@ -356,7 +356,7 @@ fn mib(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::spec::IoLimits;
+    use crate::spec::IoLimits;
     use clap::Parser;
 
     #[test]

@@ -12,10 +12,10 @@ use super::{
     CliError, ClientOptions, Output,
 };
 use crate::client::Client;
-use crate::vm::disk_ops::Snapshot;
-use crate::vm::spec::{
+use crate::spec::{
     Boot, CacheMode, DiskBus, DiskFormat, DiskSpec, Firmware, IoLimits, NicModel, NicSpec,
 };
+use crate::vm::disk_ops::Snapshot;
 use crate::vm::Vm;
 
 /// `vmlet vm …`: one VM operation. `VM` is a UUID or a name.
@@ -654,8 +654,8 @@ pub fn render_vm(vm: &Vm) -> String {
 }
 
 /// Where a disk comes from, in words.
-fn disk_source_str(disk: &crate::vm::spec::DiskSpec) -> String {
-    use crate::vm::spec::DiskSource;
+fn disk_source_str(disk: &crate::spec::DiskSpec) -> String {
+    use crate::spec::DiskSource;
     match disk.source() {
         Ok(DiskSource::File { path, format }) => format!("{} {}", format.driver(), path.display()),
         Ok(DiskSource::Image { image, size_mib }) => match size_mib {

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::bridge;
 use crate::net::{valid_ifname, NetError, MAX_IFNAME};
+use crate::spec::{validate_name, SpecError};
 use crate::vm::record::timestamp;
-use crate::vm::spec::{validate_name, SpecError};
 use crate::vm::store::write_atomically;
 
 /// Why a network operation failed.

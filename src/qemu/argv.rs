@@ -14,7 +14,7 @@ use crate::qemu::disk::{self, DiskPlan, DiskSets, SCSI_CONTROLLER};
 use crate::qemu::launch_files::{proc_fd_path, BootFiles, PassedFd};
 use crate::qemu::nic::{self, NicPlan};
 use crate::qemu::profile::{DeviceBus, Profile};
-use crate::vm::spec::{Boot, DiskBus, VmSpec};
+use crate::spec::{Boot, DiskBus, VmSpec};
 
 /// Where a VM's runtime files live: `RUN_DIR/vms/UUID/`. Named by UUID only,
 /// so no caller-chosen string ever becomes part of a host path.
@@ -366,7 +366,7 @@ impl Argv {
 mod tests {
     use super::*;
     use crate::qemu::profile::Profiles;
-    use crate::vm::spec::{DiskFormat, DiskSpec, SerialSpec};
+    use crate::spec::{DiskFormat, DiskSpec, SerialSpec};
 
     fn spec() -> VmSpec {
         VmSpec {

@@ -14,9 +14,9 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::qemu::profile::Profile;
+use crate::spec::{DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, SEED_DISK};
 use crate::storage::files::OpenMode;
 use crate::storage::Layout;
-use crate::vm::spec::{DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, SEED_DISK};
 
 /// The id of the SCSI controller (its bus is `scsi0.0`).
 pub const SCSI_CONTROLLER: &str = "scsi0";

@@ -11,9 +11,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use crate::qemu::disk::{self, DiskPlan, DiskSets, FileOrigin};
+use crate::spec::{Boot, DiskFormat, VmSpec};
 use crate::storage::files::{self, OpenError, OpenMode};
 use crate::storage::Layout;
-use crate::vm::spec::{Boot, DiskFormat, VmSpec};
 
 /// A file vmlet opened that QEMU inherits at `fd` and files into fd set
 /// `set` (`-add-fd fd=FD,set=SET,opaque=OPAQUE`).

@@ -7,7 +7,7 @@
 use serde_json::{json, Value};
 
 use crate::qemu::profile::Profile;
-use crate::vm::spec::{parse_mac, NicModel, NicSpec};
+use crate::spec::{parse_mac, NicModel, NicSpec};
 
 /// One NIC, with its backend resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]

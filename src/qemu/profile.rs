@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::vm::spec::ProfileCaps;
+use crate::spec::ProfileCaps;
 
 /// Profiles compiled into the binary, so vmlet runs with no files installed.
 const BUILT_IN: &[(&str, &str)] = &[

@@ -4,13 +4,13 @@
 //! change and volumes stay unless asked.
 
 use crate::error_chain;
+use crate::spec::{DiskSource, FieldError, SpecError, VmSpec};
 use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
 use crate::storage::seed::{self, SeedContent};
 use crate::storage::volumes::VolumeStore;
 use crate::storage::StorageError;
 use crate::storage::{Layout, MIB};
-use crate::vm::spec::{DiskSource, FieldError, SpecError, VmSpec};
 
 /// Checks that every image and volume `spec` names exists (and images are
 /// ready), naming the field of each that does not.

@@ -183,9 +183,26 @@ pub fn check_qcow2_header(fd: &OwnedFd, path: &Path) -> Result<(), OpenError> {
     })
 }
 
-/// Why a qcow2 header is refused, if it is. Pure: `header` is the file's
-/// first bytes (104 are enough for version 3).
-pub fn qcow2_header_refusal(header: &[u8]) -> Option<String> {
+/// What a file's first bytes say about the other files a qcow2 image
+/// would make its reader open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qcow2Header {
+    /// Not a qcow2 file (no `QFI\xfb` magic).
+    NotQcow2,
+    /// A qcow2 header too short to read.
+    Truncated,
+    /// It names a backing file.
+    BackingFile,
+    /// It names an external data file (version 3, incompatible feature
+    /// bit 2).
+    DataFile,
+    /// A qcow2 file that names no other file.
+    SelfContained,
+}
+
+/// Reads a qcow2 header from a file's first bytes (104 are enough for
+/// version 3). Pure.
+pub fn read_qcow2_header(header: &[u8]) -> Qcow2Header {
     let be32 = |at: usize| {
         header
             .get(at..at + 4)
@@ -196,31 +213,40 @@ pub fn qcow2_header_refusal(header: &[u8]) -> Option<String> {
             .get(at..at + 8)
             .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
     };
-    if be32(0) != Some(0x5146_49fb) {
-        return Some("not a qcow2 file (no QFI magic)".into());
+    if header.len() < 4 || be32(0) != Some(0x5146_49fb) {
+        return Qcow2Header::NotQcow2;
     }
     let (Some(version), Some(backing_offset)) = (be32(4), be64(8)) else {
-        return Some("truncated qcow2 header".into());
+        return Qcow2Header::Truncated;
     };
     if backing_offset != 0 {
-        return Some(
-            "its qcow2 header names a backing file; vmlet never follows backing files of host files (flatten it with qemu-img convert)"
-                .into(),
-        );
+        return Qcow2Header::BackingFile;
     }
     if version >= 3 {
-        // Incompatible feature bit 2: an external data file.
         match be64(72) {
-            Some(features) if features & (1 << 2) != 0 => {
-                return Some(
-                    "its qcow2 header names an external data file, which vmlet refuses".into(),
-                )
-            }
+            Some(features) if features & (1 << 2) != 0 => return Qcow2Header::DataFile,
             Some(_) => {}
-            None => return Some("truncated qcow2 header".into()),
+            None => return Qcow2Header::Truncated,
         }
     }
-    None
+    Qcow2Header::SelfContained
+}
+
+/// Why a host file named as qcow2 is refused, if it is. Pure: `header` is
+/// the file's first bytes.
+pub fn qcow2_header_refusal(header: &[u8]) -> Option<String> {
+    match read_qcow2_header(header) {
+        Qcow2Header::SelfContained => None,
+        Qcow2Header::NotQcow2 => Some("not a qcow2 file (no QFI magic)".into()),
+        Qcow2Header::Truncated => Some("truncated qcow2 header".into()),
+        Qcow2Header::BackingFile => Some(
+            "its qcow2 header names a backing file; vmlet never follows backing files of host files (flatten it with qemu-img convert)"
+                .into(),
+        ),
+        Qcow2Header::DataFile => {
+            Some("its qcow2 header names an external data file, which vmlet refuses".into())
+        }
+    }
 }
 
 fn is_pseudo_fs(path: &Path) -> bool {

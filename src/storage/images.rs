@@ -33,12 +33,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::ImageSettings;
 use crate::events::{EventBody, EventBus};
+use crate::spec::{validate_name, FieldError, SpecError};
 use crate::storage::fetch::{redact, FetchError, FetchLimits, Fetcher, NetworkPolicy};
 use crate::storage::qemu_img::{qcow2_header_refusal, QemuImg};
 use crate::storage::Layout;
 use crate::storage::StorageError;
 use crate::vm::record::timestamp;
-use crate::vm::spec::{validate_name, FieldError, SpecError};
 
 /// Formats an import may be in; each is stored as qcow2.
 pub const IMPORT_FORMATS: [&str; 5] = ["raw", "qcow2", "vmdk", "vdi", "vhdx"];

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::vm::spec::SpecError;
+use crate::spec::SpecError;
 
 /// Why a storage operation failed. The VM layer maps these to API errors.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::storage::files::{self, Qcow2Header};
 use crate::storage::StorageError;
 
 /// The `qemu-img` binary to run.
@@ -254,33 +255,20 @@ pub async fn run_limited(
 /// nothing found.
 pub fn qcow2_header_refusal(path: &Path) -> std::io::Result<Option<String>> {
     use std::io::Read;
-    let mut header = [0u8; 80];
-    let mut file = std::fs::File::open(path)?;
-    let mut read = 0;
-    while read < header.len() {
-        match file.read(&mut header[read..])? {
-            0 => break,
-            n => read += n,
+    let mut header = Vec::with_capacity(104);
+    std::fs::File::open(path)?
+        .take(104)
+        .read_to_end(&mut header)?;
+    Ok(match files::read_qcow2_header(&header) {
+        Qcow2Header::BackingFile => {
+            Some("the image has a backing file; import a flattened image (qemu-img convert)".into())
         }
-    }
-    if read < 16 || header[..4] != *b"QFI\xfb" {
-        return Ok(None);
-    }
-    let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap());
-    let version = u32::from_be_bytes(header[4..8].try_into().unwrap());
-    if be64(8) != 0 {
-        return Ok(Some(
-            "the image has a backing file; import a flattened image (qemu-img convert)".into(),
-        ));
-    }
-    // Version 3 headers have the incompatible feature bits at offset 72;
-    // bit 2 is "external data file".
-    if version >= 3 && read >= 80 && be64(72) & (1 << 2) != 0 {
-        return Ok(Some(
-            "the image has an external data file; import a self-contained image".into(),
-        ));
-    }
-    Ok(None)
+        Qcow2Header::DataFile => {
+            Some("the image has an external data file; import a self-contained image".into())
+        }
+        // qemu-img refuses a truncated header itself.
+        Qcow2Header::NotQcow2 | Qcow2Header::Truncated | Qcow2Header::SelfContained => None,
+    })
 }
 
 /// What `qemu-img snapshot` does.

@@ -13,12 +13,12 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::events::{EventBody, EventBus};
+use crate::spec::{validate_name, validate_size, SpecError};
 use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
 use crate::storage::StorageError;
 use crate::storage::{Layout, MIB};
 use crate::vm::record::timestamp;
-use crate::vm::spec::{validate_name, validate_size, SpecError};
 
 /// A volume as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -178,7 +178,7 @@ impl VolumeStore {
                 errors.extend(e.errors);
             }
         } else if request.image.is_none() {
-            errors.push(crate::vm::spec::FieldError {
+            errors.push(crate::spec::FieldError {
                 field: "size_mib".into(),
                 message: "give size_mib (a blank volume) or image (a copy of it)".into(),
             });

@@ -14,11 +14,11 @@ use crate::qemu::disk::{self, DiskPlan, DiskSets};
 use crate::qemu::launch_files;
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::{QmpClient, QmpError};
+use crate::spec::{DiskFormat, IoLimits};
 use crate::storage::files;
 use crate::storage::qemu_img::{QemuImg, SnapshotCommand};
 use crate::vm::actor::{error_chain, VmError};
 use crate::vm::record::timestamp;
-use crate::vm::spec::{DiskFormat, IoLimits};
 
 /// Deadline of one QMP command here.
 const QMP_DEADLINE: Duration = Duration::from_secs(10);
@@ -243,7 +243,7 @@ pub async fn attach(
         .transpose()
         .map_err(|e| VmError::Refused(error_chain(&e)))?;
     let port = match (plan.spec.bus, profile.devices.bus) {
-        (crate::vm::spec::DiskBus::VirtioBlk, crate::qemu::profile::DeviceBus::Pci) => {
+        (crate::spec::DiskBus::VirtioBlk, crate::qemu::profile::DeviceBus::Pci) => {
             Some(free_port(qmp).await?)
         }
         _ => None,

@@ -16,6 +16,9 @@ use crate::node::{self, HostTotals, Inventory, NodeInfo, Usage};
 use crate::qemu::accel::{self, Accel};
 use crate::qemu::disk::DiskPlan;
 use crate::qemu::profile::{ProfileError, Profiles};
+use crate::spec::{
+    derived_mac, Boot, DiskFormat, DiskSource, FieldError, NicSpec, SpecError, VmSpec,
+};
 use crate::storage::files::{self, OpenMode};
 use crate::storage::images::ImageStore;
 use crate::storage::volumes::{Volume, VolumeAttachment, VolumeCreate};
@@ -23,9 +26,6 @@ use crate::storage::{disks, MIB};
 use crate::vm::actor::{self, error_chain, ActOptions, Live, StorageOp, VmError, VmHandle};
 use crate::vm::context::Context;
 use crate::vm::disk_ops::{self, Snapshot};
-use crate::vm::spec::{
-    derived_mac, Boot, DiskFormat, DiskSource, FieldError, NicSpec, SpecError, VmSpec,
-};
 use crate::vm::state::Action;
 use crate::vm::store::{Store, StoreError};
 use crate::vm::Vm;
@@ -399,7 +399,7 @@ impl Manager {
         let _guard = self.create_lock.lock().await;
         let vm = handle.view();
         let profile_caps = self.ctx.profiles.caps(&vm.spec.profile);
-        crate::vm::spec::validate_nic(&nic, profile_caps)?;
+        crate::spec::validate_nic(&nic, profile_caps)?;
         let index = vm.spec.nics.len();
         let mut one = [nic.clone()];
         self.settle_nics(vm.id, &mut one, index, "").await?;
@@ -767,7 +767,7 @@ pub fn check_host_paths(spec: &VmSpec, roots: &[PathBuf]) -> Result<(), SpecErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::spec::{DiskFormat, DiskSpec, SerialSpec};
+    use crate::spec::{DiskFormat, DiskSpec, SerialSpec};
 
     #[test]
     fn qemu_version_is_the_number_after_version() {

@@ -1,4 +1,4 @@
-//! VMs: what they are (spec), their states and records, the actor that runs
+//! VMs: their states and records, the actor that runs
 //! each one, and the manager that holds them all.
 
 pub mod actor;
@@ -7,7 +7,6 @@ pub mod disk_ops;
 pub mod manager;
 pub mod nic_ops;
 pub mod record;
-pub mod spec;
 pub mod state;
 pub mod store;
 

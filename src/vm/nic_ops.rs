@@ -18,9 +18,9 @@ use crate::net::tap::{self, Tap};
 use crate::qemu::nic::{self, NicBackend, NicPlan};
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::QmpClient;
+use crate::spec::NicSpec;
 use crate::vm::actor::VmError;
 use crate::vm::disk_ops::{call, free_port, qmp_error, unplug_device};
-use crate::vm::spec::NicSpec;
 
 /// The host side of a NIC that vmlet holds until QEMU has its own copies.
 #[derive(Debug)]

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::vm::spec::VmSpec;
+use crate::spec::VmSpec;
 use crate::vm::state::{Desired, Observed, PowerState, Task};
 
 /// Format version of `vm.json`.

@@ -213,7 +213,7 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::spec::{Boot, Firmware, SerialSpec, VmSpec};
+    use crate::spec::{Boot, Firmware, SerialSpec, VmSpec};
 
     fn spec(name: &str) -> VmSpec {
         VmSpec {

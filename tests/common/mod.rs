@@ -18,7 +18,7 @@ use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, LaunchError, QemuInstance};
 use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::profile::Profiles;
-use vmlet::vm::spec::{Boot, ChannelSpec, DiskFormat, DiskSpec, SerialSpec, VmSpec};
+use vmlet::spec::{Boot, ChannelSpec, DiskFormat, DiskSpec, SerialSpec, VmSpec};
 
 /// Every scratch path of the tests starts with this, so `scripts/test.sh`
 /// can prove nothing is left behind.

@@ -26,10 +26,10 @@ use crate::qemu::instance::{self, StopMode, StopOutcome};
 use crate::qemu::launch_files::LaunchFiles;
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
+use crate::spec::VmSpec;
 use crate::vm::context::Context;
 use crate::vm::nic_ops;
 use crate::vm::record::timestamp;
-use crate::vm::spec::VmSpec;
 use crate::vm::state::{
     self, Action, Decision, Desired, ErrorNote, Found, FoundStatus, Observation, PowerState, Task,
 };
@@ -61,7 +61,7 @@ pub enum VmError {
     Conflict(String),
     /// The spec is invalid.
     #[error(transparent)]
-    Invalid(#[from] crate::vm::spec::SpecError),
+    Invalid(#[from] crate::spec::SpecError),
     /// QEMU or the host failed the operation; the message says how.
     #[error("{0}")]
     Failed(String),

@@ -8,12 +8,12 @@
 use tokio::sync::oneshot;
 
 use crate::qemu::disk::DiskPlan;
-use crate::vm::disk_ops::{self, SnapshotKind};
-use crate::vm::nic_ops;
-use crate::vm::spec::{
+use crate::spec::{
     validate_disk, validate_limits, validate_name, DiskBus, DiskSource, DiskSpec, IoLimits,
     NicSpec, SpecError, VmSpec,
 };
+use crate::vm::disk_ops::{self, SnapshotKind};
+use crate::vm::nic_ops;
 use crate::vm::state::{self, Action, Decision, Observation};
 use crate::vm::Vm;
 
