@@ -2,10 +2,31 @@
 # The whole test suite: installs what is missing, builds the test guest,
 # checks formatting and lints, runs every test, then checks that no QEMU
 # process, socket, temp directory, network namespace or tap made by the
-# tests is left behind.
+# tests is left behind. Ends with the list of tests that could not run their
+# subject on this host (a skip is not a failure: the exit status ignores it).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+
+# A test that cannot run its subject here appends one "SKIPPED: ..." line to
+# this file (tests/common/skip.rs); cargo test hides the output of passing
+# tests, so the lines are listed at the very end, also when tests fail.
+export VMLET_SKIP_LOG="$root/target/skips.txt"
+mkdir -p "$root/target"
+: >"$VMLET_SKIP_LOG"
+tests_ran=0
+skip_summary() {
+    [ "$tests_ran" = 1 ] || return 0
+    local n
+    n=$(grep -c '^SKIPPED: ' "$VMLET_SKIP_LOG" 2>/dev/null || true)
+    echo "== skipped tests (${n:-0})"
+    if [ "${n:-0}" -gt 0 ]; then
+        grep '^SKIPPED: ' "$VMLET_SKIP_LOG" | sort
+    else
+        echo "no test skipped"
+    fi
+}
+trap skip_summary EXIT
 
 scripts/setup.sh --test
 scripts/build-test-guest.sh >/dev/null
@@ -16,6 +37,7 @@ echo "== cargo clippy"
 cargo clippy --quiet --all-targets -- -D warnings
 
 echo "== cargo test"
+tests_ran=1
 cargo test --quiet 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}
 [ "$status" = 0 ] || exit "$status"

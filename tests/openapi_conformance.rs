@@ -38,8 +38,9 @@ fn schemathesis() -> Option<PathBuf> {
 #[tokio::test]
 async fn schemathesis_finds_no_failure() {
     let Some(schemathesis) = schemathesis() else {
-        println!(
-            "SKIPPED: schemathesis is not installed (scripts/setup.sh --test puts it in TARGET/schemathesis-venv)"
+        common::skip(
+            "schemathesis_finds_no_failure",
+            "schemathesis is not installed (scripts/setup.sh --test puts it in TARGET/schemathesis-venv, or set VMLET_SCHEMATHESIS)",
         );
         return;
     };

@@ -1,6 +1,8 @@
 //! Tests of the QMP client against an in-test fake QMP server on a unix
 //! socket, plus one against a real QEMU when `qemu-system-x86_64` exists.
 
+mod common;
+
 use std::future::Future;
 use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -688,8 +690,11 @@ async fn wait_for_socket(path: &Path, qemu: &mut QemuGuard) {
 #[tokio::test]
 async fn real_qemu_prelaunch_cont_quit() {
     const QEMU: &str = "qemu-system-x86_64";
-    if Command::new(QEMU).arg("--version").output().is_err() {
-        eprintln!("skipping: {QEMU} is not installed");
+    if let Err(e) = Command::new(QEMU).arg("--version").output() {
+        common::skip(
+            "real_qemu_prelaunch_cont_quit",
+            format!("{QEMU} cannot be run ({e})"),
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1058,8 +1058,9 @@ async fn a_full_disk_gives_507_and_leaves_nothing() {
     let mount = match TmpfsMount::mount(&d.state_dir, "16M") {
         Ok(mount) => mount,
         Err(e) => {
-            eprintln!(
-                "SKIPPED a_full_disk_gives_507_and_leaves_nothing: cannot mount a tmpfs ({e})"
+            common::skip(
+                "a_full_disk_gives_507_and_leaves_nothing",
+                format!("cannot mount a tmpfs ({e})"),
             );
             return;
         }

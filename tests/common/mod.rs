@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod guest;
 pub mod netns;
 pub mod serial_shell;
+pub mod skip;
 pub mod storage;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,13 @@ pub const SCRATCH_PREFIX: &str = "vmlet-test-";
 /// How long a test-guest boot may take under TCG on a loaded 2-core machine
 /// (a boot takes about 3 s when idle).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Says that `test` cannot run its subject on this host, in one
+/// `SKIPPED:` line that `scripts/test.sh` lists at the end of the run
+/// ([`skip::skip`]); the caller then returns or leaves that part out.
+pub fn skip(test: &str, reason: impl std::fmt::Display) {
+    skip::skip(test, reason);
+}
 
 /// A scratch directory under /tmp, removed on drop.
 pub struct Scratch {

@@ -56,6 +56,21 @@ impl NetNs {
         self.ip_output(args).status.success()
     }
 
+    /// Runs `ip -n NAME args...`: its stdout, or its status and stderr
+    /// when it fails.
+    pub fn ip_try(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.ip_output(args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            ))
+        }
+    }
+
     fn ip_output(&self, args: &[&str]) -> Output {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
