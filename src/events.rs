@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::vm::record::{timestamp, Vm};
+use crate::persist::timestamp;
+use crate::vm::record::Vm;
 
 /// One event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -48,7 +49,7 @@ pub enum EventBody {
     /// An image was added or changed (import progress, ready, failed).
     Image {
         /// The image after the change.
-        image: Box<crate::storage::images::Image>,
+        image: Box<crate::spec::Image>,
     },
     /// An image was deleted (or its import cancelled).
     ImageDeleted {
@@ -58,7 +59,7 @@ pub enum EventBody {
     /// A volume was created or changed.
     Volume {
         /// The volume after the change.
-        volume: Box<crate::storage::volumes::Volume>,
+        volume: Box<crate::spec::Volume>,
     },
     /// A volume was deleted.
     VolumeDeleted {

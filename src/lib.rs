@@ -14,6 +14,7 @@ pub mod events;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod persist;
 pub mod qemu;
 pub mod spec;
 pub mod storage;

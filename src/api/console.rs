@@ -30,8 +30,8 @@ use crate::api::AppState;
 use crate::console::serial::Attached;
 use crate::console::tokens::{Grant, TokenError};
 use crate::console::ConsoleKind;
+use crate::persist::timestamp;
 use crate::vm::actor::{Live, VmError};
-use crate::vm::record::timestamp;
 
 /// The subprotocol noVNC asks for.
 pub const BINARY_PROTOCOL: &str = "binary";

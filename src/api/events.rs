@@ -74,7 +74,7 @@ pub async fn stream(
                         tracing::warn!(missed, "event subscriber lagged");
                         let resync = Event {
                             seq: 0,
-                            time: crate::vm::record::timestamp(std::time::SystemTime::now()),
+                            time: crate::persist::timestamp(std::time::SystemTime::now()),
                             body: EventBody::Resync { requested: 0, oldest: None },
                         };
                         Some((resync, live))

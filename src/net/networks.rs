@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::bridge;
 use crate::net::{valid_ifname, NetError, MAX_IFNAME};
+use crate::persist::timestamp;
+use crate::persist::write_atomically;
 use crate::spec::{validate_name, SpecError};
-use crate::vm::record::timestamp;
-use crate::vm::store::write_atomically;
 
 /// Why a network operation failed.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,5 +1,6 @@
 //! The shared vocabulary every layer speaks: what a VM is (`VmSpec`), its
-//! disks and NICs, and the field errors validation reports. Pure: no I/O, so
+//! disks and NICs, the images and volumes the API shows, and the field
+//! errors validation reports. Pure: no I/O, so
 //! every rule is unit-tested. It sits below everything and uses nothing of
 //! vmlet above it.
 //!
@@ -8,17 +9,21 @@
 
 mod disk;
 mod errors;
+mod image;
 mod nic;
 mod validation;
 mod vm;
+mod volume;
 
 pub use disk::{CacheMode, DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, SEED_DISK};
 pub use errors::{FieldError, SpecError};
+pub use image::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
 pub use nic::{derived_mac, format_mac, parse_mac, NicModel, NicSpec};
 pub use validation::{validate_disk, validate_limits, validate_name, validate_nic, validate_size};
 pub use vm::{
     Boot, ChannelSpec, CloudInit, Firmware, ProfileCaps, SerialSpec, VmSpec, DEFAULT_PROFILE,
 };
+pub use volume::{Volume, VolumeAttachment, VolumeCreate, VolumeResize};
 
 /// Limits on a spec's sizes, so one request cannot ask for absurd resources or
 /// build an argv QEMU would choke on.

@@ -21,24 +21,23 @@
 //! are private to the daemon (0600 in 0700 directories).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::ImageSettings;
 use crate::events::{EventBody, EventBus};
+use crate::persist::{self, timestamp};
 use crate::spec::{validate_name, FieldError, SpecError};
+pub use crate::spec::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
 use crate::storage::fetch::{redact, FetchError, FetchLimits, Fetcher, NetworkPolicy};
 use crate::storage::qemu_img::{qcow2_header_refusal, QemuImg};
 use crate::storage::Layout;
 use crate::storage::StorageError;
-use crate::vm::record::timestamp;
 
 /// Formats an import may be in; each is stored as qcow2.
 pub const IMPORT_FORMATS: [&str; 5] = ["raw", "qcow2", "vmdk", "vdi", "vhdx"];
@@ -54,123 +53,6 @@ const FILE_MODE: u32 = 0o600;
 
 /// Mode of the directories the store creates.
 const DIR_MODE: u32 = 0o700;
-
-/// An image as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Image {
-    /// Unique name.
-    pub name: String,
-    /// Where it is in its life.
-    pub status: ImageStatus,
-    /// Where it was imported from: a path, or a URL without credentials,
-    /// query or fragment.
-    pub source: String,
-    /// The format the source was in (detected, never taken from the name).
-    #[serde(default)]
-    pub source_format: Option<String>,
-    /// Stored format (always `qcow2`).
-    pub format: String,
-    /// Size the guest sees, in bytes.
-    #[serde(default)]
-    pub virtual_size: Option<u64>,
-    /// Bytes the stored file uses on the host.
-    #[serde(default)]
-    pub actual_size: Option<u64>,
-    /// SHA-256 of the stored qcow2 file: it never changes.
-    #[serde(default)]
-    pub sha256: Option<String>,
-    /// SHA-256 of the source as downloaded or read.
-    #[serde(default)]
-    pub source_sha256: Option<String>,
-    /// Progress of an import under way.
-    #[serde(default)]
-    pub progress: Option<ImportProgress>,
-    /// Why the import failed.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// When the import began (RFC 3339, UTC).
-    pub created_at: String,
-}
-
-/// An image's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ImageStatus {
-    /// Being imported; not usable yet.
-    Importing,
-    /// Usable by VMs.
-    Ready,
-    /// The import failed (`error` says why); nothing was stored.
-    Failed,
-}
-
-impl ImageStatus {
-    /// The status as the API spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageStatus::Importing => "importing",
-            ImageStatus::Ready => "ready",
-            ImageStatus::Failed => "failed",
-        }
-    }
-}
-
-/// How far an import got.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ImportProgress {
-    /// What the import is doing.
-    pub phase: ImportPhase,
-    /// Source bytes read so far.
-    pub bytes_done: u64,
-    /// Source size, when known.
-    #[serde(default)]
-    pub bytes_total: Option<u64>,
-}
-
-/// Phases of an import.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ImportPhase {
-    /// Reading the source (download or local copy) and hashing it.
-    Fetch,
-    /// Inspecting and converting to qcow2.
-    Convert,
-}
-
-impl ImportPhase {
-    /// The phase as the API spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImportPhase::Fetch => "fetch",
-            ImportPhase::Convert => "convert",
-        }
-    }
-}
-
-/// `POST /v1/images`: give `path` (a file under the import directory) or
-/// `url` (http or https).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ImageImport {
-    /// The image's name.
-    #[schema(
-        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-        min_length = 1,
-        max_length = 63
-    )]
-    pub name: String,
-    /// A file under the import directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
-    pub path: Option<PathBuf>,
-    /// An http(s) URL, streamed to disk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// Expected SHA-256 of the source (hex); checked before the image
-    /// becomes visible.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
-}
 
 enum Source {
     File(PathBuf),
@@ -827,34 +709,16 @@ fn private_file() -> std::fs::Permissions {
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    persist::sync_dir(dir).map_err(|e| e.source)
 }
 
-/// Writes `image`'s record (`NAME.json`, mode 0600) atomically and durably:
-/// a temporary file, synced, renamed over the record, the directory synced.
+/// Writes `image`'s record (`NAME.json`, mode 0600) atomically and durably.
 fn write_record(dir: &Path, image: &Image) -> Result<(), StorageError> {
     let name = format!("{}.json", image.name);
-    let target = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp"));
     let mut bytes = serde_json::to_vec_pretty(image).expect("an Image serializes");
     bytes.push(b'\n');
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .open(&tmp)?;
-        file.set_permissions(private_file())?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &target)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|e| StorageError::io("writing", &target, e))
+    persist::write_atomically(dir, &name, &bytes)
+        .map_err(|e| StorageError::io("writing", &dir.join(&name), e.source))
 }
 
 /// SHA-256 of a file, as hex.

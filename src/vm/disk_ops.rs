@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
+use crate::persist::timestamp;
 use crate::qemu::disk::{self, DiskPlan, DiskSets};
 use crate::qemu::launch_files;
 use crate::qemu::profile::Profile;
@@ -18,7 +19,6 @@ use crate::spec::{DiskFormat, IoLimits};
 use crate::storage::files;
 use crate::storage::qemu_img::{QemuImg, SnapshotCommand};
 use crate::vm::actor::{error_chain, VmError};
-use crate::vm::record::timestamp;
 
 /// Deadline of one QMP command here.
 const QMP_DEADLINE: Duration = Duration::from_secs(10);

@@ -5,6 +5,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::persist::timestamp;
 use crate::spec::VmSpec;
 use crate::vm::state::{Desired, Observed, PowerState, Task};
 
@@ -74,9 +75,4 @@ pub struct VmRecord {
     /// The VM.
     #[serde(flatten)]
     pub vm: Vm,
-}
-
-/// RFC 3339 UTC with millisecond precision.
-pub fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }

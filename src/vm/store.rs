@@ -2,13 +2,13 @@
 //! (temp file in the same directory, fsync, rename, fsync the directory), so
 //! a crash at any moment leaves either the old record or the new one.
 
-use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::persist::{self, PersistError};
 use crate::vm::record::{VmRecord, RECORD_VERSION};
 use crate::vm::Vm;
 
@@ -26,6 +26,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A record could not be written durably.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
     /// The record is not valid JSON for a [`Vm`].
     #[error("{path}: {message}")]
     Corrupt {
@@ -178,36 +181,12 @@ fn read_record(path: &Path, id: Uuid) -> Result<VmRecord, StoreError> {
     Ok(record)
 }
 
-/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the
-/// new content, never a mix.
-pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    let target = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let result = (|| {
-        // Records hold cloud-init user data and network settings: only
-        // vmlet reads them, whatever the umask.
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
-        file.write_all(bytes).map_err(io("writing", &tmp))?;
-        file.sync_all().map_err(io("syncing", &tmp))?;
-        fs::rename(&tmp, &target).map_err(io("renaming into place", &target))?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    persist::write_atomically(dir, name, bytes).map_err(StoreError::from)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing", dir))
+    persist::sync_dir(dir).map_err(StoreError::from)
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::console::serial::{SerialHub, SerialLog};
+use crate::persist::timestamp;
 use crate::qemu::argv::{LaunchInputs, RunPaths};
 use crate::qemu::instance::{self, StopMode, StopOutcome};
 use crate::qemu::launch_files::LaunchFiles;
@@ -29,7 +30,6 @@ use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 use crate::spec::VmSpec;
 use crate::vm::context::Context;
 use crate::vm::nic_ops;
-use crate::vm::record::timestamp;
 use crate::vm::state::{
     self, Action, Decision, Desired, ErrorNote, Found, FoundStatus, Observation, PowerState, Task,
 };
