@@ -13,10 +13,11 @@ use vmlet::cli::{ClientOptions, ImageCommand, NetworkCommand, VmCommand, VolumeC
 use vmlet::config::{LogFormat, Settings};
 use vmlet::qemu::accel::{self, AccelChoice};
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
+use vmlet::qemu::exit::{self, Ending, ExitEvents};
 use vmlet::qemu::instance::{self, StopMode, StopOutcome};
 use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::nic::{NicBackend, NicPlan};
-use vmlet::qemu::process::{self, ExitStatus};
+use vmlet::qemu::process::{self, ExitStatus, ProcessError};
 use vmlet::qemu::profile::Profiles;
 use vmlet::spec::VmSpec;
 
@@ -473,52 +474,103 @@ async fn drive(
 
     let grace = Duration::from_secs(settings.stop_grace_s);
     let mut interrupted = false;
-    let mut seen = SeenEvents::default();
-    let exit_status;
-    let mut stop_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut forced = false;
+    // The daemon's reading of the events, so a run ends as a daemon VM would.
+    let mut seen = ExitEvents::default();
+    let mut graceful: Option<tokio::task::JoinHandle<Result<StopOutcome, ProcessError>>> = None;
     // SIGTERM (a service manager, `kill`) stops the VM like Ctrl-C does.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            status = vm.exited() => { exit_status = status; break; }
-            Ok(event) = events.recv() => seen.note(&event),
-            _ = stop_requested(&mut sigterm) => {
-                if !interrupted {
-                    interrupted = true;
-                    eprintln!("\nvmlet: stopping {} (ACPI power button, up to {}s); Ctrl-C again to force", spec.name, grace.as_secs());
-                    stop_task = Some(tokio::spawn(graceful_stop(vm.qmp.clone(), grace)));
-                } else {
-                    eprintln!("\nvmlet: forcing {} off", spec.name);
-                    if vm.stop(StopMode::Force).await? == StopOutcome::Killed {
-                        eprintln!("vmlet: QEMU had to be killed");
+    let exit_status = {
+        let watch = exit::watch(
+            &vm.process,
+            Some(&mut events),
+            |event| {
+                seen.note(&event);
+            },
+            || tracing::warn!("lost the QMP link to QEMU: a stop cannot press the power button"),
+        );
+        tokio::pin!(watch);
+        loop {
+            tokio::select! {
+                status = &mut watch => break status,
+                _ = stop_requested(&mut sigterm) => {
+                    if !interrupted {
+                        interrupted = true;
+                        eprintln!("\nvmlet: stopping {} (ACPI power button, up to {}s); Ctrl-C again to force", spec.name, grace.as_secs());
+                        // The daemon's stop sequence, in the background so a
+                        // second Ctrl-C can overtake it.
+                        let (process, qmp) = (vm.process.clone(), vm.qmp.clone());
+                        graceful = Some(tokio::spawn(async move {
+                            instance::stop_process(&process, Some(&qmp), StopMode::Graceful { grace }).await
+                        }));
+                    } else {
+                        forced = true;
+                        eprintln!("\nvmlet: forcing {} off", spec.name);
+                        if vm.stop(StopMode::Force).await? == StopOutcome::Killed {
+                            eprintln!("vmlet: QEMU had to be killed");
+                        }
                     }
                 }
             }
         }
-    }
-    if let Some(task) = stop_task {
-        task.abort();
-    }
-    // Events sent just before the exit may still be queued.
-    while let Ok(event) = events.try_recv() {
-        seen.note(&event);
+    };
+    if let Some(task) = graceful {
+        report_graceful_stop(task, grace, forced).await;
     }
     if let Some(console) = console {
         // The socket closes with QEMU; give the last bytes a moment to drain.
         let _ = tokio::time::timeout(Duration::from_secs(1), console).await;
     }
     let _ = std::io::stdout().flush();
-    eprintln!("vmlet: QEMU exited ({})", describe(exit_status));
-    Ok(if seen.guest_panicked {
+    eprintln!("vmlet: QEMU exited ({})", exit::describe(exit_status));
+    let ending = seen.ending(exit_status);
+    if ending == Ending::Panicked {
         eprintln!("vmlet: the guest panicked");
-        ExitCode::FAILURE
-    } else if interrupted {
-        ExitCode::from(EXIT_INTERRUPTED)
-    } else if seen.guest_shutdown || exit_status == ExitStatus::Code(0) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    }
+    Ok(ExitCode::from(run_exit_code(
+        &ending,
+        exit_status,
+        interrupted,
+    )))
+}
+
+/// `vmlet run`'s exit code: 1 when the guest panicked, 130 after Ctrl-C or
+/// SIGTERM, 0 when the guest powered itself off or QEMU exited 0, 1
+/// otherwise.
+fn run_exit_code(ending: &Ending, status: ExitStatus, interrupted: bool) -> u8 {
+    match ending {
+        Ending::Panicked => 1,
+        _ if interrupted => EXIT_INTERRUPTED,
+        Ending::ShutDown { by_guest: true, .. } => 0,
+        _ if status == ExitStatus::Code(0) => 0,
+        _ => 1,
+    }
+}
+
+/// Says how the graceful stop begun by the first Ctrl-C ended, once QEMU is
+/// gone (so it has finished or is about to). After a forced stop its
+/// outcome says nothing: the force overtook it.
+async fn report_graceful_stop(
+    mut task: tokio::task::JoinHandle<Result<StopOutcome, ProcessError>>,
+    grace: Duration,
+    forced: bool,
+) {
+    let outcome = tokio::time::timeout(instance::STOP_COMMAND_DEADLINE, &mut task).await;
+    task.abort();
+    if forced {
+        return;
+    }
+    match outcome {
+        Ok(Ok(Ok(StopOutcome::Quit))) => eprintln!(
+            "vmlet: guest did not power off within {}s: QEMU was quit",
+            grace.as_secs()
+        ),
+        Ok(Ok(Ok(StopOutcome::Killed))) => eprintln!("vmlet: QEMU had to be killed"),
+        Ok(Ok(Ok(StopOutcome::GuestPoweredOff | StopOutcome::AlreadyExited))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "stopping QEMU"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the stop task failed"),
+        Err(_) => tracing::warn!("the stop did not finish after QEMU exited"),
+    }
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.
@@ -526,50 +578,6 @@ async fn stop_requested(sigterm: &mut tokio::signal::unix::Signal) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm.recv() => {}
-    }
-}
-
-/// What the QMP events said about how the VM ended.
-#[derive(Default)]
-struct SeenEvents {
-    /// The guest shut itself down (`SHUTDOWN` with `guest: true`).
-    guest_shutdown: bool,
-    /// `GUEST_PANICKED`.
-    guest_panicked: bool,
-}
-
-impl SeenEvents {
-    fn note(&mut self, event: &vmlet::qemu::qmp::QmpEvent) {
-        match event.name.as_str() {
-            "SHUTDOWN" => {
-                self.guest_shutdown |= event.data.get("guest") == Some(&true.into());
-            }
-            "GUEST_PANICKED" => self.guest_panicked = true,
-            _ => {}
-        }
-    }
-}
-
-/// Presses the power button, and quits QEMU if the guest ignores it.
-async fn graceful_stop(qmp: vmlet::qemu::qmp::QmpClient, grace: Duration) {
-    if let Err(e) = qmp.execute(qapi::qmp::system_powerdown {}).await {
-        tracing::warn!(error = %e, "system_powerdown failed");
-    }
-    tokio::time::sleep(grace).await;
-    eprintln!(
-        "vmlet: guest did not power off within {}s: quitting QEMU",
-        grace.as_secs()
-    );
-    if let Err(e) = qmp.execute(qapi::qmp::quit {}).await {
-        tracing::warn!(error = %e, "quit failed");
-    }
-}
-
-fn describe(status: ExitStatus) -> String {
-    match status {
-        ExitStatus::Code(code) => format!("exit code {code}"),
-        ExitStatus::Signal(signal) => format!("killed by signal {signal}"),
-        ExitStatus::Unknown => "status unknown".to_string(),
     }
 }
 
@@ -587,5 +595,70 @@ async fn stream_console(mut stream: tokio::net::UnixStream) {
                 let _ = stdout.flush().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shut_down(by_guest: bool) -> Ending {
+        Ending::ShutDown {
+            reason: "guest-shutdown".into(),
+            by_guest,
+        }
+    }
+
+    #[test]
+    fn a_panic_fails_the_run_even_after_ctrl_c() {
+        for interrupted in [false, true] {
+            assert_eq!(
+                run_exit_code(&Ending::Panicked, ExitStatus::Code(0), interrupted),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn ctrl_c_exits_130_however_qemu_ended() {
+        for ending in [
+            shut_down(true),
+            shut_down(false),
+            Ending::Unannounced(ExitStatus::Signal(9)),
+        ] {
+            assert_eq!(
+                run_exit_code(&ending, ExitStatus::Code(0), true),
+                EXIT_INTERRUPTED
+            );
+        }
+    }
+
+    #[test]
+    fn a_guest_power_off_or_a_zero_exit_succeeds_and_anything_else_fails() {
+        assert_eq!(
+            run_exit_code(&shut_down(true), ExitStatus::Unknown, false),
+            0
+        );
+        assert_eq!(
+            run_exit_code(&shut_down(false), ExitStatus::Code(0), false),
+            0
+        );
+        assert_eq!(
+            run_exit_code(&shut_down(false), ExitStatus::Code(1), false),
+            1
+        );
+        let crashed = ExitStatus::Signal(libc::SIGSEGV);
+        assert_eq!(
+            run_exit_code(&Ending::Unannounced(crashed), crashed, false),
+            1
+        );
+        assert_eq!(
+            run_exit_code(
+                &Ending::Unannounced(ExitStatus::Code(0)),
+                ExitStatus::Code(0),
+                false
+            ),
+            0
+        );
     }
 }

@@ -262,3 +262,135 @@ async fn a_run_directory_too_deep_for_unix_sockets_is_refused_up_front() {
     assert!(!deep.exists(), "nothing was created");
     assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
 }
+
+/// A `vmlet run` in the background with its console read line by line.
+struct Running {
+    child: tokio::process::Child,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    console: String,
+}
+
+impl Running {
+    fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd.spawn().unwrap();
+        let stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Running {
+            child,
+            stdout,
+            console: String::new(),
+        }
+    }
+
+    /// Reads the console until a line holds `marker`.
+    async fn wait_for(&mut self, marker: &str) {
+        let found = tokio::time::timeout(BOOT_TIMEOUT, async {
+            while let Some(line) = self.stdout.next_line().await.unwrap() {
+                self.console.push_str(&line);
+                self.console.push('\n');
+                if line.contains(marker) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(
+            found,
+            Ok(true),
+            "{marker} on the console:\n{}",
+            self.console
+        );
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// Waits (at most `deadline`) for vmlet to exit: its exit code, the
+    /// whole console and stderr.
+    async fn finish(mut self, deadline: Duration) -> (Option<i32>, String, String) {
+        let mut stderr = String::new();
+        let mut err_pipe = self.child.stderr.take().unwrap();
+        let status = tokio::time::timeout(deadline, async {
+            while let Some(line) = self.stdout.next_line().await.unwrap() {
+                self.console.push_str(&line);
+                self.console.push('\n');
+            }
+            err_pipe.read_to_string(&mut stderr).await.unwrap();
+            self.child.wait().await.unwrap()
+        })
+        .await
+        .expect("vmlet exits in time");
+        (status.code(), self.console, stderr)
+    }
+}
+
+/// `vmlet run` with `--grace SECONDS`.
+fn vmlet_with_grace(scratch: &Scratch, spec_file: &Path, grace: u64) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlet"));
+    cmd.args(["run", "--accel", "tcg", "--grace", &grace.to_string()])
+        .arg("--run-dir")
+        .arg(scratch.run_dir())
+        .arg(spec_file)
+        .env("VMLET_PROFILE_DIR", scratch.path().join("no-profiles"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn a_guest_ignoring_the_power_button_is_quit_after_the_grace() {
+    let scratch = Scratch::new();
+    let spec = guest_spec("q35", "guest.acpi=ignore");
+    let file = write_spec(&scratch, &spec);
+    let mut run = Running::spawn(vmlet_with_grace(&scratch, &file, 2));
+    run.wait_for("GUEST-READY").await;
+    run.signal(nix::sys::signal::Signal::SIGINT);
+    let (code, console, stderr) = run.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, Some(130), "stderr:\n{stderr}");
+    assert!(console.contains("GUEST-ACPI-IGNORED"), "{console}");
+    assert!(
+        stderr.contains("guest did not power off within 2s: QEMU was quit"),
+        "{stderr}"
+    );
+    assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
+    assert!(!scratch
+        .run_dir()
+        .join("vms")
+        .join(spec.uuid.to_string())
+        .exists());
+}
+
+#[tokio::test]
+async fn a_second_ctrl_c_forces_the_guest_off_without_waiting_for_the_grace() {
+    let scratch = Scratch::new();
+    let spec = guest_spec("q35", "guest.acpi=ignore");
+    let file = write_spec(&scratch, &spec);
+    let mut run = Running::spawn(vmlet_with_grace(&scratch, &file, 300));
+    run.wait_for("GUEST-READY").await;
+    run.signal(nix::sys::signal::Signal::SIGINT);
+    run.wait_for("GUEST-ACPI-IGNORED").await;
+    run.signal(nix::sys::signal::Signal::SIGINT);
+    // Far less than the 300 s grace.
+    let (code, _, stderr) = run.finish(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(130), "stderr:\n{stderr}");
+    assert!(stderr.contains("forcing"), "{stderr}");
+    assert!(!stderr.contains("QEMU was quit"), "{stderr}");
+    assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
+}
+
+#[tokio::test]
+async fn a_guest_panic_fails_the_run() {
+    let scratch = Scratch::new();
+    let spec = guest_spec("q35", "guest.action=panic");
+    let file = write_spec(&scratch, &spec);
+    let run = Running::spawn(vmlet(&scratch, &file));
+    let (code, console, stderr) = run.finish(BOOT_TIMEOUT).await;
+    assert_eq!(code, Some(1), "stderr:\n{stderr}");
+    assert!(console.contains("GUEST-PANICKING"), "{console}");
+    assert!(stderr.contains("the guest panicked"), "{stderr}");
+    assert!(common::processes_with(&spec.uuid.to_string()).is_empty());
+}
