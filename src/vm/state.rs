@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::qemu::exit::Ending;
+
 /// What vmlet last observed of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -545,10 +547,10 @@ pub fn reattach(recorded: PowerState, found: Found) -> Reattach {
     }
 }
 
-/// How QEMU's exit reads: a clean power-off when the guest shut down
-/// (`SHUTDOWN` seen) and did not panic; a crash otherwise.
-pub fn exit_observation(shutdown_seen: bool, panicked: bool) -> Observation {
-    if shutdown_seen && !panicked {
+/// How QEMU's exit reads: a clean power-off when QEMU announced it
+/// (`SHUTDOWN`) and the guest did not panic; a crash otherwise.
+pub fn exit_observation(ending: &Ending) -> Observation {
+    if ending.is_clean() {
         Observation::ExitedCleanly
     } else {
         Observation::Crashed
@@ -799,10 +801,17 @@ mod tests {
 
     #[test]
     fn exits_read_as_power_off_only_after_a_shutdown_without_panic() {
-        assert_eq!(exit_observation(true, false), O::ExitedCleanly);
-        assert_eq!(exit_observation(false, false), O::Crashed);
-        assert_eq!(exit_observation(true, true), O::Crashed);
-        assert_eq!(exit_observation(false, true), O::Crashed);
+        use crate::qemu::process::ExitStatus;
+        let shut_down = Ending::ShutDown {
+            reason: "guest-shutdown".into(),
+            by_guest: true,
+        };
+        assert_eq!(exit_observation(&shut_down), O::ExitedCleanly);
+        assert_eq!(exit_observation(&Ending::Panicked), O::Crashed);
+        assert_eq!(
+            exit_observation(&Ending::Unannounced(ExitStatus::Code(1))),
+            O::Crashed
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::console::serial::{SerialHub, SerialLog};
 use crate::persist::timestamp;
 use crate::qemu::argv::{LaunchInputs, RunPaths};
+use crate::qemu::exit::{self, ExitEvents, RunEvent};
 use crate::qemu::instance::{self, StopMode, StopOutcome};
 use crate::qemu::launch_files::LaunchFiles;
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
@@ -251,10 +252,9 @@ struct Runtime {
     qmp: Option<QmpClient>,
     paths: RunPaths,
     forwarders: Vec<JoinHandle<()>>,
-    /// The reason of a `SHUTDOWN` event, once seen: QEMU is about to exit
-    /// because the guest or vmlet asked it to.
-    shutdown_reason: Option<String>,
-    panicked: bool,
+    /// The QMP events that explain QEMU's exit (a `SHUTDOWN`, a panic),
+    /// read as `vmlet run` reads them.
+    exit_events: ExitEvents,
     /// A task is trying to reach QEMU's QMP socket again.
     reconnecting: bool,
     serial: Option<Arc<SerialHub>>,
@@ -814,7 +814,18 @@ impl Actor {
         let inbox = self.inbox.clone();
         let watched = process.clone();
         let forwarders = vec![tokio::spawn(async move {
-            let status = watch_qemu(incarnation, &watched, events, &inbox).await;
+            let mut events = events;
+            let status = exit::watch(
+                &watched,
+                events.as_mut(),
+                |event| {
+                    let _ = inbox.send(Input::Qmp { incarnation, event });
+                },
+                || {
+                    let _ = inbox.send(Input::LinkLost { incarnation });
+                },
+            )
+            .await;
             let _ = inbox.send(Input::Exited {
                 incarnation,
                 status,
@@ -826,8 +837,7 @@ impl Actor {
             qmp,
             paths,
             forwarders,
-            shutdown_reason: None,
-            panicked: false,
+            exit_events: ExitEvents::default(),
             reconnecting: false,
             serial,
             display: self
@@ -889,8 +899,12 @@ impl Actor {
         };
         let inbox = self.inbox.clone();
         let mut events = events;
-        let forwarder =
-            tokio::spawn(async move { forward_events(incarnation, &mut events, &inbox).await });
+        let forwarder = tokio::spawn(async move {
+            exit::read_events(&mut events, |event| {
+                let _ = inbox.send(Input::Qmp { incarnation, event });
+            })
+            .await
+        });
         if let Some(rt) = &mut self.runtime {
             rt.qmp = Some(qmp);
             rt.forwarders.push(forwarder);
@@ -916,36 +930,26 @@ impl Actor {
     fn on_qmp_event(&mut self, event: QmpEvent) {
         tracing::debug!(vm = %self.vm.name, event = %event.name, data = %event.data, "QMP event");
         let task = self.op.as_ref().map(|op| op.task);
-        match event.name.as_str() {
-            "SHUTDOWN" => {
-                let reason = event.data["reason"]
-                    .as_str()
-                    .unwrap_or("unknown")
-                    .to_string();
-                if let Some(rt) = &mut self.runtime {
-                    rt.panicked |= reason == "guest-panic";
-                    rt.shutdown_reason = Some(reason);
-                }
-            }
-            "GUEST_PANICKED" => {
-                if let Some(rt) = &mut self.runtime {
-                    rt.panicked = true;
-                    // Like libvirt's default on_crash=destroy: a panicked
-                    // guest holds nothing worth keeping running.
-                    let _ = rt.process.signal(libc::SIGKILL);
-                }
+        let Some(rt) = &mut self.runtime else { return };
+        match rt.exit_events.note(&event) {
+            RunEvent::Panicked => {
+                // Like libvirt's default on_crash=destroy: a panicked guest
+                // holds nothing worth keeping running.
+                let _ = rt.process.signal(libc::SIGKILL);
             }
             // A pause vmlet did not ask for (guest I/O error, a panic
             // action): follow it. Pauses of our own are settled by their op.
             // Snapshot jobs pause the vCPUs while they run; their op reads
             // the state afterwards.
-            "STOP" if task != Some(Task::Pause) && task != Some(Task::Snapshot) => {
+            RunEvent::VcpusStopped if task != Some(Task::Pause) && task != Some(Task::Snapshot) => {
                 self.observe(Observation::VcpusStopped);
             }
-            "RESUME" if task != Some(Task::Resume) && task != Some(Task::Snapshot) => {
+            RunEvent::VcpusResumed
+                if task != Some(Task::Resume) && task != Some(Task::Snapshot) =>
+            {
                 self.observe(Observation::VcpusResumed);
             }
-            "RESET" => tracing::info!(vm = %self.vm.name, "guest reset"),
+            RunEvent::Reset => tracing::info!(vm = %self.vm.name, "guest reset"),
             _ => {}
         }
     }
@@ -957,14 +961,11 @@ impl Actor {
             return;
         }
         let Some(rt) = &self.runtime else { return };
-        let observation = state::exit_observation(rt.shutdown_reason.is_some(), rt.panicked);
+        let ending = rt.exit_events.ending(status);
+        let observation = state::exit_observation(&ending);
         let clean = observation == Observation::ExitedCleanly;
-        let reason = if rt.panicked {
-            "guest panicked".to_string()
-        } else {
-            format!("QEMU exited unexpectedly ({})", describe_exit(status))
-        };
-        let shutdown_reason = rt.shutdown_reason.clone();
+        let reason = ending.error().unwrap_or_default();
+        let shutdown_reason = rt.exit_events.shutdown_reason().map(str::to_string);
         self.teardown();
         if clean {
             tracing::info!(vm = %self.vm.name, reason = ?shutdown_reason, "guest powered off");
@@ -1141,11 +1142,6 @@ impl Actor {
     }
 }
 
-/// How long, after QEMU exited, its last events may take to arrive.
-const LAST_EVENTS_DEADLINE: Duration = Duration::from_secs(2);
-
-/// Forwards QMP events into the inbox until the channel closes (the QMP
-/// connection ended).
 /// Where VM `spec`'s serial log lives and how big it may grow.
 pub fn serial_log(ctx: &Context, spec: &VmSpec) -> SerialLog {
     SerialLog {
@@ -1170,66 +1166,6 @@ async fn open_serial(ctx: &Context, spec: &VmSpec, paths: &RunPaths) -> Option<A
     }
 }
 
-async fn forward_events(
-    incarnation: u64,
-    events: &mut tokio::sync::broadcast::Receiver<QmpEvent>,
-    inbox: &mpsc::UnboundedSender<Input>,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        match events.recv().await {
-            Ok(event) => {
-                let _ = inbox.send(Input::Qmp { incarnation, event });
-            }
-            Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "QMP events lagged"),
-            Err(RecvError::Closed) => return,
-        }
-    }
-}
-
-/// Forwards `events` into the inbox until the process exits, then the events
-/// still in flight (the QMP connection ends with QEMU, which closes the
-/// channel), and returns the exit status. A link that ends while QEMU keeps
-/// running is reported as [`Input::LinkLost`].
-async fn watch_qemu(
-    incarnation: u64,
-    process: &QemuProcess,
-    events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
-    inbox: &mpsc::UnboundedSender<Input>,
-) -> ExitStatus {
-    let Some(mut events) = events else {
-        return process.exited().await;
-    };
-    tokio::select! {
-        status = process.exited() => {
-            let drain = forward_events(incarnation, &mut events, inbox);
-            let _ = tokio::time::timeout(LAST_EVENTS_DEADLINE, drain).await;
-            status
-        }
-        () = forward_events(incarnation, &mut events, inbox) => {
-            // The link ends with QEMU, normally: give the exit a moment
-            // before calling the link lost.
-            match tokio::time::timeout(LAST_EVENTS_DEADLINE, process.exited()).await {
-                Ok(status) => status,
-                Err(_) => {
-                    let _ = inbox.send(Input::LinkLost { incarnation });
-                    process.exited().await
-                }
-            }
-        }
-    }
-}
-
-fn describe_exit(status: ExitStatus) -> String {
-    match status {
-        ExitStatus::Code(code) => format!("exit code {code}"),
-        ExitStatus::Signal(sig) => match nix::sys::signal::Signal::try_from(sig) {
-            Ok(s) => format!("killed by {s}"),
-            Err(_) => format!("killed by signal {sig}"),
-        },
-        ExitStatus::Unknown => "exit status unknown".into(),
-    }
-}
 /// A QEMU found alive at vmlet's start, with its QMP link.
 struct FoundQemu {
     process: Arc<QemuProcess>,
