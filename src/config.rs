@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::qemu::accel::AccelChoice;
-use crate::storage::fetch::{parse_networks, IpNet};
+use crate::storage::fetch::parse_networks;
+pub use crate::storage::images::ImageSettings;
 
 /// Where the config file is looked for when none is given.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/vmlet/vmlet.toml";
@@ -78,48 +79,6 @@ pub struct Settings {
     /// The API's listeners: accepted `Host` names, connection caps and
     /// timeouts (`[api]`).
     pub api: ApiSettings,
-}
-
-/// Image imports (`[images]` in the file). Imported files are untrusted:
-/// URL imports may not reach internal networks, and `qemu-img` runs on
-/// them under limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ImageSettings {
-    /// Networks (CIDRs) URL imports may fetch from although the default
-    /// deny list covers them (loopback, private, link-local, CGNAT, …),
-    /// e.g. `["10.20.0.0/16"]` for an internal mirror. Empty: only public
-    /// addresses.
-    pub import_allowed_networks: Vec<IpNet>,
-    /// Seconds to resolve and connect to a URL's host (per redirect hop).
-    pub import_connect_timeout_s: u64,
-    /// Seconds a URL import waits for the response or the next bytes before
-    /// it fails.
-    pub import_idle_timeout_s: u64,
-    /// Seconds a whole URL download may take.
-    pub import_timeout_s: u64,
-    /// Largest source an import accepts, in bytes (a URL's `Content-Length`
-    /// is checked up front, the bytes as they come).
-    pub import_max_bytes: u64,
-    /// Largest virtual size (what the guest sees) of an imported image, in
-    /// bytes; checked before converting.
-    pub max_virtual_bytes: u64,
-    /// Seconds `qemu-img convert` of an import may take before it is killed.
-    pub convert_timeout_s: u64,
-}
-
-impl Default for ImageSettings {
-    fn default() -> Self {
-        ImageSettings {
-            import_allowed_networks: Vec::new(),
-            import_connect_timeout_s: 10,
-            import_idle_timeout_s: 60,
-            import_timeout_s: 6 * 3600,
-            import_max_bytes: 64 << 30,
-            max_virtual_bytes: 1 << 40,
-            convert_timeout_s: 3600,
-        }
-    }
 }
 
 /// The API's listeners (`[api]` in the file).
@@ -722,7 +681,9 @@ mod tests {
         let mut s = Settings::from_file(&file).unwrap();
         assert_eq!(
             s.images.import_allowed_networks,
-            vec!["10.20.0.0/16".parse::<IpNet>().unwrap()]
+            vec!["10.20.0.0/16"
+                .parse::<crate::storage::fetch::IpNet>()
+                .unwrap()]
         );
         assert_eq!(s.images.import_max_bytes, 1024);
         assert_eq!(s.images.import_timeout_s, 6 * 3600);

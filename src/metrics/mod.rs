@@ -1,15 +1,14 @@
 //! Prometheus metrics, served at `GET /metrics` in the text format
-//! (version 0.0.4): a small encoder, the daemon's own counters and
-//! histograms (API request latency, QMP command latency and timeouts),
-//! and the scrape that adds host and per-VM series ([`vm`]).
+//! (version 0.0.4): a small encoder and the daemon's own counters and
+//! histograms (API request latency, QMP command latency and timeouts). A
+//! leaf: `qemu/qmp.rs` records into it; the scrape that adds host and
+//! per-VM series lives with the VMs (`vm/scrape.rs`).
 //!
 //! The daemon's series live in `static`s that any module may update
 //! ([`observe_api_request`], [`observe_qmp_command`], [`count_qmp_timeout`]);
 //! host and VM series are read when scraped. Every label value comes from
 //! a bounded set (route templates, QMP command names, VM ids), never from
 //! raw request paths.
-
-pub mod vm;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

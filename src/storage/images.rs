@@ -29,15 +29,57 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::ImageSettings;
 use crate::events::{EventBody, EventBus};
 use crate::persist::{self, timestamp};
 use crate::spec::{validate_name, FieldError, SpecError};
 pub use crate::spec::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
-use crate::storage::fetch::{redact, FetchError, FetchLimits, Fetcher, NetworkPolicy};
+use crate::storage::fetch::{redact, FetchError, FetchLimits, Fetcher, IpNet, NetworkPolicy};
 use crate::storage::qemu_img::{qcow2_header_refusal, QemuImg};
 use crate::storage::Layout;
 use crate::storage::StorageError;
+use serde::{Deserialize, Serialize};
+
+/// Image imports (`[images]` in the file). Imported files are untrusted:
+/// URL imports may not reach internal networks, and `qemu-img` runs on
+/// them under limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageSettings {
+    /// Networks (CIDRs) URL imports may fetch from although the default
+    /// deny list covers them (loopback, private, link-local, CGNAT, …),
+    /// e.g. `["10.20.0.0/16"]` for an internal mirror. Empty: only public
+    /// addresses.
+    pub import_allowed_networks: Vec<IpNet>,
+    /// Seconds to resolve and connect to a URL's host (per redirect hop).
+    pub import_connect_timeout_s: u64,
+    /// Seconds a URL import waits for the response or the next bytes before
+    /// it fails.
+    pub import_idle_timeout_s: u64,
+    /// Seconds a whole URL download may take.
+    pub import_timeout_s: u64,
+    /// Largest source an import accepts, in bytes (a URL's `Content-Length`
+    /// is checked up front, the bytes as they come).
+    pub import_max_bytes: u64,
+    /// Largest virtual size (what the guest sees) of an imported image, in
+    /// bytes; checked before converting.
+    pub max_virtual_bytes: u64,
+    /// Seconds `qemu-img convert` of an import may take before it is killed.
+    pub convert_timeout_s: u64,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        ImageSettings {
+            import_allowed_networks: Vec::new(),
+            import_connect_timeout_s: 10,
+            import_idle_timeout_s: 60,
+            import_timeout_s: 6 * 3600,
+            import_max_bytes: 64 << 30,
+            max_virtual_bytes: 1 << 40,
+            convert_timeout_s: 3600,
+        }
+    }
+}
 
 /// Formats an import may be in; each is stored as qcow2.
 pub const IMPORT_FORMATS: [&str; 5] = ["raw", "qcow2", "vmdk", "vdi", "vhdx"];

@@ -7,6 +7,7 @@ pub mod disk_ops;
 pub mod manager;
 pub mod nic_ops;
 pub mod record;
+pub mod scrape;
 pub mod state;
 pub mod store;
 

@@ -1,4 +1,4 @@
-//! The scrape: VMs by state, and for each VM with a QEMU process its vCPU
+//! The `/metrics` scrape: VMs by state, and for each VM with a QEMU process its vCPU
 //! time, resident memory, block I/O, NIC traffic and balloon size, followed
 //! by the daemon's own families.
 //!
