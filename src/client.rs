@@ -24,13 +24,13 @@ use uuid::Uuid;
 
 use crate::api::console::ConsoleToken;
 use crate::console::ConsoleKind;
-use crate::events::Event;
 use crate::net::networks::{Network, NetworkSpec};
 use crate::node::NodeInfo;
 use crate::spec::{DiskSpec, IoLimits, NicSpec};
 use crate::storage::images::{Image, ImageImport};
 use crate::storage::volumes::{Volume, VolumeCreate};
 use crate::vm::disk_ops::Snapshot;
+use crate::vm::events::Event;
 use crate::vm::Vm;
 
 pub use hyper::Method;
@@ -1362,7 +1362,7 @@ mod tests {
         assert_eq!(event.seq, 10);
         assert_eq!(
             event.body,
-            crate::events::EventBody::Resync {
+            crate::vm::events::EventBody::Resync {
                 requested: 3,
                 oldest: None
             }

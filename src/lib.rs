@@ -10,7 +10,6 @@ pub mod client;
 pub mod config;
 pub mod console;
 pub mod daemon;
-pub mod events;
 pub mod metrics;
 pub mod net;
 pub mod node;

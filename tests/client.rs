@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uuid::Uuid;
 use vmlet::cli::{self, ClientOptions, Output, VmCommand};
 use vmlet::client::{Client, ClientError, Endpoint, Method};
-use vmlet::events::EventBody;
+use vmlet::vm::events::EventBody;
 use vmlet::vm::state::PowerState;
 use vmlet::vm::Vm;
 

@@ -18,7 +18,7 @@ use common::BOOT_TIMEOUT;
 use serde_json::{json, Value};
 use uuid::Uuid;
 use vmlet::client::{EventStream, Method};
-use vmlet::events::{Event, EventBody};
+use vmlet::vm::events::{Event, EventBody};
 use vmlet::vm::state::{PowerState, Task};
 
 /// How long a graceful stop may take (the guest powers off on the ACPI

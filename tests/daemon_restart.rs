@@ -23,12 +23,12 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use uuid::Uuid;
 use vmlet::client::Method;
-use vmlet::events::EventBody;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, QemuInstance};
 use vmlet::qemu::process::QemuProcess;
 use vmlet::qemu::profile::Profiles;
+use vmlet::vm::events::EventBody;
 use vmlet::vm::state::{Desired, PowerState, Task};
 use vmlet::vm::Vm;
 

@@ -20,8 +20,8 @@ use common::storage::{
 use common::Scratch;
 use serde_json::{json, Value};
 use vmlet::client::{EventStream, Method};
-use vmlet::events::EventBody;
 use vmlet::storage::images::{Image, ImageStatus, ImportPhase};
+use vmlet::vm::events::EventBody;
 
 /// How long an import of a few MiB may take on a loaded 2-core machine.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -179,7 +179,7 @@ fn virtual_size(path: &Path) -> u64 {
 }
 
 /// The next event, which must come within [`EVENT_TIMEOUT`].
-async fn expect_event(stream: &mut EventStream) -> vmlet::events::Event {
+async fn expect_event(stream: &mut EventStream) -> vmlet::vm::events::Event {
     expect_event_within(stream, EVENT_TIMEOUT).await
 }
 

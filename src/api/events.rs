@@ -12,7 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::error::ApiError;
 use crate::api::AppState;
-use crate::events::{Event, EventBody};
+use crate::vm::events::{Event, EventBody};
 
 /// `GET /v1/events` options.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

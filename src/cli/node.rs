@@ -6,8 +6,8 @@ use std::io::Write;
 use super::storage::{image_line, volume_line};
 use super::vm::vm_line;
 use super::{key_values, mib, shown, write_flush, CliError, ClientOptions, Output};
-use crate::events::{Event, EventBody};
 use crate::node::NodeInfo;
+use crate::vm::events::{Event, EventBody};
 
 /// Runs `vmlet node`, printing to `out`.
 pub async fn run_node(opts: &ClientOptions, out: &mut impl Write) -> Result<(), CliError> {

@@ -29,14 +29,13 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::events::{EventBody, EventBus};
 use crate::persist::{self, timestamp};
 use crate::spec::{validate_name, FieldError, SpecError};
 pub use crate::spec::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
 use crate::storage::fetch::{redact, FetchError, FetchLimits, Fetcher, IpNet, NetworkPolicy};
 use crate::storage::qemu_img::{qcow2_header_refusal, QemuImg};
 use crate::storage::Layout;
-use crate::storage::StorageError;
+use crate::storage::{StorageError, StorageEvents};
 use serde::{Deserialize, Serialize};
 
 /// Image imports (`[images]` in the file). Imported files are untrusted:
@@ -116,7 +115,7 @@ pub struct ImageStore {
     fetcher: Fetcher,
     max_virtual_bytes: u64,
     convert_timeout: Duration,
-    events: Arc<EventBus>,
+    events: Arc<dyn StorageEvents>,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
 
@@ -137,7 +136,7 @@ impl ImageStore {
         qemu_img: QemuImg,
         import_dir: PathBuf,
         settings: &ImageSettings,
-        events: Arc<EventBus>,
+        events: Arc<dyn StorageEvents>,
     ) -> std::io::Result<ImageStore> {
         let dir = layout.images_dir();
         create_private_dir(&dir)?;
@@ -556,9 +555,7 @@ impl ImageStore {
         entries.remove(name);
         drop(entries);
         tracing::info!(image = %name, "deleted");
-        self.events.publish(EventBody::ImageDeleted {
-            name: name.to_string(),
-        });
+        self.events.image_deleted(name);
         Ok(())
     }
 
@@ -658,9 +655,7 @@ impl ImageStore {
     }
 
     fn publish(&self, image: &Image) {
-        self.events.publish(EventBody::Image {
-            image: Box::new(image.clone()),
-        });
+        self.events.image_changed(image);
     }
 }
 
@@ -834,7 +829,7 @@ mod tests {
             QemuImg::new(Path::new("qemu-img")),
             state.path().join("import"),
             &ImageSettings::default(),
-            Arc::new(EventBus::new(16)),
+            Arc::new(crate::storage::Unobserved),
         )
         .unwrap();
         let half = store.get("half").unwrap();

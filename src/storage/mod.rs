@@ -26,7 +26,33 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::spec::SpecError;
+use crate::spec::{Image, SpecError, Volume};
+
+/// Where the image and volume stores report their changes: the daemon's
+/// event bus, which lives above storage and hands itself down.
+pub trait StorageEvents: Send + Sync + std::fmt::Debug {
+    /// An image was added or changed (import progress, ready, failed).
+    fn image_changed(&self, image: &Image);
+    /// An image was deleted (or its import cancelled).
+    fn image_deleted(&self, name: &str);
+    /// A volume was created or changed.
+    fn volume_changed(&self, volume: &Volume);
+    /// A volume was deleted.
+    fn volume_deleted(&self, name: &str);
+}
+
+/// A sink that drops every change, for the stores' unit tests.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Unobserved;
+
+#[cfg(test)]
+impl StorageEvents for Unobserved {
+    fn image_changed(&self, _: &Image) {}
+    fn image_deleted(&self, _: &str) {}
+    fn volume_changed(&self, _: &Volume) {}
+    fn volume_deleted(&self, _: &str) {}
+}
 
 /// Why a storage operation failed. The VM layer maps these to API errors.
 #[derive(Debug, Clone, thiserror::Error)]

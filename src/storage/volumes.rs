@@ -11,21 +11,20 @@ use std::time::SystemTime;
 
 use uuid::Uuid;
 
-use crate::events::{EventBody, EventBus};
 use crate::persist::timestamp;
 use crate::spec::{validate_name, validate_size, SpecError};
 pub use crate::spec::{Volume, VolumeAttachment, VolumeCreate, VolumeResize};
 use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
-use crate::storage::StorageError;
 use crate::storage::{Layout, MIB};
+use crate::storage::{StorageError, StorageEvents};
 
 /// The volume store.
 #[derive(Debug)]
 pub struct VolumeStore {
     layout: Layout,
     qemu_img: QemuImg,
-    events: Arc<EventBus>,
+    events: Arc<dyn StorageEvents>,
     /// Serializes creates and deletes, so a name is made once.
     lock: tokio::sync::Mutex<()>,
 }
@@ -36,7 +35,7 @@ impl VolumeStore {
     pub fn open(
         layout: Layout,
         qemu_img: QemuImg,
-        events: Arc<EventBus>,
+        events: Arc<dyn StorageEvents>,
     ) -> std::io::Result<VolumeStore> {
         let dir = layout.volumes_dir();
         std::fs::create_dir_all(&dir)?;
@@ -222,17 +221,13 @@ impl VolumeStore {
         let file = self.layout.volume_file(name);
         std::fs::remove_file(&file).map_err(|e| StorageError::io("removing", &file, e))?;
         tracing::info!(volume = %name, "volume deleted");
-        self.events.publish(EventBody::VolumeDeleted {
-            name: name.to_string(),
-        });
+        self.events.volume_deleted(name);
         Ok(())
     }
 
     /// Publishes a volume's new view.
     pub fn publish(&self, volume: &Volume) {
-        self.events.publish(EventBody::Volume {
-            volume: Box::new(volume.clone()),
-        });
+        self.events.volume_changed(volume);
     }
 
     /// The file of volume `name`.

@@ -7,7 +7,6 @@ use std::sync::{Arc, RwLock};
 use uuid::Uuid;
 
 use crate::config::Settings;
-use crate::events::{EventBody, EventBus};
 use crate::net::networks::NetworkStore;
 use crate::qemu::accel::Accel;
 use crate::qemu::profile::Profiles;
@@ -16,6 +15,7 @@ use crate::storage::qemu_img::QemuImg;
 use crate::storage::volumes::VolumeStore;
 use crate::storage::Layout;
 use crate::vm::actor::VmHandle;
+use crate::vm::events::{EventBody, EventBus};
 use crate::vm::store::Store;
 use crate::vm::Vm;
 

@@ -10,7 +10,6 @@ use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::console::ConsoleKind;
-use crate::events::EventBus;
 use crate::net::networks::{Network, NetworkNic, NetworkSpec};
 use crate::node::{self, HostTotals, Inventory, NodeInfo, Usage};
 use crate::qemu::accel::{self, Accel};
@@ -26,6 +25,7 @@ use crate::storage::{disks, MIB};
 use crate::vm::actor::{self, error_chain, ActOptions, Live, StorageOp, VmError, VmHandle};
 use crate::vm::context::Context;
 use crate::vm::disk_ops::{self, Snapshot};
+use crate::vm::events::EventBus;
 use crate::vm::state::Action;
 use crate::vm::store::{Store, StoreError};
 use crate::vm::Vm;

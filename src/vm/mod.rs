@@ -4,6 +4,7 @@
 pub mod actor;
 pub mod context;
 pub mod disk_ops;
+pub mod events;
 pub mod manager;
 pub mod nic_ops;
 pub mod record;

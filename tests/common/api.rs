@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use uuid::Uuid;
 use vmlet::client::{EventStream, Method};
-use vmlet::events::Event;
+use vmlet::vm::events::Event;
 
 use super::daemon::Daemon;
 

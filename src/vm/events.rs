@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::persist::timestamp;
+use crate::storage::StorageEvents;
 use crate::vm::record::Vm;
 
 /// One event.
@@ -89,6 +90,33 @@ impl EventBody {
             EventBody::VolumeDeleted { .. } => "volume_deleted",
             EventBody::Resync { .. } => "resync",
         }
+    }
+}
+
+/// The image and volume stores publish here.
+impl StorageEvents for EventBus {
+    fn image_changed(&self, image: &crate::spec::Image) {
+        self.publish(EventBody::Image {
+            image: Box::new(image.clone()),
+        });
+    }
+
+    fn image_deleted(&self, name: &str) {
+        self.publish(EventBody::ImageDeleted {
+            name: name.to_string(),
+        });
+    }
+
+    fn volume_changed(&self, volume: &crate::spec::Volume) {
+        self.publish(EventBody::Volume {
+            volume: Box::new(volume.clone()),
+        });
+    }
+
+    fn volume_deleted(&self, name: &str) {
+        self.publish(EventBody::VolumeDeleted {
+            name: name.to_string(),
+        });
     }
 }
 
