@@ -1,10 +1,7 @@
 //! What every VM actor shares: settings, profiles, the record store, the
-//! event bus and the registry of VMs.
+//! event bus, the stores.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-
-use uuid::Uuid;
+use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::net::networks::NetworkStore;
@@ -14,7 +11,6 @@ use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
 use crate::storage::volumes::VolumeStore;
 use crate::storage::Layout;
-use crate::vm::actor::VmHandle;
 use crate::vm::events::{EventBody, EventBus};
 use crate::vm::store::Store;
 use crate::vm::Vm;
@@ -44,7 +40,6 @@ pub struct Context {
     pub networks: NetworkStore,
     /// The directories a spec's host files must lie below (canonical).
     pub host_roots: Vec<std::path::PathBuf>,
-    registry: RwLock<HashMap<Uuid, VmHandle>>,
 }
 
 impl Context {
@@ -83,7 +78,6 @@ impl Context {
             volumes,
             networks,
             host_roots,
-            registry: RwLock::new(HashMap::new()),
         })
     }
 
@@ -100,25 +94,5 @@ impl Context {
             id: vm.id,
             name: vm.name.clone(),
         });
-    }
-
-    /// Adds a VM to the registry.
-    pub fn register(&self, handle: VmHandle) {
-        self.registry.write().unwrap().insert(handle.id(), handle);
-    }
-
-    /// Removes a deleted VM from the registry.
-    pub fn forget(&self, id: Uuid) {
-        self.registry.write().unwrap().remove(&id);
-    }
-
-    /// The VM with this UUID.
-    pub fn handle(&self, id: Uuid) -> Option<VmHandle> {
-        self.registry.read().unwrap().get(&id).cloned()
-    }
-
-    /// Every VM's handle.
-    pub fn handles(&self) -> Vec<VmHandle> {
-        self.registry.read().unwrap().values().cloned().collect()
     }
 }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
+use crate::error_chain;
 use crate::persist::timestamp;
 use crate::qemu::disk::{self, DiskPlan, DiskSets};
 use crate::qemu::launch_files;
@@ -18,7 +19,7 @@ use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::spec::{DiskFormat, IoLimits};
 use crate::storage::files;
 use crate::storage::qemu_img::{QemuImg, SnapshotCommand};
-use crate::vm::actor::{error_chain, VmError};
+use crate::vm::error::VmError;
 
 /// Deadline of one QMP command here.
 const QMP_DEADLINE: Duration = Duration::from_secs(10);

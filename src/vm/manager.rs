@@ -26,6 +26,7 @@ use crate::vm::actor::{self, error_chain, ActOptions, Live, StorageOp, VmError, 
 use crate::vm::context::Context;
 use crate::vm::disk_ops::{self, Snapshot};
 use crate::vm::events::EventBus;
+use crate::vm::registry::Registry;
 use crate::vm::state::Action;
 use crate::vm::store::{Store, StoreError};
 use crate::vm::Vm;
@@ -81,6 +82,8 @@ pub enum Created {
 #[derive(Debug)]
 pub struct Manager {
     ctx: Arc<Context>,
+    /// The VMs.
+    registry: Registry,
     /// Creates are serialized so name and UUID checks cannot race.
     create_lock: Mutex<()>,
     qemu_version: String,
@@ -117,12 +120,13 @@ impl Manager {
         );
         // Bridges first: autostart VMs put their taps on them.
         ctx.networks.restore_all().await;
+        let registry = Registry::default();
         let mut waiting = Vec::new();
         for record in records {
             match record {
                 Ok(loaded) => {
                     let (ready, done) = oneshot::channel();
-                    ctx.register(actor::spawn_existing(
+                    registry.register(actor::spawn_existing(
                         ctx.clone(),
                         loaded.vm,
                         loaded.host_rebooted,
@@ -138,10 +142,11 @@ impl Manager {
         for done in waiting {
             let _ = done.await;
         }
-        remove_stale_taps(&ctx).await;
-        tracing::info!(vms = ctx.handles().len(), accel = accel.as_str(), %qemu_version, "VMs loaded");
+        remove_stale_taps(&ctx, &registry).await;
+        tracing::info!(vms = registry.handles().len(), accel = accel.as_str(), %qemu_version, "VMs loaded");
         Ok(Manager {
             ctx,
+            registry,
             create_lock: Mutex::new(()),
             qemu_version,
             accel_reason,
@@ -150,7 +155,7 @@ impl Manager {
 
     /// Every VM, by name.
     pub fn list(&self) -> Vec<Vm> {
-        let mut vms: Vec<Vm> = self.ctx.handles().iter().map(VmHandle::view).collect();
+        let mut vms: Vec<Vm> = self.registry.handles().iter().map(VmHandle::view).collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         vms
     }
@@ -158,11 +163,11 @@ impl Manager {
     /// The VM whose UUID or name is `key`.
     pub fn find(&self, key: &str) -> Result<VmHandle, VmError> {
         if let Ok(id) = Uuid::parse_str(key) {
-            if let Some(handle) = self.ctx.handle(id) {
+            if let Some(handle) = self.registry.handle(id) {
                 return Ok(handle);
             }
         }
-        self.ctx
+        self.registry
             .handles()
             .into_iter()
             .find(|h| h.has_name(key))
@@ -219,7 +224,7 @@ impl Manager {
         let _guard = self.create_lock.lock().await;
         self.settle_nics(spec.uuid, &mut spec.nics, 0, "nics")
             .await?;
-        if let Some(existing) = self.ctx.handle(spec.uuid) {
+        if let Some(existing) = self.registry.handle(spec.uuid) {
             let vm = existing.view();
             return if vm.spec == spec {
                 Ok(Created::Existing(vm))
@@ -248,7 +253,7 @@ impl Manager {
             }
         }
         if let Some(other) = self
-            .ctx
+            .registry
             .handles()
             .iter()
             .find(|h| h.view().name == spec.name)
@@ -276,7 +281,7 @@ impl Manager {
             )));
         }
         tracing::info!(vm = %vm.name, id = %vm.id, "created");
-        self.ctx
+        self.registry
             .register(actor::spawn_new(self.ctx.clone(), vm.clone()));
         self.ctx.publish_vm(&vm);
         Ok(Created::New(vm))
@@ -293,6 +298,8 @@ impl Manager {
         let vm = self
             .act(key, Action::Delete { force }, ActOptions::default())
             .await?;
+        // The actor has ended; its record and directory are gone.
+        self.registry.forget(vm.id);
         if delete_volumes {
             for disk in &vm.spec.disks {
                 if let Ok(DiskSource::Volume { volume }) = disk.source() {
@@ -343,7 +350,7 @@ impl Manager {
         field: &str,
     ) -> Result<(), VmError> {
         let taken: HashSet<String> = self
-            .ctx
+            .registry
             .handles()
             .iter()
             .filter(|h| h.id() != vm)
@@ -456,7 +463,7 @@ impl Manager {
     /// The NICs (of any VM, running or not) on network `name`.
     fn nics_on(&self, name: &str) -> Vec<NetworkNic> {
         let mut nics = Vec::new();
-        for handle in self.ctx.handles() {
+        for handle in self.registry.handles() {
             let vm = handle.view();
             for nic in vm.spec.nics.iter().filter(|n| n.network == name) {
                 nics.push(NetworkNic {
@@ -491,7 +498,7 @@ impl Manager {
     pub async fn delete_image(&self, name: &str) -> Result<(), VmError> {
         let _guard = self.create_lock.lock().await;
         let users: Vec<String> = self
-            .ctx
+            .registry
             .handles()
             .iter()
             .map(VmHandle::view)
@@ -513,7 +520,7 @@ impl Manager {
 
     /// Which VM disk uses volume `name`.
     fn volume_user(&self, name: &str) -> Option<VolumeAttachment> {
-        self.ctx.handles().iter().find_map(|h| {
+        self.registry.handles().iter().find_map(|h| {
             let vm = h.view();
             vm.spec.disks.iter().enumerate().find_map(|(i, d)| {
                 matches!(d.source(), Ok(DiskSource::Volume { volume }) if volume == name).then(
@@ -666,7 +673,7 @@ impl Manager {
 
     /// Every VM's handle (for the metrics scrape).
     pub fn handles(&self) -> Vec<VmHandle> {
-        self.ctx.handles()
+        self.registry.handles()
     }
 }
 
@@ -674,9 +681,9 @@ impl Manager {
 /// that is gone): a tap never outlives its VM. Only taps carrying this
 /// daemon's mark are touched: another daemon on the same host (its own
 /// state dir) owns taps with the same kind of name.
-async fn remove_stale_taps(ctx: &Context) {
+async fn remove_stale_taps(ctx: &Context, registry: &Registry) {
     let mark = ctx.networks.tap_mark();
-    let owned: HashSet<String> = ctx
+    let owned: HashSet<String> = registry
         .handles()
         .iter()
         .map(VmHandle::view)

@@ -4,10 +4,12 @@
 pub mod actor;
 pub mod context;
 pub mod disk_ops;
+pub mod error;
 pub mod events;
 pub mod manager;
 pub mod nic_ops;
 pub mod record;
+pub mod registry;
 pub mod scrape;
 pub mod state;
 pub mod store;

@@ -19,8 +19,8 @@ use crate::qemu::nic::{self, NicBackend, NicPlan};
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::QmpClient;
 use crate::spec::NicSpec;
-use crate::vm::actor::VmError;
 use crate::vm::disk_ops::{call, free_port, qmp_error, unplug_device};
+use crate::vm::error::VmError;
 
 /// The host side of a NIC that vmlet holds until QEMU has its own copies.
 #[derive(Debug)]

@@ -1,0 +1,73 @@
+//! Why a VM operation failed: one error type for everything the VM layer
+//! does, mapped to HTTP statuses in one place (`api/error.rs`). Errors from
+//! the leaves (storage, networks) convert into it keeping their kind, so a
+//! full disk stays a full disk.
+
+use crate::vm::state::Task;
+
+/// Why a VM operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VmError {
+    /// No such VM, disk, image, volume or snapshot (the message says which).
+    #[error("{0}")]
+    NotFound(String),
+    /// Another operation runs on the VM.
+    #[error("VM is busy with task {}", .0.as_str())]
+    Busy(Task),
+    /// The action does not apply in the VM's state.
+    #[error("{0}")]
+    Refused(String),
+    /// A create conflicts with an existing VM.
+    #[error("{0}")]
+    Conflict(String),
+    /// The spec is invalid.
+    #[error(transparent)]
+    Invalid(#[from] crate::spec::SpecError),
+    /// QEMU or the host failed the operation; the message says how.
+    #[error("{0}")]
+    Failed(String),
+    /// A QMP command got no reply in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The host's disk is full; nothing was left half-made.
+    #[error("{0}")]
+    NoSpace(String),
+    /// The VM was deleted while the request waited.
+    #[error("VM was deleted")]
+    Gone,
+}
+
+impl From<crate::net::networks::NetworkError> for VmError {
+    fn from(e: crate::net::networks::NetworkError) -> VmError {
+        use crate::net::networks::NetworkError as N;
+        use crate::net::NetError;
+        match e {
+            N::NotFound(_) => VmError::NotFound(e.to_string()),
+            N::Conflict(m) => VmError::Conflict(m),
+            N::Invalid(spec) => VmError::Invalid(spec),
+            N::Net(NetError::Invalid(m)) => VmError::Conflict(m),
+            N::Net(
+                net @ NetError::Netlink {
+                    errno: Some(libc::EEXIST),
+                    ..
+                },
+            ) => VmError::Conflict(net.to_string()),
+            N::Net(net) => VmError::Failed(net.to_string()),
+            N::Failed(m) => VmError::Failed(m),
+        }
+    }
+}
+
+impl From<crate::storage::StorageError> for VmError {
+    fn from(e: crate::storage::StorageError) -> VmError {
+        use crate::storage::StorageError as S;
+        match e {
+            S::NotFound(_) => VmError::NotFound(e.to_string()),
+            S::Conflict(m) => VmError::Conflict(m),
+            S::Invalid(spec) => VmError::Invalid(spec),
+            S::Refused(m) => VmError::Refused(m),
+            S::NoSpace(m) => VmError::NoSpace(m),
+            S::Failed(m) => VmError::Failed(m),
+        }
+    }
+}
