@@ -1105,9 +1105,24 @@ async fn a_full_disk_gives_507_and_leaves_nothing() {
         assert_nothing_stored(&d, &name);
     }
 
+    // A VM with a cloud-init seed, made while there is room for its record.
+    let mut seeded = guest_spec_json(&unique_name("seeded"), "guest.action=hold");
+    seeded["cloud_init"] = json!({"user_data": "#cloud-config\n"});
+    let (status, seeded) = post(&d, "/v1/vms", &seeded).await;
+    assert_eq!(status, 201, "{seeded}");
+
     // A VM whose blank disk does not fit: 507, no VM, no directory.
     let full = mount.path().join("filler-rest");
     std::fs::write(&full, vec![0u8; mount.free_bytes() as usize]).unwrap();
+
+    // Starting the seeded VM cannot write its seed: 507 too, not 503, and
+    // no QEMU runs.
+    let seeded_id = seeded["id"].as_str().unwrap().to_string();
+    let answer = post(&d, &format!("/v1/vms/{seeded_id}/start"), &json!({})).await;
+    assert_error(&answer, 507, "no_space");
+    assert!(d.qemu_pids().is_empty(), "a QEMU runs: {:?}", d.qemu_pids());
+    let (status, body) = call(&d, Method::DELETE, &format!("/v1/vms/{seeded_id}"), None).await;
+    assert_eq!(status, 204, "{body}");
     let vm_name = unique_name("nospace");
     let answer = post(
         &d,

@@ -71,3 +71,41 @@ impl From<crate::storage::StorageError> for VmError {
         }
     }
 }
+
+impl VmError {
+    /// The same failure, its message led by `what` (`start failed: …`); the
+    /// kind, and so the HTTP status, stays.
+    pub fn during(self, what: &str) -> VmError {
+        let lead = |m: String| format!("{what}: {m}");
+        match self {
+            VmError::NotFound(m) => VmError::NotFound(lead(m)),
+            VmError::Refused(m) => VmError::Refused(lead(m)),
+            VmError::Conflict(m) => VmError::Conflict(lead(m)),
+            VmError::Failed(m) => VmError::Failed(lead(m)),
+            VmError::Timeout(m) => VmError::Timeout(lead(m)),
+            VmError::NoSpace(m) => VmError::NoSpace(lead(m)),
+            other @ (VmError::Busy(_) | VmError::Invalid(_) | VmError::Gone) => other,
+        }
+    }
+}
+
+impl From<crate::qemu::launch_files::LaunchFileError> for VmError {
+    /// A host file the spec names that cannot be opened now (gone,
+    /// replaced by a symlink, a qcow2 naming other files): the field named.
+    fn from(e: crate::qemu::launch_files::LaunchFileError) -> VmError {
+        VmError::Invalid(crate::spec::SpecError::field(e.field, e.source.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lead_keeps_the_kind() {
+        let e = VmError::NoSpace("writing the seed".into()).during("start failed");
+        assert!(matches!(&e, VmError::NoSpace(m) if m == "start failed: writing the seed"));
+        let e = VmError::Busy(Task::Stop).during("start failed");
+        assert!(matches!(e, VmError::Busy(Task::Stop)));
+    }
+}

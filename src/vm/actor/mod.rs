@@ -91,7 +91,7 @@ enum Input {
 }
 
 enum OpResult {
-    Started(Result<(instance::QemuInstance, Option<Arc<SerialHub>>), String>),
+    Started(Result<(instance::QemuInstance, Option<Arc<SerialHub>>), VmError>),
     Stopped(Result<StopOutcome, ProcessError>),
     Qmp {
         task: Task,
@@ -514,18 +514,16 @@ impl Actor {
                 let profile = ctx
                     .profiles
                     .get(&spec.profile)
-                    .map_err(|e| error_chain(&e))?;
+                    .map_err(|e| VmError::Failed(error_chain(&e)))?;
                 let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
-                crate::storage::disks::write_seed(&ctx.layout, &spec).map_err(|e| e.to_string())?;
+                // A full disk stays a full disk (507).
+                crate::storage::disks::write_seed(&ctx.layout, &spec)?;
                 // The taps live while `_host_nics` holds their fds: until
                 // QEMU has inherited them (or the start failed, and they go).
-                let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics).await?;
                 // Every disk, kernel and initrd opened now, by vmlet: QEMU
                 // gets fds and never resolves a path from the spec.
-                let files = LaunchFiles::open(&spec, &ctx.layout, &ctx.host_roots)
-                    .map_err(|e| error_chain(&e))?;
+                let files = LaunchFiles::open(&spec, &ctx.layout, &ctx.host_roots)?;
                 let serial_log = ctx.layout.console_log(spec.uuid);
                 let inputs = LaunchInputs {
                     spec: &spec,
@@ -543,14 +541,14 @@ impl Actor {
                 let qemu =
                     instance::launch_with_deadline(&ctx.settings.qemu_binary, inputs, deadline)
                         .await
-                        .map_err(|e| error_chain(&e))?;
+                        .map_err(|e| VmError::Failed(error_chain(&e)))?;
                 // Attached before the guest runs, so the live stream has
                 // every byte of this boot.
                 let serial = open_serial(&ctx, &spec, &paths).await;
                 if let Err(e) = qemu.start_guest().await {
                     let _ = qemu.process.kill().await;
                     instance::remove_run_dir(&qemu.paths);
-                    return Err(format!("starting the guest: {}", error_chain(&e)));
+                    return Err(crate::vm::disk_ops::qmp_error("starting the guest", e));
                 }
                 Ok((qemu, serial))
             }
@@ -639,15 +637,19 @@ impl Actor {
                 self.observe(Observation::GuestStarted);
                 self.finish_op(Ok(()));
             }
-            OpResult::Started(Err(message)) => {
-                tracing::warn!(vm = %self.vm.name, error = %message, "start failed");
+            OpResult::Started(Err(e)) => {
+                let e = e.during("start failed");
+                tracing::warn!(vm = %self.vm.name, error = %e, "start failed");
                 self.observe(Observation::StartFailed);
-                let error = format!("start failed: {message}");
+                let error = match &e {
+                    VmError::Invalid(spec) => format!("start failed: {spec}"),
+                    other => other.to_string(),
+                };
                 self.commit(|vm| {
                     vm.pid = None;
-                    vm.error = Some(error.clone());
+                    vm.error = Some(error);
                 });
-                self.finish_op(Err(VmError::Failed(error)));
+                self.finish_op(Err(e));
             }
             OpResult::Stopped(result) => match result {
                 Ok(outcome) => {
