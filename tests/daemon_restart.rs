@@ -315,6 +315,87 @@ async fn killed_qemu_becomes_crashed_within_a_second() {
     assert!(d.qemu_pids().is_empty(), "QEMUs left: {:?}", d.qemu_pids());
 }
 
+/// SIGSTOP a VM's QEMU in the middle of a hot-plug: creating another VM
+/// still answers within a second (operations take claims on what they use,
+/// not a host-wide lock), a create that wants the volume being attached is
+/// refused at once, and the hung hot-plug fails on its own deadline.
+#[tokio::test]
+async fn a_hung_hot_plug_does_not_stall_creates() {
+    let d = Daemon::start().await;
+    let volume = unique_name("plug");
+    expect(
+        &d,
+        Method::POST,
+        "/v1/volumes",
+        Some(&serde_json::json!({"name": volume, "size_mib": 8})),
+        201,
+    )
+    .await;
+    let a = create(&d, "plugging", "guest.action=hold", false).await;
+    let a = start(&d, a.id).await;
+    wait_ready(&d, a.id).await;
+    let a_pid = a.pid.unwrap();
+
+    signal(a_pid, Signal::SIGSTOP);
+    let client = d.client.clone();
+    let attach_path = format!("/v1/vms/{}/disks", a.id);
+    let body = serde_json::json!({"volume": volume});
+    let hung = tokio::spawn(async move {
+        client
+            .request_json(Method::POST, &attach_path, Some(&body))
+            .await
+    });
+    wait_vm(&d, a.id, "A's hot-plug to be in flight", PROMPT * 5, |vm| {
+        vm.task == Some(Task::Disks)
+    })
+    .await;
+
+    let timed = Instant::now();
+    let b = create(&d, "meanwhile", "guest.action=hold", false).await;
+    let took = timed.elapsed();
+    eprintln!("create with a hot-plug hung: {took:?}");
+    assert!(
+        took <= PROMPT,
+        "a create took {took:?} while a hot-plug hung"
+    );
+
+    // The volume being attached is taken: a create wanting it is refused
+    // at once, not after the hung hot-plug.
+    let mut wants = guest_spec_json(&unique_name("wants"), "guest.action=hold");
+    wants["disks"] = serde_json::json!([{"volume": volume}]);
+    let timed = Instant::now();
+    let (status, answer) = d
+        .client
+        .request_json(Method::POST, "/v1/vms", Some(&wants))
+        .await
+        .unwrap();
+    assert!(
+        timed.elapsed() <= PROMPT,
+        "refusal took {:?}",
+        timed.elapsed()
+    );
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.to_string().contains(&volume), "{answer}");
+
+    let (status, answer) = tokio::time::timeout(HUNG_COMMAND_LIMIT, hung)
+        .await
+        .expect("the hung hot-plug fails on its deadline")
+        .unwrap()
+        .expect("the hung hot-plug gets an answer");
+    assert_ne!(status, 200, "{answer}");
+    signal(a_pid, Signal::SIGCONT);
+    for id in [a.id, b.id] {
+        expect(
+            &d,
+            Method::DELETE,
+            &format!("/v1/vms/{id}?force=true"),
+            None,
+            204,
+        )
+        .await;
+    }
+}
+
 /// SIGSTOP one VM's QEMU: the listing and another VM's actions still answer
 /// within a second, while the hung VM's own command fails with a `timeout`
 /// error. Afterwards both VMs can be stopped and deleted.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::config::Settings;
@@ -23,6 +23,7 @@ use crate::storage::images::ImageStore;
 use crate::storage::volumes::{Volume, VolumeAttachment, VolumeCreate};
 use crate::storage::{disks, MIB};
 use crate::vm::actor::{self, error_chain, ActOptions, Live, StorageOp, VmError, VmHandle};
+use crate::vm::claims::{Claim, Claims, Hold, Taken};
 use crate::vm::context::Context;
 use crate::vm::disk_ops::{self, Snapshot};
 use crate::vm::events::EventBus;
@@ -84,8 +85,9 @@ pub struct Manager {
     ctx: Arc<Context>,
     /// The VMs.
     registry: Registry,
-    /// Creates are serialized so name and UUID checks cannot race.
-    create_lock: Mutex<()>,
+    /// What operations in flight have taken (UUIDs, names, MACs, volumes,
+    /// images and networks), so their checks cannot race.
+    claims: Claims,
     qemu_version: String,
     /// Why `accel` was chosen (probed once, at start).
     accel_reason: String,
@@ -147,7 +149,7 @@ impl Manager {
         Ok(Manager {
             ctx,
             registry,
-            create_lock: Mutex::new(()),
+            claims: Claims::default(),
             qemu_version,
             accel_reason,
         })
@@ -221,9 +223,9 @@ impl Manager {
     /// create is safe; a different spec under that UUID is a conflict.
     pub async fn create(&self, mut spec: VmSpec) -> Result<Created, VmError> {
         spec.validate(|name| self.ctx.profiles.caps(name))?;
-        let _guard = self.create_lock.lock().await;
         self.settle_nics(spec.uuid, &mut spec.nics, 0, "nics")
             .await?;
+        let _claims = self.claim(create_claims(&spec))?;
         if let Some(existing) = self.registry.handle(spec.uuid) {
             let vm = existing.view();
             return if vm.spec == spec {
@@ -313,11 +315,18 @@ impl Manager {
     }
 
     /// Runs a disk or snapshot operation on VM `key`. Attaching a volume
-    /// checks, under the create lock, that no other VM uses it.
+    /// checks, holding that volume's claim, that no other VM uses it.
     pub async fn storage(&self, key: &str, op: StorageOp) -> Result<Vm, VmError> {
         let handle = self.find(key)?;
         if let StorageOp::AttachDisk(disk) = &op {
-            let _guard = self.create_lock.lock().await;
+            let volume_claim = match disk.source() {
+                Ok(DiskSource::Volume { volume }) => {
+                    vec![(Claim::Volume(volume.to_string()), Hold::Alone)]
+                }
+                _ => vec![],
+            };
+            // Held while the actor hot-plugs: only this volume waits.
+            let _claims = self.claim(volume_claim)?;
             if let Ok(DiskSource::Volume { volume }) = disk.source() {
                 if !self.ctx.volumes.exists(volume) {
                     return Err(VmError::Invalid(SpecError::field(
@@ -337,11 +346,21 @@ impl Manager {
         handle.storage(op).await
     }
 
+    /// Takes `wanted` for an operation, or says which of them another
+    /// operation in progress holds (409).
+    fn claim(&self, wanted: Vec<(Claim, Hold)>) -> Result<Taken<'_>, VmError> {
+        self.claims.take(wanted).map_err(|claim| {
+            VmError::Conflict(format!(
+                "{claim} is in use by another operation in progress; retry"
+            ))
+        })
+    }
+
     /// Fills in the MACs `nics` lack (derived from the VM's UUID and each
     /// NIC's index from `first_index`, skipping MACs in use) and checks
     /// that every MAC is free on the host and every network exists.
-    /// `field` prefixes error fields (`nics` → `nics[0].mac`). Runs under
-    /// the create lock.
+    /// `field` prefixes error fields (`nics` → `nics[0].mac`). The caller
+    /// then claims the MACs, so two operations cannot both get one.
     async fn settle_nics(
         &self,
         vm: Uuid,
@@ -403,13 +422,20 @@ impl Manager {
     /// Attaches a NIC to VM `key` (hot-plugged when it runs).
     pub async fn attach_nic(&self, key: &str, mut nic: NicSpec) -> Result<Vm, VmError> {
         let handle = self.find(key)?;
-        let _guard = self.create_lock.lock().await;
         let vm = handle.view();
         let profile_caps = self.ctx.profiles.caps(&vm.spec.profile);
         crate::spec::validate_nic(&nic, profile_caps)?;
         let index = vm.spec.nics.len();
         let mut one = [nic.clone()];
         self.settle_nics(vm.id, &mut one, index, "").await?;
+        // Held while the actor hot-plugs: only this MAC and network wait.
+        let _claims = self.claim(vec![
+            (
+                Claim::Mac(one[0].mac.clone().unwrap_or_default().to_ascii_lowercase()),
+                Hold::Alone,
+            ),
+            (Claim::Network(one[0].network.clone()), Hold::Shared),
+        ])?;
         if vm
             .spec
             .nics
@@ -448,7 +474,7 @@ impl Manager {
 
     /// Deletes a network no NIC is on; only links vmlet created go.
     pub async fn delete_network(&self, name: &str) -> Result<(), VmError> {
-        let _guard = self.create_lock.lock().await;
+        let _claims = self.claim(vec![(Claim::Network(name.to_string()), Hold::Alone)])?;
         let nics = self.nics_on(name);
         if !nics.is_empty() {
             let vms: Vec<String> = nics.iter().map(|n| n.vm_name.clone()).collect();
@@ -496,7 +522,7 @@ impl Manager {
     /// Deletes image `name` (or cancels its import), unless a VM disk is an
     /// overlay on it.
     pub async fn delete_image(&self, name: &str) -> Result<(), VmError> {
-        let _guard = self.create_lock.lock().await;
+        let _claims = self.claim(vec![(Claim::Image(name.to_string()), Hold::Alone)])?;
         let users: Vec<String> = self
             .registry
             .handles()
@@ -557,7 +583,7 @@ impl Manager {
 
     /// Deletes a volume no VM uses.
     pub async fn delete_volume(&self, name: &str) -> Result<(), VmError> {
-        let _guard = self.create_lock.lock().await;
+        let _claims = self.claim(vec![(Claim::Volume(name.to_string()), Hold::Alone)])?;
         if let Some(user) = self.volume_user(name) {
             return Err(VmError::Conflict(format!(
                 "volume {name} is in use by VM {} (disk {}); detach it first",
@@ -730,6 +756,33 @@ async fn qemu_version(binary: &Path) -> Result<String, ManagerError> {
 fn parse_qemu_version(text: &str) -> Option<String> {
     let rest = text.lines().next()?.split("version ").nth(1)?;
     rest.split_whitespace().next().map(str::to_string)
+}
+
+/// What creating `spec` takes: its UUID, name, MACs and volumes alone,
+/// the images and networks it uses beside other creates.
+fn create_claims(spec: &VmSpec) -> Vec<(Claim, Hold)> {
+    let mut wanted = vec![
+        (Claim::Vm(spec.uuid), Hold::Alone),
+        (Claim::VmName(spec.name.clone()), Hold::Alone),
+    ];
+    for nic in &spec.nics {
+        if let Some(mac) = &nic.mac {
+            wanted.push((Claim::Mac(mac.to_ascii_lowercase()), Hold::Alone));
+        }
+        wanted.push((Claim::Network(nic.network.clone()), Hold::Shared));
+    }
+    for disk in &spec.disks {
+        match disk.source() {
+            Ok(DiskSource::Volume { volume }) => {
+                wanted.push((Claim::Volume(volume.to_string()), Hold::Alone))
+            }
+            Ok(DiskSource::Image { image, .. }) => {
+                wanted.push((Claim::Image(image.to_string()), Hold::Shared))
+            }
+            _ => {}
+        }
+    }
+    wanted
 }
 
 /// Refuses host files that vmlet would not open at start: outside `roots`

@@ -2,6 +2,7 @@
 //! each one, and the manager that holds them all.
 
 pub mod actor;
+pub mod claims;
 pub mod context;
 pub mod disk_ops;
 pub mod error;
