@@ -1,0 +1,493 @@
+//! `vmlet vm …`: the VM subcommands and how VMs are rendered. The disk,
+//! NIC and snapshot subcommands (and how those are rendered) live in
+//! `disks`, `nics` and `snapshots`; their public items are re-exported
+//! here.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{
+    columns, key_values, mib, shown, shown_list, unless_json, write_flush, CliError, ClientOptions,
+    Output,
+};
+use crate::spec::{Boot, CacheMode, DiskBus, Firmware};
+use crate::vm::Vm;
+
+mod disks;
+mod nics;
+mod snapshots;
+
+use disks::{cache_str, disk_command, disk_source_str, limits_str};
+use nics::{nic_command, nic_str};
+use snapshots::snapshot_command;
+
+pub use disks::{BusArg, CacheArg, DiskCommand, LimitArgs};
+pub use nics::{NicCommand, NicModelArg};
+pub use snapshots::{render_snapshot_list, SnapshotCommand};
+
+/// `vmlet vm …`: one VM operation. `VM` is a UUID or a name.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum VmCommand {
+    /// List every VM.
+    List,
+    /// Show one VM.
+    Show {
+        /// UUID or name.
+        vm: String,
+    },
+    /// Create a VM from a spec file. With a UUID (`--id` or the spec's
+    /// `uuid`), the create is a PUT and safe to retry; without one the
+    /// daemon picks it.
+    Create {
+        /// The VM spec (JSON); `-` reads standard input.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// The VM's UUID.
+        #[arg(long)]
+        id: Option<Uuid>,
+    },
+    /// Start a VM.
+    Start {
+        /// UUID or name.
+        vm: String,
+    },
+    /// Stop a VM: ACPI power button, then quit after the timeout.
+    Stop {
+        /// UUID or name.
+        vm: String,
+        /// Stop at once, without asking the guest.
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest gets to power off (the daemon's default if unset).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Reset a VM's guest.
+    Reboot {
+        /// UUID or name.
+        vm: String,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// UUID or name.
+        vm: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// UUID or name.
+        vm: String,
+    },
+    /// Delete a stopped VM with its own disks (overlays, blank disks, the
+    /// cloud-init seed). Volumes are kept unless --delete-volumes.
+    Delete {
+        /// UUID or name.
+        vm: String,
+        /// Delete a running VM too, stopping it first.
+        #[arg(long)]
+        force: bool,
+        /// Delete the volumes attached to it too.
+        #[arg(long)]
+        delete_volumes: bool,
+    },
+    /// Attach, detach and throttle a VM's disks.
+    Disk {
+        /// The disk operation.
+        #[command(subcommand)]
+        cmd: DiskCommand,
+    },
+    /// Attach and detach a VM's NICs.
+    Nic {
+        /// The NIC operation.
+        #[command(subcommand)]
+        cmd: NicCommand,
+    },
+    /// List, take, revert to and delete a VM's snapshots.
+    Snapshot {
+        /// The snapshot operation.
+        #[command(subcommand)]
+        cmd: SnapshotCommand,
+    },
+}
+
+/// Runs `vmlet vm CMD`, printing to `out`.
+pub async fn run_vm(
+    cmd: VmCommand,
+    opts: &ClientOptions,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let client = opts.client()?;
+    let json = opts.output == Output::Json;
+    let text = match cmd {
+        VmCommand::List => {
+            let vms = client.list_vms().await?;
+            shown_list(json, "vms", &vms, render_vm_list)
+        }
+        VmCommand::Show { vm } => shown(json, &client.get_vm(&vm).await?, render_vm),
+        VmCommand::Create { file, id } => {
+            let spec = read_spec(&file)?;
+            let uuid = create_uuid(&spec, id)?;
+            let (created, vm) = match uuid {
+                Some(uuid) => {
+                    let mut spec = spec;
+                    spec["uuid"] = uuid.to_string().into();
+                    client.put_vm(uuid, &spec).await?
+                }
+                None => (true, client.create_vm(&spec).await?),
+            };
+            shown(json, &vm, |vm| {
+                if created {
+                    format!("created VM {} ({})\n", vm.name, vm.id)
+                } else {
+                    format!("VM {} ({}) already exists with this spec\n", vm.name, vm.id)
+                }
+            })
+        }
+        VmCommand::Delete {
+            vm,
+            force,
+            delete_volumes,
+        } => {
+            client.delete_vm_with(&vm, force, delete_volumes).await?;
+            unless_json(json, || {
+                if delete_volumes {
+                    format!("deleted VM {vm} and its volumes\n")
+                } else {
+                    format!("deleted VM {vm}\n")
+                }
+            })
+        }
+        VmCommand::Disk { cmd } => disk_command(&client, cmd, json).await?,
+        VmCommand::Nic { cmd } => nic_command(&client, cmd, json).await?,
+        VmCommand::Snapshot { cmd } => snapshot_command(&client, cmd, json).await?,
+        VmCommand::Start { vm } => action_output(client.start(&vm).await?, json),
+        VmCommand::Stop { vm, force, timeout } => {
+            action_output(client.stop(&vm, force, timeout).await?, json)
+        }
+        VmCommand::Reboot { vm } => action_output(client.reboot(&vm).await?, json),
+        VmCommand::Pause { vm } => action_output(client.pause(&vm).await?, json),
+        VmCommand::Resume { vm } => action_output(client.resume(&vm).await?, json),
+    };
+    write_flush(out, &text)
+}
+
+fn action_output(vm: Vm, json: bool) -> String {
+    shown(json, &vm, |vm| format!("{}\n", vm_line(vm)))
+}
+
+/// Reads a spec file (`-`: standard input) as a JSON object.
+fn read_spec(path: &Path) -> Result<Value, CliError> {
+    let read_error = |source| CliError::ReadSpec {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        text
+    } else {
+        std::fs::read_to_string(path).map_err(read_error)?
+    };
+    parse_spec(path, &text)
+}
+
+fn parse_spec(path: &Path, text: &str) -> Result<Value, CliError> {
+    let not_json = |reason: String| CliError::SpecNotJson {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let value: Value = serde_json::from_str(text).map_err(|e| not_json(e.to_string()))?;
+    if !value.is_object() {
+        return Err(not_json("expected an object".into()));
+    }
+    Ok(value)
+}
+
+/// The UUID a create uses: `--id`, else the spec's `uuid` when it is one
+/// (a malformed one is left for the daemon to report, naming the field).
+fn create_uuid(spec: &Value, id: Option<Uuid>) -> Result<Option<Uuid>, CliError> {
+    let in_spec = spec.get("uuid").and_then(Value::as_str);
+    match (id, in_spec) {
+        (Some(id), Some(text)) if text.parse::<Uuid>().ok() != Some(id) => {
+            Err(CliError::UuidMismatch {
+                id,
+                spec: text.to_string(),
+            })
+        }
+        (Some(id), _) => Ok(Some(id)),
+        (None, text) => Ok(text.and_then(|t| t.parse().ok())),
+    }
+}
+
+/// `vm list` as aligned columns.
+pub fn render_vm_list(vms: &[Vm]) -> String {
+    let header = [
+        "ID", "NAME", "STATE", "TASK", "DESIRED", "VCPUS", "MEMORY", "PID",
+    ];
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.id.to_string(),
+                vm.name.clone(),
+                vm.state.as_str().to_string(),
+                task_str(vm),
+                desired_str(vm).to_string(),
+                vm.spec.vcpus.to_string(),
+                mib(vm.spec.memory_mib),
+                vm.pid.map_or("-".to_string(), |p| p.to_string()),
+            ]
+        })
+        .collect();
+    columns(&header, &rows)
+}
+
+/// `vm show` as `key: value` lines.
+pub fn render_vm(vm: &Vm) -> String {
+    let spec = &vm.spec;
+    let mut lines: Vec<(String, String)> = vec![
+        ("id".into(), vm.id.to_string()),
+        ("name".into(), vm.name.clone()),
+        ("state".into(), vm.state.as_str().into()),
+        ("task".into(), task_str(vm)),
+        ("desired".into(), desired_str(vm).into()),
+        ("generation".into(), vm.generation.to_string()),
+        (
+            "pid".into(),
+            vm.pid.map_or("-".to_string(), |p| p.to_string()),
+        ),
+    ];
+    if let Some(error) = &vm.error {
+        lines.push(("error".into(), error.clone()));
+    }
+    lines.push(("vcpus".into(), spec.vcpus.to_string()));
+    lines.push(("memory".into(), mib(spec.memory_mib)));
+    lines.push(("profile".into(), spec.profile.clone()));
+    lines.push(("boot".into(), boot_str(&spec.boot)));
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let mut flags = vec![];
+        if disk.bus != DiskBus::VirtioBlk {
+            flags.push("scsi".to_string());
+        }
+        if disk.cache != CacheMode::Writeback {
+            flags.push(format!("cache {}", cache_str(disk.cache)));
+        }
+        if disk.read_only {
+            flags.push("read-only".into());
+        }
+        if let Some(order) = disk.boot_order {
+            flags.push(format!("boot {order}"));
+        }
+        if let Some(serial) = &disk.serial {
+            flags.push(format!("serial {serial}"));
+        }
+        if !disk.limits.is_unlimited() {
+            flags.push(limits_str(&disk.limits));
+        }
+        lines.push((
+            format!("disk {}", disk.name_or_default(i)),
+            if flags.is_empty() {
+                disk_source_str(disk)
+            } else {
+                format!("{} ({})", disk_source_str(disk), flags.join(", "))
+            },
+        ));
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        lines.push((format!("nic {i}"), nic_str(nic)));
+    }
+    lines.push((
+        "serial".into(),
+        if spec.serial.enabled { "yes" } else { "no" }.into(),
+    ));
+    for channel in &spec.channels {
+        lines.push(("channel".into(), channel.name.clone()));
+    }
+    lines.push((
+        "autostart".into(),
+        if spec.autostart { "yes" } else { "no" }.into(),
+    ));
+    lines.push(("created".into(), vm.created_at.clone()));
+    lines.push(("updated".into(), vm.updated_at.clone()));
+    key_values(&lines)
+}
+
+/// `NAME state=… task=… gen=…`, with the error when there is one.
+pub(super) fn vm_line(vm: &Vm) -> String {
+    let mut line = format!(
+        "{} state={} task={} gen={}",
+        vm.name,
+        vm.state.as_str(),
+        task_str(vm),
+        vm.generation
+    );
+    if let Some(error) = &vm.error {
+        line.push_str(&format!(" error={error:?}"));
+    }
+    line
+}
+
+fn task_str(vm: &Vm) -> String {
+    vm.task.map_or("-", |t| t.as_str()).to_string()
+}
+
+fn desired_str(vm: &Vm) -> &'static str {
+    use crate::vm::state::Desired;
+    match vm.desired {
+        Desired::Stopped => "stopped",
+        Desired::Running => "running",
+        Desired::Paused => "paused",
+    }
+}
+
+fn boot_str(boot: &Boot) -> String {
+    match boot {
+        Boot::Kernel { kernel, .. } => format!("kernel {}", kernel.display()),
+        Boot::Firmware { firmware } => match firmware {
+            Firmware::Bios => "firmware bios".to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::fixtures::{as_received, vm};
+    use crate::spec::{DiskFormat, DiskSpec, IoLimits, NicModel, NicSpec};
+    use crate::vm::state::{Desired, PowerState, Task};
+
+    #[test]
+    fn vm_list_is_aligned_columns() {
+        let a = vm("web", 1);
+        let mut b = vm("database-primary", 2);
+        b.state = as_received(PowerState::Stopping);
+        b.task = Some(Task::Stop);
+        b.desired = Desired::Stopped;
+        b.pid = Some(4242);
+        b.spec.memory_mib = 4096;
+        let text = render_vm_list(&[a, b]);
+        let expected = "\
+ID                                    NAME              STATE     TASK  DESIRED  VCPUS  MEMORY  PID
+00000000-0000-0000-0000-000000000001  web               stopped   -     stopped  2      512MiB  -
+00000000-0000-0000-0000-000000000002  database-primary  stopping  stop  stopped  2      4GiB    4242
+";
+        assert_eq!(text, expected);
+        assert_eq!(
+            render_vm_list(&[]),
+            "ID  NAME  STATE  TASK  DESIRED  VCPUS  MEMORY  PID\n"
+        );
+    }
+
+    #[test]
+    fn vm_show_lists_fields_and_the_error() {
+        let mut v = vm("web", 1);
+        v.state = as_received(PowerState::Error);
+        v.error = Some("qemu exited: bad disk".into());
+        v.spec.disks.push(DiskSpec {
+            read_only: true,
+            boot_order: Some(1),
+            ..DiskSpec::file("/var/lib/vmlet/web.qcow2", DiskFormat::Qcow2)
+        });
+        let text = render_vm(&v);
+        let expected = "\
+id:         00000000-0000-0000-0000-000000000001
+name:       web
+state:      error
+task:       -
+desired:    stopped
+generation: 1
+pid:        -
+error:      qemu exited: bad disk
+vcpus:      2
+memory:     512MiB
+profile:    q35
+boot:       kernel /k/vmlinuz
+disk disk0: qcow2 /var/lib/vmlet/web.qcow2 (read-only, boot 1)
+serial:     yes
+autostart:  no
+created:    2024-05-01T10:00:00.000Z
+updated:    2024-05-01T10:00:05.000Z
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn vm_show_lists_nics_after_the_disks() {
+        let mut v = vm("web", 1);
+        v.spec
+            .disks
+            .push(DiskSpec::file("/d/web.raw", DiskFormat::Raw));
+        v.spec.nics = vec![
+            NicSpec {
+                network: "lan".into(),
+                mac: Some("52:54:00:12:34:56".into()),
+                model: NicModel::Virtio,
+                queues: Some(4),
+            },
+            NicSpec {
+                network: "nat".into(),
+                mac: Some("52:54:00:ab:cd:ef".into()),
+                model: NicModel::E1000,
+                queues: None,
+            },
+        ];
+        let text = render_vm(&v);
+        let expected = "\
+disk disk0: raw /d/web.raw
+nic 0:      network lan, 52:54:00:12:34:56, virtio, 4 queues
+nic 1:      network nat, 52:54:00:ab:cd:ef, e1000
+serial:     yes
+";
+        assert!(text.contains(expected), "{text}");
+    }
+
+    #[test]
+    fn create_uses_the_id_or_the_specs_uuid() {
+        let id = Uuid::from_u128(7);
+        let none = serde_json::json!({"name": "a"});
+        let same = serde_json::json!({"uuid": id.to_string()});
+        let other = serde_json::json!({"uuid": Uuid::from_u128(8).to_string()});
+        let junk = serde_json::json!({"uuid": "nope"});
+        assert_eq!(create_uuid(&none, None).unwrap(), None);
+        assert_eq!(create_uuid(&none, Some(id)).unwrap(), Some(id));
+        assert_eq!(create_uuid(&same, None).unwrap(), Some(id));
+        assert_eq!(create_uuid(&same, Some(id)).unwrap(), Some(id));
+        assert_eq!(create_uuid(&junk, None).unwrap(), None);
+        assert!(matches!(
+            create_uuid(&other, Some(id)),
+            Err(CliError::UuidMismatch { .. })
+        ));
+        assert!(parse_spec(Path::new("s.json"), "[1]").is_err());
+        assert!(parse_spec(Path::new("s.json"), "{").is_err());
+    }
+
+    #[test]
+    fn vm_show_names_volume_disks_with_their_cache_and_limits() {
+        let mut v = vm("web", 1);
+        v.spec.disks.push(DiskSpec {
+            path: None,
+            format: None,
+            volume: Some("data".into()),
+            name: Some("data0".into()),
+            cache: CacheMode::None,
+            limits: IoLimits {
+                iops_total: Some(500),
+                bps_read: Some(10 << 20),
+                ..IoLimits::default()
+            },
+            ..DiskSpec::file("", DiskFormat::Raw)
+        });
+        let text = render_vm(&v);
+        assert!(
+            text.contains(
+                "disk data0: volume data (cache none, iops_total=500 bps_read=10MiB/s)\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(limits_str(&IoLimits::default()), "unlimited");
+    }
+}
