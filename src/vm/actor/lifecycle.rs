@@ -1,0 +1,244 @@
+//! The power operations of a VM's actor, each run as its own task: start
+//! (launch QEMU paused, configure, `cont`), stop, reboot, pause, resume
+//! and delete, and what their results do to the VM.
+
+use super::*;
+
+impl Actor {
+    pub(super) fn begin_start(&mut self) {
+        self.observe(Observation::StartBegun);
+        self.commit(|vm| {
+            vm.task = Some(Task::Start);
+            vm.desired = Desired::Running;
+            vm.error = None;
+        });
+        // A VM in `error` may still hold a QEMU that stopped answering.
+        let leftover = self.runtime.take();
+        let ctx = self.ctx.clone();
+        let spec = self.vm.spec.clone();
+        self.spawn_op(async move {
+            if let Some(rt) = leftover {
+                let _ = rt.process.kill().await;
+                instance::remove_run_dir(&rt.paths);
+            }
+            let result = async {
+                let profile = ctx
+                    .profiles
+                    .get(&spec.profile)
+                    .map_err(|e| VmError::Failed(error_chain(&e)))?;
+                let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
+                // A full disk stays a full disk (507).
+                crate::storage::disks::write_seed(&ctx.layout, &spec)?;
+                // The taps live while `_host_nics` holds their fds: until
+                // QEMU has inherited them (or the start failed, and they go).
+                let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics).await?;
+                // Every disk, kernel and initrd opened now, by vmlet: QEMU
+                // gets fds and never resolves a path from the spec.
+                let files = LaunchFiles::open(&spec, &ctx.layout, &ctx.host_roots)?;
+                let serial_log = ctx.layout.console_log(spec.uuid);
+                let inputs = LaunchInputs {
+                    spec: &spec,
+                    profile,
+                    accel: ctx.accel,
+                    paths: &paths,
+                    serial_log: &serial_log,
+                    disks: &files.disks,
+                    disk_sets: &files.sets,
+                    passed_fds: &files.passed,
+                    boot_files: files.boot.as_ref(),
+                    nics: &nics,
+                };
+                let deadline = Duration::from_secs(ctx.settings.start_timeout_s);
+                let qemu =
+                    instance::launch_with_deadline(&ctx.settings.qemu_binary, inputs, deadline)
+                        .await
+                        .map_err(|e| VmError::Failed(error_chain(&e)))?;
+                // Attached before the guest runs, so the live stream has
+                // every byte of this boot.
+                let serial = open_serial(&ctx, &spec, &paths).await;
+                if let Err(e) = qemu.start_guest().await {
+                    let _ = qemu.process.kill().await;
+                    instance::remove_run_dir(&qemu.paths);
+                    return Err(crate::vm::disk_ops::qmp_error("starting the guest", e));
+                }
+                Ok((qemu, serial))
+            }
+            .await;
+            OpResult::Started(result)
+        });
+    }
+
+    pub(super) fn begin_stop(&mut self, force: bool, timeout: Option<Duration>) {
+        self.observe(Observation::StopBegun);
+        self.commit(|vm| {
+            vm.task = Some(Task::Stop);
+            vm.desired = Desired::Stopped;
+        });
+        let Some(rt) = &self.runtime else {
+            self.spawn_op(async { OpResult::Stopped(Ok(StopOutcome::AlreadyExited)) });
+            return;
+        };
+        let mode = if force {
+            StopMode::Force
+        } else {
+            StopMode::Graceful {
+                grace: timeout.unwrap_or(Duration::from_secs(self.ctx.settings.stop_grace_s)),
+            }
+        };
+        let process = rt.process.clone();
+        let qmp = rt.qmp.clone();
+        self.spawn_op(async move {
+            OpResult::Stopped(instance::stop_process(&process, qmp.as_ref(), mode).await)
+        });
+    }
+
+    pub(super) fn begin_qmp(&mut self, task: Task) {
+        self.commit(|vm| vm.task = Some(task));
+        let qmp = self.runtime.as_ref().and_then(|rt| rt.qmp.clone());
+        self.spawn_op(async move {
+            let Some(qmp) = qmp else {
+                return OpResult::Qmp {
+                    task,
+                    result: Err(QmpError::Protocol("no QMP link to this QEMU".into())),
+                };
+            };
+            let result = match task {
+                Task::Reboot => qmp.execute(qapi::qmp::system_reset {}).await.map(drop),
+                Task::Pause => qmp.execute(qapi::qmp::stop {}).await.map(drop),
+                Task::Resume => qmp.execute(qapi::qmp::cont {}).await.map(drop),
+                _ => unreachable!("not a QMP task"),
+            };
+            OpResult::Qmp { task, result }
+        });
+    }
+
+    pub(super) fn begin_delete(&mut self) {
+        self.commit(|vm| vm.task = Some(Task::Delete));
+        let ctx = self.ctx.clone();
+        let id = self.vm.id;
+        let rt = self
+            .runtime
+            .as_ref()
+            .map(|rt| (rt.process.clone(), rt.paths.clone()));
+        let paths = RunPaths::new(&ctx.settings.run_dir, id);
+        self.spawn_op(async move {
+            if let Some((process, _)) = &rt {
+                if let Err(e) = instance::stop_process(process, None, StopMode::Force).await {
+                    return OpResult::Deleted(Err(error_chain(&e)));
+                }
+            }
+            instance::remove_run_dir(&paths);
+            OpResult::Deleted(ctx.store.remove(id).map_err(|e| error_chain(&e)))
+        });
+    }
+
+    /// Handles an operation's result; true when the VM was deleted.
+    pub(super) fn on_op_done(&mut self, result: OpResult) -> bool {
+        match result {
+            OpResult::Started(Ok((qemu, serial))) => {
+                let pid = qemu.process.pid();
+                self.attach(
+                    qemu.process.clone(),
+                    Some(qemu.qmp.clone()),
+                    qemu.paths.clone(),
+                    Some(qemu.events),
+                    serial,
+                );
+                self.commit(|vm| vm.pid = Some(pid));
+                self.observe(Observation::GuestStarted);
+                self.finish_op(Ok(()));
+            }
+            OpResult::Started(Err(e)) => {
+                let e = e.during("start failed");
+                tracing::warn!(vm = %self.vm.name, error = %e, "start failed");
+                self.observe(Observation::StartFailed);
+                let error = match &e {
+                    VmError::Invalid(spec) => format!("start failed: {spec}"),
+                    other => other.to_string(),
+                };
+                self.commit(|vm| {
+                    vm.pid = None;
+                    vm.error = Some(error);
+                });
+                self.finish_op(Err(e));
+            }
+            OpResult::Stopped(result) => match result {
+                Ok(outcome) => {
+                    tracing::info!(vm = %self.vm.name, ?outcome, "stopped");
+                    self.teardown();
+                    self.observe(Observation::StopFinished);
+                    self.commit(|vm| {
+                        vm.pid = None;
+                        vm.error = None;
+                    });
+                    self.finish_op(Ok(()));
+                }
+                Err(e) => {
+                    let error = format!("stop failed: {}", error_chain(&e));
+                    self.observe(Observation::StopFailed);
+                    self.commit(|vm| vm.error = Some(error.clone()));
+                    self.finish_op(Err(VmError::Failed(error)));
+                }
+            },
+            OpResult::Qmp { task, result } => match result {
+                Ok(()) => {
+                    match task {
+                        Task::Pause => {
+                            self.observe(Observation::VcpusStopped);
+                            self.commit(|vm| vm.desired = Desired::Paused);
+                        }
+                        Task::Resume => {
+                            self.observe(Observation::VcpusResumed);
+                            self.commit(|vm| vm.desired = Desired::Running);
+                        }
+                        _ => {}
+                    }
+                    self.finish_op(Ok(()));
+                }
+                Err(e) => {
+                    let message = format!("{}: {}", task.as_str(), error_chain(&e));
+                    let error = match e {
+                        QmpError::Timeout { .. } => VmError::Timeout(message.clone()),
+                        _ => VmError::Failed(message.clone()),
+                    };
+                    // A timeout closes the link; QEMU may still run, but
+                    // vmlet can no longer command it.
+                    let lost = matches!(e, QmpError::Timeout { .. } | QmpError::Closed { .. })
+                        && self
+                            .runtime
+                            .as_ref()
+                            .is_some_and(|rt| rt.process.is_running());
+                    if lost {
+                        self.observe(Observation::ControlLost);
+                        self.commit(|vm| vm.error = Some(message));
+                        self.reconnect();
+                    }
+                    self.finish_op(Err(error));
+                }
+            },
+            OpResult::Deleted(Ok(())) => {
+                self.teardown();
+                self.ctx.publish_deleted(&self.vm);
+                tracing::info!(vm = %self.vm.name, id = %self.vm.id, "deleted");
+                let waiters = self.op.take().map(|op| op.waiters).unwrap_or_default();
+                self.vm.task = None;
+                for w in waiters {
+                    let _ = w.send(Ok(self.vm.clone()));
+                }
+                return true;
+            }
+            OpResult::Storage { result, status } => self.on_storage_done(result, status),
+            OpResult::Deleted(Err(message)) => {
+                self.teardown();
+                let error = format!("delete failed: {message}");
+                self.observe(Observation::DeleteFailed);
+                self.commit(|vm| {
+                    vm.pid = None;
+                    vm.error = Some(error.clone());
+                });
+                self.finish_op(Err(VmError::Failed(error)));
+            }
+        }
+        false
+    }
+}

@@ -1,0 +1,170 @@
+//! After a vmlet restart: finding the VM's QEMU again (pid, start time and
+//! `-uuid` checked), reading what it is doing, and carrying out the pure
+//! decision of `vm::state::reattach`; then autostart.
+
+use super::*;
+
+impl Actor {
+    /// After a daemon restart: find the VM's QEMU again (or learn it is gone)
+    /// and set the state from what QEMU says.
+    pub(super) async fn reattach(&mut self) {
+        let paths = RunPaths::new(&self.ctx.settings.run_dir, self.vm.id);
+        // No process survives a host reboot: a recorded pid would be
+        // someone else's.
+        let pid = if self.host_rebooted {
+            None
+        } else {
+            self.vm
+                .pid
+                .or_else(|| process::read_pidfile(&paths.pidfile()).ok())
+        };
+        // A half-finished operation's task means nothing any more.
+        self.vm.task = None;
+        let process = match pid.map(|pid| QemuProcess::adopt(pid, self.vm.id)) {
+            Some(Ok(process)) => Arc::new(process),
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::info!(vm = %self.vm.name, error = %e, "recorded QEMU is gone");
+                }
+                instance::remove_run_dir(&paths);
+                self.settle_gone();
+                return;
+            }
+        };
+        let pid = process.pid();
+        let serial = open_serial(&self.ctx, &self.vm.spec, &paths).await;
+        match QmpClient::connect(&paths.qmp_socket(), REATTACH_QMP_DEADLINE).await {
+            Ok((qmp, events)) => {
+                let status = qmp
+                    .execute_with_deadline(qapi::qmp::query_status {}, REATTACH_QMP_DEADLINE)
+                    .await;
+                match status {
+                    Ok(status) => self.reattach_with_status(
+                        process,
+                        (qmp, events),
+                        paths,
+                        serial,
+                        status.status,
+                    ),
+                    Err(e) => {
+                        self.attach(process, None, paths, None, serial);
+                        self.lost_on_reattach(pid, error_chain(&e));
+                    }
+                }
+            }
+            Err(e) => {
+                self.attach(process, None, paths, None, serial);
+                self.lost_on_reattach(pid, error_chain(&e));
+            }
+        }
+    }
+
+    fn reattach_with_status(
+        &mut self,
+        process: Arc<QemuProcess>,
+        (qmp, events): (QmpClient, tokio::sync::broadcast::Receiver<QmpEvent>),
+        paths: RunPaths,
+        serial: Option<Arc<SerialHub>>,
+        status: qapi::qmp::RunState,
+    ) {
+        use qapi::qmp::RunState as R;
+        let found = match status {
+            R::prelaunch | R::inmigrate => FoundStatus::Unstarted,
+            R::running => FoundStatus::Running,
+            R::shutdown => FoundStatus::ShutDown,
+            R::guest_panicked | R::internal_error | R::io_error => FoundStatus::Dead,
+            _ => FoundStatus::Paused,
+        };
+        tracing::info!(vm = %self.vm.name, pid = process.pid(), ?status, "QEMU found");
+        let held = FoundQemu {
+            process,
+            qmp,
+            events,
+            paths,
+            serial,
+        };
+        self.settle_reattach(Found::Status(found), Some(held));
+    }
+
+    fn lost_on_reattach(&mut self, pid: i32, why: String) {
+        tracing::warn!(vm = %self.vm.name, pid, error = %why, "QEMU runs but QMP does not answer");
+        self.settle_reattach(Found::Unanswering, None);
+        self.commit(|vm| {
+            vm.pid = Some(pid);
+            vm.error = Some(format!("QEMU (pid {pid}) does not answer on QMP: {why}"));
+        });
+        self.reconnect();
+    }
+
+    /// The VM's QEMU is gone: record how that looks from here.
+    fn settle_gone(&mut self) {
+        let found = Found::Gone {
+            host_rebooted: self.host_rebooted,
+        };
+        self.settle_reattach(found, None);
+    }
+
+    /// Carries out what [`state::reattach`] decides for what was found;
+    /// `held` is the QEMU found alive, with its QMP link.
+    fn settle_reattach(&mut self, found: Found, held: Option<FoundQemu>) {
+        let plan = state::reattach(self.vm.state.get(), found);
+        let mut pid = None;
+        if let Some(FoundQemu {
+            process,
+            qmp,
+            events,
+            paths,
+            serial,
+        }) = held
+        {
+            if plan.kill {
+                tracing::warn!(vm = %self.vm.name, pid = process.pid(), ?found, "the QEMU found can never run again: killing it");
+                let _ = process.signal(libc::SIGKILL);
+                instance::remove_run_dir(&paths);
+            } else if plan.attach {
+                pid = Some(process.pid());
+                self.attach(process, Some(qmp), paths, Some(events), serial);
+            }
+        }
+        self.observe(plan.observation);
+        self.commit(|vm| {
+            if pid.is_some() || !plan.attach {
+                vm.pid = pid;
+            }
+            match plan.error {
+                ErrorNote::Keep => {}
+                ErrorNote::Clear => vm.error = None,
+                ErrorNote::Set(message) => vm.error = Some(message),
+            }
+            if plan.desired_stopped {
+                vm.desired = Desired::Stopped;
+            }
+        });
+    }
+
+    /// Starts a VM marked `autostart` whose desired state is running but
+    /// which does not run (its QEMU vanished, as after a host reboot).
+    pub(super) fn autostart(&mut self) {
+        let down = matches!(
+            self.vm.state.get(),
+            PowerState::Stopped | PowerState::Crashed | PowerState::Error
+        );
+        if self.vm.spec.autostart
+            && self.vm.desired == Desired::Running
+            && down
+            && self.runtime.is_none()
+        {
+            tracing::info!(vm = %self.vm.name, "autostart: starting");
+            self.on_action(Action::Start, ActOptions::default(), None);
+        }
+    }
+}
+
+/// A QEMU found alive at vmlet's start, with its QMP link.
+struct FoundQemu {
+    process: Arc<QemuProcess>,
+    qmp: QmpClient,
+    events: tokio::sync::broadcast::Receiver<QmpEvent>,
+    paths: RunPaths,
+    serial: Option<Arc<SerialHub>>,
+}

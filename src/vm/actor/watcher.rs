@@ -1,0 +1,197 @@
+//! The actor's hold on a QEMU: watching its QMP events and its exit,
+//! reconnecting a QMP link that was lost, and letting go.
+
+use super::*;
+
+impl Actor {
+    /// Takes hold of a QEMU: forwards its QMP events and its exit into the
+    /// inbox.
+    pub(super) fn attach(
+        &mut self,
+        process: Arc<QemuProcess>,
+        qmp: Option<QmpClient>,
+        paths: RunPaths,
+        events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
+        serial: Option<Arc<SerialHub>>,
+    ) {
+        self.incarnations += 1;
+        let incarnation = self.incarnations;
+        // One task forwards both the events and the exit, so the exit always
+        // comes after every event QEMU sent before it (a `SHUTDOWN` must be
+        // seen before the exit it explains).
+        let inbox = self.inbox.clone();
+        let watched = process.clone();
+        let forwarders = vec![tokio::spawn(async move {
+            let mut events = events;
+            let status = exit::watch(
+                &watched,
+                events.as_mut(),
+                |event| {
+                    let _ = inbox.send(Input::Qmp { incarnation, event });
+                },
+                || {
+                    let _ = inbox.send(Input::LinkLost { incarnation });
+                },
+            )
+            .await;
+            let _ = inbox.send(Input::Exited {
+                incarnation,
+                status,
+            });
+        })];
+        self.runtime = Some(Runtime {
+            incarnation,
+            process,
+            qmp,
+            paths,
+            forwarders,
+            exit_events: ExitEvents::default(),
+            reconnecting: false,
+            serial,
+            display: self
+                .ctx
+                .profiles
+                .get(&self.vm.spec.profile)
+                .is_ok_and(|p| p.devices.display.is_some()),
+            gone: watch::channel(()).0,
+        });
+    }
+
+    /// Keeps trying to reach a QEMU whose QMP link was lost (a QEMU that was
+    /// stopped or starved may answer again) until it answers or exits.
+    pub(super) fn reconnect(&mut self) {
+        let Some(rt) = &mut self.runtime else { return };
+        if std::mem::replace(&mut rt.reconnecting, true) {
+            return;
+        }
+        let incarnation = rt.incarnation;
+        let process = rt.process.clone();
+        let socket = rt.paths.qmp_socket();
+        let inbox = self.inbox.clone();
+        let name = self.vm.name.clone();
+        rt.forwarders.push(tokio::spawn(async move {
+            while process.is_running() {
+                tokio::time::sleep(RECONNECT_INTERVAL).await;
+                let Ok((qmp, events)) = QmpClient::connect(&socket, REATTACH_QMP_DEADLINE).await
+                else {
+                    continue;
+                };
+                let status = qmp
+                    .execute_with_deadline(qapi::qmp::query_status {}, REATTACH_QMP_DEADLINE)
+                    .await;
+                if let Ok(status) = status {
+                    tracing::info!(vm = %name, "QMP answers again");
+                    let _ = inbox.send(Input::Regained {
+                        incarnation,
+                        qmp,
+                        events,
+                        status: status.status,
+                    });
+                    return;
+                }
+            }
+        }));
+    }
+
+    pub(super) fn on_regained(
+        &mut self,
+        qmp: QmpClient,
+        events: tokio::sync::broadcast::Receiver<QmpEvent>,
+        status: qapi::qmp::RunState,
+    ) {
+        if self.vm.state != PowerState::Error || self.op.is_some() {
+            return;
+        }
+        let Some(incarnation) = self.runtime.as_ref().map(|rt| rt.incarnation) else {
+            return;
+        };
+        let inbox = self.inbox.clone();
+        let mut events = events;
+        let forwarder = tokio::spawn(async move {
+            exit::read_events(&mut events, |event| {
+                let _ = inbox.send(Input::Qmp { incarnation, event });
+            })
+            .await
+        });
+        if let Some(rt) = &mut self.runtime {
+            rt.qmp = Some(qmp);
+            rt.forwarders.push(forwarder);
+            rt.reconnecting = false;
+        }
+        let observation = if status == qapi::qmp::RunState::running {
+            Observation::RegainedRunning
+        } else {
+            Observation::RegainedPaused
+        };
+        self.observe(observation);
+        self.commit(|vm| vm.error = None);
+    }
+
+    /// Lets go of the QEMU (which has exited or is being abandoned) and
+    /// removes its run directory.
+    pub(super) fn teardown(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            instance::remove_run_dir(&rt.paths);
+        }
+    }
+
+    pub(super) fn on_qmp_event(&mut self, event: QmpEvent) {
+        tracing::debug!(vm = %self.vm.name, event = %event.name, data = %event.data, "QMP event");
+        let task = self.op.as_ref().map(|op| op.task);
+        let Some(rt) = &mut self.runtime else { return };
+        match rt.exit_events.note(&event) {
+            RunEvent::Panicked => {
+                // Like libvirt's default on_crash=destroy: a panicked guest
+                // holds nothing worth keeping running.
+                let _ = rt.process.signal(libc::SIGKILL);
+            }
+            // A pause vmlet did not ask for (guest I/O error, a panic
+            // action): follow it. Pauses of our own are settled by their op.
+            // Snapshot jobs pause the vCPUs while they run; their op reads
+            // the state afterwards.
+            RunEvent::VcpusStopped if task != Some(Task::Pause) && task != Some(Task::Snapshot) => {
+                self.observe(Observation::VcpusStopped);
+            }
+            RunEvent::VcpusResumed
+                if task != Some(Task::Resume) && task != Some(Task::Snapshot) =>
+            {
+                self.observe(Observation::VcpusResumed);
+            }
+            RunEvent::Reset => tracing::info!(vm = %self.vm.name, "guest reset"),
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_exit(&mut self, status: ExitStatus) {
+        let task = self.op.as_ref().map(|op| op.task);
+        if matches!(task, Some(Task::Stop | Task::Delete)) {
+            // The stop or delete in progress settles the state.
+            return;
+        }
+        let Some(rt) = &self.runtime else { return };
+        let ending = rt.exit_events.ending(status);
+        let observation = state::exit_observation(&ending);
+        let clean = observation == Observation::ExitedCleanly;
+        let reason = ending.error().unwrap_or_default();
+        let shutdown_reason = rt.exit_events.shutdown_reason().map(str::to_string);
+        self.teardown();
+        if clean {
+            tracing::info!(vm = %self.vm.name, reason = ?shutdown_reason, "guest powered off");
+            self.observe(Observation::ExitedCleanly);
+            self.commit(|vm| {
+                vm.pid = None;
+                vm.desired = Desired::Stopped;
+                vm.error = None;
+            });
+        } else {
+            tracing::warn!(vm = %self.vm.name, %reason, "VM crashed");
+            let crashed = self.observe(observation);
+            self.commit(|vm| {
+                vm.pid = None;
+                if crashed || vm.state == PowerState::Error {
+                    vm.error = Some(reason);
+                }
+            });
+        }
+    }
+}
