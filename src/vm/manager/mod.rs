@@ -28,9 +28,15 @@ use crate::vm::context::Context;
 use crate::vm::disk_ops::{self, Snapshot};
 use crate::vm::events::EventBus;
 use crate::vm::registry::Registry;
+
+mod admission;
+mod stores;
+
 use crate::vm::state::Action;
 use crate::vm::store::{Store, StoreError};
 use crate::vm::Vm;
+pub use admission::check_host_paths;
+use admission::create_claims;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -346,79 +352,6 @@ impl Manager {
         handle.storage(op).await
     }
 
-    /// Takes `wanted` for an operation, or says which of them another
-    /// operation in progress holds (409).
-    fn claim(&self, wanted: Vec<(Claim, Hold)>) -> Result<Taken<'_>, VmError> {
-        self.claims.take(wanted).map_err(|claim| {
-            VmError::Conflict(format!(
-                "{claim} is in use by another operation in progress; retry"
-            ))
-        })
-    }
-
-    /// Fills in the MACs `nics` lack (derived from the VM's UUID and each
-    /// NIC's index from `first_index`, skipping MACs in use) and checks
-    /// that every MAC is free on the host and every network exists.
-    /// `field` prefixes error fields (`nics` → `nics[0].mac`). The caller
-    /// then claims the MACs, so two operations cannot both get one.
-    async fn settle_nics(
-        &self,
-        vm: Uuid,
-        nics: &mut [NicSpec],
-        first_index: usize,
-        field: &str,
-    ) -> Result<(), VmError> {
-        let taken: HashSet<String> = self
-            .registry
-            .handles()
-            .iter()
-            .filter(|h| h.id() != vm)
-            .flat_map(|h| h.view().spec.nics)
-            .filter_map(|n| n.mac.map(|m| m.to_ascii_lowercase()))
-            .collect();
-        let mut errors = Vec::new();
-        for (offset, nic) in nics.iter_mut().enumerate() {
-            let index = first_index + offset;
-            let at = |f: &str| {
-                if field.is_empty() {
-                    f.to_string()
-                } else {
-                    format!("{field}[{offset}].{f}")
-                }
-            };
-            match &nic.mac {
-                Some(mac) => {
-                    let mac = mac.to_ascii_lowercase();
-                    if taken.contains(&mac) {
-                        return Err(VmError::Conflict(format!(
-                            "{}: MAC {mac} is in use by another VM",
-                            at("mac")
-                        )));
-                    }
-                    nic.mac = Some(mac);
-                }
-                None => {
-                    let mac = (0..)
-                        .map(|attempt| derived_mac(vm, index, attempt))
-                        .find(|mac| !taken.contains(mac))
-                        .expect("some derived MAC is free");
-                    nic.mac = Some(mac);
-                }
-            }
-            if self.ctx.networks.get(&nic.network).await.is_err() {
-                errors.push(FieldError {
-                    field: at("network"),
-                    message: format!("no network {:?}", nic.network),
-                });
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(VmError::Invalid(SpecError { errors }))
-        }
-    }
-
     /// Attaches a NIC to VM `key` (hot-plugged when it runs).
     pub async fn attach_nic(&self, key: &str, mut nic: NicSpec) -> Result<Vm, VmError> {
         let handle = self.find(key)?;
@@ -449,170 +382,6 @@ impl Manager {
         }
         nic = one[0].clone();
         handle.storage(StorageOp::AttachNic(nic)).await
-    }
-
-    /// Every network, with the NICs on it.
-    pub async fn networks(&self) -> Vec<Network> {
-        let mut networks = self.ctx.networks.list().await;
-        for network in &mut networks {
-            network.nics = self.nics_on(&network.spec.name);
-        }
-        networks
-    }
-
-    /// Network `name`, with the NICs on it.
-    pub async fn network(&self, name: &str) -> Result<Network, VmError> {
-        let mut network = self.ctx.networks.get(name).await?;
-        network.nics = self.nics_on(name);
-        Ok(network)
-    }
-
-    /// Creates a network (a bridge, adopted when it exists, and a VLAN).
-    pub async fn create_network(&self, spec: NetworkSpec) -> Result<Network, VmError> {
-        Ok(self.ctx.networks.create(spec).await?)
-    }
-
-    /// Deletes a network no NIC is on; only links vmlet created go.
-    pub async fn delete_network(&self, name: &str) -> Result<(), VmError> {
-        let _claims = self.claim(vec![(Claim::Network(name.to_string()), Hold::Alone)])?;
-        let nics = self.nics_on(name);
-        if !nics.is_empty() {
-            let vms: Vec<String> = nics.iter().map(|n| n.vm_name.clone()).collect();
-            return Err(VmError::Conflict(format!(
-                "network {name} has NICs of VM {}; remove them first",
-                vms.join(", ")
-            )));
-        }
-        Ok(self.ctx.networks.delete(name).await?)
-    }
-
-    /// The NICs (of any VM, running or not) on network `name`.
-    fn nics_on(&self, name: &str) -> Vec<NetworkNic> {
-        let mut nics = Vec::new();
-        for handle in self.registry.handles() {
-            let vm = handle.view();
-            for nic in vm.spec.nics.iter().filter(|n| n.network == name) {
-                nics.push(NetworkNic {
-                    vm: vm.id,
-                    vm_name: vm.name.clone(),
-                    mac: nic.mac.clone().unwrap_or_default(),
-                    tap: vm
-                        .state
-                        .has_process()
-                        .then(|| crate::qemu::nic::tap_name(nic)),
-                });
-            }
-        }
-        nics.sort_by(|a, b| a.vm_name.cmp(&b.vm_name).then(a.mac.cmp(&b.mac)));
-        nics
-    }
-
-    /// VM `key`'s snapshots.
-    pub async fn snapshots(&self, key: &str) -> Result<Vec<Snapshot>, VmError> {
-        let vm = self.find(key)?.view();
-        let plans = DiskPlan::all(&self.ctx.layout, vm.id, &vm.spec.disks, false);
-        disk_ops::list_snapshots(&self.ctx.qemu_img, &plans).await
-    }
-
-    /// The image store.
-    pub fn images(&self) -> &Arc<ImageStore> {
-        &self.ctx.images
-    }
-
-    /// Deletes image `name` (or cancels its import), unless a VM disk is an
-    /// overlay on it.
-    pub async fn delete_image(&self, name: &str) -> Result<(), VmError> {
-        let _claims = self.claim(vec![(Claim::Image(name.to_string()), Hold::Alone)])?;
-        let users: Vec<String> = self
-            .registry
-            .handles()
-            .iter()
-            .map(VmHandle::view)
-            .filter(|vm| {
-                vm.spec.disks.iter().any(
-                    |d| matches!(d.source(), Ok(DiskSource::Image { image, .. }) if image == name),
-                )
-            })
-            .map(|vm| vm.name)
-            .collect();
-        if !users.is_empty() {
-            return Err(VmError::Conflict(format!(
-                "image {name} is in use by VM {}",
-                users.join(", ")
-            )));
-        }
-        Ok(self.ctx.images.delete(name)?)
-    }
-
-    /// Which VM disk uses volume `name`.
-    fn volume_user(&self, name: &str) -> Option<VolumeAttachment> {
-        self.registry.handles().iter().find_map(|h| {
-            let vm = h.view();
-            vm.spec.disks.iter().enumerate().find_map(|(i, d)| {
-                matches!(d.source(), Ok(DiskSource::Volume { volume }) if volume == name).then(
-                    || VolumeAttachment {
-                        vm: vm.id,
-                        vm_name: vm.name.clone(),
-                        disk: d.name_or_default(i),
-                    },
-                )
-            })
-        })
-    }
-
-    /// Every volume, with the disk using it.
-    pub async fn volumes(&self) -> Result<Vec<Volume>, VmError> {
-        let mut out = Vec::new();
-        for name in self.ctx.volumes.names() {
-            out.push(self.volume(&name).await?);
-        }
-        Ok(out)
-    }
-
-    /// Volume `name`, with the disk using it.
-    pub async fn volume(&self, name: &str) -> Result<Volume, VmError> {
-        let mut volume = self.ctx.volumes.get(name).await?;
-        volume.attached_to = self.volume_user(name);
-        Ok(volume)
-    }
-
-    /// Creates a volume.
-    pub async fn create_volume(&self, request: &VolumeCreate) -> Result<Volume, VmError> {
-        Ok(self.ctx.volumes.create(request, &self.ctx.images).await?)
-    }
-
-    /// Deletes a volume no VM uses.
-    pub async fn delete_volume(&self, name: &str) -> Result<(), VmError> {
-        let _claims = self.claim(vec![(Claim::Volume(name.to_string()), Hold::Alone)])?;
-        if let Some(user) = self.volume_user(name) {
-            return Err(VmError::Conflict(format!(
-                "volume {name} is in use by VM {} (disk {}); detach it first",
-                user.vm_name, user.disk
-            )));
-        }
-        Ok(self.ctx.volumes.delete(name).await?)
-    }
-
-    /// Grows a volume: through the VM using it (live `block_resize` while it
-    /// runs, serialized with its other operations), else offline.
-    pub async fn resize_volume(&self, name: &str, size_mib: u64) -> Result<Volume, VmError> {
-        self.ctx.volumes.check_resize(name, size_mib).await?;
-        match self.volume_user(name) {
-            Some(user) => {
-                self.storage(
-                    &user.vm.to_string(),
-                    StorageOp::ResizeDisk {
-                        disk: user.disk,
-                        size: size_mib * MIB,
-                    },
-                )
-                .await?;
-                let volume = self.volume(name).await?;
-                self.ctx.volumes.publish(&volume);
-                Ok(volume)
-            }
-            None => Ok(self.ctx.volumes.resize_offline(name, size_mib).await?),
-        }
     }
 
     /// Runs `action` on the VM `key` and waits for it to finish.
@@ -649,51 +418,6 @@ impl Manager {
             profiles: self.ctx.profiles.names().map(str::to_string).collect(),
             vms_by_state: by_state,
             inventory: self.inventory(),
-        }
-    }
-
-    /// The host's inventory with every VM's allocation.
-    fn inventory(&self) -> Inventory {
-        let mut used = Usage::default();
-        for vm in self.list() {
-            let u = self.usage(&vm.spec);
-            used.vcpus += u.vcpus;
-            used.memory_mib += u.memory_mib;
-            used.disk_gib += u.disk_gib;
-        }
-        let host = HostTotals {
-            cpus: u64::from(node::cpus()),
-            memory_mib: node::memory_mib(),
-            disk_gib: node::filesystem_gib(&self.ctx.settings.state_dir),
-        };
-        Inventory::new(&self.ctx.settings.capacity, host, used)
-    }
-
-    /// What a VM takes: its vCPUs, memory and own disks (overlays at their
-    /// full size, blank disks), rounded up to whole GiB.
-    fn usage(&self, spec: &VmSpec) -> Usage {
-        let disk_mib: u64 = spec
-            .disks
-            .iter()
-            .map(|d| match d.source() {
-                Ok(DiskSource::Blank { size_mib }) => size_mib,
-                Ok(DiskSource::Image { image, size_mib }) => {
-                    let image_mib = self
-                        .ctx
-                        .images
-                        .get(image)
-                        .ok()
-                        .and_then(|i| i.virtual_size)
-                        .map_or(0, |b| b.div_ceil(MIB));
-                    size_mib.unwrap_or(0).max(image_mib)
-                }
-                _ => 0,
-            })
-            .sum();
-        Usage {
-            vcpus: u64::from(spec.vcpus),
-            memory_mib: spec.memory_mib,
-            disk_gib: disk_mib.div_ceil(1024),
         }
     }
 
@@ -758,121 +482,14 @@ fn parse_qemu_version(text: &str) -> Option<String> {
     rest.split_whitespace().next().map(str::to_string)
 }
 
-/// What creating `spec` takes: its UUID, name, MACs and volumes alone,
-/// the images and networks it uses beside other creates.
-fn create_claims(spec: &VmSpec) -> Vec<(Claim, Hold)> {
-    let mut wanted = vec![
-        (Claim::Vm(spec.uuid), Hold::Alone),
-        (Claim::VmName(spec.name.clone()), Hold::Alone),
-    ];
-    for nic in &spec.nics {
-        if let Some(mac) = &nic.mac {
-            wanted.push((Claim::Mac(mac.to_ascii_lowercase()), Hold::Alone));
-        }
-        wanted.push((Claim::Network(nic.network.clone()), Hold::Shared));
-    }
-    for disk in &spec.disks {
-        match disk.source() {
-            Ok(DiskSource::Volume { volume }) => {
-                wanted.push((Claim::Volume(volume.to_string()), Hold::Alone))
-            }
-            Ok(DiskSource::Image { image, .. }) => {
-                wanted.push((Claim::Image(image.to_string()), Hold::Shared))
-            }
-            _ => {}
-        }
-    }
-    wanted
-}
-
-/// Refuses host files that vmlet would not open at start: outside `roots`
-/// (canonical), reached through a symlink, not regular files, or qcow2
-/// files naming a backing or data file. Checked again at every start, when
-/// the files are opened for QEMU; this makes a bad spec fail at create.
-pub fn check_host_paths(spec: &VmSpec, roots: &[PathBuf]) -> Result<(), SpecError> {
-    let mut paths: Vec<(String, &Path, Option<DiskFormat>)> = Vec::new();
-    if let Boot::Kernel { kernel, initrd, .. } = &spec.boot {
-        paths.push(("boot.kernel".into(), kernel, None));
-        if let Some(initrd) = initrd {
-            paths.push(("boot.initrd".into(), initrd, None));
-        }
-    }
-    for (i, disk) in spec.disks.iter().enumerate() {
-        if let Ok(DiskSource::File { path, format }) = disk.source() {
-            paths.push((format!("disks[{i}].path"), path, Some(format)));
-        }
-    }
-    let mut errors = Vec::new();
-    for (field, path, format) in paths {
-        let opened = files::open_beneath(roots, path, OpenMode::READ).and_then(|fd| {
-            if format == Some(DiskFormat::Qcow2) {
-                files::check_qcow2_header(&fd, path)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = opened {
-            errors.push(FieldError {
-                field,
-                message: e.to_string(),
-            });
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(SpecError { errors })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{DiskFormat, DiskSpec, SerialSpec};
 
     #[test]
     fn qemu_version_is_the_number_after_version() {
         let text = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright";
         assert_eq!(parse_qemu_version(text).as_deref(), Some("10.0.2"));
         assert_eq!(parse_qemu_version("garbage"), None);
-    }
-
-    #[test]
-    fn host_paths_must_resolve_inside_the_roots() {
-        let root = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        let inside_file = root.path().join("ok.img");
-        std::fs::write(&inside_file, b"x").unwrap();
-        let outside_file = outside.path().join("secret");
-        std::fs::write(&outside_file, b"x").unwrap();
-        // A symlink inside the root pointing out of it must not pass.
-        let link = root.path().join("link.img");
-        std::os::unix::fs::symlink(&outside_file, &link).unwrap();
-        let disk = |path: &Path| DiskSpec::file(path, DiskFormat::Raw);
-        let spec = VmSpec {
-            uuid: Uuid::new_v4(),
-            name: "a".into(),
-            vcpus: 1,
-            memory_mib: 64,
-            profile: "q35".into(),
-            boot: Boot::Kernel {
-                kernel: inside_file.clone(),
-                initrd: Some(root.path().join("missing")),
-                cmdline: String::new(),
-            },
-            disks: vec![disk(&inside_file), disk(&outside_file), disk(&link)],
-            serial: SerialSpec::default(),
-            channels: vec![],
-            cloud_init: None,
-            nics: vec![],
-            autostart: false,
-        };
-        let roots = [std::fs::canonicalize(root.path()).unwrap()];
-        let err = check_host_paths(&spec, &roots).unwrap_err();
-        let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(
-            fields,
-            vec!["boot.initrd", "disks[1].path", "disks[2].path"]
-        );
-        assert!(err.errors[1].message.contains("outside"), "{err}");
     }
 }

@@ -1,0 +1,239 @@
+//! Admission: what a create, a hot-plug or a delete must check before it
+//! runs, and what it takes meanwhile. Host files are opened as a start
+//! would open them, MACs are settled, capacity is checked, and every
+//! operation claims the UUIDs, names, MACs, volumes, images and networks it
+//! uses.
+
+use super::*;
+
+impl Manager {
+    /// Takes `wanted` for an operation, or says which of them another
+    /// operation in progress holds (409).
+    pub(super) fn claim(&self, wanted: Vec<(Claim, Hold)>) -> Result<Taken<'_>, VmError> {
+        self.claims.take(wanted).map_err(|claim| {
+            VmError::Conflict(format!(
+                "{claim} is in use by another operation in progress; retry"
+            ))
+        })
+    }
+
+    /// Fills in the MACs `nics` lack (derived from the VM's UUID and each
+    /// NIC's index from `first_index`, skipping MACs in use) and checks
+    /// that every MAC is free on the host and every network exists.
+    /// `field` prefixes error fields (`nics` → `nics[0].mac`). The caller
+    /// then claims the MACs, so two operations cannot both get one.
+    pub(super) async fn settle_nics(
+        &self,
+        vm: Uuid,
+        nics: &mut [NicSpec],
+        first_index: usize,
+        field: &str,
+    ) -> Result<(), VmError> {
+        let taken: HashSet<String> = self
+            .registry
+            .handles()
+            .iter()
+            .filter(|h| h.id() != vm)
+            .flat_map(|h| h.view().spec.nics)
+            .filter_map(|n| n.mac.map(|m| m.to_ascii_lowercase()))
+            .collect();
+        let mut errors = Vec::new();
+        for (offset, nic) in nics.iter_mut().enumerate() {
+            let index = first_index + offset;
+            let at = |f: &str| {
+                if field.is_empty() {
+                    f.to_string()
+                } else {
+                    format!("{field}[{offset}].{f}")
+                }
+            };
+            match &nic.mac {
+                Some(mac) => {
+                    let mac = mac.to_ascii_lowercase();
+                    if taken.contains(&mac) {
+                        return Err(VmError::Conflict(format!(
+                            "{}: MAC {mac} is in use by another VM",
+                            at("mac")
+                        )));
+                    }
+                    nic.mac = Some(mac);
+                }
+                None => {
+                    let mac = (0..)
+                        .map(|attempt| derived_mac(vm, index, attempt))
+                        .find(|mac| !taken.contains(mac))
+                        .expect("some derived MAC is free");
+                    nic.mac = Some(mac);
+                }
+            }
+            if self.ctx.networks.get(&nic.network).await.is_err() {
+                errors.push(FieldError {
+                    field: at("network"),
+                    message: format!("no network {:?}", nic.network),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(VmError::Invalid(SpecError { errors }))
+        }
+    }
+
+    /// The host's inventory with every VM's allocation.
+    pub(super) fn inventory(&self) -> Inventory {
+        let mut used = Usage::default();
+        for vm in self.list() {
+            let u = self.usage(&vm.spec);
+            used.vcpus += u.vcpus;
+            used.memory_mib += u.memory_mib;
+            used.disk_gib += u.disk_gib;
+        }
+        let host = HostTotals {
+            cpus: u64::from(node::cpus()),
+            memory_mib: node::memory_mib(),
+            disk_gib: node::filesystem_gib(&self.ctx.settings.state_dir),
+        };
+        Inventory::new(&self.ctx.settings.capacity, host, used)
+    }
+
+    /// What a VM takes: its vCPUs, memory and own disks (overlays at their
+    /// full size, blank disks), rounded up to whole GiB.
+    pub(super) fn usage(&self, spec: &VmSpec) -> Usage {
+        let disk_mib: u64 = spec
+            .disks
+            .iter()
+            .map(|d| match d.source() {
+                Ok(DiskSource::Blank { size_mib }) => size_mib,
+                Ok(DiskSource::Image { image, size_mib }) => {
+                    let image_mib = self
+                        .ctx
+                        .images
+                        .get(image)
+                        .ok()
+                        .and_then(|i| i.virtual_size)
+                        .map_or(0, |b| b.div_ceil(MIB));
+                    size_mib.unwrap_or(0).max(image_mib)
+                }
+                _ => 0,
+            })
+            .sum();
+        Usage {
+            vcpus: u64::from(spec.vcpus),
+            memory_mib: spec.memory_mib,
+            disk_gib: disk_mib.div_ceil(1024),
+        }
+    }
+}
+
+/// What creating `spec` takes: its UUID, name, MACs and volumes alone,
+/// the images and networks it uses beside other creates.
+pub(super) fn create_claims(spec: &VmSpec) -> Vec<(Claim, Hold)> {
+    let mut wanted = vec![
+        (Claim::Vm(spec.uuid), Hold::Alone),
+        (Claim::VmName(spec.name.clone()), Hold::Alone),
+    ];
+    for nic in &spec.nics {
+        if let Some(mac) = &nic.mac {
+            wanted.push((Claim::Mac(mac.to_ascii_lowercase()), Hold::Alone));
+        }
+        wanted.push((Claim::Network(nic.network.clone()), Hold::Shared));
+    }
+    for disk in &spec.disks {
+        match disk.source() {
+            Ok(DiskSource::Volume { volume }) => {
+                wanted.push((Claim::Volume(volume.to_string()), Hold::Alone))
+            }
+            Ok(DiskSource::Image { image, .. }) => {
+                wanted.push((Claim::Image(image.to_string()), Hold::Shared))
+            }
+            _ => {}
+        }
+    }
+    wanted
+}
+
+/// Refuses host files that vmlet would not open at start: outside `roots`
+/// (canonical), reached through a symlink, not regular files, or qcow2
+/// files naming a backing or data file. Checked again at every start, when
+/// the files are opened for QEMU; this makes a bad spec fail at create.
+pub fn check_host_paths(spec: &VmSpec, roots: &[PathBuf]) -> Result<(), SpecError> {
+    let mut paths: Vec<(String, &Path, Option<DiskFormat>)> = Vec::new();
+    if let Boot::Kernel { kernel, initrd, .. } = &spec.boot {
+        paths.push(("boot.kernel".into(), kernel, None));
+        if let Some(initrd) = initrd {
+            paths.push(("boot.initrd".into(), initrd, None));
+        }
+    }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        if let Ok(DiskSource::File { path, format }) = disk.source() {
+            paths.push((format!("disks[{i}].path"), path, Some(format)));
+        }
+    }
+    let mut errors = Vec::new();
+    for (field, path, format) in paths {
+        let opened = files::open_beneath(roots, path, OpenMode::READ).and_then(|fd| {
+            if format == Some(DiskFormat::Qcow2) {
+                files::check_qcow2_header(&fd, path)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = opened {
+            errors.push(FieldError {
+                field,
+                message: e.to_string(),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(SpecError { errors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DiskFormat, DiskSpec, SerialSpec};
+
+    #[test]
+    fn host_paths_must_resolve_inside_the_roots() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let inside_file = root.path().join("ok.img");
+        std::fs::write(&inside_file, b"x").unwrap();
+        let outside_file = outside.path().join("secret");
+        std::fs::write(&outside_file, b"x").unwrap();
+        // A symlink inside the root pointing out of it must not pass.
+        let link = root.path().join("link.img");
+        std::os::unix::fs::symlink(&outside_file, &link).unwrap();
+        let disk = |path: &Path| DiskSpec::file(path, DiskFormat::Raw);
+        let spec = VmSpec {
+            uuid: Uuid::new_v4(),
+            name: "a".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            profile: "q35".into(),
+            boot: Boot::Kernel {
+                kernel: inside_file.clone(),
+                initrd: Some(root.path().join("missing")),
+                cmdline: String::new(),
+            },
+            disks: vec![disk(&inside_file), disk(&outside_file), disk(&link)],
+            serial: SerialSpec::default(),
+            channels: vec![],
+            cloud_init: None,
+            nics: vec![],
+            autostart: false,
+        };
+        let roots = [std::fs::canonicalize(root.path()).unwrap()];
+        let err = check_host_paths(&spec, &roots).unwrap_err();
+        let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["boot.initrd", "disks[1].path", "disks[2].path"]
+        );
+        assert!(err.errors[1].message.contains("outside"), "{err}");
+    }
+}
