@@ -1,5 +1,8 @@
 //! Settings: embedded defaults, then an optional TOML file, then environment
 //! variables (`VMLET_*`), each overriding the one before.
+//!
+//! Why this file is long: every setting is declared, defaulted, read from
+//! the environment and tested here, so one file says what can be set.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -45,6 +45,10 @@
 //! events from the moment they subscribe. The event stream ends
 //! (`RecvError::Closed`) once the connection has closed and the buffered
 //! events have been read.
+//!
+//! Why this file is long: it is one protocol's transport (the owner task,
+//! framing, fd passing, per-command deadlines, the event stream, EOF as
+//! "QEMU exited"); its invariants hold together and are read together.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;

@@ -15,6 +15,9 @@
 //!   the error does not tell an open, closed or filtered port apart.
 //! - What is shown of a URL ([`redact`]) has no credentials, query or
 //!   fragment; the real URL is used only for the request.
+//!
+//! Why this file is long: the address rules (every deny range and its
+//! IPv6 spellings) are listed in full, and their tests sit beside them.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

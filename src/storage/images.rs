@@ -19,6 +19,10 @@
 //! probed again); images with a backing file or an external data file, and
 //! virtual sizes above `max_virtual_bytes`, are refused. Files and records
 //! are private to the daemon (0600 in 0700 directories).
+//!
+//! Why this file is long: one import runs as one pipeline (fetch or copy,
+//! hash, probe under limits, convert, verify, publish) with its cleanup on
+//! every failure and on restart; split, its steps would hide that cleanup.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};

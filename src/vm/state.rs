@@ -3,6 +3,9 @@
 //! run now?) and [`next`] (what does an observation do to the state?).
 //!
 //! Both are total over their inputs and tested over every pair.
+//!
+//! Why this file is long: its second half is the transition, decision and
+//! reattach tables written out pair by pair; they are the specification.
 
 use serde::{Deserialize, Serialize};
 
