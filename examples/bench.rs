@@ -102,7 +102,7 @@ impl Bench {
 
     async fn launch(&self, spec: &VmSpec) -> QemuInstance {
         let paths = RunPaths::new(&self.run_root, spec.uuid);
-        let files = vmlet::qemu::launch_files::LaunchFiles::open(
+        let files = vmlet::vm::launch::LaunchFiles::open(
             spec,
             &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
             &[std::path::PathBuf::from("/")],

@@ -378,7 +378,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
         let spec = guest.spec(&format!("direct-{round}"));
         let paths = RunPaths::new(&direct_root, spec.uuid);
         let started = Instant::now();
-        let files = vmlet::qemu::launch_files::LaunchFiles::open(
+        let files = vmlet::vm::launch::LaunchFiles::open(
             &spec,
             &vmlet::storage::Layout::new(Path::new("/var/lib/vmlet")),
             &[std::path::PathBuf::from("/")],

@@ -15,11 +15,11 @@ use vmlet::qemu::accel::{self, AccelChoice};
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::exit::{self, Ending, ExitEvents};
 use vmlet::qemu::instance::{self, StopMode, StopOutcome};
-use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::process::{self, ExitStatus, ProcessError};
 use vmlet::qemu::profile::Profiles;
 use vmlet::spec::VmSpec;
+use vmlet::vm::launch::LaunchFiles;
 
 /// Exit code when the spec is invalid (nothing was started).
 const EXIT_BAD_SPEC: u8 = 2;
@@ -277,7 +277,7 @@ async fn dispatch(
                 .collect();
             // The daemon opens every disk, kernel and initrd and passes
             // fds; here they are numbered from 100 without opening anything.
-            let disks = vmlet::qemu::disk::DiskPlan::all(
+            let disks = vmlet::vm::launch::disk_plans(
                 &vmlet::storage::Layout::new(&settings.state_dir),
                 spec.uuid,
                 &spec.disks,

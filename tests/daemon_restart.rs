@@ -781,7 +781,7 @@ async fn unfinished_start_is_cleaned_up() {
 
     let profiles = Profiles::built_in().unwrap();
     let paths = RunPaths::new(&d.run_dir, vm.id);
-    let files = vmlet::qemu::launch_files::LaunchFiles::open(
+    let files = vmlet::vm::launch::LaunchFiles::open(
         &vm.spec,
         &vmlet::storage::Layout::new(&d.state_dir),
         &[std::path::PathBuf::from("/")],

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{self, LaunchInputs, RunPaths};
-use vmlet::qemu::disk::DiskPlan;
 use vmlet::qemu::launch_files;
 use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::profile::Profiles;
@@ -57,7 +56,7 @@ fn render(case: &Case, profiles: &Profiles) -> String {
     // Disks, kernel and initrd: the files the daemon would open, with fd
     // numbers counted from 100.
     let layout = Layout::new(Path::new("/var/lib/vmlet"));
-    let disks = DiskPlan::all(
+    let disks = vmlet::vm::launch::disk_plans(
         &layout,
         case.spec.uuid,
         &case.spec.disks,

@@ -10,9 +10,9 @@ use common::{disk, guest_channel, guest_spec, launch, wait_for_line, Scratch, BO
 use qapi::qmp::RunState;
 use tokio::io::AsyncBufReadExt;
 use vmlet::qemu::instance::{LaunchError, StopMode, StopOutcome};
-use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::process::{ExitStatus, ProcessError};
 use vmlet::spec::Boot;
+use vmlet::vm::launch::LaunchFiles;
 
 /// Boots the test guest on `profile` with a 64 MiB qcow2 disk made by
 /// qemu-img and checks what the guest reports, on the serial console and on

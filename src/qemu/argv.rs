@@ -400,8 +400,25 @@ mod tests {
         Vec<PassedFd>,
         Option<BootFiles>,
     ) {
-        let layout = crate::storage::Layout::new(Path::new("/var/lib/vmlet"));
-        let disks = DiskPlan::all(&layout, spec.uuid, &spec.disks, false);
+        // The test specs' disks are host files.
+        let disks: Vec<DiskPlan> = spec
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let Ok(crate::spec::DiskSource::File { path, format }) = d.source() else {
+                    panic!("argv tests use host-file disks")
+                };
+                DiskPlan {
+                    name: d.name_or_default(i),
+                    file: path.to_path_buf(),
+                    format,
+                    spec: d.clone(),
+                    base: None,
+                    origin: crate::qemu::disk::FileOrigin::Host,
+                }
+            })
+            .collect();
         let (sets, passed, boot) = crate::qemu::launch_files::numbered(spec, &disks, 100);
         (disks, sets, passed, boot)
     }

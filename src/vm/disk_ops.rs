@@ -13,13 +13,13 @@ use std::path::PathBuf;
 use crate::error_chain;
 use crate::persist::timestamp;
 use crate::qemu::disk::{self, DiskPlan, DiskSets};
-use crate::qemu::launch_files;
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::spec::{DiskFormat, IoLimits};
 use crate::storage::files;
 use crate::storage::qemu_img::{QemuImg, SnapshotCommand};
 use crate::vm::error::VmError;
+use crate::vm::launch;
 
 /// Deadline of one QMP command here.
 const QMP_DEADLINE: Duration = Duration::from_secs(10);
@@ -235,12 +235,12 @@ pub async fn attach(
     plan: &DiskPlan,
     host_roots: &[PathBuf],
 ) -> Result<(), VmError> {
-    let file = launch_files::open_disk_file(plan, host_roots)
-        .map_err(|e| VmError::Refused(error_chain(&e)))?;
+    let file =
+        launch::open_disk_file(plan, host_roots).map_err(|e| VmError::Refused(error_chain(&e)))?;
     let base = plan
         .base
         .as_ref()
-        .map(|base| files::open_managed(base, plan.base_mode()))
+        .map(|base| files::open_managed(base, launch::base_mode(plan)))
         .transpose()
         .map_err(|e| VmError::Refused(error_chain(&e)))?;
     let port = match (plan.spec.bus, profile.devices.bus) {

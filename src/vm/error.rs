@@ -89,10 +89,10 @@ impl VmError {
     }
 }
 
-impl From<crate::qemu::launch_files::LaunchFileError> for VmError {
+impl From<crate::vm::launch::LaunchFileError> for VmError {
     /// A host file the spec names that cannot be opened now (gone,
     /// replaced by a symlink, a qcow2 naming other files): the field named.
-    fn from(e: crate::qemu::launch_files::LaunchFileError) -> VmError {
+    fn from(e: crate::vm::launch::LaunchFileError) -> VmError {
         VmError::Invalid(crate::spec::SpecError::field(e.field, e.source.to_string()))
     }
 }

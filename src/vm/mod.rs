@@ -7,6 +7,7 @@ pub mod context;
 pub mod disk_ops;
 pub mod error;
 pub mod events;
+pub mod launch;
 pub mod manager;
 pub mod nic_ops;
 pub mod record;

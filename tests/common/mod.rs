@@ -17,9 +17,9 @@ use uuid::Uuid;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, LaunchError, QemuInstance};
-use vmlet::qemu::launch_files::LaunchFiles;
 use vmlet::qemu::profile::Profiles;
 use vmlet::spec::{Boot, ChannelSpec, DiskFormat, DiskSpec, SerialSpec, VmSpec};
+use vmlet::vm::launch::LaunchFiles;
 
 /// Every scratch path of the tests starts with this, so `scripts/test.sh`
 /// can prove nothing is left behind.

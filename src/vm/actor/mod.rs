@@ -27,11 +27,11 @@ use crate::persist::timestamp;
 use crate::qemu::argv::{LaunchInputs, RunPaths};
 use crate::qemu::exit::{self, ExitEvents, RunEvent};
 use crate::qemu::instance::{self, StopMode, StopOutcome};
-use crate::qemu::launch_files::LaunchFiles;
 use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 use crate::spec::VmSpec;
 use crate::vm::context::Context;
+use crate::vm::launch::LaunchFiles;
 use crate::vm::nic_ops;
 use crate::vm::state::{
     self, Action, Decision, Desired, ErrorNote, Found, FoundStatus, Observation, PowerState, Task,

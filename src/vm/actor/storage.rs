@@ -7,12 +7,12 @@
 
 use tokio::sync::oneshot;
 
-use crate::qemu::disk::DiskPlan;
 use crate::spec::{
     validate_disk, validate_limits, validate_name, DiskBus, DiskSource, DiskSpec, IoLimits,
     NicSpec, SpecError, VmSpec,
 };
 use crate::vm::disk_ops::{self, SnapshotKind};
+use crate::vm::launch;
 use crate::vm::nic_ops;
 use crate::vm::state::{self, Action, Decision, Observation};
 use crate::vm::Vm;
@@ -155,7 +155,7 @@ impl Actor {
                 disk.name = Some(disk.name_or_default(index));
                 spec.disks.push(disk.clone());
                 spec.validate(|name| ctx.profiles.caps(name))?;
-                let plan = DiskPlan::new(&layout, uuid, index, &disk);
+                let plan = launch::disk_plan(&layout, uuid, index, &disk);
                 let live = qmp.map(|qmp| async move {
                     disk_ops::attach(&qmp, &profile, &plan, &ctx.host_roots).await
                 });
@@ -171,7 +171,7 @@ impl Actor {
                 if live && !profile.supports.hotplug {
                     return Err(no_hotplug());
                 }
-                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
+                let plan = launch::disk_plan(&layout, uuid, index, &spec.disks[index]);
                 spec.disks.remove(index);
                 let live = qmp.map(|qmp| async move { disk_ops::detach(&qmp, &plan).await });
                 self.spawn_spec_change(spec, live);
@@ -180,14 +180,14 @@ impl Actor {
                 validate_limits(&limits)?;
                 let index = find(&spec, &disk)?;
                 spec.disks[index].limits = limits;
-                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
+                let plan = launch::disk_plan(&layout, uuid, index, &spec.disks[index]);
                 let live =
                     qmp.map(|qmp| async move { disk_ops::set_limits(&qmp, &plan, &limits).await });
                 self.spawn_spec_change(spec, live);
             }
             StorageOp::ResizeDisk { disk, size } => {
                 let index = find(&spec, &disk)?;
-                let plan = DiskPlan::new(&layout, uuid, index, &spec.disks[index]);
+                let plan = launch::disk_plan(&layout, uuid, index, &spec.disks[index]);
                 self.spawn_op(async move {
                     let result = match &qmp {
                         Some(qmp) => disk_ops::resize(qmp, &plan, size).await,
@@ -236,7 +236,7 @@ impl Actor {
             }
             StorageOp::Snapshot { kind, name } => {
                 validate_name("name", &name)?;
-                let plans = DiskPlan::all(&layout, uuid, &spec.disks, false);
+                let plans = launch::disk_plans(&layout, uuid, &spec.disks, false);
                 disk_ops::snapshot_disks(&plans)?;
                 self.spawn_op(async move {
                     let result = async {

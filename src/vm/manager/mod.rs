@@ -13,7 +13,6 @@ use crate::console::ConsoleKind;
 use crate::net::networks::{Network, NetworkNic, NetworkSpec};
 use crate::node::{self, HostTotals, Inventory, NodeInfo, Usage};
 use crate::qemu::accel::{self, Accel};
-use crate::qemu::disk::DiskPlan;
 use crate::qemu::profile::{ProfileError, Profiles};
 use crate::spec::{
     derived_mac, Boot, DiskFormat, DiskSource, FieldError, NicSpec, SpecError, VmSpec,

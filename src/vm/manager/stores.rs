@@ -64,7 +64,7 @@ impl Manager {
     /// VM `key`'s snapshots.
     pub async fn snapshots(&self, key: &str) -> Result<Vec<Snapshot>, VmError> {
         let vm = self.find(key)?.view();
-        let plans = DiskPlan::all(&self.ctx.layout, vm.id, &vm.spec.disks, false);
+        let plans = crate::vm::launch::disk_plans(&self.ctx.layout, vm.id, &vm.spec.disks, false);
         disk_ops::list_snapshots(&self.ctx.qemu_img, &plans).await
     }
 
