@@ -5,6 +5,7 @@ pub mod accel;
 pub mod argv;
 pub mod disk;
 pub mod exit;
+pub mod hotplug;
 pub mod instance;
 pub mod launch_files;
 pub mod nic;

@@ -89,6 +89,20 @@ impl VmError {
     }
 }
 
+impl From<crate::qemu::hotplug::HotplugError> for VmError {
+    /// A device sequence on a running QEMU: a timeout stays a timeout, no
+    /// free slot is a refusal, the rest is QEMU failing (503).
+    fn from(e: crate::qemu::hotplug::HotplugError) -> VmError {
+        use crate::qemu::hotplug::HotplugError as H;
+        let message = crate::error_chain(&e);
+        match e {
+            H::NoFreePort => VmError::Refused(message),
+            e if e.is_timeout() => VmError::Timeout(message),
+            _ => VmError::Failed(message),
+        }
+    }
+}
+
 impl From<crate::vm::launch::LaunchFileError> for VmError {
     /// A host file the spec names that cannot be opened now (gone,
     /// replaced by a symlink, a qcow2 naming other files): the field named.

@@ -10,16 +10,14 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use serde_json::json;
-
 use crate::net::bridge;
 use crate::net::networks::{NetworkKind, NetworkStore};
 use crate::net::tap::{self, Tap};
+use crate::qemu::hotplug;
 use crate::qemu::nic::{self, NicBackend, NicPlan};
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::QmpClient;
 use crate::spec::NicSpec;
-use crate::vm::disk_ops::{call, free_port, qmp_error, unplug_device};
 use crate::vm::error::VmError;
 
 /// The host side of a NIC that vmlet holds until QEMU has its own copies.
@@ -103,8 +101,9 @@ pub async fn open_all(
     Ok((plans, hosts))
 }
 
-/// Hot-plugs a NIC: passes its fds with `getfd`, then `netdev_add` and
-/// `device_add` on a free root port. Undoes what it did if a step fails.
+/// Hot-plugs a NIC: opens its host side (the tap on its bridge) and hands
+/// the fds to [`hotplug::attach_nic`]. On failure the tap goes with the
+/// fds.
 pub async fn attach(
     qmp: &QmpClient,
     profile: &Profile,
@@ -112,72 +111,21 @@ pub async fn attach(
     nic: &NicSpec,
 ) -> Result<(), VmError> {
     let host = open_host_nic(networks, nic).await?;
-    let port = free_port(qmp).await?;
-    let id = nic::netdev_id(nic);
-    let tap_fds = host.tap.iter().flat_map(|t| t.fds.iter());
-    let named: Vec<(&OwnedFd, String, bool)> = tap_fds
-        .enumerate()
-        .map(|(q, fd)| (fd, format!("{id}-q{q}"), false))
-        .chain(
-            host.vhost
-                .iter()
-                .enumerate()
-                .map(|(q, fd)| (fd, format!("{id}-v{q}"), true)),
-        )
+    let tap_fds: Vec<_> = host
+        .tap
+        .iter()
+        .flat_map(|t| t.fds.iter().map(|fd| fd.as_fd()))
         .collect();
-    let mut passed = Vec::new();
-    let result = async {
-        let mut fds = Vec::new();
-        let mut vhost_fds = Vec::new();
-        for (fd, name, is_vhost) in named {
-            qmp.execute_with_fd(
-                qapi::qmp::getfd {
-                    fdname: name.clone(),
-                },
-                fd.as_fd(),
-            )
-            .await
-            .map_err(|e| qmp_error("getfd", e))?;
-            passed.push(name.clone());
-            if is_vhost {
-                vhost_fds.push(name);
-            } else {
-                fds.push(name);
-            }
-        }
-        let plan = NicPlan {
-            spec: nic.clone(),
-            backend: if host.tap.is_some() {
-                NicBackend::Tap { fds, vhost_fds }
-            } else {
-                NicBackend::User
-            },
-        };
-        call(qmp, "netdev_add", nic::netdev(&plan)).await?;
-        if let Err(e) = call(qmp, "device_add", nic::device(profile, &plan, Some(&port))).await {
-            let _ = call(qmp, "netdev_del", json!({"id": id})).await;
-            return Err(e);
-        }
-        Ok(())
-    }
-    .await;
-    // QEMU holds its own copies now (or nothing, on failure: then the fds
-    // it was given are closed so the tap goes).
-    for name in passed {
-        if result.is_err() {
-            let _ = call(qmp, "closefd", json!({"fdname": name})).await;
-        }
-    }
-    result
+    let vhost_fds: Vec<_> = host.vhost.iter().map(|fd| fd.as_fd()).collect();
+    let user = host.tap.is_none();
+    Ok(hotplug::attach_nic(qmp, profile, nic, &tap_fds, &vhost_fds, user).await?)
 }
 
 /// Unplugs a NIC: `device_del`, waits for the guest to let go
 /// (`DEVICE_DELETED`), `netdev_del` (QEMU closes the tap), and removes the
 /// tap should it linger.
 pub async fn detach(qmp: &QmpClient, nic: &NicSpec) -> Result<(), VmError> {
-    let what = format!("NIC {}", nic.mac.as_deref().unwrap_or("?"));
-    unplug_device(qmp, &nic::device_id(nic), &what).await?;
-    call(qmp, "netdev_del", json!({"id": nic::netdev_id(nic)})).await?;
+    hotplug::detach_nic(qmp, nic).await?;
     bridge::delete_link(&nic::tap_name(nic))
         .await
         .map_err(net_error)?;
