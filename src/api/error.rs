@@ -118,7 +118,7 @@ impl From<VmError> for ApiError {
                 task: Some(task),
                 ..ApiError::new(StatusCode::CONFLICT, "busy", message)
             },
-            VmError::Refused(_) | VmError::Conflict(_) => {
+            VmError::NotNow(_) | VmError::Refused(_) | VmError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", message)
             }
             VmError::Invalid(spec) => ApiError::invalid(spec.errors),
@@ -166,6 +166,11 @@ mod tests {
             (VmError::NotFound("x".into()), 404, "not_found"),
             (VmError::Busy(Task::Stop), 409, "busy"),
             (VmError::Refused("no".into()), 409, "conflict"),
+            (
+                VmError::NotNow(crate::vm::state::Refusal::PausedNotStarted),
+                409,
+                "conflict",
+            ),
             (VmError::Conflict("taken".into()), 409, "conflict"),
             (VmError::Failed("qemu".into()), 503, "unavailable"),
             (VmError::Timeout("slow".into()), 503, "timeout"),

@@ -11,7 +11,7 @@ use crate::api::error::{ApiError, ErrorBody};
 use crate::api::AppState;
 use crate::net::networks::{Network, NetworkSpec};
 use crate::spec::NicSpec;
-use crate::vm::actor::StorageOp;
+use crate::vm::actor::Change;
 use crate::vm::Vm;
 
 /// `GET /v1/networks`.
@@ -100,7 +100,5 @@ pub async fn detach_nic(
     State(app): State<AppState>,
     Path((id, nic)): Path<(String, String)>,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(
-        app.manager.storage(&id, StorageOp::DetachNic(nic)).await?,
-    ))
+    Ok(Json(app.manager.change(&id, Change::DetachNic(nic)).await?))
 }

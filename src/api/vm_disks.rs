@@ -11,7 +11,7 @@ use crate::api::body;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::AppState;
 use crate::spec::{DiskSpec, IoLimits};
-use crate::vm::actor::StorageOp;
+use crate::vm::actor::Change;
 use crate::vm::disk_ops::{Snapshot, SnapshotKind};
 use crate::vm::Vm;
 
@@ -49,9 +49,7 @@ pub async fn attach(
 ) -> Result<Json<Vm>, ApiError> {
     let disk: DiskSpec = body::parse(&bytes)?;
     Ok(Json(
-        app.manager
-            .storage(&id, StorageOp::AttachDisk(disk))
-            .await?,
+        app.manager.change(&id, Change::AttachDisk(disk)).await?,
     ))
 }
 
@@ -67,9 +65,7 @@ pub async fn detach(
     Path((id, disk)): Path<(String, String)>,
 ) -> Result<Json<Vm>, ApiError> {
     Ok(Json(
-        app.manager
-            .storage(&id, StorageOp::DetachDisk(disk))
-            .await?,
+        app.manager.change(&id, Change::DetachDisk(disk)).await?,
     ))
 }
 
@@ -88,7 +84,7 @@ pub async fn set_limits(
     let limits: IoLimits = body::parse(&bytes)?;
     Ok(Json(
         app.manager
-            .storage(&id, StorageOp::SetLimits { disk, limits })
+            .change(&id, Change::SetLimits { disk, limits })
             .await?,
     ))
 }
@@ -120,11 +116,9 @@ pub async fn create_snapshot(
     bytes: Bytes,
 ) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
     let request: SnapshotCreate = body::parse(&bytes)?;
-    let op = StorageOp::Snapshot {
-        kind: SnapshotKind::Create,
-        name: request.name.clone(),
-    };
-    app.manager.storage(&id, op).await?;
+    app.manager
+        .snapshot(&id, SnapshotKind::Create, request.name.clone())
+        .await?;
     let snapshot = app
         .manager
         .snapshots(&id)
@@ -146,11 +140,11 @@ pub async fn revert_snapshot(
     State(app): State<AppState>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Json<Vm>, ApiError> {
-    let op = StorageOp::Snapshot {
-        kind: SnapshotKind::Revert,
-        name,
-    };
-    Ok(Json(app.manager.storage(&id, op).await?))
+    Ok(Json(
+        app.manager
+            .snapshot(&id, SnapshotKind::Revert, name)
+            .await?,
+    ))
 }
 
 /// Delete a snapshot.
@@ -163,10 +157,8 @@ pub async fn delete_snapshot(
     State(app): State<AppState>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let op = StorageOp::Snapshot {
-        kind: SnapshotKind::Delete,
-        name,
-    };
-    app.manager.storage(&id, op).await?;
+    app.manager
+        .snapshot(&id, SnapshotKind::Delete, name)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -16,7 +16,7 @@ use crate::api::AppState;
 use crate::spec::VmSpec;
 use crate::vm::actor::ActOptions;
 use crate::vm::manager::Created;
-use crate::vm::state::Action;
+use crate::vm::state::PowerAction;
 use crate::vm::Vm;
 
 /// `GET /v1/vms`.
@@ -160,7 +160,7 @@ pub async fn delete(
 async fn act(
     app: &AppState,
     id: &str,
-    action: Action,
+    action: PowerAction,
     options: ActOptions,
 ) -> Result<Json<Vm>, ApiError> {
     Ok(Json(app.manager.act(id, action, options).await?))
@@ -175,7 +175,7 @@ pub async fn start(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
-    act(&app, &id, Action::Start, ActOptions::default()).await
+    act(&app, &id, PowerAction::Start, ActOptions::default()).await
 }
 
 /// Stop a VM: ACPI power button, then after `timeout_s` QMP `quit`, then
@@ -205,7 +205,7 @@ pub async fn stop(
     act(
         &app,
         &id,
-        Action::Stop {
+        PowerAction::Stop {
             force: request.force,
         },
         options,
@@ -222,7 +222,7 @@ pub async fn reboot(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
-    act(&app, &id, Action::Reboot, ActOptions::default()).await
+    act(&app, &id, PowerAction::Reboot, ActOptions::default()).await
 }
 
 /// Pause the vCPUs. Pausing a paused VM succeeds.
@@ -234,7 +234,7 @@ pub async fn pause(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
-    act(&app, &id, Action::Pause, ActOptions::default()).await
+    act(&app, &id, PowerAction::Pause, ActOptions::default()).await
 }
 
 /// Resume paused vCPUs. Resuming a running VM succeeds.
@@ -246,5 +246,5 @@ pub async fn resume(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
-    act(&app, &id, Action::Resume, ActOptions::default()).await
+    act(&app, &id, PowerAction::Resume, ActOptions::default()).await
 }

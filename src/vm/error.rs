@@ -3,7 +3,7 @@
 //! the leaves (storage, networks) convert into it keeping their kind, so a
 //! full disk stays a full disk.
 
-use crate::vm::state::Task;
+use crate::vm::state::{Refusal, Task};
 
 /// Why a VM operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -14,7 +14,12 @@ pub enum VmError {
     /// Another operation runs on the VM.
     #[error("VM is busy with task {}", .0.as_str())]
     Busy(Task),
-    /// The action does not apply in the VM's state.
+    /// The action does not apply in the VM's state (decided by the state
+    /// table).
+    #[error("{0}")]
+    NotNow(Refusal),
+    /// The operation is refused for a reason the message gives (a device
+    /// the profile cannot hot-plug, a disk that cannot be snapshotted, …).
     #[error("{0}")]
     Refused(String),
     /// A create conflicts with an existing VM.
@@ -84,7 +89,10 @@ impl VmError {
             VmError::Failed(m) => VmError::Failed(lead(m)),
             VmError::Timeout(m) => VmError::Timeout(lead(m)),
             VmError::NoSpace(m) => VmError::NoSpace(lead(m)),
-            other @ (VmError::Busy(_) | VmError::Invalid(_) | VmError::Gone) => other,
+            other @ (VmError::Busy(_)
+            | VmError::NotNow(_)
+            | VmError::Invalid(_)
+            | VmError::Gone) => other,
         }
     }
 }

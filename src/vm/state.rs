@@ -158,7 +158,8 @@ impl Task {
     }
 }
 
-/// A power action the API asks for.
+/// What a command to a VM is, as far as deciding whether it may run now:
+/// a power action, or a change of disks, NICs or snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Start the VM.
@@ -219,6 +220,43 @@ impl Action {
     }
 }
 
+/// A power action the API asks for (the actions that are not changes of
+/// devices or snapshots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerAction {
+    /// Start the VM.
+    Start,
+    /// Stop it (`force`: without asking the guest).
+    Stop {
+        /// Skip the ACPI power button.
+        force: bool,
+    },
+    /// Reset the guest.
+    Reboot,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Delete the VM (`force`: even when it runs).
+    Delete {
+        /// Stop a VM that runs.
+        force: bool,
+    },
+}
+
+impl From<PowerAction> for Action {
+    fn from(action: PowerAction) -> Action {
+        match action {
+            PowerAction::Start => Action::Start,
+            PowerAction::Stop { force } => Action::Stop { force },
+            PowerAction::Reboot => Action::Reboot,
+            PowerAction::Pause => Action::Pause,
+            PowerAction::Resume => Action::Resume,
+            PowerAction::Delete { force } => Action::Delete { force },
+        }
+    }
+}
+
 /// Whether an action may run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -228,8 +266,60 @@ pub enum Decision {
     Run(Task),
     /// Another task runs; the action conflicts with it.
     Busy(Task),
-    /// The action makes no sense in this state; the message says why.
-    Refused(String),
+    /// The action makes no sense in this state.
+    Refused(Refusal),
+}
+
+/// Why an action may not run in a VM's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The action does not apply in this state.
+    NotIn {
+        /// The action refused.
+        action: Action,
+        /// The VM's state.
+        state: PowerState,
+    },
+    /// A paused VM is resumed, not started.
+    PausedNotStarted,
+    /// A running or paused VM is deleted only with `force`.
+    UpWithoutForce {
+        /// The VM's state.
+        state: PowerState,
+    },
+}
+
+impl Action {
+    /// The action as a verb (`start`, `change disks`).
+    pub fn verb(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Stop { .. } => "stop",
+            Action::Reboot => "reboot",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Delete { .. } => "delete",
+            Action::Snapshot => "snapshot",
+            Action::Disks => "change disks",
+            Action::Nics => "change NICs",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::NotIn { action, state } => {
+                write!(f, "cannot {}: VM is {}", action.verb(), state.as_str())
+            }
+            Refusal::PausedNotStarted => f.write_str("cannot start: VM is paused; resume it"),
+            Refusal::UpWithoutForce { state } => write!(
+                f,
+                "cannot delete: VM is {}; stop it first or pass force=true",
+                state.as_str()
+            ),
+        }
+    }
 }
 
 /// May `action` run on a VM in `state` with `task` in progress?
@@ -245,54 +335,46 @@ pub fn decide(state: PowerState, task: Option<Task>, action: Action) -> Decision
         };
     }
     use PowerState as S;
-    let refused =
-        |what: &str| Decision::Refused(format!("cannot {what}: VM is {}", state.as_str()));
+    let refused = Decision::Refused(Refusal::NotIn { action, state });
     match action {
         Action::Start => match state {
             S::Running => Decision::Satisfied,
             S::Stopped | S::Crashed | S::Error => Decision::Run(Task::Start),
-            S::Paused => Decision::Refused("cannot start: VM is paused; resume it".into()),
-            S::Starting | S::Stopping => refused("start"),
+            S::Paused => Decision::Refused(Refusal::PausedNotStarted),
+            S::Starting | S::Stopping => refused,
         },
         Action::Stop { .. } => match state {
             S::Stopped => Decision::Satisfied,
             // Crashed and error VMs may still hold a process or leftovers:
             // a stop cleans them up and settles on `stopped`.
             S::Running | S::Paused | S::Crashed | S::Error => Decision::Run(Task::Stop),
-            S::Starting | S::Stopping => refused("stop"),
+            S::Starting | S::Stopping => refused,
         },
         Action::Reboot => match state {
             S::Running | S::Paused => Decision::Run(Task::Reboot),
-            _ => refused("reboot"),
+            _ => refused,
         },
         Action::Pause => match state {
             S::Paused => Decision::Satisfied,
             S::Running => Decision::Run(Task::Pause),
-            _ => refused("pause"),
+            _ => refused,
         },
         Action::Resume => match state {
             S::Running => Decision::Satisfied,
             S::Paused => Decision::Run(Task::Resume),
-            _ => refused("resume"),
+            _ => refused,
         },
         Action::Delete { force } => match state {
             S::Stopped | S::Crashed | S::Error => Decision::Run(Task::Delete),
             S::Running | S::Paused if force => Decision::Run(Task::Delete),
-            S::Running | S::Paused => Decision::Refused(format!(
-                "cannot delete: VM is {}; stop it first or pass force=true",
-                state.as_str()
-            )),
-            S::Starting | S::Stopping => refused("delete"),
+            S::Running | S::Paused => Decision::Refused(Refusal::UpWithoutForce { state }),
+            S::Starting | S::Stopping => refused,
         },
         // Live through QMP while QEMU runs, offline on the files otherwise;
         // not while QEMU comes or goes, nor while vmlet lost control of it.
         Action::Snapshot | Action::Disks | Action::Nics => match state {
             S::Stopped | S::Crashed | S::Running | S::Paused => Decision::Run(action.task()),
-            _ => refused(match action {
-                Action::Snapshot => "snapshot",
-                Action::Disks => "change disks",
-                _ => "change NICs",
-            }),
+            _ => refused,
         },
     }
 }
@@ -856,7 +938,7 @@ mod tests {
                 match expected_kind {
                     Some(expected) => assert_eq!(got, expected, "{state:?} {action:?}"),
                     None => assert!(
-                        matches!(got, D::Refused(ref m) if m.contains(state.as_str())),
+                        matches!(got, D::Refused(ref r) if r.to_string().contains(state.as_str())),
                         "{state:?} {action:?}: {got:?}"
                     ),
                 }

@@ -34,7 +34,8 @@ use crate::vm::context::Context;
 use crate::vm::launch::LaunchFiles;
 use crate::vm::nic_ops;
 use crate::vm::state::{
-    self, Action, Decision, Desired, ErrorNote, Found, FoundStatus, Observation, PowerState, Task,
+    self, Action, Decision, Desired, ErrorNote, Found, FoundStatus, Observation, PowerAction,
+    PowerState, Task,
 };
 use crate::vm::Vm;
 
@@ -43,7 +44,8 @@ mod reattach;
 mod storage;
 mod watcher;
 
-pub use storage::StorageOp;
+pub use storage::Change;
+use storage::Work;
 
 /// How long reattaching waits for a QEMU's QMP socket.
 const REATTACH_QMP_DEADLINE: Duration = Duration::from_secs(5);
@@ -51,6 +53,7 @@ const REATTACH_QMP_DEADLINE: Duration = Duration::from_secs(5);
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
 
 pub use crate::error_chain;
+use crate::vm::disk_ops::SnapshotKind;
 pub use crate::vm::error::VmError;
 
 /// Options of an action.
@@ -62,16 +65,49 @@ pub struct ActOptions {
 
 type Reply = oneshot::Sender<Result<Vm, VmError>>;
 
+/// Everything the API asks of a VM's actor: one type, decided by the
+/// state table in one place.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// A power action, with its options.
+    Power {
+        /// The action.
+        action: PowerAction,
+        /// Its options.
+        options: ActOptions,
+    },
+    /// A change of the VM's disks or NICs (boxed: a disk spec is large).
+    Change(Box<Change>),
+    /// Take, revert to or delete a snapshot.
+    Snapshot {
+        /// Which.
+        kind: SnapshotKind,
+        /// The snapshot's name.
+        name: String,
+    },
+}
+
+impl Command {
+    /// What the state table decides on.
+    pub fn action(&self) -> Action {
+        match self {
+            Command::Power { action, .. } => (*action).into(),
+            Command::Change(change)
+                if matches!(**change, Change::AttachNic(_) | Change::DetachNic(_)) =>
+            {
+                Action::Nics
+            }
+            Command::Change(_) => Action::Disks,
+            Command::Snapshot { .. } => Action::Snapshot,
+        }
+    }
+}
+
 /// What reaches the actor.
 enum Input {
-    Act {
-        action: Action,
-        options: ActOptions,
+    Command {
+        command: Command,
         reply: Option<Reply>,
-    },
-    Storage {
-        op: StorageOp,
-        reply: Reply,
     },
     OpDone(OpResult),
     Qmp {
@@ -168,17 +204,21 @@ impl VmHandle {
         self.live.borrow().clone()
     }
 
-    /// Runs `action` and waits until it is done.
-    pub async fn act(&self, action: Action, options: ActOptions) -> Result<Vm, VmError> {
+    /// Runs `command` and waits until it is done.
+    pub async fn command(&self, command: Command) -> Result<Vm, VmError> {
         let (reply, answer) = oneshot::channel();
         self.inbox
-            .send(Input::Act {
-                action,
-                options,
+            .send(Input::Command {
+                command,
                 reply: Some(reply),
             })
             .map_err(|_| VmError::Gone)?;
         answer.await.map_err(|_| VmError::Gone)?
+    }
+
+    /// Runs power action `action` and waits until it is done.
+    pub async fn act(&self, action: PowerAction, options: ActOptions) -> Result<Vm, VmError> {
+        self.command(Command::Power { action, options }).await
     }
 }
 
@@ -308,12 +348,7 @@ impl Actor {
     /// Handles one input; true when the VM is gone and the actor must end.
     fn handle(&mut self, input: Input) -> bool {
         match input {
-            Input::Act {
-                action,
-                options,
-                reply,
-            } => self.on_action(action, options, reply),
-            Input::Storage { op, reply } => self.on_storage(op, reply),
+            Input::Command { command, reply } => self.on_command(command, reply),
             Input::OpDone(result) => return self.on_op_done(result),
             Input::Qmp { incarnation, event } => {
                 if self.current(incarnation) {
@@ -450,14 +485,25 @@ impl Actor {
         }
     }
 
-    fn on_action(&mut self, action: Action, options: ActOptions, reply: Option<Reply>) {
+    /// Decides whether `command` may run now (the state table) and starts
+    /// it, or answers `reply` at once: satisfied, busy or refused.
+    fn on_command(&mut self, command: Command, reply: Option<Reply>) {
         let task = self.op.as_ref().map(|op| op.task);
-        match state::decide(self.vm.state.get(), task, action) {
+        match state::decide(self.vm.state.get(), task, command.action()) {
             Decision::Satisfied => {
-                let desired = match action {
-                    Action::Start | Action::Resume => Some(Desired::Running),
-                    Action::Stop { .. } => Some(Desired::Stopped),
-                    Action::Pause => Some(Desired::Paused),
+                let desired = match &command {
+                    Command::Power {
+                        action: PowerAction::Start | PowerAction::Resume,
+                        ..
+                    } => Some(Desired::Running),
+                    Command::Power {
+                        action: PowerAction::Stop { .. },
+                        ..
+                    } => Some(Desired::Stopped),
+                    Command::Power {
+                        action: PowerAction::Pause,
+                        ..
+                    } => Some(Desired::Paused),
                     _ => None,
                 };
                 if let Some(desired) = desired {
@@ -466,36 +512,48 @@ impl Actor {
                 self.reply(reply, Ok(()));
             }
             Decision::Busy(task) => self.reply(reply, Err(VmError::Busy(task))),
-            Decision::Refused(message) => self.reply(reply, Err(VmError::Refused(message))),
-            Decision::Run(task) => {
-                if let Some(op) = &mut self.op {
-                    // A forced stop overtaking a graceful one: kill QEMU; the
-                    // running stop sees the exit and answers everyone.
-                    if let Some(reply) = reply {
-                        op.waiters.push(reply);
-                    }
-                    if let Some(rt) = &self.runtime {
-                        tracing::info!(vm = %self.vm.name, "forced stop overtakes the graceful stop");
-                        let _ = rt.process.signal(libc::SIGKILL);
-                    }
-                    return;
+            Decision::Refused(refusal) => self.reply(reply, Err(VmError::NotNow(refusal))),
+            Decision::Run(task) => match command {
+                Command::Power { action, options } => self.run_power(task, action, options, reply),
+                Command::Change(change) => self.run_storage(task, Work::Change(*change), reply),
+                Command::Snapshot { kind, name } => {
+                    self.run_storage(task, Work::Snapshot { kind, name }, reply)
                 }
-                self.op = Some(InFlight {
-                    task,
-                    waiters: reply.into_iter().collect(),
-                });
-                match action {
-                    Action::Start => self.begin_start(),
-                    Action::Stop { force } => self.begin_stop(force, options.stop_timeout),
-                    Action::Reboot => self.begin_qmp(Task::Reboot),
-                    Action::Pause => self.begin_qmp(Task::Pause),
-                    Action::Resume => self.begin_qmp(Task::Resume),
-                    Action::Delete { .. } => self.begin_delete(),
-                    Action::Snapshot | Action::Disks | Action::Nics => {
-                        unreachable!("storage actions arrive as Input::Storage")
-                    }
-                }
+            },
+        }
+    }
+
+    /// Starts power action `action` as the VM's operation `task`.
+    fn run_power(
+        &mut self,
+        task: Task,
+        action: PowerAction,
+        options: ActOptions,
+        reply: Option<Reply>,
+    ) {
+        if let Some(op) = &mut self.op {
+            // A forced stop overtaking a graceful one: kill QEMU; the
+            // running stop sees the exit and answers everyone.
+            if let Some(reply) = reply {
+                op.waiters.push(reply);
             }
+            if let Some(rt) = &self.runtime {
+                tracing::info!(vm = %self.vm.name, "forced stop overtakes the graceful stop");
+                let _ = rt.process.signal(libc::SIGKILL);
+            }
+            return;
+        }
+        self.op = Some(InFlight {
+            task,
+            waiters: reply.into_iter().collect(),
+        });
+        match action {
+            PowerAction::Start => self.begin_start(),
+            PowerAction::Stop { force } => self.begin_stop(force, options.stop_timeout),
+            PowerAction::Reboot => self.begin_qmp(Task::Reboot),
+            PowerAction::Pause => self.begin_qmp(Task::Pause),
+            PowerAction::Resume => self.begin_qmp(Task::Resume),
+            PowerAction::Delete { .. } => self.begin_delete(),
         }
     }
 }

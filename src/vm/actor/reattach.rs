@@ -155,7 +155,13 @@ impl Actor {
             && self.runtime.is_none()
         {
             tracing::info!(vm = %self.vm.name, "autostart: starting");
-            self.on_action(Action::Start, ActOptions::default(), None);
+            self.on_command(
+                Command::Power {
+                    action: PowerAction::Start,
+                    options: ActOptions::default(),
+                },
+                None,
+            );
         }
     }
 }

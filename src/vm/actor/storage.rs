@@ -1,11 +1,9 @@
 //! The device and snapshot operations of a VM's actor: attach, detach,
-//! throttle and grow disks, attach and detach NICs, and take, revert to
-//! and delete snapshots. Each
-//! arrives as a [`StorageOp`] (through [`VmHandle::storage`]), is checked
-//! against the VM's spec and state, and runs as the actor's operation: live
-//! over QMP while QEMU runs, on the files while it does not.
-
-use tokio::sync::oneshot;
+//! throttle and grow disks, attach and detach NICs (a [`Change`]), and
+//! take, revert to and delete snapshots. Each arrives as a [`Command`]
+//! (through [`VmHandle::command`]), is decided by the state table, checked
+//! against the VM's spec, and runs as the actor's operation: live over QMP
+//! while QEMU runs, on the files while it does not.
 
 use crate::spec::{
     validate_disk, validate_limits, validate_name, DiskBus, DiskSource, DiskSpec, IoLimits,
@@ -14,15 +12,14 @@ use crate::spec::{
 use crate::vm::disk_ops::{self, SnapshotKind};
 use crate::vm::launch;
 use crate::vm::nic_ops;
-use crate::vm::state::{self, Action, Decision, Observation};
-use crate::vm::Vm;
+use crate::vm::state::Observation;
 
-use super::{error_chain, Actor, InFlight, Input, OpResult, Reply, VmError, VmHandle};
+use super::{error_chain, Actor, InFlight, OpResult, Reply, VmError};
 
 /// A change to a VM's disks or snapshots, run by its actor as a task: live
 /// over QMP while QEMU runs, on the files while it does not.
 #[derive(Debug, Clone)]
-pub enum StorageOp {
+pub enum Change {
     /// Add a disk (a volume): hot-plug, or just the spec when stopped.
     AttachDisk(DiskSpec),
     /// Remove a disk (a volume or host file): unplug, or just the spec.
@@ -45,55 +42,39 @@ pub enum StorageOp {
     AttachNic(NicSpec),
     /// Remove the NIC with this MAC or index: unplug, or just the spec.
     DetachNic(String),
-    /// Take, revert to or delete a snapshot.
-    Snapshot {
-        /// Which.
-        kind: SnapshotKind,
-        /// The snapshot's name.
-        name: String,
-    },
 }
 
-impl VmHandle {
-    /// Runs a disk or snapshot operation and waits until it is done.
-    pub async fn storage(&self, op: StorageOp) -> Result<Vm, VmError> {
-        let (reply, answer) = oneshot::channel();
-        self.inbox
-            .send(Input::Storage { op, reply })
-            .map_err(|_| VmError::Gone)?;
-        answer.await.map_err(|_| VmError::Gone)?
-    }
+/// The storage work an actor runs: a change of devices or a snapshot.
+// Built and consumed within one call, never stored: its size is no cost.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Work {
+    Change(Change),
+    Snapshot { kind: SnapshotKind, name: String },
 }
 
 impl Actor {
-    /// Decides whether `op` may run now: starts it as the VM's operation,
-    /// or answers `reply` at once (busy, refused, invalid).
-    pub(super) fn on_storage(&mut self, op: StorageOp, reply: Reply) {
-        let action = match op {
-            StorageOp::Snapshot { .. } => Action::Snapshot,
-            StorageOp::AttachNic(_) | StorageOp::DetachNic(_) => Action::Nics,
-            _ => Action::Disks,
-        };
-        let task = self.op.as_ref().map(|op| op.task);
-        match state::decide(self.vm.state.get(), task, action) {
-            Decision::Run(task) => match self.begin_storage(op) {
-                Ok(()) => {
-                    self.op = Some(InFlight {
-                        task,
-                        waiters: vec![reply],
-                    });
-                    self.commit(|vm| vm.task = Some(task));
-                }
-                Err(e) => self.reply(Some(reply), Err(e)),
-            },
-            Decision::Busy(task) => self.reply(Some(reply), Err(VmError::Busy(task))),
-            Decision::Refused(message) => self.reply(Some(reply), Err(VmError::Refused(message))),
-            Decision::Satisfied => self.reply(Some(reply), Ok(())),
+    /// Starts `work` as the VM's operation `task` (the state table let it
+    /// run), or answers `reply` at once when the VM refuses it.
+    pub(super) fn run_storage(
+        &mut self,
+        task: crate::vm::state::Task,
+        work: Work,
+        reply: Option<Reply>,
+    ) {
+        match self.begin_storage(work) {
+            Ok(()) => {
+                self.op = Some(InFlight {
+                    task,
+                    waiters: reply.into_iter().collect(),
+                });
+                self.commit(|vm| vm.task = Some(task));
+            }
+            Err(e) => self.reply(reply, Err(e)),
         }
     }
 
     /// Checks a storage operation against the VM and spawns it.
-    fn begin_storage(&mut self, op: StorageOp) -> Result<(), VmError> {
+    fn begin_storage(&mut self, work: Work) -> Result<(), VmError> {
         let ctx = self.ctx.clone();
         let profile = ctx
             .profiles
@@ -130,8 +111,8 @@ impl Actor {
                 .ok_or_else(|| VmError::NotFound(format!("VM {} has no disk {name}", spec.name)))
         };
         let layout = ctx.layout.clone();
-        match op {
-            StorageOp::AttachDisk(mut disk) => {
+        match work {
+            Work::Change(Change::AttachDisk(mut disk)) => {
                 validate_disk(&disk)?;
                 if !matches!(disk.source(), Ok(DiskSource::Volume { .. })) {
                     return Err(VmError::Invalid(SpecError::field(
@@ -161,7 +142,7 @@ impl Actor {
                 });
                 self.spawn_spec_change(spec, live);
             }
-            StorageOp::DetachDisk(name) => {
+            Work::Change(Change::DetachDisk(name)) => {
                 let index = find(&spec, &name)?;
                 if spec.disks[index].owned_by_vm() {
                     return Err(VmError::Refused(format!(
@@ -176,7 +157,7 @@ impl Actor {
                 let live = qmp.map(|qmp| async move { disk_ops::detach(&qmp, &plan).await });
                 self.spawn_spec_change(spec, live);
             }
-            StorageOp::SetLimits { disk, limits } => {
+            Work::Change(Change::SetLimits { disk, limits }) => {
                 validate_limits(&limits)?;
                 let index = find(&spec, &disk)?;
                 spec.disks[index].limits = limits;
@@ -185,7 +166,7 @@ impl Actor {
                     qmp.map(|qmp| async move { disk_ops::set_limits(&qmp, &plan, &limits).await });
                 self.spawn_spec_change(spec, live);
             }
-            StorageOp::ResizeDisk { disk, size } => {
+            Work::Change(Change::ResizeDisk { disk, size }) => {
                 let index = find(&spec, &disk)?;
                 let plan = launch::disk_plan(&layout, uuid, index, &spec.disks[index]);
                 self.spawn_op(async move {
@@ -203,7 +184,7 @@ impl Actor {
                     }
                 });
             }
-            StorageOp::AttachNic(nic) => {
+            Work::Change(Change::AttachNic(nic)) => {
                 if live && !profile.supports.hotplug {
                     return Err(no_hotplug());
                 }
@@ -214,7 +195,7 @@ impl Actor {
                 });
                 self.spawn_spec_change(spec, live);
             }
-            StorageOp::DetachNic(key) => {
+            Work::Change(Change::DetachNic(key)) => {
                 let index = spec
                     .nics
                     .iter()
@@ -234,7 +215,7 @@ impl Actor {
                 let live = qmp.map(|qmp| async move { nic_ops::detach(&qmp, &nic).await });
                 self.spawn_spec_change(spec, live);
             }
-            StorageOp::Snapshot { kind, name } => {
+            Work::Snapshot { kind, name } => {
                 validate_name("name", &name)?;
                 let plans = launch::disk_plans(&layout, uuid, &spec.disks, false);
                 disk_ops::snapshot_disks(&plans)?;

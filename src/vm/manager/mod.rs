@@ -21,9 +21,10 @@ use crate::storage::files::{self, OpenMode};
 use crate::storage::images::ImageStore;
 use crate::storage::volumes::{Volume, VolumeAttachment, VolumeCreate};
 use crate::storage::{disks, MIB};
-use crate::vm::actor::{self, error_chain, ActOptions, Live, StorageOp, VmError, VmHandle};
+use crate::vm::actor::{self, error_chain, ActOptions, Change, Command, Live, VmError, VmHandle};
 use crate::vm::claims::{Claim, Claims, Hold, Taken};
 use crate::vm::context::Context;
+use crate::vm::disk_ops::SnapshotKind;
 use crate::vm::disk_ops::{self, Snapshot};
 use crate::vm::events::EventBus;
 use crate::vm::registry::Registry;
@@ -31,7 +32,7 @@ use crate::vm::registry::Registry;
 mod admission;
 mod stores;
 
-use crate::vm::state::Action;
+use crate::vm::state::PowerAction;
 use crate::vm::store::{Store, StoreError};
 use crate::vm::Vm;
 pub use admission::check_host_paths;
@@ -303,7 +304,7 @@ impl Manager {
         delete_volumes: bool,
     ) -> Result<Vm, VmError> {
         let vm = self
-            .act(key, Action::Delete { force }, ActOptions::default())
+            .act(key, PowerAction::Delete { force }, ActOptions::default())
             .await?;
         // The actor has ended; its record and directory are gone.
         self.registry.forget(vm.id);
@@ -319,11 +320,11 @@ impl Manager {
         Ok(vm)
     }
 
-    /// Runs a disk or snapshot operation on VM `key`. Attaching a volume
-    /// checks, holding that volume's claim, that no other VM uses it.
-    pub async fn storage(&self, key: &str, op: StorageOp) -> Result<Vm, VmError> {
+    /// Changes VM `key`'s disks or NICs. Attaching a volume checks,
+    /// holding that volume's claim, that no other VM uses it.
+    pub async fn change(&self, key: &str, change: Change) -> Result<Vm, VmError> {
         let handle = self.find(key)?;
-        if let StorageOp::AttachDisk(disk) = &op {
+        if let Change::AttachDisk(disk) = &change {
             let volume_claim = match disk.source() {
                 Ok(DiskSource::Volume { volume }) => {
                     vec![(Claim::Volume(volume.to_string()), Hold::Alone)]
@@ -346,9 +347,21 @@ impl Manager {
                     )));
                 }
             }
-            return handle.storage(op).await;
+            return handle.command(Command::Change(Box::new(change))).await;
         }
-        handle.storage(op).await
+        handle.command(Command::Change(Box::new(change))).await
+    }
+
+    /// Takes, reverts to or deletes snapshot `name` of VM `key`.
+    pub async fn snapshot(
+        &self,
+        key: &str,
+        kind: SnapshotKind,
+        name: String,
+    ) -> Result<Vm, VmError> {
+        self.find(key)?
+            .command(Command::Snapshot { kind, name })
+            .await
     }
 
     /// Attaches a NIC to VM `key` (hot-plugged when it runs).
@@ -380,11 +393,18 @@ impl Manager {
             )));
         }
         nic = one[0].clone();
-        handle.storage(StorageOp::AttachNic(nic)).await
+        handle
+            .command(Command::Change(Box::new(Change::AttachNic(nic))))
+            .await
     }
 
     /// Runs `action` on the VM `key` and waits for it to finish.
-    pub async fn act(&self, key: &str, action: Action, options: ActOptions) -> Result<Vm, VmError> {
+    pub async fn act(
+        &self,
+        key: &str,
+        action: PowerAction,
+        options: ActOptions,
+    ) -> Result<Vm, VmError> {
         self.find(key)?.act(action, options).await
     }
 

@@ -153,9 +153,9 @@ impl Manager {
         self.ctx.volumes.check_resize(name, size_mib).await?;
         match self.volume_user(name) {
             Some(user) => {
-                self.storage(
+                self.change(
                     &user.vm.to_string(),
-                    StorageOp::ResizeDisk {
+                    Change::ResizeDisk {
                         disk: user.disk,
                         size: size_mib * MIB,
                     },
