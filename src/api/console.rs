@@ -66,7 +66,7 @@ const INERT_POLICY: &str =
     "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Adds to every `/console` and `/novnc/` response, errors included: a
-/// Content-Security-Policy (the handler's, or [`INERT_POLICY`]) with
+/// Content-Security-Policy (the handler's, or `INERT_POLICY`) with
 /// `frame-ancestors 'none'`, `X-Frame-Options: DENY` for browsers without
 /// CSP 2 (no clickjacking of a live console), and `nosniff` so a file is
 /// never run as another type than the one sent.

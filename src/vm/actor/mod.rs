@@ -1,5 +1,5 @@
 //! One task per VM. The actor owns the VM's QEMU process, its QMP link and
-//! its state; everything that changes the VM arrives as an [`Input`] in its
+//! its state; everything that changes the VM arrives as an `Input` in its
 //! inbox: API actions, QMP events, the process's exit, and the results of
 //! operations it spawned.
 //!
