@@ -61,43 +61,74 @@ async fn schemathesis_finds_no_failure() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/schemathesis/schemathesis.toml"
     );
-    let reports = token_dir.path().join("reports");
-    let mut command = tokio::process::Command::new(&schemathesis);
-    command
-        .args(["--config-file", config, "run"])
-        .arg(format!("http://{addr}/v1/openapi.json"))
-        .arg("--header")
-        .arg(format!("Authorization: Bearer {token}"))
-        .args(["--checks", "all"])
-        .args(["--seed", "20260101"])
-        .args(["--max-examples", "5"])
-        .args(["--max-time", "100"])
-        .args(["--workers", "2"])
-        .args(["--request-timeout", "20"])
-        .args(["--exclude-operation-id-regex", EXCLUDED])
-        .args(["--generation-database", "none"])
-        .arg("--report-dir")
-        .arg(&reports)
-        .args(["--no-color"])
-        // Its own caches and settings stay in the scratch directory.
-        .env("HOME", token_dir.path())
-        .current_dir(token_dir.path())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(RUN_LIMIT, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("schemathesis ran longer than {RUN_LIMIT:?}"))
-        .expect("running schemathesis");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let run = |round: u32| {
+        let reports = token_dir.path().join(format!("reports-{round}"));
+        let mut command = tokio::process::Command::new(&schemathesis);
+        command
+            .args(["--config-file", config, "run"])
+            .arg(format!("http://{addr}/v1/openapi.json"))
+            .arg("--header")
+            .arg(format!("Authorization: Bearer {token}"))
+            .args(["--checks", "all"])
+            .args(["--seed", "20260101"])
+            .args(["--max-examples", "5"])
+            .args(["--max-time", "100"])
+            .args(["--workers", "2"])
+            .args(["--request-timeout", "20"])
+            .args(["--exclude-operation-id-regex", EXCLUDED])
+            .args(["--generation-database", "none"])
+            .arg("--report-dir")
+            .arg(&reports)
+            .args(["--no-color"])
+            // Its own caches and settings stay in the scratch directory.
+            .env("HOME", token_dir.path())
+            .current_dir(token_dir.path())
+            .kill_on_drop(true);
+        async move {
+            let output = tokio::time::timeout(RUN_LIMIT, command.output())
+                .await
+                .unwrap_or_else(|_| panic!("schemathesis ran longer than {RUN_LIMIT:?}"))
+                .expect("running schemathesis");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            (output.status, text)
+        }
+    };
+    let (mut status, mut text) = run(1).await;
+    if !status.success() && tool_error_only(&text) {
+        // schemathesis (or Hypothesis under it) crashed while generating
+        // a case, without any check failing: its own fault, seen now and
+        // then on this Python. One more run; any failure in it counts.
+        eprintln!(
+            "schemathesis stopped on an internal error, with no check failing; running it again"
+        );
+        (status, text) = run(2).await;
+    }
     assert!(
-        output.status.success(),
-        "schemathesis found failures ({}):\n{text}",
-        output.status
+        status.success(),
+        "schemathesis found failures ({status}):\n{text}"
     );
     // It really ran: operations were tested and requests reached the daemon.
     assert!(text.contains("passed"), "{text}");
     drop(d);
+}
+
+/// Whether schemathesis's report holds errors of its own (a `Runtime
+/// Error`: it crashed generating a case) and no failed check.
+fn tool_error_only(report: &str) -> bool {
+    !report.contains(" FAILURES ") && report.contains("Runtime Error")
+}
+
+#[test]
+fn only_schemathesis_crashes_count_as_its_own_errors() {
+    let crash = "==== ERRORS ====\n___ POST /v1/vms ___\nRuntime Error\n\nInconsistent results";
+    assert!(tool_error_only(crash));
+    let failure = "==== FAILURES ====\n___ POST /v1/vms ___\n1. Server error\n==== ERRORS ====\nRuntime Error";
+    assert!(!tool_error_only(failure));
+    assert!(!tool_error_only(
+        "==== FAILURES ====\n1. Undocumented HTTP status code"
+    ));
 }
