@@ -13,8 +13,14 @@ use tokio::process::Command;
 use vmlet::spec::VmSpec;
 
 fn vmlet(scratch: &Scratch, spec_file: &Path) -> Command {
+    vmlet_with_grace(scratch, spec_file, 30)
+}
+
+/// `vmlet run` with `--grace SECONDS`.
+fn vmlet_with_grace(scratch: &Scratch, spec_file: &Path, grace: u64) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlet"));
-    cmd.args(["run", "--accel", "tcg", "--grace", "30", "--run-dir"])
+    cmd.args(["run", "--accel", "tcg", "--grace", &grace.to_string()])
+        .arg("--run-dir")
         .arg(scratch.run_dir())
         .arg(spec_file)
         .env("VMLET_PROFILE_DIR", scratch.path().join("no-profiles"))
@@ -324,21 +330,6 @@ impl Running {
         .expect("vmlet exits in time");
         (status.code(), self.console, stderr)
     }
-}
-
-/// `vmlet run` with `--grace SECONDS`.
-fn vmlet_with_grace(scratch: &Scratch, spec_file: &Path, grace: u64) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlet"));
-    cmd.args(["run", "--accel", "tcg", "--grace", &grace.to_string()])
-        .arg("--run-dir")
-        .arg(scratch.run_dir())
-        .arg(spec_file)
-        .env("VMLET_PROFILE_DIR", scratch.path().join("no-profiles"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -37,6 +37,27 @@ fn open_files(pid: i32) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Rewrites qcow2 `file`'s header to name `backing` (raw) as its backing
+/// file, as a guest that once had the file raw could.
+fn name_backing_file(file: &Path, backing: &Path) {
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        backing.to_str().unwrap(),
+        "-F",
+        "raw",
+        file.to_str().unwrap(),
+    ]);
+}
+
+async fn create_volume(d: &Daemon, name: &str) {
+    let body = json!({"name": name, "size_mib": 8});
+    expect(d, Method::POST, "/v1/volumes", Some(&body), 201).await;
+}
+
 fn with_disks(name: &str, disks: Value) -> Value {
     let mut spec = guest_spec_json(name, "guest.action=hold");
     spec["disks"] = disks;
@@ -58,14 +79,7 @@ async fn show(d: &Daemon, id: &str) -> Value {
 async fn vmlets_own_files_cannot_be_named_by_path() {
     let d = Daemon::start().await;
     let volume = unique_name("v");
-    expect(
-        &d,
-        Method::POST,
-        "/v1/volumes",
-        Some(&json!({"name": volume, "size_mib": 8})),
-        201,
-    )
-    .await;
+    create_volume(&d, &volume).await;
     let other = create_vm(&d, &guest_spec_json(&unique_name("other"), "")).await;
     let managed = [
         d.state_dir.join("volumes").join(format!("{volume}.qcow2")),
@@ -151,17 +165,7 @@ async fn qcow2_host_files_naming_a_backing_file_are_refused() {
     )
     .await;
     let id = id_of(&vm);
-    qemu_img(&[
-        "rebase",
-        "-u",
-        "-f",
-        "qcow2",
-        "-b",
-        secret.to_str().unwrap(),
-        "-F",
-        "raw",
-        clean.to_str().unwrap(),
-    ]);
+    name_backing_file(&clean, &secret);
     let (status, body) = start(&d, &id).await;
     assert_ne!(status, 200, "{body}");
     let view = show(&d, &id).await;
@@ -184,26 +188,9 @@ async fn a_backing_file_in_a_volume_header_is_never_opened() {
     let scratch = Scratch::new();
     let secret = secret_file(&scratch);
     let volume = unique_name("v");
-    expect(
-        &d,
-        Method::POST,
-        "/v1/volumes",
-        Some(&json!({"name": volume, "size_mib": 8})),
-        201,
-    )
-    .await;
+    create_volume(&d, &volume).await;
     let file = d.state_dir.join("volumes").join(format!("{volume}.qcow2"));
-    qemu_img(&[
-        "rebase",
-        "-u",
-        "-f",
-        "qcow2",
-        "-b",
-        secret.to_str().unwrap(),
-        "-F",
-        "raw",
-        file.to_str().unwrap(),
-    ]);
+    name_backing_file(&file, &secret);
 
     let vm = create_vm(
         &d,

@@ -208,15 +208,25 @@ impl LaunchFiles {
 /// backing or data file in its header.
 pub fn open_disk_file(plan: &DiskPlan, host_roots: &[PathBuf]) -> Result<OwnedFd, OpenError> {
     match plan.origin {
-        FileOrigin::Host => {
-            let fd = files::open_beneath(host_roots, &plan.file, file_mode(plan))?;
-            if plan.format == DiskFormat::Qcow2 {
-                files::check_qcow2_header(&fd, &plan.file)?;
-            }
-            Ok(fd)
-        }
+        FileOrigin::Host => open_host_file(host_roots, &plan.file, file_mode(plan), plan.format),
         FileOrigin::Managed => files::open_managed(&plan.file, file_mode(plan)),
     }
+}
+
+/// Opens host file `path` below `host_roots` as `mode`; read as `format`
+/// qcow2, its header must name no backing or data file. The one check a
+/// spec's host files pass, at create and at every start.
+pub fn open_host_file(
+    host_roots: &[PathBuf],
+    path: &Path,
+    mode: OpenMode,
+    format: DiskFormat,
+) -> Result<OwnedFd, OpenError> {
+    let fd = files::open_beneath(host_roots, path, mode)?;
+    if format == DiskFormat::Qcow2 {
+        files::check_qcow2_header(&fd, path)?;
+    }
+    Ok(fd)
 }
 
 #[cfg(test)]

@@ -172,12 +172,9 @@ pub fn check_host_paths(spec: &VmSpec, roots: &[PathBuf]) -> Result<(), SpecErro
     }
     let mut errors = Vec::new();
     for (field, path, format) in paths {
-        let opened = files::open_beneath(roots, path, OpenMode::READ).and_then(|fd| {
-            if format == Some(DiskFormat::Qcow2) {
-                files::check_qcow2_header(&fd, path)?;
-            }
-            Ok(())
-        });
+        // Kernels and initrds are read raw.
+        let format = format.unwrap_or(DiskFormat::Raw);
+        let opened = crate::vm::launch::open_host_file(roots, path, OpenMode::READ, format);
         if let Err(e) = opened {
             errors.push(FieldError {
                 field,

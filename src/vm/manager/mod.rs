@@ -17,7 +17,7 @@ use crate::qemu::profile::{ProfileError, Profiles};
 use crate::spec::{
     derived_mac, Boot, DiskFormat, DiskSource, FieldError, NicSpec, SpecError, VmSpec,
 };
-use crate::storage::files::{self, OpenMode};
+use crate::storage::files::OpenMode;
 use crate::storage::images::ImageStore;
 use crate::storage::volumes::{Volume, VolumeAttachment, VolumeCreate};
 use crate::storage::{disks, MIB};
