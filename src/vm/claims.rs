@@ -108,6 +108,7 @@ impl Claims {
     }
 
     /// Whether an operation holds `claim` now.
+    #[cfg(test)]
     pub fn is_held(&self, claim: &Claim) -> bool {
         self.0.lock().unwrap().contains_key(claim)
     }

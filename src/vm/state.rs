@@ -461,6 +461,7 @@ impl Observation {
     ];
 
     /// Whether this observation means no QEMU of the VM remains.
+    #[cfg(test)]
     pub fn leaves_no_process(self) -> bool {
         use Observation as O;
         matches!(
