@@ -1,6 +1,7 @@
 //! vmlet: a node daemon for virtualization hosts. It launches QEMU from
-//! generated argument lists and controls each VM over QMP. See DESIGN.md for
-//! the architecture; each module's doc says what it owns.
+//! generated argument lists and controls each VM over QMP. See
+//! `docs/architecture.md` for the architecture; each module's doc says what it
+//! owns.
 
 #![warn(missing_docs)]
 
@@ -8,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod confine;
 pub mod console;
 pub mod daemon;
 pub mod metrics;
