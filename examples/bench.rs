@@ -10,8 +10,10 @@ use uuid::Uuid;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::instance::{self, QemuInstance, StopMode, StopOutcome};
+use vmlet::qemu::launch_files::{PassedFd, RunFds};
 use vmlet::qemu::profile::Profiles;
 use vmlet::spec::{Boot, SerialSpec, VmSpec};
+use vmlet::vm::confinement::Confiner;
 
 struct Bench {
     kernel: PathBuf,
@@ -97,10 +99,17 @@ impl Bench {
             cloud_init: None,
             nics: vec![],
             autostart: false,
+            resources: Default::default(),
         }
     }
 
     async fn launch(&self, spec: &VmSpec) -> QemuInstance {
+        self.launch_with(spec, None).await
+    }
+
+    /// Launches `spec` as vmlet does; `confiner`: confined as the daemon
+    /// confines its VMs (as root: own uid, jail, cgroup).
+    async fn launch_with(&self, spec: &VmSpec, confiner: Option<&Confiner>) -> QemuInstance {
         let paths = RunPaths::new(&self.run_root, spec.uuid);
         let files = vmlet::vm::launch::LaunchFiles::open(
             spec,
@@ -108,29 +117,96 @@ impl Bench {
             &[std::path::PathBuf::from("/")],
         )
         .expect("opening the VM's files");
-        instance::launch(
-            Path::new("qemu-system-x86_64"),
-            LaunchInputs {
-                spec,
-                profile: self.profiles.get(&spec.profile).unwrap(),
-                accel: Accel::Tcg,
-                paths: &paths,
-                serial_log: &paths.serial_log(),
-                disks: &files.disks,
-                disk_sets: &files.sets,
-                passed_fds: &files.passed,
-                boot_files: files.boot.as_ref(),
-                nics: &[],
-            },
-        )
+        let confined = confiner.map(|c| c.prepare(spec, false).expect("confinement"));
+        let serial_log = paths.serial_log();
+        let qemu_log = paths.dir.with_extension("qemu.log");
+        let vm = instance::launch(instance::Launch {
+            binary: Path::new("qemu-system-x86_64"),
+            deadline: vmlet::qemu::process::SPAWN_DEADLINE,
+            spec,
+            profile: self.profiles.get(&spec.profile).unwrap(),
+            accel: Accel::Tcg,
+            paths: &paths,
+            serial_log: &serial_log,
+            qemu_log: &qemu_log,
+            disks: &files.disks,
+            disk_sets: &files.sets,
+            passed_fds: &files.passed,
+            boot_files: files.boot.as_ref(),
+            nics: &[],
+            confine: confined.as_ref().map(|c| c.plan()).unwrap_or_default(),
+        })
         .await
-        .expect("launch")
+        .expect("launch");
+        let _ = std::fs::remove_file(qemu_log);
+        vm
+    }
+
+    /// The same argv (unjailed, the spec's own kernel paths) started the
+    /// plain way: fork and exec QEMU, connect, `cont`. The time to the
+    /// answered `cont` is the baseline of vmlet's start.
+    async fn bare_until_running(&self, spec: &VmSpec) -> Duration {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let started = Instant::now();
+        let paths = RunPaths::new(&self.run_root, spec.uuid);
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        let qmp = std::os::unix::net::UnixListener::bind(paths.qmp_socket()).unwrap();
+        let serial = std::os::unix::net::UnixListener::bind(paths.serial_socket()).unwrap();
+        let log = std::fs::File::create(paths.serial_log()).unwrap();
+        let run = RunFds {
+            qmp: qmp.as_raw_fd(),
+            serial: Some(serial.as_raw_fd()),
+            serial_log_set: Some(1),
+            channels: vec![],
+        };
+        let passed = [PassedFd {
+            fd: log.as_raw_fd(),
+            set: 1,
+            opaque: "serial-log".into(),
+        }];
+        let argv = vmlet::qemu::argv::build(LaunchInputs {
+            spec,
+            profile: self.profiles.get(&spec.profile).unwrap(),
+            accel: Accel::Tcg,
+            paths: &paths,
+            jailed: false,
+            run_fds: &run,
+            disks: &[],
+            disk_sets: &[],
+            passed_fds: &passed,
+            boot_files: None,
+            nics: &[],
+        });
+        let fds = [qmp.as_raw_fd(), serial.as_raw_fd(), log.as_raw_fd()];
+        let mut command = std::process::Command::new("qemu-system-x86_64");
+        command.args(&argv);
+        // SAFETY: only fcntl between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                for fd in fds {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("spawning QEMU");
+        drop((qmp, serial, log));
+        let (client, _events) =
+            vmlet::qemu::qmp::QmpClient::connect(&paths.qmp_socket(), Duration::from_secs(60))
+                .await
+                .expect("QMP");
+        client.execute(qapi::qmp::cont {}).await.unwrap();
+        let took = started.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        took
     }
 }
 
 #[tokio::main]
 async fn main() {
-    vmlet::qemu::process::become_subreaper().expect("subreaper");
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -165,6 +241,38 @@ async fn main() {
         instance::remove_run_dir(&vm.paths);
     }
     row("launch to paused + QMP ready (q35)", ms(median(launch)));
+
+    // Request to a running guest (`cont` answered): vmlet's confined start
+    // against the same argv started the plain way.
+    let settings = vmlet::config::QemuSettings {
+        cgroup_root: format!("vmlet-bench-{}", std::process::id()),
+        ..Default::default()
+    };
+    let confiner = Confiner::new(&settings).expect("confinement");
+    let mut confined = Vec::new();
+    let mut bare = Vec::new();
+    for _ in 0..runs {
+        let spec = bench.spec("q35", "hold");
+        bare.push(bench.bare_until_running(&spec).await);
+        let spec = bench.spec("q35", "hold");
+        let started = Instant::now();
+        let vm = bench.launch_with(&spec, Some(&confiner)).await;
+        vm.start_guest().await.unwrap();
+        confined.push(started.elapsed());
+        vm.stop(StopMode::Force).await.unwrap();
+        instance::remove_run_dir(&vm.paths);
+        confiner.release(spec.uuid);
+    }
+    let (bare, confined) = (median(bare), median(confined));
+    row("bare QEMU to running guest (q35)", ms(bare));
+    row("vmlet confined start to running (q35)", ms(confined));
+    row(
+        "  ratio vmlet / bare",
+        format!("{:.2}x", confined.as_secs_f64() / bare.as_secs_f64()),
+    );
+    for dir in confiner_roots(&settings.cgroup_root) {
+        let _ = std::fs::remove_dir(dir);
+    }
     row("QMP query-status round trip", ms(median(rtt)));
     row("QEMU RSS paused at -S (q35, 128 MiB)", mib(&rss_paused));
 
@@ -201,4 +309,12 @@ async fn main() {
         );
         row(&format!("QEMU RSS booted ({profile}, TCG)"), mib(&rss));
     }
+}
+
+/// The cgroup roots the bench's confiner made, one per v1 hierarchy.
+fn confiner_roots(root: &str) -> Vec<PathBuf> {
+    vmlet::confine::cgroup::Hierarchy::detect()
+        .and_then(|h| vmlet::confine::cgroup::Cgroups::new(h, root))
+        .map(|c| c.root_dirs())
+        .unwrap_or_default()
 }

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 use vmlet::client::{Client, Method};
 use vmlet::qemu::accel::Accel;
-use vmlet::qemu::argv::{LaunchInputs, RunPaths};
+use vmlet::qemu::argv::RunPaths;
 use vmlet::qemu::instance::{self, StopMode};
 use vmlet::qemu::profile::{Profile, Profiles};
 use vmlet::spec::VmSpec;
@@ -321,8 +321,6 @@ async fn delete(client: &Client, id: Uuid) {
 
 #[tokio::main]
 async fn main() {
-    // QEMUs launched directly daemonize; their exit is reaped here.
-    vmlet::qemu::process::become_subreaper().expect("becoming a child subreaper");
     let guest = Guest {
         kernel: env_path("BENCH_KERNEL"),
         initrd: env_path("BENCH_INITRD"),
@@ -386,21 +384,22 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
         .unwrap_or_else(|e| panic!("opening the guest's files: {e}"));
         let vm = within(
             "direct launch",
-            instance::launch(
-                Path::new("qemu-system-x86_64"),
-                LaunchInputs {
-                    spec: &spec,
-                    profile,
-                    accel: Accel::Tcg,
-                    paths: &paths,
-                    serial_log: &paths.serial_log(),
-                    disks: &files.disks,
-                    disk_sets: &files.sets,
-                    passed_fds: &files.passed,
-                    boot_files: files.boot.as_ref(),
-                    nics: &[],
-                },
-            ),
+            instance::launch(instance::Launch {
+                binary: Path::new("qemu-system-x86_64"),
+                deadline: vmlet::qemu::process::SPAWN_DEADLINE,
+                spec: &spec,
+                profile,
+                accel: Accel::Tcg,
+                paths: &paths,
+                serial_log: &paths.serial_log(),
+                qemu_log: &paths.dir.with_extension("qemu.log"),
+                disks: &files.disks,
+                disk_sets: &files.sets,
+                passed_fds: &files.passed,
+                boot_files: files.boot.as_ref(),
+                nics: &[],
+                confine: Default::default(),
+            }),
         )
         .await
         .unwrap_or_else(|e| panic!("launching QEMU directly: {e}"));

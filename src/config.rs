@@ -82,6 +82,56 @@ pub struct Settings {
     /// The API's listeners: accepted `Host` names, connection caps and
     /// timeouts (`[api]`).
     pub api: ApiSettings,
+    /// How QEMU is confined: its user, jail and cgroup (`[qemu]`).
+    pub qemu: QemuSettings,
+}
+
+/// How each VM's QEMU is confined (`[qemu]` in the file). Applies when vmlet
+/// runs as root; without root, QEMU runs as vmlet's own user, unjailed and
+/// without a cgroup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuSettings {
+    /// Run every QEMU as this one user (a name from the user database, like
+    /// libvirt's `qemu` user). Unset: each running VM gets a uid of its own
+    /// from `uid_range` (gid = uid), so one VM's QEMU cannot touch another's.
+    pub user: Option<String>,
+    /// `FIRST-LAST`: the uids handed to VMs when `user` is unset. No entry
+    /// in the user database is needed; pick a range no one else uses.
+    pub uid_range: String,
+    /// Run QEMU in a jail: a private mount namespace whose root holds only
+    /// `/usr` (read-only), a few device nodes, its own `/proc` and a
+    /// writable `/run` of its own.
+    pub jail: bool,
+    /// The cgroup (relative to each hierarchy's root) under which every
+    /// VM gets `ROOT/UUID`. Empty: no cgroups.
+    pub cgroup_root: String,
+    /// MiB a QEMU may use beyond its guest's memory before its cgroup's
+    /// memory limit stops it (a VM's `resources.memory_overhead_mib`
+    /// overrides it).
+    pub memory_overhead_mib: u64,
+    /// Tasks (threads) a QEMU may have (`pids.max`).
+    pub pids_max: u64,
+    /// CPU weight of a VM (1–10000, cgroup v2 scale) when its spec sets none.
+    pub cpu_weight: u32,
+}
+
+/// The default [`QemuSettings::uid_range`]: far above the uids Debian hands
+/// to users and to subordinate-id ranges.
+pub const DEFAULT_UID_RANGE: &str = "900000000-900009999";
+
+impl Default for QemuSettings {
+    fn default() -> Self {
+        QemuSettings {
+            user: None,
+            uid_range: DEFAULT_UID_RANGE.into(),
+            jail: true,
+            cgroup_root: "vmlet".into(),
+            memory_overhead_mib: 1024,
+            pids_max: 1024,
+            cpu_weight: 100,
+        }
+    }
 }
 
 /// The API's listeners (`[api]` in the file).
@@ -240,6 +290,7 @@ impl Default for Settings {
             console: ConsoleSettings::default(),
             images: ImageSettings::default(),
             api: ApiSettings::default(),
+            qemu: QemuSettings::default(),
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::api::listener::{self, Limits, Listener};
 use crate::api::middleware::{HostRules, TcpGuard, Token};
 use crate::api::{self, App};
 use crate::config::Settings;
-use crate::qemu::process;
+
 use crate::vm::manager::{Manager, ManagerError};
 
 /// How long in-flight requests get to finish after SIGTERM.
@@ -128,9 +128,6 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
     ensure_not_running(&socket_path).await?;
     let token = load_token(&settings)?;
     check_fd_limit(&settings)?;
-    if let Err(e) = process::become_subreaper() {
-        tracing::warn!(error = %e, "cannot become a child subreaper: QEMU exit codes will be unknown");
-    }
     let max_body_bytes = settings.max_body_bytes;
     let consoles = crate::console::tokens::TokenStore::new(std::time::Duration::from_secs(
         settings.console.token_ttl_s,

@@ -16,7 +16,7 @@ use vmlet::qemu::argv::{LaunchInputs, RunPaths};
 use vmlet::qemu::exit::{self, Ending, ExitEvents};
 use vmlet::qemu::instance::{self, StopMode, StopOutcome};
 use vmlet::qemu::nic::{NicBackend, NicPlan};
-use vmlet::qemu::process::{self, ExitStatus, ProcessError};
+use vmlet::qemu::process::{ExitStatus, ProcessError};
 use vmlet::qemu::profile::Profiles;
 use vmlet::spec::VmSpec;
 use vmlet::vm::launch::LaunchFiles;
@@ -283,17 +283,20 @@ async fn dispatch(
                 &spec.disks,
                 spec.cloud_init.is_some(),
             );
-            let (sets, passed, boot) = vmlet::qemu::launch_files::numbered(&spec, &disks, 100);
+            // Jailed as the daemon would run it from this user.
+            let jailed = nix::unistd::geteuid().is_root() && settings.qemu.jail;
+            let n = vmlet::qemu::launch_files::numbered(&spec, &disks, 100, jailed);
             let argv = vmlet::qemu::argv::build(LaunchInputs {
                 spec: &spec,
                 profile: profiles.get(&spec.profile)?,
                 accel: accel::resolve_on_host(settings.accel),
                 paths: &paths,
-                serial_log: &paths.serial_log(),
+                jailed,
+                run_fds: &n.run,
                 disks: &disks,
-                disk_sets: &sets,
-                passed_fds: &passed,
-                boot_files: boot.as_ref(),
+                disk_sets: &n.sets,
+                passed_fds: &n.passed,
+                boot_files: n.boot.as_ref(),
                 nics: &nics,
             });
             println!("{}", settings.qemu_binary.display());
@@ -375,9 +378,6 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     let Some(spec) = load_spec(spec_path, &profiles)? else {
         return Ok(ExitCode::from(EXIT_BAD_SPEC));
     };
-    if let Err(e) = process::become_subreaper() {
-        tracing::warn!(error = %e, "cannot become subreaper: QEMU exit codes will be unknown");
-    }
     // Images, volumes, blank disks and seeds are made by the daemon.
     let daemon_only = spec.cloud_init.is_some()
         || !spec.nics.is_empty()
@@ -397,26 +397,43 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     // and passed to QEMU as fds.
     let spec = canonical_host_paths(spec)?;
     let files = LaunchFiles::open(&spec, &layout, &[PathBuf::from("/")])?;
-    let inputs = LaunchInputs {
-        spec: &spec,
-        profile: profiles.get(&spec.profile)?,
-        accel,
-        paths: &paths,
-        serial_log: &paths.serial_log(),
-        disks: &files.disks,
-        disk_sets: &files.sets,
-        passed_fds: &files.passed,
-        boot_files: files.boot.as_ref(),
-        nics: &[],
-    };
+    // Confined like the daemon's VMs (as root), or as this user.
+    let confiner =
+        vmlet::vm::confinement::Confiner::new(&settings.qemu).map_err(anyhow::Error::msg)?;
+    let confined = confiner.prepare(&spec, accel == accel::Accel::Kvm)?;
     eprintln!(
         "vmlet: starting {} ({}) under {}; Ctrl-C stops it",
         spec.name,
         spec.uuid,
         accel.as_str()
     );
-    let vm = instance::launch(&settings.qemu_binary, inputs).await?;
+    let qemu_log = paths.dir.join("qemu.log");
+    let serial_log = paths.serial_log();
+    let launched = instance::launch(instance::Launch {
+        binary: &settings.qemu_binary,
+        deadline: Duration::from_secs(settings.start_timeout_s),
+        spec: &spec,
+        profile: profiles.get(&spec.profile)?,
+        accel,
+        paths: &paths,
+        serial_log: &serial_log,
+        qemu_log: &qemu_log,
+        disks: &files.disks,
+        disk_sets: &files.sets,
+        passed_fds: &files.passed,
+        boot_files: files.boot.as_ref(),
+        nics: &[],
+        confine: confined.plan(),
+    })
+    .await;
     drop(files);
+    let vm = match launched {
+        Ok(vm) => vm,
+        Err(e) => {
+            confiner.release(spec.uuid);
+            return Err(e.into());
+        }
+    };
     eprintln!(
         "vmlet: QEMU {} running as pid {}, run directory {}",
         vm.qmp.qemu_version(),
@@ -429,6 +446,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         let _ = vm.stop(StopMode::Force).await;
     }
     instance::remove_run_dir(&paths);
+    confiner.release(spec.uuid);
     outcome
 }
 

@@ -24,7 +24,7 @@ use serde_json::Value;
 use uuid::Uuid;
 use vmlet::client::Method;
 use vmlet::qemu::accel::Accel;
-use vmlet::qemu::argv::{LaunchInputs, RunPaths};
+use vmlet::qemu::argv::RunPaths;
 use vmlet::qemu::instance::{self, QemuInstance};
 use vmlet::qemu::process::QemuProcess;
 use vmlet::qemu::profile::Profiles;
@@ -792,21 +792,22 @@ async fn unfinished_start_is_cleaned_up() {
         qmp,
         events,
         ..
-    } = instance::launch(
-        Path::new("qemu-system-x86_64"),
-        LaunchInputs {
-            spec: &vm.spec,
-            profile: profiles.get(&vm.spec.profile).unwrap(),
-            accel: Accel::Tcg,
-            paths: &paths,
-            serial_log: &paths.serial_log(),
-            disks: &files.disks,
-            disk_sets: &files.sets,
-            passed_fds: &files.passed,
-            boot_files: files.boot.as_ref(),
-            nics: &[],
-        },
-    )
+    } = instance::launch(instance::Launch {
+        binary: Path::new("qemu-system-x86_64"),
+        deadline: vmlet::qemu::process::SPAWN_DEADLINE,
+        spec: &vm.spec,
+        profile: profiles.get(&vm.spec.profile).unwrap(),
+        accel: Accel::Tcg,
+        paths: &paths,
+        serial_log: &paths.serial_log(),
+        qemu_log: &paths.dir.with_extension("qemu.log"),
+        disks: &files.disks,
+        disk_sets: &files.sets,
+        passed_fds: &files.passed,
+        boot_files: files.boot.as_ref(),
+        nics: &[],
+        confine: Default::default(),
+    })
     .await
     .expect("launching a paused QEMU");
     let qemu = QemuGuard(process);

@@ -62,18 +62,20 @@ fn render(case: &Case, profiles: &Profiles) -> String {
         &case.spec.disks,
         case.spec.cloud_init.is_some(),
     );
-    let (sets, passed, boot) = launch_files::numbered(&case.spec, &disks, 100);
+    // As the daemon runs QEMU as root: jailed, the kernel and initrd
+    // copied into the jail.
+    let n = launch_files::numbered(&case.spec, &disks, 100, true);
     let argv = argv::build(LaunchInputs {
         spec: &case.spec,
         profile: profiles.get(&case.spec.profile).unwrap(),
         accel: case.accel,
         paths: &paths,
-        // Where the daemon keeps it.
-        serial_log: &layout.console_log(case.spec.uuid),
+        jailed: true,
+        run_fds: &n.run,
         disks: &disks,
-        disk_sets: &sets,
-        passed_fds: &passed,
-        boot_files: boot.as_ref(),
+        disk_sets: &n.sets,
+        passed_fds: &n.passed,
+        boot_files: n.boot.as_ref(),
         nics: &nics,
     });
     let mut text = argv.join("\n");

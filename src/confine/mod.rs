@@ -4,5 +4,10 @@
 //! - `cgroup`: a cgroup per VM (v1 and v2) with its limits and statistics.
 //! - `jail`: a private mount namespace rooted in a per-VM directory.
 //! - `ids`: the uid/gid a VM's QEMU runs as.
+//! - `affinity`: pinning vCPU threads to host CPUs.
 //!
 //! A leaf: it knows nothing of VMs beyond their UUIDs, and nothing of QEMU.
+pub mod affinity;
+pub mod cgroup;
+pub mod ids;
+pub mod jail;

@@ -1,8 +1,8 @@
 //! The QEMU command line, built from a spec, a profile and the VM's run
 //! directory. A pure function, pinned by the golden corpus in `tests/golden/`.
 //!
-//! QEMU starts paused (`-S`) and daemonized; vmlet configures it over QMP and
-//! then sends `cont`. Every value that lands inside a `key=value,…` option is
+//! QEMU starts paused (`-S`) as vmlet's child (never `-daemonize`); vmlet
+//! configures it over QMP and then sends `cont`. Every value that lands inside a `key=value,…` option is
 //! escaped (`,` → `,,`), so a path with a comma cannot add an option.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::qemu::accel::Accel;
 use crate::qemu::disk::{self, DiskPlan, DiskSets, SCSI_CONTROLLER};
-use crate::qemu::launch_files::{proc_fd_path, BootFiles, PassedFd};
+use crate::qemu::launch_files::{BootFiles, PassedFd, RunFds};
 use crate::qemu::nic::{self, NicPlan};
 use crate::qemu::profile::{DeviceBus, Profile};
 use crate::spec::{Boot, DiskBus, VmSpec};
@@ -37,11 +37,6 @@ impl RunPaths {
         self.dir.join("qmp.sock")
     }
 
-    /// QEMU's pidfile.
-    pub fn pidfile(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
-    }
-
     /// Serial console socket.
     pub fn serial_socket(&self) -> PathBuf {
         self.dir.join("serial.sock")
@@ -53,9 +48,27 @@ impl RunPaths {
         self.dir.join("serial.log")
     }
 
-    /// The VNC server's socket (profiles with a display adapter).
+    /// The root of the VM's jail (QEMU's `/`): everything QEMU itself
+    /// creates lives under it, in `run/` ([`JAIL_RUN`]).
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// The one directory QEMU may write: `/run` in its jail.
+    pub fn qemu_run_dir(&self) -> PathBuf {
+        self.jail_root().join("run")
+    }
+
+    /// The VNC server's socket (profiles with a display adapter), which
+    /// QEMU binds itself: in its own writable directory when it runs as a
+    /// user of its own ([`RunPaths::qemu_run_dir`], made at launch), else
+    /// in the run directory.
     pub fn vnc_socket(&self) -> PathBuf {
-        self.dir.join("vnc.sock")
+        if self.jail_root().is_dir() {
+            self.qemu_run_dir().join(VNC_SOCKET_NAME)
+        } else {
+            self.dir.join(VNC_SOCKET_NAME)
+        }
     }
 
     /// Socket of virtio-serial channel `index`.
@@ -82,6 +95,11 @@ impl RunPaths {
     }
 }
 
+/// `/run` inside a jail: the directory QEMU may write.
+pub const JAIL_RUN: &str = "/run";
+/// The VNC socket's file name in [`RunPaths::qemu_run_dir`].
+pub const VNC_SOCKET_NAME: &str = "vnc.sock";
+
 /// Longest unix socket path (`sun_path` is 108 bytes, NUL included).
 pub const MAX_SOCKET_PATH: usize = 107;
 
@@ -96,8 +114,11 @@ pub struct LaunchInputs<'a> {
     pub accel: Accel,
     /// Runtime file locations.
     pub paths: &'a RunPaths,
-    /// The serial console log QEMU appends to.
-    pub serial_log: &'a Path,
+    /// True when QEMU runs in its jail, where its own directory is
+    /// [`JAIL_RUN`] rather than [`RunPaths::qemu_run_dir`].
+    pub jailed: bool,
+    /// The sockets vmlet bound for QEMU and the serial log's fd set.
+    pub run_fds: &'a RunFds,
     /// The disks, resolved to their host files, the seed last.
     pub disks: &'a [DiskPlan],
     /// The fd sets each disk's files are read through (`disks` order).
@@ -135,7 +156,8 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         profile,
         accel,
         paths,
-        serial_log,
+        jailed,
+        run_fds,
         disks,
         disk_sets,
         passed_fds,
@@ -152,20 +174,27 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
     argv.flag("-S");
     argv.flag("-nodefaults");
     argv.flag("-no-user-config");
-    // seccomp: refuse obsolete and scheduler/resource syscalls. `spawn=deny`
-    // and `elevateprivileges=deny` would also block the fork and setsid of
-    // -daemonize, so they stay off while QEMU daemonizes itself.
-    argv.push("-sandbox", "on,obsolete=deny,resourcecontrol=deny");
-    argv.flag("-daemonize");
-    argv.push("-pidfile", paths.pidfile().to_string_lossy());
+    // The full seccomp filter: QEMU may not run obsolete system calls, gain
+    // privileges (setuid & co.), spawn processes or threads-as-processes,
+    // or change scheduling and resource limits. vmlet did all of that
+    // before the exec.
+    argv.push(
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    );
     argv.push("-msg", "timestamp=on");
     argv.push("-display", "none");
     if profile.devices.display.is_some() {
-        // The only VNC server is a unix socket in the run directory: never
-        // TCP. Guests cannot power the VM off through it.
+        // The only VNC server is a unix socket in QEMU's own directory:
+        // never TCP. Guests cannot power the VM off through it.
+        let socket = if jailed {
+            Path::new(JAIL_RUN).join(VNC_SOCKET_NAME)
+        } else {
+            paths.vnc_socket()
+        };
         argv.push(
             "-vnc",
-            format!("unix:{},power-control=off", path_value(&paths.vnc_socket())),
+            format!("unix:{},power-control=off", path_value(&socket)),
         );
     }
     argv.push("-machine", machine_value(profile));
@@ -180,22 +209,24 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
     argv.push("-smp", spec.vcpus.to_string());
     argv.push("-m", format!("size={}M", spec.memory_mib));
 
+    // Every socket is bound by vmlet and handed over listening: QEMU needs
+    // no path to them, and vmlet can connect the moment QEMU runs.
     argv.push(
         "-chardev",
         format!(
-            "socket,id={QMP_CHARDEV},path={},server=on,wait=off",
-            path_value(&paths.qmp_socket())
+            "socket,id={QMP_CHARDEV},fd={},server=on,wait=off",
+            run_fds.qmp
         ),
     );
     argv.push("-mon", format!("chardev={QMP_CHARDEV},mode=control"));
 
-    if spec.serial.enabled {
+    if let (true, Some(serial), Some(log_set)) =
+        (spec.serial.enabled, run_fds.serial, run_fds.serial_log_set)
+    {
         argv.push(
             "-chardev",
             format!(
-                "socket,id={SERIAL_CHARDEV},path={},server=on,wait=off,logfile={},logappend=on",
-                path_value(&paths.serial_socket()),
-                path_value(serial_log)
+                "socket,id={SERIAL_CHARDEV},fd={serial},server=on,wait=off,logfile=/dev/fdset/{log_set},logappend=on",
             ),
         );
         argv.push(
@@ -213,18 +244,16 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             initrd,
             cmdline,
         } => {
-            // The daemon names the files it opened (`/proc/self/fd/N`), so
-            // no path from a spec reaches QEMU, and no comma (QEMU splits a
-            // multiboot `-initrd` on commas). Without them (argv tests), the
-            // spec's paths. -append is a plain string; validation refused
-            // control characters.
-            let kernel = boot_files.map_or_else(
-                || kernel.to_string_lossy().into_owned(),
-                |b| proc_fd_path(b.kernel),
-            );
+            // The daemon names the files it opened (`/proc/self/fd/N`) or
+            // the copies it made in the jail, so no path from a spec reaches
+            // QEMU, and no comma (QEMU splits a multiboot `-initrd` on
+            // commas). Without them (argv tests), the spec's paths. -append
+            // is a plain string; validation refused control characters.
+            let kernel = boot_files
+                .map_or_else(|| kernel.to_string_lossy().into_owned(), |b| b.kernel.arg());
             argv.push("-kernel", kernel);
             let initrd = match boot_files {
-                Some(b) => b.initrd.map(proc_fd_path),
+                Some(b) => b.initrd.as_ref().map(|i| i.arg()),
                 None => initrd.as_ref().map(|i| i.to_string_lossy().into_owned()),
             };
             if let Some(initrd) = initrd {
@@ -277,13 +306,10 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             "-device",
             format!("{},id=vser0", profile.devices.virtio_serial),
         );
-        for (index, channel) in spec.channels.iter().enumerate() {
+        for (index, (channel, fd)) in spec.channels.iter().zip(&run_fds.channels).enumerate() {
             argv.push(
                 "-chardev",
-                format!(
-                    "socket,id=channel{index},path={},server=on,wait=off",
-                    path_value(&paths.channel_socket(index))
-                ),
+                format!("socket,id=channel{index},fd={fd},server=on,wait=off"),
             );
             argv.push(
                 "-device",
@@ -389,17 +415,11 @@ mod tests {
             cloud_init: None,
             nics: vec![],
             autostart: false,
+            resources: Default::default(),
         }
     }
 
-    fn files_of(
-        spec: &VmSpec,
-    ) -> (
-        Vec<DiskPlan>,
-        Vec<DiskSets>,
-        Vec<PassedFd>,
-        Option<BootFiles>,
-    ) {
+    fn files_of(spec: &VmSpec) -> (Vec<DiskPlan>, crate::qemu::launch_files::Numbered) {
         // The test specs' disks are host files.
         let disks: Vec<DiskPlan> = spec
             .disks
@@ -419,8 +439,8 @@ mod tests {
                 }
             })
             .collect();
-        let (sets, passed, boot) = crate::qemu::launch_files::numbered(spec, &disks, 100);
-        (disks, sets, passed, boot)
+        let numbered = crate::qemu::launch_files::numbered(spec, &disks, 100, false);
+        (disks, numbered)
     }
 
     #[test]
@@ -434,17 +454,18 @@ mod tests {
         let profiles = Profiles::built_in().unwrap();
         let spec = spec();
         let paths = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
-        let (disks, sets, passed, boot) = files_of(&spec);
+        let (disks, n) = files_of(&spec);
         let argv = build(LaunchInputs {
             spec: &spec,
             profile: profiles.get("q35").unwrap(),
             accel: Accel::Tcg,
             paths: &paths,
-            serial_log: &paths.serial_log(),
+            jailed: false,
+            run_fds: &n.run,
             disks: &disks,
-            disk_sets: &sets,
-            passed_fds: &passed,
-            boot_files: boot.as_ref(),
+            disk_sets: &n.sets,
+            passed_fds: &n.passed,
+            boot_files: n.boot.as_ref(),
             nics: &[],
         });
         // QEMU gets no path at all: the disk is an fd set, the kernel an
@@ -458,13 +479,24 @@ mod tests {
         assert_eq!(file_node["filename"], "/dev/fdset/1");
         assert_eq!(file_node["read-only"], true);
         let add_fd = argv.iter().position(|a| a == "-add-fd").expect("-add-fd");
-        assert_eq!(argv[add_fd + 1], "fd=100,set=1,opaque=disk:disk0");
+        assert_eq!(argv[add_fd + 1], "fd=101,set=1,opaque=disk:disk0");
         let kernel = argv.iter().position(|a| a == "-kernel").unwrap();
-        assert_eq!(argv[kernel + 1], "/proc/self/fd/101");
-        // The argv always starts paused and daemonized.
-        for flag in ["-S", "-nodefaults", "-no-user-config", "-daemonize"] {
+        assert_eq!(argv[kernel + 1], "/proc/self/fd/104");
+        // The argv always starts paused, never daemonized, fully sandboxed,
+        // with sockets vmlet bound.
+        for flag in ["-S", "-nodefaults", "-no-user-config"] {
             assert!(argv.iter().any(|a| a == flag), "{flag}");
         }
+        assert!(!argv.iter().any(|a| a == "-daemonize" || a == "-pidfile"));
+        assert!(argv.contains(
+            &"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".to_string()
+        ));
+        assert!(argv.contains(&"socket,id=qmp,fd=100,server=on,wait=off".to_string()));
+        assert!(argv.contains(
+            &"socket,id=serial0,fd=102,server=on,wait=off,logfile=/dev/fdset/2,logappend=on"
+                .to_string()
+        ));
+        assert!(argv.contains(&"fd=103,set=2,opaque=serial-log".to_string()));
     }
 
     #[test]
@@ -473,17 +505,18 @@ mod tests {
         let spec = spec();
         let paths = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
         let argv_with = |profile: &Profile| {
-            let (disks, sets, passed, boot) = files_of(&spec);
+            let (disks, n) = files_of(&spec);
             build(LaunchInputs {
                 spec: &spec,
                 profile,
                 accel: Accel::Tcg,
                 paths: &paths,
-                serial_log: &paths.serial_log(),
+                jailed: true,
+                run_fds: &n.run,
                 disks: &disks,
-                disk_sets: &sets,
-                passed_fds: &passed,
-                boot_files: boot.as_ref(),
+                disk_sets: &n.sets,
+                passed_fds: &n.passed,
+                boot_files: n.boot.as_ref(),
                 nics: &[],
             })
         };

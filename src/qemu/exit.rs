@@ -383,7 +383,7 @@ mod tests {
         // moment (the parent resumes before exec sets it up).
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            match QemuProcess::adopt(child.id() as i32, uuid) {
+            match QemuProcess::adopt(child.id() as i32, uuid, None) {
                 Ok(process) => return process,
                 Err(e) if std::time::Instant::now() > deadline => panic!("adopting: {e}"),
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),

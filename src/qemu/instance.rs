@@ -8,13 +8,21 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::confine::cgroup::ProcsFiles;
+use crate::confine::ids::Ids;
+use crate::confine::jail::{self, JailError, JailSpec};
+use crate::qemu::accel::Accel;
 use crate::qemu::argv::{self, LaunchInputs, RunPaths};
-use crate::qemu::nic::NicBackend;
-use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
+use crate::qemu::disk::{DiskPlan, DiskSets};
+use crate::qemu::launch_files::{self, BootFile, BootFiles, PassedFd, RunFds};
+use crate::qemu::nic::{NicBackend, NicPlan};
+use crate::qemu::process::{
+    self, Confinement, ExitStatus, ProcessError, QemuProcess, SpawnRequest,
+};
+use crate::qemu::profile::Profile;
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
+use crate::spec::VmSpec;
 
-/// How long QEMU gets to answer on its QMP socket after daemonizing.
-pub const QMP_CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long QEMU gets to exit after `quit` or SIGTERM before SIGKILL.
 pub const QUIT_DEADLINE: Duration = Duration::from_secs(5);
 /// Deadline of the QMP commands of a stop: a hung QEMU must not hold a stop
@@ -45,6 +53,9 @@ pub enum LaunchError {
     /// QEMU started but its QMP socket did not work.
     #[error("QMP on the new QEMU")]
     Qmp(#[source] QmpError),
+    /// The jail could not be built.
+    #[error("building the jail")]
+    Jail(#[source] JailError),
 }
 
 /// How to stop a VM.
@@ -110,63 +121,350 @@ pub fn remove_run_dir(paths: &RunPaths) {
     }
 }
 
-/// Starts QEMU paused (`-S`) and connects QMP. The guest does not run until
-/// [`QemuInstance::start_guest`].
-pub async fn launch(binary: &Path, inputs: LaunchInputs<'_>) -> Result<QemuInstance, LaunchError> {
-    launch_with_deadline(binary, inputs, process::SPAWN_DEADLINE).await
+/// How a VM's QEMU is confined (see `confine/`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConfinePlan<'a> {
+    /// Run as this user (vmlet is root); `None`: as vmlet's own user.
+    pub ids: Option<&'a Ids>,
+    /// Run in a jail rooted at [`RunPaths::jail_root`] (needs `ids`).
+    pub jail: bool,
+    /// The jail holds `/dev/kvm`.
+    pub kvm: bool,
+    /// Join this cgroup before exec.
+    pub cgroup: Option<&'a ProcsFiles>,
 }
 
-/// [`launch`], giving QEMU `deadline` to set the VM up and daemonize.
-pub async fn launch_with_deadline(
-    binary: &Path,
-    inputs: LaunchInputs<'_>,
-    deadline: Duration,
-) -> Result<QemuInstance, LaunchError> {
-    let paths = inputs.paths.clone();
-    if let Some(path) = paths.overlong_socket(inputs.spec) {
+/// Everything a launch needs: what the argv is built from, where QEMU's
+/// own files go, and how it is confined.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    /// The QEMU binary.
+    pub binary: &'a Path,
+    /// How long QEMU gets to answer on QMP.
+    pub deadline: Duration,
+    /// The validated spec.
+    pub spec: &'a VmSpec,
+    /// Its profile.
+    pub profile: &'a Profile,
+    /// The accelerator.
+    pub accel: Accel,
+    /// Runtime file locations.
+    pub paths: &'a RunPaths,
+    /// The serial log vmlet opens for QEMU to append to.
+    pub serial_log: &'a Path,
+    /// Where QEMU's own messages (stdout and stderr) are appended.
+    pub qemu_log: &'a Path,
+    /// The disks, resolved to their host files.
+    pub disks: &'a [DiskPlan],
+    /// Their fd sets.
+    pub disk_sets: &'a [DiskSets],
+    /// The disk files vmlet opened.
+    pub passed_fds: &'a [PassedFd],
+    /// The kernel and initrd vmlet opened, for direct kernel boot.
+    pub boot_files: Option<&'a BootFiles>,
+    /// The NICs.
+    pub nics: &'a [NicPlan],
+    /// The confinement.
+    pub confine: ConfinePlan<'a>,
+}
+
+/// Starts QEMU paused (`-S`), confined as `launch.confine` says, and
+/// connects QMP. The guest does not run until [`QemuInstance::start_guest`].
+///
+/// vmlet binds the QMP, serial and channel sockets and opens the serial log
+/// itself, so QEMU needs no path to them; QEMU is ready when it answers on
+/// QMP. If it exits first, or does not answer within `launch.deadline`, the
+/// start fails with what QEMU printed, and nothing is left behind.
+pub async fn launch(launch: Launch<'_>) -> Result<QemuInstance, LaunchError> {
+    let paths = launch.paths.clone();
+    if let Some(path) = paths.overlong_socket(launch.spec) {
         return Err(LaunchError::SocketPathTooLong { path });
     }
     prepare_run_dir(&paths).map_err(|source| LaunchError::RunDir {
         path: paths.dir.clone(),
         source,
     })?;
-    let argv = argv::build(inputs);
-    tracing::debug!(uuid = %inputs.spec.uuid, ?argv, "launching QEMU");
-    let inherit = inherited_fds(&inputs);
-    let process = match process::spawn(
-        binary,
-        &argv,
-        &paths.pidfile(),
-        inputs.spec.uuid,
-        deadline,
-        &inherit,
-    )
-    .await
-    {
-        Ok(process) => process,
+    match spawn_confined(&launch).await {
+        Ok(instance) => Ok(instance),
         Err(e) => {
             remove_run_dir(&paths);
-            return Err(e.into());
-        }
-    };
-    match QmpClient::connect(&paths.qmp_socket(), QMP_CONNECT_DEADLINE).await {
-        Ok((qmp, events)) => Ok(QemuInstance {
-            process: Arc::new(process),
-            qmp,
-            paths,
-            events,
-        }),
-        Err(e) => {
-            let _ = process.kill().await;
-            remove_run_dir(&paths);
-            Err(LaunchError::Qmp(e))
+            Err(e)
         }
     }
 }
 
-/// The fd numbers the argv names (the NICs' netdevs, `-add-fd`, and
-/// `/proc/self/fd/N` for the kernel and initrd): QEMU inherits exactly
-/// these.
+/// What [`launch`] holds open until QEMU has inherited it.
+struct Handover {
+    _sockets: Vec<std::os::unix::net::UnixListener>,
+    _serial_log: Option<std::fs::File>,
+    run_fds: RunFds,
+    passed: Vec<PassedFd>,
+}
+
+async fn spawn_confined(launch: &Launch<'_>) -> Result<QemuInstance, LaunchError> {
+    let paths = launch.paths;
+    let run_dir_error = |source| LaunchError::RunDir {
+        path: paths.dir.clone(),
+        source,
+    };
+    let handover = hand_over(launch).map_err(run_dir_error)?;
+    let jail = match (launch.confine.jail, launch.confine.ids) {
+        (true, Some(ids)) => Some(
+            jail::prepare(&JailSpec {
+                root: paths.jail_root(),
+                uid: ids.uid,
+                gid: ids.gid,
+                kvm: launch.confine.kvm,
+                extra_ro: vec![],
+            })
+            .map_err(LaunchError::Jail)?,
+        ),
+        (_, Some(ids)) => {
+            make_qemu_run_dir(paths, ids).map_err(run_dir_error)?;
+            None
+        }
+        (_, None) => None,
+    };
+    let boot = match (launch.boot_files, launch.confine.ids) {
+        (Some(files), Some(ids)) => {
+            Some(copy_boot_files(files, paths, ids, jail.is_some()).map_err(run_dir_error)?)
+        }
+        (files, _) => files.cloned(),
+    };
+    let inputs = LaunchInputs {
+        spec: launch.spec,
+        profile: launch.profile,
+        accel: launch.accel,
+        paths,
+        jailed: jail.is_some(),
+        run_fds: &handover.run_fds,
+        disks: launch.disks,
+        disk_sets: launch.disk_sets,
+        passed_fds: &handover.passed,
+        boot_files: boot.as_ref(),
+        nics: launch.nics,
+    };
+    let argv = argv::build(inputs);
+    tracing::debug!(uuid = %launch.spec.uuid, ?argv, "launching QEMU");
+    let inherit = inherited_fds(&inputs);
+    let log = open_qemu_log(launch.qemu_log).map_err(|source| LaunchError::RunDir {
+        path: launch.qemu_log.to_path_buf(),
+        source,
+    })?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let process = process::spawn(
+        SpawnRequest {
+            binary: launch.binary,
+            argv: &argv,
+            uuid: launch.spec.uuid,
+            inherit: &inherit,
+            log: &log,
+        },
+        Confinement {
+            ids: launch.confine.ids,
+            jail: jail.as_ref(),
+            cgroup: launch.confine.cgroup,
+        },
+    )?;
+    // QEMU holds its own copies now; vmlet's must go, so that a QEMU that
+    // dies makes the QMP connection fail at once instead of hanging.
+    drop(handover);
+    let failed = |process: &QemuProcess, why: String| {
+        let printed = read_from(launch.qemu_log, log_start);
+        let message = if printed.trim().is_empty() {
+            why
+        } else {
+            printed.trim().to_string()
+        };
+        let _ = process.kill_blocking(QUIT_DEADLINE);
+        LaunchError::Process(ProcessError::StartFailed { message })
+    };
+    enum First {
+        Connected(Result<(QmpClient, tokio::sync::broadcast::Receiver<QmpEvent>), QmpError>),
+        Exited(ExitStatus),
+    }
+    let socket = paths.qmp_socket();
+    let first = tokio::select! {
+        connected = QmpClient::connect(&socket, launch.deadline) => First::Connected(connected),
+        status = process.exited() => First::Exited(status),
+    };
+    match first {
+        First::Connected(Ok((qmp, events))) => Ok(QemuInstance {
+            process: Arc::new(process),
+            qmp,
+            paths: paths.clone(),
+            events,
+        }),
+        First::Connected(Err(QmpError::ConnectTimeout { after })) => Err(failed(
+            &process,
+            format!("QEMU did not answer on QMP within {after:?}"),
+        )),
+        First::Connected(Err(e)) => {
+            // QEMU closing the socket is mostly QEMU exiting: give it a
+            // moment, so its own message is what the caller reads.
+            let why = match process.wait_exit(QUIT_DEADLINE).await {
+                Some(status) => format!("QEMU exited ({status:?}) before answering on QMP: {e}"),
+                None => format!("QMP on the new QEMU: {}", crate::error_chain(&e)),
+            };
+            Err(failed(&process, why))
+        }
+        First::Exited(status) => Err(failed(
+            &process,
+            format!("QEMU exited ({status:?}) before answering on QMP"),
+        )),
+    }
+}
+
+/// Binds the sockets and opens the serial log QEMU is handed.
+fn hand_over(launch: &Launch<'_>) -> std::io::Result<Handover> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let paths = launch.paths;
+    let bind = |path: &Path| -> std::io::Result<std::os::unix::net::UnixListener> {
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(listener)
+    };
+    let qmp = bind(&paths.qmp_socket())?;
+    let mut run_fds = RunFds {
+        qmp: qmp.as_raw_fd(),
+        ..RunFds::default()
+    };
+    let mut sockets = vec![qmp];
+    let mut passed = launch.passed_fds.to_vec();
+    let mut serial_log = None;
+    if launch.spec.serial.enabled {
+        let serial = bind(&paths.serial_socket())?;
+        run_fds.serial = Some(serial.as_raw_fd());
+        sockets.push(serial);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(launch.serial_log)?;
+        let set = launch_files::next_set(launch.disk_sets);
+        run_fds.serial_log_set = Some(set);
+        passed.push(PassedFd {
+            fd: log.as_raw_fd(),
+            set,
+            opaque: launch_files::SERIAL_LOG_TAG.into(),
+        });
+        serial_log = Some(log);
+    }
+    for index in 0..launch.spec.channels.len() {
+        let channel = bind(&paths.channel_socket(index))?;
+        run_fds.channels.push(channel.as_raw_fd());
+        sockets.push(channel);
+    }
+    Ok(Handover {
+        _sockets: sockets,
+        _serial_log: serial_log,
+        run_fds,
+        passed,
+    })
+}
+
+/// The writable directory of a QEMU running unjailed as a user of its own,
+/// owned by that user.
+/// It reaches its kernel copy and VNC socket by host path, so the run
+/// directories on the way must let others pass (mode `o+x`, never `o+r`).
+fn make_qemu_run_dir(paths: &RunPaths, ids: &Ids) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().create(paths.jail_root())?;
+    let dir = paths.qemu_run_dir();
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    std::os::unix::fs::chown(&dir, Some(ids.uid), Some(ids.gid))?;
+    for passage in paths.jail_root().ancestors().take(4) {
+        let mode = std::fs::metadata(passage)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(
+                passage,
+                std::fs::Permissions::from_mode((mode & 0o7777) | 0o001),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A QEMU running as another user cannot reopen the files vmlet opened
+/// (`/proc/self/fd/N` checks the file's permissions again), so it gets
+/// copies of the kernel and initrd, readable by it alone, in `boot/` of its
+/// jail root.
+fn copy_boot_files(
+    files: &BootFiles,
+    paths: &RunPaths,
+    ids: &Ids,
+    jailed: bool,
+) -> std::io::Result<BootFiles> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = paths.jail_root().join("boot");
+    std::fs::DirBuilder::new().create(&dir)?;
+    // Set apart from the umask (vmlet's is 077): QEMU must pass through.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    let copy = |file: &BootFile, name: &str, inside: &str| -> std::io::Result<BootFile> {
+        let BootFile::Fd(fd) = file else {
+            return Ok(file.clone());
+        };
+        let target = dir.join(name);
+        let mut to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&target)?;
+        // SAFETY: `fd` is open for as long as the launch holds its files;
+        // the File made from the dup owns only the dup.
+        let dup = unsafe { libc::dup(*fd) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut from = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(0))?;
+        std::io::copy(&mut from, &mut to)?;
+        std::os::unix::fs::fchown(&to, Some(ids.uid), Some(ids.gid))?;
+        Ok(BootFile::Copy(if jailed {
+            inside.to_string()
+        } else {
+            target.to_string_lossy().into_owned()
+        }))
+    };
+    Ok(BootFiles {
+        kernel: copy(&files.kernel, "kernel", launch_files::JAIL_KERNEL)?,
+        initrd: files
+            .initrd
+            .as_ref()
+            .map(|i| copy(i, "initrd", launch_files::JAIL_INITRD))
+            .transpose()?,
+    })
+}
+
+/// Opens QEMU's log for appending (never through a symlink).
+fn open_qemu_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// What was appended to `path` after byte `from` (at most 4 KiB, the end).
+fn read_from(path: &Path, from: u64) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = (from as usize).min(text.len());
+    let tail = &text[start..];
+    let tail = &tail[tail.len().saturating_sub(4096)..];
+    String::from_utf8_lossy(tail).into_owned()
+}
+
+/// The fd numbers the argv names (the NICs' netdevs, `-add-fd`, the
+/// sockets, and `/proc/self/fd/N` for the kernel and initrd): QEMU inherits
+/// exactly these.
 fn inherited_fds(inputs: &LaunchInputs<'_>) -> Vec<std::os::fd::RawFd> {
     let nic_fds = inputs.nics.iter().flat_map(|nic| match &nic.backend {
         NicBackend::Tap { fds, vhost_fds } => fds.iter().chain(vhost_fds).cloned().collect(),
@@ -175,6 +473,7 @@ fn inherited_fds(inputs: &LaunchInputs<'_>) -> Vec<std::os::fd::RawFd> {
     nic_fds
         .filter_map(|fd| fd.parse().ok())
         .chain(inputs.passed_fds.iter().map(|p| p.fd))
+        .chain(inputs.run_fds.fds())
         .chain(inputs.boot_files.iter().flat_map(|b| b.fds()))
         .collect()
 }

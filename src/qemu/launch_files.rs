@@ -1,7 +1,10 @@
-//! How QEMU is handed the files vmlet opened for it: disks go into fd sets
-//! (`-add-fd` + `/dev/fdset/N`), the kernel and initrd of a direct boot are
-//! inherited fds named `/proc/self/fd/N`. QEMU never resolves a host path
-//! for them. (The VM layer opens the files: `vm/launch.rs`.)
+//! How QEMU is handed the files vmlet opened for it: disks and the serial
+//! log go into fd sets (`-add-fd` + `/dev/fdset/N`), the QMP, serial and
+//! channel sockets are bound by vmlet and passed listening (`fd=N`), the
+//! kernel and initrd of a direct boot are inherited fds named
+//! `/proc/self/fd/N` or, for a QEMU running as another user, copies in its
+//! jail. QEMU never resolves a host path for them. (The VM layer opens the
+//! disk files: `vm/launch.rs`.)
 
 use std::os::fd::RawFd;
 
@@ -20,42 +23,112 @@ pub struct PassedFd {
     pub opaque: String,
 }
 
-/// The kernel and initrd of a direct boot as fds QEMU inherits; `-kernel`
-/// and `-initrd` name them as `/proc/self/fd/N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One file of a direct kernel boot, as QEMU is told to read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootFile {
+    /// An fd QEMU inherits, named `/proc/self/fd/N` (QEMU runs as vmlet's
+    /// own user, so it may reopen the file vmlet opened).
+    Fd(RawFd),
+    /// A copy vmlet made for a QEMU running as another user, at this path
+    /// as QEMU sees it (inside its jail).
+    Copy(String),
+}
+
+impl BootFile {
+    /// The fd QEMU inherits, if it is one.
+    pub fn fd(&self) -> Option<RawFd> {
+        match self {
+            BootFile::Fd(fd) => Some(*fd),
+            BootFile::Copy(_) => None,
+        }
+    }
+
+    /// How `-kernel`/`-initrd` name it.
+    pub fn arg(&self) -> String {
+        match self {
+            BootFile::Fd(fd) => proc_fd_path(*fd),
+            BootFile::Copy(path) => path.clone(),
+        }
+    }
+}
+
+/// The kernel and initrd of a direct boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
-    /// The kernel's fd.
-    pub kernel: RawFd,
-    /// The initrd's fd, if any.
-    pub initrd: Option<RawFd>,
+    /// The kernel.
+    pub kernel: BootFile,
+    /// The initrd, if any.
+    pub initrd: Option<BootFile>,
 }
 
 impl BootFiles {
-    /// The fds.
-    pub fn fds(&self) -> impl Iterator<Item = RawFd> {
-        std::iter::once(self.kernel).chain(self.initrd)
+    /// The fds QEMU inherits for them.
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        std::iter::once(&self.kernel)
+            .chain(&self.initrd)
+            .filter_map(BootFile::fd)
     }
 }
+
+/// The sockets vmlet binds for QEMU, passed as listening fds, and the fd
+/// set holding the serial log QEMU appends to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunFds {
+    /// The QMP socket.
+    pub qmp: RawFd,
+    /// The serial console socket (when the serial console is enabled).
+    pub serial: Option<RawFd>,
+    /// The fd set of the serial log (when the serial console is enabled).
+    pub serial_log_set: Option<u32>,
+    /// The virtio-serial channel sockets, in `spec.channels` order.
+    pub channels: Vec<RawFd>,
+}
+
+impl RunFds {
+    /// The socket fds QEMU inherits.
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        std::iter::once(self.qmp)
+            .chain(self.serial)
+            .chain(self.channels.iter().copied())
+    }
+}
+
+/// The opaque tag of the serial log's fd.
+pub const SERIAL_LOG_TAG: &str = "serial-log";
 
 /// How QEMU names an inherited fd as a file.
 pub fn proc_fd_path(fd: RawFd) -> String {
     format!("/proc/self/fd/{fd}")
 }
 
-/// The fd sets, passed fds and boot files a launch of `spec` with `disks`
-/// would have, with fd numbers counted from `first_fd` instead of opened:
-/// for showing an argv (`vmlet argv`, the golden corpus) without touching
-/// any file.
-pub fn numbered(
-    spec: &VmSpec,
-    disks: &[DiskPlan],
-    first_fd: RawFd,
-) -> (Vec<DiskSets>, Vec<PassedFd>, Option<BootFiles>) {
+/// What a launch hands QEMU besides its argv, numbered instead of opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Numbered {
+    /// The fd sets of each disk.
+    pub sets: Vec<DiskSets>,
+    /// The disks' fds and the serial log's.
+    pub passed: Vec<PassedFd>,
+    /// The kernel and initrd.
+    pub boot: Option<BootFiles>,
+    /// The sockets and the serial log's set.
+    pub run: RunFds,
+}
+
+/// The fd sets, passed fds, sockets and boot files a launch of `spec` with
+/// `disks` would have, with fd numbers counted from `first_fd` instead of
+/// opened: for showing an argv (`vmlet argv`, the golden corpus) without
+/// touching any file. `jailed`: the kernel and initrd are copies in the jail
+/// (a QEMU running as its own user), else inherited fds.
+pub fn numbered(spec: &VmSpec, disks: &[DiskPlan], first_fd: RawFd, jailed: bool) -> Numbered {
     let sets = disk::launch_sets(disks);
     let mut next = first_fd;
     let mut take = || {
         next += 1;
         next - 1
+    };
+    let mut run = RunFds {
+        qmp: take(),
+        ..RunFds::default()
     };
     let mut passed = Vec::new();
     for (plan, set) in disks.iter().zip(&sets) {
@@ -72,12 +145,45 @@ pub fn numbered(
             });
         }
     }
+    if spec.serial.enabled {
+        run.serial = Some(take());
+        let set = next_set(&sets);
+        run.serial_log_set = Some(set);
+        passed.push(PassedFd {
+            fd: take(),
+            set,
+            opaque: SERIAL_LOG_TAG.into(),
+        });
+    }
+    run.channels = spec.channels.iter().map(|_| take()).collect();
     let boot = match &spec.boot {
+        Boot::Kernel { initrd, .. } if jailed => Some(BootFiles {
+            kernel: BootFile::Copy(JAIL_KERNEL.into()),
+            initrd: initrd.as_ref().map(|_| BootFile::Copy(JAIL_INITRD.into())),
+        }),
         Boot::Kernel { initrd, .. } => Some(BootFiles {
-            kernel: take(),
-            initrd: initrd.as_ref().map(|_| take()),
+            kernel: BootFile::Fd(take()),
+            initrd: initrd.as_ref().map(|_| BootFile::Fd(take())),
         }),
         Boot::Firmware { .. } => None,
     };
-    (sets, passed, boot)
+    Numbered {
+        sets,
+        passed,
+        boot,
+        run,
+    }
 }
+
+/// The first fd set number no disk uses.
+pub fn next_set(sets: &[DiskSets]) -> u32 {
+    sets.iter()
+        .flat_map(|s| std::iter::once(s.file).chain(s.base))
+        .max()
+        .map_or(1, |m| m + 1)
+}
+
+/// Where a jailed QEMU finds the copy of its kernel.
+pub const JAIL_KERNEL: &str = "/boot/kernel";
+/// Where a jailed QEMU finds the copy of its initrd.
+pub const JAIL_INITRD: &str = "/boot/initrd";

@@ -1,18 +1,24 @@
-//! The QEMU process: spawn with `-daemonize`, find it by pidfile, prove its
-//! identity, watch for its exit through a pidfd, signal it.
+//! The QEMU process: spawn it confined as vmlet's own child (no
+//! `-daemonize`), find it again after a restart and prove its identity,
+//! watch for its exit through a pidfd, signal it.
 //!
-//! Identity: a pid alone is never trusted. `/proc/PID/cmdline` must carry
-//! `-uuid UUID` for the VM, checked *after* the pidfd is open, so a pid
-//! recycled between the check and later signals cannot be hit: signals go
-//! through the pidfd, which names one process forever.
+//! Identity: a pid alone is never trusted. After a restart,
+//! `/proc/PID/cmdline` must carry `-uuid UUID` for the VM and the process
+//! must have the recorded start time, checked *after* the pidfd is open, so
+//! a pid recycled between the check and later signals cannot be hit:
+//! signals go through the pidfd, which names one process forever.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use uuid::Uuid;
+
+use crate::confine::cgroup::ProcsFiles;
+use crate::confine::ids::Ids;
+use crate::confine::jail::PreparedJail;
 
 /// Why a process operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,20 +32,12 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
-    /// QEMU ran and refused to start; `message` is what it printed.
+    /// QEMU ran and exited (or hung) before it was ready; `message` is what
+    /// it printed.
     #[error("QEMU failed to start: {message}")]
     StartFailed {
         /// QEMU's own error text (stderr).
         message: String,
-    },
-    /// The pidfile was missing or unreadable after a successful start.
-    #[error("reading pidfile {path}")]
-    Pidfile {
-        /// The pidfile.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
     },
     /// The pid is not (or no longer) this VM's QEMU.
     #[error("process {pid} is not the QEMU of VM {uuid}")]
@@ -69,7 +67,8 @@ pub enum ProcessError {
 }
 
 /// How a QEMU process ended, when vmlet could see it (only for processes
-/// that are vmlet's children; see [`become_subreaper`]).
+/// that are vmlet's children: those it spawned itself, not those it found
+/// again after a restart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
     /// Exited with this code.
@@ -80,207 +79,180 @@ pub enum ExitStatus {
     Unknown,
 }
 
-/// Makes this process the reaper of its orphaned descendants. QEMU's
-/// `-daemonize` orphans the real QEMU process; as a subreaper vmlet becomes its
-/// parent, so it reaps it (no zombies, even when PID 1 does not reap) and
-/// learns its exit status. Call once at start, before spawning QEMU.
-pub fn become_subreaper() -> std::io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// After the pidfd says "exited", how often and how long to wait for the
 /// last threads so the process can be reaped (2 s in all).
 const REAP_ATTEMPTS: u32 = 400;
 const REAP_INTERVAL: Duration = Duration::from_millis(5);
 
-/// How long QEMU's first process may take by default to set the VM up and
-/// daemonize (a hung storage path must not leave a start waiting forever).
+/// How long QEMU gets by default to set the VM up and answer on QMP (a hung
+/// storage path must not leave a start waiting forever).
 pub const SPAWN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The open-files limit of a QEMU process (disks, taps, vhost, sockets).
+pub const QEMU_NOFILE: u64 = 8192;
 
 /// A running QEMU, held by pidfd.
 #[derive(Debug)]
 pub struct QemuProcess {
     pid: i32,
     uuid: Uuid,
+    start_time: Option<u64>,
     pidfd: AsyncFd<OwnedFd>,
     /// How it ended, once reaped.
     status: std::sync::OnceLock<ExitStatus>,
 }
 
-/// Runs QEMU with `argv` (which must include `-daemonize` and `-pidfile
-/// pidfile`) and returns the daemonized process. With `-daemonize`, QEMU's
-/// first process exits only once the VM is set up (paused by `-S`), and
-/// reports failures on its stderr, which becomes [`ProcessError::StartFailed`].
-///
-/// QEMU gets `deadline` to daemonize; then it is killed and the start fails.
-pub async fn spawn(
-    binary: &Path,
-    argv: &[String],
-    pidfile: &Path,
-    uuid: Uuid,
-    deadline: Duration,
-    inherit: &[std::os::fd::RawFd],
+/// How the QEMU child is confined. Each part is prepared by the parent; the
+/// child only makes system calls on what was prepared (no allocation between
+/// fork and exec).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Confinement<'a> {
+    /// Run as this uid/gid with these groups, with an empty capability
+    /// bounding set; `None`: as vmlet's own user (vmlet is not root).
+    pub ids: Option<&'a Ids>,
+    /// Enter this jail (a private mount namespace) before dropping root.
+    pub jail: Option<&'a PreparedJail>,
+    /// Join this cgroup before anything else, so every thread QEMU makes
+    /// is in it from the start.
+    pub cgroup: Option<&'a ProcsFiles>,
+}
+
+/// What to run and where its output goes.
+#[derive(Debug, Clone, Copy)]
+pub struct SpawnRequest<'a> {
+    /// The QEMU binary (a path; resolved on `PATH` when it has no `/`).
+    pub binary: &'a Path,
+    /// The arguments after the binary.
+    pub argv: &'a [String],
+    /// The VM (`-uuid` must be in `argv`).
+    pub uuid: Uuid,
+    /// The fds `argv` names: QEMU inherits exactly these, at these numbers.
+    pub inherit: &'a [RawFd],
+    /// QEMU's stdout and stderr (its log, opened for appending).
+    pub log: &'a std::fs::File,
+}
+
+/// Starts QEMU as vmlet's child: a new session, the cgroup joined, resource
+/// limits set (no core dumps: they would hold guest memory; [`QEMU_NOFILE`]
+/// open files), the jail entered, the user switched, `no_new_privs` set,
+/// then exec. Returns once the exec succeeded; every failure before it
+/// (including in the child) is an error here, and no process is left.
+pub fn spawn(
+    request: SpawnRequest<'_>,
+    confine: Confinement<'_>,
 ) -> Result<QemuProcess, ProcessError> {
-    let mut command = tokio::process::Command::new(binary);
+    use std::os::unix::process::CommandExt;
+    let SpawnRequest {
+        binary,
+        argv,
+        uuid,
+        inherit,
+        log,
+    } = request;
+    let stdout = log.try_clone().map_err(|source| ProcessError::Exec {
+        binary: binary.to_path_buf(),
+        source,
+    })?;
+    let stderr = log.try_clone().map_err(|source| ProcessError::Exec {
+        binary: binary.to_path_buf(),
+        source,
+    })?;
+    let mut command = std::process::Command::new(binary);
     command
         .args(argv)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if !inherit.is_empty() {
-        let inherit = inherit.to_vec();
-        // SAFETY: between fork and exec only async-signal-safe calls run:
-        // fcntl clears close-on-exec on the fds QEMU is told about (tap
-        // fds), so exactly these cross into QEMU, at the same numbers.
-        unsafe {
-            command.pre_exec(move || {
-                for fd in &inherit {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    let inherit = inherit.to_vec();
+    let ids = confine.ids.cloned();
+    let groups: Vec<libc::gid_t> = ids.as_ref().map(|i| i.groups.clone()).unwrap_or_default();
+    // The closure must be 'static, but runs only inside `command.spawn()`
+    // below (in the child), and `command` is dropped before this function
+    // returns: the borrowed jail and cgroup files outlive every use.
+    let jail = confine.jail.map(|j| j as *const PreparedJail as usize);
+    let cgroup = confine.cgroup.map(|c| c as *const ProcsFiles as usize);
+    // SAFETY: between fork and exec only async-signal-safe system calls run,
+    // on values prepared before the fork (no allocation, no locks).
+    unsafe {
+        command.pre_exec(move || {
+            let jail = jail.map(|j| &*(j as *const PreparedJail));
+            let cgroup = cgroup.map(|c| &*(c as *const ProcsFiles));
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(cgroup) = cgroup {
+                cgroup.join_in_child()?;
+            }
+            let core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            let nofile = libc::rlimit {
+                rlim_cur: QEMU_NOFILE,
+                rlim_max: QEMU_NOFILE,
+            };
+            if libc::setrlimit(libc::RLIMIT_CORE, &core) == -1
+                || libc::setrlimit(libc::RLIMIT_NOFILE, &nofile) == -1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Exactly the fds the argv names cross into QEMU.
+            for fd in &inherit {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(jail) = jail {
+                jail.enter_in_child()?;
+            }
+            if let Some(ids) = &ids {
+                // No capability can come back, whatever QEMU executes.
+                for cap in 0..=libc::c_ulong::from(63u8) {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) == -1
+                        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                Ok(())
-            });
-        }
-    }
-    let run = command.output();
-    let output = match tokio::time::timeout(deadline, run).await {
-        Ok(output) => output.map_err(|source| ProcessError::Exec {
-            binary: binary.to_path_buf(),
-            source,
-        })?,
-        Err(_) => {
-            // The first process was killed when its future was dropped; a
-            // daemonized QEMU it may have left behind goes too.
-            if let Ok(Ok(orphan)) = read_pidfile(pidfile).map(|pid| QemuProcess::adopt(pid, uuid)) {
-                let _ = orphan.kill().await;
+                if libc::setgroups(groups.len(), groups.as_ptr()) == -1
+                    || libc::setresgid(ids.gid, ids.gid, ids.gid) == -1
+                    || libc::setresuid(ids.uid, ids.uid, ids.uid) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
-            reap_daemonize_leftovers(None).await;
-            return Err(ProcessError::StartFailed {
-                message: format!("QEMU did not finish starting within {deadline:?}"),
-            });
-        }
-    };
-    if !output.status.success() {
-        reap_daemonize_leftovers(None).await;
-        let mut message = String::from_utf8_lossy(&output.stderr).trim().to_string();
-        if message.is_empty() {
-            message = format!("exited with {}", output.status);
-        }
-        return Err(ProcessError::StartFailed { message });
-    }
-    let pid = read_pidfile(pidfile)?;
-    let process = QemuProcess::adopt(pid, uuid)?;
-    reap_daemonize_leftovers(Some(pid)).await;
-    Ok(process)
-}
-
-/// The fields of `/proc/PID/stat` that reaping needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ProcStat {
-    pid: i32,
-    state: char,
-    ppid: i32,
-    session: i32,
-}
-
-fn proc_stat(pid: i32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_proc_stat(pid, &text)
-}
-
-/// Parses `/proc/PID/stat`; the command name may hold spaces and `)`, so
-/// fields are counted from the last `)`.
-fn parse_proc_stat(pid: i32, text: &str) -> Option<ProcStat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    let _pgrp = fields.next()?;
-    let session = fields.next()?.parse().ok()?;
-    Some(ProcStat {
-        pid,
-        state,
-        ppid,
-        session,
-    })
-}
-
-/// `-daemonize` forks twice: QEMU's first process forks a session leader,
-/// which forks the real QEMU and exits at once. With vmlet as subreaper
-/// ([`become_subreaper`]) that leader, and after a failed start the failed
-/// QEMU too, become vmlet's zombie children. This reaps them: zombie children
-/// that lead their own session, and the other processes of those sessions
-/// once they are zombies, waiting up to a second for them to get there.
-/// `keep`: the VM's QEMU after a good start, which its own [`QemuProcess`]
-/// reaps; it is never a session leader itself.
-async fn reap_daemonize_leftovers(keep: Option<i32>) {
-    let me = std::process::id() as i32;
-    let mut sessions: Vec<i32> = keep
-        .and_then(proc_stat)
-        .map(|s| s.session)
-        .into_iter()
-        .collect();
-    for round in 0..100 {
-        let children: Vec<ProcStat> = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| Some(*pid) != keep)
-            .filter_map(proc_stat)
-            .filter(|s| s.ppid == me)
-            .collect();
-        for child in &children {
-            if child.state == 'Z' && child.pid == child.session && !sessions.contains(&child.pid) {
-                sessions.push(child.pid);
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
             }
-        }
-        let mut left = 0;
-        for child in children.iter().filter(|c| sessions.contains(&c.session)) {
-            // A multi-threaded process shows `Z` as soon as its main thread
-            // is gone, but cannot be reaped until every thread is: then
-            // waitpid says "still alive" and it counts as left.
-            let reaped = child.state == 'Z'
-                && !matches!(
-                    nix::sys::wait::waitpid(
-                        nix::unistd::Pid::from_raw(child.pid),
-                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-                    ),
-                    Ok(nix::sys::wait::WaitStatus::StillAlive)
-                );
-            if !reaped {
-                left += 1;
-            }
-        }
-        if !sessions.is_empty() && left == 0 {
-            return;
-        }
-        // No leader turned up: vmlet is not a subreaper (they went to init).
-        if sessions.is_empty() && round >= 10 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(())
+        });
     }
-}
-
-/// Reads a QEMU pidfile.
-pub fn read_pidfile(path: &Path) -> Result<i32, ProcessError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ProcessError::Pidfile {
-        path: path.to_path_buf(),
+    let child = command.spawn().map_err(|source| ProcessError::Exec {
+        binary: binary.to_path_buf(),
         source,
     })?;
-    text.trim().parse().map_err(|_| ProcessError::Pidfile {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a pid"),
-    })
+    let pid = child.id() as i32;
+    // The std handle neither waits nor kills on drop: the pidfd below reaps.
+    drop(child);
+    drop(command);
+    QemuProcess::own_child(pid, uuid)
+}
+
+/// The start time in `/proc/PID/stat`; the command name may hold spaces
+/// and `)`, so fields are counted from the last `)` (the state is field 3,
+/// the start time field 22).
+fn parse_start_time(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The start time of process `pid` (clock ticks after boot, field 22 of
+/// `/proc/PID/stat`): with the pid, it names one process for the life of
+/// the host.
+pub fn start_time(pid: i32) -> Option<u64> {
+    parse_start_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// True when `cmdline` (NUL-separated, as in `/proc/PID/cmdline`) carries
@@ -303,9 +275,36 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
 }
 
 impl QemuProcess {
-    /// Takes hold of the running process `pid` if it is VM `uuid`'s QEMU.
-    /// Used after spawn and when reattaching after a daemon restart.
-    pub fn adopt(pid: i32, uuid: Uuid) -> Result<QemuProcess, ProcessError> {
+    /// Takes hold of the running process `pid` if it is VM `uuid`'s QEMU:
+    /// its command line carries `-uuid UUID` and, when `start_time` is
+    /// known, it started then. Used when reattaching after a daemon restart.
+    pub fn adopt(
+        pid: i32,
+        uuid: Uuid,
+        start_time: Option<u64>,
+    ) -> Result<QemuProcess, ProcessError> {
+        let process = QemuProcess::hold(pid, uuid)?;
+        // Checked after the pidfd exists: from here on the pidfd pins this
+        // exact process, whatever happens to the number.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let started_then = match start_time {
+            Some(want) => process.start_time == Some(want),
+            None => true,
+        };
+        if !cmdline_names_uuid(&cmdline, uuid) || !started_then {
+            return Err(ProcessError::NotOurs { pid, uuid });
+        }
+        Ok(process)
+    }
+
+    /// Takes hold of vmlet's own child `pid`, just spawned: an unreaped
+    /// child's pid cannot be reused, so no identity check is needed (its
+    /// command line may still be vmlet's until the exec completes).
+    fn own_child(pid: i32, uuid: Uuid) -> Result<QemuProcess, ProcessError> {
+        QemuProcess::hold(pid, uuid)
+    }
+
+    fn hold(pid: i32, uuid: Uuid) -> Result<QemuProcess, ProcessError> {
         if pid <= 0 {
             return Err(ProcessError::Gone { pid });
         }
@@ -317,12 +316,7 @@ impl QemuProcess {
                 source,
             },
         })?;
-        // Checked after the pidfd exists: from here on the pidfd pins this
-        // exact process, whatever happens to the number.
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if !cmdline_names_uuid(&cmdline, uuid) {
-            return Err(ProcessError::NotOurs { pid, uuid });
-        }
+        let start_time = start_time(pid);
         // SAFETY: an OwnedFd keeps its descriptor open and unchanged for as
         // long as the AsyncFd owns it.
         let pidfd =
@@ -335,9 +329,15 @@ impl QemuProcess {
         Ok(QemuProcess {
             pid,
             uuid,
+            start_time,
             pidfd,
             status: std::sync::OnceLock::new(),
         })
+    }
+
+    /// When the process started (see [`start_time`]).
+    pub fn start_time(&self) -> Option<u64> {
+        self.start_time
     }
 
     /// The process id.
@@ -489,18 +489,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_stat_fields_count_from_the_last_paren() {
-        let text = "4242 (qemu (x) y) Z 17 4240 4240 0 -1 4194560 0 0";
-        assert_eq!(
-            parse_proc_stat(4242, text),
-            Some(ProcStat {
-                pid: 4242,
-                state: 'Z',
-                ppid: 17,
-                session: 4240
-            })
-        );
-        assert_eq!(parse_proc_stat(1, "garbage"), None);
+    fn start_time_is_counted_from_the_last_paren() {
+        let text =
+            "4242 (qemu (x) y) Z 17 4240 4240 0 -1 4194560 0 0 0 0 5 6 0 0 20 0 9 0 123456 0 0";
+        assert_eq!(parse_start_time(text), Some(123456));
+        assert_eq!(parse_start_time("garbage"), None);
+        assert_eq!(parse_start_time("1 (short) S 0 1 1"), None);
     }
 
     #[test]
@@ -521,11 +515,11 @@ mod tests {
         let uuid = Uuid::new_v4();
         let me = std::process::id() as i32;
         assert!(matches!(
-            QemuProcess::adopt(me, uuid),
+            QemuProcess::adopt(me, uuid, None),
             Err(ProcessError::NotOurs { .. })
         ));
         assert!(matches!(
-            QemuProcess::adopt(0, uuid),
+            QemuProcess::adopt(0, uuid, None),
             Err(ProcessError::Gone { .. })
         ));
     }
@@ -549,7 +543,16 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let process = QemuProcess::adopt(pid, uuid).expect("adopts its own VM");
+        let started = start_time(pid);
+        assert!(started.is_some());
+        assert!(
+            matches!(
+                QemuProcess::adopt(pid, uuid, started.map(|t| t + 1)),
+                Err(ProcessError::NotOurs { .. })
+            ),
+            "another start time is another process"
+        );
+        let process = QemuProcess::adopt(pid, uuid, started).expect("adopts its own VM");
         assert!(process.is_running());
         assert_eq!(process.wait_exit(Duration::from_millis(100)).await, None);
         process.signal(libc::SIGTERM).unwrap();

@@ -11,6 +11,7 @@ mod disk;
 mod errors;
 mod image;
 mod nic;
+mod resources;
 mod validation;
 mod vm;
 mod volume;
@@ -19,6 +20,7 @@ pub use disk::{CacheMode, DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, S
 pub use errors::{FieldError, SpecError};
 pub use image::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
 pub use nic::{derived_mac, format_mac, parse_mac, NicModel, NicSpec};
+pub use resources::{parse_cpu_list, Resources, MAX_HOST_CPU};
 pub use validation::{validate_disk, validate_limits, validate_name, validate_nic, validate_size};
 pub use vm::{
     Boot, ChannelSpec, CloudInit, Firmware, ProfileCaps, SerialSpec, VmSpec, DEFAULT_PROFILE,

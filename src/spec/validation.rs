@@ -29,6 +29,11 @@ impl Collector {
     }
 }
 
+/// Fewest tasks a QEMU may be limited to.
+const MIN_PIDS: u64 = 16;
+/// Most tasks a QEMU may be allowed.
+const MAX_PIDS: u64 = 1 << 22;
+
 impl VmSpec {
     /// Checks every field. `profile_caps` looks up a profile by name (`None`:
     /// unknown profile).
@@ -73,7 +78,45 @@ impl VmSpec {
         self.check_cloud_init(&mut c);
         self.check_nics(&mut c, caps);
         self.check_channels(&mut c);
+        self.check_resources(&mut c);
         c.into_result()
+    }
+
+    fn check_resources(&self, c: &mut Collector) {
+        let r = &self.resources;
+        for (field, weight) in [("cpu_weight", r.cpu_weight), ("io_weight", r.io_weight)] {
+            if weight.is_some_and(|w| !(1..=10_000).contains(&w)) {
+                c.add(format!("resources.{field}"), "must be 1..=10000");
+            }
+        }
+        let most = self.vcpus.saturating_mul(100).max(100);
+        if r.cpu_quota_percent.is_some_and(|q| q == 0 || q > most) {
+            c.add(
+                "resources.cpu_quota_percent",
+                format!("must be 1..={most} (100 per vCPU)"),
+            );
+        }
+        if r.memory_overhead_mib
+            .is_some_and(|m| m > limits::MAX_MEMORY_MIB)
+        {
+            c.add(
+                "resources.memory_overhead_mib",
+                format!("must be at most {}", limits::MAX_MEMORY_MIB),
+            );
+        }
+        if r.pids_max
+            .is_some_and(|p| !(MIN_PIDS..=MAX_PIDS).contains(&p))
+        {
+            c.add(
+                "resources.pids_max",
+                format!("must be {MIN_PIDS}..={MAX_PIDS} (QEMU needs a thread per vCPU and more)"),
+            );
+        }
+        if let Some(set) = &r.cpu_set {
+            if let Err(e) = super::resources::parse_cpu_list(set) {
+                c.add("resources.cpu_set", e);
+            }
+        }
     }
 
     fn check_boot(&self, c: &mut Collector, caps: Option<ProfileCaps>) {

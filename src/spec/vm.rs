@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use super::resources::Resources;
 use uuid::Uuid;
 
 use super::{DiskSpec, NicSpec};
@@ -50,6 +52,10 @@ pub struct VmSpec {
     /// autostart or Proxmox's `onboot`.
     #[serde(default)]
     pub autostart: bool,
+    /// What the VM's QEMU may take from the host (its cgroup's limits,
+    /// vCPU pinning).
+    #[serde(default, skip_serializing_if = "Resources::is_default")]
+    pub resources: Resources,
 }
 
 fn default_profile() -> String {

@@ -158,6 +158,11 @@ impl Layout {
         self.vm_dir(vm).join("console.log")
     }
 
+    /// QEMU's own messages for a VM (its stdout and stderr, across starts).
+    pub fn qemu_log(&self, vm: Uuid) -> PathBuf {
+        self.vm_dir(vm).join("qemu.log")
+    }
+
     /// A VM's cloud-init seed.
     pub fn seed(&self, vm: Uuid) -> PathBuf {
         self.vm_dir(vm).join("cidata.img")

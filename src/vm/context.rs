@@ -11,6 +11,7 @@ use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
 use crate::storage::volumes::VolumeStore;
 use crate::storage::Layout;
+use crate::vm::confinement::Confiner;
 use crate::vm::events::{EventBody, EventBus};
 use crate::vm::store::Store;
 use crate::vm::Vm;
@@ -40,6 +41,8 @@ pub struct Context {
     pub networks: NetworkStore,
     /// The directories a spec's host files must lie below (canonical).
     pub host_roots: Vec<std::path::PathBuf>,
+    /// How QEMUs are confined: users, jails, cgroups.
+    pub confiner: Confiner,
 }
 
 impl Context {
@@ -66,6 +69,8 @@ impl Context {
         )?);
         let volumes = VolumeStore::open(layout.clone(), qemu_img.clone(), events.clone())?;
         let networks = NetworkStore::open(&settings.state_dir)?;
+        let confiner = Confiner::new(&settings.qemu)
+            .map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidInput, message))?;
         Ok(Context {
             settings,
             profiles,
@@ -78,6 +83,7 @@ impl Context {
             volumes,
             networks,
             host_roots,
+            confiner,
         })
     }
 

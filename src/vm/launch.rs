@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::qemu::disk::{self, DiskPlan, DiskSets, FileOrigin};
-use crate::qemu::launch_files::{BootFiles, PassedFd};
+use crate::qemu::launch_files::{BootFile, BootFiles, PassedFd};
 use crate::spec::{Boot, DiskFormat, DiskSource, DiskSpec, VmSpec, SEED_DISK};
 use crate::storage::files::{self, OpenError, OpenMode};
 use crate::storage::Layout;
@@ -185,7 +185,10 @@ impl LaunchFiles {
                     .as_deref()
                     .map(|i| open("boot.initrd", i))
                     .transpose()?;
-                Some(BootFiles { kernel, initrd })
+                Some(BootFiles {
+                    kernel: BootFile::Fd(kernel),
+                    initrd: initrd.map(BootFile::Fd),
+                })
             }
             Boot::Firmware { .. } => None,
         };

@@ -3,6 +3,7 @@
 
 pub mod actor;
 pub mod claims;
+pub mod confinement;
 pub mod context;
 pub mod disk_ops;
 pub mod error;

@@ -34,6 +34,11 @@ pub struct Vm {
     /// QEMU's pid while a process exists.
     #[serde(default)]
     pub pid: Option<i32>,
+    /// When that process started (clock ticks after the host booted): with
+    /// the pid, it names one process, so a reused pid is never mistaken for
+    /// the VM's QEMU after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
     /// Why the VM is `crashed` or `error`, or why the last operation failed.
     #[serde(default)]
     pub error: Option<String>,
@@ -56,6 +61,7 @@ impl Vm {
             desired: Desired::Stopped,
             generation: 1,
             pid: None,
+            pid_start: None,
             error: None,
             created_at: now.clone(),
             updated_at: now,

@@ -210,6 +210,7 @@ mod tests {
             cloud_init: None,
             nics: vec![],
             autostart: true,
+            resources: Default::default(),
         }
     }
 

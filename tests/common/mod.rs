@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 use vmlet::qemu::accel::Accel;
-use vmlet::qemu::argv::{LaunchInputs, RunPaths};
+use vmlet::qemu::argv::RunPaths;
 use vmlet::qemu::instance::{self, LaunchError, QemuInstance};
 use vmlet::qemu::profile::Profiles;
 use vmlet::spec::{Boot, ChannelSpec, DiskFormat, DiskSpec, SerialSpec, VmSpec};
@@ -166,6 +166,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         cloud_init: None,
         nics: vec![],
         autostart: false,
+        resources: Default::default(),
     }
 }
 
@@ -189,6 +190,9 @@ pub fn guest_channel() -> ChannelSpec {
 pub struct TestVm {
     /// The running instance.
     pub vm: QemuInstance,
+    /// How it was confined, if it was: its cgroup and uid are given back
+    /// when the guard drops.
+    pub confiner: Option<vmlet::vm::confinement::Confiner>,
 }
 
 impl std::ops::Deref for TestVm {
@@ -204,6 +208,10 @@ impl Drop for TestVm {
             self.vm.process.kill_blocking(Duration::from_secs(10));
         }
         instance::remove_run_dir(&self.vm.paths);
+        let _ = std::fs::remove_file(self.vm.paths.dir.with_extension("qemu.log"));
+        if let Some(c) = &self.confiner {
+            c.release(self.vm.process.uuid());
+        }
     }
 }
 
@@ -215,7 +223,24 @@ pub async fn launch(spec: &VmSpec, scratch: &Scratch) -> Result<TestVm, LaunchEr
 
 /// [`launch`] with an explicit run root.
 pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchError> {
-    let _ = vmlet::qemu::process::become_subreaper();
+    launch_with(spec, run_root, None).await
+}
+
+/// [`launch`], confined as the daemon confines its VMs under `settings`.
+pub async fn launch_confined(
+    spec: &VmSpec,
+    scratch: &Scratch,
+    settings: &vmlet::config::QemuSettings,
+) -> Result<TestVm, LaunchError> {
+    let confiner = vmlet::vm::confinement::Confiner::new(settings).expect("confinement settings");
+    launch_with(spec, &scratch.run_dir(), Some(confiner)).await
+}
+
+async fn launch_with(
+    spec: &VmSpec,
+    run_root: &Path,
+    confiner: Option<vmlet::vm::confinement::Confiner>,
+) -> Result<TestVm, LaunchError> {
     let profiles = Profiles::built_in().unwrap();
     spec.validate(|p| profiles.caps(p))
         .expect("test spec is valid");
@@ -228,23 +253,39 @@ pub async fn launch_in(spec: &VmSpec, run_root: &Path) -> Result<TestVm, LaunchE
         &[PathBuf::from("/")],
     )
     .expect("opening the test VM's files");
-    let vm = instance::launch(
-        Path::new("qemu-system-x86_64"),
-        LaunchInputs {
-            spec,
-            profile: profiles.get(&spec.profile).unwrap(),
-            accel: Accel::Tcg,
-            paths: &paths,
-            serial_log: &paths.serial_log(),
-            disks: &files.disks,
-            disk_sets: &files.sets,
-            passed_fds: &files.passed,
-            boot_files: files.boot.as_ref(),
-            nics: &[],
-        },
-    )
-    .await?;
-    Ok(TestVm { vm })
+    let serial_log = paths.serial_log();
+    let qemu_log = paths.dir.with_extension("qemu.log");
+    let confine = confiner
+        .as_ref()
+        .map(|c| c.prepare(spec, false).expect("preparing the confinement"));
+    let plan = confine.as_ref().map(|c| c.plan()).unwrap_or_default();
+    let vm = instance::launch(instance::Launch {
+        binary: Path::new("qemu-system-x86_64"),
+        deadline: vmlet::qemu::process::SPAWN_DEADLINE,
+        spec,
+        profile: profiles.get(&spec.profile).unwrap(),
+        accel: Accel::Tcg,
+        paths: &paths,
+        serial_log: &serial_log,
+        qemu_log: &qemu_log,
+        disks: &files.disks,
+        disk_sets: &files.sets,
+        passed_fds: &files.passed,
+        boot_files: files.boot.as_ref(),
+        nics: &[],
+        confine: plan,
+    })
+    .await;
+    let vm = match vm {
+        Ok(vm) => vm,
+        Err(e) => {
+            if let Some(c) = &confiner {
+                c.release(spec.uuid);
+            }
+            return Err(e);
+        }
+    };
+    Ok(TestVm { vm, confiner })
 }
 
 /// Waits until the file at `path` has a whole line (ended by a newline)

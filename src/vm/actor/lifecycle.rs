@@ -20,13 +20,13 @@ impl Actor {
             if let Some(rt) = leftover {
                 let _ = rt.process.kill().await;
                 instance::remove_run_dir(&rt.paths);
+                ctx.confiner.release(spec.uuid);
             }
             let result = async {
                 let profile = ctx
                     .profiles
                     .get(&spec.profile)
                     .map_err(|e| VmError::Failed(error_chain(&e)))?;
-                let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
                 // A full disk stays a full disk (507).
                 crate::storage::disks::write_seed(&ctx.layout, &spec)?;
                 // The taps live while `_host_nics` holds their fds: until
@@ -36,29 +36,46 @@ impl Actor {
                 // gets fds and never resolves a path from the spec.
                 let files = LaunchFiles::open(&spec, &ctx.layout, &ctx.host_roots)?;
                 let serial_log = ctx.layout.console_log(spec.uuid);
-                let inputs = LaunchInputs {
+                let qemu_log = ctx.layout.qemu_log(spec.uuid);
+                let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
+                let confined = ctx.confiner.prepare(&spec, ctx.accel == Accel::Kvm)?;
+                let launched = instance::launch(Launch {
+                    binary: &ctx.settings.qemu_binary,
+                    deadline: Duration::from_secs(ctx.settings.start_timeout_s),
                     spec: &spec,
                     profile,
                     accel: ctx.accel,
                     paths: &paths,
                     serial_log: &serial_log,
+                    qemu_log: &qemu_log,
                     disks: &files.disks,
                     disk_sets: &files.sets,
                     passed_fds: &files.passed,
                     boot_files: files.boot.as_ref(),
                     nics: &nics,
+                    confine: confined.plan(),
+                })
+                .await;
+                let qemu = match launched {
+                    Ok(qemu) => qemu,
+                    Err(e) => {
+                        ctx.confiner.release(spec.uuid);
+                        return Err(VmError::Failed(error_chain(&e)));
+                    }
                 };
-                let deadline = Duration::from_secs(ctx.settings.start_timeout_s);
-                let qemu =
-                    instance::launch_with_deadline(&ctx.settings.qemu_binary, inputs, deadline)
-                        .await
-                        .map_err(|e| VmError::Failed(error_chain(&e)))?;
+                if let Err(e) = pin_vcpus(&qemu, &spec).await {
+                    let _ = qemu.process.kill().await;
+                    instance::remove_run_dir(&qemu.paths);
+                    ctx.confiner.release(spec.uuid);
+                    return Err(e);
+                }
                 // Attached before the guest runs, so the live stream has
                 // every byte of this boot.
                 let serial = open_serial(&ctx, &spec, &paths).await;
                 if let Err(e) = qemu.start_guest().await {
                     let _ = qemu.process.kill().await;
                     instance::remove_run_dir(&qemu.paths);
+                    ctx.confiner.release(spec.uuid);
                     return Err(crate::vm::disk_ops::qmp_error("starting the guest", e));
                 }
                 Ok((qemu, serial))
@@ -128,6 +145,7 @@ impl Actor {
                 }
             }
             instance::remove_run_dir(&paths);
+            ctx.confiner.release(id);
             OpResult::Deleted(ctx.store.remove(id).map_err(|e| error_chain(&e)))
         });
     }
@@ -137,6 +155,7 @@ impl Actor {
         match result {
             OpResult::Started(Ok((qemu, serial))) => {
                 let pid = qemu.process.pid();
+                let started = qemu.process.start_time();
                 self.attach(
                     qemu.process.clone(),
                     Some(qemu.qmp.clone()),
@@ -144,7 +163,10 @@ impl Actor {
                     Some(qemu.events),
                     serial,
                 );
-                self.commit(|vm| vm.pid = Some(pid));
+                self.commit(|vm| {
+                    vm.pid = Some(pid);
+                    vm.pid_start = started;
+                });
                 self.observe(Observation::GuestStarted);
                 self.finish_op(Ok(()));
             }
@@ -158,6 +180,7 @@ impl Actor {
                 };
                 self.commit(|vm| {
                     vm.pid = None;
+                    vm.pid_start = None;
                     vm.error = Some(error);
                 });
                 self.finish_op(Err(e));
@@ -169,6 +192,7 @@ impl Actor {
                     self.observe(Observation::StopFinished);
                     self.commit(|vm| {
                         vm.pid = None;
+                        vm.pid_start = None;
                         vm.error = None;
                     });
                     self.finish_op(Ok(()));
@@ -234,6 +258,7 @@ impl Actor {
                 self.observe(Observation::DeleteFailed);
                 self.commit(|vm| {
                     vm.pid = None;
+                    vm.pid_start = None;
                     vm.error = Some(error.clone());
                 });
                 self.finish_op(Err(VmError::Failed(error)));
@@ -241,4 +266,36 @@ impl Actor {
         }
         false
     }
+}
+
+/// Pins every vCPU thread of `qemu` to the spec's `resources.cpu_set`
+/// (QEMU itself may not: its seccomp filter denies `sched_setaffinity`).
+/// The thread ids come from `query-cpus-fast`.
+async fn pin_vcpus(qemu: &QemuInstance, spec: &VmSpec) -> Result<(), VmError> {
+    let Some(set) = &spec.resources.cpu_set else {
+        return Ok(());
+    };
+    let cpus = crate::spec::parse_cpu_list(set)
+        .map_err(|e| VmError::Failed(format!("resources.cpu_set: {e}")))?;
+    let vcpus = qemu
+        .qmp
+        .query_raw("query-cpus-fast", None, instance::STOP_COMMAND_DEADLINE)
+        .await
+        .map_err(|e| crate::vm::disk_ops::qmp_error("listing the vCPU threads", e))?;
+    let threads: Vec<i32> = vcpus
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["thread-id"].as_i64())
+        .map(|t| t as i32)
+        .collect();
+    if threads.len() != spec.vcpus as usize {
+        return Err(VmError::Failed(format!(
+            "QEMU named {} vCPU threads for {} vCPUs",
+            threads.len(),
+            spec.vcpus
+        )));
+    }
+    crate::confine::affinity::pin(&threads, &cpus)
+        .map_err(|e| VmError::Failed(format!("pinning vCPUs to {set}: {e}")))
 }

@@ -24,10 +24,11 @@ use uuid::Uuid;
 
 use crate::console::serial::{SerialHub, SerialLog};
 use crate::persist::timestamp;
-use crate::qemu::argv::{LaunchInputs, RunPaths};
+use crate::qemu::accel::Accel;
+use crate::qemu::argv::RunPaths;
 use crate::qemu::exit::{self, ExitEvents, RunEvent};
-use crate::qemu::instance::{self, StopMode, StopOutcome};
-use crate::qemu::process::{self, ExitStatus, ProcessError, QemuProcess};
+use crate::qemu::instance::{self, Launch, QemuInstance, StopMode, StopOutcome};
+use crate::qemu::process::{ExitStatus, ProcessError, QemuProcess};
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
 use crate::spec::VmSpec;
 use crate::vm::context::Context;

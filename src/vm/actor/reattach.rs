@@ -14,24 +14,25 @@ impl Actor {
         let pid = if self.host_rebooted {
             None
         } else {
-            self.vm
-                .pid
-                .or_else(|| process::read_pidfile(&paths.pidfile()).ok())
+            self.vm.pid
         };
         // A half-finished operation's task means nothing any more.
         self.vm.task = None;
-        let process = match pid.map(|pid| QemuProcess::adopt(pid, self.vm.id)) {
+        let process = match pid.map(|pid| QemuProcess::adopt(pid, self.vm.id, self.vm.pid_start)) {
             Some(Ok(process)) => Arc::new(process),
             other => {
                 if let Some(Err(e)) = other {
                     tracing::info!(vm = %self.vm.name, error = %e, "recorded QEMU is gone");
                 }
                 instance::remove_run_dir(&paths);
+                // A cgroup and uid left by the QEMU that is gone.
+                self.ctx.confiner.release(self.vm.id);
                 self.settle_gone();
                 return;
             }
         };
         let pid = process.pid();
+        self.ctx.confiner.found(self.vm.id, pid);
         let serial = open_serial(&self.ctx, &self.vm.spec, &paths).await;
         match QmpClient::connect(&paths.qmp_socket(), REATTACH_QMP_DEADLINE).await {
             Ok((qmp, events)) => {
@@ -109,6 +110,7 @@ impl Actor {
     fn settle_reattach(&mut self, found: Found, held: Option<FoundQemu>) {
         let plan = state::reattach(self.vm.state.get(), found);
         let mut pid = None;
+        let mut start = None;
         if let Some(FoundQemu {
             process,
             qmp,
@@ -121,8 +123,16 @@ impl Actor {
                 tracing::warn!(vm = %self.vm.name, pid = process.pid(), ?found, "the QEMU found can never run again: killing it");
                 let _ = process.signal(libc::SIGKILL);
                 instance::remove_run_dir(&paths);
+                // The cgroup can go once the process has.
+                let ctx = self.ctx.clone();
+                let id = self.vm.id;
+                tokio::spawn(async move {
+                    process.exited().await;
+                    ctx.confiner.release(id);
+                });
             } else if plan.attach {
                 pid = Some(process.pid());
+                start = process.start_time();
                 self.attach(process, Some(qmp), paths, Some(events), serial);
             }
         }
@@ -130,6 +140,7 @@ impl Actor {
         self.commit(|vm| {
             if pid.is_some() || !plan.attach {
                 vm.pid = pid;
+                vm.pid_start = start;
             }
             match plan.error {
                 ErrorNote::Keep => {}

@@ -132,6 +132,7 @@ impl Actor {
     pub(super) fn teardown(&mut self) {
         if let Some(rt) = self.runtime.take() {
             instance::remove_run_dir(&rt.paths);
+            self.ctx.confiner.release(self.vm.id);
         }
     }
 
@@ -180,6 +181,7 @@ impl Actor {
             self.observe(Observation::ExitedCleanly);
             self.commit(|vm| {
                 vm.pid = None;
+                vm.pid_start = None;
                 vm.desired = Desired::Stopped;
                 vm.error = None;
             });
@@ -188,6 +190,7 @@ impl Actor {
             let crashed = self.observe(observation);
             self.commit(|vm| {
                 vm.pid = None;
+                vm.pid_start = None;
                 if crashed || vm.state == PowerState::Error {
                     vm.error = Some(reason);
                 }

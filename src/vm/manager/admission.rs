@@ -223,6 +223,7 @@ mod tests {
             cloud_init: None,
             nics: vec![],
             autostart: false,
+            resources: Default::default(),
         };
         let roots = [std::fs::canonicalize(root.path()).unwrap()];
         let err = check_host_paths(&spec, &roots).unwrap_err();

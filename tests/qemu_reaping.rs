@@ -1,6 +1,6 @@
-//! vmlet is a child subreaper, so QEMU's `-daemonize` leftovers (the
-//! intermediate session leader, and a QEMU that failed to start) become its
-//! children. None may stay a zombie. Alone in its own test binary: zombies of
+//! vmlet starts QEMU as its own child (no `-daemonize`) and reaps it
+//! through its pidfd, after a good start and after a failed one. None may
+//! stay a zombie. Alone in its own test binary: zombies of
 //! other tests running in the same process would blur the count.
 
 mod common;

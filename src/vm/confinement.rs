@@ -1,0 +1,251 @@
+//! How this daemon confines its VMs' QEMUs: which user each runs as, whether
+//! it is jailed, and its cgroup with the spec's limits. Built once at start
+//! from the `[qemu]` settings and what the host offers; the launch itself
+//! (fork, join, jail, drop root, exec) is `qemu::process`.
+
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+use crate::config::QemuSettings;
+use crate::confine::cgroup::{CgroupStats, Cgroups, Hierarchy, Limits, ProcsFiles, VmCgroup};
+use crate::confine::ids::{self, IdPool, IdRange, Ids};
+use crate::qemu::instance::ConfinePlan;
+use crate::spec::VmSpec;
+use crate::vm::error::VmError;
+
+/// Who QEMU runs as.
+#[derive(Debug)]
+enum Users {
+    /// vmlet is not root: QEMU runs as vmlet's own user.
+    Same,
+    /// Every QEMU as one user.
+    One(Ids),
+    /// Each running VM its own uid (gid = uid).
+    PerVm(IdPool),
+}
+
+/// The confinement of this daemon's QEMUs.
+#[derive(Debug)]
+pub struct Confiner {
+    users: Users,
+    jail: bool,
+    kvm_group: Option<u32>,
+    cgroups: Option<Cgroups>,
+    settings: QemuSettings,
+    /// The cgroups of running VMs, for statistics.
+    live: Mutex<std::collections::HashMap<Uuid, VmCgroup>>,
+}
+
+/// What a start of one VM holds while QEMU is spawned.
+#[derive(Debug)]
+pub struct Confined {
+    ids: Option<Ids>,
+    jail: bool,
+    kvm: bool,
+    procs: Option<ProcsFiles>,
+}
+
+impl Confined {
+    /// The plan `qemu::instance::launch` carries out.
+    pub fn plan(&self) -> ConfinePlan<'_> {
+        ConfinePlan {
+            ids: self.ids.as_ref(),
+            jail: self.jail,
+            kvm: self.kvm,
+            cgroup: self.procs.as_ref(),
+        }
+    }
+}
+
+impl Confiner {
+    /// Reads the host: are we root, which cgroup hierarchy, who owns
+    /// `/dev/kvm`. Logs one line saying what confinement QEMU gets.
+    pub fn new(settings: &QemuSettings) -> Result<Confiner, String> {
+        let root = nix::unistd::geteuid().is_root();
+        let range =
+            IdRange::parse(&settings.uid_range).map_err(|e| format!("[qemu] uid_range: {e}"))?;
+        let users = match (&settings.user, root) {
+            (_, false) => Users::Same,
+            (Some(name), true) => {
+                let user = nix::unistd::User::from_name(name)
+                    .map_err(|e| format!("[qemu] user {name:?}: {e}"))?
+                    .ok_or_else(|| format!("[qemu] user {name:?} does not exist"))?;
+                if user.uid.is_root() {
+                    return Err(format!("[qemu] user {name:?} is root"));
+                }
+                Users::One(Ids {
+                    uid: user.uid.as_raw(),
+                    gid: user.gid.as_raw(),
+                    groups: vec![],
+                })
+            }
+            (None, true) => Users::PerVm(IdPool::new(range)),
+        };
+        let cgroups = if !root || settings.cgroup_root.is_empty() {
+            None
+        } else {
+            match Hierarchy::detect().and_then(|h| Cgroups::new(h, &settings.cgroup_root)) {
+                Ok(cgroups) => Some(cgroups),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "no cgroup hierarchy: VMs run without CPU, memory and task limits");
+                    None
+                }
+            }
+        };
+        let kvm_group = kvm_group();
+        let jail = root && settings.jail;
+        if root {
+            tracing::info!(
+                user = match &users {
+                    Users::One(ids) => format!("uid {}", ids.uid),
+                    _ => format!("a uid per VM from {}", settings.uid_range),
+                },
+                jail,
+                cgroups = cgroups.is_some(),
+                "QEMU runs unprivileged with the full seccomp sandbox"
+            );
+        } else {
+            tracing::info!(
+                "vmlet is not root: QEMU runs as vmlet's own user, without jail or cgroup"
+            );
+        }
+        Ok(Confiner {
+            users,
+            jail,
+            kvm_group,
+            cgroups,
+            settings: settings.clone(),
+            live: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Everything VM `spec`'s QEMU needs before it is spawned: its uid, its
+    /// cgroup (created with the spec's limits). `kvm`: the VM uses KVM.
+    pub fn prepare(&self, spec: &VmSpec, kvm: bool) -> Result<Confined, VmError> {
+        let ids = match &self.users {
+            Users::Same => None,
+            Users::One(ids) => Some(ids.clone()),
+            Users::PerVm(pool) => {
+                let uid = pool
+                    .claim(spec.uuid)
+                    .map_err(|e| VmError::Refused(e.to_string()))?;
+                Some(Ids {
+                    uid,
+                    gid: uid,
+                    groups: vec![],
+                })
+            }
+        };
+        let ids = ids.map(|mut ids| {
+            if kvm {
+                ids.groups.extend(self.kvm_group);
+            }
+            ids
+        });
+        let procs = match &self.cgroups {
+            None => None,
+            Some(cgroups) => {
+                let limits = self.limits(spec);
+                let made = cgroups
+                    .create(spec.uuid, &limits)
+                    .and_then(|cg| cg.open_procs().map(|p| (cg, p)));
+                match made {
+                    Ok((cgroup, procs)) => {
+                        for note in cgroup.unapplied() {
+                            tracing::info!(vm = %spec.name, "cgroup: {note}");
+                        }
+                        self.live_map().insert(spec.uuid, cgroup);
+                        Some(procs)
+                    }
+                    Err(e) => {
+                        self.release(spec.uuid);
+                        return Err(VmError::Failed(format!(
+                            "creating the VM's cgroup: {}",
+                            crate::error_chain(&e)
+                        )));
+                    }
+                }
+            }
+        };
+        Ok(Confined {
+            jail: self.jail && ids.is_some(),
+            kvm,
+            ids,
+            procs,
+        })
+    }
+
+    /// The cgroup limits of `spec`.
+    pub fn limits(&self, spec: &VmSpec) -> Limits {
+        let r = &spec.resources;
+        let overhead = r
+            .memory_overhead_mib
+            .unwrap_or(self.settings.memory_overhead_mib);
+        Limits {
+            cpu_weight: r.cpu_weight.unwrap_or(self.settings.cpu_weight),
+            cpu_quota_percent: r.cpu_quota_percent,
+            memory_max_bytes: spec
+                .memory_mib
+                .saturating_add(overhead)
+                .saturating_mul(1 << 20),
+            pids_max: r.pids_max.unwrap_or(self.settings.pids_max),
+            io_weight: r.io_weight,
+        }
+    }
+
+    /// VM `vm`'s QEMU (pid `pid`) was found running after a restart: its uid
+    /// stays taken and its cgroup is watched again.
+    pub fn found(&self, vm: Uuid, pid: i32) {
+        if let (Users::PerVm(pool), Some(uid)) = (&self.users, ids::process_uid(pid)) {
+            pool.mark(vm, uid);
+        }
+        if let Some(cgroup) = self.cgroups.as_ref().and_then(|c| c.open(vm)) {
+            self.live_map().insert(vm, cgroup);
+        }
+    }
+
+    /// VM `vm` has no QEMU any more: its cgroup goes, its uid is free.
+    pub fn release(&self, vm: Uuid) {
+        self.live_map().remove(&vm);
+        if let Some(cgroups) = &self.cgroups {
+            if let Err(e) = cgroups.remove(vm) {
+                tracing::warn!(%vm, error = %crate::error_chain(&e), "could not remove the VM's cgroup");
+            }
+        }
+        if let Users::PerVm(pool) = &self.users {
+            pool.release(vm);
+        }
+    }
+
+    /// The statistics of VM `vm`'s cgroup, while its QEMU runs.
+    pub fn stats(&self, vm: Uuid) -> Option<CgroupStats> {
+        self.live_map().get(&vm).map(VmCgroup::stats)
+    }
+
+    /// The directories of VM `vm`'s cgroup, while its QEMU runs.
+    pub fn cgroup_dirs(&self, vm: Uuid) -> Vec<std::path::PathBuf> {
+        self.live_map()
+            .get(&vm)
+            .map(|c| c.dirs().to_vec())
+            .unwrap_or_default()
+    }
+
+    fn live_map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, VmCgroup>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The group that may open `/dev/kvm`, when its mode lets a group in.
+fn kvm_group() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/dev/kvm").ok()?;
+    if meta.mode() & 0o060 == 0o060 && meta.gid() != 0 {
+        Some(meta.gid())
+    } else {
+        if meta.mode() & 0o006 != 0o006 {
+            tracing::warn!("/dev/kvm is not open to a group (chgrp kvm /dev/kvm; chmod 660 /dev/kvm): an unprivileged QEMU cannot use KVM");
+        }
+        None
+    }
+}
