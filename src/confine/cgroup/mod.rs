@@ -1,0 +1,870 @@
+//! A cgroup per VM, on cgroup v1 and v2 hosts: `ROOT/UUID` below the mount
+//! of every controller vmlet uses, with the VM's limits written into it, a
+//! way for a child process to join it between `fork` and `exec`, and its
+//! statistics.
+//!
+//! The hierarchy is read from `/proc/self/mountinfo` ([`Hierarchy::detect`]):
+//! a host where any of the controllers vmlet uses (cpu, cpuacct, cpuset,
+//! memory, pids, blkio) is bound to a cgroup v1 mount is treated as v1
+//! (including systemd's "hybrid" layout, whose cgroup2 mount has no
+//! controllers); otherwise the cgroup2 mount is used.
+//!
+//! Decisions about limits (see [`Limits`]):
+//! - Memory: the limit covers memory and swap together, so a VM cannot
+//!   grow past it by being swapped out: v2 writes `memory.swap.max` = 0,
+//!   v1 writes `memory.memsw.limit_in_bytes` = the memory limit. Hosts
+//!   without swap accounting lack those files; that limit is then reported
+//!   as not applied ([`Unapplied::Swap`]), not an error.
+//! - I/O weight: proportional I/O weights exist only with some I/O
+//!   schedulers (`io.weight` needs iocost; BFQ offers `io.bfq.weight` /
+//!   `blkio.bfq.weight`; CFQ offered `blkio.weight`). When none exists an
+//!   explicitly asked weight is reported as not applied
+//!   ([`Unapplied::IoWeight`]), not an error.
+//! - cpu, memory and pids are required: a host without one of them is an
+//!   error, since a VM would otherwise run with no limit at all.
+//!
+//! Only cgroups the caller names are ever removed: several daemons may
+//! share a root.
+
+mod v1;
+mod v2;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+/// The CFS period vmlet uses for CPU quotas: 100 ms, in microseconds.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// The cgroup v1 controllers a VM's cgroup is created in, when mounted.
+const V1_CONTROLLERS: [&str; 6] = ["blkio", "cpu", "cpuacct", "cpuset", "memory", "pids"];
+/// The cgroup v2 controllers enabled for VM cgroups, when available.
+const V2_CONTROLLERS: [&str; 4] = ["cpu", "io", "memory", "pids"];
+/// Controllers without which limits cannot be enforced (both versions).
+const REQUIRED_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+/// Every cgroup v1 controller name the kernel knows; other mount options
+/// (`rw`, `name=systemd`, `clone_children`, …) are not controllers.
+const KNOWN_V1_CONTROLLERS: [&str; 14] = [
+    "blkio",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "freezer",
+    "hugetlb",
+    "memory",
+    "misc",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+    "pids",
+    "rdma",
+];
+
+/// A cgroup operation that failed; names the file or directory concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// A cgroup file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A value could not be written into a cgroup file.
+    #[error("cannot write {value:?} to {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What was written.
+        value: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A cgroup directory could not be created.
+    #[error("cannot create cgroup directory {}: {source}", path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A cgroup directory could not be removed (other than for processes in it).
+    #[error("cannot remove cgroup directory {}: {source}", path.display())]
+    Remove {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A cgroup still has processes (or child cgroups) in it.
+    #[error("cgroup {} is in use: it still holds processes or child cgroups", path.display())]
+    Busy {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// No cgroup hierarchy is mounted.
+    #[error("no cgroup hierarchy is mounted (no cgroup or cgroup2 entry in mountinfo)")]
+    NoHierarchy,
+    /// A line of mountinfo could not be parsed.
+    #[error("malformed mountinfo line {line}: {reason}")]
+    Mountinfo {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A controller vmlet needs is not available.
+    #[error("cgroup controller {controller:?} is not available: {detail}")]
+    MissingController {
+        /// The controller.
+        controller: &'static str,
+        /// Where it was looked for.
+        detail: String,
+    },
+    /// The root name given for vmlet's cgroups is not acceptable.
+    #[error("invalid cgroup root {root:?}: {reason}")]
+    InvalidRoot {
+        /// The name given.
+        root: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A limit is out of its range.
+    #[error("invalid cgroup limit {field}: {reason}")]
+    InvalidLimit {
+        /// The field of [`Limits`].
+        field: &'static str,
+        /// The accepted range.
+        reason: String,
+    },
+}
+
+impl CgroupError {
+    /// The kind of the underlying I/O error, if any (e.g. to tell a host
+    /// where cgroups are read-only or need privileges).
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            CgroupError::Read { source, .. }
+            | CgroupError::Write { source, .. }
+            | CgroupError::Create { source, .. }
+            | CgroupError::Remove { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+}
+
+/// One cgroup v1 mount: a hierarchy with one or more controllers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Mount {
+    /// Where it is mounted, e.g. `/sys/fs/cgroup/memory`.
+    pub dir: PathBuf,
+    /// The cgroup the mount shows, as `/proc/PID/cgroup` names it (`/`
+    /// unless only a subtree is mounted, as in some containers).
+    pub root: String,
+    /// Its controllers, e.g. `["cpu", "cpuacct"]`.
+    pub controllers: Vec<String>,
+}
+
+/// Which cgroup hierarchy the host has; detected from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// Controllers on cgroup v1 mounts (one mount may hold several).
+    V1 {
+        /// The mounts holding at least one known controller, in mountinfo order.
+        mounts: Vec<V1Mount>,
+    },
+    /// The unified cgroup v2 hierarchy.
+    V2 {
+        /// Where it is mounted, e.g. `/sys/fs/cgroup`.
+        mount: PathBuf,
+        /// The cgroup the mount shows, as `/proc/PID/cgroup` names it.
+        root: String,
+    },
+}
+
+impl Hierarchy {
+    /// The hierarchy of this host, from `/proc/self/mountinfo`.
+    pub fn detect() -> Result<Hierarchy, CgroupError> {
+        let path = Path::new("/proc/self/mountinfo");
+        let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Hierarchy::from_mountinfo(&text)
+    }
+
+    /// The hierarchy described by the text of a mountinfo file: v1 when any
+    /// controller vmlet uses is on a cgroup v1 mount (a controller bound to
+    /// v1 is absent from v2), else the cgroup2 mount (the one at
+    /// `/sys/fs/cgroup` when there are several).
+    pub fn from_mountinfo(text: &str) -> Result<Hierarchy, CgroupError> {
+        let mut v1 = Vec::<V1Mount>::new();
+        let mut v2 = Vec::<(PathBuf, String)>::new();
+        for (index, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = |reason| CgroupError::Mountinfo {
+                line: index + 1,
+                reason,
+            };
+            // Optional fields sit between the mount options and " - ";
+            // spaces inside paths are escaped, so the separator is unique.
+            let (before, after) = line.split_once(" - ").ok_or(bad("no \" - \" separator"))?;
+            let before: Vec<&str> = before.split(' ').collect();
+            let after: Vec<&str> = after.split(' ').collect();
+            if before.len() < 6 {
+                return Err(bad("fewer than 6 fields before the separator"));
+            }
+            if after.len() < 3 {
+                return Err(bad("fewer than 3 fields after the separator"));
+            }
+            let root = unescape(before[3]);
+            let dir = PathBuf::from(unescape(before[4]));
+            if !dir.is_absolute() || !root.starts_with('/') {
+                return Err(bad("mount point or root is not absolute"));
+            }
+            match after[0] {
+                "cgroup" => {
+                    let mut controllers: Vec<String> = after[2]
+                        .split(',')
+                        .filter(|o| KNOWN_V1_CONTROLLERS.contains(o))
+                        .map(str::to_owned)
+                        .collect();
+                    // A bind mount of a hierarchy already seen adds nothing.
+                    controllers.retain(|c| !v1.iter().any(|m| m.controllers.contains(c)));
+                    if !controllers.is_empty() {
+                        v1.push(V1Mount {
+                            dir,
+                            root,
+                            controllers,
+                        });
+                    }
+                }
+                "cgroup2" => v2.push((dir, root)),
+                _ => {}
+            }
+        }
+        let uses_v1 = v1
+            .iter()
+            .any(|m| m.controllers.iter().any(|c| V1_CONTROLLERS.contains(&&**c)));
+        if uses_v1 {
+            return Ok(Hierarchy::V1 { mounts: v1 });
+        }
+        let preferred = v2
+            .iter()
+            .position(|(dir, _)| dir == Path::new("/sys/fs/cgroup"))
+            .unwrap_or(0);
+        match v2.into_iter().nth(preferred) {
+            Some((mount, root)) => Ok(Hierarchy::V2 { mount, root }),
+            None => Err(CgroupError::NoHierarchy),
+        }
+    }
+
+    /// A cgroup v2 hierarchy mounted at `dir` showing its root cgroup: for
+    /// tests on a fake layout of plain files, and hosts with a known mount.
+    pub fn v2_at(dir: impl Into<PathBuf>) -> Hierarchy {
+        Hierarchy::V2 {
+            mount: dir.into(),
+            root: "/".to_owned(),
+        }
+    }
+}
+
+/// Decodes the octal escapes (`\040` for a space, …) of mountinfo paths.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let digits = &bytes[i + 1..i + 4];
+            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
+                let value = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                if let Ok(byte) = u8::try_from(value) {
+                    out.push(byte);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Limits for one VM's cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Relative CPU weight, 1..=10000 with v2 semantics (100 is the
+    /// default). v1: `cpu.shares` = weight × 1024 / 100 (at least 2).
+    pub cpu_weight: u32,
+    /// CPU time as a percentage of one core (10 = a tenth of a core, 250 =
+    /// two and a half cores), 1..=100000, over a 100 ms period; `None` = no
+    /// quota.
+    pub cpu_quota_percent: Option<u32>,
+    /// Memory (and swap, where accounted) limit in bytes, at least 1 MiB.
+    pub memory_max_bytes: u64,
+    /// Maximum number of tasks (processes and threads), 1..=4194304.
+    pub pids_max: u64,
+    /// Relative I/O weight, 1..=10000 with v2 semantics (100 is the
+    /// default), applied where the host's I/O scheduler offers weights;
+    /// `None` = the default weight, without a report when unsupported.
+    pub io_weight: Option<u32>,
+}
+
+impl Limits {
+    /// Checks every field's range; the error names the field.
+    pub fn validate(&self) -> Result<(), CgroupError> {
+        fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), CgroupError> {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(CgroupError::InvalidLimit {
+                    field,
+                    reason: format!("{value} is outside {min}..={max}"),
+                })
+            }
+        }
+        range("cpu_weight", self.cpu_weight.into(), 1, 10_000)?;
+        if let Some(percent) = self.cpu_quota_percent {
+            range("cpu_quota_percent", percent.into(), 1, 100_000)?;
+        }
+        // At most i64::MAX: v1 reads these files as signed 64-bit numbers.
+        range(
+            "memory_max_bytes",
+            self.memory_max_bytes,
+            1 << 20,
+            i64::MAX as u64,
+        )?;
+        // The kernel refuses pids.max at or above PID_MAX_LIMIT + 1.
+        range("pids_max", self.pids_max, 1, 4_194_304)?;
+        if let Some(weight) = self.io_weight {
+            range("io_weight", weight.into(), 1, 10_000)?;
+        }
+        Ok(())
+    }
+
+    /// v1 `cpu.shares` for [`Limits::cpu_weight`]: 100 (the v2 default) is
+    /// 1024 (the v1 default); the kernel's minimum is 2.
+    pub fn cpu_shares(&self) -> u64 {
+        (u64::from(self.cpu_weight) * 1024 / 100).max(2)
+    }
+
+    /// The CFS quota in microseconds per [`CPU_PERIOD_US`], `None` for no quota.
+    pub fn cpu_quota_us(&self) -> Option<u64> {
+        self.cpu_quota_percent
+            .map(|percent| u64::from(percent) * CPU_PERIOD_US / 100)
+    }
+
+    /// The v2 `cpu.max` line: `QUOTA PERIOD` or `max PERIOD`.
+    pub fn cpu_max(&self) -> String {
+        match self.cpu_quota_us() {
+            Some(quota) => format!("{quota} {CPU_PERIOD_US}"),
+            None => format!("max {CPU_PERIOD_US}"),
+        }
+    }
+
+    /// The I/O weight in effect: the asked one or the default, 100.
+    fn io_weight_or_default(&self) -> u32 {
+        self.io_weight.unwrap_or(100)
+    }
+}
+
+/// A BFQ weight (1..=1000, default 100) for a v2 I/O weight (1..=10000,
+/// default 100): the default maps to the default, each side of it linearly.
+pub fn bfq_weight(io_weight: u32) -> u64 {
+    let w = u64::from(io_weight.clamp(1, 10_000));
+    if w <= 100 {
+        w
+    } else {
+        100 + (w - 100) * 900 / 9_900
+    }
+}
+
+/// A v1 `blkio.weight` (10..=1000, default 500) for a v2 I/O weight
+/// (1..=10000, default 100): scaled by 5, clamped to the v1 range.
+pub fn blkio_weight(io_weight: u32) -> u64 {
+    (u64::from(io_weight) * 5).clamp(10, 1000)
+}
+
+/// A limit [`Cgroups::create`] could not apply because the host lacks the
+/// file for it; the cgroup works without it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unapplied {
+    /// No I/O weight file (`io.weight`, `io.bfq.weight`, `blkio.weight`,
+    /// `blkio.bfq.weight`) or no blkio controller: the asked weight is not set.
+    IoWeight {
+        /// Where the files were looked for.
+        detail: String,
+    },
+    /// No swap accounting (`memory.swap.max` / `memory.memsw.limit_in_bytes`):
+    /// the memory limit bounds memory only, not memory plus swap.
+    Swap {
+        /// Where the file was looked for.
+        detail: String,
+    },
+}
+
+impl fmt::Display for Unapplied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unapplied::IoWeight { detail } => write!(f, "io_weight not applied: {detail}"),
+            Unapplied::Swap { detail } => write!(f, "swap not limited: {detail}"),
+        }
+    }
+}
+
+/// The set of cgroups vmlet manages: `ROOT/UUID` in the hierarchy (in every
+/// controller vmlet uses on v1).
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    hierarchy: Hierarchy,
+    /// The validated components of ROOT.
+    root: Vec<String>,
+}
+
+/// One directory of a VM's cgroup: a v1 hierarchy or the v2 one.
+#[derive(Debug, Clone)]
+struct Member {
+    /// The mount of the hierarchy.
+    mount: PathBuf,
+    /// The directory, e.g. `/sys/fs/cgroup/memory/vmlet/UUID`.
+    dir: PathBuf,
+    /// v1: the controllers of this hierarchy vmlet uses; v2: empty.
+    controllers: Vec<String>,
+    /// The cgroup as `/proc/PID/cgroup` names it.
+    cgroup_path: String,
+}
+
+impl Cgroups {
+    /// vmlet's cgroups in `hierarchy` below `root`, a relative path of
+    /// plain components (letters, digits, `-`, `_`, `.`; none starting with
+    /// `.`), e.g. `vmlet`. Fails when cpu, memory or pids is unavailable.
+    pub fn new(hierarchy: Hierarchy, root: &str) -> Result<Cgroups, CgroupError> {
+        let root = validate_root(root)?;
+        match &hierarchy {
+            Hierarchy::V1 { mounts } => {
+                for wanted in REQUIRED_CONTROLLERS {
+                    if !mounts
+                        .iter()
+                        .any(|m| m.controllers.iter().any(|c| c == wanted))
+                    {
+                        return Err(CgroupError::MissingController {
+                            controller: wanted,
+                            detail: "no cgroup v1 mount has it".to_owned(),
+                        });
+                    }
+                }
+            }
+            Hierarchy::V2 { mount, .. } => {
+                let available = v2::available_controllers(mount)?;
+                for wanted in REQUIRED_CONTROLLERS {
+                    if !available.contains(wanted) {
+                        return Err(CgroupError::MissingController {
+                            controller: wanted,
+                            detail: format!(
+                                "not listed in {}",
+                                mount.join("cgroup.controllers").display()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Cgroups { hierarchy, root })
+    }
+
+    /// The hierarchy these cgroups live in.
+    pub fn hierarchy(&self) -> &Hierarchy {
+        &self.hierarchy
+    }
+
+    /// The ROOT directory in each hierarchy used (one on v2).
+    pub fn root_dirs(&self) -> Vec<PathBuf> {
+        self.bases()
+            .into_iter()
+            .map(|(base, _, _)| self.root.iter().fold(base, |dir, c| dir.join(c)))
+            .collect()
+    }
+
+    /// Each hierarchy used: its mount dir, its root as /proc names it, and
+    /// the controllers of it vmlet uses.
+    fn bases(&self) -> Vec<(PathBuf, String, Vec<String>)> {
+        match &self.hierarchy {
+            Hierarchy::V1 { mounts } => mounts
+                .iter()
+                .filter_map(|m| {
+                    let used: Vec<String> = m
+                        .controllers
+                        .iter()
+                        .filter(|c| V1_CONTROLLERS.contains(&c.as_str()))
+                        .cloned()
+                        .collect();
+                    (!used.is_empty()).then(|| (m.dir.clone(), m.root.clone(), used))
+                })
+                .collect(),
+            Hierarchy::V2 { mount, root } => vec![(mount.clone(), root.clone(), Vec::new())],
+        }
+    }
+
+    /// The directories of VM `uuid`'s cgroup.
+    fn members(&self, uuid: Uuid) -> Vec<Member> {
+        let name = uuid.hyphenated().to_string();
+        self.bases()
+            .into_iter()
+            .map(|(base, mount_root, controllers)| {
+                let mut dir = base.clone();
+                let mut cgroup_path = mount_root.trim_end_matches('/').to_owned();
+                for component in self.root.iter().chain(std::iter::once(&name)) {
+                    dir.push(component);
+                    cgroup_path.push('/');
+                    cgroup_path.push_str(component);
+                }
+                Member {
+                    mount: base,
+                    dir,
+                    controllers,
+                    cgroup_path,
+                }
+            })
+            .collect()
+    }
+
+    /// Creates (or reuses, if it exists and holds no process) the cgroup of
+    /// VM `uuid` with `limits`. v1: in every controller used (cpuset gets
+    /// `cpuset.cpus`/`cpuset.mems` from its parent at each level, as no task
+    /// can join a cpuset without them); v2: the controllers are enabled in
+    /// `cgroup.subtree_control` from the mount down to ROOT. On failure a
+    /// VM directory this call made is removed again.
+    pub fn create(&self, uuid: Uuid, limits: &Limits) -> Result<VmCgroup, CgroupError> {
+        limits.validate()?;
+        let members = self.members(uuid);
+        let mut made = Vec::new();
+        let result = match &self.hierarchy {
+            Hierarchy::V1 { .. } => v1::create(&members, &self.root, limits, &mut made),
+            Hierarchy::V2 { .. } => v2::create(&members[0], &self.root, limits, &mut made),
+        };
+        match result {
+            Ok(unapplied) => Ok(self.vm_cgroup(members, unapplied)),
+            Err(error) => {
+                // Best effort: the error at hand is the one worth reporting.
+                for dir in made {
+                    let _ = fs::remove_dir(dir);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn vm_cgroup(&self, members: Vec<Member>, unapplied: Vec<Unapplied>) -> VmCgroup {
+        VmCgroup {
+            v2: matches!(self.hierarchy, Hierarchy::V2 { .. }),
+            dirs: members.iter().map(|m| m.dir.clone()).collect(),
+            members,
+            unapplied,
+        }
+    }
+
+    /// The existing cgroup of `uuid` (after a daemon restart), without
+    /// changing it; `None` unless its directory exists in every hierarchy.
+    pub fn open(&self, uuid: Uuid) -> Option<VmCgroup> {
+        let members = self.members(uuid);
+        members
+            .iter()
+            .all(|m| m.dir.is_dir())
+            .then(|| self.vm_cgroup(members, Vec::new()))
+    }
+
+    /// Removes the cgroup of `uuid` in every hierarchy. A directory already
+    /// gone is fine; one still holding a process is [`CgroupError::Busy`].
+    /// Every directory is tried; the first error is returned.
+    pub fn remove(&self, uuid: Uuid) -> Result<(), CgroupError> {
+        let mut first = None;
+        for member in self.members(uuid) {
+            if let Err(error) = remove_dir(&member.dir) {
+                first.get_or_insert(error);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Removes one cgroup directory: missing is fine, EBUSY (processes or
+/// children) is [`CgroupError::Busy`].
+fn remove_dir(dir: &Path) -> Result<(), CgroupError> {
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(CgroupError::Busy {
+            path: dir.to_path_buf(),
+        }),
+        Err(source) => Err(CgroupError::Remove {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Checks ROOT and splits it into components.
+fn validate_root(root: &str) -> Result<Vec<String>, CgroupError> {
+    let refuse = |reason| CgroupError::InvalidRoot {
+        root: root.to_owned(),
+        reason,
+    };
+    if root.is_empty() {
+        return Err(refuse("it is empty"));
+    }
+    if root.len() > 1024 {
+        return Err(refuse("it is longer than 1024 bytes"));
+    }
+    if root.starts_with('/') {
+        return Err(refuse("it must be relative (no leading \"/\")"));
+    }
+    root.split('/')
+        .map(|component| {
+            if component.is_empty() {
+                Err(refuse(
+                    "it has an empty component (\"//\" or a trailing \"/\")",
+                ))
+            } else if component.starts_with('.') {
+                Err(refuse(
+                    "a component starts with \".\" (\".\", \"..\" and hidden names are refused)",
+                ))
+            } else if component.len() > 255 {
+                Err(refuse("a component is longer than 255 bytes"))
+            } else if !component
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                Err(refuse(
+                    "a component has a character other than letters, digits, \"-\", \"_\", \".\"",
+                ))
+            } else {
+                Ok(component.to_owned())
+            }
+        })
+        .collect()
+}
+
+/// The cgroup of one VM: a directory per v1 hierarchy, or one on v2.
+#[derive(Debug, Clone)]
+pub struct VmCgroup {
+    v2: bool,
+    members: Vec<Member>,
+    dirs: Vec<PathBuf>,
+    unapplied: Vec<Unapplied>,
+}
+
+/// Statistics of a VM's cgroup; a field is `None` when the host does not
+/// offer it (no such controller or file), or (memory max) when unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    /// CPU time used, in nanoseconds.
+    pub cpu_usage_ns: Option<u64>,
+    /// CFS periods elapsed while a quota was set.
+    pub cpu_periods: Option<u64>,
+    /// Periods in which the cgroup was throttled.
+    pub cpu_throttled_periods: Option<u64>,
+    /// Time spent throttled, in nanoseconds.
+    pub cpu_throttled_ns: Option<u64>,
+    /// Memory in use, in bytes.
+    pub memory_current_bytes: Option<u64>,
+    /// Memory limit, in bytes.
+    pub memory_max_bytes: Option<u64>,
+    /// Number of tasks.
+    pub pids_current: Option<u64>,
+}
+
+impl VmCgroup {
+    /// The `cgroup.procs` file of each of this VM's cgroup directories,
+    /// opened write-only and close-on-exec, for a child process to join
+    /// with [`ProcsFiles::join_in_child`] between `fork` and `exec`.
+    pub fn open_procs(&self) -> Result<ProcsFiles, CgroupError> {
+        let fds = self
+            .dirs
+            .iter()
+            .map(|dir| {
+                let path = dir.join("cgroup.procs");
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(&path)
+                    .map(OwnedFd::from)
+                    .map_err(|source| CgroupError::Write {
+                        path,
+                        value: "0".to_owned(),
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ProcsFiles { fds })
+    }
+
+    /// The cgroup's directories, for display and tests.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Limits [`Cgroups::create`] could not apply on this host (empty for
+    /// a cgroup from [`Cgroups::open`]); the caller reports them.
+    pub fn unapplied(&self) -> &[Unapplied] {
+        &self.unapplied
+    }
+
+    /// Statistics; files missing on this host leave their fields `None`.
+    pub fn stats(&self) -> CgroupStats {
+        if self.v2 {
+            v2::stats(&self.dirs[0])
+        } else {
+            v1::stats(|controller| {
+                self.members
+                    .iter()
+                    .find(|m| m.controllers.iter().any(|c| c == controller))
+                    .map(|m| m.dir.as_path())
+            })
+        }
+    }
+
+    /// True when process `pid` is in this cgroup in every hierarchy, per
+    /// `/proc/PID/cgroup`; false when the process does not exist.
+    pub fn contains(&self, pid: i32) -> bool {
+        match fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+            Ok(text) => self.listed_in(&text),
+            Err(_) => false,
+        }
+    }
+
+    /// [`VmCgroup::contains`] on the text of a `/proc/PID/cgroup` file.
+    fn listed_in(&self, proc_cgroup: &str) -> bool {
+        // Lines are "ID:CONTROLLERS:PATH"; v2's is "0::PATH".
+        let lines: Vec<(&str, &str)> = proc_cgroup
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let _id = parts.next()?;
+                Some((parts.next()?, parts.next()?))
+            })
+            .collect();
+        self.members.iter().all(|member| {
+            lines.iter().any(|(controllers, path)| {
+                let hierarchy_matches = if self.v2 {
+                    controllers.is_empty()
+                } else {
+                    controllers
+                        .split(',')
+                        .any(|c| member.controllers.iter().any(|m| m == c))
+                };
+                hierarchy_matches && *path == member.cgroup_path
+            })
+        })
+    }
+}
+
+/// Open `cgroup.procs` files of a VM's cgroup, for a child to join it.
+#[derive(Debug)]
+pub struct ProcsFiles {
+    fds: Vec<OwnedFd>,
+}
+
+impl ProcsFiles {
+    /// Moves the calling process into the cgroup by writing `0` (meaning
+    /// "the writer") into each file. Async-signal-safe: only `write(2)`, no
+    /// allocation, so it may run in a `pre_exec` hook between `fork` and
+    /// `exec`. Stops at the first failing write.
+    pub fn join_in_child(&self) -> io::Result<()> {
+        for fd in &self.fds {
+            // SAFETY: a valid open fd and a 1-byte static buffer.
+            let written = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+            if written != 1 {
+                // From errno: no allocation.
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `value` into the existing cgroup file `path` (never creating it).
+fn write_value(path: &Path, value: &str) -> Result<(), CgroupError> {
+    use std::io::Write;
+    // O_TRUNC as a shell's `>` does: no effect on the cgroupfs, and a
+    // plain file (a fake layout) then holds exactly the value.
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut file| file.write_all(value.as_bytes()))
+        .map_err(|source| CgroupError::Write {
+            path: path.to_path_buf(),
+            value: value.to_owned(),
+            source,
+        })
+}
+
+/// Reads a cgroup file.
+fn read_value(path: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Makes directory `dir` unless it exists; true when it was made.
+fn make_dir(dir: &Path) -> Result<bool, CgroupError> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
+        Err(source) => Err(CgroupError::Create {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Fails with [`CgroupError::Busy`] when an existing cgroup holds a process.
+fn ensure_empty(dir: &Path) -> Result<(), CgroupError> {
+    if read_value(&dir.join("cgroup.procs"))?.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(CgroupError::Busy {
+            path: dir.to_path_buf(),
+        })
+    }
+}
+
+/// A number from a one-number file; `None` when missing or not a number.
+fn read_number(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat-keyed file such as `cpu.stat`.
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Space-separated words of a file such as `cgroup.controllers`.
+fn words(text: &str) -> BTreeSet<String> {
+    text.split_whitespace().map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests;

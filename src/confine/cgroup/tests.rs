@@ -1,0 +1,723 @@
+//! Pure logic (mountinfo, limit values, paths) and both versions' file
+//! handling against fake layouts: plain directories and files standing in
+//! for the cgroupfs, pre-filled with the files the kernel would create.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use super::*;
+
+/// This machine's layout: v1 controllers on separate mounts, a named
+/// systemd hierarchy and an empty cgroup2 mount ("hybrid").
+const HYBRID: &str = "\
+22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+38 31 0:35 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+/// A systemd v1 host: cpu and cpuacct share one mount (with symlinks
+/// `cpu` and `cpuacct` that mountinfo does not show), optional fields.
+const COMBINED: &str = "\
+25 18 0:22 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+26 25 0:23 / /sys/fs/cgroup/systemd rw,nosuid shared:10 - cgroup cgroup rw,xattr,release_agent=/lib/systemd/systemd-cgroups-agent,name=systemd
+29 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:13 - cgroup cgroup rw,cpu,cpuacct
+30 25 0:27 / /sys/fs/cgroup/memory rw,nosuid shared:14 - cgroup cgroup rw,memory
+31 25 0:28 / /sys/fs/cgroup/pids rw,nosuid shared:15 - cgroup cgroup rw,pids
+32 25 0:29 / /sys/fs/cgroup/net_cls,net_prio rw,nosuid shared:16 - cgroup cgroup rw,net_cls,net_prio
+";
+
+/// A pure cgroup v2 host.
+const UNIFIED: &str = "\
+24 18 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+26 24 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+
+fn uuid() -> Uuid {
+    Uuid::parse_str("6f1c2b9e-3a5d-4e7f-8a9b-0c1d2e3f4a5b").unwrap()
+}
+
+fn limits() -> Limits {
+    Limits {
+        cpu_weight: 200,
+        cpu_quota_percent: Some(150),
+        memory_max_bytes: 512 << 20,
+        pids_max: 300,
+        io_weight: Some(50),
+    }
+}
+
+/// Fills `dir` (made if needed) with files and their contents.
+fn fake(dir: &Path, files: &[(&str, &str)]) {
+    fs::create_dir_all(dir).unwrap();
+    for (name, content) in files {
+        fs::write(dir.join(name), content).unwrap();
+    }
+}
+
+fn read(path: impl AsRef<Path>) -> String {
+    fs::read_to_string(path.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", path.as_ref().display()))
+}
+
+fn v1_mounts(h: &Hierarchy) -> Vec<(String, Vec<&str>)> {
+    match h {
+        Hierarchy::V1 { mounts } => mounts
+            .iter()
+            .map(|m| {
+                (
+                    m.dir.display().to_string(),
+                    m.controllers.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect(),
+        other => panic!("expected v1, got {other:?}"),
+    }
+}
+
+#[test]
+fn hybrid_with_an_empty_unified_mount_is_v1_with_separate_mounts() {
+    let h = Hierarchy::from_mountinfo(HYBRID).unwrap();
+    assert_eq!(
+        v1_mounts(&h),
+        [
+            ("/sys/fs/cgroup/cpu", vec!["cpu"]),
+            ("/sys/fs/cgroup/cpuacct", vec!["cpuacct"]),
+            ("/sys/fs/cgroup/cpuset", vec!["cpuset"]),
+            ("/sys/fs/cgroup/memory", vec!["memory"]),
+            ("/sys/fs/cgroup/devices", vec!["devices"]),
+            ("/sys/fs/cgroup/freezer", vec!["freezer"]),
+            ("/sys/fs/cgroup/blkio", vec!["blkio"]),
+            ("/sys/fs/cgroup/pids", vec!["pids"]),
+        ]
+        .map(|(d, c)| (d.to_owned(), c))
+    );
+    // Devices and freezer are mounted but not used for VMs.
+    let cgroups = Cgroups::new(h, "vmlet").unwrap();
+    let dirs: Vec<PathBuf> = cgroups.members(uuid()).into_iter().map(|m| m.dir).collect();
+    let expected: Vec<PathBuf> = ["cpu", "cpuacct", "cpuset", "memory", "blkio", "pids"]
+        .iter()
+        .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}/vmlet/{}", uuid())))
+        .collect();
+    assert_eq!(dirs, expected);
+}
+
+#[test]
+fn combined_cpu_cpuacct_mount_is_one_directory() {
+    let h = Hierarchy::from_mountinfo(COMBINED).unwrap();
+    assert_eq!(
+        v1_mounts(&h),
+        [
+            ("/sys/fs/cgroup/cpu,cpuacct", vec!["cpu", "cpuacct"]),
+            ("/sys/fs/cgroup/memory", vec!["memory"]),
+            ("/sys/fs/cgroup/pids", vec!["pids"]),
+            (
+                "/sys/fs/cgroup/net_cls,net_prio",
+                vec!["net_cls", "net_prio"]
+            ),
+        ]
+        .map(|(d, c)| (d.to_owned(), c))
+    );
+    let cgroups = Cgroups::new(h, "vmlet").unwrap();
+    let members = cgroups.members(uuid());
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert_eq!(members[0].controllers, ["cpu", "cpuacct"]);
+    assert_eq!(
+        members[0].dir,
+        PathBuf::from(format!("/sys/fs/cgroup/cpu,cpuacct/vmlet/{}", uuid()))
+    );
+    assert_eq!(
+        cgroups.root_dirs(),
+        ["cpu,cpuacct", "memory", "pids"]
+            .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}/vmlet")))
+    );
+}
+
+#[test]
+fn pure_v2_host_is_v2() {
+    assert_eq!(
+        Hierarchy::from_mountinfo(UNIFIED).unwrap(),
+        Hierarchy::V2 {
+            mount: PathBuf::from("/sys/fs/cgroup"),
+            root: "/".to_owned()
+        }
+    );
+}
+
+#[test]
+fn v2_mount_at_sys_fs_cgroup_is_preferred() {
+    let text = "\
+50 24 0:40 / /run/other rw - cgroup2 cgroup2 rw
+26 24 0:23 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+";
+    match Hierarchy::from_mountinfo(text).unwrap() {
+        Hierarchy::V2 { mount, .. } => assert_eq!(mount, Path::new("/sys/fs/cgroup")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn only_unused_v1_controllers_mean_v2() {
+    // net_cls on v1 (some network tools mount it) does not make a v2 host v1.
+    let text =
+        format!("{UNIFIED}60 26 0:50 / /sys/fs/cgroup/net_cls rw - cgroup cgroup rw,net_cls\n");
+    assert!(matches!(
+        Hierarchy::from_mountinfo(&text).unwrap(),
+        Hierarchy::V2 { .. }
+    ));
+}
+
+#[test]
+fn no_cgroup_mount_is_an_error() {
+    let text = "22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw\n";
+    assert!(matches!(
+        Hierarchy::from_mountinfo(text),
+        Err(CgroupError::NoHierarchy)
+    ));
+    assert!(matches!(
+        Hierarchy::from_mountinfo(""),
+        Err(CgroupError::NoHierarchy)
+    ));
+}
+
+#[test]
+fn malformed_mountinfo_names_the_line() {
+    for (text, line) in [
+        ("22 1 0:21 / /sys rw sysfs sysfs rw\n", 1),
+        (
+            &format!("{UNIFIED}1 2 3 / - cgroup cgroup rw,cpu\n") as &str,
+            3,
+        ),
+        ("22 1 0:21 / /sys rw - sysfs\n", 1),
+        ("22 1 0:21 / relative rw - cgroup cgroup rw,cpu\n", 1),
+    ] {
+        match Hierarchy::from_mountinfo(text) {
+            Err(CgroupError::Mountinfo { line: got, .. }) => assert_eq!(got, line, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn escaped_mount_points_and_subtree_roots() {
+    let text = "\
+32 31 0:29 /docker/abc /sys/fs/my\\040cgroups/cpu rw - cgroup cgroup rw,cpu
+35 31 0:32 /docker/abc /sys/fs/my\\040cgroups/memory rw - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/my\\040cgroups/pids rw - cgroup cgroup rw,pids
+";
+    let h = Hierarchy::from_mountinfo(text).unwrap();
+    let cgroups = Cgroups::new(h, "vmlet").unwrap();
+    let members = cgroups.members(uuid());
+    assert_eq!(
+        members[0].dir,
+        PathBuf::from(format!("/sys/fs/my cgroups/cpu/vmlet/{}", uuid()))
+    );
+    assert_eq!(
+        members[0].cgroup_path,
+        format!("/docker/abc/vmlet/{}", uuid())
+    );
+    assert_eq!(members[2].cgroup_path, format!("/vmlet/{}", uuid()));
+    assert_eq!(unescape("a\\134b\\011c\\9"), "a\\b\tc\\9");
+}
+
+#[test]
+fn bind_mounts_of_a_hierarchy_count_once() {
+    let text = format!("{HYBRID}70 31 0:32 / /mnt/memory rw - cgroup cgroup rw,memory\n");
+    let h = Hierarchy::from_mountinfo(&text).unwrap();
+    let mounts = v1_mounts(&h);
+    assert_eq!(
+        mounts.iter().filter(|(_, c)| c.contains(&"memory")).count(),
+        1
+    );
+}
+
+#[test]
+fn v1_without_a_required_controller_is_refused() {
+    let text = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+                35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+    let h = Hierarchy::from_mountinfo(text).unwrap();
+    match Cgroups::new(h, "vmlet") {
+        Err(CgroupError::MissingController { controller, .. }) => assert_eq!(controller, "pids"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn cpu_values() {
+    let mut l = limits();
+    for (weight, shares) in [
+        (100, 1024),
+        (1, 10),
+        (50, 512),
+        (200, 2048),
+        (10_000, 102_400),
+    ] {
+        l.cpu_weight = weight;
+        assert_eq!(l.cpu_shares(), shares, "weight {weight}");
+    }
+    for (percent, quota, max) in [
+        (Some(10), Some(10_000), "10000 100000"),
+        (Some(250), Some(250_000), "250000 100000"),
+        (Some(1), Some(1_000), "1000 100000"),
+        (None, None, "max 100000"),
+    ] {
+        l.cpu_quota_percent = percent;
+        assert_eq!(l.cpu_quota_us(), quota);
+        assert_eq!(l.cpu_max(), max);
+    }
+}
+
+#[test]
+fn io_weight_values() {
+    for (weight, bfq) in [(1, 1), (50, 50), (100, 100), (5_050, 550), (10_000, 1_000)] {
+        assert_eq!(bfq_weight(weight), bfq, "weight {weight}");
+    }
+    for (weight, blkio) in [
+        (1, 10),
+        (2, 10),
+        (50, 250),
+        (100, 500),
+        (200, 1_000),
+        (10_000, 1_000),
+    ] {
+        assert_eq!(blkio_weight(weight), blkio, "weight {weight}");
+    }
+}
+
+#[test]
+fn limits_out_of_range_name_the_field() {
+    let cases: [(&str, fn(&mut Limits)); 10] = [
+        ("cpu_weight", |l| l.cpu_weight = 0),
+        ("cpu_weight", |l| l.cpu_weight = 10_001),
+        ("cpu_quota_percent", |l| l.cpu_quota_percent = Some(0)),
+        ("cpu_quota_percent", |l| l.cpu_quota_percent = Some(100_001)),
+        ("memory_max_bytes", |l| l.memory_max_bytes = (1 << 20) - 1),
+        ("memory_max_bytes", |l| l.memory_max_bytes = u64::MAX),
+        ("pids_max", |l| l.pids_max = 0),
+        ("pids_max", |l| l.pids_max = 4_194_305),
+        ("io_weight", |l| l.io_weight = Some(0)),
+        ("io_weight", |l| l.io_weight = Some(10_001)),
+    ];
+    for (name, change) in cases {
+        let mut l = limits();
+        change(&mut l);
+        match l.validate() {
+            Err(e @ CgroupError::InvalidLimit { field, .. }) => {
+                assert_eq!(field, name);
+                assert!(e.to_string().contains(name), "{e}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let mut edge = limits();
+    edge.cpu_weight = 10_000;
+    edge.cpu_quota_percent = Some(100_000);
+    edge.memory_max_bytes = 1 << 20;
+    edge.pids_max = 4_194_304;
+    edge.io_weight = Some(1);
+    edge.validate().unwrap();
+}
+
+#[test]
+fn root_must_be_plain_relative_components() {
+    for bad in [
+        "", "/vmlet", "vmlet/", "a//b", "..", "a/../b", ".", "./a", ".hidden", "a b", "a\nb",
+        "vm*", "ü",
+    ] {
+        match validate_root(bad) {
+            Err(e @ CgroupError::InvalidRoot { .. }) => {
+                assert!(e.to_string().contains("invalid cgroup root"), "{e}")
+            }
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    assert!(validate_root(&"a".repeat(256)).is_err());
+    assert_eq!(validate_root("vmlet").unwrap(), ["vmlet"]);
+    assert_eq!(
+        validate_root("vmlet.slice/node_1-a").unwrap(),
+        ["vmlet.slice", "node_1-a"]
+    );
+}
+
+/// The files the kernel shows in a v2 cgroup with cpu, io, memory and pids.
+const V2_VM_FILES: [(&str, &str); 8] = [
+    ("cgroup.procs", ""),
+    ("cgroup.controllers", "cpu io memory pids"),
+    ("cpu.weight", "100\n"),
+    ("cpu.max", "max 100000\n"),
+    ("memory.max", "max\n"),
+    ("memory.swap.max", "max\n"),
+    ("pids.max", "max\n"),
+    ("io.weight", "default 100\n"),
+];
+
+/// A fake v2 mount in a tempdir, with ROOT "vmlet/node" made.
+fn fake_v2(vm_files: &[(&str, &str)]) -> (tempfile::TempDir, Cgroups, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = tmp.path();
+    fake(
+        mount,
+        &[
+            (
+                "cgroup.controllers",
+                "cpuset cpu io memory hugetlb pids rdma misc\n",
+            ),
+            ("cgroup.subtree_control", "cpuset memory\n"),
+        ],
+    );
+    fake(
+        &mount.join("vmlet"),
+        &[("cgroup.subtree_control", ""), ("cgroup.procs", "")],
+    );
+    // Already enabled: must not be written again.
+    fake(
+        &mount.join("vmlet/node"),
+        &[
+            ("cgroup.subtree_control", "cpu io memory pids\n"),
+            ("cgroup.procs", ""),
+        ],
+    );
+    let vm = mount.join(format!("vmlet/node/{}", uuid()));
+    if !vm_files.is_empty() {
+        fake(&vm, vm_files);
+    }
+    let cgroups = Cgroups::new(Hierarchy::v2_at(mount), "vmlet/node").unwrap();
+    (tmp, cgroups, vm)
+}
+
+#[test]
+fn v2_create_enables_controllers_and_writes_limits() {
+    let (tmp, cgroups, vm) = fake_v2(&V2_VM_FILES);
+    let cg = cgroups.create(uuid(), &limits()).unwrap();
+    assert_eq!(cg.dirs(), [vm.clone()]);
+    assert_eq!(cg.unapplied(), []);
+    let mount = tmp.path();
+    // Only the missing controllers, in one write.
+    assert_eq!(read(mount.join("cgroup.subtree_control")), "+cpu +io +pids");
+    assert_eq!(
+        read(mount.join("vmlet/cgroup.subtree_control")),
+        "+cpu +io +memory +pids"
+    );
+    assert_eq!(
+        read(mount.join("vmlet/node/cgroup.subtree_control")),
+        "cpu io memory pids\n"
+    );
+    assert_eq!(read(vm.join("cpu.weight")), "200");
+    assert_eq!(read(vm.join("cpu.max")), "150000 100000");
+    assert_eq!(read(vm.join("memory.max")), (512u64 << 20).to_string());
+    assert_eq!(read(vm.join("memory.swap.max")), "0");
+    assert_eq!(read(vm.join("pids.max")), "300");
+    assert_eq!(read(vm.join("io.weight")), "default 50");
+
+    let opened = cgroups.open(uuid()).expect("open after create");
+    assert_eq!(opened.dirs(), cg.dirs());
+    assert_eq!(cgroups.root_dirs(), [mount.join("vmlet/node")]);
+}
+
+#[test]
+fn v2_without_io_weight_uses_bfq_or_reports_it() {
+    let without = |names: &[&str]| -> Vec<(&'static str, &'static str)> {
+        V2_VM_FILES
+            .iter()
+            .copied()
+            .filter(|(n, _)| !names.contains(n))
+            .collect()
+    };
+    let mut bfq = without(&["io.weight"]);
+    bfq.push(("io.bfq.weight", "default 100\n"));
+    let (_tmp, cgroups, vm) = fake_v2(&bfq);
+    let mut l = limits();
+    l.io_weight = Some(5_050);
+    cgroups.create(uuid(), &l).unwrap();
+    assert_eq!(read(vm.join("io.bfq.weight")), "550");
+
+    let (_tmp, cgroups, _vm) = fake_v2(&without(&["io.weight", "memory.swap.max"]));
+    let cg = cgroups.create(uuid(), &limits()).unwrap();
+    let reported: Vec<String> = cg.unapplied().iter().map(ToString::to_string).collect();
+    assert_eq!(reported.len(), 2, "{reported:?}");
+    assert!(reported[0].starts_with("swap not limited: no memory.swap.max in"));
+    assert!(reported[1].starts_with("io_weight not applied: neither io.weight nor io.bfq.weight"));
+
+    // No weight asked: nothing to report about I/O.
+    let (_tmp, cgroups, _vm) = fake_v2(&without(&["io.weight"]));
+    l.io_weight = None;
+    assert_eq!(cgroups.create(uuid(), &l).unwrap().unapplied(), []);
+}
+
+#[test]
+fn v2_busy_cgroup_is_not_reused() {
+    let mut files = V2_VM_FILES.to_vec();
+    files[0] = ("cgroup.procs", "4242\n");
+    let (_tmp, cgroups, vm) = fake_v2(&files);
+    match cgroups.create(uuid(), &limits()) {
+        Err(CgroupError::Busy { path }) => assert_eq!(path, vm),
+        other => panic!("{other:?}"),
+    }
+    // Not made by this call: left alone.
+    assert_eq!(read(vm.join("cpu.weight")), "100\n");
+}
+
+#[test]
+fn v2_failed_create_names_the_file_and_undoes_the_directory() {
+    // No VM files: the directory is made, but the kernel files a real
+    // cgroupfs would add are missing, as when a controller is not enabled.
+    let (_tmp, cgroups, vm) = fake_v2(&[]);
+    match cgroups.create(uuid(), &limits()) {
+        Err(e @ CgroupError::Write { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains(&*vm.join("cpu.weight").to_string_lossy()),
+                "{e}"
+            );
+            assert_eq!(e.io_kind(), Some(std::io::ErrorKind::NotFound));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !vm.exists(),
+        "the directory made by create is removed again"
+    );
+    assert!(cgroups.open(uuid()).is_none());
+}
+
+#[test]
+fn v2_missing_controllers() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake(tmp.path(), &[("cgroup.controllers", "cpu io pids\n")]);
+    match Cgroups::new(Hierarchy::v2_at(tmp.path()), "vmlet") {
+        Err(e @ CgroupError::MissingController { .. }) => {
+            assert!(e.to_string().contains("\"memory\""), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // No cgroup.controllers at all: not a cgroup2 mount.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        Cgroups::new(Hierarchy::v2_at(empty.path()), "vmlet"),
+        Err(CgroupError::Read { .. })
+    ));
+}
+
+#[test]
+fn remove_takes_only_the_vm_directory_and_missing_is_fine() {
+    let (tmp, cgroups, vm) = fake_v2(&[]);
+    fs::create_dir(&vm).unwrap();
+    let other = tmp.path().join("vmlet/node/other-daemon-vm");
+    fs::create_dir(&other).unwrap();
+    assert!(cgroups.open(uuid()).is_some());
+    cgroups.remove(uuid()).unwrap();
+    assert!(!vm.exists());
+    assert!(other.exists() && tmp.path().join("vmlet/node").exists());
+    assert!(cgroups.open(uuid()).is_none());
+    cgroups.remove(uuid()).unwrap();
+}
+
+#[test]
+fn remove_error_names_the_directory() {
+    // A plain non-empty directory: ENOTEMPTY, which the cgroupfs never
+    // returns, but it stands for any unexpected failure.
+    let (_tmp, cgroups, vm) = fake_v2(&V2_VM_FILES);
+    match cgroups.remove(uuid()) {
+        Err(e @ CgroupError::Remove { .. }) => {
+            assert!(e.to_string().contains(&*vm.to_string_lossy()), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn v2_stats_from_files() {
+    let (_tmp, cgroups, vm) = fake_v2(&V2_VM_FILES);
+    let cg = cgroups.create(uuid(), &limits()).unwrap();
+    fake(
+        &vm,
+        &[
+            (
+                "cpu.stat",
+                "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 30\nnr_throttled 7\nthrottled_usec 20\n",
+            ),
+            ("memory.current", "8192\n"),
+            ("memory.max", "max\n"),
+        ],
+    );
+    assert_eq!(
+        cg.stats(),
+        CgroupStats {
+            cpu_usage_ns: Some(1_500_000),
+            cpu_periods: Some(30),
+            cpu_throttled_periods: Some(7),
+            cpu_throttled_ns: Some(20_000),
+            memory_current_bytes: Some(8192),
+            memory_max_bytes: None,
+            pids_current: None,
+        }
+    );
+}
+
+/// A fake v1 layout like this machine's, with cpu and cpuacct combined.
+fn fake_v1(tmp: &Path) -> Hierarchy {
+    let mount = |name: &str, controllers: &[&str]| V1Mount {
+        dir: tmp.join(name),
+        root: "/".to_owned(),
+        controllers: controllers.iter().map(|c| c.to_string()).collect(),
+    };
+    let mounts = vec![
+        mount("cpu,cpuacct", &["cpu", "cpuacct"]),
+        mount("cpuset", &["cpuset"]),
+        mount("memory", &["memory"]),
+        mount("pids", &["pids"]),
+        mount("blkio", &["blkio"]),
+        mount("freezer", &["freezer"]),
+    ];
+    let vm = format!("vmlet/{}", uuid());
+    let files: [(&str, &[(&str, &str)]); 5] = [
+        (
+            "cpu,cpuacct",
+            &[
+                ("cpu.shares", "1024\n"),
+                ("cpu.cfs_period_us", "100000\n"),
+                ("cpu.cfs_quota_us", "-1\n"),
+            ],
+        ),
+        ("cpuset", &[("cpuset.cpus", ""), ("cpuset.mems", "")]),
+        (
+            "memory",
+            &[
+                ("memory.limit_in_bytes", "9223372036854771712\n"),
+                ("memory.memsw.limit_in_bytes", "9223372036854771712\n"),
+            ],
+        ),
+        ("pids", &[("pids.max", "max\n")]),
+        ("blkio", &[]),
+    ];
+    for (name, vm_files) in files {
+        let base = tmp.join(name);
+        fake(&base, &[("cgroup.procs", "1\n")]);
+        fake(&base.join("vmlet"), &[("cgroup.procs", "")]);
+        fake(&base.join(&vm), &[("cgroup.procs", "")]);
+        fake(&base.join(&vm), vm_files);
+    }
+    fake(
+        &tmp.join("cpuset"),
+        &[("cpuset.cpus", "0-3\n"), ("cpuset.mems", "0\n")],
+    );
+    fake(
+        &tmp.join("cpuset/vmlet"),
+        &[("cpuset.cpus", "\n"), ("cpuset.mems", "\n")],
+    );
+    Hierarchy::V1 { mounts }
+}
+
+#[test]
+fn v1_create_writes_every_controller_and_inherits_cpusets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cgroups = Cgroups::new(fake_v1(tmp.path()), "vmlet").unwrap();
+    let cg = cgroups.create(uuid(), &limits()).unwrap();
+    let vm = |controller: &str| tmp.path().join(format!("{controller}/vmlet/{}", uuid()));
+    assert_eq!(
+        cg.dirs(),
+        ["cpu,cpuacct", "cpuset", "memory", "pids", "blkio"].map(vm),
+        "one directory per hierarchy used, freezer left out"
+    );
+    assert_eq!(read(vm("cpu,cpuacct").join("cpu.shares")), "2048");
+    assert_eq!(read(vm("cpu,cpuacct").join("cpu.cfs_period_us")), "100000");
+    assert_eq!(read(vm("cpu,cpuacct").join("cpu.cfs_quota_us")), "150000");
+    let limit = (512u64 << 20).to_string();
+    assert_eq!(read(vm("memory").join("memory.limit_in_bytes")), limit);
+    assert_eq!(
+        read(vm("memory").join("memory.memsw.limit_in_bytes")),
+        limit
+    );
+    assert_eq!(read(vm("pids").join("pids.max")), "300");
+    for level in ["cpuset/vmlet", &format!("cpuset/vmlet/{}", uuid())] {
+        assert_eq!(read(tmp.path().join(level).join("cpuset.cpus")), "0-3");
+        assert_eq!(read(tmp.path().join(level).join("cpuset.mems")), "0");
+    }
+    // The blkio hierarchy offers no weight file here (no CFQ, no BFQ).
+    assert_eq!(
+        cg.unapplied(),
+        [Unapplied::IoWeight {
+            detail: format!(
+                "neither blkio.weight nor blkio.bfq.weight in {}",
+                vm("blkio").display()
+            )
+        }]
+    );
+
+    // Reuse with no quota and a BFQ weight file appearing.
+    fake(&vm("blkio"), &[("blkio.bfq.weight", "100\n")]);
+    let mut l = limits();
+    l.cpu_quota_percent = None;
+    l.io_weight = Some(10_000);
+    let again = cgroups.create(uuid(), &l).unwrap();
+    assert_eq!(again.unapplied(), []);
+    assert_eq!(read(vm("cpu,cpuacct").join("cpu.cfs_quota_us")), "-1");
+    assert_eq!(read(vm("blkio").join("blkio.bfq.weight")), "1000");
+}
+
+#[test]
+fn v1_stats_and_membership() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cgroups = Cgroups::new(fake_v1(tmp.path()), "vmlet").unwrap();
+    let cg = cgroups.create(uuid(), &limits()).unwrap();
+    let vm = |controller: &str| tmp.path().join(format!("{controller}/vmlet/{}", uuid()));
+    fake(
+        &vm("cpu,cpuacct"),
+        &[
+            ("cpuacct.usage", "123456789\n"),
+            (
+                "cpu.stat",
+                "nr_periods 12\nnr_throttled 5\nthrottled_time 9000\nnr_bursts 0\n",
+            ),
+        ],
+    );
+    fake(&vm("memory"), &[("memory.usage_in_bytes", "4096\n")]);
+    fake(&vm("pids"), &[("pids.current", "3\n")]);
+    assert_eq!(
+        cg.stats(),
+        CgroupStats {
+            cpu_usage_ns: Some(123_456_789),
+            cpu_periods: Some(12),
+            cpu_throttled_periods: Some(5),
+            cpu_throttled_ns: Some(9000),
+            memory_current_bytes: Some(4096),
+            memory_max_bytes: Some(512 << 20),
+            pids_current: Some(3),
+        }
+    );
+    fake(
+        &vm("memory"),
+        &[("memory.limit_in_bytes", "9223372036854771712\n")],
+    );
+    assert_eq!(cg.stats().memory_max_bytes, None, "v1's unlimited");
+
+    let id = uuid();
+    let inside = format!(
+        "9:name=systemd:/\n8:pids:/vmlet/{id}\n7:blkio:/vmlet/{id}\n6:freezer:/\n\
+         4:memory:/vmlet/{id}\n3:cpuset:/vmlet/{id}\n2:cpu,cpuacct:/vmlet/{id}\n0::/\n"
+    );
+    assert!(cg.listed_in(&inside));
+    let partly = inside.replace(&format!("4:memory:/vmlet/{id}"), "4:memory:/");
+    assert!(!cg.listed_in(&partly));
+    assert!(!cg.listed_in(""));
+}
+
+#[test]
+fn v2_membership() {
+    let (_tmp, cgroups, _vm) = fake_v2(&V2_VM_FILES);
+    let cg = cgroups.create(uuid(), &limits()).unwrap();
+    let id = uuid();
+    assert!(cg.listed_in(&format!("0::/vmlet/node/{id}\n")));
+    assert!(!cg.listed_in(&format!("0::/vmlet/node/{id}/sub\n")));
+    assert!(!cg.listed_in("0::/\n"));
+    assert!(!cg.contains(-1));
+}
