@@ -295,7 +295,8 @@ fn io_weight_values() {
 
 #[test]
 fn limits_out_of_range_name_the_field() {
-    let cases: [(&str, fn(&mut Limits)); 10] = [
+    type Change = fn(&mut Limits);
+    let cases: [(&str, Change); 10] = [
         ("cpu_weight", |l| l.cpu_weight = 0),
         ("cpu_weight", |l| l.cpu_weight = 10_001),
         ("cpu_quota_percent", |l| l.cpu_quota_percent = Some(0)),
@@ -398,7 +399,7 @@ fn fake_v2(vm_files: &[(&str, &str)]) -> (tempfile::TempDir, Cgroups, PathBuf) {
 fn v2_create_enables_controllers_and_writes_limits() {
     let (tmp, cgroups, vm) = fake_v2(&V2_VM_FILES);
     let cg = cgroups.create(uuid(), &limits()).unwrap();
-    assert_eq!(cg.dirs(), [vm.clone()]);
+    assert_eq!(cg.dirs(), std::slice::from_ref(&vm));
     assert_eq!(cg.unapplied(), []);
     let mount = tmp.path();
     // Only the missing controllers, in one write.
