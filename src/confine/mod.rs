@@ -6,3 +6,5 @@
 //! - `ids`: the uid/gid a VM's QEMU runs as.
 //!
 //! A leaf: it knows nothing of VMs beyond their UUIDs, and nothing of QEMU.
+
+pub mod jail;
