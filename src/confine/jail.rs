@@ -876,7 +876,7 @@ mod tests {
         .unwrap();
         // The source is resolved, so the child binds what was checked.
         assert_eq!(ok[0], (file.clone(), PathBuf::from("fw/code.fd"), false));
-        assert_eq!(ok[1].2, true);
+        assert!(ok[1].2);
 
         let err = |extras: &[(PathBuf, PathBuf)]| check_extras(extras).unwrap_err().to_string();
         let missing = err(&[(dir.path().join("nope"), PathBuf::from("/fw"))]);
