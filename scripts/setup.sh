@@ -89,6 +89,19 @@ install_browser_driver() {
         log "warning: node $(node --version) is older than playwright-core's minimum (20)"
 }
 
+# QEMU runs under a uid of its own (no capabilities), so it reaches /dev/kvm
+# through the device's group, as udev sets it up on most hosts (0660
+# root:kvm). Without udev the node may be root's alone: give it that group.
+prepare_kvm_access() {
+    [ "$(id -u)" = 0 ] && [ -c /dev/kvm ] || return 0
+    getent group kvm >/dev/null || groupadd --system kvm
+    if [ "$(stat -c %G /dev/kvm)" = root ]; then
+        log "giving /dev/kvm to group kvm (mode 0660), so unprivileged QEMUs can use KVM"
+        chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+    fi
+}
+prepare_kvm_access
+
 if ! command -v cargo >/dev/null 2>&1; then
     # Debian 12's own Rust (1.63) is too old for vmlet's dependencies.
     log "cargo not found: install a current Rust toolchain (https://rustup.rs) first"
