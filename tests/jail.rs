@@ -59,6 +59,7 @@ fn spec(scratch: &Scratch, kvm: bool, extra_ro: Vec<(PathBuf, PathBuf)>) -> Jail
         gid: GID,
         kvm,
         extra_ro,
+        binary: None,
     }
 }
 

@@ -76,7 +76,13 @@ pub struct JailSpec {
     /// Extra read-only binds: (absolute host path, absolute path inside the
     /// jail), each a regular file or a directory.
     pub extra_ro: Vec<(PathBuf, PathBuf)>,
+    /// An executable bound read-only (and, unlike the extra binds, not
+    /// `noexec`) at [`JAIL_BINARY`]: a QEMU binary that lives outside `/usr`.
+    pub binary: Option<PathBuf>,
 }
+
+/// Where [`JailSpec::binary`] appears inside the jail.
+pub const JAIL_BINARY: &str = "/opt/qemu/qemu-system";
 
 /// Why a jail could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -524,6 +530,22 @@ pub fn prepare(spec: &JailSpec) -> Result<PreparedJail, JailError> {
     }
     let root_c = cstring(root)?;
     let extras = check_extras(&spec.extra_ro)?;
+    let binary = match &spec.binary {
+        None => None,
+        Some(path) => {
+            let real = std::fs::canonicalize(path).map_err(|e| JailError::Host {
+                path: path.clone(),
+                reason: format!("the QEMU binary cannot be resolved: {e}"),
+            })?;
+            if !real.is_file() {
+                return Err(JailError::Host {
+                    path: path.clone(),
+                    reason: "the QEMU binary is not a regular file".into(),
+                });
+            }
+            Some(real)
+        }
+    };
     let layout = host_layout(Path::new("/"))?;
     let usr = Path::new("/usr");
     if !usr.is_dir() {
@@ -625,6 +647,12 @@ pub fn prepare(spec: &JailSpec) -> Result<PreparedJail, JailError> {
         }
         // Firmware and the like are data: noexec.
         bind(source, rel, RO | libc::MS_NOEXEC)?;
+    }
+    if let Some(source) = &binary {
+        let rel = Path::new(JAIL_BINARY.trim_start_matches('/'));
+        make_dirs(&root.join(rel).parent().unwrap_or(root))?;
+        make_file(&root.join(rel))?;
+        bind(source, rel, RO)?;
     }
 
     for name in ["run", "tmp"] {
@@ -954,6 +982,7 @@ mod tests {
                 gid: 64123,
                 kvm: false,
                 extra_ro: vec![],
+                binary: None,
             };
             let err = prepare(&spec).unwrap_err().to_string();
             assert!(err.starts_with("jail root"), "{root}: {err}");

@@ -216,6 +216,7 @@ async fn spawn_confined(launch: &Launch<'_>) -> Result<QemuInstance, LaunchError
                 gid: ids.gid,
                 kvm: launch.confine.kvm,
                 extra_ro: vec![],
+                binary: binary_bind(launch.binary),
             })
             .map_err(LaunchError::Jail)?,
         ),
@@ -252,13 +253,18 @@ async fn spawn_confined(launch: &Launch<'_>) -> Result<QemuInstance, LaunchError
         source,
     })?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let binary = match (&jail, binary_bind(launch.binary)) {
+        (Some(_), Some(_)) => Path::new(jail::JAIL_BINARY),
+        _ => launch.binary,
+    };
     let process = process::spawn(
         SpawnRequest {
-            binary: launch.binary,
+            binary,
             argv: &argv,
             uuid: launch.spec.uuid,
             inherit: &inherit,
             log: &log,
+            dir: &paths.dir,
         },
         Confinement {
             ids: launch.confine.ids,
@@ -271,10 +277,11 @@ async fn spawn_confined(launch: &Launch<'_>) -> Result<QemuInstance, LaunchError
     drop(handover);
     let failed = |process: &QemuProcess, why: String| {
         let printed = read_from(launch.qemu_log, log_start);
-        let message = if printed.trim().is_empty() {
+        let printed = printed.trim();
+        let message = if printed.is_empty() {
             why
         } else {
-            printed.trim().to_string()
+            format!("{why}; it printed: {printed}")
         };
         let _ = process.kill_blocking(QUIT_DEADLINE);
         LaunchError::Process(ProcessError::StartFailed { message })
@@ -297,7 +304,7 @@ async fn spawn_confined(launch: &Launch<'_>) -> Result<QemuInstance, LaunchError
         }),
         First::Connected(Err(QmpError::ConnectTimeout { after })) => Err(failed(
             &process,
-            format!("QEMU did not answer on QMP within {after:?}"),
+            format!("QEMU did not finish starting within {after:?} (no answer on QMP)"),
         )),
         First::Connected(Err(e)) => {
             // QEMU closing the socket is mostly QEMU exiting: give it a
@@ -312,6 +319,18 @@ async fn spawn_confined(launch: &Launch<'_>) -> Result<QemuInstance, LaunchError
             &process,
             format!("QEMU exited ({status:?}) before answering on QMP"),
         )),
+    }
+}
+
+/// A QEMU binary outside `/usr` (a build of its own, a wrapper) is bound
+/// into the jail at [`jail::JAIL_BINARY`], and run from there.
+fn binary_bind(binary: &Path) -> Option<std::path::PathBuf> {
+    if !binary.is_absolute() {
+        return None;
+    }
+    match std::fs::canonicalize(binary) {
+        Ok(real) if !real.starts_with("/usr") => Some(real),
+        _ => None,
     }
 }
 

@@ -130,6 +130,9 @@ pub struct SpawnRequest<'a> {
     pub inherit: &'a [RawFd],
     /// QEMU's stdout and stderr (its log, opened for appending).
     pub log: &'a std::fs::File,
+    /// Its working directory (the VM's run directory; in a jail, the
+    /// jail's root).
+    pub dir: &'a Path,
 }
 
 /// Starts QEMU as vmlet's child: a new session, the cgroup joined, resource
@@ -148,6 +151,7 @@ pub fn spawn(
         uuid,
         inherit,
         log,
+        dir,
     } = request;
     let stdout = log.try_clone().map_err(|source| ProcessError::Exec {
         binary: binary.to_path_buf(),
@@ -163,6 +167,7 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr))
+        .current_dir(dir)
         .env_clear()
         .env("PATH", "/usr/bin:/bin");
     let inherit = inherit.to_vec();

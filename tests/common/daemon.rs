@@ -207,10 +207,25 @@ impl Daemon {
     /// QEMU processes started by this daemon (their command lines name the
     /// run directory).
     pub fn qemu_pids(&self) -> Vec<i32> {
-        processes_with(&self.run_dir.display().to_string())
+        // A QEMU's argv names no path of the daemon's (it gets fds), but
+        // carries `-uuid UUID` of one of the daemon's VMs.
+        let vms: Vec<String> = std::fs::read_dir(self.state_dir.join("vms"))
             .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut pids: Vec<i32> = processes_with(&self.run_dir.display().to_string())
+            .into_iter()
+            .chain(
+                vms.iter()
+                    .flat_map(|uuid| processes_with(&format!("-uuid {uuid}"))),
+            )
             .filter(|pid| Some(*pid) != self.child.as_ref().map(|c| c.id() as i32))
-            .collect()
+            .collect();
+        pids.sort();
+        pids.dedup();
+        pids
     }
 }
 
