@@ -650,7 +650,7 @@ pub fn prepare(spec: &JailSpec) -> Result<PreparedJail, JailError> {
     }
     if let Some(source) = &binary {
         let rel = Path::new(JAIL_BINARY.trim_start_matches('/'));
-        make_dirs(&root.join(rel).parent().unwrap_or(root))?;
+        make_dirs(root.join(rel).parent().unwrap_or(root))?;
         make_file(&root.join(rel))?;
         bind(source, rel, RO)?;
     }
