@@ -12,7 +12,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,15 +93,32 @@ fn assert_confined(d: &Daemon, id: Uuid, pid: i32) -> u32 {
     );
     assert_eq!(status_field(pid, "Groups"), "", "supplementary groups");
     for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps} of {pid}");
+        assert_eq!(
+            status_field(pid, caps),
+            "0000000000000000",
+            "{caps} of {pid}"
+        );
     }
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");
 
-    // The jail is its root.
-    let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+    // The jail is its root, in a mount namespace of its own. (readlink of
+    // /proc/PID/root says "/": the jail's root mount exists only in QEMU's
+    // namespace, so it is compared by device and inode, which a bind keeps.)
     let jail = d.run_dir.join("vms").join(id.to_string()).join("root");
-    assert_eq!(root, jail, "QEMU {pid}'s root");
+    let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
+    let expected = std::fs::metadata(&jail).unwrap();
+    assert_eq!(
+        (root.dev(), root.ino()),
+        (expected.dev(), expected.ino()),
+        "QEMU {pid}'s root is not {}",
+        jail.display()
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+        "QEMU {pid} shares the host's mount namespace"
+    );
     let inside = PathBuf::from(format!("/proc/{pid}/root"));
     let entries: BTreeSet<String> = std::fs::read_dir(&inside)
         .unwrap()
@@ -116,7 +133,10 @@ fn assert_confined(d: &Daemon, id: Uuid, pid: i32) -> u32 {
         "the jail holds {unexpected:?} (all: {entries:?})"
     );
     for needed in ["usr", "dev", "proc", "run", "tmp", "boot"] {
-        assert!(entries.contains(needed), "no /{needed} in the jail: {entries:?}");
+        assert!(
+            entries.contains(needed),
+            "no /{needed} in the jail: {entries:?}"
+        );
     }
     assert!(!inside.join("etc").exists(), "the jail has /etc");
     // Neither the daemon's state nor its run directory is reachable.
@@ -458,7 +478,10 @@ async fn vmlet_run_works_without_root() {
         panic!("vmlet run did not end within {BOOT_TIMEOUT:?}:\n{out}\n---\n{err}")
     });
     assert!(status.success(), "vmlet run: {status}\n{out}\n---\n{err}");
-    assert!(out.contains("GUEST-READY"), "no GUEST-READY:\n{out}\n---\n{err}");
+    assert!(
+        out.contains("GUEST-READY"),
+        "no GUEST-READY:\n{out}\n---\n{err}"
+    );
     assert!(out.contains("GUEST-POWEROFF"), "{out}");
     let notes: Vec<&str> = err
         .lines()

@@ -216,13 +216,26 @@ impl Daemon {
             .join("vm.json")
     }
 
-    /// QEMU processes started by this daemon (their command lines name the
-    /// run directory).
+    /// QEMU processes started by this daemon: those whose command line
+    /// names the run directory or carries `-uuid UUID` of one of its VMs (a
+    /// confined QEMU gets its sockets as fds and its kernel inside its jail,
+    /// so its command line may name no path of the daemon's).
     pub fn qemu_pids(&self) -> Vec<i32> {
-        processes_with(&self.run_dir.display().to_string())
-            .into_iter()
-            .filter(|pid| Some(*pid) != self.child.as_ref().map(|c| c.id() as i32))
-            .collect()
+        let daemon = self.child.as_ref().map(|c| c.id() as i32);
+        let mut pids = processes_with(&self.run_dir.display().to_string());
+        let vms = std::fs::read_dir(self.state_dir.join("vms"))
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_else(|_| Vec::new());
+        for vm in vms {
+            let Some(uuid) = vm.to_str().and_then(|v| v.parse::<Uuid>().ok()) else {
+                continue;
+            };
+            pids.extend(processes_with(&format!("-uuid {uuid} ")));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|pid| Some(*pid) != daemon);
+        pids
     }
 }
 
