@@ -461,7 +461,9 @@ impl Settings {
     /// `VMLET_IMAGE_MAX_VIRTUAL_BYTES` and `VMLET_IMAGE_CONVERT_TIMEOUT_S`, and for `[api]` `VMLET_ALLOWED_HOSTS`
     /// (`,`-separated), `VMLET_TCP_MAX_CONNECTIONS`,
     /// `VMLET_UNIX_MAX_CONNECTIONS`, `VMLET_HEADER_READ_TIMEOUT_S` and
-    /// `VMLET_IDLE_TIMEOUT_S`.
+    /// `VMLET_IDLE_TIMEOUT_S`, and for `[qemu]` `VMLET_QEMU_CGROUP_ROOT`
+    /// (empty: no cgroups), `VMLET_QEMU_JAIL` (`true`/`false`) and
+    /// `VMLET_QEMU_UID_RANGE` (`FIRST-LAST`).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
             self.state_dir = v.into();
@@ -600,7 +602,50 @@ impl Settings {
                 *field = number(name, &v)?;
             }
         }
+        self.apply_qemu_env(&var)?;
         self.apply_api_env(&var, number)
+    }
+
+    /// The `[qemu]` part of [`Settings::apply_env`].
+    fn apply_qemu_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = var("VMLET_QEMU_CGROUP_ROOT") {
+            // Checked here, not only when the daemon builds its cgroups, so
+            // a bad value is named by its variable.
+            // (The daemon itself only warns and runs without cgroups when
+            // it cannot build them.) An empty hierarchy: `Cgroups::new`
+            // checks the root before it looks for controllers.
+            if !v.is_empty() {
+                use crate::confine::cgroup::{CgroupError, Cgroups, Hierarchy};
+                let empty = Hierarchy::V1 { mounts: vec![] };
+                if let Err(e @ CgroupError::InvalidRoot { .. }) = Cgroups::new(empty, &v) {
+                    return Err(ConfigError::Env {
+                        name: "VMLET_QEMU_CGROUP_ROOT",
+                        message: e.to_string(),
+                    });
+                }
+            }
+            self.qemu.cgroup_root = v;
+        }
+        if let Some(v) = var("VMLET_QEMU_JAIL") {
+            self.qemu.jail = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "VMLET_QEMU_JAIL",
+                        message: format!("{v:?} is not true or false"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = var("VMLET_QEMU_UID_RANGE") {
+            crate::confine::ids::IdRange::parse(&v).map_err(|e| ConfigError::Env {
+                name: "VMLET_QEMU_UID_RANGE",
+                message: e.to_string(),
+            })?;
+            self.qemu.uid_range = v;
+        }
+        Ok(())
     }
 
     /// The `[api]` part of [`Settings::apply_env`].
@@ -804,5 +849,38 @@ mod tests {
             .to_string();
         assert!(err.contains("VMLET_TCP_MAX_CONNECTIONS"), "{err}");
         assert_eq!(s.auth_token_path(), s.state_dir.join("api-token"));
+    }
+
+    #[test]
+    fn qemu_confinement_settings_come_from_the_environment() {
+        let mut s = Settings::default();
+        assert_eq!((s.qemu.cgroup_root.as_str(), s.qemu.jail), ("vmlet", true));
+        s.apply_env(|n| match n {
+            "VMLET_QEMU_CGROUP_ROOT" => Some("vmlet-test-1/a".to_string()),
+            "VMLET_QEMU_JAIL" => Some("false".to_string()),
+            "VMLET_QEMU_UID_RANGE" => Some("800000-800099".to_string()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.qemu.cgroup_root, "vmlet-test-1/a");
+        assert!(!s.qemu.jail);
+        assert_eq!(s.qemu.uid_range, "800000-800099");
+        s.apply_env(|n| (n == "VMLET_QEMU_CGROUP_ROOT").then(String::new))
+            .unwrap();
+        assert_eq!(s.qemu.cgroup_root, "", "empty turns cgroups off");
+        for (name, bad) in [
+            ("VMLET_QEMU_CGROUP_ROOT", "/abs"),
+            ("VMLET_QEMU_CGROUP_ROOT", "a/../b"),
+            ("VMLET_QEMU_JAIL", "maybe"),
+            ("VMLET_QEMU_UID_RANGE", "0-10"),
+            ("VMLET_QEMU_UID_RANGE", "65000-66000"),
+            ("VMLET_QEMU_UID_RANGE", "many"),
+        ] {
+            let err = Settings::default()
+                .apply_env(|n| (n == name).then(|| bad.to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{name}={bad}: {err}");
+        }
     }
 }

@@ -36,6 +36,14 @@ pub struct Daemon {
     /// The network namespace the daemon runs in (`ip netns exec`), if any;
     /// restarts keep it.
     netns: Option<String>,
+    /// The cgroup root of this daemon's VMs (`VMLET_QEMU_CGROUP_ROOT`):
+    /// one per daemon, so parallel tests never share or remove each
+    /// other's cgroups.
+    pub cgroup_root: String,
+    /// The uids of this daemon's VMs (`VMLET_QEMU_UID_RANGE`): a block of
+    /// its own, as every daemon hands out the lowest free uid of its range
+    /// and parallel tests would otherwise run QEMUs under the same uid.
+    pub uid_range: String,
     scratch: Scratch,
 }
 
@@ -74,6 +82,8 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             netns,
+            cgroup_root: format!("{}{}", super::SCRATCH_PREFIX, Uuid::new_v4().simple()),
+            uid_range: unique_uid_range(),
             scratch,
         };
         daemon.spawn().await;
@@ -119,6 +129,8 @@ impl Daemon {
             .env("VMLET_ACCEL", "tcg")
             .env("VMLET_ALLOWED_HOST_PATHS", allowed)
             .env("VMLET_LOG", "info,vmlet=debug")
+            .env("VMLET_QEMU_CGROUP_ROOT", &self.cgroup_root)
+            .env("VMLET_QEMU_UID_RANGE", &self.uid_range)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -204,27 +216,25 @@ impl Daemon {
             .join("vm.json")
     }
 
-    /// QEMU processes started by this daemon (their command lines name the
-    /// run directory).
+    /// QEMU processes started by this daemon: those whose command line
+    /// names the run directory or carries `-uuid UUID` of one of its VMs (a
+    /// confined QEMU gets its sockets as fds and its kernel inside its jail,
+    /// so its command line may name no path of the daemon's).
     pub fn qemu_pids(&self) -> Vec<i32> {
-        // A QEMU's argv names no path of the daemon's (it gets fds), but
-        // carries `-uuid UUID` of one of the daemon's VMs.
-        let vms: Vec<String> = std::fs::read_dir(self.state_dir.join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        let mut pids: Vec<i32> = processes_with(&self.run_dir.display().to_string())
-            .into_iter()
-            .chain(
-                vms.iter()
-                    .flat_map(|uuid| processes_with(&format!("-uuid {uuid}"))),
-            )
-            .filter(|pid| Some(*pid) != self.child.as_ref().map(|c| c.id() as i32))
-            .collect();
-        pids.sort();
+        let daemon = self.child.as_ref().map(|c| c.id() as i32);
+        let mut pids = processes_with(&self.run_dir.display().to_string());
+        let vms = std::fs::read_dir(self.state_dir.join("vms"))
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_else(|_| Vec::new());
+        for vm in vms {
+            let Some(uuid) = vm.to_str().and_then(|v| v.parse::<Uuid>().ok()) else {
+                continue;
+            };
+            pids.extend(processes_with(&format!("-uuid {uuid} ")));
+        }
+        pids.sort_unstable();
         pids.dedup();
+        pids.retain(|pid| Some(*pid) != daemon);
         pids
     }
 }
@@ -242,8 +252,65 @@ impl Drop for Daemon {
         while !self.qemu_pids().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        remove_cgroup_root(&self.cgroup_root);
         if std::thread::panicking() {
             eprintln!("--- vmlet serve log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// A block of 100 uids picked at random between 1e9 and 4e9 (`FIRST-LAST`),
+/// for one test daemon or confined launch: 30 million blocks, so tests
+/// running at once practically never share one.
+pub fn unique_uid_range() -> String {
+    let block = u32::try_from(Uuid::new_v4().as_u128() % 30_000_000).unwrap();
+    let first = 1_000_000_000 + block * 100;
+    format!("{first}-{}", first + 99)
+}
+
+/// Removes the cgroup root `root` of a test daemon, with the VM cgroups
+/// left below it, in every hierarchy. Only empty directories go (`rmdir`):
+/// a cgroup still holding a process stays, and is named on stderr. The
+/// kernel empties a cgroup a moment after its last task exits, so busy
+/// directories are retried for a few seconds.
+pub fn remove_cgroup_root(root: &str) {
+    use vmlet::confine::cgroup::{Cgroups, Hierarchy};
+    let Ok(cgroups) = Hierarchy::detect().and_then(|h| Cgroups::new(h, root)) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for dir in cgroups.root_dirs() {
+        if !dir.is_dir() {
+            continue;
+        }
+        loop {
+            let children: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut result = Ok(());
+            for child in children.iter().chain(std::iter::once(&dir)) {
+                if let Err(e) = std::fs::remove_dir(child) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        result = Err((child.clone(), e));
+                    }
+                }
+            }
+            match result {
+                Ok(()) => break,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((path, e)) => {
+                    eprintln!("cannot remove test cgroup {}: {e}", path.display());
+                    break;
+                }
+            }
         }
     }
 }
