@@ -15,6 +15,6 @@ use crate::api::AppState;
     responses((status = 200, description = "Metrics in the Prometheus text format",
         content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)))]
 pub async fn scrape(State(app): State<AppState>) -> Response {
-    let text = crate::vm::scrape::render(&app.manager.handles()).await;
+    let text = crate::vm::scrape::render(&app.manager.handles(), app.manager.cgroup_stats()).await;
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
