@@ -2,8 +2,8 @@
 //! exposition parses with a strict Prometheus text-format parser, has every
 //! family with HELP and TYPE, and has sane values for a running guest (vCPU
 //! time grows, the guest's disk reads and NIC traffic show up, the balloon
-//! is the VM's memory); and a SIGSTOPped QEMU neither hangs the scrape nor
-//! has its VM changed by it.
+//! is the VM's memory, its cgroup's figures match its `resources`); and a
+//! SIGSTOPped QEMU neither hangs the scrape nor has its VM changed by it.
 
 mod common;
 
@@ -37,6 +37,22 @@ const FAMILIES: &[(&str, PrometheusType)] = &[
     ("vmlet_vm_nic_rx_bytes_total", PrometheusType::Counter),
     ("vmlet_vm_nic_tx_bytes_total", PrometheusType::Counter),
     ("vmlet_vm_balloon_actual_bytes", PrometheusType::Gauge),
+    (
+        "vmlet_vm_cgroup_cpu_usage_seconds_total",
+        PrometheusType::Counter,
+    ),
+    ("vmlet_vm_cgroup_cpu_periods_total", PrometheusType::Counter),
+    (
+        "vmlet_vm_cgroup_cpu_throttled_periods_total",
+        PrometheusType::Counter,
+    ),
+    (
+        "vmlet_vm_cgroup_cpu_throttled_seconds_total",
+        PrometheusType::Counter,
+    ),
+    ("vmlet_vm_cgroup_memory_bytes", PrometheusType::Gauge),
+    ("vmlet_vm_cgroup_memory_limit_bytes", PrometheusType::Gauge),
+    ("vmlet_vm_cgroup_tasks", PrometheusType::Gauge),
     (
         "vmlet_api_request_duration_seconds",
         PrometheusType::Histogram,
@@ -144,6 +160,21 @@ async fn create_and_start(d: &Daemon, spec: &Value) -> Value {
     vm
 }
 
+/// Why the daemon gives its VMs no cgroup on this host, if it does not:
+/// not root, no usable hierarchy, or the daemon said it found none.
+fn no_cgroups_because(d: &Daemon) -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("cgroups need a root daemon".into());
+    }
+    if let Err(e) = vmlet::confine::cgroup::Hierarchy::detect() {
+        return Some(format!("no usable cgroup hierarchy: {e}"));
+    }
+    let log = d.log_text();
+    log.lines()
+        .find(|line| line.contains("no cgroup hierarchy"))
+        .map(|line| format!("the daemon found no cgroup hierarchy: {line}"))
+}
+
 /// SIGCONTs a process on drop, so a failed test leaves no stopped QEMU.
 struct Stopped(i32);
 
@@ -182,6 +213,9 @@ async fn metrics_of_a_running_guest() {
     let mut spec = guest_spec_json(&name, "guest.ip=10.78.0.2/24 guest.ping=10.78.0.1");
     spec["disks"] = json!([{"name": "data", "size_mib": 16}]);
     spec["nics"] = json!([{"network": "lan", "mac": mac}]);
+    // A quota (one core, the most a one-vCPU VM may have) makes the cgroup
+    // count its periods; the memory limit is 256 + 768 MiB.
+    spec["resources"] = json!({"cpu_quota_percent": 100, "memory_overhead_mib": 768});
     let vm = create_and_start(&d, &spec).await;
     let id = id_of(&vm);
     let log = d.serial_log(uuid_of(&vm));
@@ -251,6 +285,56 @@ async fn metrics_of_a_running_guest() {
         "{text}"
     );
 
+    // The VM's cgroup, where the daemon gives VMs one.
+    let cgroups = match no_cgroups_because(&d) {
+        Some(reason) => {
+            common::skip("metrics_of_a_running_guest (cgroup part)", reason);
+            for (family, _) in FAMILIES.iter().filter(|(f, _)| f.contains("_cgroup_")) {
+                assert!(
+                    samples(&first, family, &vm_labels).is_empty(),
+                    "{family} without a cgroup:\n{text}"
+                );
+            }
+            false
+        }
+        None => true,
+    };
+    let cgroup_usage = if cgroups {
+        let usage = value(
+            &first,
+            "vmlet_vm_cgroup_cpu_usage_seconds_total",
+            &vm_labels,
+        );
+        assert!(usage > 0.0, "cgroup CPU usage {usage}");
+        let memory = value(&first, "vmlet_vm_cgroup_memory_bytes", &vm_labels);
+        let limit = value(&first, "vmlet_vm_cgroup_memory_limit_bytes", &vm_labels);
+        assert_eq!(limit, (256.0 + 768.0) * MIB, "{text}");
+        assert!(
+            memory > MIB && memory <= limit,
+            "cgroup memory {memory} (limit {limit})"
+        );
+        let tasks = value(&first, "vmlet_vm_cgroup_tasks", &vm_labels);
+        // QEMU's main, vCPU, RCU and I/O threads; pids_max is 1024.
+        assert!((2.0..=1024.0).contains(&tasks), "tasks {tasks}");
+        let periods = value(&first, "vmlet_vm_cgroup_cpu_periods_total", &vm_labels);
+        assert!(periods > 0.0, "a quota is set, yet no periods:\n{text}");
+        let throttled = value(
+            &first,
+            "vmlet_vm_cgroup_cpu_throttled_periods_total",
+            &vm_labels,
+        );
+        assert!(throttled <= periods, "{throttled} of {periods} throttled");
+        let throttled_s = value(
+            &first,
+            "vmlet_vm_cgroup_cpu_throttled_seconds_total",
+            &vm_labels,
+        );
+        assert!(throttled_s >= 0.0 && throttled_s.is_finite());
+        Some(usage)
+    } else {
+        None
+    };
+
     // Daemon: API latency by route template, never by raw path.
     let show = [
         ("route", "/v1/vms/{id}"),
@@ -291,6 +375,14 @@ async fn metrics_of_a_running_guest() {
         ) >= read,
         "block bytes went down"
     );
+    if let Some(usage) = cgroup_usage {
+        let now = value(
+            &grown,
+            "vmlet_vm_cgroup_cpu_usage_seconds_total",
+            &vm_labels,
+        );
+        assert!(now > usage, "cgroup CPU usage {usage} → {now}");
+    }
     // The first scrape shows up in the second one.
     let scrapes = [("route", "/metrics"), ("method", "GET"), ("status", "200")];
     assert!(value(&grown, "vmlet_api_request_duration_seconds", &scrapes) >= 1.0);
@@ -298,6 +390,7 @@ async fn metrics_of_a_running_guest() {
     force_delete_vm(&d, &id).await;
     let (_, after) = scrape(&d).await;
     assert!(samples(&after, "vmlet_vm_metrics_up", &vm_labels).is_empty());
+    assert!(samples(&after, "vmlet_vm_cgroup_tasks", &vm_labels).is_empty());
     assert_eq!(value(&after, "vmlet_vms", &[("state", "running")]), 0.0);
 }
 
