@@ -2,8 +2,8 @@
 //! exposition parses with a strict Prometheus text-format parser, has every
 //! family with HELP and TYPE, and has sane values for a running guest (vCPU
 //! time grows, the guest's disk reads and NIC traffic show up, the balloon
-//! is the VM's memory); and a SIGSTOPped QEMU neither hangs the scrape nor
-//! has its VM changed by it.
+//! is the VM's memory, its cgroup's figures match its `resources`); and a
+//! SIGSTOPped QEMU neither hangs the scrape nor has its VM changed by it.
 
 mod common;
 
@@ -37,6 +37,22 @@ const FAMILIES: &[(&str, PrometheusType)] = &[
     ("vmlet_vm_nic_rx_bytes_total", PrometheusType::Counter),
     ("vmlet_vm_nic_tx_bytes_total", PrometheusType::Counter),
     ("vmlet_vm_balloon_actual_bytes", PrometheusType::Gauge),
+    (
+        "vmlet_vm_cgroup_cpu_usage_seconds_total",
+        PrometheusType::Counter,
+    ),
+    ("vmlet_vm_cgroup_cpu_periods_total", PrometheusType::Counter),
+    (
+        "vmlet_vm_cgroup_cpu_throttled_periods_total",
+        PrometheusType::Counter,
+    ),
+    (
+        "vmlet_vm_cgroup_cpu_throttled_seconds_total",
+        PrometheusType::Counter,
+    ),
+    ("vmlet_vm_cgroup_memory_bytes", PrometheusType::Gauge),
+    ("vmlet_vm_cgroup_memory_limit_bytes", PrometheusType::Gauge),
+    ("vmlet_vm_cgroup_tasks", PrometheusType::Gauge),
     (
         "vmlet_api_request_duration_seconds",
         PrometheusType::Histogram,
@@ -142,6 +158,21 @@ async fn create_and_start(d: &Daemon, spec: &Value) -> Value {
     let vm = expect(d, Method::POST, &format!("/v1/vms/{id}/start"), None, 200).await;
     assert_eq!(vm["state"], "running", "{vm}");
     vm
+}
+
+/// Why the daemon gives its VMs no cgroup on this host, if it does not:
+/// not root, no usable hierarchy, or the daemon said it found none.
+fn no_cgroups_because(d: &Daemon) -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("cgroups need a root daemon".into());
+    }
+    if let Err(e) = vmlet::confine::cgroup::Hierarchy::detect() {
+        return Some(format!("no usable cgroup hierarchy: {e}"));
+    }
+    let log = d.log_text();
+    log.lines()
+        .find(|line| line.contains("no cgroup hierarchy"))
+        .map(|line| format!("the daemon found no cgroup hierarchy: {line}"))
 }
 
 /// SIGCONTs a process on drop, so a failed test leaves no stopped QEMU.
@@ -299,6 +330,102 @@ async fn metrics_of_a_running_guest() {
     let (_, after) = scrape(&d).await;
     assert!(samples(&after, "vmlet_vm_metrics_up", &vm_labels).is_empty());
     assert_eq!(value(&after, "vmlet_vms", &[("state", "running")]), 0.0);
+}
+
+/// The cgroup series of a running guest (a daemon outside any network
+/// namespace: `ip netns exec` mounts a sysfs of its own, without the cgroup
+/// file systems): present, with the limit its `resources` ask for, growing
+/// CPU usage, and gone with the VM.
+#[tokio::test]
+async fn cgroup_series_of_a_running_guest() {
+    let d = Daemon::start().await;
+    let name = unique_name("cgmetrics");
+    let mut spec = guest_spec_json(&name, "");
+    // A quota (one core, the most a one-vCPU VM may have) makes the cgroup
+    // count its periods; the memory limit is 256 + 768 MiB.
+    spec["resources"] = json!({"cpu_quota_percent": 100, "memory_overhead_mib": 768});
+    let vm = create_and_start(&d, &spec).await;
+    let id = id_of(&vm);
+    wait_for_line(&d.serial_log(uuid_of(&vm)), "GUEST-READY", BOOT_TIMEOUT).await;
+    let vm_labels = [("id", id.as_str()), ("name", name.as_str())];
+    let (text, first) = scrape(&d).await;
+    let cgroup_families: Vec<&str> = FAMILIES
+        .iter()
+        .map(|(family, _)| *family)
+        .filter(|family| family.contains("_cgroup_"))
+        .collect();
+    if let Some(reason) = no_cgroups_because(&d) {
+        common::skip("cgroup_series_of_a_running_guest", reason);
+        // Without a cgroup, the families are there but have no sample.
+        for family in &cgroup_families {
+            assert!(
+                samples(&first, family, &vm_labels).is_empty(),
+                "{family} without a cgroup:\n{text}"
+            );
+        }
+        force_delete_vm(&d, &id).await;
+        return;
+    }
+
+    let usage = value(
+        &first,
+        "vmlet_vm_cgroup_cpu_usage_seconds_total",
+        &vm_labels,
+    );
+    assert!(usage > 0.0, "cgroup CPU usage {usage}");
+    let memory = value(&first, "vmlet_vm_cgroup_memory_bytes", &vm_labels);
+    let limit = value(&first, "vmlet_vm_cgroup_memory_limit_bytes", &vm_labels);
+    assert_eq!(limit, (256.0 + 768.0) * MIB, "{text}");
+    assert!(
+        memory > MIB && memory <= limit,
+        "cgroup memory {memory} (limit {limit})"
+    );
+    // QEMU's main, vCPU and RCU threads at least; pids_max is 1024.
+    let tasks = value(&first, "vmlet_vm_cgroup_tasks", &vm_labels);
+    assert!((2.0..=1024.0).contains(&tasks), "tasks {tasks}");
+    let periods = value(&first, "vmlet_vm_cgroup_cpu_periods_total", &vm_labels);
+    assert!(periods > 0.0, "a quota is set, yet no periods:\n{text}");
+    let throttled = value(
+        &first,
+        "vmlet_vm_cgroup_cpu_throttled_periods_total",
+        &vm_labels,
+    );
+    assert!(throttled <= periods, "{throttled} of {periods} throttled");
+    let throttled_s = value(
+        &first,
+        "vmlet_vm_cgroup_cpu_throttled_seconds_total",
+        &vm_labels,
+    );
+    assert!(
+        throttled_s >= 0.0 && throttled_s <= usage,
+        "throttled {throttled_s} s of {usage} s"
+    );
+
+    // CPU usage grows: the guest's timer ticks cost CPU under TCG.
+    wait_until(
+        "cgroup CPU usage to grow",
+        Duration::from_secs(60),
+        || async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (_, later) = scrape(&d).await;
+            let now = value(
+                &later,
+                "vmlet_vm_cgroup_cpu_usage_seconds_total",
+                &vm_labels,
+            );
+            (now > usage).then_some(())
+        },
+    )
+    .await;
+
+    force_delete_vm(&d, &id).await;
+    let (text, after) = scrape(&d).await;
+    for family in &cgroup_families {
+        assert!(
+            samples(&after, family, &vm_labels).is_empty(),
+            "{family} of a deleted VM:\n{text}"
+        );
+    }
 }
 
 /// A SIGSTOPped QEMU: the scrape still answers, without waiting for QMP's

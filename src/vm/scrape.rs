@@ -1,6 +1,7 @@
 //! The `/metrics` scrape: VMs by state, and for each VM with a QEMU process its vCPU
-//! time, resident memory, block I/O, NIC traffic and balloon size, followed
-//! by the daemon's own families.
+//! time, resident memory, block I/O, NIC traffic, balloon size and its
+//! cgroup's figures (CPU usage and throttling, memory and its limit, tasks),
+//! followed by the daemon's own families.
 //!
 //! A hung QEMU must not hang the scrape. Host-side numbers (vCPU threads'
 //! CPU time, RSS, tap counters) come from `/proc` and never ask QEMU: vCPU
@@ -20,6 +21,7 @@ use std::time::Duration;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::confine::cgroup::CgroupStats;
 use crate::metrics::{encode_daemon, Encoder, Kind};
 use crate::qemu::nic::tap_name;
 use crate::qemu::qmp::QmpClient;
@@ -30,8 +32,13 @@ use crate::vm::state::PowerState;
 /// deadline of its monitoring reads.
 pub const QMP_BUDGET: Duration = Duration::from_secs(2);
 
-/// The whole exposition: host, per-VM and daemon families.
-pub async fn render(handles: &[VmHandle]) -> String {
+/// The whole exposition: host, per-VM and daemon families. `cgroup_stats`
+/// reads a running VM's cgroup figures (`None`: it has no cgroup); it
+/// reads files, so it is called off the async threads.
+pub async fn render<F>(handles: &[VmHandle], cgroup_stats: F) -> String
+where
+    F: Fn(Uuid) -> Option<CgroupStats> + Send + 'static,
+{
     let mut by_state = [0u64; PowerState::ALL.len()];
     let mut targets = Vec::new();
     for handle in handles {
@@ -62,7 +69,7 @@ pub async fn render(handles: &[VmHandle]) -> String {
             let ticks = clock_ticks();
             targets
                 .iter()
-                .map(|t| read_host(t, &net, ticks))
+                .map(|t| read_host(t, &net, ticks, cgroup_stats(t.id).unwrap_or_default()))
                 .collect::<Vec<_>>()
         })
     };
@@ -116,6 +123,9 @@ struct HostStats {
     vcpus: Vec<(String, f64)>,
     rss_bytes: Option<u64>,
     nics: Vec<NicStats>,
+    /// The VM's cgroup (all `None` without one, or where the host's
+    /// controllers do not offer a figure).
+    cgroup: CgroupStats,
 }
 
 /// A NIC's traffic as the guest sees it.
@@ -268,6 +278,7 @@ fn encode_vms(e: &mut Encoder, vms: &[VmStats]) {
                 .collect()
         },
     );
+    encode_cgroups(e, vms);
     vm_family(
         e,
         vms,
@@ -283,6 +294,84 @@ fn encode_vms(e: &mut Encoder, vms: &[VmStats]) {
                 .collect()
         },
     );
+}
+
+/// Nanoseconds → seconds, for `_seconds_total` counters.
+fn seconds(ns: Option<u64>) -> Option<f64> {
+    ns.map(|ns| ns as f64 / 1e9)
+}
+
+/// The per-VM cgroup families. A figure the host does not offer (its
+/// controller is missing, or the VM has no cgroup) has no sample.
+fn encode_cgroups(e: &mut Encoder, vms: &[VmStats]) {
+    type Seconds = fn(&CgroupStats) -> Option<f64>;
+    type Number = fn(&CgroupStats) -> Option<u64>;
+    let seconds_families: [(&str, &str, Seconds); 2] = [
+        (
+            "vmlet_vm_cgroup_cpu_usage_seconds_total",
+            "CPU time used by every task of the VM's QEMU (its cgroup's \
+             cpu.stat usage_usec, or cpuacct.usage on cgroup v1).",
+            |c| seconds(c.cpu_usage_ns),
+        ),
+        (
+            "vmlet_vm_cgroup_cpu_throttled_seconds_total",
+            "Time the VM's QEMU was held back by its CPU quota \
+             (resources.cpu_quota_percent; cpu.stat throttled_usec or throttled_time).",
+            |c| seconds(c.cpu_throttled_ns),
+        ),
+    ];
+    for (name, help, field) in seconds_families {
+        vm_family(e, vms, name, Kind::Counter, help, |vm| {
+            field(&vm.host.cgroup)
+                .map(|v| (None, v))
+                .into_iter()
+                .collect()
+        });
+    }
+    let numbers: [(&str, Kind, &str, Number); 5] = [
+        (
+            "vmlet_vm_cgroup_cpu_periods_total",
+            Kind::Counter,
+            "CPU quota enforcement periods (100 ms) the VM's QEMU ran in \
+             (cpu.stat nr_periods; stays 0 without a quota).",
+            |c| c.cpu_periods,
+        ),
+        (
+            "vmlet_vm_cgroup_cpu_throttled_periods_total",
+            Kind::Counter,
+            "CPU quota enforcement periods in which the VM's QEMU used up its \
+             quota and was throttled (cpu.stat nr_throttled).",
+            |c| c.cpu_throttled_periods,
+        ),
+        (
+            "vmlet_vm_cgroup_memory_bytes",
+            Kind::Gauge,
+            "Memory charged to the VM's cgroup, page cache included \
+             (memory.current, or memory.usage_in_bytes on cgroup v1).",
+            |c| c.memory_current_bytes,
+        ),
+        (
+            "vmlet_vm_cgroup_memory_limit_bytes",
+            Kind::Gauge,
+            "Memory limit of the VM's cgroup: the guest's memory plus the \
+             overhead (memory.max, or memory.limit_in_bytes on cgroup v1).",
+            |c| c.memory_max_bytes,
+        ),
+        (
+            "vmlet_vm_cgroup_tasks",
+            Kind::Gauge,
+            "Tasks (threads) in the VM's cgroup (pids.current).",
+            |c| c.pids_current,
+        ),
+    ];
+    for (name, kind, help, field) in numbers {
+        vm_family(e, vms, name, kind, help, |vm| {
+            field(&vm.host.cgroup)
+                .map(|v| (None, v))
+                .into_iter()
+                .collect()
+        });
+    }
 }
 
 // ---- QMP -----------------------------------------------------------------------
@@ -380,9 +469,15 @@ fn disk_name(entry: &Value) -> Option<String> {
 
 // ---- /proc ---------------------------------------------------------------------
 
-fn read_host(t: &Target, net: &HashMap<String, (u64, u64)>, ticks: f64) -> HostStats {
+fn read_host(
+    t: &Target,
+    net: &HashMap<String, (u64, u64)>,
+    ticks: f64,
+    cgroup: CgroupStats,
+) -> HostStats {
     HostStats {
         vcpus: vcpu_seconds(t.pid, ticks),
+        cgroup,
         rss_bytes: u32::try_from(t.pid)
             .ok()
             .and_then(crate::node::rss_kib)
@@ -551,6 +646,99 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_figures_become_series_and_missing_ones_are_left_out() {
+        let vm = |id: &str, cgroup: CgroupStats| VmStats {
+            id: id.into(),
+            name: format!("vm-{id}"),
+            host: HostStats {
+                cgroup,
+                ..HostStats::default()
+            },
+            qmp: None,
+        };
+        let vms = [
+            vm(
+                "a",
+                CgroupStats {
+                    cpu_usage_ns: Some(2_500_000_000),
+                    cpu_periods: Some(40),
+                    cpu_throttled_periods: Some(7),
+                    cpu_throttled_ns: Some(1_000),
+                    memory_current_bytes: Some(123 << 20),
+                    memory_max_bytes: Some(1280 << 20),
+                    pids_current: Some(9),
+                },
+            ),
+            // A host without memory limits and pids controller, say.
+            vm(
+                "b",
+                CgroupStats {
+                    cpu_usage_ns: Some(1),
+                    ..CgroupStats::default()
+                },
+            ),
+            vm("c", CgroupStats::default()),
+        ];
+        let mut e = Encoder::new();
+        encode_cgroups(&mut e, &vms);
+        let text = e.finish();
+        let parsed = openmetrics_parser::prometheus::parse_prometheus(&text)
+            .unwrap_or_else(|err| panic!("{err}: {text}"));
+        let get = |family: &str, id: &str| -> Option<f64> {
+            let samples: Vec<f64> = parsed.families[family]
+                .iter_samples()
+                .filter(|s| s.get_labelset().unwrap().get_label_value("id") == Some(id))
+                .map(|s| match &s.value {
+                    openmetrics_parser::PrometheusValue::Counter(c) => c.value.as_f64(),
+                    openmetrics_parser::PrometheusValue::Gauge(g) => g.as_f64(),
+                    other => panic!("{family}: {other:?}"),
+                })
+                .collect();
+            assert!(samples.len() <= 1, "{family} {id}: {text}");
+            samples.first().copied()
+        };
+        let name = "vmlet_vm_cgroup_cpu_usage_seconds_total";
+        assert_eq!(get(name, "a"), Some(2.5));
+        assert_eq!(get(name, "b"), Some(1e-9));
+        assert_eq!(get(name, "c"), None);
+        let throttled = "vmlet_vm_cgroup_cpu_throttled_seconds_total";
+        assert_eq!(get(throttled, "a"), Some(1e-6));
+        assert_eq!(get("vmlet_vm_cgroup_cpu_periods_total", "a"), Some(40.0));
+        assert_eq!(
+            get("vmlet_vm_cgroup_cpu_throttled_periods_total", "a"),
+            Some(7.0)
+        );
+        assert_eq!(
+            get("vmlet_vm_cgroup_memory_bytes", "a"),
+            Some((123u64 << 20) as f64)
+        );
+        assert_eq!(
+            get("vmlet_vm_cgroup_memory_limit_bytes", "a"),
+            Some((1280u64 << 20) as f64)
+        );
+        assert_eq!(get("vmlet_vm_cgroup_tasks", "a"), Some(9.0));
+        for family in [
+            throttled,
+            "vmlet_vm_cgroup_cpu_periods_total",
+            "vmlet_vm_cgroup_cpu_throttled_periods_total",
+            "vmlet_vm_cgroup_memory_bytes",
+            "vmlet_vm_cgroup_memory_limit_bytes",
+            "vmlet_vm_cgroup_tasks",
+        ] {
+            assert_eq!(get(family, "b"), None, "{family}");
+            assert_eq!(get(family, "c"), None, "{family}");
+        }
+        assert!(
+            text.contains("# TYPE vmlet_vm_cgroup_tasks gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE vmlet_vm_cgroup_cpu_usage_seconds_total counter"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_vm_has_one_claim_at_a_time() {
         let id = Uuid::new_v4();
         let first = InFlight::claim(id).expect("first claim");
@@ -570,7 +758,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
-            .block_on(render(&[]));
+            .block_on(render(&[], |_| None));
         let parsed = openmetrics_parser::prometheus::parse_prometheus(&text).unwrap();
         let vms = &parsed.families["vmlet_vms"];
         assert_eq!(vms.iter_samples().count(), PowerState::ALL.len());
@@ -579,6 +767,8 @@ mod tests {
             "vmlet_vm_block_read_bytes_total",
             "vmlet_vm_nic_tx_bytes_total",
             "vmlet_vm_balloon_actual_bytes",
+            "vmlet_vm_cgroup_cpu_usage_seconds_total",
+            "vmlet_vm_cgroup_tasks",
             "vmlet_api_request_duration_seconds",
             "vmlet_qmp_timeouts_total",
         ] {

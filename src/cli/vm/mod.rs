@@ -13,7 +13,7 @@ use super::{
     columns, key_values, mib, shown, shown_list, unless_json, write_flush, CliError, ClientOptions,
     Output,
 };
-use crate::spec::{Boot, CacheMode, DiskBus, Firmware};
+use crate::spec::{Boot, CacheMode, DiskBus, Firmware, Resources};
 use crate::vm::Vm;
 
 mod disks;
@@ -266,6 +266,9 @@ pub fn render_vm(vm: &Vm) -> String {
     }
     lines.push(("vcpus".into(), spec.vcpus.to_string()));
     lines.push(("memory".into(), mib(spec.memory_mib)));
+    if !spec.resources.is_default() {
+        lines.push(("resources".into(), resources_str(&spec.resources)));
+    }
     lines.push(("profile".into(), spec.profile.clone()));
     lines.push(("boot".into(), boot_str(&spec.boot)));
     for (i, disk) in spec.disks.iter().enumerate() {
@@ -342,6 +345,32 @@ fn desired_str(vm: &Vm) -> &'static str {
         Desired::Running => "running",
         Desired::Paused => "paused",
     }
+}
+
+/// The set fields of a spec's `resources`, as `key=value` pairs named like
+/// the spec's fields (unset ones take the daemon's `[qemu]` defaults and
+/// are left out).
+fn resources_str(r: &Resources) -> String {
+    let mut parts = Vec::new();
+    if let Some(weight) = r.cpu_weight {
+        parts.push(format!("cpu_weight={weight}"));
+    }
+    if let Some(quota) = r.cpu_quota_percent {
+        parts.push(format!("cpu_quota={quota}%"));
+    }
+    if let Some(overhead) = r.memory_overhead_mib {
+        parts.push(format!("memory_overhead={}", mib(overhead)));
+    }
+    if let Some(pids) = r.pids_max {
+        parts.push(format!("pids_max={pids}"));
+    }
+    if let Some(weight) = r.io_weight {
+        parts.push(format!("io_weight={weight}"));
+    }
+    if let Some(cpus) = &r.cpu_set {
+        parts.push(format!("cpu_set={cpus}"));
+    }
+    parts.join(" ")
 }
 
 fn boot_str(boot: &Boot) -> String {
@@ -443,6 +472,36 @@ nic 1:      network nat, 52:54:00:ab:cd:ef, e1000
 serial:     yes
 ";
         assert!(text.contains(expected), "{text}");
+    }
+
+    #[test]
+    fn vm_show_prints_the_resources_that_are_set() {
+        let mut v = vm("web", 1);
+        assert!(!render_vm(&v).contains("resources"), "unset: no line");
+        v.spec.resources = Resources {
+            cpu_weight: Some(200),
+            cpu_quota_percent: Some(50),
+            memory_overhead_mib: Some(1536),
+            pids_max: Some(256),
+            io_weight: Some(300),
+            cpu_set: Some("0-3,6".into()),
+        };
+        let text = render_vm(&v);
+        let expected = "\
+memory:     512MiB
+resources:  cpu_weight=200 cpu_quota=50% memory_overhead=1536MiB pids_max=256 io_weight=300 cpu_set=0-3,6
+profile:    q35
+";
+        assert!(text.contains(expected), "{text}");
+        v.spec.resources = Resources {
+            memory_overhead_mib: Some(64),
+            ..Resources::default()
+        };
+        assert!(
+            render_vm(&v).contains("\nresources:  memory_overhead=64MiB\n"),
+            "{}",
+            render_vm(&v)
+        );
     }
 
     #[test]

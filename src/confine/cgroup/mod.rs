@@ -233,8 +233,13 @@ impl Hierarchy {
             }
             let root = unescape(before[3]);
             let dir = PathBuf::from(unescape(before[4]));
-            if !dir.is_absolute() || !root.starts_with('/') {
-                return Err(bad("mount point or root is not absolute"));
+            if !dir.is_absolute() {
+                return Err(bad("mount point is not absolute"));
+            }
+            // Only a cgroup mount's root is a path: an nsfs mount (a named
+            // network namespace, /run/netns/NAME) has `net:[INODE]`.
+            if matches!(after[0], "cgroup" | "cgroup2") && !root.starts_with('/') {
+                return Err(bad("cgroup mount root is not absolute"));
             }
             match after[0] {
                 "cgroup" => {

@@ -199,12 +199,29 @@ fn malformed_mountinfo_names_the_line() {
         ),
         ("22 1 0:21 / /sys rw - sysfs\n", 1),
         ("22 1 0:21 / relative rw - cgroup cgroup rw,cpu\n", 1),
+        (
+            "22 1 0:21 net:[4026532196] /x rw - cgroup cgroup rw,cpu\n",
+            1,
+        ),
     ] {
         match Hierarchy::from_mountinfo(text) {
             Err(CgroupError::Mountinfo { line: got, .. }) => assert_eq!(got, line, "{text}"),
             other => panic!("{text}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn named_network_namespaces_do_not_break_detection() {
+    // `ip netns add` leaves nsfs mounts whose root is no path; `ip netns
+    // exec` shows them too.
+    let text = format!(
+        "112 109 0:4 net:[4026532196] /run/netns/lab rw master:2 - nsfs nsfs rw\n{UNIFIED}"
+    );
+    assert!(matches!(
+        Hierarchy::from_mountinfo(&text).unwrap(),
+        Hierarchy::V2 { .. }
+    ));
 }
 
 #[test]

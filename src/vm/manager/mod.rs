@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::config::Settings;
+use crate::confine::cgroup::CgroupStats;
 use crate::console::ConsoleKind;
 use crate::net::networks::{Network, NetworkNic, NetworkSpec};
 use crate::node::{self, HostTotals, Inventory, NodeInfo, Usage};
@@ -443,6 +444,13 @@ impl Manager {
     /// Every VM's handle (for the metrics scrape).
     pub fn handles(&self) -> Vec<VmHandle> {
         self.registry.handles()
+    }
+
+    /// Reads a running VM's cgroup statistics (for the metrics scrape):
+    /// owns what it needs, so the scrape can call it off the async threads.
+    pub fn cgroup_stats(&self) -> impl Fn(Uuid) -> Option<CgroupStats> + Send + Sync + 'static {
+        let ctx = self.ctx.clone();
+        move |vm| ctx.confiner.stats(vm)
     }
 }
 
