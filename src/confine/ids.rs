@@ -98,15 +98,17 @@ impl IdPool {
         self.range
     }
 
-    /// The uid for VM `vm`: the one it holds already, else the lowest free.
-    pub fn claim(&self, vm: Uuid) -> Result<u32, IdError> {
+    /// The uid for VM `vm`: the one it holds already, else the lowest one
+    /// neither handed out nor `busy` (a uid some process runs as: a QEMU
+    /// whose record is gone, another daemon's).
+    pub fn claim(&self, vm: Uuid, busy: impl Fn(u32) -> bool) -> Result<u32, IdError> {
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((uid, _)) = taken.iter().find(|(_, owner)| **owner == vm) {
             return Ok(*uid);
         }
         let free = (0..self.range.count)
             .map(|i| self.range.first + i)
-            .find(|uid| !taken.contains_key(uid))
+            .find(|uid| !taken.contains_key(uid) && !busy(*uid))
             .ok_or(IdError::Exhausted {
                 first: self.range.first,
                 count: self.range.count,
@@ -132,6 +134,24 @@ impl IdPool {
     }
 }
 
+/// The uids processes run as now (the owners of `/proc/PID`).
+pub fn uids_in_use() -> std::collections::HashSet<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.uid())
+        .collect()
+}
+
 /// The real uid of process `pid` (`Uid:` of `/proc/PID/status`).
 pub fn process_uid(pid: i32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -147,6 +167,12 @@ pub fn process_uid(pid: i32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_uids_are_seen() {
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(uids_in_use().contains(&me));
+    }
 
     #[test]
     fn ranges_parse_and_refuse_root_nobody_and_nonsense() {
@@ -169,18 +195,30 @@ mod tests {
             count: 2,
         });
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        assert_eq!(pool.claim(a), Ok(100));
-        assert_eq!(pool.claim(a), Ok(100), "a VM keeps its uid");
-        assert_eq!(pool.claim(b), Ok(101));
+        let free = |_| false;
+        assert_eq!(pool.claim(a, free), Ok(100));
+        assert_eq!(pool.claim(a, free), Ok(100), "a VM keeps its uid");
+        assert_eq!(pool.claim(b, free), Ok(101));
         assert_eq!(
-            pool.claim(c),
+            pool.claim(c, free),
             Err(IdError::Exhausted {
                 first: 100,
                 count: 2
             })
         );
         pool.release(a);
-        assert_eq!(pool.claim(c), Ok(100));
+        assert_eq!(pool.claim(c, free), Ok(100));
+        pool.release(c);
+        // A uid some process already runs as is skipped.
+        assert_eq!(
+            pool.claim(c, |uid| uid == 100),
+            Err(IdError::Exhausted {
+                first: 100,
+                count: 2
+            })
+        );
+        pool.release(b);
+        assert_eq!(pool.claim(c, |uid| uid == 100), Ok(101));
     }
 
     #[test]
@@ -193,7 +231,7 @@ mod tests {
         pool.mark(a, 100);
         pool.mark(a, 101); // found again under another uid: the last word counts
         pool.mark(b, 5000); // outside the range: not tracked
-        assert_eq!(pool.claim(b), Ok(100));
-        assert_eq!(pool.claim(a), Ok(101));
+        assert_eq!(pool.claim(b, |_| false), Ok(100));
+        assert_eq!(pool.claim(a, |_| false), Ok(101));
     }
 }

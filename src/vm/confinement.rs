@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use uuid::Uuid;
 
 use crate::config::QemuSettings;
-use crate::confine::cgroup::{CgroupStats, Cgroups, Hierarchy, Limits, ProcsFiles, VmCgroup};
+use crate::confine::cgroup::{
+    CgroupError, CgroupStats, Cgroups, Hierarchy, Limits, ProcsFiles, VmCgroup,
+};
 use crate::confine::ids::{self, IdPool, IdRange, Ids};
 use crate::qemu::instance::ConfinePlan;
 use crate::spec::VmSpec;
@@ -87,8 +89,13 @@ impl Confiner {
         } else {
             match Hierarchy::detect().and_then(|h| Cgroups::new(h, &settings.cgroup_root)) {
                 Ok(cgroups) => Some(cgroups),
+                // A setting that can never work is the operator's to fix.
+                Err(e @ CgroupError::InvalidRoot { .. }) => {
+                    return Err(format!("[qemu] cgroup_root: {}", crate::error_chain(&e)))
+                }
+                // A host without the controllers still runs VMs, unlimited.
                 Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "no cgroup hierarchy: VMs run without CPU, memory and task limits");
+                    tracing::warn!(error = %crate::error_chain(&e), "no usable cgroup hierarchy: VMs run without CPU, memory and task limits");
                     None
                 }
             }
@@ -127,8 +134,9 @@ impl Confiner {
             Users::Same => None,
             Users::One(ids) => Some(ids.clone()),
             Users::PerVm(pool) => {
+                let in_use = ids::uids_in_use();
                 let uid = pool
-                    .claim(spec.uuid)
+                    .claim(spec.uuid, |uid| in_use.contains(&uid))
                     .map_err(|e| VmError::Refused(e.to_string()))?;
                 Some(Ids {
                     uid,
