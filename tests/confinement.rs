@@ -538,3 +538,69 @@ async fn a_restarted_daemon_reattaches_a_confined_vm() {
     vmlet_stop(&d, other).await;
     vmlet_stop(&d, id).await;
 }
+
+/// The threads of `pid` whose name starts with `prefix`, with the CPUs each
+/// may run on (`Cpus_allowed_list`).
+fn threads_named(pid: i32, prefix: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with(prefix) {
+            let tid: i32 = task.file_name().to_string_lossy().parse().unwrap();
+            let allowed = vmlet::confine::affinity::allowed(pid, tid).unwrap_or_default();
+            found.push((comm.trim().to_string(), allowed));
+        }
+    }
+    found
+}
+
+/// `resources.cpu_set` pins every vCPU thread (QEMU's seccomp filter keeps
+/// QEMU from doing it; vmlet does, from `query-cpus-fast`), and only them;
+/// a set naming no CPU of this host fails the start, naming the field.
+#[tokio::test]
+async fn cpu_set_pins_the_vcpu_threads() {
+    const TEST: &str = "cpu_set_pins_the_vcpu_threads";
+    if !confinement_runs_here(TEST) {
+        return;
+    }
+    let last = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let d = Daemon::start().await;
+    let mut spec = guest_spec_json(&unique_name("pin"), "guest.action=hold");
+    spec["vcpus"] = json!(2);
+    spec["resources"] = json!({ "cpu_set": last.to_string() });
+    let (_, pid) = create_and_start(&d, &spec).await;
+    // With `debug-threads=on` the vCPU threads are named `CPU N/TCG`.
+    let vcpus = threads_named(pid, "CPU ");
+    assert_eq!(vcpus.len(), 2, "two vCPU threads: {vcpus:?}");
+    for (name, allowed) in &vcpus {
+        assert_eq!(allowed, &last.to_string(), "{name} is pinned");
+    }
+    let main = threads_named(pid, "qemu-system");
+    assert!(
+        main.iter()
+            .all(|(_, allowed)| allowed != &last.to_string() || last == 0),
+        "only the vCPU threads are pinned: {main:?}"
+    );
+
+    let mut far = guest_spec_json(&unique_name("far"), "guest.action=hold");
+    far["resources"] = json!({ "cpu_set": "4000" });
+    let vm = expect(&d, Method::POST, "/v1/vms", Some(&far), 201).await;
+    let body = expect(
+        &d,
+        Method::POST,
+        &format!("/v1/vms/{}/start", id_of(&vm)),
+        None,
+        503,
+    )
+    .await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("4000"), "{body}");
+    assert!(
+        d.qemu_pids().len() == 1,
+        "the failed start left no QEMU: {:?}",
+        d.qemu_pids()
+    );
+}
