@@ -247,10 +247,7 @@ async fn a_guest_that_ignores_the_button_keeps_running_and_force_resets_it() {
     )
     .await;
     let error = assert_error(&answer, 503, "timeout");
-    let message = error["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let message = error["message"].as_str().unwrap_or_default().to_string();
     assert!(
         message.contains("did not react to the ACPI power button within 3s")
             && message.contains("keeps running"),
