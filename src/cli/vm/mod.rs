@@ -553,6 +553,9 @@ ID                                    NAME              STATE     TASK  DESIRED 
         let mut v = vm("web", 1);
         v.state = as_received(PowerState::Error);
         v.error = Some("qemu exited: bad disk".into());
+        v.boots = 3;
+        v.last_stop = Some(crate::vm::record::StopResult::Quit);
+        v.console_silent_since = Some("2024-05-01T10:00:01Z".into());
         v.spec.disks.push(DiskSpec {
             read_only: true,
             boot_order: Some(1),
@@ -568,6 +571,9 @@ desired:    stopped
 generation: 1
 pid:        -
 error:      qemu exited: bad disk
+boots:      3
+last stop:  quit
+hint:       the serial console has printed nothing since 2024-05-01T10:00:01Z: the guest may hang, or print its console elsewhere (vmlet console web --print-log --boot current)
 vcpus:      2
 memory:     512MiB
 profile:    q35
