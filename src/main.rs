@@ -143,6 +143,10 @@ enum Command {
         /// With --print-log: how many bytes from the end (default 64 KiB).
         #[arg(long, value_name = "N", requires = "print_log")]
         tail_bytes: Option<u64>,
+        /// With --print-log: `current` prints only the current (or last)
+        /// boot, from vmlet's `--- vmlet: boot N started` line on.
+        #[arg(long, value_name = "WHICH", requires = "print_log", value_parser = ["current"])]
+        boot: Option<String>,
     },
     /// Follow the daemon's events, one line each, until interrupted.
     Events {
@@ -334,8 +338,9 @@ async fn run_client(cli: Cli) -> Result<anyhow::Result<ExitCode>, Cli> {
             vm,
             print_log: true,
             tail_bytes,
+            boot,
             ..
-        } => vmlet::cli::run_console_log(&opts, &vm, tail_bytes, &mut stdout).await,
+        } => vmlet::cli::run_console_log(&opts, &vm, tail_bytes, boot.is_some(), &mut stdout).await,
         Command::Console {
             opts, vm, escape, ..
         } => vmlet::cli::run_console(&opts, &vm, escape).await,
@@ -417,6 +422,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         accel,
         paths: &paths,
         serial_log: &serial_log,
+        serial_banner: None,
         qemu_log: &qemu_log,
         disks: &files.disks,
         disk_sets: &files.sets,

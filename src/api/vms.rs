@@ -54,7 +54,22 @@ pub struct StopRequest {
     pub timeout_s: Option<u64>,
 }
 
-/// Largest `timeout_s` a stop accepts (one day).
+/// `POST /v1/vms/{id}/reboot` options.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRequest {
+    /// Reset the machine at once (QMP `system_reset`, like the reset
+    /// button) instead of asking the guest.
+    #[serde(default)]
+    pub force: bool,
+    /// Seconds the guest gets to shut down after the ACPI power button
+    /// before the reboot fails (default: the daemon's `stop_grace_s`).
+    #[serde(default)]
+    #[schema(maximum = 86_400)]
+    pub timeout_s: Option<u64>,
+}
+
+/// Largest `timeout_s` a stop or reboot accepts (one day).
 const MAX_STOP_TIMEOUT_S: u64 = 86_400;
 
 /// List VMs.
@@ -74,7 +89,7 @@ pub async fn show(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(app.manager.find(&id)?.view()))
+    Ok(Json(app.manager.show(&id)?))
 }
 
 /// Create a VM; the server picks its UUID. The VM is created stopped.
@@ -201,6 +216,7 @@ pub async fn stop(
     }
     let options = ActOptions {
         stop_timeout: request.timeout_s.map(Duration::from_secs),
+        ..ActOptions::default()
     };
     act(
         &app,
@@ -213,16 +229,36 @@ pub async fn stop(
     .await
 }
 
-/// Reset the guest (like pressing the reset button); the VM stays running.
+/// Reboot the guest by asking it, as libvirt's ACPI reboot does: QEMU is set
+/// to pause when the guest shuts down, the ACPI power button is pressed, and
+/// once the guest has shut down the machine is reset and started again (the
+/// same QEMU: a new boot). A guest that does not shut down within
+/// `timeout_s` keeps running and the reboot fails (503 `timeout`); a paused
+/// VM is refused (409). With `force`, the machine is reset at once. Answers
+/// once the new boot runs.
 #[utoipa::path(post, path = "/v1/vms/{id}/reboot", tag = "power",
     params(("id" = String, Path, description = "VM UUID or name")),
+    request_body(content = Option<RebootRequest>, description = "Optional: no body (or `null`) is `{}`"),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn reboot(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    bytes: Bytes,
 ) -> Result<Json<Vm>, ApiError> {
-    act(&app, &id, PowerAction::Reboot, ActOptions::default()).await
+    let request: RebootRequest = body::parse_optional(&bytes)?;
+    if request.timeout_s.is_some_and(|t| t > MAX_STOP_TIMEOUT_S) {
+        return Err(ApiError::invalid_field(
+            "timeout_s",
+            format!("must be at most {MAX_STOP_TIMEOUT_S}"),
+        ));
+    }
+    let options = ActOptions {
+        stop_timeout: request.timeout_s.map(Duration::from_secs),
+        force: request.force,
+    };
+    act(&app, &id, PowerAction::Reboot, options).await
 }
 
 /// Pause the vCPUs. Pausing a paused VM succeeds.

@@ -126,14 +126,19 @@ pub async fn run_console(opts: &ClientOptions, vm: &str, escape: u8) -> Result<(
     Ok(())
 }
 
-/// `vmlet console VM --print-log`: prints the log's tail as the guest wrote it.
+/// `vmlet console VM --print-log`: prints the log's tail as the guest wrote
+/// it (`current_boot`: only the current boot's part).
 pub async fn run_console_log(
     opts: &ClientOptions,
     vm: &str,
     tail_bytes: Option<u64>,
+    current_boot: bool,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    let bytes = opts.client()?.console_log(vm, tail_bytes).await?;
+    let bytes = opts
+        .client()?
+        .console_log_of(vm, tail_bytes, current_boot)
+        .await?;
     out.write_all(&bytes).map_err(CliError::Output)?;
     out.flush().map_err(CliError::Output)
 }

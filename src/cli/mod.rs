@@ -227,6 +227,26 @@ pub enum CliError {
         /// The image.
         name: String,
     },
+    /// `vm start --wait-ready`: the marker did not appear in time.
+    #[error("VM {vm} started, but its serial console did not print {marker:?} within {timeout_s}s (see `vmlet console {vm} --print-log --boot current`)")]
+    NotReady {
+        /// The VM.
+        vm: String,
+        /// The text waited for.
+        marker: String,
+        /// The wait, in seconds.
+        timeout_s: u64,
+    },
+    /// `vm start --wait-ready`: the VM stopped while vmlet waited for it.
+    #[error("VM {vm} is {state} while waiting for {marker:?} on its serial console")]
+    StoppedWhileWaiting {
+        /// The VM.
+        vm: String,
+        /// Its state.
+        state: String,
+        /// The text waited for.
+        marker: String,
+    },
 }
 
 fn write_flush(out: &mut impl Write, text: &str) -> Result<(), CliError> {

@@ -107,9 +107,25 @@ impl Client {
         self.action(id_or_name, "stop", Some(&body)).await
     }
 
-    /// Resets a VM's guest.
+    /// Reboots a VM's guest by asking it (ACPI); `force` resets the
+    /// machine at once; `timeout_s` bounds how long the guest gets to shut
+    /// down (the daemon's default if unset).
     pub async fn reboot(&self, id_or_name: &str) -> Result<Vm, ClientError> {
-        self.action(id_or_name, "reboot", None).await
+        self.reboot_with(id_or_name, false, None).await
+    }
+
+    /// [`Client::reboot`] with its options.
+    pub async fn reboot_with(
+        &self,
+        id_or_name: &str,
+        force: bool,
+        timeout_s: Option<u64>,
+    ) -> Result<Vm, ClientError> {
+        let mut body = serde_json::json!({ "force": force });
+        if let Some(t) = timeout_s {
+            body["timeout_s"] = t.into();
+        }
+        self.action(id_or_name, "reboot", Some(&body)).await
     }
 
     /// Pauses a VM's vCPUs.

@@ -31,7 +31,8 @@ pub enum VmError {
     /// QEMU or the host failed the operation; the message says how.
     #[error("{0}")]
     Failed(String),
-    /// A QMP command got no reply in time.
+    /// A QMP command got no reply in time, or the guest did not react in
+    /// time (a graceful reboot).
     #[error("{0}")]
     Timeout(String),
     /// The host's disk is full; nothing was left half-made.

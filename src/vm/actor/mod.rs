@@ -60,8 +60,11 @@ pub use crate::vm::error::VmError;
 /// Options of an action.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ActOptions {
-    /// For a graceful stop: how long the guest gets to power off.
+    /// For a graceful stop or reboot: how long the guest gets to shut down.
     pub stop_timeout: Option<Duration>,
+    /// For a reboot: reset the machine at once (`system_reset`) instead of
+    /// asking the guest.
+    pub force: bool,
 }
 
 type Reply = oneshot::Sender<Result<Vm, VmError>>;
@@ -135,6 +138,11 @@ enum Input {
 enum OpResult {
     Started(Result<(instance::QemuInstance, Option<Arc<SerialHub>>), VmError>),
     Stopped(Result<StopOutcome, ProcessError>),
+    /// A reboot, and QEMU's run state afterwards when it could be read.
+    Rebooted {
+        result: Result<(), instance::RebootError>,
+        status: Option<qapi::qmp::RunState>,
+    },
     Qmp {
         task: Task,
         result: Result<(), QmpError>,
@@ -551,7 +559,8 @@ impl Actor {
         match action {
             PowerAction::Start => self.begin_start(),
             PowerAction::Stop { force } => self.begin_stop(force, options.stop_timeout),
-            PowerAction::Reboot => self.begin_qmp(Task::Reboot),
+            PowerAction::Reboot if options.force => self.begin_qmp(Task::Reboot),
+            PowerAction::Reboot => self.begin_reboot(options.stop_timeout),
             PowerAction::Pause => self.begin_qmp(Task::Pause),
             PowerAction::Resume => self.begin_qmp(Task::Resume),
             PowerAction::Delete { .. } => self.begin_delete(),
