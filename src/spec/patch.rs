@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
-use super::{DiskSource, DiskSpec, IoLimits, NicSpec, VmSpec};
+use super::{DiskSource, DiskSpec, FieldError, IoLimits, NicSpec, VmSpec};
 
 /// Applies merge patch `patch` to `target` (RFC 7386): objects merge key by
 /// key, `null` removes a key, anything else (arrays included) replaces.
@@ -103,6 +103,72 @@ pub fn name_disks(spec: &mut VmSpec) {
     for (i, disk) in spec.disks.iter_mut().enumerate() {
         disk.name = Some(disk.name_or_default(i));
     }
+}
+
+/// Names `wanted`'s unnamed disks after `base`'s: an unnamed disk with the
+/// same source as a disk of `base` keeps that disk's name, so removing the
+/// first of two unnamed disks does not make the second one `disk0`. The
+/// rest get `disk<i>`. `base` has named disks ([`name_disks`]).
+pub fn adopt_disk_names(base: &VmSpec, wanted: &mut VmSpec) {
+    let mut used: BTreeSet<String> = wanted.disks.iter().filter_map(|d| d.name.clone()).collect();
+    for i in 0..wanted.disks.len() {
+        if wanted.disks[i].name.is_some() {
+            continue;
+        }
+        let adopted = base
+            .disks
+            .iter()
+            .filter(|b| same_source(b, &wanted.disks[i]))
+            .filter_map(|b| b.name.clone())
+            .find(|name| !used.contains(name));
+        let name = adopted.unwrap_or_else(|| wanted.disks[i].name_or_default(i));
+        used.insert(name.clone());
+        wanted.disks[i].name = Some(name);
+    }
+}
+
+/// Whether two disks are the same storage (path and format, image, volume,
+/// or size).
+pub fn same_source(a: &DiskSpec, b: &DiskSpec) -> bool {
+    (&a.path, a.format, &a.image, &a.volume, a.size_mib)
+        == (&b.path, b.format, &b.image, &b.volume, b.size_mib)
+}
+
+/// What a change may not do to disks, beyond what validation checks (both
+/// specs named): a disk keeps its storage (`disks[i]`: detach it and attach
+/// another instead), disks made for the VM (from an image or blank) are
+/// made only at create and never removed, since they go with the VM.
+pub fn check_disk_changes(base: &VmSpec, wanted: &VmSpec) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    for (i, disk) in wanted.disks.iter().enumerate() {
+        let name = disk.name.as_deref().unwrap_or_default();
+        match base.disks.iter().find(|d| d.name.as_deref() == Some(name)) {
+            Some(old) if !same_source(old, disk) => errors.push(FieldError {
+                field: format!("disks[{i}]"),
+                message: format!(
+                    "disk {name} keeps its storage (path, format, image, volume, size_mib); detach it and attach another disk (resize grows a disk)"
+                ),
+            }),
+            Some(_) => {}
+            None if disk.owned_by_vm() => errors.push(FieldError {
+                field: format!("disks[{i}]"),
+                message: "a disk from an image or blank is made only with the VM; add a volume (POST /v1/volumes makes one)".into(),
+            }),
+            None => {}
+        }
+    }
+    for old in &base.disks {
+        let name = old.name.as_deref().unwrap_or_default();
+        if old.owned_by_vm() && !wanted.disks.iter().any(|d| d.name.as_deref() == Some(name)) {
+            errors.push(FieldError {
+                field: "disks".into(),
+                message: format!(
+                    "disk {name} was made for this VM (from an image or blank) and goes only with it"
+                ),
+            });
+        }
+    }
+    errors
 }
 
 /// One change a running VM takes at once.
@@ -463,6 +529,45 @@ mod tests {
         let s = split(&running, &reordered, CAPS);
         assert!(s.live.is_empty());
         assert_eq!(s.pending, vec!["disks"]);
+    }
+
+    #[test]
+    fn unnamed_disks_keep_their_names_and_owned_disks_their_storage() {
+        let mut unnamed = spec();
+        for d in &mut unnamed.disks {
+            d.name = None;
+        }
+        let mut base = unnamed.clone();
+        name_disks(&mut base);
+        // The image disk removed: the volume stays disk1, and removing a
+        // disk made for the VM is refused.
+        let mut wanted = unnamed.clone();
+        wanted.disks.remove(0);
+        adopt_disk_names(&base, &mut wanted);
+        assert_eq!(wanted.disks[0].name.as_deref(), Some("disk1"));
+        let errors = check_disk_changes(&base, &wanted);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "disks");
+        assert!(errors[0].message.contains("disk0"));
+
+        // Another volume under an old name, and a new blank disk.
+        let mut wanted = base.clone();
+        wanted.disks[1].volume = Some("other".into());
+        wanted
+            .disks
+            .push(serde_json::from_value(json!({"size_mib": 10})).unwrap());
+        adopt_disk_names(&base, &mut wanted);
+        assert_eq!(wanted.disks[2].name.as_deref(), Some("disk2"));
+        let fields: Vec<String> = check_disk_changes(&base, &wanted)
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, vec!["disks[1]", "disks[2]"]);
+
+        // Limits and cache may change.
+        let mut wanted = base.clone();
+        wanted.disks[0].limits.bps_total = Some(1 << 20);
+        assert!(check_disk_changes(&base, &wanted).is_empty());
     }
 
     #[test]
