@@ -248,7 +248,11 @@ pub async fn require_json_body(request: Request, next: Next) -> Response {
                 code: "unsupported_media_type",
                 ..ApiError::bad_request(format!(
                     "request bodies must be JSON (Content-Type: application/json{}); got {got}",
-                    if patch { ", or application/merge-patch+json" } else { "" }
+                    if patch {
+                        ", or application/merge-patch+json"
+                    } else {
+                        ""
+                    }
                 ))
             }
             .into_response();
@@ -279,10 +283,10 @@ pub fn is_json(content_type: &str) -> bool {
 
 /// `application/merge-patch+json` (RFC 7386), parameters allowed.
 pub fn is_merge_patch(content_type: &str) -> bool {
-    content_type
-        .split(';')
-        .next()
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/merge-patch+json"))
+    content_type.split(';').next().is_some_and(|t| {
+        t.trim()
+            .eq_ignore_ascii_case("application/merge-patch+json")
+    })
 }
 
 /// Routes that need no bearer token: `/healthz`, and the console's
@@ -437,7 +441,9 @@ mod tests {
         assert!(is_json("application/json"));
         assert!(is_json("Application/JSON; charset=utf-8"));
         assert!(is_merge_patch("application/merge-patch+json"));
-        assert!(is_merge_patch("application/merge-patch+json; charset=utf-8"));
+        assert!(is_merge_patch(
+            "application/merge-patch+json; charset=utf-8"
+        ));
         assert!(!is_merge_patch("application/json-patch+json"));
         assert!(!is_json("application/merge-patch+json"));
         for bad in [

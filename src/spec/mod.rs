@@ -22,8 +22,8 @@ pub use errors::{FieldError, SpecError};
 pub use image::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
 pub use nic::{derived_mac, format_mac, parse_mac, NicModel, NicSpec};
 pub use patch::{
-    adopt_disk_names, changed_fields, check_disk_changes, diff, merge_patch, name_disks, same_source,
-    split, LiveCaps, LiveChange, Split,
+    adopt_disk_names, changed_fields, check_disk_changes, diff, merge_patch, name_disks,
+    same_source, split, LiveCaps, LiveChange, Split,
 };
 pub use resources::{parse_cpu_list, Resources, MAX_HOST_CPU};
 pub use validation::{validate_disk, validate_limits, validate_name, validate_nic, validate_size};

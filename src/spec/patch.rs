@@ -276,9 +276,7 @@ pub fn split(running: &VmSpec, wanted: &VmSpec, caps: LiveCaps) -> Split {
             Some(_) => {}
             // Disks made for the VM go only with it (the caller refuses
             // removing them); volumes and host files unplug.
-            None if caps.hotplug && !disk.owned_by_vm() => {
-                live.push(LiveChange::DetachDisk(name))
-            }
+            None if caps.hotplug && !disk.owned_by_vm() => live.push(LiveChange::DetachDisk(name)),
             None => {}
         }
     }
@@ -288,11 +286,7 @@ pub fn split(running: &VmSpec, wanted: &VmSpec, caps: LiveCaps) -> Split {
     for disk in &wanted.disks {
         let name = disk.name.as_deref().unwrap_or_default();
         let volume = matches!(disk.source(), Ok(DiskSource::Volume { .. }));
-        if named(running, name).is_none()
-            && caps.hotplug
-            && volume
-            && (has_scsi || !scsi(disk))
-        {
+        if named(running, name).is_none() && caps.hotplug && volume && (has_scsi || !scsi(disk)) {
             live.push(LiveChange::AttachDisk(disk.clone()));
         }
     }
@@ -352,11 +346,7 @@ mod tests {
                 json!({"a":{"b":"d","c":null}}),
                 json!({"a":{"b":"d"}}),
             ),
-            (
-                json!({"a":[{"b":"c"}]}),
-                json!({"a":[1]}),
-                json!({"a":[1]}),
-            ),
+            (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
             (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
             (json!({"a":"b"}), json!(["c"]), json!(["c"])),
             (json!({"a":"foo"}), json!(null), json!(null)),
@@ -392,7 +382,10 @@ mod tests {
         }
         assert_eq!(diff(&json!({"a":1}), &json!({"a":1})), json!({}));
         assert_eq!(
-            diff(&json!({"a":1,"b":{"c":2,"d":3}}), &json!({"a":1,"b":{"c":5}})),
+            diff(
+                &json!({"a":1,"b":{"c":2,"d":3}}),
+                &json!({"a":1,"b":{"c":5}})
+            ),
             json!({"b":{"c":5,"d":null}})
         );
     }

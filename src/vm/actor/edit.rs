@@ -56,11 +56,7 @@ impl Actor {
                 return self.reply(reply, Err(e));
             }
         }
-        let current = self
-            .vm
-            .pending
-            .as_ref()
-            .map_or(&self.vm.spec, |p| &p.spec);
+        let current = self.vm.pending.as_ref().map_or(&self.vm.spec, |p| &p.spec);
         if *current != edit.base {
             let e = VmError::Conflict(format!(
                 "VM {}'s spec changed while this change was checked; retry",
@@ -196,7 +192,10 @@ impl Actor {
     }
 }
 
-fn find_disk<'a>(spec: &'a VmSpec, name: &str) -> Result<(usize, &'a crate::spec::DiskSpec), VmError> {
+fn find_disk<'a>(
+    spec: &'a VmSpec,
+    name: &str,
+) -> Result<(usize, &'a crate::spec::DiskSpec), VmError> {
     spec.disks
         .iter()
         .enumerate()
