@@ -37,7 +37,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// `bad_request`, `unauthorized`, `not_found`, `conflict`, `busy`,
-    /// `payload_too_large`, `invalid_spec`, `unavailable`, `timeout`.
+    /// `payload_too_large`, `invalid_spec`, `unavailable`, `timeout`,
+    /// `stale_generation`.
     pub code: &'static str,
     /// What went wrong.
     pub message: String,
@@ -122,6 +123,9 @@ impl From<VmError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "conflict", message)
             }
             VmError::Invalid(spec) => ApiError::invalid(spec.errors),
+            VmError::StaleGeneration(_) => {
+                ApiError::new(StatusCode::PRECONDITION_FAILED, "stale_generation", message)
+            }
             VmError::Failed(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
             }
@@ -176,6 +180,11 @@ mod tests {
             (VmError::Timeout("slow".into()), 503, "timeout"),
             (VmError::Gone, 404, "not_found"),
             (VmError::NoSpace("full".into()), 507, "no_space"),
+            (
+                VmError::StaleGeneration("changed".into()),
+                412,
+                "stale_generation",
+            ),
         ];
         for (err, status, code) in cases {
             let api = ApiError::from(err);

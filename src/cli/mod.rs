@@ -247,6 +247,10 @@ pub enum CliError {
         /// The text waited for.
         marker: String,
     },
+    /// `vm edit` or `vm set` could not make a change (the editor failed,
+    /// the edited file is not a spec, a `key=value` is malformed).
+    #[error("{0}")]
+    Edit(String),
 }
 
 fn write_flush(out: &mut impl Write, text: &str) -> Result<(), CliError> {

@@ -38,6 +38,10 @@ pub enum VmError {
     /// The host's disk is full; nothing was left half-made.
     #[error("{0}")]
     NoSpace(String),
+    /// The caller's generation of the VM is not its current one (someone
+    /// changed it since the caller read it).
+    #[error("{0}")]
+    StaleGeneration(String),
     /// The VM was deleted while the request waited.
     #[error("VM was deleted")]
     Gone,
@@ -93,6 +97,7 @@ impl VmError {
             other @ (VmError::Busy(_)
             | VmError::NotNow(_)
             | VmError::Invalid(_)
+            | VmError::StaleGeneration(_)
             | VmError::Gone) => other,
         }
     }

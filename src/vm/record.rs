@@ -21,6 +21,10 @@ pub struct Vm {
     pub name: String,
     /// What the VM is.
     pub spec: VmSpec,
+    /// A change the running VM could not take: it waits for the next start,
+    /// when its spec becomes `spec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
     /// What vmlet last observed.
     #[schema(value_type = PowerState)]
     pub state: Observed,
@@ -70,6 +74,7 @@ impl Vm {
             id: spec.uuid,
             name: spec.name.clone(),
             spec,
+            pending: None,
             state: Observed::NEW,
             task: None,
             desired: Desired::Stopped,
@@ -123,6 +128,16 @@ impl From<crate::qemu::instance::StopOutcome> for StopResult {
             O::AlreadyExited => StopResult::AlreadyExited,
         }
     }
+}
+
+/// A spec waiting for the VM's next start (like Proxmox's pending changes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Pending {
+    /// The spec the VM gets at its next start.
+    pub spec: VmSpec,
+    /// Where it differs from the spec the VM runs (`memory_mib`,
+    /// `resources.cpu_quota_percent`, `disks`).
+    pub fields: Vec<String>,
 }
 
 /// `vm.json`: the [`Vm`] with a format version.

@@ -17,6 +17,7 @@ use crate::spec::{Boot, CacheMode, DiskBus, Firmware, Resources};
 use crate::vm::Vm;
 
 mod disks;
+mod edit;
 mod nics;
 mod snapshots;
 
@@ -116,6 +117,22 @@ pub enum VmCommand {
         #[arg(long)]
         delete_volumes: bool,
     },
+    /// Edit a VM's spec in $EDITOR (else vi) and apply what changed: live
+    /// what the running VM can take, the rest at its next start.
+    Edit {
+        /// UUID or name.
+        vm: String,
+    },
+    /// Change spec fields: `memory_mib=512 resources.cpu_quota_percent=50
+    /// autostart=true` (values are JSON when they parse, else strings;
+    /// `null` removes a field).
+    Set {
+        /// UUID or name.
+        vm: String,
+        /// `key=value` pairs; dotted keys reach into objects.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+    },
     /// Attach, detach and throttle a VM's disks.
     Disk {
         /// The disk operation.
@@ -183,6 +200,8 @@ pub async fn run_vm(
                 }
             })
         }
+        VmCommand::Edit { vm } => edit::edit(&client, &vm, json).await?,
+        VmCommand::Set { vm, pairs } => edit::set(&client, &vm, &pairs, json).await?,
         VmCommand::Disk { cmd } => disk_command(&client, cmd, json).await?,
         VmCommand::Nic { cmd } => nic_command(&client, cmd, json).await?,
         VmCommand::Snapshot { cmd } => snapshot_command(&client, cmd, json).await?,
@@ -399,6 +418,12 @@ pub fn render_vm(vm: &Vm) -> String {
         lines.push((
             "hint".into(),
             format!("the serial console has printed nothing since {since}: the guest may hang, or print its console elsewhere (vmlet console {} --print-log --boot current)", vm.name),
+        ));
+    }
+    if let Some(pending) = &vm.pending {
+        lines.push((
+            "pending".into(),
+            format!("{} (at the next start)", pending.fields.join(", ")),
         ));
     }
     lines.push(("vcpus".into(), spec.vcpus.to_string()));

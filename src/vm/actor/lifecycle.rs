@@ -8,6 +8,10 @@ impl Actor {
     pub(super) fn begin_start(&mut self) {
         self.observe(Observation::StartBegun);
         self.commit(|vm| {
+            // A change the last QEMU could not take becomes the spec now.
+            if let Some(pending) = vm.pending.take() {
+                vm.spec = pending.spec;
+            }
             vm.task = Some(Task::Start);
             vm.desired = Desired::Running;
             vm.error = None;
@@ -287,6 +291,7 @@ impl Actor {
                 return true;
             }
             OpResult::Storage { result, status } => self.on_storage_done(result, status),
+            OpResult::Edit(done) => self.on_edit_done(*done),
             OpResult::Deleted(Err(message)) => {
                 self.teardown();
                 let error = format!("delete failed: {message}");

@@ -40,11 +40,13 @@ use crate::vm::state::{
 };
 use crate::vm::Vm;
 
+mod edit;
 mod lifecycle;
 mod reattach;
 mod storage;
 mod watcher;
 
+pub use edit::Edit;
 pub use storage::Change;
 use storage::Work;
 
@@ -82,6 +84,8 @@ pub enum Command {
     },
     /// A change of the VM's disks or NICs (boxed: a disk spec is large).
     Change(Box<Change>),
+    /// Change the spec (boxed: two specs are large).
+    Edit(Box<Edit>),
     /// Take, revert to or delete a snapshot.
     Snapshot {
         /// Which.
@@ -103,6 +107,7 @@ impl Command {
             }
             Command::Change(_) => Action::Disks,
             Command::Snapshot { .. } => Action::Snapshot,
+            Command::Edit(_) => Action::Edit,
         }
     }
 }
@@ -154,6 +159,7 @@ enum OpResult {
         /// QEMU's run state afterwards (snapshots pause the vCPUs).
         status: Option<qapi::qmp::RunState>,
     },
+    Edit(Box<edit::EditDone>),
 }
 
 /// The API's way to one VM: its latest view and its inbox.
@@ -528,6 +534,7 @@ impl Actor {
                 Command::Snapshot { kind, name } => {
                     self.run_storage(task, Work::Snapshot { kind, name }, reply)
                 }
+                Command::Edit(edit) => self.run_edit(task, *edit, reply),
             },
         }
     }

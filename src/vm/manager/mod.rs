@@ -31,6 +31,7 @@ use crate::vm::events::EventBus;
 use crate::vm::registry::Registry;
 
 mod admission;
+mod edit;
 mod stores;
 
 use crate::vm::state::PowerAction;
