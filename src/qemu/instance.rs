@@ -630,6 +630,13 @@ impl RebootError {
     }
 }
 
+/// Puts back QEMU's default reaction to a guest shutdown (exit), which a
+/// graceful reboot changes for its duration: after a daemon restart, a
+/// reboot that was under way is over.
+pub async fn restore_shutdown_action(qmp: &QmpClient) -> Result<(), QmpError> {
+    set_shutdown_action(qmp, "poweroff").await
+}
+
 /// QMP `set-action` for the guest's shutdown: `pause` or `poweroff`.
 async fn set_shutdown_action(qmp: &QmpClient, action: &str) -> Result<(), QmpError> {
     qmp.execute_raw(
