@@ -203,6 +203,7 @@ impl utoipa::Modify for CommonResponses {
                 ("put", item.put.as_mut()),
                 ("post", item.post.as_mut()),
                 ("delete", item.delete.as_mut()),
+                ("patch", item.patch.as_mut()),
             ];
             for (method, operation) in operations {
                 let Some(operation) = operation else { continue };

@@ -15,6 +15,7 @@ use crate::api::error::{ApiError, ErrorBody};
 use crate::api::AppState;
 use crate::spec::{merge_patch, VmSpec};
 use crate::vm::actor::ActOptions;
+use crate::vm::error::VmError;
 use crate::vm::manager::Created;
 use crate::vm::state::PowerAction;
 use crate::vm::Vm;
@@ -174,7 +175,7 @@ pub struct PatchQuery {
 /// `?generation=N`, a VM no longer at generation N answers 412.
 #[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms",
     params(("id" = String, Path, description = "VM UUID or name"),
-        ("If-Match" = Option<String>, Header, pattern = r#"^(W/)?"?[0-9]{1,19}"?$"#, description = "The generation the change is based on, quoted (`\"7\"`); anything else is 400"),
+        ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(W/)?("[0-9]{1,19}"|[0-9]{1,19})$"#, description = "The generation the change is based on, quoted (`\"7\"`); anything else is 400"),
         PatchQuery),
     request_body(content = Object, description = "A JSON merge patch of the spec",
         content_type = "application/merge-patch+json"),
@@ -190,14 +191,7 @@ pub async fn patch(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<Json<Vm>, ApiError> {
-    let generation = match (if_match(&headers)?, query.generation) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(ApiError::bad_request(format!(
-                "If-Match ({a}) and generation ({b}) disagree"
-            )))
-        }
-        (a, b) => a.or(b),
-    };
+    let (header, param) = (if_match(&headers)?, query.generation);
     let patch: serde_json::Value = body::parse(&bytes)?;
     if !patch.is_object() {
         return Err(ApiError::invalid_field(
@@ -206,6 +200,17 @@ pub async fn patch(
         ));
     }
     let vm = app.manager.find(&id)?.view();
+    // Two different generations cannot both be the VM's.
+    let generation = match (header, param) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(VmError::StaleGeneration(format!(
+                "If-Match ({a}) and generation ({b}) disagree: the VM is at generation {}",
+                vm.generation
+            ))
+            .into())
+        }
+        (a, b) => a.or(b),
+    };
     let base = vm.pending.map_or(vm.spec, |p| p.spec);
     let mut value = serde_json::to_value(&base)
         .map_err(|e| ApiError::bad_request(format!("the VM's spec: {e}")))?;
