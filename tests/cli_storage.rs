@@ -94,17 +94,31 @@ async fn vmlet_ok(d: &Daemon, args: &[&str]) -> String {
     run.stdout
 }
 
-/// Runs `vmlet ARGS`, expects exit 1, returns the error line from stderr
-/// (after any progress lines).
+/// Runs `vmlet ARGS`, expects it to fail with the exit code of the error's
+/// class (`vmlet --help`: 3 for a 404, 4 for a 409, 5 for a 400 or 422, 6
+/// for a 503, else 1), returns the error line from stderr (after any
+/// progress lines).
 async fn vmlet_fails(d: &Daemon, args: &[&str]) -> String {
     let run = vmlet(d, args).await;
-    assert_eq!(run.code, Some(1), "vmlet {args:?}: {run}");
     let error = run
         .stderr
         .lines()
         .find(|l| l.starts_with("vmlet: "))
-        .unwrap_or_else(|| panic!("no error line: {run}"));
-    error.to_string()
+        .unwrap_or_else(|| panic!("no error line: {run}"))
+        .to_string();
+    let status = error
+        .strip_prefix("vmlet: ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|word| word.parse::<u16>().ok());
+    let expected = match status {
+        Some(404) => 3,
+        Some(409) => 4,
+        Some(400 | 422) => 5,
+        Some(503) => 6,
+        _ => 1,
+    };
+    assert_eq!(run.code, Some(expected), "vmlet {args:?}: {run}");
+    error
 }
 
 fn json(text: &str) -> Value {
@@ -353,7 +367,8 @@ async fn image_import_from_a_url_and_deleted_while_followed() {
         .expect("the import command ends once the image is gone")
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // Exit 3: the image is not found any more.
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "vmlet: image {slow} was deleted while it was being imported"

@@ -536,7 +536,8 @@ async fn the_vmlet_binary_exits_one_with_the_error_on_stderr() {
     };
     let out = run(&["vm", "start", "web"], &daemon.socket).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Exit 4: a conflict.
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains("409 conflict: VM is busy with task stop"),
         "{stderr}"
@@ -546,7 +547,8 @@ async fn the_vmlet_binary_exits_one_with_the_error_on_stderr() {
     let missing = daemon.socket.with_file_name("missing.sock");
     let out = run(&["node"], &missing).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Exit 6: the daemon is unavailable.
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("is `vmlet serve` running?"), "{stderr}");
     assert!(stderr.contains("No such file or directory"), "{stderr}");
 }

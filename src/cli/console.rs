@@ -9,8 +9,83 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::{CliError, ClientOptions};
+use crate::cli::{CliError, ClientOptions, Output};
+use crate::client::Endpoint;
 use crate::console::ConsoleKind;
+
+/// `vmlet vm console VM` (and its alias `vmlet console VM`): attach, print
+/// the log, or hand out a browser URL.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ConsoleArgs {
+    /// The VM (UUID or name).
+    pub vm: String,
+    /// The key that detaches: ^X for a control key, or one character.
+    #[arg(long, default_value = DEFAULT_ESCAPE, value_parser = parse_escape)]
+    pub escape: u8,
+    /// Print the end of the console log instead of attaching (works
+    /// for stopped VMs too).
+    #[arg(long = "print-log", conflicts_with = "vnc")]
+    pub print_log: bool,
+    /// With --print-log: how many bytes from the end (default 64 KiB).
+    #[arg(long, value_name = "N", requires = "print_log")]
+    pub tail_bytes: Option<u64>,
+    /// Print a one-time URL of the VM's graphical console (noVNC) to open
+    /// in a browser, instead of attaching. It works once, within a minute.
+    #[arg(long)]
+    pub vnc: bool,
+}
+
+/// Runs `vmlet vm console` / `vmlet console` as `args` say.
+pub async fn run_console_args(
+    args: ConsoleArgs,
+    opts: &ClientOptions,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    if args.vnc {
+        run_console_vnc(opts, &args.vm, out).await
+    } else if args.print_log {
+        run_console_log(opts, &args.vm, args.tail_bytes, out).await
+    } else {
+        run_console(opts, &args.vm, args.escape).await
+    }
+}
+
+/// `vmlet vm console VM --vnc`: asks for a one-time VNC token and prints the
+/// browser page's URL (with `-o json`, the token as the API returns it).
+pub async fn run_console_vnc(
+    opts: &ClientOptions,
+    vm: &str,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let client = opts.client()?;
+    let token = client.console_token(vm, ConsoleKind::Vnc).await?;
+    let text = if opts.output == Output::Json {
+        super::pretty(&token)
+    } else {
+        vnc_message(client.endpoint(), &token)
+    };
+    super::write_flush(out, &text)
+}
+
+/// What `--vnc` prints: the full URL when the daemon is reached over TCP;
+/// over the unix socket a browser cannot follow, so the path and what to
+/// put in front of it.
+pub fn vnc_message(endpoint: &Endpoint, token: &crate::api::console::ConsoleToken) -> String {
+    let page = token.page_url.as_deref().unwrap_or(&token.url);
+    match endpoint {
+        Endpoint::Tcp { url, .. } => format!(
+            "{}{page}\n(one-time URL, valid until {})\n",
+            url.trim_end_matches('/'),
+            token.expires_at
+        ),
+        Endpoint::Unix(socket) => format!(
+            "{page}\n(one-time path, valid until {}: open it on the daemon's TCP listener, \
+             http://HOST:PORT{page}; {} is a unix socket a browser cannot reach)\n",
+            token.expires_at,
+            socket.display()
+        ),
+    }
+}
 
 /// The default escape key, Ctrl-] (as in telnet and `virsh console`).
 pub const DEFAULT_ESCAPE: &str = "^]";

@@ -35,7 +35,10 @@ mod node;
 mod storage;
 mod vm;
 
-pub use console::{parse_escape, run_console, run_console_log, split_at_escape, DEFAULT_ESCAPE};
+pub use console::{
+    parse_escape, run_console, run_console_args, run_console_log, run_console_vnc, split_at_escape,
+    vnc_message, ConsoleArgs, DEFAULT_ESCAPE,
+};
 pub use network::{render_network, render_network_list, run_network, NetworkCommand};
 pub use node::{render_event, render_node, run_events, run_node};
 pub use storage::{
@@ -57,23 +60,49 @@ pub enum Output {
     Json,
 }
 
+/// The help section of the options every client subcommand takes.
+const CONNECTION_HEADING: &str = "Client options (before or after the subcommand)";
+
+/// The exit codes of the client subcommands, as `vmlet --help` lists them.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes (client subcommands):
+  0  success
+  1  any other error (e.g. a rejected token, an import that failed)
+  2  usage: unknown subcommand or option, missing argument
+  3  not found: no such VM, image, volume, network or snapshot
+  4  conflict: the object is busy, in the wrong state, or the name is taken
+  5  invalid: the spec, a field or an argument is not acceptable
+  6  unavailable: the daemon cannot be reached, QEMU failed, a timeout,
+     or no space left";
+
+/// Exit code: any other error.
+pub const EXIT_OTHER: u8 = 1;
+/// Exit code: the object does not exist.
+pub const EXIT_NOT_FOUND: u8 = 3;
+/// Exit code: busy, wrong state, or taken.
+pub const EXIT_CONFLICT: u8 = 4;
+/// Exit code: the input is not acceptable.
+pub const EXIT_INVALID: u8 = 5;
+/// Exit code: the daemon or the host could not do it now.
+pub const EXIT_UNAVAILABLE: u8 = 6;
+
 /// How to reach the daemon, and how to print.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientOptions {
     /// The daemon's unix socket.
-    #[arg(long, global = true, env = "VMLET_SOCKET", default_value = DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "VMLET_SOCKET", default_value = DEFAULT_SOCKET, help_heading = CONNECTION_HEADING)]
     pub socket: PathBuf,
     /// Talk to the daemon over TCP instead: `http://HOST:PORT`.
-    #[arg(long, global = true, env = "VMLET_URL")]
+    #[arg(long, global = true, env = "VMLET_URL", help_heading = CONNECTION_HEADING)]
     pub url: Option<String>,
     /// File holding the bearer token sent with `--url`. Default: the
     /// daemon's token file on this host (`auth_token_file` in
     /// /etc/vmlet/vmlet.toml or `VMLET_AUTH_TOKEN_FILE`, else
     /// STATE_DIR/api-token), when it exists.
-    #[arg(long, global = true, env = "VMLET_TOKEN_FILE")]
+    #[arg(long, global = true, env = "VMLET_TOKEN_FILE", help_heading = CONNECTION_HEADING)]
     pub token_file: Option<PathBuf>,
     /// Output format.
-    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table, help_heading = CONNECTION_HEADING)]
     pub output: Output,
 }
 
@@ -227,6 +256,103 @@ pub enum CliError {
         /// The image.
         name: String,
     },
+}
+
+impl CliError {
+    /// The error's code: the API's own for an answer of the daemon
+    /// (`not_found`, `conflict`, `invalid_spec`…), else one of the same
+    /// family for what failed on this side.
+    pub fn code(&self) -> String {
+        match self {
+            CliError::Client(ClientError::Api { code, .. }) => code.clone(),
+            CliError::Client(ClientError::Connect { .. } | ClientError::Http { .. }) => {
+                "unavailable".into()
+            }
+            CliError::Client(
+                ClientError::BadEndpoint { .. }
+                | ClientError::BadSegment { .. }
+                | ClientError::BadPath { .. },
+            )
+            | CliError::SpecNotJson { .. }
+            | CliError::UuidMismatch { .. } => "invalid_argument".into(),
+            CliError::Client(ClientError::Websocket { .. }) => "console".into(),
+            CliError::Client(ClientError::Decode { .. }) => "bad_response".into(),
+            CliError::ReadSpec { .. }
+            | CliError::TokenFile { .. }
+            | CliError::EmptyToken { .. } => "unreadable_file".into(),
+            CliError::Output(_) => "output".into(),
+            CliError::ImportFailed { .. } => "import_failed".into(),
+            CliError::ImageGone { .. } => "not_found".into(),
+        }
+    }
+
+    /// The process exit code for this error (see [`EXIT_CODES_HELP`]).
+    pub fn exit_code(&self) -> u8 {
+        exit_code_for(&self.code())
+    }
+
+    /// The message with its causes, `: `-separated.
+    pub fn message(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            // `#[error(transparent)]` repeats the message as its source.
+            if !text.ends_with(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
+            source = cause.source();
+        }
+        text
+    }
+}
+
+/// The exit code of an error code (the API's or [`CliError::code`]'s).
+pub fn exit_code_for(code: &str) -> u8 {
+    match code {
+        "not_found" => EXIT_NOT_FOUND,
+        "conflict" | "busy" => EXIT_CONFLICT,
+        "invalid_spec"
+        | "invalid_request"
+        | "invalid_argument"
+        | "bad_request"
+        | "payload_too_large"
+        | "unsupported_media_type"
+        | "method_not_allowed" => EXIT_INVALID,
+        "unavailable" | "timeout" | "no_space" => EXIT_UNAVAILABLE,
+        _ => EXIT_OTHER,
+    }
+}
+
+/// How a failed client subcommand reports `error` on standard error: a
+/// `vmlet: …` line, or with `-o json` the API's error body
+/// `{"error":{"code":"…","message":"…"}}` (with `field`/`fields` when the
+/// daemon named them), one line.
+pub fn error_text(error: &CliError, output: Output) -> String {
+    match output {
+        Output::Table => format!("vmlet: {}\n", error.message()),
+        Output::Json => {
+            let mut detail = serde_json::json!({
+                "code": error.code(),
+                "message": match error {
+                    CliError::Client(ClientError::Api { message, .. }) => message.clone(),
+                    other => other.message(),
+                },
+            });
+            if let CliError::Client(ClientError::Api { field, task, .. }) = error {
+                if let Some(field) = field {
+                    detail["field"] = field.clone().into();
+                }
+                if let Some(task) = task {
+                    detail["task"] = task.clone().into();
+                }
+            }
+            let mut text = serde_json::json!({ "error": detail }).to_string();
+            text.push('\n');
+            text
+        }
+    }
 }
 
 fn write_flush(out: &mut impl Write, text: &str) -> Result<(), CliError> {

@@ -110,6 +110,10 @@ pub enum VmCommand {
         #[command(subcommand)]
         cmd: SnapshotCommand,
     },
+    /// Attach this terminal to a VM's serial console (raw mode; the escape
+    /// key, Ctrl-] by default, detaches), print its log (--print-log), or
+    /// print a one-time browser URL of its graphical console (--vnc).
+    Console(super::console::ConsoleArgs),
 }
 
 /// Runs `vmlet vm CMD`, printing to `out`.
@@ -118,6 +122,9 @@ pub async fn run_vm(
     opts: &ClientOptions,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
+    if let VmCommand::Console(args) = cmd {
+        return super::console::run_console_args(args, opts, out).await;
+    }
     let client = opts.client()?;
     let json = opts.output == Output::Json;
     let text = match cmd {
@@ -169,6 +176,7 @@ pub async fn run_vm(
         VmCommand::Reboot { vm } => action_output(client.reboot(&vm).await?, json),
         VmCommand::Pause { vm } => action_output(client.pause(&vm).await?, json),
         VmCommand::Resume { vm } => action_output(client.resume(&vm).await?, json),
+        VmCommand::Console(_) => unreachable!("consoles are run above"),
     };
     write_flush(out, &text)
 }
