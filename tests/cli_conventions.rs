@@ -241,3 +241,97 @@ async fn vm_console_and_its_alias_print_the_log_and_vnc_needs_a_running_vm() {
     .await;
     assert_eq!(run.code, Some(2), "{run}");
 }
+
+/// Reads stdout lines of `child` until one satisfies `want`, returning
+/// every line read.
+async fn lines_until(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let line = tokio::time::timeout(COMMAND_TIMEOUT, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within the timeout; saw {seen:?}"))
+            .expect("reading vmlet events")
+            .unwrap_or_else(|| panic!("vmlet events ended before {what}; saw {seen:?}"));
+        let event = json(&line);
+        let done = want(&event);
+        seen.push(event);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_reconnect_after_a_daemon_restart_and_resume_with_since() {
+    use tokio::io::AsyncBufReadExt;
+    let mut d = Daemon::start().await;
+    let first = unique_name("ev1");
+    let second = unique_name("ev2");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vmlet"))
+        .args(["events", "-o", "json", "--socket"])
+        .arg(&d.socket)
+        .env_remove("VMLET_URL")
+        .env_remove("VMLET_TOKEN_FILE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // The stream is open once an event made after the start arrives: make
+    // VMs until one shows.
+    let mut connected = false;
+    for _ in 0..30 {
+        d.client
+            .create_vm(&guest_spec_json(&unique_name("probe"), ""))
+            .await
+            .unwrap();
+        if let Ok(line) = tokio::time::timeout(Duration::from_secs(1), lines.next_line()).await {
+            assert!(line.unwrap().is_some(), "vmlet events ended");
+            connected = true;
+            break;
+        }
+    }
+    assert!(connected, "vmlet events printed nothing");
+    d.client
+        .create_vm(&guest_spec_json(&first, ""))
+        .await
+        .unwrap();
+    let before = lines_until(&mut lines, "the first VM's event", |e| {
+        e["type"] == "vm" && e["vm"]["spec"]["name"] == first.as_str()
+    })
+    .await;
+    let last_seq = before.last().unwrap()["seq"].as_u64().unwrap();
+
+    d.restart().await;
+    // The reconnect asks for what followed the last event printed; the
+    // restarted daemon no longer has it, and says so (re-list) first.
+    let resynced = lines_until(&mut lines, "a resync after the restart", |e| {
+        e["type"] == "resync"
+    })
+    .await;
+    assert_eq!(
+        resynced.last().unwrap()["requested"],
+        last_seq,
+        "{resynced:?}"
+    );
+    // Then it follows the new daemon's events.
+    d.client
+        .create_vm(&guest_spec_json(&second, ""))
+        .await
+        .unwrap();
+    lines_until(&mut lines, "the second VM's event", |e| {
+        e["type"] == "vm" && e["vm"]["spec"]["name"] == second.as_str()
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "vmlet events exited after reconnecting"
+    );
+    child.kill().await.unwrap();
+}
