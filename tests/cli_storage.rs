@@ -154,10 +154,13 @@ async fn image_import_follows_the_import_to_ready() {
     assert!(run.ok(), "{run}");
     assert_eq!(
         run.stdout,
-        format!("imported image {name}: 16MiB (raw, {} allocated)\n", {
-            let image = d.client.get_image(&name).await.unwrap();
-            vmlet::cli::bytes(image.actual_size.unwrap())
-        }),
+        format!(
+            "imported image {name}: 16MiB (qcow2 from raw, {} allocated)\n",
+            {
+                let image = d.client.get_image(&name).await.unwrap();
+                vmlet::cli::bytes(image.actual_size.unwrap())
+            }
+        ),
         "{run}"
     );
     // Not a terminal: plain progress lines, no bar drawing.
@@ -169,7 +172,8 @@ async fn image_import_follows_the_import_to_ready() {
     let cells = row(&list, &name);
     assert_eq!(
         (cells[1], cells[2], cells[4]),
-        ("ready", "16MiB", "raw"),
+        // The stored format, what VMs get.
+        ("ready", "16MiB", "qcow2"),
         "{list}"
     );
 
@@ -182,7 +186,7 @@ async fn image_import_follows_the_import_to_ready() {
     let text = vmlet_ok(&d, &["image", "show", &name]).await;
     assert!(text.contains("status:        ready\n"), "{text}");
     assert!(
-        text.contains("size:          16MiB (16777216 bytes)\n"),
+        text.contains("size:          16MiB\n") && text.contains("(imported from raw)"),
         "{text}"
     );
 
@@ -223,6 +227,16 @@ async fn image_import_follows_the_import_to_ready() {
     )
     .await;
     assert!(err.contains("422") && err.contains("path"), "{err}");
+    // It says exactly how: copy it into the import directory it names.
+    let import_dir = std::fs::canonicalize(imports.path()).unwrap();
+    assert!(
+        err.contains(&format!(
+            "copy it there (`cp {} {}/`)",
+            outside.display(),
+            import_dir.display()
+        )),
+        "{err}"
+    );
 
     let out = vmlet_ok(&d, &["image", "delete", &other]).await;
     assert_eq!(out, format!("deleted image {other}\n"));
@@ -324,7 +338,7 @@ async fn image_import_from_a_url_and_deleted_while_followed() {
     let url = serve_once(vec![0u8; 2 << 20], false).await;
     let out = vmlet_ok(&d, &["image", "import", &name, "--from-url", &url]).await;
     assert!(
-        out.starts_with(&format!("imported image {name}: 2MiB (raw, ")),
+        out.starts_with(&format!("imported image {name}: 2MiB (qcow2 from raw, ")),
         "{out}"
     );
 
@@ -404,10 +418,7 @@ async fn volumes_are_created_resized_listed_and_deleted() {
     assert_eq!(shown["virtual_size"], 1u64 << 30);
     assert_eq!(shown["attached_to"], Value::Null);
     let text = vmlet_ok(&d, &["volume", "show", &vol]).await;
-    assert!(
-        text.contains("size:        1GiB (1073741824 bytes)\n"),
-        "{text}"
-    );
+    assert!(text.contains("size:        1GiB\n"), "{text}");
 
     // A copy of an image, grown.
     let image = unique_name("img");

@@ -461,15 +461,6 @@ fn opt_bytes(n: Option<u64>) -> String {
     n.map_or("-".to_string(), bytes)
 }
 
-/// `2GiB (2147483648 bytes)`, or `-`.
-fn size_with_bytes(n: Option<u64>) -> String {
-    match n {
-        Some(n) if n >= 1024 => format!("{} ({n} bytes)", bytes(n)),
-        Some(n) => bytes(n),
-        None => "-".to_string(),
-    }
-}
-
 /// A size in MiB, in GiB when it divides evenly.
 fn mib(n: u64) -> String {
     if n >= 1024 && n.is_multiple_of(1024) {
