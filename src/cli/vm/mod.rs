@@ -116,6 +116,30 @@ pub enum VmCommand {
     Console(super::console::ConsoleArgs),
 }
 
+/// The daemon's refusal to delete a running VM says `pass force=true`,
+/// for API callers; on the command line the same is `--force`.
+fn cli_delete_hint(error: crate::client::ClientError, vm: &str) -> crate::client::ClientError {
+    match error {
+        crate::client::ClientError::Api {
+            status,
+            code,
+            message,
+            field,
+            task,
+        } if message.contains("force=true") => crate::client::ClientError::Api {
+            status,
+            code,
+            message: message.replace(
+                "pass force=true",
+                &format!("pass --force (`vmlet vm delete {vm} --force`)"),
+            ),
+            field,
+            task,
+        },
+        other => other,
+    }
+}
+
 /// Runs `vmlet vm CMD`, printing to `out`.
 pub async fn run_vm(
     cmd: VmCommand,
@@ -157,7 +181,10 @@ pub async fn run_vm(
             force,
             delete_volumes,
         } => {
-            client.delete_vm_with(&vm, force, delete_volumes).await?;
+            client
+                .delete_vm_with(&vm, force, delete_volumes)
+                .await
+                .map_err(|e| cli_delete_hint(e, &vm))?;
             unless_json(json, || {
                 if delete_volumes {
                     format!("deleted VM {vm} and its volumes\n")
