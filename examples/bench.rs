@@ -128,6 +128,7 @@ impl Bench {
             accel: Accel::Tcg,
             paths: &paths,
             serial_log: &serial_log,
+            serial_banner: None,
             qemu_log: &qemu_log,
             disks: &files.disks,
             disk_sets: &files.sets,

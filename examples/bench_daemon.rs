@@ -392,6 +392,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
                 accel: Accel::Tcg,
                 paths: &paths,
                 serial_log: &paths.serial_log(),
+                serial_banner: None,
                 qemu_log: &paths.dir.with_extension("qemu.log"),
                 disks: &files.disks,
                 disk_sets: &files.sets,

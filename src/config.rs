@@ -185,6 +185,10 @@ pub struct ConsoleSettings {
     /// noVNC's files (`core/rfb.js` …), served under `/novnc/` for the
     /// console page: Debian's `novnc` package or npm's `@novnc/novnc`.
     pub novnc_dir: PathBuf,
+    /// Seconds a running VM's serial log may stay unchanged before
+    /// `GET /v1/vms/{id}` (and `vmlet vm show`) hints that the console is
+    /// silent; 0 turns the hint off.
+    pub silent_hint_s: u64,
 }
 
 impl Default for ConsoleSettings {
@@ -194,6 +198,7 @@ impl Default for ConsoleSettings {
             log_max_bytes: 2 * 1024 * 1024,
             log_backups: 3,
             novnc_dir: "/usr/share/novnc".into(),
+            silent_hint_s: 120,
         }
     }
 }
@@ -454,7 +459,7 @@ impl Settings {
     /// `VMLET_CAPACITY_DISK_GIB`, `VMLET_RESERVED_MEMORY_MIB`,
     /// `VMLET_CPU_ALLOCATION_RATIO` and `VMLET_CAPACITY_ENFORCE`, and for
     /// `[console]` `VMLET_CONSOLE_TOKEN_TTL_S`, `VMLET_CONSOLE_LOG_MAX_BYTES`
-    /// and `VMLET_NOVNC_DIR`, and for `[images]`
+    /// `VMLET_NOVNC_DIR` and `VMLET_CONSOLE_SILENT_HINT_S`, and for `[images]`
     /// `VMLET_IMPORT_ALLOWED_NETWORKS` (comma-separated CIDRs),
     /// `VMLET_IMPORT_CONNECT_TIMEOUT_S`, `VMLET_IMPORT_IDLE_TIMEOUT_S`,
     /// `VMLET_IMPORT_TIMEOUT_S`, `VMLET_IMPORT_MAX_BYTES`,
@@ -569,6 +574,9 @@ impl Settings {
         }
         if let Some(v) = var("VMLET_NOVNC_DIR") {
             self.console.novnc_dir = v.into();
+        }
+        if let Some(v) = var("VMLET_CONSOLE_SILENT_HINT_S") {
+            self.console.silent_hint_s = number("VMLET_CONSOLE_SILENT_HINT_S", &v)?;
         }
         if let Some(v) = var("VMLET_IMPORT_ALLOWED_NETWORKS") {
             self.images.import_allowed_networks =

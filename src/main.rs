@@ -421,6 +421,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         accel,
         paths: &paths,
         serial_log: &serial_log,
+        serial_banner: None,
         qemu_log: &qemu_log,
         disks: &files.disks,
         disk_sets: &files.sets,

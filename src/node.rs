@@ -31,6 +31,10 @@ pub struct NodeInfo {
     pub vms_by_state: BTreeMap<String, u64>,
     /// What the host offers, has given out and has left.
     pub inventory: Inventory,
+    /// Seconds a graceful stop or reboot gives the guest to shut down
+    /// unless the request says otherwise (`stop_grace_s`).
+    #[serde(default)]
+    pub stop_grace_s: u64,
 }
 
 /// The scheduler's view of the host, like Nova's placement inventory.

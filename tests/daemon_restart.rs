@@ -800,6 +800,7 @@ async fn unfinished_start_is_cleaned_up() {
         accel: Accel::Tcg,
         paths: &paths,
         serial_log: &paths.serial_log(),
+        serial_banner: None,
         qemu_log: &paths.dir.with_extension("qemu.log"),
         disks: &files.disks,
         disk_sets: &files.sets,

@@ -141,6 +141,9 @@ pub struct LogQuery {
     /// How many bytes from the end of the log (default 65536; at most the
     /// log's cap times its kept files).
     pub tail_bytes: Option<u64>,
+    /// `current`: only the current (or last) boot's part of the log, from
+    /// vmlet's `--- vmlet: boot N started …` line on. Left out: every boot.
+    pub boot: Option<String>,
 }
 
 /// Default `tail_bytes`.
@@ -523,7 +526,9 @@ fn content_type(file: &FsPath) -> &'static str {
 }
 
 /// The end of the VM's serial console log (any state: the log outlives
-/// QEMU). Raw bytes as the guest wrote them.
+/// QEMU). Raw bytes as the guest wrote them, with vmlet's line
+/// `--- vmlet: boot N started <RFC 3339 UTC>` before each boot;
+/// `boot=current` returns only the current boot's part.
 #[utoipa::path(get, path = "/v1/vms/{id}/console-log", tag = "console",
     params(("id" = String, Path, description = "VM UUID or name"), LogQuery),
     responses((status = 200, description = "The log's tail", content_type = "text/plain"),
@@ -544,7 +549,20 @@ pub async fn log(
             format!("at most {limit} (the log's cap times its kept files)"),
         ));
     }
-    let bytes = app.manager.console_log(&id, tail_bytes).await?;
+    let current_boot = match query.boot.as_deref() {
+        None => false,
+        Some("current") => true,
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "boot",
+                "must be `current` (or left out for every boot)",
+            ))
+        }
+    };
+    let bytes = app
+        .manager
+        .console_log(&id, tail_bytes, current_boot)
+        .await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
 }
 

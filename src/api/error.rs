@@ -38,7 +38,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// `bad_request`, `unauthorized`, `not_found`, `conflict`, `busy`,
     /// `payload_too_large`, `invalid_spec`, `invalid_request` (a query
-    /// parameter out of range), `unavailable`, `timeout`.
+    /// parameter out of range), `unavailable`, `timeout`,
+    /// `stale_generation`.
     pub code: &'static str,
     /// What went wrong.
     pub message: String,
@@ -132,6 +133,9 @@ impl From<VmError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "conflict", message)
             }
             VmError::Invalid(spec) => ApiError::invalid(spec.errors),
+            VmError::StaleGeneration(_) => {
+                ApiError::new(StatusCode::PRECONDITION_FAILED, "stale_generation", message)
+            }
             VmError::Failed(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
             }
@@ -186,6 +190,11 @@ mod tests {
             (VmError::Timeout("slow".into()), 503, "timeout"),
             (VmError::Gone, 404, "not_found"),
             (VmError::NoSpace("full".into()), 507, "no_space"),
+            (
+                VmError::StaleGeneration("changed".into()),
+                412,
+                "stale_generation",
+            ),
         ];
         for (err, status, code) in cases {
             let api = ApiError::from(err);

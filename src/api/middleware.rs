@@ -232,7 +232,13 @@ pub async fn require_json_body(request: Request, next: Next) -> Response {
             .headers()
             .get(header::CONTENT_TYPE)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        if !content_type.as_deref().is_some_and(is_json) {
+        // A PATCH body is a JSON merge patch (RFC 7386), which has its own
+        // media type; plain JSON means the same there.
+        let patch = request.method() == Method::PATCH;
+        let accepted = content_type
+            .as_deref()
+            .is_some_and(|t| is_json(t) || (patch && is_merge_patch(t)));
+        if !accepted {
             let got = match &content_type {
                 Some(t) => format!("Content-Type {t:?}"),
                 None => "no Content-Type".to_string(),
@@ -241,7 +247,12 @@ pub async fn require_json_body(request: Request, next: Next) -> Response {
                 status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 code: "unsupported_media_type",
                 ..ApiError::bad_request(format!(
-                    "request bodies must be JSON (Content-Type: application/json); got {got}"
+                    "request bodies must be JSON (Content-Type: application/json{}); got {got}",
+                    if patch {
+                        ", or application/merge-patch+json"
+                    } else {
+                        ""
+                    }
                 ))
             }
             .into_response();
@@ -268,6 +279,14 @@ pub fn is_json(content_type: &str) -> bool {
         .split(';')
         .next()
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// `application/merge-patch+json` (RFC 7386), parameters allowed.
+pub fn is_merge_patch(content_type: &str) -> bool {
+    content_type.split(';').next().is_some_and(|t| {
+        t.trim()
+            .eq_ignore_ascii_case("application/merge-patch+json")
+    })
 }
 
 /// Routes that need no bearer token: `/healthz`, and the console's
@@ -421,6 +440,12 @@ mod tests {
     fn json_content_types() {
         assert!(is_json("application/json"));
         assert!(is_json("Application/JSON; charset=utf-8"));
+        assert!(is_merge_patch("application/merge-patch+json"));
+        assert!(is_merge_patch(
+            "application/merge-patch+json; charset=utf-8"
+        ));
+        assert!(!is_merge_patch("application/json-patch+json"));
+        assert!(!is_json("application/merge-patch+json"));
         for bad in [
             "text/plain",
             "application/jsonx",

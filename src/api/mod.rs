@@ -92,7 +92,8 @@ pub async fn openapi() -> Response {
         Errors are `{\"error\":{\"code\",\"message\"}}` with 400 malformed (`bad_host`: on TCP, \
         a `Host` that is not one of the daemon's names), 401 unauthorized (TCP: missing or wrong \
         bearer token), 403 `forbidden_origin` (TCP: a state-changing request from another \
-        `Origin`), 404 not found, 409 conflicting state or task, 413 body too large, 415 \
+        `Origin`), 404 not found, 409 conflicting state or task, 412 `stale_generation` (the \
+        VM changed since the generation given), 413 body too large, 415 \
         `unsupported_media_type` (a body that is not `application/json`), 422 invalid spec \
         (the field named), 503 QEMU or host failure, 507 the host's disk is full. On TCP every \
         route but `/healthz` and the console's GET routes (their one-time token is the \
@@ -100,7 +101,7 @@ pub async fn openapi() -> Response {
     security(("bearer" = [])),
     paths(
         healthz, node, openapi, metrics::scrape,
-        vms::list, vms::show, vms::create, vms::put, vms::delete,
+        vms::list, vms::show, vms::create, vms::put, vms::patch, vms::delete,
         vms::start, vms::stop, vms::reboot, vms::pause, vms::resume,
         vm_disks::attach, vm_disks::detach, vm_disks::set_limits,
         vm_disks::list_snapshots, vm_disks::create_snapshot, vm_disks::revert_snapshot,
@@ -330,7 +331,10 @@ pub fn router(app: AppState, guard: Option<middleware::TcpGuard>) -> Router {
         .route("/v1/vms", get(vms::list).post(vms::create))
         .route(
             "/v1/vms/{id}",
-            get(vms::show).put(vms::put).delete(vms::delete),
+            get(vms::show)
+                .put(vms::put)
+                .patch(vms::patch)
+                .delete(vms::delete),
         )
         .route("/v1/vms/{id}/start", post(vms::start))
         .route("/v1/vms/{id}/stop", post(vms::stop))

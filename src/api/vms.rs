@@ -1,11 +1,11 @@
-//! `/v1/vms`: list, create, show, delete, and power actions. Handlers only
+//! `/v1/vms`: list, create, show, change, delete, and power actions. Handlers only
 //! parse and answer; the VM manager and actors decide.
 
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::api::body;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::AppState;
-use crate::spec::VmSpec;
+use crate::spec::{merge_patch, VmSpec};
 use crate::vm::actor::ActOptions;
 use crate::vm::manager::Created;
 use crate::vm::state::PowerAction;
@@ -54,7 +54,22 @@ pub struct StopRequest {
     pub timeout_s: Option<u64>,
 }
 
-/// Largest `timeout_s` a stop accepts (one day).
+/// `POST /v1/vms/{id}/reboot` options.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRequest {
+    /// Reset the machine at once (QMP `system_reset`, like the reset
+    /// button) instead of asking the guest.
+    #[serde(default)]
+    pub force: bool,
+    /// Seconds the guest gets to shut down after the ACPI power button
+    /// before the reboot fails (default: the daemon's `stop_grace_s`).
+    #[serde(default)]
+    #[schema(maximum = 86_400)]
+    pub timeout_s: Option<u64>,
+}
+
+/// Largest `timeout_s` a stop or reboot accepts (one day).
 const MAX_STOP_TIMEOUT_S: u64 = 86_400;
 
 /// List VMs.
@@ -74,7 +89,7 @@ pub async fn show(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(app.manager.find(&id)?.view()))
+    Ok(Json(app.manager.show(&id)?))
 }
 
 /// Create a VM; the server picks its UUID. The VM is created stopped.
@@ -141,6 +156,78 @@ pub async fn put(
     }
 }
 
+/// `PATCH /v1/vms/{id}` options.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PatchQuery {
+    /// Apply only if the VM is still at this generation (like `If-Match`).
+    #[serde(default)]
+    pub generation: Option<u64>,
+}
+
+/// Change a VM's spec with a JSON merge patch (RFC 7386) on its spec (its
+/// pending spec, when it has one). A stopped VM takes the change at once.
+/// A running VM takes live what QEMU can (memory down to its boot size
+/// through the balloon, disk I/O limits, disks and NICs plugged in or out,
+/// `autostart`); the rest is kept in `pending` and becomes the spec at the
+/// next start. `uuid` and `name` cannot change. With `If-Match: "N"` or
+/// `?generation=N`, a VM no longer at generation N answers 412.
+#[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms",
+    params(("id" = String, Path, description = "VM UUID or name"),
+        ("If-Match" = Option<String>, Header, description = "The generation the change is based on, quoted (`\"7\"`)"),
+        PatchQuery),
+    request_body(content = Object, description = "A JSON merge patch of the spec",
+        content_type = "application/merge-patch+json"),
+    responses((status = 200, body = Vm, description = "Changed (see `pending` for what waits for the next start)"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 412, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub async fn patch(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<PatchQuery>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Json<Vm>, ApiError> {
+    let generation = match (if_match(&headers)?, query.generation) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::bad_request(format!(
+                "If-Match ({a}) and generation ({b}) disagree"
+            )))
+        }
+        (a, b) => a.or(b),
+    };
+    let patch: serde_json::Value = body::parse(&bytes)?;
+    if !patch.is_object() {
+        return Err(ApiError::invalid_field(
+            "body",
+            "must be a JSON object (a merge patch of the VM's spec)",
+        ));
+    }
+    let vm = app.manager.find(&id)?.view();
+    let base = vm.pending.map_or(vm.spec, |p| p.spec);
+    let mut value = serde_json::to_value(&base)
+        .map_err(|e| ApiError::bad_request(format!("the VM's spec: {e}")))?;
+    merge_patch(&mut value, &patch);
+    let spec: VmSpec = body::from_value(value)?;
+    Ok(Json(app.manager.edit(&id, spec, base, generation).await?))
+}
+
+/// The generation in an `If-Match` header: `"7"` (or `7`, or `W/"7"`).
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let bad = || ApiError::bad_request("If-Match must be a VM generation, like \"7\"");
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    let text = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    text.parse().map(Some).map_err(|_| bad())
+}
+
 /// Delete a VM. A running or paused VM needs `force=true`.
 #[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms",
     params(("id" = String, Path, description = "VM UUID or name"), DeleteQuery),
@@ -201,6 +288,7 @@ pub async fn stop(
     }
     let options = ActOptions {
         stop_timeout: request.timeout_s.map(Duration::from_secs),
+        ..ActOptions::default()
     };
     act(
         &app,
@@ -213,16 +301,36 @@ pub async fn stop(
     .await
 }
 
-/// Reset the guest (like pressing the reset button); the VM stays running.
+/// Reboot the guest by asking it, as libvirt's ACPI reboot does: QEMU is set
+/// to pause when the guest shuts down, the ACPI power button is pressed, and
+/// once the guest has shut down the machine is reset and started again (the
+/// same QEMU: a new boot). A guest that does not shut down within
+/// `timeout_s` keeps running and the reboot fails (503 `timeout`); a paused
+/// VM is refused (409). With `force`, the machine is reset at once. Answers
+/// once the new boot runs.
 #[utoipa::path(post, path = "/v1/vms/{id}/reboot", tag = "power",
     params(("id" = String, Path, description = "VM UUID or name")),
+    request_body(content = Option<RebootRequest>, description = "Optional: no body (or `null`) is `{}`"),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn reboot(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    bytes: Bytes,
 ) -> Result<Json<Vm>, ApiError> {
-    act(&app, &id, PowerAction::Reboot, ActOptions::default()).await
+    let request: RebootRequest = body::parse_optional(&bytes)?;
+    if request.timeout_s.is_some_and(|t| t > MAX_STOP_TIMEOUT_S) {
+        return Err(ApiError::invalid_field(
+            "timeout_s",
+            format!("must be at most {MAX_STOP_TIMEOUT_S}"),
+        ));
+    }
+    let options = ActOptions {
+        stop_timeout: request.timeout_s.map(Duration::from_secs),
+        force: request.force,
+    };
+    act(&app, &id, PowerAction::Reboot, options).await
 }
 
 /// Pause the vCPUs. Pausing a paused VM succeeds.
@@ -247,4 +355,24 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
     act(&app, &id, PowerAction::Resume, ActOptions::default()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_takes_a_quoted_or_bare_generation() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::IF_MATCH, v.parse().unwrap());
+            if_match(&h)
+        };
+        assert_eq!(with("\"7\"").unwrap(), Some(7));
+        assert_eq!(with("W/\"7\"").unwrap(), Some(7));
+        assert_eq!(with("12").unwrap(), Some(12));
+        assert_eq!(with("\"x\"").unwrap_err().status.as_u16(), 400);
+        assert_eq!(with("*").unwrap_err().status.as_u16(), 400);
+        assert_eq!(if_match(&HeaderMap::new()).unwrap(), None);
+    }
 }

@@ -29,6 +29,10 @@ pub struct ConsoleArgs {
     /// With --print-log: how many bytes from the end (default 64 KiB).
     #[arg(long, value_name = "N", requires = "print_log")]
     pub tail_bytes: Option<u64>,
+    /// With --print-log: `current` prints only the current (or last)
+    /// boot, from vmlet's `--- vmlet: boot N started` line on.
+    #[arg(long, value_name = "WHICH", requires = "print_log", value_parser = ["current"])]
+    pub boot: Option<String>,
     /// Print a one-time URL of the VM's graphical console (noVNC) to open
     /// in a browser, instead of attaching. It works once, within a minute.
     #[arg(long)]
@@ -44,7 +48,7 @@ pub async fn run_console_args(
     if args.vnc {
         run_console_vnc(opts, &args.vm, out).await
     } else if args.print_log {
-        run_console_log(opts, &args.vm, args.tail_bytes, out).await
+        run_console_log(opts, &args.vm, args.tail_bytes, args.boot.is_some(), out).await
     } else {
         run_console(opts, &args.vm, args.escape).await
     }
@@ -201,14 +205,19 @@ pub async fn run_console(opts: &ClientOptions, vm: &str, escape: u8) -> Result<(
     Ok(())
 }
 
-/// `vmlet console VM --print-log`: prints the log's tail as the guest wrote it.
+/// `vmlet console VM --print-log`: prints the log's tail as the guest wrote
+/// it (`current_boot`: only the current boot's part).
 pub async fn run_console_log(
     opts: &ClientOptions,
     vm: &str,
     tail_bytes: Option<u64>,
+    current_boot: bool,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    let bytes = opts.client()?.console_log(vm, tail_bytes).await?;
+    let bytes = opts
+        .client()?
+        .console_log_of(vm, tail_bytes, current_boot)
+        .await?;
     out.write_all(&bytes).map_err(CliError::Output)?;
     out.flush().map_err(CliError::Output)
 }

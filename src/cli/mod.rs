@@ -70,7 +70,8 @@ Exit codes (client subcommands):
   1  any other error (e.g. a rejected token, an import that failed)
   2  usage: unknown subcommand or option, missing argument
   3  not found: no such VM, image, volume, network or snapshot
-  4  conflict: the object is busy, in the wrong state, or the name is taken
+  4  conflict: the object is busy, in the wrong state, changed meanwhile,
+     or the name is taken
   5  invalid: the spec, a field or an argument is not acceptable
   6  unavailable: the daemon cannot be reached, QEMU failed, a timeout,
      or no space left";
@@ -256,6 +257,30 @@ pub enum CliError {
         /// The image.
         name: String,
     },
+    /// `vm start --wait-ready`: the marker did not appear in time.
+    #[error("VM {vm} started, but its serial console did not print {marker:?} within {timeout_s}s (see `vmlet console {vm} --print-log --boot current`)")]
+    NotReady {
+        /// The VM.
+        vm: String,
+        /// The text waited for.
+        marker: String,
+        /// The wait, in seconds.
+        timeout_s: u64,
+    },
+    /// `vm start --wait-ready`: the VM stopped while vmlet waited for it.
+    #[error("VM {vm} is {state} while waiting for {marker:?} on its serial console")]
+    StoppedWhileWaiting {
+        /// The VM.
+        vm: String,
+        /// Its state.
+        state: String,
+        /// The text waited for.
+        marker: String,
+    },
+    /// `vm edit` or `vm set` could not make a change (the editor failed,
+    /// the edited file is not a spec, a `key=value` is malformed).
+    #[error("{0}")]
+    Edit(String),
 }
 
 impl CliError {
@@ -283,6 +308,9 @@ impl CliError {
             CliError::Output(_) => "output".into(),
             CliError::ImportFailed { .. } => "import_failed".into(),
             CliError::ImageGone { .. } => "not_found".into(),
+            CliError::NotReady { .. } => "timeout".into(),
+            CliError::StoppedWhileWaiting { .. } => "conflict".into(),
+            CliError::Edit(_) => "invalid_argument".into(),
         }
     }
 
@@ -312,7 +340,7 @@ impl CliError {
 pub fn exit_code_for(code: &str) -> u8 {
     match code {
         "not_found" => EXIT_NOT_FOUND,
-        "conflict" | "busy" => EXIT_CONFLICT,
+        "conflict" | "busy" | "stale_generation" => EXIT_CONFLICT,
         "invalid_spec"
         | "invalid_request"
         | "invalid_argument"

@@ -118,6 +118,7 @@ pub fn render_node(node: &NodeInfo) -> String {
         ),
         ("profiles".into(), node.profiles.join(", ")),
         ("vms".into(), vms),
+        ("stop grace".into(), format!("{}s", node.stop_grace_s)),
     ];
     let inv = &node.inventory;
     for (name, r) in [
@@ -187,6 +188,7 @@ mod tests {
                     disk_gib: 10,
                 },
             ),
+            stop_grace_s: 60,
         };
         let expected = "\
 hostname:   h1
@@ -197,6 +199,7 @@ qemu:       qemu-system-x86_64 8.2.2
 accel:      tcg (/dev/kvm missing)
 profiles:   microvm, q35
 vms:        running=2 stopped=1
+stop grace: 60s
 vcpus:      29 free of 8 × 4 − 0 reserved, 3 allocated
 memory_mib: 14848 free of 16384 × 1 − 512 reserved, 1024 allocated
 disk_gib:   90 free of 100 × 1 − 0 reserved, 10 allocated

@@ -41,10 +41,30 @@ impl Client {
         id_or_name: &str,
         tail_bytes: Option<u64>,
     ) -> Result<Vec<u8>, ClientError> {
+        self.console_log_of(id_or_name, tail_bytes, false).await
+    }
+
+    /// `GET /v1/vms/{id}/console-log`, with `current_boot`: only the
+    /// current boot's part (`boot=current`).
+    pub async fn console_log_of(
+        &self,
+        id_or_name: &str,
+        tail_bytes: Option<u64>,
+        current_boot: bool,
+    ) -> Result<Vec<u8>, ClientError> {
         let id = check_segment("VM id or name", id_or_name)?;
-        let query = tail_bytes
-            .map(|n| format!("?tail_bytes={n}"))
-            .unwrap_or_default();
+        let mut params = Vec::new();
+        if let Some(n) = tail_bytes {
+            params.push(format!("tail_bytes={n}"));
+        }
+        if current_boot {
+            params.push("boot=current".to_string());
+        }
+        let query = if params.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", params.join("&"))
+        };
         let response = self
             .request(
                 Method::GET,

@@ -1,4 +1,5 @@
-//! VM endpoints: list, get, create (`POST` or idempotent `PUT`), delete,
+//! VM endpoints: list, get, create (`POST` or idempotent `PUT`), change
+//! (`PATCH`), delete,
 //! and the lifecycle actions (start, stop, reboot, pause, resume).
 
 use hyper::Method;
@@ -40,6 +41,22 @@ impl Client {
         let path = format!("/v1/vms/{uuid}");
         let (status, vm) = self.call(Method::PUT, &path, Some(spec)).await?;
         Ok((status == 201, vm))
+    }
+
+    /// `PATCH /v1/vms/{id}`: applies JSON merge patch `patch` to the VM's
+    /// spec (its pending spec, when it has one). With `generation`, a VM
+    /// changed since that generation answers 412 `stale_generation`.
+    pub async fn patch_vm(
+        &self,
+        id_or_name: &str,
+        patch: &Value,
+        generation: Option<u64>,
+    ) -> Result<Vm, ClientError> {
+        let mut path = vm_path(id_or_name)?;
+        if let Some(generation) = generation {
+            path.push_str(&format!("?generation={generation}"));
+        }
+        Ok(self.call(Method::PATCH, &path, Some(patch)).await?.1)
     }
 
     /// `DELETE /v1/vms/{id}`; `force` deletes a running VM too, stopping it.
@@ -107,9 +124,25 @@ impl Client {
         self.action(id_or_name, "stop", Some(&body)).await
     }
 
-    /// Resets a VM's guest.
+    /// Reboots a VM's guest by asking it (ACPI); `force` resets the
+    /// machine at once; `timeout_s` bounds how long the guest gets to shut
+    /// down (the daemon's default if unset).
     pub async fn reboot(&self, id_or_name: &str) -> Result<Vm, ClientError> {
-        self.action(id_or_name, "reboot", None).await
+        self.reboot_with(id_or_name, false, None).await
+    }
+
+    /// [`Client::reboot`] with its options.
+    pub async fn reboot_with(
+        &self,
+        id_or_name: &str,
+        force: bool,
+        timeout_s: Option<u64>,
+    ) -> Result<Vm, ClientError> {
+        let mut body = serde_json::json!({ "force": force });
+        if let Some(t) = timeout_s {
+            body["timeout_s"] = t.into();
+        }
+        self.action(id_or_name, "reboot", Some(&body)).await
     }
 
     /// Pauses a VM's vCPUs.

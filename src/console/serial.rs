@@ -37,6 +37,29 @@ const FANOUT_CHUNKS: usize = 1024;
 /// How long [`SerialHub::open`] waits for QEMU's socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How vmlet's line before each boot in the serial log starts:
+/// `--- vmlet: boot N started 2025-01-01T00:00:00Z`.
+pub const BOOT_BANNER_PREFIX: &str = "--- vmlet: boot ";
+
+/// The part of `log` from the last boot banner line on (the current boot);
+/// all of `log` when it holds no banner (its start was rotated away, or
+/// the log predates banners).
+pub fn current_boot(log: &[u8]) -> &[u8] {
+    let prefix = BOOT_BANNER_PREFIX.as_bytes();
+    let mut start = 0;
+    let mut line = 0;
+    while line < log.len() {
+        if log[line..].starts_with(prefix) {
+            start = line;
+        }
+        match log[line..].iter().position(|&b| b == b'\n') {
+            Some(end) => line += end + 1,
+            None => break,
+        }
+    }
+    &log[start..]
+}
+
 /// Where a VM's serial log lives and how big it may grow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SerialLog {
@@ -137,6 +160,24 @@ impl SerialLog {
         }
         pieces.reverse();
         Ok(pieces.concat())
+    }
+
+    /// The last `n` bytes of the current boot's part of the log (from its
+    /// boot banner on), looking for the banner in at most the last
+    /// `search` bytes.
+    pub fn current_boot_tail(&self, n: u64, search: u64) -> std::io::Result<Vec<u8>> {
+        let all = self.tail(search.max(n))?;
+        let boot = current_boot(&all);
+        let keep = boot.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+        Ok(boot[boot.len() - keep..].to_vec())
+    }
+
+    /// When the log last grew (its modification time); `None` without a
+    /// log.
+    pub fn last_growth(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     /// Removes the log and its backups (the VM is being deleted).
@@ -323,6 +364,35 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_current_boot_starts_at_the_last_banner_line() {
+        let log = b"old\n--- vmlet: boot 1 started X\none\n--- vmlet: boot 2 started Y\ntwo\n";
+        assert_eq!(current_boot(log), b"--- vmlet: boot 2 started Y\ntwo\n");
+        // Only at the start of a line: a guest echoing it mid-line is not one.
+        let log = b"--- vmlet: boot 1 started X\nsays --- vmlet: boot 9\n";
+        assert_eq!(current_boot(log), &log[..]);
+        // No banner at all: everything.
+        assert_eq!(current_boot(b"plain\nlog"), b"plain\nlog");
+        assert_eq!(current_boot(b""), b"");
+        // A banner as the very last, unfinished line.
+        assert_eq!(current_boot(b"a\n--- vmlet: boot 3"), b"--- vmlet: boot 3");
+    }
+
+    #[test]
+    fn the_current_boot_tail_spans_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_in(dir.path(), 1 << 20, 2);
+        std::fs::write(
+            log.backup(1),
+            b"--- vmlet: boot 1 started X\nfirst\n--- vmlet: boot 2 started Y\nsec",
+        )
+        .unwrap();
+        std::fs::write(&log.path, b"ond\nmore\n").unwrap();
+        let all = log.current_boot_tail(1 << 20, 1 << 20).unwrap();
+        assert_eq!(all, b"--- vmlet: boot 2 started Y\nsecond\nmore\n");
+        assert_eq!(log.current_boot_tail(5, 1 << 20).unwrap(), b"more\n");
+    }
 
     fn log_in(dir: &Path, max_bytes: u64, backups: u32) -> SerialLog {
         SerialLog {

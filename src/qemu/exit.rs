@@ -92,6 +92,13 @@ impl ExitEvents {
         meaning
     }
 
+    /// Forgets a `SHUTDOWN` that did not end QEMU: the guest shut down for
+    /// a reboot (QEMU paused instead of exiting, and the machine was reset),
+    /// so a later exit must be read on its own.
+    pub fn forget_shutdown(&mut self) {
+        self.shutdown = None;
+    }
+
     /// The reason of the `SHUTDOWN` seen, if any: QEMU announced its exit.
     pub fn shutdown_reason(&self) -> Option<&str> {
         self.shutdown.as_ref().map(|(reason, _)| reason.as_str())

@@ -152,6 +152,9 @@ pub struct Launch<'a> {
     pub paths: &'a RunPaths,
     /// The serial log vmlet opens for QEMU to append to.
     pub serial_log: &'a Path,
+    /// Written into the serial log before QEMU gets it (vmlet's line that
+    /// marks a new boot).
+    pub serial_banner: Option<&'a str>,
     /// Where QEMU's own messages (stdout and stderr) are appended.
     pub qemu_log: &'a Path,
     /// The disks, resolved to their host files.
@@ -362,6 +365,9 @@ fn hand_over(launch: &Launch<'_>) -> std::io::Result<Handover> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(launch.serial_log)?;
+        if let Some(banner) = launch.serial_banner {
+            write_banner(&log, banner)?;
+        }
         let set = launch_files::next_set(launch.disk_sets);
         run_fds.serial_log_set = Some(set);
         passed.push(PassedFd {
@@ -382,6 +388,28 @@ fn hand_over(launch: &Launch<'_>) -> std::io::Result<Handover> {
         run_fds,
         passed,
     })
+}
+
+/// Appends `banner` to the serial log as its own line: after a newline
+/// when the guest's last line was left unfinished.
+fn write_banner(log: &std::fs::File, banner: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let len = log.metadata()?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        // The log is open for appending only (QEMU gets this very fd): its
+        // end is read through a read-only handle on the same file.
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(log));
+        std::fs::File::open(path)?.read_at(&mut last, len - 1)?;
+    }
+    let mut text = String::with_capacity(banner.len() + 2);
+    if last[0] != b'\n' {
+        text.push('\n');
+    }
+    text.push_str(banner.trim_end_matches('\n'));
+    text.push('\n');
+    (&mut &*log).write_all(text.as_bytes())
 }
 
 /// The writable directory of a QEMU running unjailed as a user of its own,
@@ -562,4 +590,145 @@ pub async fn stop_process(
     tracing::warn!(pid = process.pid(), "QEMU did not exit: killing it");
     process.kill().await?;
     Ok(StopOutcome::Killed)
+}
+
+/// Why a guest reboot ([`reboot_guest`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RebootError {
+    /// A QMP command of the sequence failed.
+    #[error("{step}")]
+    Qmp {
+        /// What vmlet was doing.
+        step: &'static str,
+        /// Cause.
+        #[source]
+        source: QmpError,
+    },
+    /// The guest did not shut down within the grace time after the ACPI
+    /// power button; it keeps running.
+    #[error(
+        "the guest did not react to the ACPI power button within {}s; it keeps running (a forced reboot resets it at once)",
+        grace.as_secs()
+    )]
+    NoReaction {
+        /// The grace time.
+        grace: Duration,
+    },
+}
+
+impl RebootError {
+    fn qmp(step: &'static str) -> impl FnOnce(QmpError) -> RebootError {
+        move |source| RebootError::Qmp { step, source }
+    }
+
+    /// The QMP link timed out or closed: vmlet cannot command QEMU.
+    pub fn qmp_error(&self) -> Option<&QmpError> {
+        match self {
+            RebootError::Qmp { source, .. } => Some(source),
+            RebootError::NoReaction { .. } => None,
+        }
+    }
+}
+
+/// Puts back QEMU's default reaction to a guest shutdown (exit), which a
+/// graceful reboot changes for its duration: after a daemon restart, a
+/// reboot that was under way is over.
+pub async fn restore_shutdown_action(qmp: &QmpClient) -> Result<(), QmpError> {
+    set_shutdown_action(qmp, "poweroff").await
+}
+
+/// QMP `set-action` for the guest's shutdown: `pause` or `poweroff`.
+async fn set_shutdown_action(qmp: &QmpClient, action: &str) -> Result<(), QmpError> {
+    qmp.execute_raw(
+        "set-action",
+        Some(serde_json::json!({ "shutdown": action })),
+        STOP_COMMAND_DEADLINE,
+    )
+    .await
+    .map(drop)
+}
+
+/// Waits up to `deadline` for an event `matches` accepts; false when it
+/// did not come (or the link closed).
+async fn wait_event(
+    events: &mut tokio::sync::broadcast::Receiver<QmpEvent>,
+    deadline: Duration,
+    matches: impl Fn(&QmpEvent) -> bool,
+) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(event) if matches(&event) => return true,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(deadline, wait).await.unwrap_or(false)
+}
+
+/// Reboots the guest by asking it, as libvirt's ACPI reboot does: QEMU is
+/// told to pause instead of exiting when the guest shuts down
+/// (`set-action shutdown=pause`), the ACPI power button is pressed, and
+/// once the guest has shut down (`SHUTDOWN` from the guest, the vCPUs
+/// stopped) the machine is reset, the action restored (`poweroff`) and the
+/// vCPUs started again: a new boot in the same QEMU.
+///
+/// A guest that does not shut down within `grace` keeps running: the
+/// reboot fails with [`RebootError::NoReaction`] and the action is restored
+/// (unless the guest shut down in that very moment: then the reboot goes
+/// on). Whatever fails, vmlet tries to restore the action, so a later
+/// power-off of the guest still ends QEMU.
+pub async fn reboot_guest(qmp: &QmpClient, grace: Duration) -> Result<(), RebootError> {
+    // Subscribed before the power button, so the guest's SHUTDOWN is seen.
+    let mut events = qmp.subscribe();
+    set_shutdown_action(qmp, "pause")
+        .await
+        .map_err(RebootError::qmp("telling QEMU to pause on shutdown"))?;
+    let asked = async {
+        qmp.execute_with_deadline(qapi::qmp::system_powerdown {}, STOP_COMMAND_DEADLINE)
+            .await
+            .map_err(RebootError::qmp("pressing the ACPI power button"))?;
+        let shut_down = wait_event(&mut events, grace, |e| {
+            e.name == "SHUTDOWN" && e.data.get("guest").and_then(|g| g.as_bool()) == Some(true)
+        })
+        .await;
+        Ok::<bool, RebootError>(shut_down)
+    }
+    .await;
+    let shut_down = match asked {
+        Ok(true) => true,
+        failed => {
+            let restored = set_shutdown_action(qmp, "poweroff").await;
+            // The guest may have shut down between the deadline and the
+            // restore: it is paused now, and the reboot goes on.
+            let status = qmp
+                .execute_with_deadline(qapi::qmp::query_status {}, STOP_COMMAND_DEADLINE)
+                .await;
+            let paused_by_shutdown =
+                matches!(&status, Ok(s) if s.status == qapi::qmp::RunState::shutdown);
+            if !paused_by_shutdown {
+                failed?;
+                restored.map_err(RebootError::qmp("restoring QEMU's shutdown action"))?;
+                return Err(RebootError::NoReaction { grace });
+            }
+            false
+        }
+    };
+    if shut_down {
+        // QEMU stops the vCPUs right after it reports the shutdown.
+        wait_event(&mut events, STOP_COMMAND_DEADLINE, |e| e.name == "STOP").await;
+    }
+    qmp.execute_with_deadline(qapi::qmp::system_reset {}, STOP_COMMAND_DEADLINE)
+        .await
+        .map_err(RebootError::qmp("resetting the machine"))?;
+    // The reset is carried out by QEMU's main loop after the command
+    // returns; `cont` before it is refused ("resetting … is required").
+    wait_event(&mut events, STOP_COMMAND_DEADLINE, |e| e.name == "RESET").await;
+    let restored = set_shutdown_action(qmp, "poweroff").await;
+    qmp.execute_with_deadline(qapi::qmp::cont {}, STOP_COMMAND_DEADLINE)
+        .await
+        .map_err(RebootError::qmp("starting the vCPUs after the reset"))?;
+    restored.map_err(RebootError::qmp("restoring QEMU's shutdown action"))
 }

@@ -11,6 +11,7 @@ mod disk;
 mod errors;
 mod image;
 mod nic;
+mod patch;
 mod resources;
 mod validation;
 mod vm;
@@ -20,6 +21,10 @@ pub use disk::{CacheMode, DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, S
 pub use errors::{FieldError, SpecError};
 pub use image::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
 pub use nic::{derived_mac, format_mac, parse_mac, NicModel, NicSpec};
+pub use patch::{
+    adopt_disk_names, changed_fields, check_disk_changes, diff, merge_patch, name_disks,
+    same_source, split, LiveCaps, LiveChange, Split,
+};
 pub use resources::{parse_cpu_list, Resources, MAX_HOST_CPU};
 pub use validation::{validate_disk, validate_limits, validate_name, validate_nic, validate_size};
 pub use vm::{

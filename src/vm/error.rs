@@ -31,12 +31,17 @@ pub enum VmError {
     /// QEMU or the host failed the operation; the message says how.
     #[error("{0}")]
     Failed(String),
-    /// A QMP command got no reply in time.
+    /// A QMP command got no reply in time, or the guest did not react in
+    /// time (a graceful reboot).
     #[error("{0}")]
     Timeout(String),
     /// The host's disk is full; nothing was left half-made.
     #[error("{0}")]
     NoSpace(String),
+    /// The caller's generation of the VM is not its current one (someone
+    /// changed it since the caller read it).
+    #[error("{0}")]
+    StaleGeneration(String),
     /// The VM was deleted while the request waited.
     #[error("VM was deleted")]
     Gone,
@@ -92,6 +97,7 @@ impl VmError {
             other @ (VmError::Busy(_)
             | VmError::NotNow(_)
             | VmError::Invalid(_)
+            | VmError::StaleGeneration(_)
             | VmError::Gone) => other,
         }
     }

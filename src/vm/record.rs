@@ -21,6 +21,10 @@ pub struct Vm {
     pub name: String,
     /// What the VM is.
     pub spec: VmSpec,
+    /// A change the running VM could not take: it waits for the next start,
+    /// when its spec becomes `spec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
     /// What vmlet last observed.
     #[schema(value_type = PowerState)]
     pub state: Observed,
@@ -42,6 +46,20 @@ pub struct Vm {
     /// Why the VM is `crashed` or `error`, or why the last operation failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// Starts of this VM so far: the number of its current (or last) boot,
+    /// as the serial log's `--- vmlet: boot N started …` lines count them.
+    #[serde(default)]
+    pub boots: u64,
+    /// How the last stop ended; `null` before any stop (and cleared by a
+    /// start).
+    #[serde(default)]
+    pub last_stop: Option<StopResult>,
+    /// Set in `GET /v1/vms/{id}` only, for a running VM whose serial log
+    /// has not grown for `[console] silent_hint_s` seconds: since when it is
+    /// silent (RFC 3339, UTC). A hint that the guest may hang, or prints
+    /// its console elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_silent_since: Option<String>,
     /// When the VM was created (RFC 3339, UTC).
     pub created_at: String,
     /// When this object last changed (RFC 3339, UTC).
@@ -56,6 +74,7 @@ impl Vm {
             id: spec.uuid,
             name: spec.name.clone(),
             spec,
+            pending: None,
             state: Observed::NEW,
             task: None,
             desired: Desired::Stopped,
@@ -63,10 +82,62 @@ impl Vm {
             pid: None,
             pid_start: None,
             error: None,
+            boots: 0,
+            last_stop: None,
+            console_silent_since: None,
             created_at: now.clone(),
             updated_at: now,
         }
     }
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopResult {
+    /// The guest powered off after the ACPI power button.
+    GuestPoweredOff,
+    /// The guest did not power off within the grace time (or the stop was
+    /// forced): QEMU was quit.
+    Quit,
+    /// QEMU did not quit and was killed.
+    Killed,
+    /// QEMU had already exited.
+    AlreadyExited,
+}
+
+impl StopResult {
+    /// The API's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopResult::GuestPoweredOff => "guest_powered_off",
+            StopResult::Quit => "quit",
+            StopResult::Killed => "killed",
+            StopResult::AlreadyExited => "already_exited",
+        }
+    }
+}
+
+impl From<crate::qemu::instance::StopOutcome> for StopResult {
+    fn from(outcome: crate::qemu::instance::StopOutcome) -> StopResult {
+        use crate::qemu::instance::StopOutcome as O;
+        match outcome {
+            O::GuestPoweredOff => StopResult::GuestPoweredOff,
+            O::Quit => StopResult::Quit,
+            O::Killed => StopResult::Killed,
+            O::AlreadyExited => StopResult::AlreadyExited,
+        }
+    }
+}
+
+/// A spec waiting for the VM's next start (like Proxmox's pending changes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Pending {
+    /// The spec the VM gets at its next start.
+    pub spec: VmSpec,
+    /// Where it differs from the spec the VM runs (`memory_mib`,
+    /// `resources.cpu_quota_percent`, `disks`).
+    pub fields: Vec<String>,
 }
 
 /// `vm.json`: the [`Vm`] with a format version.

@@ -139,6 +139,8 @@ pub enum Task {
     Disks,
     /// Changing NICs: hot-plug, unplug.
     Nics,
+    /// Changing the spec (`PATCH`): live what QEMU takes, the rest pending.
+    Edit,
 }
 
 impl Task {
@@ -154,6 +156,7 @@ impl Task {
             Task::Snapshot => "snapshot",
             Task::Disks => "disks",
             Task::Nics => "nics",
+            Task::Edit => "edit",
         }
     }
 }
@@ -186,11 +189,13 @@ pub enum Action {
     Disks,
     /// Change the VM's NICs (live or offline).
     Nics,
+    /// Change the VM's spec (live, pending or offline).
+    Edit,
 }
 
 impl Action {
     /// Every action, for exhaustive tests.
-    pub const ALL: [Action; 11] = [
+    pub const ALL: [Action; 12] = [
         Action::Start,
         Action::Stop { force: false },
         Action::Stop { force: true },
@@ -202,6 +207,7 @@ impl Action {
         Action::Snapshot,
         Action::Disks,
         Action::Nics,
+        Action::Edit,
     ];
 
     /// The task this action runs as.
@@ -216,6 +222,7 @@ impl Action {
             Action::Snapshot => Task::Snapshot,
             Action::Disks => Task::Disks,
             Action::Nics => Task::Nics,
+            Action::Edit => Task::Edit,
         }
     }
 }
@@ -302,6 +309,7 @@ impl Action {
             Action::Snapshot => "snapshot",
             Action::Disks => "change disks",
             Action::Nics => "change NICs",
+            Action::Edit => "change the spec",
         }
     }
 }
@@ -372,7 +380,7 @@ pub fn decide(state: PowerState, task: Option<Task>, action: Action) -> Decision
         },
         // Live through QMP while QEMU runs, offline on the files otherwise;
         // not while QEMU comes or goes, nor while vmlet lost control of it.
-        Action::Snapshot | Action::Disks | Action::Nics => match state {
+        Action::Snapshot | Action::Disks | Action::Nics | Action::Edit => match state {
             S::Stopped | S::Crashed | S::Running | S::Paused => Decision::Run(action.task()),
             _ => refused,
         },
@@ -934,6 +942,9 @@ mod tests {
                     (Action::Nics, S::Stopped | S::Crashed | S::Running | S::Paused) => {
                         Some(run(Task::Nics))
                     }
+                    (Action::Edit, S::Stopped | S::Crashed | S::Running | S::Paused) => {
+                        Some(run(Task::Edit))
+                    }
                     _ => None, // refused
                 };
                 match expected_kind {
@@ -959,6 +970,7 @@ mod tests {
             Task::Snapshot,
             Task::Disks,
             Task::Nics,
+            Task::Edit,
         ];
         for state in PowerState::ALL {
             for task in tasks {

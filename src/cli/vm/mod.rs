@@ -17,6 +17,7 @@ use crate::spec::{Boot, CacheMode, DiskBus, Firmware, Resources};
 use crate::vm::Vm;
 
 mod disks;
+mod edit;
 mod nics;
 mod snapshots;
 
@@ -49,12 +50,26 @@ pub enum VmCommand {
         #[arg(long)]
         id: Option<Uuid>,
     },
-    /// Start a VM.
+    /// Start a VM; with --wait-ready, wait until its serial console shows
+    /// that the guest is up.
     Start {
         /// UUID or name.
         vm: String,
+        /// Wait until the serial console of this boot printed the ready
+        /// marker; fails (non-zero exit) when it does not within --timeout.
+        #[arg(long)]
+        wait_ready: bool,
+        /// With --wait-ready: seconds to wait.
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_READY_TIMEOUT_S, requires = "wait_ready")]
+        timeout: u64,
+        /// With --wait-ready: the text that means ready.
+        #[arg(long, value_name = "TEXT", default_value = DEFAULT_READY_MARKER, requires = "wait_ready", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        ready_marker: String,
     },
-    /// Stop a VM: ACPI power button, then quit after the timeout.
+    /// Stop a VM: press its ACPI power button and wait for the guest to
+    /// power off, up to --timeout seconds (default: the daemon's
+    /// `stop_grace_s`, 60 s unless configured); a guest that does not react
+    /// in time has its QEMU quit.
     Stop {
         /// UUID or name.
         vm: String,
@@ -65,10 +80,20 @@ pub enum VmCommand {
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
     },
-    /// Reset a VM's guest.
+    /// Reboot a VM's guest: press its ACPI power button and, once the guest
+    /// has shut down, reset and start it again. A guest that does not shut
+    /// down within --timeout seconds (default: the daemon's `stop_grace_s`)
+    /// keeps running and the reboot fails.
     Reboot {
         /// UUID or name.
         vm: String,
+        /// Reset the machine at once (like the reset button), without
+        /// asking the guest.
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest gets to shut down (the daemon's default if unset).
+        #[arg(long, value_name = "SECONDS", conflicts_with = "force")]
+        timeout: Option<u64>,
     },
     /// Pause a VM's vCPUs.
     Pause {
@@ -91,6 +116,22 @@ pub enum VmCommand {
         /// Delete the volumes attached to it too.
         #[arg(long)]
         delete_volumes: bool,
+    },
+    /// Edit a VM's spec in $EDITOR (else vi) and apply what changed: live
+    /// what the running VM can take, the rest at its next start.
+    Edit {
+        /// UUID or name.
+        vm: String,
+    },
+    /// Change spec fields: `memory_mib=512 resources.cpu_quota_percent=50
+    /// autostart=true` (values are JSON when they parse, else strings;
+    /// `null` removes a field).
+    Set {
+        /// UUID or name.
+        vm: String,
+        /// `key=value` pairs; dotted keys reach into objects.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
     },
     /// Attach, detach and throttle a VM's disks.
     Disk {
@@ -193,19 +234,124 @@ pub async fn run_vm(
                 }
             })
         }
+        VmCommand::Edit { vm } => edit::edit(&client, &vm, json).await?,
+        VmCommand::Set { vm, pairs } => edit::set(&client, &vm, &pairs, json).await?,
         VmCommand::Disk { cmd } => disk_command(&client, cmd, json).await?,
         VmCommand::Nic { cmd } => nic_command(&client, cmd, json).await?,
         VmCommand::Snapshot { cmd } => snapshot_command(&client, cmd, json).await?,
-        VmCommand::Start { vm } => action_output(client.start(&vm).await?, json),
-        VmCommand::Stop { vm, force, timeout } => {
-            action_output(client.stop(&vm, force, timeout).await?, json)
+        VmCommand::Start {
+            vm,
+            wait_ready,
+            timeout,
+            ready_marker,
+        } => {
+            let started = client.start(&vm).await?;
+            if wait_ready {
+                if !json {
+                    eprintln!(
+                        "waiting up to {timeout}s for {ready_marker:?} on the serial console of {vm}"
+                    );
+                }
+                wait_ready_marker(&client, &vm, &ready_marker, timeout).await?;
+                let ready = client.get_vm(&vm).await?;
+                shown(json, &ready, |vm| format!("{}\nready\n", vm_line(vm)))
+            } else {
+                action_output(started, json)
+            }
         }
-        VmCommand::Reboot { vm } => action_output(client.reboot(&vm).await?, json),
+        VmCommand::Stop { vm, force, timeout } => {
+            if !force && !json {
+                let grace = match timeout {
+                    Some(t) => t,
+                    None => client.node().await?.stop_grace_s,
+                };
+                eprintln!("{}", stop_announcement(&vm, grace));
+            }
+            let stopped = client.stop(&vm, force, timeout).await?;
+            shown(json, &stopped, |vm| {
+                format!("{}\n{}\n", vm_line(vm), stop_result_str(vm))
+            })
+        }
+        VmCommand::Reboot { vm, force, timeout } => {
+            if !force && !json {
+                let grace = match timeout {
+                    Some(t) => t,
+                    None => client.node().await?.stop_grace_s,
+                };
+                eprintln!(
+                    "asking the guest of {vm} to reboot (ACPI power button); waiting up to {grace}s for it to shut down, then resetting it"
+                );
+            }
+            action_output(client.reboot_with(&vm, force, timeout).await?, json)
+        }
         VmCommand::Pause { vm } => action_output(client.pause(&vm).await?, json),
         VmCommand::Resume { vm } => action_output(client.resume(&vm).await?, json),
         VmCommand::Console(_) => unreachable!("consoles are run above"),
     };
     write_flush(out, &text)
+}
+
+/// `vm start --wait-ready`'s default marker: a login prompt.
+pub const DEFAULT_READY_MARKER: &str = "login:";
+/// `vm start --wait-ready`'s default timeout, in seconds.
+pub const DEFAULT_READY_TIMEOUT_S: u64 = 300;
+/// How often `--wait-ready` reads the console log.
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What `vm stop` says before it waits.
+fn stop_announcement(vm: &str, grace: u64) -> String {
+    format!(
+        "asking the guest of {vm} to shut down (ACPI power button); waiting up to {grace}s, then QEMU is quit"
+    )
+}
+
+/// How the last stop ended, in words.
+fn stop_result_str(vm: &Vm) -> &'static str {
+    use crate::vm::record::StopResult;
+    match vm.last_stop {
+        Some(StopResult::GuestPoweredOff) => "the guest powered off",
+        Some(StopResult::Quit) => {
+            "QEMU was quit (the guest did not power off in time, or the stop was forced)"
+        }
+        Some(StopResult::Killed) => "QEMU did not quit and was killed",
+        Some(StopResult::AlreadyExited) => "QEMU had already exited",
+        None => "the VM was not running",
+    }
+}
+
+/// Waits until the serial console of the VM's current boot shows `marker`
+/// (read through the console-log endpoint), for at most `timeout_s`.
+async fn wait_ready_marker(
+    client: &crate::client::Client,
+    vm: &str,
+    marker: &str,
+    timeout_s: u64,
+) -> Result<(), CliError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+    let needle = marker.as_bytes();
+    loop {
+        let log = client.console_log_of(vm, None, true).await?;
+        if !needle.is_empty() && log.windows(needle.len()).any(|w| w == needle) {
+            return Ok(());
+        }
+        let view = client.get_vm(vm).await?;
+        let state = view.state.as_str();
+        if !matches!(state, "running" | "starting" | "paused") {
+            return Err(CliError::StoppedWhileWaiting {
+                vm: vm.to_string(),
+                state: state.to_string(),
+                marker: marker.to_string(),
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::NotReady {
+                vm: vm.to_string(),
+                marker: marker.to_string(),
+                timeout_s,
+            });
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
 }
 
 fn action_output(vm: Vm, json: bool) -> String {
@@ -298,6 +444,22 @@ pub fn render_vm(vm: &Vm) -> String {
     ];
     if let Some(error) = &vm.error {
         lines.push(("error".into(), error.clone()));
+    }
+    lines.push(("boots".into(), vm.boots.to_string()));
+    if let Some(stop) = vm.last_stop {
+        lines.push(("last stop".into(), stop.as_str().into()));
+    }
+    if let Some(since) = &vm.console_silent_since {
+        lines.push((
+            "hint".into(),
+            format!("the serial console has printed nothing since {since}: the guest may hang, or print its console elsewhere (vmlet console {} --print-log --boot current)", vm.name),
+        ));
+    }
+    if let Some(pending) = &vm.pending {
+        lines.push((
+            "pending".into(),
+            format!("{} (at the next start)", pending.fields.join(", ")),
+        ));
     }
     lines.push(("vcpus".into(), spec.vcpus.to_string()));
     lines.push(("memory".into(), mib(spec.memory_mib)));
@@ -451,6 +613,9 @@ ID                                    NAME              STATE     TASK  DESIRED 
         let mut v = vm("web", 1);
         v.state = as_received(PowerState::Error);
         v.error = Some("qemu exited: bad disk".into());
+        v.boots = 3;
+        v.last_stop = Some(crate::vm::record::StopResult::Quit);
+        v.console_silent_since = Some("2024-05-01T10:00:01Z".into());
         v.spec.disks.push(DiskSpec {
             read_only: true,
             boot_order: Some(1),
@@ -466,6 +631,9 @@ desired:    stopped
 generation: 1
 pid:        -
 error:      qemu exited: bad disk
+boots:      3
+last stop:  quit
+hint:       the serial console has printed nothing since 2024-05-01T10:00:01Z: the guest may hang, or print its console elsewhere (vmlet console web --print-log --boot current)
 vcpus:      2
 memory:     512MiB
 profile:    q35

@@ -8,10 +8,17 @@ impl Actor {
     pub(super) fn begin_start(&mut self) {
         self.observe(Observation::StartBegun);
         self.commit(|vm| {
+            // A change the last QEMU could not take becomes the spec now.
+            if let Some(pending) = vm.pending.take() {
+                vm.spec = pending.spec;
+            }
             vm.task = Some(Task::Start);
             vm.desired = Desired::Running;
             vm.error = None;
+            vm.boots += 1;
+            vm.last_stop = None;
         });
+        let boot_banner = boot_banner(self.vm.boots, SystemTime::now());
         // A VM in `error` may still hold a QEMU that stopped answering.
         let leftover = self.runtime.take();
         let ctx = self.ctx.clone();
@@ -47,6 +54,7 @@ impl Actor {
                     accel: ctx.accel,
                     paths: &paths,
                     serial_log: &serial_log,
+                    serial_banner: Some(&boot_banner),
                     qemu_log: &qemu_log,
                     disks: &files.disks,
                     disk_sets: &files.sets,
@@ -106,6 +114,35 @@ impl Actor {
         let qmp = rt.qmp.clone();
         self.spawn_op(async move {
             OpResult::Stopped(instance::stop_process(&process, qmp.as_ref(), mode).await)
+        });
+    }
+
+    /// A reboot that asks the guest (see [`instance::reboot_guest`]); a
+    /// paused guest cannot react, so it is refused at once.
+    pub(super) fn begin_reboot(&mut self, timeout: Option<Duration>) {
+        self.commit(|vm| vm.task = Some(Task::Reboot));
+        if self.vm.state == PowerState::Paused {
+            self.finish_op(Err(VmError::Refused(
+                "the VM is paused: its guest cannot react to the ACPI power button; resume it first, or force the reboot".into(),
+            )));
+            return;
+        }
+        let grace = timeout.unwrap_or(Duration::from_secs(self.ctx.settings.stop_grace_s));
+        let qmp = self.runtime.as_ref().and_then(|rt| rt.qmp.clone());
+        self.spawn_op(async move {
+            let Some(qmp) = qmp else {
+                return OpResult::Qmp {
+                    task: Task::Reboot,
+                    result: Err(QmpError::Protocol("no QMP link to this QEMU".into())),
+                };
+            };
+            let result = instance::reboot_guest(&qmp, grace).await;
+            let status = qmp
+                .execute_with_deadline(qapi::qmp::query_status {}, instance::STOP_COMMAND_DEADLINE)
+                .await
+                .ok()
+                .map(|s| s.status);
+            OpResult::Rebooted { result, status }
         });
     }
 
@@ -194,6 +231,7 @@ impl Actor {
                         vm.pid = None;
                         vm.pid_start = None;
                         vm.error = None;
+                        vm.last_stop = Some(outcome.into());
                     });
                     self.finish_op(Ok(()));
                 }
@@ -204,6 +242,7 @@ impl Actor {
                     self.finish_op(Err(VmError::Failed(error)));
                 }
             },
+            OpResult::Rebooted { result, status } => self.on_rebooted(result, status),
             OpResult::Qmp { task, result } => match result {
                 Ok(()) => {
                     match task {
@@ -252,6 +291,7 @@ impl Actor {
                 return true;
             }
             OpResult::Storage { result, status } => self.on_storage_done(result, status),
+            OpResult::Edit(done) => self.on_edit_done(*done),
             OpResult::Deleted(Err(message)) => {
                 self.teardown();
                 let error = format!("delete failed: {message}");
@@ -266,6 +306,76 @@ impl Actor {
         }
         false
     }
+}
+
+impl Actor {
+    /// Settles a reboot: the guest's `SHUTDOWN` on the way did not end
+    /// QEMU, and the vCPUs run (or, when a step failed, are as QEMU says).
+    fn on_rebooted(
+        &mut self,
+        result: Result<(), instance::RebootError>,
+        status: Option<qapi::qmp::RunState>,
+    ) {
+        let Some(rt) = &mut self.runtime else {
+            // QEMU exited meanwhile; its exit settled the state.
+            let result =
+                result.map_err(|e| VmError::Failed(format!("reboot: {}", error_chain(&e))));
+            self.finish_op(result);
+            return;
+        };
+        let guest_down = status == Some(qapi::qmp::RunState::shutdown);
+        if !guest_down {
+            rt.exit_events.forget_shutdown();
+        }
+        match status {
+            Some(qapi::qmp::RunState::running) => {
+                self.observe(Observation::VcpusResumed);
+            }
+            Some(_) => {
+                self.observe(Observation::VcpusStopped);
+            }
+            None => {}
+        }
+        let result = result.map_err(|e| {
+            let message = format!("reboot: {}", error_chain(&e));
+            tracing::warn!(vm = %self.vm.name, error = %message, "reboot failed");
+            match e.qmp_error() {
+                Some(QmpError::Timeout { .. }) => VmError::Timeout(message),
+                Some(_) => VmError::Failed(message),
+                None => VmError::Timeout(message),
+            }
+        });
+        if result.is_ok() {
+            tracing::info!(vm = %self.vm.name, "guest rebooted");
+        }
+        // A timed-out command closed the link; QEMU may still run, but
+        // vmlet can no longer command it (as for the other QMP tasks).
+        let lost = matches!(result, Err(VmError::Timeout(_) | VmError::Failed(_)))
+            && status.is_none()
+            && self.runtime.as_ref().is_some_and(|rt| {
+                rt.process.is_running()
+                    && rt.qmp.as_ref().is_some_and(|q| q.close_reason().is_some())
+            });
+        if lost {
+            if let Err(e) = &result {
+                let message = e.to_string();
+                self.observe(Observation::ControlLost);
+                self.commit(|vm| vm.error = Some(message));
+                self.reconnect();
+            }
+        }
+        self.finish_op(result);
+    }
+}
+
+/// The line vmlet writes into the serial log (as a line of its own) before
+/// boot `n`.
+pub fn boot_banner(n: u64, at: SystemTime) -> String {
+    format!(
+        "{}{n} started {}",
+        crate::console::serial::BOOT_BANNER_PREFIX,
+        humantime::format_rfc3339_seconds(at)
+    )
 }
 
 /// Pins every vCPU thread of `qemu` to the spec's `resources.cpu_set`

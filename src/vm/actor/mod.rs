@@ -40,11 +40,13 @@ use crate::vm::state::{
 };
 use crate::vm::Vm;
 
+mod edit;
 mod lifecycle;
 mod reattach;
 mod storage;
 mod watcher;
 
+pub use edit::Edit;
 pub use storage::Change;
 use storage::Work;
 
@@ -60,8 +62,11 @@ pub use crate::vm::error::VmError;
 /// Options of an action.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ActOptions {
-    /// For a graceful stop: how long the guest gets to power off.
+    /// For a graceful stop or reboot: how long the guest gets to shut down.
     pub stop_timeout: Option<Duration>,
+    /// For a reboot: reset the machine at once (`system_reset`) instead of
+    /// asking the guest.
+    pub force: bool,
 }
 
 type Reply = oneshot::Sender<Result<Vm, VmError>>;
@@ -79,6 +84,8 @@ pub enum Command {
     },
     /// A change of the VM's disks or NICs (boxed: a disk spec is large).
     Change(Box<Change>),
+    /// Change the spec (boxed: two specs are large).
+    Edit(Box<Edit>),
     /// Take, revert to or delete a snapshot.
     Snapshot {
         /// Which.
@@ -100,6 +107,7 @@ impl Command {
             }
             Command::Change(_) => Action::Disks,
             Command::Snapshot { .. } => Action::Snapshot,
+            Command::Edit(_) => Action::Edit,
         }
     }
 }
@@ -135,6 +143,11 @@ enum Input {
 enum OpResult {
     Started(Result<(instance::QemuInstance, Option<Arc<SerialHub>>), VmError>),
     Stopped(Result<StopOutcome, ProcessError>),
+    /// A reboot, and QEMU's run state afterwards when it could be read.
+    Rebooted {
+        result: Result<(), instance::RebootError>,
+        status: Option<qapi::qmp::RunState>,
+    },
     Qmp {
         task: Task,
         result: Result<(), QmpError>,
@@ -146,6 +159,7 @@ enum OpResult {
         /// QEMU's run state afterwards (snapshots pause the vCPUs).
         status: Option<qapi::qmp::RunState>,
     },
+    Edit(Box<edit::EditDone>),
 }
 
 /// The API's way to one VM: its latest view and its inbox.
@@ -520,6 +534,7 @@ impl Actor {
                 Command::Snapshot { kind, name } => {
                     self.run_storage(task, Work::Snapshot { kind, name }, reply)
                 }
+                Command::Edit(edit) => self.run_edit(task, *edit, reply),
             },
         }
     }
@@ -551,7 +566,8 @@ impl Actor {
         match action {
             PowerAction::Start => self.begin_start(),
             PowerAction::Stop { force } => self.begin_stop(force, options.stop_timeout),
-            PowerAction::Reboot => self.begin_qmp(Task::Reboot),
+            PowerAction::Reboot if options.force => self.begin_qmp(Task::Reboot),
+            PowerAction::Reboot => self.begin_reboot(options.stop_timeout),
             PowerAction::Pause => self.begin_qmp(Task::Pause),
             PowerAction::Resume => self.begin_qmp(Task::Resume),
             PowerAction::Delete { .. } => self.begin_delete(),

@@ -36,6 +36,9 @@ impl Actor {
         let serial = open_serial(&self.ctx, &self.vm.spec, &paths).await;
         match QmpClient::connect(&paths.qmp_socket(), REATTACH_QMP_DEADLINE).await {
             Ok((qmp, events)) => {
+                if let Err(e) = instance::restore_shutdown_action(&qmp).await {
+                    tracing::warn!(vm = %self.vm.name, error = %e, "could not restore the shutdown action");
+                }
                 let status = qmp
                     .execute_with_deadline(qapi::qmp::query_status {}, REATTACH_QMP_DEADLINE)
                     .await;

@@ -150,11 +150,15 @@ impl Actor {
             // action): follow it. Pauses of our own are settled by their op.
             // Snapshot jobs pause the vCPUs while they run; their op reads
             // the state afterwards.
-            RunEvent::VcpusStopped if task != Some(Task::Pause) && task != Some(Task::Snapshot) => {
+            // A reboot stops and resumes the vCPUs around the reset; its
+            // op reads the state afterwards.
+            RunEvent::VcpusStopped
+                if !matches!(task, Some(Task::Pause | Task::Snapshot | Task::Reboot)) =>
+            {
                 self.observe(Observation::VcpusStopped);
             }
             RunEvent::VcpusResumed
-                if task != Some(Task::Resume) && task != Some(Task::Snapshot) =>
+                if !matches!(task, Some(Task::Resume | Task::Snapshot | Task::Reboot)) =>
             {
                 self.observe(Observation::VcpusResumed);
             }

@@ -84,7 +84,7 @@ impl Manager {
     pub(super) fn inventory(&self) -> Inventory {
         let mut used = Usage::default();
         for vm in self.list() {
-            let u = self.usage(&vm.spec);
+            let u = self.reserved(&vm);
             used.vcpus += u.vcpus;
             used.memory_mib += u.memory_mib;
             used.disk_gib += u.disk_gib;
@@ -95,6 +95,17 @@ impl Manager {
             disk_gib: node::filesystem_gib(&self.ctx.settings.state_dir),
         };
         Inventory::new(&self.ctx.settings.capacity, host, used)
+    }
+
+    /// What a VM holds: the larger of what its spec and its pending spec
+    /// take, so a pending change is never started on a host it no longer
+    /// fits.
+    pub(super) fn reserved(&self, vm: &Vm) -> Usage {
+        let now = self.usage(&vm.spec);
+        match &vm.pending {
+            Some(pending) => super::edit::max_usage(now, self.usage(&pending.spec)),
+            None => now,
+        }
     }
 
     /// What a VM takes: its vCPUs, memory and own disks (overlays at their

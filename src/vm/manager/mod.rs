@@ -31,6 +31,7 @@ use crate::vm::events::EventBus;
 use crate::vm::registry::Registry;
 
 mod admission;
+mod edit;
 mod stores;
 
 use crate::vm::state::PowerAction;
@@ -210,13 +211,49 @@ impl Manager {
 
     /// The last `tail_bytes` of VM `key`'s serial console log (whatever its
     /// state: the log outlives the QEMU that wrote it).
-    pub async fn console_log(&self, key: &str, tail_bytes: u64) -> Result<Vec<u8>, VmError> {
+    /// `current_boot`: only the part from the last boot banner on.
+    pub async fn console_log(
+        &self,
+        key: &str,
+        tail_bytes: u64,
+        current_boot: bool,
+    ) -> Result<Vec<u8>, VmError> {
         let spec = self.find(key)?.view().spec;
         let log = crate::vm::actor::serial_log(&self.ctx, &spec);
-        tokio::task::spawn_blocking(move || log.tail(tail_bytes))
-            .await
-            .map_err(|e| VmError::Failed(e.to_string()))?
-            .map_err(|e| VmError::Failed(format!("reading the serial log: {e}")))
+        let search = self.console_log_limit();
+        tokio::task::spawn_blocking(move || match current_boot {
+            true => log.current_boot_tail(tail_bytes, search),
+            false => log.tail(tail_bytes),
+        })
+        .await
+        .map_err(|e| VmError::Failed(e.to_string()))?
+        .map_err(|e| VmError::Failed(format!("reading the serial log: {e}")))
+    }
+
+    /// VM `key` as `GET /v1/vms/{id}` shows it: with
+    /// `console_silent_since` when it runs but its serial log has not grown
+    /// for `[console] silent_hint_s` seconds (0: never).
+    pub fn show(&self, key: &str) -> Result<crate::vm::Vm, VmError> {
+        let mut vm = self.find(key)?.view();
+        let hint_after = self.ctx.settings.console.silent_hint_s;
+        if hint_after > 0
+            && vm.spec.serial.enabled
+            && vm.state == crate::vm::state::PowerState::Running
+        {
+            let log = crate::vm::actor::serial_log(&self.ctx, &vm.spec);
+            let silent_for = log.last_growth().and_then(|t| {
+                std::time::SystemTime::now()
+                    .duration_since(t)
+                    .ok()
+                    .map(|d| (t, d))
+            });
+            if let Some((since, silent)) = silent_for {
+                if silent.as_secs() >= hint_after {
+                    vm.console_silent_since = Some(crate::persist::timestamp(since));
+                }
+            }
+        }
+        Ok(vm)
     }
 
     /// The most a console-log request may ask for: the log and its backups.
@@ -438,6 +475,7 @@ impl Manager {
             profiles: self.ctx.profiles.names().map(str::to_string).collect(),
             vms_by_state: by_state,
             inventory: self.inventory(),
+            stop_grace_s: self.ctx.settings.stop_grace_s,
         }
     }
 

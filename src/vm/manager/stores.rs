@@ -102,15 +102,26 @@ impl Manager {
     pub(super) fn volume_user(&self, name: &str) -> Option<VolumeAttachment> {
         self.registry.handles().iter().find_map(|h| {
             let vm = h.view();
-            vm.spec.disks.iter().enumerate().find_map(|(i, d)| {
-                matches!(d.source(), Ok(DiskSource::Volume { volume }) if volume == name).then(
-                    || VolumeAttachment {
-                        vm: vm.id,
-                        vm_name: vm.name.clone(),
-                        disk: d.name_or_default(i),
-                    },
-                )
-            })
+            // A volume in a pending spec is taken too: that VM gets it at
+            // its next start.
+            let pending = vm
+                .pending
+                .iter()
+                .flat_map(|p| p.spec.disks.iter().enumerate());
+            vm.spec
+                .disks
+                .iter()
+                .enumerate()
+                .chain(pending)
+                .find_map(|(i, d)| {
+                    matches!(d.source(), Ok(DiskSource::Volume { volume }) if volume == name).then(
+                        || VolumeAttachment {
+                            vm: vm.id,
+                            vm_name: vm.name.clone(),
+                            disk: d.name_or_default(i),
+                        },
+                    )
+                })
         })
     }
 
