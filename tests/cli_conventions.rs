@@ -335,3 +335,95 @@ async fn events_reconnect_after_a_daemon_restart_and_resume_with_since() {
     );
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn messages_name_fields_settings_and_flags() {
+    let d = Daemon::start().await;
+    let socket = d.socket.to_str().unwrap();
+
+    // Every missing field at once, without a `body:` prefix.
+    let scratch = tempfile::tempdir().unwrap();
+    let spec_file = scratch.path().join("spec.json");
+    std::fs::write(&spec_file, r#"{"boot":{"type":"firmware"}}"#).unwrap();
+    let run = vmlet(&[
+        "vm",
+        "create",
+        "-f",
+        spec_file.to_str().unwrap(),
+        "--socket",
+        socket,
+        "-o",
+        "json",
+    ])
+    .await;
+    assert_eq!(run.code, Some(5), "{run}");
+    let body = json_error(&run);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("missing fields "), "{run}");
+    for field in ["name", "vcpus", "memory_mib"] {
+        assert!(message.contains(field), "{field}: {run}");
+    }
+    assert!(!message.contains("body"), "{run}");
+
+    // A host path outside the allowed roots names the setting.
+    let mut outside = guest_spec_json(&unique_name("out"), "");
+    outside["disks"] = serde_json::json!([{"path": "/etc/hostname", "format": "raw"}]);
+    std::fs::write(&spec_file, outside.to_string()).unwrap();
+    let run = vmlet(&[
+        "vm",
+        "create",
+        "-f",
+        spec_file.to_str().unwrap(),
+        "--socket",
+        socket,
+    ])
+    .await;
+    assert_eq!(run.code, Some(5), "{run}");
+    assert!(run.stderr.contains("allowed_host_paths"), "{run}");
+
+    // tail_bytes out of range is a bad request parameter, not a bad spec.
+    let name = unique_name("msg");
+    d.client
+        .create_vm(&guest_spec_json(&name, ""))
+        .await
+        .unwrap();
+    let run = vmlet(&[
+        "vm",
+        "console",
+        &name,
+        "--print-log",
+        "--tail-bytes",
+        "18446744073709551615",
+        "--socket",
+        socket,
+        "-o",
+        "json",
+    ])
+    .await;
+    assert_eq!(run.code, Some(5), "{run}");
+    let body = json_error(&run);
+    assert_eq!(body["error"]["code"], "invalid_request", "{run}");
+    assert_eq!(body["error"]["field"], "tail_bytes", "{run}");
+
+    // A running VM: a second start says so and succeeds; a delete
+    // without --force names the flag.
+    let run = vmlet(&["vm", "start", &name, "--socket", socket]).await;
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(!run.stdout.contains("already running"), "{run}");
+    let run = vmlet(&["vm", "start", &name, "--socket", socket]).await;
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(
+        run.stdout.contains("already running; nothing to do"),
+        "{run}"
+    );
+    let run = vmlet(&["vm", "delete", &name, "--socket", socket]).await;
+    assert_eq!(run.code, Some(4), "{run}");
+    assert!(
+        run.stderr
+            .contains(&format!("`vmlet vm delete {name} --force`")),
+        "{run}"
+    );
+    assert!(!run.stderr.contains("force=true"), "{run}");
+    let run = vmlet(&["vm", "delete", &name, "--force", "--socket", socket]).await;
+    assert_eq!(run.code, Some(0), "{run}");
+}

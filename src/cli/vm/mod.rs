@@ -245,8 +245,18 @@ pub async fn run_vm(
             timeout,
             ready_marker,
         } => {
+            // A start of a running VM changes nothing (not even the
+            // generation): that is how "already running" is told apart
+            // from a start that just finished.
+            let before = client.get_vm(&vm).await?;
             let started = client.start(&vm).await?;
-            if wait_ready {
+            let already = before.generation == started.generation
+                && started.state.get() == crate::vm::state::PowerState::Running;
+            if already && !wait_ready {
+                shown(json, &started, |vm| {
+                    format!("{}\nalready running; nothing to do\n", vm_line(vm))
+                })
+            } else if wait_ready {
                 if !json {
                     eprintln!(
                         "waiting up to {timeout}s for {ready_marker:?} on the serial console of {vm}"
