@@ -247,6 +247,36 @@ mod tests {
     }
 
     #[test]
+    fn the_vnc_url_is_whole_over_tcp_and_a_path_over_the_socket() {
+        let token = crate::api::console::ConsoleToken {
+            token: "ab12".into(),
+            kind: ConsoleKind::Vnc,
+            expires_at: "2024-05-01T10:01:00.000Z".into(),
+            url: "/v1/console?token=ab12".into(),
+            page_url: Some("/console?token=ab12".into()),
+        };
+        let tcp = Endpoint::Tcp {
+            url: "http://node1:8780/".into(),
+            token: None,
+        };
+        assert_eq!(
+            vnc_message(&tcp, &token),
+            "http://node1:8780/console?token=ab12\n\
+             (one-time URL, valid until 2024-05-01T10:01:00.000Z)\n"
+        );
+        let text = vnc_message(&Endpoint::Unix("/run/vmlet/vmlet.sock".into()), &token);
+        assert!(text.starts_with("/console?token=ab12\n"), "{text}");
+        assert!(
+            text.contains("http://HOST:PORT/console?token=ab12"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/run/vmlet/vmlet.sock is a unix socket"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn typing_stops_at_the_escape_key() {
         assert_eq!(split_at_escape(b"ls\r", 0x1d), (&b"ls\r"[..], false));
         assert_eq!(split_at_escape(b"ls\x1dmore", 0x1d), (&b"ls"[..], true));

@@ -814,6 +814,61 @@ mod tests {
     }
 
     #[test]
+    fn errors_have_a_code_an_exit_code_and_a_json_form() {
+        let api = |status, code: &str, field: Option<&str>| {
+            CliError::Client(ClientError::Api {
+                status,
+                code: code.into(),
+                message: "it went wrong".into(),
+                field: field.map(Into::into),
+                task: None,
+            })
+        };
+        for (status, code, exit) in [
+            (404, "not_found", EXIT_NOT_FOUND),
+            (409, "conflict", EXIT_CONFLICT),
+            (409, "busy", EXIT_CONFLICT),
+            (412, "stale_generation", EXIT_CONFLICT),
+            (422, "invalid_spec", EXIT_INVALID),
+            (422, "invalid_request", EXIT_INVALID),
+            (400, "bad_request", EXIT_INVALID),
+            (503, "unavailable", EXIT_UNAVAILABLE),
+            (503, "timeout", EXIT_UNAVAILABLE),
+            (507, "no_space", EXIT_UNAVAILABLE),
+            (401, "unauthorized", EXIT_OTHER),
+        ] {
+            assert_eq!(api(status, code, None).exit_code(), exit, "{code}");
+        }
+        let err = api(422, "invalid_spec", Some("vcpus"));
+        assert_eq!(
+            error_text(&err, Output::Json),
+            "{\"error\":{\"code\":\"invalid_spec\",\"field\":\"vcpus\",\"message\":\"it went wrong\"}}\n"
+        );
+        assert_eq!(
+            error_text(&err, Output::Table),
+            "vmlet: 422 invalid_spec: it went wrong (field vcpus)\n"
+        );
+        // Errors of this side: their own codes, the message with its cause.
+        let unreadable = CliError::TokenFile {
+            path: "/x/token".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(unreadable.exit_code(), EXIT_OTHER);
+        assert_eq!(
+            error_text(&unreadable, Output::Table),
+            "vmlet: reading the token file /x/token: entity not found\n"
+        );
+        let mismatch = CliError::UuidMismatch {
+            id: Uuid::nil(),
+            spec: "x".into(),
+        };
+        assert_eq!(mismatch.exit_code(), EXIT_INVALID);
+        let json: serde_json::Value =
+            serde_json::from_str(&error_text(&mismatch, Output::Json)).unwrap();
+        assert_eq!(json["error"]["code"], "invalid_argument");
+    }
+
+    #[test]
     fn a_url_takes_its_token_from_the_token_file() {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
