@@ -416,6 +416,34 @@ async fn messages_name_fields_settings_and_flags() {
         run.stdout.contains("already running; nothing to do"),
         "{run}"
     );
+    // --vnc: a one-time path to the noVNC page (over the socket, for the
+    // TCP listener), whose token the daemon knows.
+    let run = vmlet(&["vm", "console", &name, "--vnc", "--socket", socket]).await;
+    assert_eq!(run.code, Some(0), "{run}");
+    let page = run.stdout.lines().next().unwrap_or_default();
+    let token = page
+        .strip_prefix("/console?token=")
+        .unwrap_or_else(|| panic!("no page path: {run}"));
+    assert_eq!(token.len(), 64, "{run}");
+    assert!(run.stdout.contains("one-time path"), "{run}");
+    let live = |token: String| {
+        let client = d.client.clone();
+        async move {
+            client
+                .request(
+                    vmlet::client::Method::GET,
+                    &format!("/v1/console?token={token}"),
+                    None,
+                )
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    // A live token gets "not a websocket request" (400), an unknown one 401.
+    assert_eq!(live(token.to_string()).await, 400, "{run}");
+    assert_eq!(live("0".repeat(64)).await, 401);
+
     let run = vmlet(&["vm", "delete", &name, "--socket", socket]).await;
     assert_eq!(run.code, Some(4), "{run}");
     assert!(
