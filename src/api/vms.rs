@@ -174,11 +174,12 @@ pub struct PatchQuery {
 /// `?generation=N`, a VM no longer at generation N answers 412.
 #[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms",
     params(("id" = String, Path, description = "VM UUID or name"),
-        ("If-Match" = Option<String>, Header, description = "The generation the change is based on, quoted (`\"7\"`)"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(W/)?"?[0-9]{1,19}"?$"#, description = "The generation the change is based on, quoted (`\"7\"`); anything else is 400"),
         PatchQuery),
     request_body(content = Object, description = "A JSON merge patch of the spec",
         content_type = "application/merge-patch+json"),
     responses((status = 200, body = Vm, description = "Changed (see `pending` for what waits for the next start)"),
+        (status = 400, body = ErrorBody, description = "If-Match is not a generation"),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 412, body = ErrorBody), (status = 422, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
