@@ -30,18 +30,29 @@ const EXIT_INTERRUPTED: u8 = 130;
 #[command(
     name = "vmlet",
     version,
-    about = "QEMU node daemon: VMs without libvirt"
+    about = "QEMU node daemon: VMs without libvirt",
+    after_help = vmlet::cli::EXIT_CODES_HELP
 )]
 struct Cli {
     /// Config file (default: /etc/vmlet/vmlet.toml when it exists).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Daemon options")]
     config: Option<PathBuf>,
     /// Log filter, e.g. `info`, `vmlet=debug`.
-    #[arg(long, global = true, env = "VMLET_LOG", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "VMLET_LOG",
+        default_value = "info",
+        help_heading = "Logging options"
+    )]
     log: String,
     /// Log format: text or json (default: the settings' `log_format`).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Logging options")]
     log_format: Option<LogFormat>,
+    /// How the client subcommands reach the daemon and print; accepted
+    /// before or after the subcommand.
+    #[command(flatten)]
+    opts: ClientOptions,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,67 +105,44 @@ enum Command {
     },
     /// Manage the VMs of a running daemon.
     Vm {
-        #[command(flatten)]
-        opts: ClientOptions,
         #[command(subcommand)]
         cmd: VmCommand,
     },
     /// Manage the daemon's images: import (file or URL), list, show, delete.
     Image {
-        #[command(flatten)]
-        opts: ClientOptions,
         #[command(subcommand)]
         cmd: ImageCommand,
     },
     /// Manage the daemon's volumes: create, list, show, resize, delete.
     Volume {
-        #[command(flatten)]
-        opts: ClientOptions,
         #[command(subcommand)]
         cmd: VolumeCommand,
     },
     /// Manage the daemon's networks: create (bridge, VLAN or user-mode),
     /// list, show, delete.
     Network {
-        #[command(flatten)]
-        opts: ClientOptions,
         #[command(subcommand)]
         cmd: NetworkCommand,
     },
     /// Show the daemon's host: capacity, QEMU, accelerator, VM counts.
-    Node {
-        #[command(flatten)]
-        opts: ClientOptions,
-    },
-    /// Attach this terminal to a VM's serial console (raw mode; the escape
-    /// key, Ctrl-] by default, detaches), or print its log with --print-log.
-    Console {
-        #[command(flatten)]
-        opts: ClientOptions,
-        /// The VM (UUID or name).
-        vm: String,
-        /// The key that detaches: ^X for a control key, or one character.
-        #[arg(long, default_value = vmlet::cli::DEFAULT_ESCAPE, value_parser = vmlet::cli::parse_escape)]
-        escape: u8,
-        /// Print the end of the console log instead of attaching (works
-        /// for stopped VMs too).
-        #[arg(long = "print-log")]
-        print_log: bool,
-        /// With --print-log: how many bytes from the end (default 64 KiB).
-        #[arg(long, value_name = "N", requires = "print_log")]
-        tail_bytes: Option<u64>,
-        /// With --print-log: `current` prints only the current (or last)
-        /// boot, from vmlet's `--- vmlet: boot N started` line on.
-        #[arg(long, value_name = "WHICH", requires = "print_log", value_parser = ["current"])]
-        boot: Option<String>,
-    },
-    /// Follow the daemon's events, one line each, until interrupted.
+    Node,
+    /// Same as `vmlet vm console`: attach this terminal to a VM's serial
+    /// console, print its log (--print-log), or open it in a browser (--vnc).
+    #[command(name = "console")]
+    Console(vmlet::cli::ConsoleArgs),
+    /// Follow the daemon's events, one line each, until interrupted. When
+    /// the connection drops (a daemon restart), it reconnects and resumes
+    /// after the last event it printed.
     Events {
-        #[command(flatten)]
-        opts: ClientOptions,
         /// Replay the buffered events after this sequence number first.
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
+    },
+    /// Print a shell completion script: `vmlet completion bash >
+    /// /etc/bash_completion.d/vmlet`, or source it from the shell's rc file.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -233,6 +221,19 @@ async fn dispatch(
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
             vmlet::daemon::serve(settings).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            // Into memory first: the generator panics when stdout fails
+            // (`vmlet completion bash | head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "vmlet", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(e).context("writing the completion script")
+                }
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Openapi => {
             print!("{}", vmlet::api::openapi_json());
@@ -313,8 +314,8 @@ async fn dispatch(
         | Command::Image { .. }
         | Command::Volume { .. }
         | Command::Network { .. }
-        | Command::Node { .. }
-        | Command::Console { .. }
+        | Command::Node
+        | Command::Console(_)
         | Command::Events { .. } => {
             unreachable!("run_client runs the client subcommands")
         }
@@ -322,31 +323,29 @@ async fn dispatch(
 }
 
 /// Runs a client subcommand (`vm`, `image`, `volume`, `network`, `node`,
-/// `events`);
-/// hands any other command back.
+/// `console`, `events`) and prints its error (as JSON with `-o json`);
+/// hands any other command back. The exit code tells the error's class
+/// (see [`vmlet::cli::EXIT_CODES_HELP`]).
 async fn run_client(cli: Cli) -> Result<anyhow::Result<ExitCode>, Cli> {
     let mut stdout = std::io::stdout();
+    let opts = &cli.opts;
     let result = match cli.command {
-        Command::Vm { opts, cmd } => vmlet::cli::run_vm(cmd, &opts, &mut stdout).await,
-        Command::Image { opts, cmd } => vmlet::cli::run_image(cmd, &opts, &mut stdout).await,
-        Command::Volume { opts, cmd } => vmlet::cli::run_volume(cmd, &opts, &mut stdout).await,
-        Command::Network { opts, cmd } => vmlet::cli::run_network(cmd, &opts, &mut stdout).await,
-        Command::Node { opts } => vmlet::cli::run_node(&opts, &mut stdout).await,
-        Command::Events { opts, since } => vmlet::cli::run_events(since, &opts, &mut stdout).await,
-        Command::Console {
-            opts,
-            vm,
-            print_log: true,
-            tail_bytes,
-            boot,
-            ..
-        } => vmlet::cli::run_console_log(&opts, &vm, tail_bytes, boot.is_some(), &mut stdout).await,
-        Command::Console {
-            opts, vm, escape, ..
-        } => vmlet::cli::run_console(&opts, &vm, escape).await,
+        Command::Vm { cmd } => vmlet::cli::run_vm(cmd, opts, &mut stdout).await,
+        Command::Image { cmd } => vmlet::cli::run_image(cmd, opts, &mut stdout).await,
+        Command::Volume { cmd } => vmlet::cli::run_volume(cmd, opts, &mut stdout).await,
+        Command::Network { cmd } => vmlet::cli::run_network(cmd, opts, &mut stdout).await,
+        Command::Node => vmlet::cli::run_node(opts, &mut stdout).await,
+        Command::Events { since } => vmlet::cli::run_events(since, opts, &mut stdout).await,
+        Command::Console(args) => vmlet::cli::run_console_args(args, opts, &mut stdout).await,
         command => return Err(Cli { command, ..cli }),
     };
-    Ok(result.map(|()| ExitCode::SUCCESS).map_err(Into::into))
+    Ok(Ok(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("{}", vmlet::cli::error_text(&e, opts.output));
+            ExitCode::from(e.exit_code())
+        }
+    }))
 }
 
 /// Reads and validates a spec file. Prints every field error and returns

@@ -94,17 +94,31 @@ async fn vmlet_ok(d: &Daemon, args: &[&str]) -> String {
     run.stdout
 }
 
-/// Runs `vmlet ARGS`, expects exit 1, returns the error line from stderr
-/// (after any progress lines).
+/// Runs `vmlet ARGS`, expects it to fail with the exit code of the error's
+/// class (`vmlet --help`: 3 for a 404, 4 for a 409, 5 for a 400 or 422, 6
+/// for a 503, else 1), returns the error line from stderr (after any
+/// progress lines).
 async fn vmlet_fails(d: &Daemon, args: &[&str]) -> String {
     let run = vmlet(d, args).await;
-    assert_eq!(run.code, Some(1), "vmlet {args:?}: {run}");
     let error = run
         .stderr
         .lines()
         .find(|l| l.starts_with("vmlet: "))
-        .unwrap_or_else(|| panic!("no error line: {run}"));
-    error.to_string()
+        .unwrap_or_else(|| panic!("no error line: {run}"))
+        .to_string();
+    let status = error
+        .strip_prefix("vmlet: ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|word| word.parse::<u16>().ok());
+    let expected = match status {
+        Some(404) => 3,
+        Some(409) => 4,
+        Some(400 | 422) => 5,
+        Some(503) => 6,
+        _ => 1,
+    };
+    assert_eq!(run.code, Some(expected), "vmlet {args:?}: {run}");
+    error
 }
 
 fn json(text: &str) -> Value {
@@ -140,10 +154,13 @@ async fn image_import_follows_the_import_to_ready() {
     assert!(run.ok(), "{run}");
     assert_eq!(
         run.stdout,
-        format!("imported image {name}: 16MiB (raw, {} allocated)\n", {
-            let image = d.client.get_image(&name).await.unwrap();
-            vmlet::cli::bytes(image.actual_size.unwrap())
-        }),
+        format!(
+            "imported image {name}: 16MiB (qcow2 from raw, {} allocated)\n",
+            {
+                let image = d.client.get_image(&name).await.unwrap();
+                vmlet::cli::bytes(image.actual_size.unwrap())
+            }
+        ),
         "{run}"
     );
     // Not a terminal: plain progress lines, no bar drawing.
@@ -155,7 +172,8 @@ async fn image_import_follows_the_import_to_ready() {
     let cells = row(&list, &name);
     assert_eq!(
         (cells[1], cells[2], cells[4]),
-        ("ready", "16MiB", "raw"),
+        // The stored format, what VMs get.
+        ("ready", "16MiB", "qcow2"),
         "{list}"
     );
 
@@ -168,7 +186,7 @@ async fn image_import_follows_the_import_to_ready() {
     let text = vmlet_ok(&d, &["image", "show", &name]).await;
     assert!(text.contains("status:        ready\n"), "{text}");
     assert!(
-        text.contains("size:          16MiB (16777216 bytes)\n"),
+        text.contains("size:          16MiB\n") && text.contains("(imported from raw)"),
         "{text}"
     );
 
@@ -209,6 +227,16 @@ async fn image_import_follows_the_import_to_ready() {
     )
     .await;
     assert!(err.contains("422") && err.contains("path"), "{err}");
+    // It says exactly how: copy it into the import directory it names.
+    let import_dir = std::fs::canonicalize(imports.path()).unwrap();
+    assert!(
+        err.contains(&format!(
+            "copy it there (`cp {} {}/`)",
+            outside.display(),
+            import_dir.display()
+        )),
+        "{err}"
+    );
 
     let out = vmlet_ok(&d, &["image", "delete", &other]).await;
     assert_eq!(out, format!("deleted image {other}\n"));
@@ -310,7 +338,7 @@ async fn image_import_from_a_url_and_deleted_while_followed() {
     let url = serve_once(vec![0u8; 2 << 20], false).await;
     let out = vmlet_ok(&d, &["image", "import", &name, "--from-url", &url]).await;
     assert!(
-        out.starts_with(&format!("imported image {name}: 2MiB (raw, ")),
+        out.starts_with(&format!("imported image {name}: 2MiB (qcow2 from raw, ")),
         "{out}"
     );
 
@@ -353,7 +381,8 @@ async fn image_import_from_a_url_and_deleted_while_followed() {
         .expect("the import command ends once the image is gone")
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // Exit 3: the image is not found any more.
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "vmlet: image {slow} was deleted while it was being imported"
@@ -389,10 +418,7 @@ async fn volumes_are_created_resized_listed_and_deleted() {
     assert_eq!(shown["virtual_size"], 1u64 << 30);
     assert_eq!(shown["attached_to"], Value::Null);
     let text = vmlet_ok(&d, &["volume", "show", &vol]).await;
-    assert!(
-        text.contains("size:        1GiB (1073741824 bytes)\n"),
-        "{text}"
-    );
+    assert!(text.contains("size:        1GiB\n"), "{text}");
 
     // A copy of an image, grown.
     let image = unique_name("img");

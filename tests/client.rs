@@ -448,6 +448,12 @@ async fn cli_prints_tables_json_and_events() {
     let daemon = FakeDaemon::start(move |request| match request_line(request) {
         "GET /v1/vms HTTP/1.1" => response(200, &list_json),
         "GET /v1/events HTTP/1.1" => sse_response(&payload, 5),
+        // Where `vmlet events` resumes when the stream ends: refused here,
+        // so the run ends (a real daemon would stream on).
+        "GET /v1/events?since=102 HTTP/1.1" => response(
+            400,
+            &api_error("bad_request", "resumed after 102", json!({})),
+        ),
         _ => response(404, &api_error("not_found", "no VM named nope", json!({}))),
     });
     let mut opts = ClientOptions::unix(&daemon.socket);
@@ -472,8 +478,11 @@ async fn cli_prints_tables_json_and_events() {
         "{text}"
     );
 
+    // The stream ends; `vmlet events` reconnects with since= the last
+    // event printed, which this fake refuses.
     let mut out = Vec::new();
-    cli::run_events(None, &opts, &mut out).await.unwrap();
+    let err = cli::run_events(None, &opts, &mut out).await.unwrap_err();
+    assert_eq!(err.to_string(), "400 bad_request: resumed after 102");
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
@@ -490,7 +499,7 @@ async fn cli_prints_tables_json_and_events() {
     let value: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(value["vms"][0]["name"], "web");
     let mut out = Vec::new();
-    cli::run_events(None, &opts, &mut out).await.unwrap();
+    cli::run_events(None, &opts, &mut out).await.unwrap_err();
     let seqs: Vec<u64> = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -536,7 +545,8 @@ async fn the_vmlet_binary_exits_one_with_the_error_on_stderr() {
     };
     let out = run(&["vm", "start", "web"], &daemon.socket).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Exit 4: a conflict.
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains("409 conflict: VM is busy with task stop"),
         "{stderr}"
@@ -546,7 +556,8 @@ async fn the_vmlet_binary_exits_one_with_the_error_on_stderr() {
     let missing = daemon.socket.with_file_name("missing.sock");
     let out = run(&["node"], &missing).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Exit 6: the daemon is unavailable.
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("is `vmlet serve` running?"), "{stderr}");
     assert!(stderr.contains("No such file or directory"), "{stderr}");
 }

@@ -27,6 +27,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Every family `/metrics` must have, with its type.
 const FAMILIES: &[(&str, PrometheusType)] = &[
     ("vmlet_vms", PrometheusType::Gauge),
+    ("vmlet_vm_state", PrometheusType::Gauge),
     ("vmlet_vm_metrics_up", PrometheusType::Gauge),
     ("vmlet_vm_vcpu_seconds_total", PrometheusType::Counter),
     ("vmlet_vm_memory_rss_bytes", PrometheusType::Gauge),
@@ -557,4 +558,70 @@ async fn scraping_a_stopped_qemu_does_not_change_its_vm() {
         assert_eq!(vm["state"], state, "{action}: {vm}");
     }
     force_delete_vm(&d, &id).await;
+}
+
+/// Every VM has one `vmlet_vm_state` series valued 1 with its state:
+/// stopped, running and crashed alike; histogram sums print without float
+/// noise.
+#[tokio::test]
+async fn every_vm_has_a_state_series_and_sums_have_no_float_noise() {
+    let d = Daemon::start().await;
+    let stopped = unique_name("st-stopped");
+    let running = unique_name("st-running");
+    let crashed = unique_name("st-crashed");
+    let stopped_id = id_of(&create_vm(&d, &guest_spec_json(&stopped, "")).await);
+    let running_id = id_of(&create_and_start(&d, &guest_spec_json(&running, "")).await);
+    let doomed = create_and_start(&d, &guest_spec_json(&crashed, "")).await;
+    let crashed_id = id_of(&doomed);
+    let pid = doomed["pid"].as_i64().expect("a running VM has a pid") as i32;
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL QEMU");
+    wait_until(
+        "the killed VM to be crashed",
+        Duration::from_secs(60),
+        || async {
+            let vm = d.client.get_vm(&crashed_id).await.ok()?;
+            (vm.state.get() == vmlet::vm::state::PowerState::Crashed).then_some(())
+        },
+    )
+    .await;
+
+    let (text, e) = scrape(&d).await;
+    for (id, name, state) in [
+        (&stopped_id, &stopped, "stopped"),
+        (&running_id, &running, "running"),
+        (&crashed_id, &crashed, "crashed"),
+    ] {
+        let series = samples(&e, "vmlet_vm_state", &[("id", id.as_str())]);
+        assert_eq!(series.len(), 1, "one series for {name}: {text}");
+        let (labels, value) = &series[0];
+        assert_eq!(*value, 1.0, "{text}");
+        let label = |k: &str| {
+            labels
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(label("name"), Some(name.as_str()), "{text}");
+        assert_eq!(label("state"), Some(state), "{text}");
+    }
+    assert_eq!(samples(&e, "vmlet_vm_state", &[]).len(), 3, "{text}");
+    // The crashed VM has no other per-VM series: this one is how it shows.
+    assert!(
+        samples(&e, "vmlet_vm_metrics_up", &[("id", crashed_id.as_str())]).is_empty(),
+        "{text}"
+    );
+
+    // Sums are whole nanoseconds: never more than 9 decimals.
+    let sums: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("_seconds_sum"))
+        .collect();
+    assert!(!sums.is_empty(), "no histogram sums: {text}");
+    for line in sums {
+        let value = line.rsplit(' ').next().unwrap();
+        let decimals = value.split_once('.').map_or(0, |(_, f)| f.len());
+        assert!(decimals <= 9, "float noise in {line}");
+    }
+    force_delete_vm(&d, &running_id).await;
+    force_delete_vm(&d, &crashed_id).await;
 }

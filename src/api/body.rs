@@ -11,7 +11,17 @@ use crate::api::error::ApiError;
 /// wrong shape a 422 naming the field.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
+    let value = match serde_path_to_error::deserialize(&mut de) {
+        Ok(value) => value,
+        Err(e) => {
+            // Well-formed JSON missing fields: name them all, not just the
+            // first serde stops at.
+            if let (Some(missing), Ok(json)) = (missing_field(&e), serde_json::from_slice(bytes)) {
+                return Err(every_missing::<T>(json, missing));
+            }
+            return Err(path_error(e));
+        }
+    };
     de.end()
         .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
     Ok(value)
@@ -19,7 +29,149 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// Like [`parse`], from an already parsed JSON value.
 pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(path_error)
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| match missing_field(&e) {
+        Some(missing) => every_missing::<T>(value, missing),
+        None => path_error(e),
+    })
+}
+
+/// A field serde found missing: the object it belongs in (as path
+/// segments) and its name.
+struct Missing {
+    object: Vec<Step>,
+    field: String,
+}
+
+impl Missing {
+    /// `disks[0].format`, or `name` at the top.
+    fn path(&self) -> String {
+        let mut text = String::new();
+        for step in &self.object {
+            match step {
+                Step::Key(key) => {
+                    if !text.is_empty() {
+                        text.push('.');
+                    }
+                    text.push_str(key);
+                }
+                Step::Index(i) => text.push_str(&format!("[{i}]")),
+            }
+        }
+        if !text.is_empty() {
+            text.push('.');
+        }
+        text.push_str(&self.field);
+        text
+    }
+}
+
+/// One step into a JSON value.
+#[derive(Clone)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// The missing field `e` reports, if that is what it is (and its place
+/// can be followed in the JSON).
+fn missing_field(e: &serde_path_to_error::Error<serde_json::Error>) -> Option<Missing> {
+    let inner = e.inner();
+    if inner.classify() != Category::Data {
+        return None;
+    }
+    let message = inner.to_string();
+    let rest = message.strip_prefix("missing field `")?;
+    let field = rest[..rest.find('`')?].to_string();
+    let mut object = Vec::new();
+    for segment in e.path().iter() {
+        match segment {
+            serde_path_to_error::Segment::Map { key } => object.push(Step::Key(key.clone())),
+            serde_path_to_error::Segment::Seq { index } => object.push(Step::Index(*index)),
+            // Enum variants and unknown steps cannot be followed in JSON.
+            _ => return None,
+        }
+    }
+    Some(Missing { object, field })
+}
+
+fn object_at<'a>(
+    value: &'a mut serde_json::Value,
+    steps: &[Step],
+) -> Option<&'a mut serde_json::Map<String, serde_json::Value>> {
+    let mut at = value;
+    for step in steps {
+        at = match step {
+            Step::Key(key) => at.get_mut(key)?,
+            Step::Index(i) => at.get_mut(*i)?,
+        };
+    }
+    at.as_object_mut()
+}
+
+/// The 422 for a body missing `first` and maybe more: serde stops at the
+/// first, so each is filled in with a stand-in value of whatever type
+/// passes, and the body tried again, until it is complete or a field
+/// has no simple stand-in (an object of its own). The stand-ins only find
+/// the next missing field; nothing is built from them.
+fn every_missing<T: DeserializeOwned>(mut json: serde_json::Value, first: Missing) -> ApiError {
+    /// More than any request body of the API has.
+    const MAX_FIELDS: usize = 64;
+    let mut missing = vec![first.path()];
+    let mut current = first;
+    while missing.len() < MAX_FIELDS {
+        let path = current.path();
+        let mut next = None;
+        let mut filled = false;
+        for stand_in in [
+            serde_json::Value::Null,
+            0.into(),
+            "".into(),
+            false.into(),
+            serde_json::json!([]),
+            serde_json::json!({}),
+        ] {
+            let Some(object) = object_at(&mut json, &current.object) else {
+                break;
+            };
+            object.insert(current.field.clone(), stand_in);
+            match serde_path_to_error::deserialize::<_, T>(json.clone()) {
+                Ok(_) => filled = true,
+                Err(e) => {
+                    let at = e.path().to_string();
+                    let same = at == path
+                        || at.starts_with(&format!("{path}."))
+                        || at.starts_with(&format!("{path}["));
+                    if same {
+                        continue;
+                    }
+                    filled = true;
+                    next = missing_field(&e);
+                }
+            }
+            break;
+        }
+        match next {
+            Some(field) if filled => {
+                missing.push(field.path());
+                current = field;
+            }
+            _ => break,
+        }
+    }
+    let mut error = ApiError::invalid(
+        missing
+            .iter()
+            .map(|field| crate::spec::FieldError {
+                field: field.clone(),
+                message: "is required".into(),
+            })
+            .collect(),
+    );
+    error.message = match missing.as_slice() {
+        [one] => format!("missing field {one}"),
+        many => format!("missing fields {}", many.join(", ")),
+    };
+    error
 }
 
 /// An optional body: empty (or JSON `null`) means `T::default()`.
@@ -78,6 +230,63 @@ mod tests {
         assert_eq!(err.status.as_u16(), 400);
         let err = parse::<serde_json::Value>(b"{} trailing").unwrap_err();
         assert_eq!(err.status.as_u16(), 400);
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        a: u32,
+        b: String,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Outer {
+        name: String,
+        count: u64,
+        flag: bool,
+        list: Vec<Inner>,
+        maybe: Option<String>,
+    }
+
+    #[test]
+    fn every_missing_field_is_named_without_a_body_prefix() {
+        let err = parse::<Outer>(b"{}").unwrap_err();
+        assert_eq!(err.status.as_u16(), 422);
+        assert_eq!(err.code, "invalid_spec");
+        let fields: Vec<&str> = err.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["name", "count", "flag", "list"]);
+        assert_eq!(err.message, "missing fields name, count, flag, list");
+        assert!(!err.message.contains("body"), "{}", err.message);
+
+        let err =
+            parse::<Outer>(br#"{"name":"x","count":1,"flag":true,"list":[{"a":1,"b":"y"},{}]}"#)
+                .unwrap_err();
+        let fields: Vec<&str> = err.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["list[1].a", "list[1].b"]);
+        assert_eq!(err.message, "missing fields list[1].a, list[1].b");
+
+        let err = from_value::<Outer>(serde_json::json!({"count": 1, "flag": false, "list": []}))
+            .unwrap_err();
+        assert_eq!(err.message, "missing field name");
+        // A missing field after a wrongly typed one: the type error comes
+        // first, as before.
+        let err = parse::<Outer>(br#"{"name":"x","count":"many"}"#).unwrap_err();
+        assert_eq!(err.fields[0].field, "count");
+    }
+
+    #[test]
+    fn a_missing_spec_field_is_listed_with_the_others() {
+        let err =
+            parse::<VmSpec>(br#"{"uuid":"6c1f2b4e-8a1d-4a57-9a51-2f3c0d9e8b11"}"#).unwrap_err();
+        let fields: Vec<&str> = err.fields.iter().map(|f| f.field.as_str()).collect();
+        assert!(fields.len() >= 2, "{fields:?}");
+        assert!(fields.contains(&"name"), "{fields:?}");
+        assert!(
+            err.message.starts_with("missing fields "),
+            "{}",
+            err.message
+        );
     }
 
     #[derive(Debug, Default, PartialEq, serde::Deserialize)]

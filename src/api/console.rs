@@ -543,7 +543,8 @@ pub async fn log(
     let limit = app.manager.console_log_limit();
     let tail_bytes = query.tail_bytes.unwrap_or(DEFAULT_TAIL_BYTES.min(limit));
     if tail_bytes > limit {
-        return Err(ApiError::invalid_field(
+        // A query parameter, not a spec field.
+        return Err(ApiError::invalid_request(
             "tail_bytes",
             format!("at most {limit} (the log's cap times its kept files)"),
         ));

@@ -37,7 +37,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// `bad_request`, `unauthorized`, `not_found`, `conflict`, `busy`,
-    /// `payload_too_large`, `invalid_spec`, `unavailable`, `timeout`,
+    /// `payload_too_large`, `invalid_spec`, `invalid_request` (a query
+    /// parameter out of range), `unavailable`, `timeout`,
     /// `stale_generation`.
     pub code: &'static str,
     /// What went wrong.
@@ -94,6 +95,15 @@ impl ApiError {
             field: field.into(),
             message: message.into(),
         }])
+    }
+
+    /// 422 `invalid_request`: a request parameter (not part of a spec) is
+    /// out of range; `field` names it.
+    pub fn invalid_request(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: "invalid_request",
+            ..ApiError::invalid_field(field, message)
+        }
     }
 
     /// 422 naming every invalid field.

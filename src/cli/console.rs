@@ -9,8 +9,87 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::{CliError, ClientOptions};
+use crate::cli::{CliError, ClientOptions, Output};
+use crate::client::Endpoint;
 use crate::console::ConsoleKind;
+
+/// `vmlet vm console VM` (and its alias `vmlet console VM`): attach, print
+/// the log, or hand out a browser URL.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ConsoleArgs {
+    /// The VM (UUID or name).
+    pub vm: String,
+    /// The key that detaches: ^X for a control key, or one character.
+    #[arg(long, default_value = DEFAULT_ESCAPE, value_parser = parse_escape)]
+    pub escape: u8,
+    /// Print the end of the console log instead of attaching (works
+    /// for stopped VMs too).
+    #[arg(long = "print-log", conflicts_with = "vnc")]
+    pub print_log: bool,
+    /// With --print-log: how many bytes from the end (default 64 KiB).
+    #[arg(long, value_name = "N", requires = "print_log")]
+    pub tail_bytes: Option<u64>,
+    /// With --print-log: `current` prints only the current (or last)
+    /// boot, from vmlet's `--- vmlet: boot N started` line on.
+    #[arg(long, value_name = "WHICH", requires = "print_log", value_parser = ["current"])]
+    pub boot: Option<String>,
+    /// Print a one-time URL of the VM's graphical console (noVNC) to open
+    /// in a browser, instead of attaching. It works once, within a minute.
+    #[arg(long)]
+    pub vnc: bool,
+}
+
+/// Runs `vmlet vm console` / `vmlet console` as `args` say.
+pub async fn run_console_args(
+    args: ConsoleArgs,
+    opts: &ClientOptions,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    if args.vnc {
+        run_console_vnc(opts, &args.vm, out).await
+    } else if args.print_log {
+        run_console_log(opts, &args.vm, args.tail_bytes, args.boot.is_some(), out).await
+    } else {
+        run_console(opts, &args.vm, args.escape).await
+    }
+}
+
+/// `vmlet vm console VM --vnc`: asks for a one-time VNC token and prints the
+/// browser page's URL (with `-o json`, the token as the API returns it).
+pub async fn run_console_vnc(
+    opts: &ClientOptions,
+    vm: &str,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let client = opts.client()?;
+    let token = client.console_token(vm, ConsoleKind::Vnc).await?;
+    let text = if opts.output == Output::Json {
+        super::pretty(&token)
+    } else {
+        vnc_message(client.endpoint(), &token)
+    };
+    super::write_flush(out, &text)
+}
+
+/// What `--vnc` prints: the full URL when the daemon is reached over TCP;
+/// over the unix socket a browser cannot follow, so the path and what to
+/// put in front of it.
+pub fn vnc_message(endpoint: &Endpoint, token: &crate::api::console::ConsoleToken) -> String {
+    let page = token.page_url.as_deref().unwrap_or(&token.url);
+    match endpoint {
+        Endpoint::Tcp { url, .. } => format!(
+            "{}{page}\n(one-time URL, valid until {})\n",
+            url.trim_end_matches('/'),
+            token.expires_at
+        ),
+        Endpoint::Unix(socket) => format!(
+            "{page}\n(one-time path, valid until {}: open it on the daemon's TCP listener, \
+             http://HOST:PORT{page}; {} is a unix socket a browser cannot reach)\n",
+            token.expires_at,
+            socket.display()
+        ),
+    }
+}
 
 /// The default escape key, Ctrl-] (as in telnet and `virsh console`).
 pub const DEFAULT_ESCAPE: &str = "^]";
@@ -165,6 +244,36 @@ mod tests {
         assert!(parse_escape("ab").is_err());
         assert!(parse_escape("").is_err());
         assert_eq!(describe_escape(0x1d), "Ctrl-]");
+    }
+
+    #[test]
+    fn the_vnc_url_is_whole_over_tcp_and_a_path_over_the_socket() {
+        let token = crate::api::console::ConsoleToken {
+            token: "ab12".into(),
+            kind: ConsoleKind::Vnc,
+            expires_at: "2024-05-01T10:01:00.000Z".into(),
+            url: "/v1/console?token=ab12".into(),
+            page_url: Some("/console?token=ab12".into()),
+        };
+        let tcp = Endpoint::Tcp {
+            url: "http://node1:8780/".into(),
+            token: None,
+        };
+        assert_eq!(
+            vnc_message(&tcp, &token),
+            "http://node1:8780/console?token=ab12\n\
+             (one-time URL, valid until 2024-05-01T10:01:00.000Z)\n"
+        );
+        let text = vnc_message(&Endpoint::Unix("/run/vmlet/vmlet.sock".into()), &token);
+        assert!(text.starts_with("/console?token=ab12\n"), "{text}");
+        assert!(
+            text.contains("http://HOST:PORT/console?token=ab12"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/run/vmlet/vmlet.sock is a unix socket"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ mod node;
 mod storage;
 mod vm;
 
-pub use console::{parse_escape, run_console, run_console_log, split_at_escape, DEFAULT_ESCAPE};
+pub use console::{
+    parse_escape, run_console, run_console_args, run_console_log, run_console_vnc, split_at_escape,
+    vnc_message, ConsoleArgs, DEFAULT_ESCAPE,
+};
 pub use network::{render_network, render_network_list, run_network, NetworkCommand};
 pub use node::{render_event, render_node, run_events, run_node};
 pub use storage::{
@@ -57,23 +60,50 @@ pub enum Output {
     Json,
 }
 
+/// The help section of the options every client subcommand takes.
+const CONNECTION_HEADING: &str = "Client options (before or after the subcommand)";
+
+/// The exit codes of the client subcommands, as `vmlet --help` lists them.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes (client subcommands):
+  0  success
+  1  any other error (e.g. a rejected token, an import that failed)
+  2  usage: unknown subcommand or option, missing argument
+  3  not found: no such VM, image, volume, network or snapshot
+  4  conflict: the object is busy, in the wrong state, changed meanwhile,
+     or the name is taken
+  5  invalid: the spec, a field or an argument is not acceptable
+  6  unavailable: the daemon cannot be reached, QEMU failed, a timeout,
+     or no space left";
+
+/// Exit code: any other error.
+pub const EXIT_OTHER: u8 = 1;
+/// Exit code: the object does not exist.
+pub const EXIT_NOT_FOUND: u8 = 3;
+/// Exit code: busy, wrong state, or taken.
+pub const EXIT_CONFLICT: u8 = 4;
+/// Exit code: the input is not acceptable.
+pub const EXIT_INVALID: u8 = 5;
+/// Exit code: the daemon or the host could not do it now.
+pub const EXIT_UNAVAILABLE: u8 = 6;
+
 /// How to reach the daemon, and how to print.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientOptions {
     /// The daemon's unix socket.
-    #[arg(long, global = true, env = "VMLET_SOCKET", default_value = DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "VMLET_SOCKET", default_value = DEFAULT_SOCKET, help_heading = CONNECTION_HEADING)]
     pub socket: PathBuf,
     /// Talk to the daemon over TCP instead: `http://HOST:PORT`.
-    #[arg(long, global = true, env = "VMLET_URL")]
+    #[arg(long, global = true, env = "VMLET_URL", help_heading = CONNECTION_HEADING)]
     pub url: Option<String>,
     /// File holding the bearer token sent with `--url`. Default: the
     /// daemon's token file on this host (`auth_token_file` in
     /// /etc/vmlet/vmlet.toml or `VMLET_AUTH_TOKEN_FILE`, else
     /// STATE_DIR/api-token), when it exists.
-    #[arg(long, global = true, env = "VMLET_TOKEN_FILE")]
+    #[arg(long, global = true, env = "VMLET_TOKEN_FILE", help_heading = CONNECTION_HEADING)]
     pub token_file: Option<PathBuf>,
     /// Output format.
-    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table, help_heading = CONNECTION_HEADING)]
     pub output: Output,
 }
 
@@ -253,6 +283,106 @@ pub enum CliError {
     Edit(String),
 }
 
+impl CliError {
+    /// The error's code: the API's own for an answer of the daemon
+    /// (`not_found`, `conflict`, `invalid_spec`…), else one of the same
+    /// family for what failed on this side.
+    pub fn code(&self) -> String {
+        match self {
+            CliError::Client(ClientError::Api { code, .. }) => code.clone(),
+            CliError::Client(ClientError::Connect { .. } | ClientError::Http { .. }) => {
+                "unavailable".into()
+            }
+            CliError::Client(
+                ClientError::BadEndpoint { .. }
+                | ClientError::BadSegment { .. }
+                | ClientError::BadPath { .. },
+            )
+            | CliError::SpecNotJson { .. }
+            | CliError::UuidMismatch { .. } => "invalid_argument".into(),
+            CliError::Client(ClientError::Websocket { .. }) => "console".into(),
+            CliError::Client(ClientError::Decode { .. }) => "bad_response".into(),
+            CliError::ReadSpec { .. }
+            | CliError::TokenFile { .. }
+            | CliError::EmptyToken { .. } => "unreadable_file".into(),
+            CliError::Output(_) => "output".into(),
+            CliError::ImportFailed { .. } => "import_failed".into(),
+            CliError::ImageGone { .. } => "not_found".into(),
+            CliError::NotReady { .. } => "timeout".into(),
+            CliError::StoppedWhileWaiting { .. } => "conflict".into(),
+            CliError::Edit(_) => "invalid_argument".into(),
+        }
+    }
+
+    /// The process exit code for this error (see [`EXIT_CODES_HELP`]).
+    pub fn exit_code(&self) -> u8 {
+        exit_code_for(&self.code())
+    }
+
+    /// The message with its causes, `: `-separated.
+    pub fn message(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            // `#[error(transparent)]` repeats the message as its source.
+            if !text.ends_with(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
+            source = cause.source();
+        }
+        text
+    }
+}
+
+/// The exit code of an error code (the API's or [`CliError::code`]'s).
+pub fn exit_code_for(code: &str) -> u8 {
+    match code {
+        "not_found" => EXIT_NOT_FOUND,
+        "conflict" | "busy" | "stale_generation" => EXIT_CONFLICT,
+        "invalid_spec"
+        | "invalid_request"
+        | "invalid_argument"
+        | "bad_request"
+        | "payload_too_large"
+        | "unsupported_media_type"
+        | "method_not_allowed" => EXIT_INVALID,
+        "unavailable" | "timeout" | "no_space" => EXIT_UNAVAILABLE,
+        _ => EXIT_OTHER,
+    }
+}
+
+/// How a failed client subcommand reports `error` on standard error: a
+/// `vmlet: …` line, or with `-o json` the API's error body
+/// `{"error":{"code":"…","message":"…"}}` (with `field`/`fields` when the
+/// daemon named them), one line.
+pub fn error_text(error: &CliError, output: Output) -> String {
+    match output {
+        Output::Table => format!("vmlet: {}\n", error.message()),
+        Output::Json => {
+            let mut detail = serde_json::json!({
+                "code": error.code(),
+                "message": match error {
+                    CliError::Client(ClientError::Api { message, .. }) => message.clone(),
+                    other => other.message(),
+                },
+            });
+            if let CliError::Client(ClientError::Api { field, task, .. }) = error {
+                if let Some(field) = field {
+                    detail["field"] = field.clone().into();
+                }
+                if let Some(task) = task {
+                    detail["task"] = task.clone().into();
+                }
+            }
+            let mut text = serde_json::json!({ "error": detail }).to_string();
+            text.push('\n');
+            text
+        }
+    }
+}
+
 fn write_flush(out: &mut impl Write, text: &str) -> Result<(), CliError> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
@@ -357,15 +487,6 @@ pub fn bytes(n: u64) -> String {
 
 fn opt_bytes(n: Option<u64>) -> String {
     n.map_or("-".to_string(), bytes)
-}
-
-/// `2GiB (2147483648 bytes)`, or `-`.
-fn size_with_bytes(n: Option<u64>) -> String {
-    match n {
-        Some(n) if n >= 1024 => format!("{} ({n} bytes)", bytes(n)),
-        Some(n) => bytes(n),
-        None => "-".to_string(),
-    }
 }
 
 /// A size in MiB, in GiB when it divides evenly.
@@ -690,6 +811,61 @@ mod tests {
             cli.opts.endpoint().unwrap(),
             Endpoint::Unix("/tmp/s.sock".into())
         );
+    }
+
+    #[test]
+    fn errors_have_a_code_an_exit_code_and_a_json_form() {
+        let api = |status, code: &str, field: Option<&str>| {
+            CliError::Client(ClientError::Api {
+                status,
+                code: code.into(),
+                message: "it went wrong".into(),
+                field: field.map(Into::into),
+                task: None,
+            })
+        };
+        for (status, code, exit) in [
+            (404, "not_found", EXIT_NOT_FOUND),
+            (409, "conflict", EXIT_CONFLICT),
+            (409, "busy", EXIT_CONFLICT),
+            (412, "stale_generation", EXIT_CONFLICT),
+            (422, "invalid_spec", EXIT_INVALID),
+            (422, "invalid_request", EXIT_INVALID),
+            (400, "bad_request", EXIT_INVALID),
+            (503, "unavailable", EXIT_UNAVAILABLE),
+            (503, "timeout", EXIT_UNAVAILABLE),
+            (507, "no_space", EXIT_UNAVAILABLE),
+            (401, "unauthorized", EXIT_OTHER),
+        ] {
+            assert_eq!(api(status, code, None).exit_code(), exit, "{code}");
+        }
+        let err = api(422, "invalid_spec", Some("vcpus"));
+        assert_eq!(
+            error_text(&err, Output::Json),
+            "{\"error\":{\"code\":\"invalid_spec\",\"field\":\"vcpus\",\"message\":\"it went wrong\"}}\n"
+        );
+        assert_eq!(
+            error_text(&err, Output::Table),
+            "vmlet: 422 invalid_spec: it went wrong (field vcpus)\n"
+        );
+        // Errors of this side: their own codes, the message with its cause.
+        let unreadable = CliError::TokenFile {
+            path: "/x/token".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(unreadable.exit_code(), EXIT_OTHER);
+        assert_eq!(
+            error_text(&unreadable, Output::Table),
+            "vmlet: reading the token file /x/token: entity not found\n"
+        );
+        let mismatch = CliError::UuidMismatch {
+            id: Uuid::nil(),
+            spec: "x".into(),
+        };
+        assert_eq!(mismatch.exit_code(), EXIT_INVALID);
+        let json: serde_json::Value =
+            serde_json::from_str(&error_text(&mismatch, Output::Json)).unwrap();
+        assert_eq!(json["error"]["code"], "invalid_argument");
     }
 
     #[test]

@@ -17,28 +17,75 @@ pub async fn run_node(opts: &ClientOptions, out: &mut impl Write) -> Result<(), 
 }
 
 /// Runs `vmlet events`: prints each event as it arrives, one line each,
-/// until the daemon ends the stream. `since` replays the buffered events
-/// after that sequence number first. A closed output (`| head`) ends it
-/// quietly.
+/// until interrupted. `since` replays the buffered events after that
+/// sequence number first. When the stream ends or breaks (the daemon
+/// stopped or restarted), it reconnects with `since` set to the last event
+/// printed, so nothing buffered is missed; a daemon that no longer has
+/// those events (a restarted one) sends a `resync` event first. The first
+/// connection is not retried: no daemon at all is an error. A closed output
+/// (`| head`) ends it quietly.
 pub async fn run_events(
     since: Option<u64>,
     opts: &ClientOptions,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    let mut stream = opts.client()?.events(since).await?;
-    while let Some(event) = stream.next().await {
-        let event = event?;
-        let mut line = match opts.output {
-            Output::Json => serde_json::to_string(&event).unwrap_or_default(),
-            Output::Table => render_event(&event),
-        };
-        line.push('\n');
-        match write_flush(out, &line) {
-            Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-            other => other?,
+    let client = opts.client()?;
+    let mut since = since;
+    let mut stream = client.events(since).await?;
+    let mut delay = RECONNECT_MIN;
+    loop {
+        while let Some(event) = stream.next().await {
+            let event = match event {
+                Ok(event) => event,
+                // A connection reset mid-stream: reconnect below.
+                Err(e) if reconnectable(&e) => break,
+                Err(e) => return Err(e.into()),
+            };
+            since = Some(event.seq);
+            delay = RECONNECT_MIN;
+            let mut line = match opts.output {
+                Output::Json => serde_json::to_string(&event).unwrap_or_default(),
+                Output::Table => render_event(&event),
+            };
+            line.push('\n');
+            match write_flush(out, &line) {
+                Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    return Ok(())
+                }
+                other => other?,
+            }
         }
+        if opts.output == Output::Table {
+            let after = since.map_or(String::new(), |n| format!(" after event {n}"));
+            eprintln!("vmlet: the event stream ended; reconnecting to resume{after}");
+        }
+        stream = loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RECONNECT_MAX);
+            match client.events(since).await {
+                Ok(stream) => break stream,
+                Err(e) if reconnectable(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
     }
-    Ok(())
+}
+
+/// The first wait before reconnecting to the event stream; it doubles up
+/// to [`RECONNECT_MAX`] while the daemon stays away.
+const RECONNECT_MIN: std::time::Duration = std::time::Duration::from_millis(200);
+/// The longest wait between reconnection attempts.
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `e` is the daemon being away (restarting), worth reconnecting
+/// after, rather than a refusal that would only repeat.
+fn reconnectable(e: &crate::client::ClientError) -> bool {
+    use crate::client::ClientError;
+    match e {
+        ClientError::Connect { .. } | ClientError::Http { .. } => true,
+        ClientError::Api { code, .. } => code == "unavailable",
+        _ => false,
+    }
 }
 
 /// `node` as `key: value` lines.

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{
-    bytes, columns, key_values, mib, opt_bytes, shown, shown_list, size_with_bytes, unless_json,
-    write_flush, CliError, ClientOptions, Output,
+    bytes, columns, key_values, mib, opt_bytes, shown, shown_list, unless_json, write_flush,
+    CliError, ClientOptions, Output,
 };
 use crate::client::Client;
 use crate::storage::images::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
@@ -410,12 +410,17 @@ pub fn progress_line(name: &str, progress: Option<&ImportProgress>) -> String {
     format!("importing {name}: {}", progress_detail(progress))
 }
 
-/// A ready image in a few words: `64MiB (raw, 196KiB allocated)`.
+/// A ready image in a few words: `64MiB (qcow2 from raw, 196KiB
+/// allocated)`: the format it is stored in, then the source's.
 fn image_summary(image: &Image) -> String {
+    let from = image
+        .source_format
+        .as_deref()
+        .map_or(String::new(), |f| format!(" from {f}"));
     format!(
-        "{} ({}, {} allocated)",
+        "{} ({}{from}, {} allocated)",
         opt_bytes(image.virtual_size),
-        image.source_format.as_deref().unwrap_or("?"),
+        image.format,
         opt_bytes(image.actual_size)
     )
 }
@@ -432,7 +437,9 @@ pub fn render_image_list(images: &[Image]) -> String {
                 image.status.as_str().to_string(),
                 opt_bytes(image.virtual_size),
                 opt_bytes(image.actual_size),
-                image.source_format.clone().unwrap_or_else(|| "-".into()),
+                // What VMs get: the stored format (`image show` has the
+                // source's).
+                image.format.clone(),
                 match image.status {
                     ImageStatus::Importing => progress_detail(image.progress.as_ref()),
                     _ => image.error.clone().unwrap_or_default(),
@@ -463,8 +470,8 @@ pub fn render_image(image: &Image) -> String {
             None => image.format.clone(),
         },
     ));
-    lines.push(("size".into(), size_with_bytes(image.virtual_size)));
-    lines.push(("allocated".into(), size_with_bytes(image.actual_size)));
+    lines.push(("size".into(), opt_bytes(image.virtual_size)));
+    lines.push(("allocated".into(), opt_bytes(image.actual_size)));
     lines.push((
         "sha256".into(),
         image.sha256.clone().unwrap_or_else(|| "-".into()),
@@ -498,11 +505,8 @@ pub fn render_volume_list(volumes: &[Volume]) -> String {
 pub fn render_volume(volume: &Volume) -> String {
     let lines: Vec<(String, String)> = vec![
         ("name".into(), volume.name.clone()),
-        (
-            "size".into(),
-            format!("{} ({} bytes)", mib(volume.size_mib), volume.virtual_size),
-        ),
-        ("allocated".into(), size_with_bytes(volume.actual_size)),
+        ("size".into(), mib(volume.size_mib)),
+        ("allocated".into(), opt_bytes(volume.actual_size)),
         ("format".into(), volume.format.clone()),
         (
             "attached to".into(),
@@ -607,9 +611,9 @@ mod tests {
         let text = render_image_list(&[ready_image("debian"), importing, failed]);
         let expected = "\
 NAME    STATUS     SIZE   ALLOCATED  FORMAT  DETAIL
-debian  ready      64MiB  196KiB     raw
-fedora  importing  -      -          -       fetch 25% 300MiB/1.2GiB
-broken  failed     -      -          -       sha256: checksum mismatch
+debian  ready      64MiB  196KiB     qcow2
+fedora  importing  -      -          qcow2   fetch 25% 300MiB/1.2GiB
+broken  failed     -      -          qcow2   sha256: checksum mismatch
 ";
         assert_eq!(text, expected);
         assert_eq!(
@@ -626,8 +630,8 @@ name:          debian
 status:        ready
 source:        /srv/import/debian.raw
 format:        qcow2 (imported from raw)
-size:          64MiB (67108864 bytes)
-allocated:     196KiB (200704 bytes)
+size:          64MiB
+allocated:     196KiB
 sha256:        {}
 source sha256: {}
 created:       2024-05-01T10:00:00.000Z
@@ -660,8 +664,8 @@ scratch  100MiB  192KiB     -
         assert_eq!(text, expected);
         let expected = "\
 name:        data
-size:        2GiB (2147483648 bytes)
-allocated:   192KiB (196608 bytes)
+size:        2GiB
+allocated:   192KiB
 format:      qcow2
 attached to: VM web (00000000-0000-0000-0000-000000000001) as disk1
 created:     2024-05-01T10:00:00.000Z

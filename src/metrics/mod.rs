@@ -132,14 +132,17 @@ pub fn escape_help(help: &str) -> String {
     help.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
-/// Observations of one series, counted into fixed buckets.
+/// Observations of one series (durations in seconds), counted into fixed
+/// buckets.
 #[derive(Debug, Clone)]
 pub struct Histogram {
     /// Upper bounds, ascending; `+Inf` is implied.
     bounds: &'static [f64],
     /// Observations per bucket (not cumulative); the last one is `+Inf`'s.
     counts: Vec<u64>,
-    sum: f64,
+    /// The sum in whole nanoseconds: adding floats would show their noise
+    /// (`0.30000000000000004`) in `_sum`.
+    sum_nanos: u128,
     count: u64,
 }
 
@@ -149,21 +152,48 @@ impl Histogram {
         Histogram {
             bounds,
             counts: vec![0; bounds.len() + 1],
-            sum: 0.0,
+            sum_nanos: 0,
             count: 0,
         }
     }
 
-    /// Counts `value` into the first bucket whose bound is at least it.
-    pub fn observe(&mut self, value: f64) {
+    /// Counts `seconds` into the first bucket whose bound is at least it;
+    /// the sum takes it rounded to the nanosecond (negative and NaN as 0).
+    pub fn observe(&mut self, seconds: f64) {
+        // `as` saturates: NaN and negatives become 0, huge values u64::MAX.
+        self.observe_nanos(seconds, (seconds * 1e9).round() as u64);
+    }
+
+    /// Counts a duration, exactly.
+    pub fn observe_duration(&mut self, elapsed: std::time::Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.observe_nanos(elapsed.as_secs_f64(), nanos);
+    }
+
+    fn observe_nanos(&mut self, seconds: f64, nanos: u64) {
         let bucket = self
             .bounds
             .iter()
-            .position(|&bound| value <= bound)
+            .position(|&bound| seconds <= bound)
             .unwrap_or(self.bounds.len());
         self.counts[bucket] += 1;
-        self.sum += value;
+        self.sum_nanos += u128::from(nanos);
         self.count += 1;
+    }
+
+    /// The sum in seconds. Up to 2^53 ns (104 days) the nanoseconds are
+    /// exact as a float and one division gives the float nearest the
+    /// decimal, which prints as that decimal; beyond, whole seconds plus
+    /// the fraction.
+    fn sum_seconds(&self) -> f64 {
+        const EXACT: u128 = 1 << 53;
+        if self.sum_nanos < EXACT {
+            self.sum_nanos as f64 / 1e9
+        } else {
+            let secs = (self.sum_nanos / 1_000_000_000) as f64;
+            let nanos = (self.sum_nanos % 1_000_000_000) as f64;
+            secs + nanos / 1e9
+        }
     }
 
     /// The `_bucket` (cumulative, `+Inf` last), `_sum` and `_count` lines
@@ -183,7 +213,7 @@ impl Histogram {
             with_le.push(("le", &le));
             encoder.sample(&bucket_name, &with_le, cumulative);
         }
-        encoder.sample(&format!("{name}_sum"), labels, self.sum);
+        encoder.sample(&format!("{name}_sum"), labels, self.sum_seconds());
         encoder.sample(&format!("{name}_count"), labels, self.count);
     }
 }
@@ -225,6 +255,18 @@ impl HistogramVec {
             .entry(key)
             .or_insert_with(|| Histogram::new(self.bounds))
             .observe(value);
+    }
+
+    /// Counts the duration `elapsed` (exactly, in nanoseconds) into the
+    /// series with label values `values`.
+    pub fn observe_duration(&self, values: &[&str], elapsed: Duration) {
+        debug_assert_eq!(values.len(), self.labels.len(), "{}", self.name);
+        let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        series
+            .entry(key)
+            .or_insert_with(|| Histogram::new(self.bounds))
+            .observe_duration(elapsed);
     }
 
     /// The family: HELP, TYPE and every series.
@@ -335,12 +377,12 @@ pub fn observe_api_request(route: &str, method: &str, status: u16, elapsed: Dura
         _ => "other",
     };
     let status = status.to_string();
-    API_REQUEST_DURATION.observe(&[route, method, &status], elapsed.as_secs_f64());
+    API_REQUEST_DURATION.observe_duration(&[route, method, &status], elapsed);
 }
 
 /// Records the reply to QMP command `command` after `elapsed`.
 pub fn observe_qmp_command(command: &str, elapsed: Duration) {
-    QMP_COMMAND_DURATION.observe(&[command], elapsed.as_secs_f64());
+    QMP_COMMAND_DURATION.observe_duration(&[command], elapsed);
 }
 
 /// Counts a QMP command that timed out.
@@ -466,6 +508,37 @@ mod tests {
         assert_eq!(parsed.families["t_h_seconds"].iter_samples().count(), 2);
         assert_eq!(parsed.families["t_c_total"].iter_samples().count(), 2);
         assert_eq!(parsed.families["t_empty_total"].iter_samples().count(), 0);
+    }
+
+    #[test]
+    fn histogram_sums_have_no_float_noise() {
+        static BOUNDS: &[f64] = &[1.0];
+        let mut h = Histogram::new(BOUNDS);
+        // As floats, 0.1 + 0.2 is 0.30000000000000004.
+        h.observe(0.1);
+        h.observe(0.2);
+        let mut d = Histogram::new(BOUNDS);
+        for _ in 0..3 {
+            d.observe_duration(Duration::from_millis(100));
+        }
+        d.observe_duration(Duration::from_nanos(1));
+        let mut e = Encoder::new();
+        h.encode(&mut e, "a_seconds", &[]);
+        d.encode(&mut e, "b_seconds", &[]);
+        let text = e.finish();
+        assert!(text.contains("a_seconds_sum 0.3\n"), "{text}");
+        assert!(text.contains("b_seconds_sum 0.300000001\n"), "{text}");
+        // Past 2^53 ns (104 days) of sum, whole seconds stay exact.
+        let mut long = Histogram::new(BOUNDS);
+        for _ in 0..200 {
+            long.observe_duration(Duration::from_secs(86_400) + Duration::from_millis(250));
+        }
+        assert_eq!(long.sum_seconds(), 17_280_050.0);
+        // Nonsense in, nothing out of the sum.
+        let mut odd = Histogram::new(BOUNDS);
+        odd.observe(f64::NAN);
+        odd.observe(-1.0);
+        assert_eq!((odd.sum_seconds(), odd.count), (0.0, 2));
     }
 
     #[test]

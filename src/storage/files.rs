@@ -23,7 +23,10 @@ use std::path::{Component, Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// The path is not below any allowed host directory.
-    #[error("{path} is outside the directories VMs may use ({roots})")]
+    #[error(
+        "{path} is outside the directories VMs may use ({roots}); \
+         `allowed_host_paths` in the daemon's settings (VMLET_ALLOWED_HOST_PATHS) lists them"
+    )]
     Outside {
         /// The path asked for.
         path: PathBuf,

@@ -389,10 +389,14 @@ impl ImageStore {
         })?;
         let real = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if !real.starts_with(&root) {
+            // Say exactly how to get it in: the daemon reads local files
+            // from its import directory only.
             return Err(format!(
-                "{} is outside the import directory {}",
+                "{} is outside the import directory {root}: copy it there \
+                 (`cp {} {root}/`) and import that copy, or import it from a URL",
                 path.display(),
-                root.display()
+                path.display(),
+                root = root.display()
             ));
         }
         if !real.is_file() {

@@ -40,12 +40,14 @@ where
     F: Fn(Uuid) -> Option<CgroupStats> + Send + 'static,
 {
     let mut by_state = [0u64; PowerState::ALL.len()];
+    let mut states = Vec::with_capacity(handles.len());
     let mut targets = Vec::new();
     for handle in handles {
         let vm = handle.view();
         if let Some(i) = PowerState::ALL.iter().position(|s| vm.state == *s) {
             by_state[i] += 1;
         }
+        states.push((vm.id.to_string(), vm.name.clone(), vm.state.get()));
         if let Some(live) = handle.live() {
             targets.push(Target {
                 id: vm.id,
@@ -90,6 +92,7 @@ where
     for (state, count) in PowerState::ALL.iter().zip(by_state) {
         e.sample("vmlet_vms", &[("state", state.as_str())], count);
     }
+    encode_states(&mut e, &states);
     let vms: Vec<VmStats> = targets
         .iter()
         .zip(host)
@@ -104,6 +107,25 @@ where
     encode_vms(&mut e, &vms);
     encode_daemon(&mut e);
     e.finish()
+}
+
+/// `vmlet_vm_state`: one series per VM, whatever its state (stopped and
+/// crashed ones too, which have no other per-VM series), valued 1 and
+/// labelled with the state, so `vmlet_vm_state{state="crashed"} == 1`
+/// names the VMs to look at.
+fn encode_states(e: &mut Encoder, states: &[(String, String, PowerState)]) {
+    e.family(
+        "vmlet_vm_state",
+        Kind::Gauge,
+        "1 for each VM, labelled with its last observed power state.",
+    );
+    for (id, name, state) in states {
+        e.sample(
+            "vmlet_vm_state",
+            &[("id", id), ("name", name), ("state", state.as_str())],
+            1u64,
+        );
+    }
 }
 
 /// A VM with a QEMU process, as the scrape found it.
@@ -583,6 +605,31 @@ fn parse_net_dev(text: &str) -> HashMap<String, (u64, u64)> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_vm_has_a_state_series_valued_1() {
+        let states = vec![
+            ("a".to_string(), "web".to_string(), PowerState::Running),
+            ("b".to_string(), "db \"x\"".to_string(), PowerState::Crashed),
+            ("c".to_string(), "old".to_string(), PowerState::Stopped),
+        ];
+        let mut e = Encoder::new();
+        encode_states(&mut e, &states);
+        let text = e.finish();
+        assert!(
+            text.contains("vmlet_vm_state{id=\"a\",name=\"web\",state=\"running\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmlet_vm_state{id=\"b\",name=\"db \\\"x\\\"\",state=\"crashed\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmlet_vm_state{id=\"c\",name=\"old\",state=\"stopped\"} 1\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("vmlet_vm_state{").count(), 3, "{text}");
+    }
 
     #[test]
     fn vcpu_threads_are_found_by_name() {

@@ -151,6 +151,34 @@ pub enum VmCommand {
         #[command(subcommand)]
         cmd: SnapshotCommand,
     },
+    /// Attach this terminal to a VM's serial console (raw mode; the escape
+    /// key, Ctrl-] by default, detaches), print its log (--print-log), or
+    /// print a one-time browser URL of its graphical console (--vnc).
+    Console(super::console::ConsoleArgs),
+}
+
+/// The daemon's refusal to delete a running VM says `pass force=true`,
+/// for API callers; on the command line the same is `--force`.
+fn cli_delete_hint(error: crate::client::ClientError, vm: &str) -> crate::client::ClientError {
+    match error {
+        crate::client::ClientError::Api {
+            status,
+            code,
+            message,
+            field,
+            task,
+        } if message.contains("force=true") => crate::client::ClientError::Api {
+            status,
+            code,
+            message: message.replace(
+                "pass force=true",
+                &format!("pass --force (`vmlet vm delete {vm} --force`)"),
+            ),
+            field,
+            task,
+        },
+        other => other,
+    }
 }
 
 /// Runs `vmlet vm CMD`, printing to `out`.
@@ -159,6 +187,9 @@ pub async fn run_vm(
     opts: &ClientOptions,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
+    if let VmCommand::Console(args) = cmd {
+        return super::console::run_console_args(args, opts, out).await;
+    }
     let client = opts.client()?;
     let json = opts.output == Output::Json;
     let text = match cmd {
@@ -191,7 +222,10 @@ pub async fn run_vm(
             force,
             delete_volumes,
         } => {
-            client.delete_vm_with(&vm, force, delete_volumes).await?;
+            client
+                .delete_vm_with(&vm, force, delete_volumes)
+                .await
+                .map_err(|e| cli_delete_hint(e, &vm))?;
             unless_json(json, || {
                 if delete_volumes {
                     format!("deleted VM {vm} and its volumes\n")
@@ -211,8 +245,18 @@ pub async fn run_vm(
             timeout,
             ready_marker,
         } => {
+            // A start of a running VM changes nothing (not even the
+            // generation): that is how "already running" is told apart
+            // from a start that just finished.
+            let before = client.get_vm(&vm).await?;
             let started = client.start(&vm).await?;
-            if wait_ready {
+            let already = before.generation == started.generation
+                && started.state.get() == crate::vm::state::PowerState::Running;
+            if already && !wait_ready {
+                shown(json, &started, |vm| {
+                    format!("{}\nalready running; nothing to do\n", vm_line(vm))
+                })
+            } else if wait_ready {
                 if !json {
                     eprintln!(
                         "waiting up to {timeout}s for {ready_marker:?} on the serial console of {vm}"
@@ -252,6 +296,7 @@ pub async fn run_vm(
         }
         VmCommand::Pause { vm } => action_output(client.pause(&vm).await?, json),
         VmCommand::Resume { vm } => action_output(client.resume(&vm).await?, json),
+        VmCommand::Console(_) => unreachable!("consoles are run above"),
     };
     write_flush(out, &text)
 }
