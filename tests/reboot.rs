@@ -110,15 +110,35 @@ async fn a_reboot_asks_the_guest_and_each_start_is_a_boot_of_its_own() {
 
     // The reboot asks the guest: it shuts down on the ACPI button and boots
     // again in the same QEMU, and the watcher saw no stop nor crash.
-    let (out, err) = cli_ok(&d, &["vm", "reboot", &id]).await;
+    // --wait-ready returns once the guest is up again (the first boot's
+    // marker, still in the log, does not count).
+    let (out, err) = cli_ok(
+        &d,
+        &[
+            "vm",
+            "reboot",
+            &id,
+            "--wait-ready",
+            "--ready-marker",
+            "GUEST-READY",
+            "--ready-timeout",
+            "120",
+        ],
+    )
+    .await;
     assert!(err.contains("asking the guest"), "{err}");
-    assert!(out.contains("state=running"), "{out}");
+    assert!(
+        out.contains("state=running") && out.contains("ready"),
+        "{out}"
+    );
     assert_eq!(
         count_lines(&log, "GUEST-ACPI-POWERDOWN"),
         1,
         "the guest was not asked"
     );
-    wait_for_count(&log, "GUEST-READY", 2, BOOT_TIMEOUT).await;
+    // The marker was there when the CLI returned (its line may still be
+    // being written).
+    wait_for_count(&log, "GUEST-READY", 2, std::time::Duration::from_secs(5)).await;
     let rebooted = show(&d, &id).await;
     assert_eq!(rebooted["state"], "running", "{rebooted}");
     assert_eq!(rebooted["desired"], "running", "{rebooted}");

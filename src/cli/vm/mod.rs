@@ -94,6 +94,17 @@ pub enum VmCommand {
         /// Seconds the guest gets to shut down (the daemon's default if unset).
         #[arg(long, value_name = "SECONDS", conflicts_with = "force")]
         timeout: Option<u64>,
+        /// Then wait until the serial console printed the ready marker
+        /// again (after the reboot); fails (non-zero exit) when it does
+        /// not within --ready-timeout.
+        #[arg(long)]
+        wait_ready: bool,
+        /// With --wait-ready: seconds to wait for the marker.
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_READY_TIMEOUT_S, requires = "wait_ready")]
+        ready_timeout: u64,
+        /// With --wait-ready: the text that means ready.
+        #[arg(long, value_name = "TEXT", default_value = DEFAULT_READY_MARKER, requires = "wait_ready", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        ready_marker: String,
     },
     /// Pause a VM's vCPUs.
     Pause {
@@ -282,7 +293,14 @@ pub async fn run_vm(
                 format!("{}\n{}\n", vm_line(vm), stop_result_str(vm))
             })
         }
-        VmCommand::Reboot { vm, force, timeout } => {
+        VmCommand::Reboot {
+            vm,
+            force,
+            timeout,
+            wait_ready,
+            ready_timeout,
+            ready_marker,
+        } => {
             if !force && !json {
                 let grace = match timeout {
                     Some(t) => t,
@@ -292,7 +310,27 @@ pub async fn run_vm(
                     "asking the guest of {vm} to reboot (ACPI power button); waiting up to {grace}s for it to shut down, then resetting it"
                 );
             }
-            action_output(client.reboot_with(&vm, force, timeout).await?, json)
+            // The end of the console log as it was: the marker must come
+            // after it (the same boot's log still holds the old one).
+            let before = if wait_ready {
+                let log = client.console_log_of(&vm, None, true).await?;
+                Some(log[log.len().saturating_sub(LOG_ANCHOR)..].to_vec())
+            } else {
+                None
+            };
+            let rebooted = client.reboot_with(&vm, force, timeout).await?;
+            if wait_ready {
+                if !json {
+                    eprintln!(
+                        "waiting up to {ready_timeout}s for {ready_marker:?} on the serial console of {vm}"
+                    );
+                }
+                wait_ready_marker_after(&client, &vm, &ready_marker, ready_timeout, before).await?;
+                let ready = client.get_vm(&vm).await?;
+                shown(json, &ready, |vm| format!("{}\nready\n", vm_line(vm)))
+            } else {
+                action_output(rebooted, json)
+            }
         }
         VmCommand::Pause { vm } => action_output(client.pause(&vm).await?, json),
         VmCommand::Resume { vm } => action_output(client.resume(&vm).await?, json),
@@ -329,6 +367,10 @@ fn stop_result_str(vm: &Vm) -> &'static str {
     }
 }
 
+/// How many bytes of the log's end `vm reboot --wait-ready` remembers to
+/// find where the output after the reboot starts.
+const LOG_ANCHOR: usize = 256;
+
 /// Waits until the serial console of the VM's current boot shows `marker`
 /// (read through the console-log endpoint), for at most `timeout_s`.
 async fn wait_ready_marker(
@@ -337,11 +379,37 @@ async fn wait_ready_marker(
     marker: &str,
     timeout_s: u64,
 ) -> Result<(), CliError> {
+    wait_ready_marker_after(client, vm, marker, timeout_s, None).await
+}
+
+/// The part of `log` after the last place `anchor` (the log's end as it
+/// was) appears; all of it when the anchor is gone from the tail (more was
+/// printed since than the tail holds).
+fn after_anchor<'a>(log: &'a [u8], anchor: Option<&[u8]>) -> &'a [u8] {
+    match anchor {
+        Some(anchor) if !anchor.is_empty() && anchor.len() <= log.len() => log
+            .windows(anchor.len())
+            .rposition(|w| w == anchor)
+            .map_or(log, |at| &log[at + anchor.len()..]),
+        _ => log,
+    }
+}
+
+/// [`wait_ready_marker`], counting only output after `anchor` (see
+/// [`after_anchor`]).
+async fn wait_ready_marker_after(
+    client: &crate::client::Client,
+    vm: &str,
+    marker: &str,
+    timeout_s: u64,
+    anchor: Option<Vec<u8>>,
+) -> Result<(), CliError> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
     let needle = marker.as_bytes();
     loop {
         let log = client.console_log_of(vm, None, true).await?;
-        if !needle.is_empty() && log.windows(needle.len()).any(|w| w == needle) {
+        let fresh = after_anchor(&log, anchor.as_deref());
+        if !needle.is_empty() && fresh.windows(needle.len()).any(|w| w == needle) {
             return Ok(());
         }
         let view = client.get_vm(vm).await?;
@@ -592,6 +660,22 @@ fn boot_str(boot: &Boot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_after_the_anchor_is_what_a_reboot_wait_reads() {
+        let before = b"boot\nGUEST-READY\nlast line\n";
+        let anchor = &before[before.len() - 12..];
+        let now = b"boot\nGUEST-READY\nlast line\nreset\nGUEST-READY\n";
+        assert_eq!(after_anchor(now, Some(anchor)), b"reset\nGUEST-READY\n");
+        // Nothing new yet: the old marker does not count.
+        assert_eq!(after_anchor(before, Some(anchor)), b"");
+        // The anchor scrolled out of the tail: everything is new.
+        assert_eq!(
+            after_anchor(b"GUEST-READY\n", Some(anchor)),
+            b"GUEST-READY\n"
+        );
+        assert_eq!(after_anchor(now, None), &now[..]);
+    }
     use crate::cli::fixtures::{as_received, vm};
     use crate::spec::{DiskFormat, DiskSpec, IoLimits, NicModel, NicSpec};
     use crate::vm::state::{Desired, PowerState, Task};
