@@ -108,52 +108,90 @@ fn object_at<'a>(
     at.as_object_mut()
 }
 
-/// The 422 for a body missing `first` and maybe more: serde stops at the
-/// first, so each is filled in with a stand-in value of whatever type
-/// passes, and the body tried again, until it is complete or a field
-/// has no simple stand-in (an object of its own). The stand-ins only find
-/// the next missing field; nothing is built from them.
-fn every_missing<T: DeserializeOwned>(mut json: serde_json::Value, first: Missing) -> ApiError {
-    /// More than any request body of the API has.
-    const MAX_FIELDS: usize = 64;
-    let mut missing = vec![first.path()];
-    let mut current = first;
-    while missing.len() < MAX_FIELDS {
-        let path = current.path();
-        let mut next = None;
-        let mut filled = false;
-        for stand_in in [
-            serde_json::Value::Null,
-            0.into(),
-            "".into(),
-            false.into(),
-            serde_json::json!([]),
-            serde_json::json!({}),
-        ] {
-            let Some(object) = object_at(&mut json, &current.object) else {
-                break;
+/// Puts a stand-in for the missing field `m` into `json`. `None`: no
+/// stand-in passes; `Some(next)`: it does, and `next` is the next missing
+/// field outside it (if that is what stops the body now).
+fn fill<T: DeserializeOwned>(
+    json: &mut serde_json::Value,
+    m: &Missing,
+    budget: &mut usize,
+) -> Option<Option<Missing>> {
+    let path = m.path();
+    let inside = |at: &str| {
+        at == path || at.starts_with(&format!("{path}.")) || at.starts_with(&format!("{path}["))
+    };
+    for stand_in in [
+        serde_json::Value::Null,
+        0.into(),
+        "".into(),
+        // A string some types insist on the form of (a UUID).
+        "00000000-0000-0000-0000-000000000000".into(),
+        false.into(),
+        serde_json::json!([]),
+        serde_json::json!({}),
+    ] {
+        object_at(json, &m.object)?.insert(m.field.clone(), stand_in.clone());
+        loop {
+            *budget = budget.checked_sub(1)?;
+            let e = match serde_path_to_error::deserialize::<_, T>(json.clone()) {
+                Ok(_) => return Some(None),
+                Err(e) => e,
             };
-            object.insert(current.field.clone(), stand_in);
-            match serde_path_to_error::deserialize::<_, T>(json.clone()) {
-                Ok(_) => filled = true,
-                Err(e) => {
-                    let at = e.path().to_string();
-                    let same = at == path
-                        || at.starts_with(&format!("{path}."))
-                        || at.starts_with(&format!("{path}["));
-                    if same {
-                        continue;
-                    }
-                    filled = true;
-                    next = missing_field(&e);
+            let at = e.path().to_string();
+            let message = e.inner().to_string();
+            // An enum tag: the first variant serde expects.
+            if stand_in.is_string() && message.starts_with("unknown variant ``") {
+                if let Some(variant) = message
+                    .split("expected `")
+                    .nth(1)
+                    .and_then(|rest| rest.split('`').next())
+                {
+                    object_at(json, &m.object)?.insert(m.field.clone(), variant.into());
+                    continue;
                 }
+            }
+            // Where serde reports a problem of an enum's content: at the
+            // enum, an ancestor of the field.
+            let above = at.is_empty() || at == "." || path.starts_with(&format!("{at}."));
+            match missing_field(&e) {
+                // A required field of the stand-in itself: fill it too.
+                Some(nested)
+                    if stand_in.is_object()
+                        && inside(&nested.path())
+                        && fill::<T>(json, &nested, budget).is_some() =>
+                {
+                    continue;
+                }
+                // The next field missing elsewhere.
+                Some(next) if !inside(&at) => return Some(Some(next)),
+                Some(_) => {}
+                // Another problem, not this stand-in's: it passed.
+                None if !inside(&at) && !above => return Some(None),
+                None => {}
             }
             break;
         }
-        match next {
-            Some(field) if filled => {
-                missing.push(field.path());
-                current = field;
+    }
+    None
+}
+
+/// The 422 for a body missing `first` and maybe more: serde stops at the
+/// first, so each is filled in with a stand-in value of whatever type
+/// passes (an object gets stand-ins for its own required fields, an enum
+/// tag the first variant serde names), and the body tried again, until it
+/// is complete. The stand-ins only find the next missing field; nothing is
+/// built from them, and the fields inside a stand-in are not reported.
+fn every_missing<T: DeserializeOwned>(mut json: serde_json::Value, first: Missing) -> ApiError {
+    /// More than any request body of the API has.
+    const MAX_FIELDS: usize = 64;
+    let mut budget = 4 * MAX_FIELDS;
+    let mut missing = vec![first.path()];
+    let mut current = first;
+    while missing.len() < MAX_FIELDS {
+        match fill::<T>(&mut json, &current, &mut budget) {
+            Some(Some(next)) => {
+                missing.push(next.path());
+                current = next;
             }
             _ => break,
         }
@@ -277,11 +315,29 @@ mod tests {
 
     #[test]
     fn a_missing_spec_field_is_listed_with_the_others() {
+        let err = parse::<VmSpec>(br#"{"uuid":"6c1f2b4e-8a1d-4a57-9a51-2f3c0d9e8b11","boot":{}}"#)
+            .unwrap_err();
+        let fields: Vec<&str> = err.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields[0], "boot.type", "{fields:?}");
+        let err = parse::<VmSpec>(br#"{"boot":{"type":"kernel"},"vcpus":1}"#).unwrap_err();
+        let mut fields: Vec<&str> = err.fields.iter().map(|f| f.field.as_str()).collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            ["boot.kernel", "memory_mib", "name", "uuid"],
+            "{fields:?}"
+        );
         let err =
             parse::<VmSpec>(br#"{"uuid":"6c1f2b4e-8a1d-4a57-9a51-2f3c0d9e8b11"}"#).unwrap_err();
         let fields: Vec<&str> = err.fields.iter().map(|f| f.field.as_str()).collect();
-        assert!(fields.len() >= 2, "{fields:?}");
-        assert!(fields.contains(&"name"), "{fields:?}");
+        // Past `boot`, an enum object of its own, too.
+        let mut sorted = fields.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            ["boot", "memory_mib", "name", "vcpus"],
+            "{fields:?}"
+        );
         assert!(
             err.message.starts_with("missing fields "),
             "{}",
