@@ -29,11 +29,11 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|r| r.as_str().to_string());
     let started = Instant::now();
+    // Instrumented, never entered across the await: a guard held over an
+    // await leaves the span entered on whatever thread polls next, and
+    // corrupts the subscriber's span stack.
     let span = tracing::info_span!("request", request_id = %id);
-    let mut response = {
-        let _enter = span.enter();
-        next.run(request).await
-    };
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
     let status = response.status().as_u16();
     crate::metrics::observe_api_request(
         route.as_deref().unwrap_or("unmatched"),
