@@ -117,11 +117,8 @@ impl Client {
         force: bool,
         timeout_s: Option<u64>,
     ) -> Result<Vm, ClientError> {
-        let mut body = serde_json::json!({ "force": force });
-        if let Some(t) = timeout_s {
-            body["timeout_s"] = t.into();
-        }
-        self.action(id_or_name, "stop", Some(&body)).await
+        self.action(id_or_name, "stop", Some(&power_options(force, timeout_s)))
+            .await
     }
 
     /// Reboots a VM's guest by asking it (ACPI); `force` resets the
@@ -138,11 +135,8 @@ impl Client {
         force: bool,
         timeout_s: Option<u64>,
     ) -> Result<Vm, ClientError> {
-        let mut body = serde_json::json!({ "force": force });
-        if let Some(t) = timeout_s {
-            body["timeout_s"] = t.into();
-        }
-        self.action(id_or_name, "reboot", Some(&body)).await
+        self.action(id_or_name, "reboot", Some(&power_options(force, timeout_s)))
+            .await
     }
 
     /// Pauses a VM's vCPUs.
@@ -154,4 +148,13 @@ impl Client {
     pub async fn resume(&self, id_or_name: &str) -> Result<Vm, ClientError> {
         self.action(id_or_name, "resume", None).await
     }
+}
+
+/// The body of a stop or reboot: `force`, and `timeout_s` when given.
+fn power_options(force: bool, timeout_s: Option<u64>) -> serde_json::Value {
+    let mut body = serde_json::json!({ "force": force });
+    if let Some(t) = timeout_s {
+        body["timeout_s"] = t.into();
+    }
+    body
 }

@@ -248,25 +248,23 @@ impl HistogramVec {
     /// Counts `value` into the series with label values `values` (in the
     /// order of the family's label names).
     pub fn observe(&self, values: &[&str], value: f64) {
-        debug_assert_eq!(values.len(), self.labels.len(), "{}", self.name);
-        let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        series
-            .entry(key)
-            .or_insert_with(|| Histogram::new(self.bounds))
-            .observe(value);
+        self.with_series(values, |h| h.observe(value));
     }
 
     /// Counts the duration `elapsed` (exactly, in nanoseconds) into the
     /// series with label values `values`.
     pub fn observe_duration(&self, values: &[&str], elapsed: Duration) {
+        self.with_series(values, |h| h.observe_duration(elapsed));
+    }
+
+    /// Runs `f` on the series with label values `values`, made on first use.
+    fn with_series(&self, values: &[&str], f: impl FnOnce(&mut Histogram)) {
         debug_assert_eq!(values.len(), self.labels.len(), "{}", self.name);
         let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
         let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        series
+        f(series
             .entry(key)
-            .or_insert_with(|| Histogram::new(self.bounds))
-            .observe_duration(elapsed);
+            .or_insert_with(|| Histogram::new(self.bounds)));
     }
 
     /// The family: HELP, TYPE and every series.
