@@ -142,6 +142,23 @@ pub fn render_event(event: &Event) -> String {
     let what = match &event.body {
         EventBody::Vm { vm } => format!("vm {}", vm_line(vm)),
         EventBody::VmDeleted { id, name } => format!("vm_deleted {name} id={id}"),
+        EventBody::VmMigrated { id, name, target } => {
+            format!("vm_migrated {name} id={id} target={target}")
+        }
+        EventBody::Migration { migration: m } => format!(
+            "migration {} vm={} role={} phase={}{}",
+            m.id,
+            m.vm_name,
+            match m.role {
+                crate::spec::Role::Source => "source",
+                crate::spec::Role::Target => "target",
+            },
+            m.phase.as_str(),
+            m.error
+                .as_deref()
+                .map(|e| format!(" error={e:?}"))
+                .unwrap_or_default()
+        ),
         EventBody::Image { image } => format!("image {}", image_line(image)),
         EventBody::ImageDeleted { name } => format!("image_deleted {name}"),
         EventBody::Volume { volume } => format!("volume {}", volume_line(volume)),

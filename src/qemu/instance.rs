@@ -179,6 +179,18 @@ pub struct Launch<'a> {
 /// QMP. If it exits first, or does not answer within `launch.deadline`, the
 /// start fails with what QEMU printed, and nothing is left behind.
 pub async fn launch(launch: Launch<'_>) -> Result<QemuInstance, LaunchError> {
+    launch_as(launch, false).await
+}
+
+/// Like [`launch`], for the target of a live migration: QEMU also waits
+/// for an incoming migration (`-incoming defer`), which vmlet starts over
+/// QMP once it has exported the disks; the guest runs only after the
+/// migration completed and vmlet says so (`cont`).
+pub async fn launch_incoming(launch: Launch<'_>) -> Result<QemuInstance, LaunchError> {
+    launch_as(launch, true).await
+}
+
+async fn launch_as(launch: Launch<'_>, incoming: bool) -> Result<QemuInstance, LaunchError> {
     let paths = launch.paths.clone();
     if let Some(path) = paths.overlong_socket(launch.spec) {
         return Err(LaunchError::SocketPathTooLong { path });
@@ -187,7 +199,7 @@ pub async fn launch(launch: Launch<'_>) -> Result<QemuInstance, LaunchError> {
         path: paths.dir.clone(),
         source,
     })?;
-    match spawn_confined(&launch).await {
+    match spawn_confined(&launch, incoming).await {
         Ok(instance) => Ok(instance),
         Err(e) => {
             remove_run_dir(&paths);
@@ -204,7 +216,7 @@ struct Handover {
     passed: Vec<PassedFd>,
 }
 
-async fn spawn_confined(launch: &Launch<'_>) -> Result<QemuInstance, LaunchError> {
+async fn spawn_confined(launch: &Launch<'_>, incoming: bool) -> Result<QemuInstance, LaunchError> {
     let paths = launch.paths;
     let run_dir_error = |source| LaunchError::RunDir {
         path: paths.dir.clone(),
@@ -248,7 +260,10 @@ async fn spawn_confined(launch: &Launch<'_>) -> Result<QemuInstance, LaunchError
         boot_files: boot.as_ref(),
         nics: launch.nics,
     };
-    let argv = argv::build(inputs);
+    let mut argv = argv::build(inputs);
+    if incoming {
+        argv.extend(["-incoming".to_string(), "defer".to_string()]);
+    }
     tracing::debug!(uuid = %launch.spec.uuid, ?argv, "launching QEMU");
     let inherit = inherited_fds(&inputs);
     let log = open_qemu_log(launch.qemu_log).map_err(|source| LaunchError::RunDir {

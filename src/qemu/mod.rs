@@ -8,6 +8,7 @@ pub mod exit;
 pub mod hotplug;
 pub mod instance;
 pub mod launch_files;
+pub mod migrate;
 pub mod nic;
 pub mod process;
 pub mod profile;

@@ -45,6 +45,22 @@ impl SpecError {
         }
     }
 
+    /// `Ok` when `pairs` (field, message) is empty, else every problem.
+    pub fn from_pairs(pairs: Vec<(&str, String)>) -> Result<(), SpecError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        Err(SpecError {
+            errors: pairs
+                .into_iter()
+                .map(|(field, message)| FieldError {
+                    field: field.to_string(),
+                    message,
+                })
+                .collect(),
+        })
+    }
+
     /// The first field named, for APIs that report one.
     pub fn first_field(&self) -> Option<&str> {
         self.errors.first().map(|e| e.field.as_str())

@@ -94,6 +94,16 @@ impl Context {
         });
     }
 
+    /// Publishes that `vm` moved to the daemon at `target` (the last event
+    /// about it here).
+    pub fn publish_migrated(&self, vm: &Vm, target: &str) {
+        self.events.publish(EventBody::VmMigrated {
+            id: vm.id,
+            name: vm.name.clone(),
+            target: target.to_string(),
+        });
+    }
+
     /// Publishes that `vm` was deleted.
     pub fn publish_deleted(&self, vm: &Vm) {
         self.events.publish(EventBody::VmDeleted {

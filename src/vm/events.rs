@@ -47,6 +47,21 @@ pub enum EventBody {
         /// Its name.
         name: String,
     },
+    /// A VM left this host by live migration: it runs on `target` now.
+    /// The last event about it here.
+    VmMigrated {
+        /// Its UUID.
+        id: Uuid,
+        /// Its name.
+        name: String,
+        /// The daemon it went to (URL).
+        target: String,
+    },
+    /// A live migration began, progressed or ended (on either end).
+    Migration {
+        /// The migration after the change.
+        migration: Box<crate::spec::Migration>,
+    },
     /// An image was added or changed (import progress, ready, failed).
     Image {
         /// The image after the change.
@@ -84,6 +99,8 @@ impl EventBody {
         match self {
             EventBody::Vm { .. } => "vm",
             EventBody::VmDeleted { .. } => "vm_deleted",
+            EventBody::VmMigrated { .. } => "vm_migrated",
+            EventBody::Migration { .. } => "migration",
             EventBody::Image { .. } => "image",
             EventBody::ImageDeleted { .. } => "image_deleted",
             EventBody::Volume { .. } => "volume",

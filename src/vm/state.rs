@@ -141,6 +141,8 @@ pub enum Task {
     Nics,
     /// Changing the spec (`PATCH`): live what QEMU takes, the rest pending.
     Edit,
+    /// Moving the running VM to another host (live migration).
+    Migrate,
 }
 
 impl Task {
@@ -157,6 +159,7 @@ impl Task {
             Task::Disks => "disks",
             Task::Nics => "nics",
             Task::Edit => "edit",
+            Task::Migrate => "migrate",
         }
     }
 }
@@ -191,11 +194,13 @@ pub enum Action {
     Nics,
     /// Change the VM's spec (live, pending or offline).
     Edit,
+    /// Move the running VM to another host.
+    Migrate,
 }
 
 impl Action {
     /// Every action, for exhaustive tests.
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 13] = [
         Action::Start,
         Action::Stop { force: false },
         Action::Stop { force: true },
@@ -208,6 +213,7 @@ impl Action {
         Action::Disks,
         Action::Nics,
         Action::Edit,
+        Action::Migrate,
     ];
 
     /// The task this action runs as.
@@ -223,6 +229,7 @@ impl Action {
             Action::Disks => Task::Disks,
             Action::Nics => Task::Nics,
             Action::Edit => Task::Edit,
+            Action::Migrate => Task::Migrate,
         }
     }
 }
@@ -310,6 +317,7 @@ impl Action {
             Action::Disks => "change disks",
             Action::Nics => "change NICs",
             Action::Edit => "change the spec",
+            Action::Migrate => "migrate",
         }
     }
 }
@@ -384,6 +392,12 @@ pub fn decide(state: PowerState, task: Option<Task>, action: Action) -> Decision
             S::Stopped | S::Crashed | S::Running | S::Paused => Decision::Run(action.task()),
             _ => refused,
         },
+        // Live migration moves a guest that runs; a stopped VM has nothing
+        // in memory to move.
+        Action::Migrate => match state {
+            S::Running => Decision::Run(Task::Migrate),
+            _ => refused,
+        },
     }
 }
 
@@ -439,11 +453,14 @@ pub enum Observation {
     /// At vmlet's start: the host rebooted since the record was written, so
     /// no QEMU of it can be running.
     GoneWithHostReboot,
+    /// The VM arrived by live migration: its QEMU holds the guest, paused
+    /// until vmlet lets it run on this host.
+    MigratedIn,
 }
 
 impl Observation {
     /// Every observation, for exhaustive tests.
-    pub const ALL: [Observation; 22] = [
+    pub const ALL: [Observation; 23] = [
         Observation::StartBegun,
         Observation::GuestStarted,
         Observation::StartFailed,
@@ -466,6 +483,7 @@ impl Observation {
         Observation::FoundUnanswering,
         Observation::GoneWhileDown,
         Observation::GoneWithHostReboot,
+        Observation::MigratedIn,
     ];
 
     /// Whether this observation means no QEMU of the VM remains.
@@ -519,6 +537,7 @@ pub fn next(state: PowerState, observation: Observation) -> Option<PowerState> {
         (O::GoneWhileDown, S::Running | S::Paused) => S::Crashed,
         (O::GoneWhileDown, S::Starting | S::Stopping) => S::Stopped,
         (O::GoneWithHostReboot, S::Starting | S::Running | S::Paused | S::Stopping) => S::Stopped,
+        (O::MigratedIn, S::Stopped) => S::Paused,
         _ => return None,
     };
     (to != state).then_some(to)
@@ -741,6 +760,7 @@ mod tests {
         (S::Running, O::GoneWithHostReboot, S::Stopped),
         (S::Paused, O::GoneWithHostReboot, S::Stopped),
         (S::Stopping, O::GoneWithHostReboot, S::Stopped),
+        (S::Stopped, O::MigratedIn, S::Paused),
     ];
 
     #[test]
@@ -945,6 +965,7 @@ mod tests {
                     (Action::Edit, S::Stopped | S::Crashed | S::Running | S::Paused) => {
                         Some(run(Task::Edit))
                     }
+                    (Action::Migrate, S::Running) => Some(run(Task::Migrate)),
                     _ => None, // refused
                 };
                 match expected_kind {
@@ -971,6 +992,7 @@ mod tests {
             Task::Disks,
             Task::Nics,
             Task::Edit,
+            Task::Migrate,
         ];
         for state in PowerState::ALL {
             for task in tasks {

@@ -30,56 +30,10 @@ impl Actor {
                 ctx.confiner.release(spec.uuid);
             }
             let result = async {
-                let profile = ctx
-                    .profiles
-                    .get(&spec.profile)
-                    .map_err(|e| VmError::Failed(error_chain(&e)))?;
-                // A full disk stays a full disk (507).
-                crate::storage::disks::write_seed(&ctx.layout, &spec)?;
-                // The taps live while `_host_nics` holds their fds: until
-                // QEMU has inherited them (or the start failed, and they go).
-                let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics).await?;
-                // Every disk, kernel and initrd opened now, by vmlet: QEMU
-                // gets fds and never resolves a path from the spec.
-                let files = LaunchFiles::open(&spec, &ctx.layout, &ctx.host_roots)?;
-                let serial_log = ctx.layout.console_log(spec.uuid);
-                let qemu_log = ctx.layout.qemu_log(spec.uuid);
-                let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
-                let confined = ctx.confiner.prepare(&spec, ctx.accel == Accel::Kvm)?;
-                let launched = instance::launch(Launch {
-                    binary: &ctx.settings.qemu_binary,
-                    deadline: Duration::from_secs(ctx.settings.start_timeout_s),
-                    spec: &spec,
-                    profile,
-                    accel: ctx.accel,
-                    paths: &paths,
-                    serial_log: &serial_log,
-                    serial_banner: Some(&boot_banner),
-                    qemu_log: &qemu_log,
-                    disks: &files.disks,
-                    disk_sets: &files.sets,
-                    passed_fds: &files.passed,
-                    boot_files: files.boot.as_ref(),
-                    nics: &nics,
-                    confine: confined.plan(),
-                })
-                .await;
-                let qemu = match launched {
-                    Ok(qemu) => qemu,
-                    Err(e) => {
-                        ctx.confiner.release(spec.uuid);
-                        return Err(VmError::Failed(error_chain(&e)));
-                    }
-                };
-                if let Err(e) = pin_vcpus(&qemu, &spec).await {
-                    let _ = qemu.process.kill().await;
-                    instance::remove_run_dir(&qemu.paths);
-                    ctx.confiner.release(spec.uuid);
-                    return Err(e);
-                }
+                let qemu = launch_qemu(&ctx, &spec, Some(&boot_banner), false).await?;
                 // Attached before the guest runs, so the live stream has
                 // every byte of this boot.
-                let serial = open_serial(&ctx, &spec, &paths).await;
+                let serial = open_serial(&ctx, &spec, &qemu.paths).await;
                 if let Err(e) = qemu.start_guest().await {
                     let _ = qemu.process.kill().await;
                     instance::remove_run_dir(&qemu.paths);
@@ -290,6 +244,10 @@ impl Actor {
                 }
                 return true;
             }
+            OpResult::MovedAway { target, result } => {
+                self.on_moved_away(target, result);
+                return true;
+            }
             OpResult::Storage { result, status } => self.on_storage_done(result, status),
             OpResult::Edit(done) => self.on_edit_done(*done),
             OpResult::Deleted(Err(message)) => {
@@ -366,6 +324,69 @@ impl Actor {
         }
         self.finish_op(result);
     }
+}
+
+/// Launches the QEMU of `spec`, paused, with every file, tap and socket it
+/// needs opened by vmlet, confined, and its vCPUs pinned: what a start
+/// does before the guest runs. `incoming`: for the target of a live
+/// migration (`-incoming defer`). On failure nothing is left running.
+pub async fn launch_qemu(
+    ctx: &Context,
+    spec: &VmSpec,
+    serial_banner: Option<&str>,
+    incoming: bool,
+) -> Result<QemuInstance, VmError> {
+    let profile = ctx
+        .profiles
+        .get(&spec.profile)
+        .map_err(|e| VmError::Failed(error_chain(&e)))?;
+    // A full disk stays a full disk (507).
+    crate::storage::disks::write_seed(&ctx.layout, spec)?;
+    // The taps live while `_host_nics` holds their fds: until QEMU has
+    // inherited them (or the start failed, and they go).
+    let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics).await?;
+    // Every disk, kernel and initrd opened now, by vmlet: QEMU gets fds and
+    // never resolves a path from the spec.
+    let files = LaunchFiles::open(spec, &ctx.layout, &ctx.host_roots)?;
+    let serial_log = ctx.layout.console_log(spec.uuid);
+    let qemu_log = ctx.layout.qemu_log(spec.uuid);
+    let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
+    let confined = ctx.confiner.prepare(spec, ctx.accel == Accel::Kvm)?;
+    let launch = Launch {
+        binary: &ctx.settings.qemu_binary,
+        deadline: Duration::from_secs(ctx.settings.start_timeout_s),
+        spec,
+        profile,
+        accel: ctx.accel,
+        paths: &paths,
+        serial_log: &serial_log,
+        serial_banner,
+        qemu_log: &qemu_log,
+        disks: &files.disks,
+        disk_sets: &files.sets,
+        passed_fds: &files.passed,
+        boot_files: files.boot.as_ref(),
+        nics: &nics,
+        confine: confined.plan(),
+    };
+    let launched = match incoming {
+        false => instance::launch(launch).await,
+        true => instance::launch_incoming(launch).await,
+    };
+    let qemu = match launched {
+        Ok(qemu) => qemu,
+        Err(e) => {
+            ctx.confiner.release(spec.uuid);
+            return Err(VmError::Failed(error_chain(&e)));
+        }
+    };
+    if let Err(e) = pin_vcpus(&qemu, spec).await {
+        let _ = qemu.process.kill().await;
+        instance::remove_run_dir(&qemu.paths);
+        ctx.confiner.release(spec.uuid);
+        return Err(e);
+    }
+    Ok(qemu)
 }
 
 /// The line vmlet writes into the serial log (as a line of its own) before

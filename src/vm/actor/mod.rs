@@ -42,11 +42,13 @@ use crate::vm::Vm;
 
 mod edit;
 mod lifecycle;
+mod migrate;
 mod reattach;
 mod storage;
 mod watcher;
 
 pub use edit::Edit;
+pub use migrate::{MigrationEnd, MigrationStep};
 pub use storage::Change;
 use storage::Work;
 
@@ -93,6 +95,8 @@ pub enum Command {
         /// The snapshot's name.
         name: String,
     },
+    /// A step of a live migration of this VM to another host.
+    Migration(MigrationStep),
 }
 
 impl Command {
@@ -108,6 +112,7 @@ impl Command {
             Command::Change(_) => Action::Disks,
             Command::Snapshot { .. } => Action::Snapshot,
             Command::Edit(_) => Action::Edit,
+            Command::Migration(_) => Action::Migrate,
         }
     }
 }
@@ -153,6 +158,11 @@ enum OpResult {
         result: Result<(), QmpError>,
     },
     Deleted(Result<(), String>),
+    /// The VM's QEMU is gone after the VM moved to `target`.
+    MovedAway {
+        target: String,
+        result: Result<(), String>,
+    },
     Storage {
         /// The VM's new spec, when the operation changed it.
         result: Result<Option<Box<VmSpec>>, VmError>,
@@ -309,6 +319,27 @@ pub fn spawn_existing(
     let (handle, mut actor, rx) = make(ctx, vm);
     actor.host_rebooted = host_rebooted;
     tokio::spawn(actor.run(rx, Some(ready)));
+    handle
+}
+
+/// Starts the actor of VM `vm` that arrived by live migration (already
+/// saved, `paused`): it holds `qemu`, whose guest waits for `cont`.
+pub fn spawn_migrated_in(
+    ctx: Arc<Context>,
+    vm: Vm,
+    qemu: QemuInstance,
+    serial: Option<Arc<SerialHub>>,
+) -> VmHandle {
+    let (handle, mut actor, rx) = make(ctx, vm);
+    actor.attach(
+        qemu.process.clone(),
+        Some(qemu.qmp.clone()),
+        qemu.paths.clone(),
+        Some(qemu.events),
+        serial,
+    );
+    actor.publish_live();
+    tokio::spawn(actor.run(rx, None));
     handle
 }
 
@@ -504,6 +535,12 @@ impl Actor {
     /// it, or answers `reply` at once: satisfied, busy or refused.
     fn on_command(&mut self, command: Command, reply: Option<Reply>) {
         let task = self.op.as_ref().map(|op| op.task);
+        // The end of a migration is not a new action: it settles the one
+        // under way.
+        if let Command::Migration(MigrationStep::End(end)) = command {
+            self.end_migration(end, reply);
+            return;
+        }
         match state::decide(self.vm.state.get(), task, command.action()) {
             Decision::Satisfied => {
                 let desired = match &command {
@@ -535,6 +572,7 @@ impl Actor {
                     self.run_storage(task, Work::Snapshot { kind, name }, reply)
                 }
                 Command::Edit(edit) => self.run_edit(task, *edit, reply),
+                Command::Migration(_) => self.begin_migration(task, reply),
             },
         }
     }
@@ -586,7 +624,7 @@ pub fn serial_log(ctx: &Context, spec: &VmSpec) -> SerialLog {
 
 /// Attaches vmlet to the serial console of the QEMU in `paths`. A console
 /// vmlet cannot reach is logged and left out: the VM runs without it.
-async fn open_serial(ctx: &Context, spec: &VmSpec, paths: &RunPaths) -> Option<Arc<SerialHub>> {
+pub async fn open_serial(ctx: &Context, spec: &VmSpec, paths: &RunPaths) -> Option<Arc<SerialHub>> {
     if !spec.serial.enabled {
         return None;
     }

@@ -150,15 +150,22 @@ impl Actor {
             // action): follow it. Pauses of our own are settled by their op.
             // Snapshot jobs pause the vCPUs while they run; their op reads
             // the state afterwards.
-            // A reboot stops and resumes the vCPUs around the reset; its
-            // op reads the state afterwards.
+            // A reboot stops and resumes the vCPUs around the reset, and a
+            // migration pauses them for the switch; their ops settle the
+            // state afterwards.
             RunEvent::VcpusStopped
-                if !matches!(task, Some(Task::Pause | Task::Snapshot | Task::Reboot)) =>
+                if !matches!(
+                    task,
+                    Some(Task::Pause | Task::Snapshot | Task::Reboot | Task::Migrate)
+                ) =>
             {
                 self.observe(Observation::VcpusStopped);
             }
             RunEvent::VcpusResumed
-                if !matches!(task, Some(Task::Resume | Task::Snapshot | Task::Reboot)) =>
+                if !matches!(
+                    task,
+                    Some(Task::Resume | Task::Snapshot | Task::Reboot | Task::Migrate)
+                ) =>
             {
                 self.observe(Observation::VcpusResumed);
             }
