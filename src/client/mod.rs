@@ -19,6 +19,7 @@
 //! - `paths`: API paths built from names, refusing what a URL cannot carry;
 //! - `sse`: the `/v1/events` stream ([`SseParser`], [`EventStream`]);
 //! - `console`: console tokens, the serial log and console websockets;
+//! - `upgrade`: connections upgraded to byte streams ([`Client::upgrade`]);
 //! - `node`, `vms`, `disks`, `storage`, `networks`: the typed endpoints.
 //!
 //! Every public item is re-exported here: callers name them `client::…`.
@@ -34,6 +35,7 @@ mod paths;
 mod sse;
 mod storage;
 mod transport;
+mod upgrade;
 mod vms;
 
 pub use console::{ConsoleIo, ConsoleSocket};
@@ -42,6 +44,7 @@ pub use hyper::Method;
 pub use paths::check_segment;
 pub use sse::{decode_event, EventStream, SseMessage, SseParser};
 pub use transport::RawResponse;
+pub use upgrade::Upgraded;
 
 /// What went wrong talking to the daemon.
 #[derive(Debug, thiserror::Error)]

@@ -231,6 +231,31 @@ impl Client {
         body: Vec<u8>,
         accept: Option<&str>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let mut request = self.request_head(method, path_and_query, accept)?;
+        if let Some(content_type) = content_type {
+            request = request.header(
+                header::CONTENT_TYPE,
+                header_value(content_type, "content type")?,
+            );
+        }
+        let request =
+            request
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| ClientError::BadPath {
+                    path: path_and_query.to_string(),
+                    reason: e.to_string(),
+                })?;
+        self.send_request(request).await
+    }
+
+    /// A request's method, path and the headers every request carries:
+    /// `Host`, `User-Agent`, `Accept` and the bearer token.
+    pub(super) fn request_head(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        accept: Option<&str>,
+    ) -> Result<hyper::http::request::Builder, ClientError> {
         let bad_path = |reason: &str| ClientError::BadPath {
             path: path_and_query.to_string(),
             reason: reason.to_string(),
@@ -260,16 +285,14 @@ impl Client {
                 header_value(&format!("Bearer {token}"), "token")?,
             );
         }
-        if let Some(content_type) = content_type {
-            request = request.header(
-                header::CONTENT_TYPE,
-                header_value(content_type, "content type")?,
-            );
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| bad_path(&e.to_string()))?;
+        Ok(request)
+    }
 
+    /// Opens a connection and sends `request` on it.
+    pub(super) async fn send_request(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let mut sender = self.connect().await?;
         sender
             .send_request(request)
@@ -325,7 +348,9 @@ impl Client {
             .map_err(|source| self.http_error(source))?;
         tokio::spawn(async move {
             // Its errors reach the caller through the response or its body.
-            let _ = connection.await;
+            // With upgrades, a `101` hands the socket to `hyper::upgrade::on`
+            // (see [`Client::upgrade`]) instead of closing it.
+            let _ = connection.with_upgrades().await;
         });
         Ok(sender)
     }
@@ -338,7 +363,7 @@ impl Client {
     }
 }
 
-fn header_value(value: &str, what: &str) -> Result<HeaderValue, ClientError> {
+pub(super) fn header_value(value: &str, what: &str) -> Result<HeaderValue, ClientError> {
     HeaderValue::from_str(value).map_err(|_| ClientError::BadPath {
         path: value.to_string(),
         reason: format!("the {what} cannot be sent in an HTTP header"),
