@@ -29,6 +29,7 @@ use std::path::PathBuf;
 mod console;
 mod disks;
 mod endpoint;
+mod migrations;
 mod networks;
 mod node;
 mod paths;
@@ -40,6 +41,7 @@ mod vms;
 
 pub use console::{ConsoleIo, ConsoleSocket};
 pub use endpoint::{Endpoint, DEFAULT_SOCKET};
+pub use migrations::STREAM_PROTOCOL;
 pub use hyper::Method;
 pub use paths::check_segment;
 pub use sse::{decode_event, EventStream, SseMessage, SseParser};

@@ -4,6 +4,8 @@
 //! operation claims the UUIDs, names, MACs, volumes, images and networks it
 //! uses.
 
+use std::collections::HashMap;
+
 use super::*;
 
 impl Manager {
@@ -82,9 +84,16 @@ impl Manager {
 
     /// The host's inventory with every VM's allocation.
     pub(super) fn inventory(&self) -> Inventory {
+        let incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        self.inventory_locked(&incoming)
+    }
+
+    /// The inventory, with the VMs arriving by migration (`incoming`, held
+    /// locked by the caller) counted as allocated.
+    pub(super) fn inventory_locked(&self, incoming: &HashMap<Uuid, VmSpec>) -> Inventory {
         let mut used = Usage::default();
-        for vm in self.list() {
-            let u = self.reserved(&vm);
+        let arriving = incoming.values().map(|spec| self.usage(spec));
+        for u in self.list().iter().map(|vm| self.reserved(vm)).chain(arriving) {
             used.vcpus += u.vcpus;
             used.memory_mib += u.memory_mib;
             used.disk_gib += u.disk_gib;

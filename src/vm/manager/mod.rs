@@ -32,7 +32,10 @@ use crate::vm::registry::Registry;
 
 mod admission;
 mod edit;
+mod migration;
 mod stores;
+
+pub use migration::{IncomingDisk, IncomingImage, IncomingRequest};
 
 use crate::vm::state::PowerAction;
 use crate::vm::store::{Store, StoreError};
@@ -97,6 +100,9 @@ pub struct Manager {
     /// images and networks), so their checks cannot race.
     claims: Claims,
     qemu_version: String,
+    /// VMs arriving by live migration: their place (UUID, name, capacity)
+    /// is held until they arrived or the migration failed.
+    incoming: std::sync::Mutex<std::collections::HashMap<Uuid, VmSpec>>,
     /// Why `accel` was chosen (probed once, at start).
     accel_reason: String,
 }
@@ -159,6 +165,7 @@ impl Manager {
             registry,
             claims: Claims::default(),
             qemu_version,
+            incoming: Default::default(),
             accel_reason,
         })
     }
@@ -270,6 +277,18 @@ impl Manager {
         self.settle_nics(spec.uuid, &mut spec.nics, 0, "nics")
             .await?;
         let _claims = self.claim(create_claims(&spec))?;
+        if self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|arriving| arriving.uuid == spec.uuid || arriving.name == spec.name)
+        {
+            return Err(VmError::Conflict(format!(
+                "VM {} ({:?}) is arriving here by live migration",
+                spec.uuid, spec.name
+            )));
+        }
         if let Some(existing) = self.registry.handle(spec.uuid) {
             let vm = existing.view();
             return if vm.spec == spec {

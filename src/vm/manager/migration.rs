@@ -1,0 +1,364 @@
+//! The VM side of live migration (the flows are in `migration/`): lending
+//! a running VM to a migration and settling it afterwards, and on the
+//! target, receiving one: the checks, the capacity it holds meanwhile, its
+//! disks, its QEMU waiting for the memory, and adopting the VM once the
+//! guest moved.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::console::serial::SerialHub;
+use crate::qemu::instance::QemuInstance;
+use crate::vm::actor::{MigrationEnd, MigrationStep};
+use crate::vm::state::{self, Desired, Observation};
+
+/// A disk of an arriving VM, as the source sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct IncomingDisk {
+    /// The disk's name.
+    pub name: String,
+    /// Its size as the guest sees it, in bytes.
+    pub virtual_size: u64,
+}
+
+/// An image an arriving VM's overlay reads, as the source has it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct IncomingImage {
+    /// The image's name.
+    pub name: String,
+    /// The SHA-256 of the stored image.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// The SHA-256 of what it was imported from.
+    #[serde(default)]
+    pub source_sha256: Option<String>,
+}
+
+/// `POST /v1/migrations/incoming`: what the source daemon sends the
+/// target to prepare for a VM (daemon to daemon).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    /// The migration's id (chosen by the source).
+    pub id: Uuid,
+    /// The source daemon's host name.
+    pub source: String,
+    /// The downtime asked for, in milliseconds.
+    pub max_downtime_ms: u64,
+    /// The bandwidth cap, in MiB/s.
+    #[serde(default)]
+    pub max_bandwidth_mib_s: Option<u64>,
+    /// The VM as the source has it (spec, generation, pinned machine).
+    pub vm: Vm,
+    /// The images its overlays read.
+    pub images: Vec<IncomingImage>,
+    /// Its disks' sizes.
+    pub disks: Vec<IncomingDisk>,
+}
+
+impl Manager {
+    /// Shared daemon state, for the migration flows.
+    pub fn context(&self) -> Arc<Context> {
+        self.ctx.clone()
+    }
+
+    /// Why VM `vm` cannot be live-migrated from here, if anything: its
+    /// disks must all be vmlet's own, and its hardware pinned and portable.
+    pub fn migration_refusal(&self, vm: &Vm) -> Option<String> {
+        for (i, disk) in vm.spec.disks.iter().enumerate() {
+            if let Ok(DiskSource::File { .. }) = disk.source() {
+                return Some(format!(
+                    "disks[{i}] is a host file (path): live migration moves vmlet's own disks only (images, blank disks, volumes)"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Takes running VM `key` for a migration: its task is `migrate` until
+    /// [`Manager::settle_migration`]. Returns the VM and its QEMU.
+    pub async fn lend_for_migration(&self, key: &str) -> Result<(VmHandle, Live), VmError> {
+        let handle = self.find(key)?;
+        if let Some(why) = self.migration_refusal(&handle.view()) {
+            return Err(VmError::Refused(why));
+        }
+        handle
+            .command(Command::Migration(MigrationStep::Begin))
+            .await?;
+        match handle.live().filter(|live| live.qmp.is_some()) {
+            Some(live) => Ok((handle, live)),
+            None => {
+                let _ = handle
+                    .command(Command::Migration(MigrationStep::End(
+                        MigrationEnd::Stayed { status: None },
+                    )))
+                    .await;
+                Err(VmError::Refused(
+                    "the VM's QEMU does not answer on QMP".to_string(),
+                ))
+            }
+        }
+    }
+
+    /// Ends VM `handle`'s migration here: it stayed, or it moved away and
+    /// is removed from this host (its volumes too: they moved with it).
+    pub async fn settle_migration(
+        &self,
+        handle: &VmHandle,
+        end: MigrationEnd,
+    ) -> Result<(), VmError> {
+        let moved = matches!(end, MigrationEnd::Moved { .. });
+        let vm = handle
+            .command(Command::Migration(MigrationStep::End(end)))
+            .await?;
+        if moved {
+            self.registry.forget(vm.id);
+            for disk in &vm.spec.disks {
+                if let Ok(DiskSource::Volume { volume }) = disk.source() {
+                    if let Err(e) = self.ctx.volumes.delete(volume).await {
+                        tracing::warn!(vm = %vm.name, %volume, error = %e, "could not remove a volume that moved away");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that VM `vm` may arrive here and holds its place (UUID, name,
+    /// MACs, capacity) until [`Manager::adopt_migrated`] or
+    /// [`Manager::discard_incoming`]. Refusals name the field: an unknown
+    /// profile, image, network or CPU model is invalid (422); a UUID, name,
+    /// MAC or volume in use, or too little capacity, a conflict (409).
+    pub async fn reserve_incoming(
+        &self,
+        vm: &Vm,
+        images: &[IncomingImage],
+    ) -> Result<(), VmError> {
+        let spec = &vm.spec;
+        spec.validate(|name| self.ctx.profiles.caps(name))?;
+        let mut nics = spec.nics.clone();
+        self.settle_nics(spec.uuid, &mut nics, 0, "nics").await?;
+        if nics != spec.nics {
+            return Err(VmError::Invalid(SpecError::field(
+                "nics",
+                "every NIC of an arriving VM must have its MAC",
+            )));
+        }
+        let _claims = self.claim(create_claims(spec))?;
+        if self.registry.handle(spec.uuid).is_some() || self.is_incoming(spec.uuid) {
+            return Err(VmError::Conflict(format!(
+                "VM {} already exists on this host",
+                spec.uuid
+            )));
+        }
+        if let Some(other) = self
+            .registry
+            .handles()
+            .iter()
+            .find(|h| h.view().name == spec.name)
+        {
+            return Err(VmError::Conflict(format!(
+                "name {:?} is taken by VM {} on this host",
+                spec.name,
+                other.id()
+            )));
+        }
+        for (i, disk) in spec.disks.iter().enumerate() {
+            match disk.source() {
+                Ok(DiskSource::Image { image, .. }) => {
+                    let field = format!("disks[{i}].image");
+                    let here = self.ctx.images.get(image).map_err(|_| {
+                        VmError::Invalid(SpecError::field(
+                            field.clone(),
+                            format!("no image {image:?} on this host: import it here first"),
+                        ))
+                    })?;
+                    let there = images.iter().find(|x| x.name == *image);
+                    let same = there.is_some_and(|there| {
+                        (there.sha256.is_some() && there.sha256 == here.sha256)
+                            || (there.source_sha256.is_some()
+                                && there.source_sha256 == here.source_sha256)
+                    });
+                    if !same {
+                        return Err(VmError::Invalid(SpecError::field(
+                            field,
+                            format!(
+                                "image {image:?} on this host is not the source's (sha256 differs): the overlay would read other data"
+                            ),
+                        )));
+                    }
+                }
+                Ok(DiskSource::Volume { volume }) => {
+                    if self.ctx.volumes.exists(volume) {
+                        return Err(VmError::Conflict(format!(
+                            "disks[{i}].volume: a volume {volume:?} already exists on this host"
+                        )));
+                    }
+                }
+                Ok(DiskSource::File { .. }) => {
+                    return Err(VmError::Invalid(SpecError::field(
+                        format!("disks[{i}].path"),
+                        "host files do not migrate",
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        if self.ctx.settings.capacity.enforce {
+            self.inventory_locked(&incoming)
+                .check_fits(self.usage(spec))
+                .map_err(VmError::Conflict)?;
+        }
+        incoming.insert(spec.uuid, spec.clone());
+        Ok(())
+    }
+
+    fn is_incoming(&self, id: Uuid) -> bool {
+        self.incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
+    }
+
+    /// Makes the disks of arriving VM `spec`: overlays on the same images
+    /// and blank disks, of the source's sizes, and its volumes, empty.
+    /// Returns the volumes made (to remove if the migration fails).
+    pub async fn provision_incoming(
+        &self,
+        spec: &VmSpec,
+        disks: &[IncomingDisk],
+    ) -> Result<Vec<String>, VmError> {
+        disks::provision(&self.ctx.layout, &self.ctx.qemu_img, &self.ctx.images, spec).await?;
+        let mut volumes = Vec::new();
+        let result = async {
+            for (i, disk) in spec.disks.iter().enumerate() {
+                let name = disk.name_or_default(i);
+                let size = disks
+                    .iter()
+                    .find(|d| d.name == name)
+                    .map(|d| d.virtual_size)
+                    .ok_or_else(|| {
+                        VmError::Invalid(SpecError::field(
+                            format!("disks[{i}]"),
+                            format!("the source did not say how large disk {name} is"),
+                        ))
+                    })?;
+                match disk.source() {
+                    Ok(DiskSource::Volume { volume }) => {
+                        self.ctx
+                            .volumes
+                            .create(
+                                &VolumeCreate {
+                                    name: volume.to_string(),
+                                    size_mib: Some(size.div_ceil(MIB)),
+                                    image: None,
+                                },
+                                &self.ctx.images,
+                            )
+                            .await?;
+                        volumes.push(volume.to_string());
+                    }
+                    Ok(DiskSource::Image { .. } | DiskSource::Blank { .. }) => {
+                        let file = self.ctx.layout.vm_disk(spec.uuid, &name);
+                        let info = self
+                            .ctx
+                            .qemu_img
+                            .info(&file, Some("qcow2"), false)
+                            .await?;
+                        if info.virtual_size < size {
+                            self.ctx.qemu_img.resize(&file, size).await?;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<(), VmError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.discard_files(spec, &volumes).await;
+            return Err(e);
+        }
+        Ok(volumes)
+    }
+
+    /// Launches arriving VM `spec`'s QEMU, waiting for the memory
+    /// (`-incoming defer`), and attaches to its serial console.
+    pub async fn launch_incoming(
+        &self,
+        spec: &VmSpec,
+        banner: &str,
+    ) -> Result<(QemuInstance, Option<Arc<SerialHub>>), VmError> {
+        let qemu = actor::launch_qemu(&self.ctx, spec, Some(banner), true).await?;
+        let serial = actor::open_serial(&self.ctx, spec, &qemu.paths).await;
+        Ok((qemu, serial))
+    }
+
+    /// Makes arriving VM `vm` one of this host's: saves its record (the
+    /// point from which the target owns the guest), and hands its QEMU,
+    /// paused, to a new actor. The caller then resumes it.
+    pub fn adopt_migrated(
+        &self,
+        mut vm: Vm,
+        qemu: QemuInstance,
+        serial: Option<Arc<SerialHub>>,
+    ) -> Result<VmHandle, VmError> {
+        vm.state = crate::vm::state::Observed::NEW;
+        state::apply(&mut vm.state, Observation::MigratedIn);
+        vm.task = None;
+        vm.desired = Desired::Running;
+        vm.pid = Some(qemu.process.pid());
+        vm.pid_start = qemu.process.start_time();
+        vm.error = None;
+        vm.pending = None;
+        vm.generation += 1;
+        vm.updated_at = crate::persist::timestamp(std::time::SystemTime::now());
+        self.ctx.store.save(&vm).map_err(|e| {
+            VmError::Failed(format!("saving the arriving VM's record: {}", error_chain(&e)))
+        })?;
+        let handle = actor::spawn_migrated_in(self.ctx.clone(), vm.clone(), qemu, serial);
+        self.registry.register(handle.clone());
+        self.incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&vm.id);
+        self.ctx.publish_vm(&vm);
+        Ok(handle)
+    }
+
+    /// Removes everything an arriving VM that did not arrive left here: its
+    /// QEMU (`qemu`, if launched), disks, volumes, run directory, cgroup
+    /// and its place.
+    pub async fn discard_incoming(
+        &self,
+        spec: &VmSpec,
+        qemu: Option<QemuInstance>,
+        volumes: &[String],
+    ) {
+        if let Some(qemu) = qemu {
+            let _ = qemu.process.kill().await;
+        }
+        let paths = crate::qemu::argv::RunPaths::new(&self.ctx.settings.run_dir, spec.uuid);
+        crate::qemu::instance::remove_run_dir(&paths);
+        self.ctx.confiner.release(spec.uuid);
+        self.discard_files(spec, volumes).await;
+        self.incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&spec.uuid);
+    }
+
+    async fn discard_files(&self, spec: &VmSpec, volumes: &[String]) {
+        if self.registry.handle(spec.uuid).is_none() {
+            if let Err(e) = self.ctx.store.remove(spec.uuid) {
+                tracing::warn!(vm = %spec.name, error = %error_chain(&e), "could not remove an arriving VM's files");
+            }
+        }
+        for volume in volumes {
+            if let Err(e) = self.ctx.volumes.delete(volume).await {
+                tracing::warn!(%volume, error = %e, "could not remove an arriving VM's volume");
+            }
+        }
+    }
+}
