@@ -335,6 +335,16 @@ async fn main() {
     );
     let profiles = Profiles::built_in().expect("built-in profiles");
     let profile = profiles.get("q35").expect("the q35 profile");
+    // Pinned as the daemon pins its VMs.
+    let machine = vmlet::qemu::capabilities::probe(
+        Path::new("qemu-system-x86_64"),
+        Accel::Tcg,
+        vmlet::qemu::capabilities::PROBE_DEADLINE,
+    )
+    .await
+    .expect("probing qemu-system-x86_64")
+    .pin(profile, Accel::Tcg)
+    .expect("the q35 profile runs with this QEMU");
 
     let mut scratch = Scratch {
         dir: tempfile::Builder::new()
@@ -389,6 +399,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
                 deadline: vmlet::qemu::process::SPAWN_DEADLINE,
                 spec: &spec,
                 profile,
+                machine: &machine,
                 accel: Accel::Tcg,
                 paths: &paths,
                 serial_log: &paths.serial_log(),

@@ -10,6 +10,7 @@
 mod disk;
 mod errors;
 mod image;
+mod machine;
 mod nic;
 mod patch;
 mod resources;
@@ -20,6 +21,7 @@ mod volume;
 pub use disk::{CacheMode, DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, SEED_DISK};
 pub use errors::{FieldError, SpecError};
 pub use image::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
+pub use machine::MachinePin;
 pub use nic::{derived_mac, format_mac, parse_mac, NicModel, NicSpec};
 pub use patch::{
     adopt_disk_names, changed_fields, check_disk_changes, diff, merge_patch, name_disks,
