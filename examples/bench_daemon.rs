@@ -357,14 +357,20 @@ async fn main() {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler");
     tokio::select! {
-        () = run(&mut scratch, &vmlet, &guest, profile) => {}
+        () = run(&mut scratch, &vmlet, &guest, profile, &machine) => {}
         _ = tokio::signal::ctrl_c() => panic!("interrupted (SIGINT)"),
         _ = sigterm.recv() => panic!("terminated (SIGTERM)"),
     }
 }
 
 /// Takes every figure and prints them.
-async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profile) {
+async fn run(
+    scratch: &mut Scratch,
+    vmlet: &Path,
+    guest: &Guest,
+    profile: &Profile,
+    machine: &vmlet::spec::MachinePin,
+) {
     let guest_dir = guest.kernel.parent().expect("BENCH_KERNEL has a directory");
     let direct_root = scratch.path().join("direct");
     let client = scratch.start_daemon(vmlet, guest_dir).await;
@@ -399,7 +405,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
                 deadline: vmlet::qemu::process::SPAWN_DEADLINE,
                 spec: &spec,
                 profile,
-                machine: &machine,
+                machine,
                 accel: Accel::Tcg,
                 paths: &paths,
                 serial_log: &paths.serial_log(),
