@@ -24,9 +24,8 @@ fn is_versioned_q35(name: &str) -> bool {
         return false;
     };
     let mut parts = version.split('.');
-    let numeric = |p: Option<&str>| {
-        p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-    };
+    let numeric =
+        |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     numeric(parts.next()) && numeric(parts.next()) && parts.next().is_none()
 }
 
@@ -34,7 +33,13 @@ fn is_versioned_q35(name: &str) -> bool {
 fn versioned_q35_pattern() {
     assert!(is_versioned_q35("pc-q35-10.0"));
     assert!(is_versioned_q35("pc-q35-9.2"));
-    for bad in ["q35", "pc-q35-10", "pc-q35-10.0.1", "pc-q35-a.0", "pc-q35-.1"] {
+    for bad in [
+        "q35",
+        "pc-q35-10",
+        "pc-q35-10.0.1",
+        "pc-q35-a.0",
+        "pc-q35-.1",
+    ] {
         assert!(!is_versioned_q35(bad), "{bad}");
     }
 }
@@ -46,7 +51,10 @@ async fn probe_reads_the_real_qemu_under_tcg() {
         Err(CapabilitiesError::Spawn { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
-            common::skip("probe_reads_the_real_qemu_under_tcg", "no qemu-system-x86_64");
+            common::skip(
+                "probe_reads_the_real_qemu_under_tcg",
+                "no qemu-system-x86_64",
+            );
             return;
         }
         Err(e) => panic!("probing {QEMU}: {e:?}"),
@@ -87,8 +95,13 @@ async fn probe_reads_the_real_qemu_under_tcg() {
     // The built-in profiles pin to what this QEMU has.
     let profiles = Profiles::built_in().unwrap();
     let pin = caps.pin(profiles.get("q35").unwrap(), Accel::Tcg).unwrap();
-    assert_eq!((pin.machine_type.as_str(), pin.cpu.as_str()), (q35.as_str(), "qemu64"));
-    let pin = caps.pin(profiles.get("microvm").unwrap(), Accel::Tcg).unwrap();
+    assert_eq!(
+        (pin.machine_type.as_str(), pin.cpu.as_str()),
+        (q35.as_str(), "qemu64")
+    );
+    let pin = caps
+        .pin(profiles.get("microvm").unwrap(), Accel::Tcg)
+        .unwrap();
     assert_eq!(pin.machine_type, "microvm");
 }
 
@@ -104,7 +117,11 @@ async fn probe_failures_name_the_binary() {
 
     // Exits at once, saying something on stderr.
     let quits = scratch.path().join("quits");
-    std::fs::write(&quits, "#!/bin/sh\necho 'no such accelerator' >&2\nexit 1\n").unwrap();
+    std::fs::write(
+        &quits,
+        "#!/bin/sh\necho 'no such accelerator' >&2\nexit 1\n",
+    )
+    .unwrap();
     make_executable(&quits);
     let err = capabilities::probe(&quits, Accel::Tcg, PROBE_DEADLINE)
         .await
@@ -144,7 +161,10 @@ async fn probe_failures_name_the_binary() {
     let pid_file = scratch.path().join("hangs.pid");
     std::fs::write(
         &hangs,
-        format!("#!/bin/sh\necho $$ > {}\nexec sleep 60\n", pid_file.display()),
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
+            pid_file.display()
+        ),
     )
     .unwrap();
     make_executable(&hangs);
@@ -182,8 +202,16 @@ fn q35_with_type(machine_type: &str) -> String {
 #[tokio::test]
 async fn created_vms_are_pinned_and_the_node_lists_machine_types() {
     let profiles = Scratch::new();
-    std::fs::write(profiles.path().join("older.toml"), q35_with_type("pc-q35-9.2")).unwrap();
-    std::fs::write(profiles.path().join("future.toml"), q35_with_type("pc-q35-99.0")).unwrap();
+    std::fs::write(
+        profiles.path().join("older.toml"),
+        q35_with_type("pc-q35-9.2"),
+    )
+    .unwrap();
+    std::fs::write(
+        profiles.path().join("future.toml"),
+        q35_with_type("pc-q35-99.0"),
+    )
+    .unwrap();
     let dir = profiles.path().display().to_string();
     let d = Daemon::start_with_env(&[("VMLET_PROFILE_DIR", dir.as_str())]).await;
 
@@ -201,17 +229,30 @@ async fn created_vms_are_pinned_and_the_node_lists_machine_types() {
     let machine_types = listed("machine_types");
     let cpu_models = listed("cpu_models");
     assert!(cpu_models.contains(&"qemu64".to_string()), "{node}");
-    assert!(!cpu_models.contains(&"host".to_string()), "host is KVM only: {node}");
+    assert!(
+        !cpu_models.contains(&"host".to_string()),
+        "host is KVM only: {node}"
+    );
     assert!(!machine_types.contains(&"q35".to_string()), "{node}");
     assert!(machine_types.contains(&"microvm".to_string()), "{node}");
 
     // The default profile: the alias, resolved.
     let vm = create_vm(&d, &guest_spec_json(&unique_name("pin"), "")).await;
-    let machine_type = vm["machine"]["type"].as_str().unwrap_or_default().to_string();
+    let machine_type = vm["machine"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(is_versioned_q35(&machine_type), "{vm}");
     assert_eq!(vm["machine"]["cpu"], "qemu64", "{vm}");
-    assert!(machine_types.contains(&machine_type), "{machine_type} not in {node}");
-    assert_eq!(node["default_machine_type"], machine_type.as_str(), "{node}");
+    assert!(
+        machine_types.contains(&machine_type),
+        "{machine_type} not in {node}"
+    );
+    assert_eq!(
+        node["default_machine_type"],
+        machine_type.as_str(),
+        "{node}"
+    );
     // Kept in the record, so a restarted (or upgraded) daemon keeps it.
     let record: Value =
         serde_json::from_slice(&std::fs::read(d.record(uuid_of(&vm))).unwrap()).unwrap();

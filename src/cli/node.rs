@@ -120,10 +120,7 @@ pub fn render_node(node: &NodeInfo) -> String {
         ("machines".into(), machines_line(node)),
         (
             "cpu models".into(),
-            format!(
-                "{} usable (`-o json` lists them)",
-                node.cpu_models.len()
-            ),
+            format!("{} usable (`-o json` lists them)", node.cpu_models.len()),
         ),
         ("vms".into(), vms),
         ("stop grace".into(), format!("{}s", node.stop_grace_s)),

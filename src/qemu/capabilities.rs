@@ -520,7 +520,10 @@ mod tests {
         assert_eq!(caps.version, "10.0.2");
         assert_eq!(caps.machines.len(), 6);
         assert_eq!(caps.default_machine(), Some("pc-i440fx-10.0"));
-        assert!(caps.machines.iter().any(|m| m.name == "pc-q35-5.2" && m.deprecated));
+        assert!(caps
+            .machines
+            .iter()
+            .any(|m| m.name == "pc-q35-5.2" && m.deprecated));
         let qemu64 = caps.cpu_models.iter().find(|c| c.name == "qemu64").unwrap();
         assert_eq!(qemu64.alias_of.as_deref(), Some("qemu64-v1"));
         assert!(qemu64.usable && qemu64.migration_safe);
@@ -547,7 +550,10 @@ mod tests {
     fn aliases_resolve_to_versioned_machines() {
         let caps = canned();
         assert_eq!(caps.resolve_machine("q35").as_deref(), Some("pc-q35-10.0"));
-        assert_eq!(caps.resolve_machine("pc").as_deref(), Some("pc-i440fx-10.0"));
+        assert_eq!(
+            caps.resolve_machine("pc").as_deref(),
+            Some("pc-i440fx-10.0")
+        );
         assert_eq!(
             caps.resolve_machine("pc-q35-9.2").as_deref(),
             Some("pc-q35-9.2")
@@ -623,7 +629,9 @@ mod tests {
         let pin = caps.pin(q35, Accel::Tcg).unwrap();
         assert_eq!(pin.machine_type, "pc-q35-10.0");
         assert_eq!(pin.cpu, q35.cpu.tcg);
-        let micro = caps.pin(profiles.get("microvm").unwrap(), Accel::Tcg).unwrap();
+        let micro = caps
+            .pin(profiles.get("microvm").unwrap(), Accel::Tcg)
+            .unwrap();
         assert_eq!(micro.machine_type, "microvm");
 
         let mut odd = q35.clone();
@@ -633,6 +641,9 @@ mod tests {
         let mut odd = q35.clone();
         odd.cpu.kvm = "Skylake-Client".into();
         let err = caps.pin(&odd, Accel::Kvm).unwrap_err();
-        assert!(err.contains("cpu.kvm") && err.contains("Skylake-Client"), "{err}");
+        assert!(
+            err.contains("cpu.kvm") && err.contains("Skylake-Client"),
+            "{err}"
+        );
     }
 }

@@ -128,12 +128,12 @@ impl Manager {
         let records = store.load_all().map_err(ManagerError::Store)?;
         let state_dir = settings.state_dir.clone();
         let ctx = Arc::new(
-            Context::new(settings, profiles, accel, qemu.clone(), store, events).map_err(|source| {
-                ManagerError::Storage {
+            Context::new(settings, profiles, accel, qemu.clone(), store, events).map_err(
+                |source| ManagerError::Storage {
                     path: state_dir,
                     source,
-                }
-            })?,
+                },
+            )?,
         );
         // Bridges first: autostart VMs put their taps on them.
         ctx.networks.restore_all().await;
