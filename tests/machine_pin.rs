@@ -264,6 +264,18 @@ async fn created_vms_are_pinned_and_the_node_lists_machine_types() {
     let older = create_vm(&d, &spec).await;
     assert_eq!(older["machine"]["type"], "pc-q35-9.2", "{older}");
 
+    // Another profile is another machine: the pin goes with the old
+    // profile, and the next start pins the VM to the new one.
+    let id = id_of(&vm);
+    let patch = serde_json::json!({"profile": "older"});
+    let (status, edited) = call(&d, Method::PATCH, &format!("/v1/vms/{id}"), Some(&patch)).await;
+    assert_eq!(status, 200, "{edited}");
+    assert!(edited["machine"].is_null(), "{edited}");
+    let (status, started) = call(&d, Method::POST, &format!("/v1/vms/{id}/start"), None).await;
+    assert_eq!(status, 200, "{started}");
+    assert_eq!(started["machine"]["type"], "pc-q35-9.2", "{started}");
+    force_delete_vm(&d, &id).await;
+
     // A machine type this QEMU lacks: refused, naming the profile.
     let mut spec = guest_spec_json(&unique_name("future"), "");
     spec["profile"] = "future".into();
