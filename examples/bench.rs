@@ -20,6 +20,17 @@ struct Bench {
     initrd: PathBuf,
     run_root: PathBuf,
     profiles: Profiles,
+    /// What the QEMU binary offers, probed once: VMs are pinned through it.
+    qemu: vmlet::qemu::capabilities::QemuCapabilities,
+}
+
+impl Bench {
+    /// The machine type and CPU model `spec`'s profile gives under TCG.
+    fn pin(&self, spec: &VmSpec) -> vmlet::spec::MachinePin {
+        self.qemu
+            .pin(self.profiles.get(&spec.profile).unwrap(), Accel::Tcg)
+            .expect("the profile runs with this QEMU")
+    }
 }
 
 fn env_path(name: &str) -> PathBuf {
@@ -120,11 +131,13 @@ impl Bench {
         let confined = confiner.map(|c| c.prepare(spec, false).expect("confinement"));
         let serial_log = paths.serial_log();
         let qemu_log = paths.dir.with_extension("qemu.log");
+        let machine = self.pin(spec);
         let vm = instance::launch(instance::Launch {
             binary: Path::new("qemu-system-x86_64"),
             deadline: vmlet::qemu::process::SPAWN_DEADLINE,
             spec,
             profile: self.profiles.get(&spec.profile).unwrap(),
+            machine: &machine,
             accel: Accel::Tcg,
             paths: &paths,
             serial_log: &serial_log,
@@ -166,9 +179,11 @@ impl Bench {
             set: 1,
             opaque: "serial-log".into(),
         }];
+        let machine = self.pin(spec);
         let argv = vmlet::qemu::argv::build(LaunchInputs {
             spec,
             profile: self.profiles.get(&spec.profile).unwrap(),
+            machine: &machine,
             accel: Accel::Tcg,
             paths: &paths,
             jailed: false,
@@ -221,6 +236,13 @@ async fn main() {
         initrd: env_path("BENCH_INITRD"),
         run_root: scratch.path().to_path_buf(),
         profiles: Profiles::built_in().unwrap(),
+        qemu: vmlet::qemu::capabilities::probe(
+            Path::new("qemu-system-x86_64"),
+            Accel::Tcg,
+            vmlet::qemu::capabilities::PROBE_DEADLINE,
+        )
+        .await
+        .expect("probing qemu-system-x86_64"),
     };
 
     // Launch (spawn, daemonize, QMP negotiated) and QMP round trips, paused.

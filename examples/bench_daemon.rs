@@ -335,6 +335,16 @@ async fn main() {
     );
     let profiles = Profiles::built_in().expect("built-in profiles");
     let profile = profiles.get("q35").expect("the q35 profile");
+    // Pinned as the daemon pins its VMs.
+    let machine = vmlet::qemu::capabilities::probe(
+        Path::new("qemu-system-x86_64"),
+        Accel::Tcg,
+        vmlet::qemu::capabilities::PROBE_DEADLINE,
+    )
+    .await
+    .expect("probing qemu-system-x86_64")
+    .pin(profile, Accel::Tcg)
+    .expect("the q35 profile runs with this QEMU");
 
     let mut scratch = Scratch {
         dir: tempfile::Builder::new()
@@ -347,14 +357,20 @@ async fn main() {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler");
     tokio::select! {
-        () = run(&mut scratch, &vmlet, &guest, profile) => {}
+        () = run(&mut scratch, &vmlet, &guest, profile, &machine) => {}
         _ = tokio::signal::ctrl_c() => panic!("interrupted (SIGINT)"),
         _ = sigterm.recv() => panic!("terminated (SIGTERM)"),
     }
 }
 
 /// Takes every figure and prints them.
-async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profile) {
+async fn run(
+    scratch: &mut Scratch,
+    vmlet: &Path,
+    guest: &Guest,
+    profile: &Profile,
+    machine: &vmlet::spec::MachinePin,
+) {
     let guest_dir = guest.kernel.parent().expect("BENCH_KERNEL has a directory");
     let direct_root = scratch.path().join("direct");
     let client = scratch.start_daemon(vmlet, guest_dir).await;
@@ -389,6 +405,7 @@ async fn run(scratch: &mut Scratch, vmlet: &Path, guest: &Guest, profile: &Profi
                 deadline: vmlet::qemu::process::SPAWN_DEADLINE,
                 spec: &spec,
                 profile,
+                machine,
                 accel: Accel::Tcg,
                 paths: &paths,
                 serial_log: &paths.serial_log(),

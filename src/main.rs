@@ -291,10 +291,14 @@ async fn dispatch(
             // Jailed as the daemon would run it from this user.
             let jailed = nix::unistd::geteuid().is_root() && settings.qemu.jail;
             let n = vmlet::qemu::launch_files::numbered(&spec, &disks, 100, jailed);
+            let profile = profiles.get(&spec.profile)?;
+            let accel = accel::resolve_on_host(settings.accel);
+            let machine = machine_pin(&settings, profile, accel).await?;
             let argv = vmlet::qemu::argv::build(LaunchInputs {
                 spec: &spec,
-                profile: profiles.get(&spec.profile)?,
-                accel: accel::resolve_on_host(settings.accel),
+                profile,
+                machine: &machine,
+                accel,
                 paths: &paths,
                 jailed,
                 run_fds: &n.run,
@@ -377,6 +381,22 @@ fn load_spec(path: &Path, profiles: &Profiles) -> anyhow::Result<Option<VmSpec>>
     Ok(Some(spec))
 }
 
+/// The machine type and CPU model `profile` gives under `accel`, resolved
+/// through the QEMU binary as the daemon resolves them.
+async fn machine_pin(
+    settings: &Settings,
+    profile: &vmlet::qemu::profile::Profile,
+    accel: accel::Accel,
+) -> anyhow::Result<vmlet::spec::MachinePin> {
+    let qemu = vmlet::qemu::capabilities::probe(
+        &settings.qemu_binary,
+        accel,
+        vmlet::qemu::capabilities::PROBE_DEADLINE,
+    )
+    .await?;
+    qemu.pin(profile, accel).map_err(anyhow::Error::msg)
+}
+
 async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> {
     let profiles = Profiles::load(Some(&settings.profile_dir))?;
     let Some(spec) = load_spec(spec_path, &profiles)? else {
@@ -394,6 +414,10 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::from(EXIT_BAD_SPEC));
     }
     let accel = accel::resolve_on_host(settings.accel);
+    let profile = profiles.get(&spec.profile)?;
+    // Pinned like the daemon pins a new VM (a run keeps no record, so the
+    // pin lasts this run only).
+    let machine = machine_pin(settings, profile, accel).await?;
     let paths = RunPaths::new(&settings.run_dir, spec.uuid);
     let layout = vmlet::storage::Layout::new(&settings.state_dir);
     // The spec is the operator's own: its paths are resolved here, then
@@ -417,7 +441,8 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         binary: &settings.qemu_binary,
         deadline: Duration::from_secs(settings.start_timeout_s),
         spec: &spec,
-        profile: profiles.get(&spec.profile)?,
+        profile,
+        machine: &machine,
         accel,
         paths: &paths,
         serial_log: &serial_log,

@@ -21,6 +21,22 @@ pub struct NodeInfo {
     pub qemu_binary: String,
     /// Its version (`major.minor.micro`), as it reports it.
     pub qemu_version: String,
+    /// Every machine type that QEMU offers, by its versioned name (aliases
+    /// such as `q35` resolved: `pc-q35-10.0`), sorted with version numbers
+    /// compared as numbers. A VM pinned to one of them (`machine.type`) can
+    /// run on this host.
+    #[serde(default)]
+    pub machine_types: Vec<String>,
+    /// The machine type a new VM of the default profile (`q35`) gets here:
+    /// its `machine.type` resolved through this QEMU (`pc-q35-10.0`).
+    /// Absent when this QEMU cannot run that profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_machine_type: Option<String>,
+    /// CPU models usable on this host with `accel` (QEMU reports no missing
+    /// feature), sorted. A VM pinned to one of them (`machine.cpu`, its
+    /// model before any flags) can run here.
+    #[serde(default)]
+    pub cpu_models: Vec<String>,
     /// The accelerator VMs get: `kvm` or `tcg`.
     pub accel: String,
     /// Why that accelerator (e.g. why KVM is not used).

@@ -797,6 +797,8 @@ async fn unfinished_start_is_cleaned_up() {
         deadline: vmlet::qemu::process::SPAWN_DEADLINE,
         spec: &vm.spec,
         profile: profiles.get(&vm.spec.profile).unwrap(),
+        // The pin the daemon gave the VM at create, as its own start would.
+        machine: vm.machine.as_ref().expect("the daemon pinned the VM"),
         accel: Accel::Tcg,
         paths: &paths,
         serial_log: &paths.serial_log(),

@@ -12,7 +12,7 @@ use vmlet::qemu::argv::{self, LaunchInputs, RunPaths};
 use vmlet::qemu::launch_files;
 use vmlet::qemu::nic::{NicBackend, NicPlan};
 use vmlet::qemu::profile::Profiles;
-use vmlet::spec::VmSpec;
+use vmlet::spec::{MachinePin, VmSpec};
 use vmlet::storage::Layout;
 
 #[derive(Deserialize)]
@@ -20,6 +20,8 @@ use vmlet::storage::Layout;
 struct Case {
     accel: Accel,
     run_dir: PathBuf,
+    /// The VM's pin, as the daemon would have set it at create.
+    machine: MachinePin,
     spec: VmSpec,
 }
 
@@ -68,6 +70,7 @@ fn render(case: &Case, profiles: &Profiles) -> String {
     let argv = argv::build(LaunchInputs {
         spec: &case.spec,
         profile: profiles.get(&case.spec.profile).unwrap(),
+        machine: &case.machine,
         accel: case.accel,
         paths: &paths,
         jailed: true,

@@ -117,6 +117,11 @@ pub fn render_node(node: &NodeInfo) -> String {
             },
         ),
         ("profiles".into(), node.profiles.join(", ")),
+        ("machines".into(), machines_line(node)),
+        (
+            "cpu models".into(),
+            format!("{} usable (`-o json` lists them)", node.cpu_models.len()),
+        ),
         ("vms".into(), vms),
         ("stop grace".into(), format!("{}s", node.stop_grace_s)),
     ];
@@ -135,6 +140,19 @@ pub fn render_node(node: &NodeInfo) -> String {
         ));
     }
     key_values(&lines)
+}
+
+/// The machine types in brief: how many, and what the default profile
+/// gets (the full list is in `-o json`).
+fn machines_line(node: &NodeInfo) -> String {
+    let count = node.machine_types.len();
+    match &node.default_machine_type {
+        Some(t) => format!(
+            "{count} types; profile {} gets {t}",
+            crate::spec::DEFAULT_PROFILE
+        ),
+        None => format!("{count} types"),
+    }
 }
 
 /// One event as one line (no newline): `SEQ TIME vm NAME state=… task=… gen=…`.
@@ -188,6 +206,9 @@ mod tests {
             memory_mib: 16384,
             qemu_binary: "qemu-system-x86_64".into(),
             qemu_version: "8.2.2".into(),
+            machine_types: vec!["microvm".into(), "pc-q35-8.1".into(), "pc-q35-8.2".into()],
+            default_machine_type: Some("pc-q35-8.2".into()),
+            cpu_models: vec!["max".into(), "qemu64".into()],
             accel: "tcg".into(),
             accel_reason: "/dev/kvm missing".into(),
             profiles: vec!["microvm".into(), "q35".into()],
@@ -215,6 +236,8 @@ memory:     16GiB
 qemu:       qemu-system-x86_64 8.2.2
 accel:      tcg (/dev/kvm missing)
 profiles:   microvm, q35
+machines:   3 types; profile q35 gets pc-q35-8.2
+cpu models: 2 usable (`-o json` lists them)
 vms:        running=2 stopped=1
 stop grace: 60s
 vcpus:      29 free of 8 × 4 − 0 reserved, 3 allocated

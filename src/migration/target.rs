@@ -138,7 +138,7 @@ impl Migrations {
         );
         let (qemu, serial) = self
             .manager()
-            .launch_incoming(&vm.spec, &banner)
+            .launch_incoming(&vm.spec, vm.machine.as_ref(), &banner)
             .await
             .map_err(|e| fail(e.into()))?;
         let pid = qemu.process.pid();

@@ -14,7 +14,7 @@ use crate::qemu::disk::{self, DiskPlan, DiskSets, SCSI_CONTROLLER};
 use crate::qemu::launch_files::{BootFiles, PassedFd, RunFds};
 use crate::qemu::nic::{self, NicPlan};
 use crate::qemu::profile::{DeviceBus, Profile};
-use crate::spec::{Boot, DiskBus, VmSpec};
+use crate::spec::{Boot, DiskBus, MachinePin, VmSpec};
 
 /// Where a VM's runtime files live: `RUN_DIR/vms/UUID/`. Named by UUID only,
 /// so no caller-chosen string ever becomes part of a host path.
@@ -110,6 +110,10 @@ pub struct LaunchInputs<'a> {
     pub spec: &'a VmSpec,
     /// Its profile.
     pub profile: &'a Profile,
+    /// The machine type and CPU model the VM is pinned to: `-machine` (with
+    /// the profile's machine options) and `-cpu`, in place of the profile's
+    /// own, possibly unversioned, values.
+    pub machine: &'a MachinePin,
     /// The accelerator, already resolved.
     pub accel: Accel,
     /// Runtime file locations.
@@ -154,6 +158,7 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
     let LaunchInputs {
         spec,
         profile,
+        machine,
         accel,
         paths,
         jailed,
@@ -197,15 +202,9 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             format!("unix:{},power-control=off", path_value(&socket)),
         );
     }
-    argv.push("-machine", machine_value(profile));
+    argv.push("-machine", machine_value(machine, profile));
     argv.push("-accel", accel.as_str());
-    argv.push(
-        "-cpu",
-        match accel {
-            Accel::Kvm => &profile.cpu.kvm,
-            Accel::Tcg => &profile.cpu.tcg,
-        },
-    );
+    argv.push("-cpu", &machine.cpu);
     argv.push("-smp", spec.vcpus.to_string());
     argv.push("-m", format!("size={}M", spec.memory_mib));
 
@@ -366,8 +365,8 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
     argv.0
 }
 
-fn machine_value(profile: &Profile) -> String {
-    let mut value = profile.machine.machine_type.clone();
+fn machine_value(machine: &MachinePin, profile: &Profile) -> String {
+    let mut value = machine.machine_type.clone();
     for (key, option) in &profile.machine.options {
         value.push_str(&format!(",{key}={}", escape(option)));
     }
@@ -443,6 +442,49 @@ mod tests {
         (disks, numbered)
     }
 
+    fn pin(machine_type: &str) -> MachinePin {
+        MachinePin {
+            machine_type: machine_type.into(),
+            cpu: "qemu64".into(),
+        }
+    }
+
+    #[test]
+    fn machine_and_cpu_come_from_the_pin() {
+        let profiles = Profiles::built_in().unwrap();
+        let spec = spec();
+        let paths = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
+        let (disks, n) = files_of(&spec);
+        let machine = MachinePin {
+            machine_type: "pc-q35-9.2".into(),
+            cpu: "Westmere,+aes".into(),
+        };
+        let argv = build(LaunchInputs {
+            spec: &spec,
+            profile: profiles.get("q35").unwrap(),
+            machine: &machine,
+            accel: Accel::Kvm,
+            paths: &paths,
+            jailed: false,
+            run_fds: &n.run,
+            disks: &disks,
+            disk_sets: &n.sets,
+            passed_fds: &n.passed,
+            boot_files: n.boot.as_ref(),
+            nics: &[],
+        });
+        let value = |option: &str| {
+            let at = argv.iter().position(|a| a == option).expect(option);
+            argv[at + 1].clone()
+        };
+        // The profile's options stay; its type and CPU give way to the pin.
+        assert_eq!(
+            value("-machine"),
+            "pc-q35-9.2,dump-guest-core=off,usb=off,vmport=off"
+        );
+        assert_eq!(value("-cpu"), "Westmere,+aes");
+    }
+
     #[test]
     fn escape_doubles_commas() {
         assert_eq!(escape("a,b,,c"), "a,,b,,,,c");
@@ -458,6 +500,7 @@ mod tests {
         let argv = build(LaunchInputs {
             spec: &spec,
             profile: profiles.get("q35").unwrap(),
+            machine: &pin("pc-q35-10.0"),
             accel: Accel::Tcg,
             paths: &paths,
             jailed: false,
@@ -509,6 +552,7 @@ mod tests {
             build(LaunchInputs {
                 spec: &spec,
                 profile,
+                machine: &pin(&profile.machine.machine_type),
                 accel: Accel::Tcg,
                 paths: &paths,
                 jailed: true,

@@ -21,7 +21,7 @@ use crate::qemu::process::{
 };
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::{QmpClient, QmpError, QmpEvent};
-use crate::spec::VmSpec;
+use crate::spec::{MachinePin, VmSpec};
 
 /// How long QEMU gets to exit after `quit` or SIGTERM before SIGKILL.
 pub const QUIT_DEADLINE: Duration = Duration::from_secs(5);
@@ -146,6 +146,8 @@ pub struct Launch<'a> {
     pub spec: &'a VmSpec,
     /// Its profile.
     pub profile: &'a Profile,
+    /// The machine type and CPU model the VM is pinned to.
+    pub machine: &'a MachinePin,
     /// The accelerator.
     pub accel: Accel,
     /// Runtime file locations.
@@ -250,6 +252,7 @@ async fn spawn_confined(launch: &Launch<'_>, incoming: bool) -> Result<QemuInsta
     let inputs = LaunchInputs {
         spec: launch.spec,
         profile: launch.profile,
+        machine: launch.machine,
         accel: launch.accel,
         paths,
         jailed: jail.is_some(),

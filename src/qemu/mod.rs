@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod capabilities;
 pub mod disk;
 pub mod exit;
 pub mod hotplug;

@@ -171,8 +171,8 @@ impl Profile {
             check_word(&format!("machine.options key {key:?}"), key)?;
             check_word(&format!("machine.options.{key}"), value)?;
         }
-        check_word("cpu.kvm", &self.cpu.kvm)?;
-        check_word("cpu.tcg", &self.cpu.tcg)?;
+        check_cpu("cpu.kvm", &self.cpu.kvm)?;
+        check_cpu("cpu.tcg", &self.cpu.tcg)?;
         let d = &self.devices;
         for (field, model) in [
             ("devices.disk", &d.disk),
@@ -230,6 +230,30 @@ fn check_word(field: &str, value: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "{field}: {value:?} must be 1..=64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
+/// A `-cpu` value: a model, then feature flags after commas (`+aes`,
+/// `-popcnt`, `pmu=off`). The whole value is QEMU's `-cpu` argument, so
+/// each part is a plain word: nothing else can ride along.
+fn check_cpu(field: &str, value: &str) -> Result<(), String> {
+    let mut parts = value.split(',');
+    check_word(field, parts.next().unwrap_or_default())?;
+    let flags_ok = value.len() <= 512
+        && parts.all(|flag| {
+            let flag = flag.strip_prefix('+').unwrap_or(flag);
+            !flag.is_empty()
+                && flag.len() <= 64
+                && flag
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-=".contains(c))
+        });
+    if flags_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: {value:?} must be a CPU model then comma-separated flags (+name, -name, name=value) of A-Z a-z 0-9 . _ - ="
         ))
     }
 }
@@ -422,6 +446,27 @@ mod tests {
         std::fs::write(dir.path().join("evil.toml"), "description = 1").unwrap();
         let err = Profiles::load(Some(dir.path())).unwrap_err().to_string();
         assert!(err.contains("evil.toml"), "{err}");
+    }
+
+    #[test]
+    fn cpu_values_take_feature_flags_and_nothing_else() {
+        for good in ["qemu64", "qemu64,+aes,+sse4.2,-popcnt", "host,pmu=off"] {
+            assert_eq!(check_cpu("cpu.kvm", good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            ",+aes",
+            "qemu64,",
+            "qemu64,+",
+            "qemu64,+aes -device x",
+            "qemu64,+aes,,+x",
+            "qemu64\n",
+        ] {
+            let err = check_cpu("cpu.kvm", bad).unwrap_err();
+            assert!(err.starts_with("cpu.kvm"), "{bad:?}: {err}");
+        }
+        let long = format!("qemu64{}", ",+aes".repeat(200));
+        assert!(check_cpu("cpu.tcg", &long).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 mod disk;
 mod errors;
 mod image;
+mod machine;
 mod migration;
 mod nic;
 mod patch;
@@ -21,6 +22,7 @@ mod volume;
 pub use disk::{CacheMode, DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, SEED_DISK};
 pub use errors::{FieldError, SpecError};
 pub use image::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
+pub use machine::MachinePin;
 pub use migration::{
     DiskProgress, MigrateRequest, Migration, MigrationTarget, Phase, Progress, Role,
     DEFAULT_MAX_DOWNTIME_MS, MAX_MAX_DOWNTIME_MS,

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use crate::config::Settings;
 use crate::net::networks::NetworkStore;
 use crate::qemu::accel::Accel;
+use crate::qemu::capabilities::QemuCapabilities;
 use crate::qemu::profile::Profiles;
+use crate::spec::MachinePin;
 use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
 use crate::storage::volumes::VolumeStore;
@@ -25,6 +27,8 @@ pub struct Context {
     pub profiles: Profiles,
     /// The accelerator VMs get.
     pub accel: Accel,
+    /// What the QEMU binary offers (probed once, at start, with `accel`).
+    pub qemu: Arc<QemuCapabilities>,
     /// VM records.
     pub store: Store,
     /// Change events.
@@ -51,6 +55,7 @@ impl Context {
         settings: Settings,
         profiles: Profiles,
         accel: Accel,
+        qemu: Arc<QemuCapabilities>,
         store: Store,
         events: EventBus,
     ) -> std::io::Result<Context> {
@@ -75,6 +80,7 @@ impl Context {
             settings,
             profiles,
             accel,
+            qemu,
             store,
             events,
             layout,
@@ -85,6 +91,14 @@ impl Context {
             host_roots,
             confiner,
         })
+    }
+
+    /// The pin a new VM of profile `profile` gets: its machine type
+    /// resolved through the probed QEMU, its CPU model for the daemon's
+    /// accelerator. The error names the profile and its field.
+    pub fn machine_pin(&self, profile: &str) -> Result<MachinePin, String> {
+        let profile = self.profiles.get(profile).map_err(|e| e.to_string())?;
+        self.qemu.pin(profile, self.accel)
     }
 
     /// Publishes `vm`'s new view.

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::persist::timestamp;
-use crate::spec::VmSpec;
+use crate::spec::{MachinePin, VmSpec};
 use crate::vm::state::{Desired, Observed, PowerState, Task};
 
 /// Format version of `vm.json`.
@@ -21,6 +21,12 @@ pub struct Vm {
     pub name: String,
     /// What the VM is.
     pub spec: VmSpec,
+    /// The versioned machine type and CPU model this VM was created with;
+    /// a QEMU upgrade never changes them. Set by vmlet from the profile
+    /// (a record from an older vmlet gets it at its next start; a new
+    /// profile, at the start after the change). `null` until then.
+    #[serde(default)]
+    pub machine: Option<MachinePin>,
     /// A change the running VM could not take: it waits for the next start,
     /// when its spec becomes `spec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,13 +73,14 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// A new, stopped VM.
+    /// A new, stopped VM, not yet pinned to a machine type.
     pub fn new(spec: VmSpec) -> Vm {
         let now = timestamp(SystemTime::now());
         Vm {
             id: spec.uuid,
             name: spec.name.clone(),
             spec,
+            machine: None,
             pending: None,
             state: Observed::NEW,
             task: None,

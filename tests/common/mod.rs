@@ -17,7 +17,7 @@ use uuid::Uuid;
 use vmlet::qemu::accel::Accel;
 use vmlet::qemu::argv::RunPaths;
 use vmlet::qemu::instance::{self, LaunchError, QemuInstance};
-use vmlet::qemu::profile::Profiles;
+use vmlet::qemu::profile::{Profile, Profiles};
 use vmlet::spec::{Boot, ChannelSpec, DiskFormat, DiskSpec, SerialSpec, VmSpec};
 use vmlet::vm::launch::LaunchFiles;
 
@@ -259,11 +259,14 @@ async fn launch_with(
         .as_ref()
         .map(|c| c.prepare(spec, false).expect("preparing the confinement"));
     let plan = confine.as_ref().map(|c| c.plan()).unwrap_or_default();
+    let profile = profiles.get(&spec.profile).unwrap();
+    let machine = tcg_pin(profile).await;
     let vm = instance::launch(instance::Launch {
         binary: Path::new("qemu-system-x86_64"),
         deadline: vmlet::qemu::process::SPAWN_DEADLINE,
         spec,
-        profile: profiles.get(&spec.profile).unwrap(),
+        profile,
+        machine: &machine,
         accel: Accel::Tcg,
         paths: &paths,
         serial_log: &serial_log,
@@ -287,6 +290,20 @@ async fn launch_with(
         }
     };
     Ok(TestVm { vm, confiner })
+}
+
+/// The machine type and CPU model `profile` gives under TCG, resolved
+/// through the real `qemu-system-x86_64` as the daemon resolves them.
+pub async fn tcg_pin(profile: &Profile) -> vmlet::spec::MachinePin {
+    vmlet::qemu::capabilities::probe(
+        Path::new("qemu-system-x86_64"),
+        Accel::Tcg,
+        vmlet::qemu::capabilities::PROBE_DEADLINE,
+    )
+    .await
+    .expect("probing qemu-system-x86_64")
+    .pin(profile, Accel::Tcg)
+    .expect("the profile runs with this QEMU")
 }
 
 /// Waits until the file at `path` has a whole line (ended by a newline)

@@ -77,6 +77,11 @@ impl Actor {
                 let mut named = vm.spec.clone();
                 name_disks(&mut named);
                 if named != wanted {
+                    if wanted.profile != vm.spec.profile {
+                        // Another profile is another machine: the next
+                        // start pins the VM anew.
+                        vm.machine = None;
+                    }
                     vm.spec = wanted;
                 }
                 vm.pending = None;

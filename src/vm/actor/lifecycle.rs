@@ -7,10 +7,24 @@ use super::*;
 impl Actor {
     pub(super) fn begin_start(&mut self) {
         self.observe(Observation::StartBegun);
+        let ctx = self.ctx.clone();
+        let mut unpinned = None;
         self.commit(|vm| {
             // A change the last QEMU could not take becomes the spec now.
             if let Some(pending) = vm.pending.take() {
+                if pending.spec.profile != vm.spec.profile {
+                    // Another profile is another machine: pinned anew.
+                    vm.machine = None;
+                }
                 vm.spec = pending.spec;
+            }
+            // A VM from before pinning (or with a new profile) is pinned
+            // now, from the same resolution as a create, and keeps it.
+            if vm.machine.is_none() {
+                match ctx.machine_pin(&vm.spec.profile) {
+                    Ok(pin) => vm.machine = Some(pin),
+                    Err(reason) => unpinned = Some(reason),
+                }
             }
             vm.task = Some(Task::Start);
             vm.desired = Desired::Running;
@@ -21,8 +35,8 @@ impl Actor {
         let boot_banner = boot_banner(self.vm.boots, SystemTime::now());
         // A VM in `error` may still hold a QEMU that stopped answering.
         let leftover = self.runtime.take();
-        let ctx = self.ctx.clone();
         let spec = self.vm.spec.clone();
+        let machine = self.vm.machine.clone();
         self.spawn_op(async move {
             if let Some(rt) = leftover {
                 let _ = rt.process.kill().await;
@@ -30,7 +44,11 @@ impl Actor {
                 ctx.confiner.release(spec.uuid);
             }
             let result = async {
-                let qemu = launch_qemu(&ctx, &spec, Some(&boot_banner), false).await?;
+                let machine = machine.ok_or_else(|| {
+                    VmError::Failed(unpinned.unwrap_or_else(|| "the VM has no machine type".into()))
+                })?;
+                let qemu =
+                    launch_qemu(&ctx, &spec, &machine, Some(&boot_banner), false).await?;
                 // Attached before the guest runs, so the live stream has
                 // every byte of this boot.
                 let serial = open_serial(&ctx, &spec, &qemu.paths).await;
@@ -333,6 +351,7 @@ impl Actor {
 pub async fn launch_qemu(
     ctx: &Context,
     spec: &VmSpec,
+    machine: &crate::spec::MachinePin,
     serial_banner: Option<&str>,
     incoming: bool,
 ) -> Result<QemuInstance, VmError> {
@@ -357,6 +376,7 @@ pub async fn launch_qemu(
         deadline: Duration::from_secs(ctx.settings.start_timeout_s),
         spec,
         profile,
+        machine,
         accel: ctx.accel,
         paths: &paths,
         serial_log: &serial_log,

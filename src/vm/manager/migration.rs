@@ -288,9 +288,13 @@ impl Manager {
     pub async fn launch_incoming(
         &self,
         spec: &VmSpec,
+        machine: Option<&crate::spec::MachinePin>,
         banner: &str,
     ) -> Result<(QemuInstance, Option<Arc<SerialHub>>), VmError> {
-        let qemu = actor::launch_qemu(&self.ctx, spec, Some(banner), true).await?;
+        let machine = machine.ok_or_else(|| {
+            VmError::Invalid(SpecError::field("machine", "the VM has no pinned machine type"))
+        })?;
+        let qemu = actor::launch_qemu(&self.ctx, spec, machine, Some(banner), true).await?;
         let serial = actor::open_serial(&self.ctx, spec, &qemu.paths).await;
         Ok((qemu, serial))
     }

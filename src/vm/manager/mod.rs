@@ -14,6 +14,7 @@ use crate::console::ConsoleKind;
 use crate::net::networks::{Network, NetworkNic, NetworkSpec};
 use crate::node::{self, HostTotals, Inventory, NodeInfo, Usage};
 use crate::qemu::accel::{self, Accel};
+use crate::qemu::capabilities::{self, CapabilitiesError, PROBE_DEADLINE};
 use crate::qemu::profile::{ProfileError, Profiles};
 use crate::spec::{
     derived_mac, Boot, DiskFormat, DiskSource, FieldError, NicSpec, SpecError, VmSpec,
@@ -70,15 +71,10 @@ pub enum ManagerError {
         #[source]
         source: std::io::Error,
     },
-    /// QEMU is missing or broken.
-    #[error("running {binary} --version (is QEMU installed? scripts/setup.sh installs it)")]
-    Qemu {
-        /// The binary.
-        binary: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// QEMU is missing or broken: its capability probe failed (the cause
+    /// names the binary).
+    #[error("probing QEMU (is it installed? scripts/setup.sh installs it)")]
+    Qemu(#[source] CapabilitiesError),
 }
 
 /// Whether a create made a VM or found the same one already there.
@@ -99,7 +95,6 @@ pub struct Manager {
     /// What operations in flight have taken (UUIDs, names, MACs, volumes,
     /// images and networks), so their checks cannot race.
     claims: Claims,
-    qemu_version: String,
     /// VMs arriving by live migration: their place (UUID, name, capacity)
     /// is held until they arrived or the migration failed.
     incoming: std::sync::Mutex<std::collections::HashMap<Uuid, VmSpec>>,
@@ -114,8 +109,20 @@ impl Manager {
     pub async fn open(settings: Settings) -> Result<Manager, ManagerError> {
         let profiles =
             Profiles::load(Some(&settings.profile_dir)).map_err(ManagerError::Profiles)?;
-        let qemu_version = qemu_version(&settings.qemu_binary).await?;
         let (accel, accel_reason) = accel::resolve_on_host_explained(settings.accel);
+        // Once, with the accelerator VMs get: which CPU models are usable
+        // depends on it.
+        let qemu = capabilities::probe(&settings.qemu_binary, accel, PROBE_DEADLINE)
+            .await
+            .map_err(ManagerError::Qemu)?;
+        for name in profiles.names() {
+            // A profile this QEMU cannot run is not fatal (other profiles
+            // work); creating a VM of it is refused with the same reason.
+            if let Ok(Err(reason)) = profiles.get(name).map(|p| qemu.pin(p, accel)) {
+                tracing::warn!(profile = name, %reason, "profile unusable with this QEMU");
+            }
+        }
+        let qemu = Arc::new(qemu);
         let store = Store::open(&settings.state_dir).map_err(ManagerError::Store)?;
         std::fs::create_dir_all(settings.run_dir.join("vms")).map_err(|source| {
             ManagerError::RunDir {
@@ -127,12 +134,12 @@ impl Manager {
         let records = store.load_all().map_err(ManagerError::Store)?;
         let state_dir = settings.state_dir.clone();
         let ctx = Arc::new(
-            Context::new(settings, profiles, accel, store, events).map_err(|source| {
-                ManagerError::Storage {
+            Context::new(settings, profiles, accel, qemu.clone(), store, events).map_err(
+                |source| ManagerError::Storage {
                     path: state_dir,
                     source,
-                }
-            })?,
+                },
+            )?,
         );
         // Bridges first: autostart VMs put their taps on them.
         ctx.networks.restore_all().await;
@@ -159,12 +166,11 @@ impl Manager {
             let _ = done.await;
         }
         remove_stale_taps(&ctx, &registry).await;
-        tracing::info!(vms = registry.handles().len(), accel = accel.as_str(), %qemu_version, "VMs loaded");
+        tracing::info!(vms = registry.handles().len(), accel = accel.as_str(), qemu_version = %qemu.version, "VMs loaded");
         Ok(Manager {
             ctx,
             registry,
             claims: Claims::default(),
-            qemu_version,
             incoming: Default::default(),
             accel_reason,
         })
@@ -300,6 +306,12 @@ impl Manager {
                 )))
             };
         }
+        // The profile names a machine type this QEMU must have and a CPU
+        // model this host must run: refused here rather than at every start.
+        let machine = self
+            .ctx
+            .machine_pin(&spec.profile)
+            .map_err(|reason| VmError::Invalid(SpecError::field("profile", reason)))?;
         check_host_paths(&spec, &self.ctx.host_roots)?;
         if self.ctx.settings.capacity.enforce {
             self.inventory()
@@ -336,7 +348,8 @@ impl Manager {
             &spec,
         )
         .await?;
-        let vm = Vm::new(spec);
+        let mut vm = Vm::new(spec);
+        vm.machine = Some(machine);
         if let Err(e) = self.ctx.store.save(&vm) {
             // Nothing half-made: the disks just made go too.
             let _ = self.ctx.store.remove(vm.id);
@@ -488,7 +501,14 @@ impl Manager {
             cpus: node::cpus(),
             memory_mib: node::memory_mib(),
             qemu_binary: self.ctx.settings.qemu_binary.display().to_string(),
-            qemu_version: self.qemu_version.clone(),
+            qemu_version: self.ctx.qemu.version.clone(),
+            machine_types: self.ctx.qemu.machine_types(),
+            default_machine_type: self
+                .ctx
+                .machine_pin(crate::spec::DEFAULT_PROFILE)
+                .ok()
+                .map(|pin| pin.machine_type),
+            cpu_models: self.ctx.qemu.usable_cpu_models(),
             accel: accel.as_str().to_string(),
             accel_reason: self.accel_reason.clone(),
             profiles: self.ctx.profiles.names().map(str::to_string).collect(),
@@ -544,36 +564,5 @@ async fn remove_stale_taps(ctx: &Context, registry: &Registry) {
                 }
             }
         }
-    }
-}
-
-/// Asks QEMU for its version (`QEMU emulator version 10.0.2 (…)` → `10.0.2`).
-async fn qemu_version(binary: &Path) -> Result<String, ManagerError> {
-    let output = tokio::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .await
-        .map_err(|source| ManagerError::Qemu {
-            binary: binary.to_path_buf(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(parse_qemu_version(&text).unwrap_or_else(|| text.trim().to_string()))
-}
-
-fn parse_qemu_version(text: &str) -> Option<String> {
-    let rest = text.lines().next()?.split("version ").nth(1)?;
-    rest.split_whitespace().next().map(str::to_string)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qemu_version_is_the_number_after_version() {
-        let text = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright";
-        assert_eq!(parse_qemu_version(text).as_deref(), Some("10.0.2"));
-        assert_eq!(parse_qemu_version("garbage"), None);
     }
 }
