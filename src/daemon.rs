@@ -31,6 +31,9 @@ pub enum DaemonError {
     /// VMs could not be loaded.
     #[error(transparent)]
     Manager(#[from] ManagerError),
+    /// The migration records could not be opened.
+    #[error("opening the migration records")]
+    Migrations(#[source] std::io::Error),
     /// Another vmlet manages the same state directory.
     #[error("another vmlet already uses state directory {0} (it holds vmlet.lock)")]
     StateDirLocked(PathBuf),
@@ -141,11 +144,15 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         header_read_timeout: Duration::from_secs(api_settings.header_read_timeout_s),
         idle_timeout: Duration::from_secs(api_settings.idle_timeout_s),
     };
-    let manager = Manager::open(settings).await?;
+    let manager = Arc::new(Manager::open(settings).await?);
+    let migrations = crate::migration::Migrations::open(manager.clone())
+        .await
+        .map_err(DaemonError::Migrations)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let app = Arc::new(App {
         manager,
+        migrations,
         max_body_bytes,
         shutdown: shutdown_rx.clone(),
         consoles,

@@ -13,6 +13,7 @@ pub mod confine;
 pub mod console;
 pub mod daemon;
 pub mod metrics;
+pub mod migration;
 pub mod net;
 pub mod node;
 pub mod persist;

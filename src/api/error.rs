@@ -149,6 +149,32 @@ impl From<VmError> for ApiError {
     }
 }
 
+impl From<crate::migration::MigrationError> for ApiError {
+    fn from(e: crate::migration::MigrationError) -> ApiError {
+        use crate::migration::MigrationError as M;
+        let message = e.to_string();
+        match e {
+            M::NotFound(_) => ApiError::not_found(message),
+            M::Vm(e) => ApiError::from(e),
+            M::Invalid(spec) => ApiError::invalid(spec.errors),
+            M::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            // The target's refusal keeps its class: a conflict there
+            // (capacity, a name in use) is one here, and so is a field it
+            // found invalid (an unknown image or CPU model).
+            M::Refused { status, .. } => match status {
+                409 => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+                422 => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec", message),
+                507 => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "no_space", message),
+                _ => ApiError::new(StatusCode::BAD_GATEWAY, "target_failed", message),
+            },
+            M::Unreachable(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "target_unreachable", message)
+            }
+            M::Failed(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+        }
+    }
+}
+
 impl From<crate::storage::StorageError> for ApiError {
     fn from(e: crate::storage::StorageError) -> ApiError {
         ApiError::from(VmError::from(e))

@@ -10,6 +10,7 @@ pub mod images;
 pub mod listener;
 pub mod metrics;
 pub mod middleware;
+pub mod migrations;
 pub mod networks;
 pub mod upgrade;
 pub mod vm_disks;
@@ -36,7 +37,9 @@ use crate::vm::manager::Manager;
 #[derive(Debug)]
 pub struct App {
     /// The VMs.
-    pub manager: Manager,
+    pub manager: Arc<Manager>,
+    /// Live migrations, to and from this host.
+    pub migrations: crate::migration::Migrations,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// Flips to `true` when the daemon shuts down (ends event streams).
@@ -113,6 +116,8 @@ pub async fn openapi() -> Response {
         networks::attach_nic, networks::detach_nic,
         console::create_token, console::open, console::open_vm, console::page, console::log,
         events::stream,
+        migrations::migrate, migrations::list, migrations::show, migrations::cancel,
+        migrations::incoming, migrations::finish, migrations::memory, migrations::disk,
     ),
     tags(
         (name = "vms", description = "VMs and their specs"),
@@ -124,6 +129,7 @@ pub async fn openapi() -> Response {
         (name = "networks", description = "Bridges, VLANs and a VM's NICs"),
         (name = "console", description = "VNC and serial consoles: one-time tokens, websockets, the noVNC page, the serial log"),
         (name = "events", description = "Change events"),
+        (name = "migrations", description = "Live migration between vmlet hosts (`migrate` on the source; `incoming`, `finish` and the streams are daemon to daemon)"),
         (name = "node", description = "The host"),
     ),
     modifiers(&BearerAuth, &CommonResponses)
@@ -379,6 +385,14 @@ pub fn router(app: AppState, guard: Option<middleware::TcpGuard>) -> Router {
         )
         .route("/v1/vms/{id}/nics", post(networks::attach_nic))
         .route("/v1/vms/{id}/nics/{nic}", delete(networks::detach_nic))
+        .route("/v1/vms/{id}/migrate", post(migrations::migrate))
+        .route("/v1/migrations", get(migrations::list))
+        .route("/v1/migrations/incoming", post(migrations::incoming))
+        .route("/v1/migrations/{id}", get(migrations::show))
+        .route("/v1/migrations/{id}/cancel", post(migrations::cancel))
+        .route("/v1/migrations/{id}/finish", post(migrations::finish))
+        .route("/v1/migrations/{id}/memory", post(migrations::memory))
+        .route("/v1/migrations/{id}/disks/{disk}", post(migrations::disk))
         .route("/v1/events", get(events::stream))
         .route(
             "/v1/vms/{id}/console",

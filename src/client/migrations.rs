@@ -43,8 +43,7 @@ impl Client {
 
     /// `GET /v1/migrations`: every migration this daemon knows, newest first.
     pub async fn list_migrations(&self) -> Result<Vec<Migration>, ClientError> {
-        let (_, list): (_, MigrationList) =
-            self.call(Method::GET, "/v1/migrations", None).await?;
+        let (_, list): (_, MigrationList) = self.call(Method::GET, "/v1/migrations", None).await?;
         Ok(list.migrations)
     }
 

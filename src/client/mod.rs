@@ -41,8 +41,8 @@ mod vms;
 
 pub use console::{ConsoleIo, ConsoleSocket};
 pub use endpoint::{Endpoint, DEFAULT_SOCKET};
-pub use migrations::STREAM_PROTOCOL;
 pub use hyper::Method;
+pub use migrations::STREAM_PROTOCOL;
 pub use paths::check_segment;
 pub use sse::{decode_event, EventStream, SseMessage, SseParser};
 pub use transport::RawResponse;

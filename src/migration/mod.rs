@@ -244,20 +244,14 @@ impl Migrations {
     }
 
     fn publish(&self, migration: &Migration) {
-        self.inner
-            .manager
-            .events()
-            .publish(EventBody::Migration {
-                migration: Box::new(migration.clone()),
-            });
+        self.inner.manager.events().publish(EventBody::Migration {
+            migration: Box::new(migration.clone()),
+        });
     }
 
     /// Adds a new migration (saved and published); refused when its id is
     /// taken.
-    fn insert(
-        &self,
-        file: MigrationFile,
-    ) -> Result<watch::Receiver<bool>, MigrationError> {
+    fn insert(&self, file: MigrationFile) -> Result<watch::Receiver<bool>, MigrationError> {
         let (cancel, cancelled) = watch::channel(false);
         let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         let id = file.migration.id;

@@ -71,7 +71,7 @@ impl Migrations {
         request: MigrateRequest,
     ) -> Result<Migration, MigrationError> {
         request.validate()?;
-        let (handle, live) = self.manager().lend_for_migration(key).await?;
+        let (handle, live) = self.manager().lend_for_migration(key, false).await?;
         let vm = handle.view();
         let qmp = live.qmp.clone().expect("lent VMs answer on QMP");
         let lent = Lent {
@@ -164,7 +164,10 @@ impl Migrations {
             peer,
             target_url: migration.target.clone(),
             request,
-            disks: disks.into_iter().map(|(d, mode)| CopiedDisk { name: d.name, mode }).collect(),
+            disks: disks
+                .into_iter()
+                .map(|(d, mode)| CopiedDisk { name: d.name, mode })
+                .collect(),
             joins: Vec::new(),
             started: Instant::now(),
         };
@@ -210,9 +213,7 @@ impl Migrations {
                 .flatten()
                 .find(|n| n["node-name"] == name.as_str())
                 .and_then(|n| n["image"]["virtual-size"].as_u64())
-                .ok_or_else(|| {
-                    MigrationError::Failed(format!("QEMU does not show disk {name}"))
-                })?;
+                .ok_or_else(|| MigrationError::Failed(format!("QEMU does not show disk {name}")))?;
             disks.push((
                 IncomingDisk {
                     name,
@@ -263,8 +264,8 @@ impl Migrations {
                     join.abort();
                 }
                 self.remove_sockets(&run);
-                let _ = tokio::time::timeout(CALL_DEADLINE, run.peer.cancel_migration(run.id))
-                    .await;
+                let _ =
+                    tokio::time::timeout(CALL_DEADLINE, run.peer.cancel_migration(run.id)).await;
                 let status = run_state(&run.qmp).await;
                 if let Err(e) = self
                     .manager()
@@ -297,10 +298,19 @@ impl Migrations {
                 .dir
                 .listen(&socket)
                 .map_err(|e| MigrationError::Failed(format!("binding {socket}: {e}")))?;
-            run.joins.push(spawn_join(run.id, listener, remote, disk.name.clone()));
-            qmig::start_mirror(&run.qmp, &disk.name, &run.dir.qemu_path(&socket), disk.mode, speed)
-                .await
-                .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+            run.joins
+                .push(spawn_join(run.id, listener, remote, disk.name.clone()));
+            let root = crate::qemu::disk::throttle_node(&disk.name);
+            qmig::start_mirror(
+                &run.qmp,
+                &disk.name,
+                &root,
+                &run.dir.qemu_path(&socket),
+                disk.mode,
+                speed,
+            )
+            .await
+            .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
         }
         // Disks first, until each copy is in step; then every guest write
         // waits for the target too, so they stay in step whatever it writes.
@@ -324,7 +334,8 @@ impl Migrations {
             .dir
             .listen(streams::MEMORY_SOCKET)
             .map_err(|e| MigrationError::Failed(format!("binding the memory socket: {e}")))?;
-        run.joins.push(spawn_join(run.id, listener, remote, "memory".into()));
+        run.joins
+            .push(spawn_join(run.id, listener, remote, "memory".into()));
         let mut downtime = run.request.max_downtime_ms;
         let bandwidth = run.request.max_bandwidth_mib_s.unwrap_or(0) * crate::storage::MIB;
         qmig::start(
@@ -355,8 +366,8 @@ impl Migrations {
             }
             // Memory that does not shrink over passes: allow a longer
             // pause, stepwise, as far as 10× what was asked for.
-            let ceiling = (run.request.max_downtime_ms * RAISE_UP_TO)
-                .min(crate::spec::MAX_MAX_DOWNTIME_MS);
+            let ceiling =
+                (run.request.max_downtime_ms * RAISE_UP_TO).min(crate::spec::MAX_MAX_DOWNTIME_MS);
             if last_raise.elapsed() >= RAISE_EVERY
                 && ram.passes >= passes_at_raise + 2
                 && ram.remaining >= remaining_at_raise / 2
@@ -410,7 +421,8 @@ impl Migrations {
     }
 
     async fn poll_mirrors(&self, run: &Run) -> Result<Vec<qmig::MirrorState>, MigrationError> {
-        self.poll_mirrors_with(run, &qmig::RamState::default()).await
+        self.poll_mirrors_with(run, &qmig::RamState::default())
+            .await
     }
 
     /// Reads the disk copies (failing on a failed one) and publishes the
@@ -478,7 +490,7 @@ impl Migrations {
                 Ok(Ok(_)) => break,
                 Ok(Err(crate::client::ClientError::Api {
                     status, message, ..
-                })) if status < 500 => {
+                })) if status == 404 || status == 409 => {
                     tracing::warn!(id = %run.id, %message, "the target refused the switch: the guest stays here");
                     let _ = qmig::cancel(&run.qmp).await;
                     let resumed = run
@@ -529,7 +541,7 @@ impl Migrations {
         self.prune();
     }
 
-    fn note_waiting(&self, id: Uuid, why: &str) {
+    pub(super) fn note_waiting(&self, id: Uuid, why: &str) {
         tracing::warn!(%id, %why, "the target did not confirm the switch yet; the guest stays paused");
         self.update(id, |f| {
             f.migration.error = Some(format!(

@@ -184,12 +184,16 @@ impl Migrations {
     ) {
         let migrations = self.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                status = process.exited() => {
-                    let why = format!("the arriving VM's QEMU exited ({status:?}) before the switch");
-                    abandon(&migrations, id, &arriving, Phase::Failed, &why).await;
-                }
-                _ = stop.wait_for(|s| *s) => {}
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let exited = tokio::select! {
+                status = process.exited() => Some(status),
+                () = stopped => None,
+            };
+            if let Some(status) = exited {
+                let why = format!("the arriving VM's QEMU exited ({status:?}) before the switch");
+                abandon(&migrations, id, &arriving, Phase::Failed, &why).await;
             }
         });
     }
@@ -315,7 +319,9 @@ impl Migrations {
             Phase::Failed | Phase::Cancelled => {
                 return Err(MigrationError::Conflict(format!(
                     "migration {id} was abandoned here ({}): the guest never ran on this host",
-                    migration.error.unwrap_or_else(|| migration.phase.as_str().into())
+                    migration
+                        .error
+                        .unwrap_or_else(|| migration.phase.as_str().into())
                 )))
             }
             _ => {}
@@ -331,9 +337,9 @@ impl Migrations {
         };
         let started = std::time::Instant::now();
         loop {
-            let state = qmig::ram(&qmp).await.map_err(|e| {
-                MigrationError::Failed(crate::vm::actor::error_chain(&e))
-            })?;
+            let state = qmig::ram(&qmp)
+                .await
+                .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
             if state.status == "completed" {
                 break;
             }
@@ -364,7 +370,9 @@ impl Migrations {
                 let vm = a.vm.clone();
                 let volumes = a.volumes.clone();
                 drop(a);
-                self.manager().discard_incoming(&vm.spec, None, &volumes).await;
+                self.manager()
+                    .discard_incoming(&vm.spec, None, &volumes)
+                    .await;
                 self.update(id, |f| {
                     f.migration.phase = Phase::Failed;
                     f.migration.error = Some(e.to_string());

@@ -99,7 +99,8 @@ pub async fn serve_disks(
     call(
         qmp,
         "nbd-server-start",
-        json!({"addr": {"type": "unix", "path": socket}}),
+        // nbd-server-start still takes the legacy socket address form.
+        json!({"addr": {"type": "unix", "data": {"path": socket}}}),
     )
     .await?;
     for disk in disks {
@@ -171,11 +172,13 @@ pub enum CopyMode {
 }
 
 /// Adds an NBD client node for disk `disk`'s export, reached through unix
-/// socket `socket` (as QEMU sees it), and starts mirroring the disk into it.
-/// `speed`: bytes per second, 0 for no cap.
+/// socket `socket` (as QEMU sees it), and starts mirroring the disk (from
+/// `root`, the node its device reads) into it. `speed`: bytes per second,
+/// 0 for no cap.
 pub async fn start_mirror(
     qmp: &QmpClient,
     disk: &str,
+    root: &str,
     socket: &str,
     mode: CopyMode,
     speed: u64,
@@ -201,7 +204,7 @@ pub async fn start_mirror(
         "blockdev-mirror",
         json!({
             "job-id": node,
-            "device": disk,
+            "device": root,
             "target": node,
             "sync": sync,
             "speed": speed,
@@ -325,7 +328,9 @@ async fn wait_concluded(
         let states = mirrors(qmp).await?;
         let open: Vec<&MirrorState> = states
             .iter()
-            .filter(|m| disks.contains(&m.disk) && !matches!(m.status.as_str(), "concluded" | "null"))
+            .filter(|m| {
+                disks.contains(&m.disk) && !matches!(m.status.as_str(), "concluded" | "null")
+            })
             .collect();
         if open.is_empty() {
             if let Some(failed) = states
@@ -435,7 +440,10 @@ fn parse_ram(v: &Value) -> RamState {
         total: ram["total"].as_u64().unwrap_or(0),
         remaining: ram["remaining"].as_u64().unwrap_or(0),
         transferred: ram["transferred"].as_u64().unwrap_or(0),
-        dirty_rate: ram["dirty-pages-rate"].as_u64().unwrap_or(0).saturating_mul(page),
+        dirty_rate: ram["dirty-pages-rate"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_mul(page),
         passes: ram["dirty-sync-count"].as_u64().unwrap_or(0),
         downtime_ms: v["downtime"].as_u64(),
         error: v["error-desc"].as_str().map(str::to_string),
@@ -493,7 +501,10 @@ mod tests {
         let m = parse_mirrors(&jobs);
         assert_eq!(m.len(), 2);
         assert!(m[0].is_ready());
-        assert_eq!((m[0].disk.as_str(), m[0].done, m[0].total), ("root", 10, 10));
+        assert_eq!(
+            (m[0].disk.as_str(), m[0].done, m[0].total),
+            ("root", 10, 10)
+        );
         assert_eq!(m[1].error.as_deref(), Some("Input/output error"));
     }
 

@@ -268,7 +268,9 @@ mod tests {
     #[test]
     fn requests_are_checked_field_by_field() {
         assert!(request("http://10.0.0.2:8780", "t0k3n").validate().is_ok());
-        assert!(request("https://node2.example:8780/", "t").validate().is_ok());
+        assert!(request("https://node2.example:8780/", "t")
+            .validate()
+            .is_ok());
         for (url, token, field) in [
             ("ftp://x:1", "t", "target.url"),
             ("http://", "t", "target.url"),

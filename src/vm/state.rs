@@ -392,10 +392,11 @@ pub fn decide(state: PowerState, task: Option<Task>, action: Action) -> Decision
             S::Stopped | S::Crashed | S::Running | S::Paused => Decision::Run(action.task()),
             _ => refused,
         },
-        // Live migration moves a guest that runs; a stopped VM has nothing
-        // in memory to move.
+        // Live migration moves a guest in memory (a paused one too: a
+        // migration that a restart interrupted at the switch is settled
+        // with the vCPUs paused); a stopped VM has nothing to move.
         Action::Migrate => match state {
-            S::Running => Decision::Run(Task::Migrate),
+            S::Running | S::Paused => Decision::Run(Task::Migrate),
             _ => refused,
         },
     }
@@ -965,7 +966,7 @@ mod tests {
                     (Action::Edit, S::Stopped | S::Crashed | S::Running | S::Paused) => {
                         Some(run(Task::Edit))
                     }
-                    (Action::Migrate, S::Running) => Some(run(Task::Migrate)),
+                    (Action::Migrate, S::Running | S::Paused) => Some(run(Task::Migrate)),
                     _ => None, // refused
                 };
                 match expected_kind {

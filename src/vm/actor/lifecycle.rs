@@ -47,8 +47,7 @@ impl Actor {
                 let machine = machine.ok_or_else(|| {
                     VmError::Failed(unpinned.unwrap_or_else(|| "the VM has no machine type".into()))
                 })?;
-                let qemu =
-                    launch_qemu(&ctx, &spec, &machine, Some(&boot_banner), false).await?;
+                let qemu = launch_qemu(&ctx, &spec, &machine, Some(&boot_banner), false).await?;
                 // Attached before the guest runs, so the live stream has
                 // every byte of this boot.
                 let serial = open_serial(&ctx, &spec, &qemu.paths).await;

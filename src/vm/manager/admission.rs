@@ -93,7 +93,12 @@ impl Manager {
     pub(super) fn inventory_locked(&self, incoming: &HashMap<Uuid, VmSpec>) -> Inventory {
         let mut used = Usage::default();
         let arriving = incoming.values().map(|spec| self.usage(spec));
-        for u in self.list().iter().map(|vm| self.reserved(vm)).chain(arriving) {
+        for u in self
+            .list()
+            .iter()
+            .map(|vm| self.reserved(vm))
+            .chain(arriving)
+        {
             used.vcpus += u.vcpus;
             used.memory_mib += u.memory_mib;
             used.disk_gib += u.disk_gib;

@@ -72,15 +72,36 @@ impl Manager {
                 ));
             }
         }
-        None
+        match &vm.machine {
+            None => {
+                Some("the VM has no pinned machine type yet (start it once with this vmlet)".into())
+            }
+            Some(pin) => self.ctx.qemu.cpu_migration_blocker(&pin.cpu),
+        }
     }
 
-    /// Takes running VM `key` for a migration: its task is `migrate` until
-    /// [`Manager::settle_migration`]. Returns the VM and its QEMU.
-    pub async fn lend_for_migration(&self, key: &str) -> Result<(VmHandle, Live), VmError> {
+    /// Takes VM `key` for a migration: its task is `migrate` until
+    /// [`Manager::settle_migration`]. Returns the VM and its QEMU. A new
+    /// migration needs a running VM; `resuming` (a migration a restart
+    /// interrupted) takes a paused one too.
+    pub async fn lend_for_migration(
+        &self,
+        key: &str,
+        resuming: bool,
+    ) -> Result<(VmHandle, Live), VmError> {
         let handle = self.find(key)?;
-        if let Some(why) = self.migration_refusal(&handle.view()) {
-            return Err(VmError::Refused(why));
+        let vm = handle.view();
+        if !resuming {
+            if vm.state != crate::vm::state::PowerState::Running {
+                return Err(VmError::Refused(format!(
+                    "VM {} is {}: live migration moves a running VM",
+                    vm.name,
+                    vm.state.as_str()
+                )));
+            }
+            if let Some(why) = self.migration_refusal(&vm) {
+                return Err(VmError::Refused(why));
+            }
         }
         handle
             .command(Command::Migration(MigrationStep::Begin))
@@ -129,11 +150,7 @@ impl Manager {
     /// [`Manager::discard_incoming`]. Refusals name the field: an unknown
     /// profile, image, network or CPU model is invalid (422); a UUID, name,
     /// MAC or volume in use, or too little capacity, a conflict (409).
-    pub async fn reserve_incoming(
-        &self,
-        vm: &Vm,
-        images: &[IncomingImage],
-    ) -> Result<(), VmError> {
+    pub async fn reserve_incoming(&self, vm: &Vm, images: &[IncomingImage]) -> Result<(), VmError> {
         let spec = &vm.spec;
         spec.validate(|name| self.ctx.profiles.caps(name))?;
         let mut nics = spec.nics.clone();
@@ -144,6 +161,8 @@ impl Manager {
                 "every NIC of an arriving VM must have its MAC",
             )));
         }
+        self.check_machine(vm)?;
+        check_host_paths(spec, &self.ctx.host_roots)?;
         let _claims = self.claim(create_claims(spec))?;
         if self.registry.handle(spec.uuid).is_some() || self.is_incoming(spec.uuid) {
             return Err(VmError::Conflict(format!(
@@ -221,6 +240,33 @@ impl Manager {
             .contains_key(&id)
     }
 
+    /// The machine type and CPU model `vm` was made with must exist (and
+    /// be usable) here, so the guest sees the same hardware.
+    fn check_machine(&self, vm: &Vm) -> Result<(), VmError> {
+        let Some(pin) = &vm.machine else {
+            return Err(VmError::Invalid(SpecError::field(
+                "vm.machine",
+                "the VM has no pinned machine type",
+            )));
+        };
+        let qemu = &self.ctx.qemu;
+        if !qemu.has_machine(&pin.machine_type) {
+            return Err(VmError::Invalid(SpecError::field(
+                "vm.machine.type",
+                format!(
+                    "machine type {} is not available in QEMU {} on this host",
+                    pin.machine_type, qemu.version
+                ),
+            )));
+        }
+        qemu.cpu_usable(&pin.cpu).map_err(|why| {
+            VmError::Invalid(SpecError::field(
+                "vm.machine.cpu",
+                format!("CPU model {} cannot run on this host: {why}", pin.cpu),
+            ))
+        })
+    }
+
     /// Makes the disks of arriving VM `spec`: overlays on the same images
     /// and blank disks, of the source's sizes, and its volumes, empty.
     /// Returns the volumes made (to remove if the migration fails).
@@ -261,11 +307,7 @@ impl Manager {
                     }
                     Ok(DiskSource::Image { .. } | DiskSource::Blank { .. }) => {
                         let file = self.ctx.layout.vm_disk(spec.uuid, &name);
-                        let info = self
-                            .ctx
-                            .qemu_img
-                            .info(&file, Some("qcow2"), false)
-                            .await?;
+                        let info = self.ctx.qemu_img.info(&file, Some("qcow2"), false).await?;
                         if info.virtual_size < size {
                             self.ctx.qemu_img.resize(&file, size).await?;
                         }
@@ -292,7 +334,10 @@ impl Manager {
         banner: &str,
     ) -> Result<(QemuInstance, Option<Arc<SerialHub>>), VmError> {
         let machine = machine.ok_or_else(|| {
-            VmError::Invalid(SpecError::field("machine", "the VM has no pinned machine type"))
+            VmError::Invalid(SpecError::field(
+                "machine",
+                "the VM has no pinned machine type",
+            ))
         })?;
         let qemu = actor::launch_qemu(&self.ctx, spec, machine, Some(banner), true).await?;
         let serial = actor::open_serial(&self.ctx, spec, &qemu.paths).await;
@@ -319,7 +364,10 @@ impl Manager {
         vm.generation += 1;
         vm.updated_at = crate::persist::timestamp(std::time::SystemTime::now());
         self.ctx.store.save(&vm).map_err(|e| {
-            VmError::Failed(format!("saving the arriving VM's record: {}", error_chain(&e)))
+            VmError::Failed(format!(
+                "saving the arriving VM's record: {}",
+                error_chain(&e)
+            ))
         })?;
         let handle = actor::spawn_migrated_in(self.ctx.clone(), vm.clone(), qemu, serial);
         self.registry.register(handle.clone());
