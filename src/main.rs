@@ -124,6 +124,12 @@ enum Command {
         #[command(subcommand)]
         cmd: NetworkCommand,
     },
+    /// List, show and cancel live migrations (start one with `vmlet vm
+    /// migrate`).
+    Migration {
+        #[command(subcommand)]
+        cmd: vmlet::cli::MigrationCommand,
+    },
     /// Show the daemon's host: capacity, QEMU, accelerator, VM counts.
     Node,
     /// Same as `vmlet vm console`: attach this terminal to a VM's serial
@@ -318,6 +324,7 @@ async fn dispatch(
         | Command::Image { .. }
         | Command::Volume { .. }
         | Command::Network { .. }
+        | Command::Migration { .. }
         | Command::Node
         | Command::Console(_)
         | Command::Events { .. } => {
@@ -338,6 +345,7 @@ async fn run_client(cli: Cli) -> Result<anyhow::Result<ExitCode>, Cli> {
         Command::Image { cmd } => vmlet::cli::run_image(cmd, opts, &mut stdout).await,
         Command::Volume { cmd } => vmlet::cli::run_volume(cmd, opts, &mut stdout).await,
         Command::Network { cmd } => vmlet::cli::run_network(cmd, opts, &mut stdout).await,
+        Command::Migration { cmd } => vmlet::cli::run_migration(cmd, opts, &mut stdout).await,
         Command::Node => vmlet::cli::run_node(opts, &mut stdout).await,
         Command::Events { since } => vmlet::cli::run_events(since, opts, &mut stdout).await,
         Command::Console(args) => vmlet::cli::run_console_args(args, opts, &mut stdout).await,

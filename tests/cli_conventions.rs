@@ -455,3 +455,92 @@ async fn messages_name_fields_settings_and_flags() {
     let run = vmlet(&["vm", "delete", &name, "--force", "--socket", socket]).await;
     assert_eq!(run.code, Some(0), "{run}");
 }
+
+#[tokio::test]
+async fn vm_migrate_moves_a_vm_shows_the_downtime_and_migration_lists_it_on_both_sides() {
+    let token_dir = common::Scratch::new();
+    let target_token = token_dir.path().join("target-token");
+    std::fs::write(&target_token, "migrate-cli-token\n").unwrap();
+    std::fs::set_permissions(
+        &target_token,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
+    let a = Daemon::start().await;
+    let b = Daemon::start_with_env(&[
+        ("VMLET_TCP_LISTEN", &addr),
+        ("VMLET_AUTH_TOKEN_FILE", target_token.to_str().unwrap()),
+    ])
+    .await;
+    let a_socket = a.socket.to_str().unwrap().to_string();
+    let b_socket = b.socket.to_str().unwrap().to_string();
+    let url = format!("http://{addr}");
+    let name = unique_name("cli-mig");
+    let vm = common::api::create_vm(&a, &guest_spec_json(&name, "guest.action=hold")).await;
+    let id = common::api::id_of(&vm);
+
+    // A stopped VM: refused as a conflict (exit code 4), nothing started.
+    let refused = vmlet(&[
+        "--socket",
+        &a_socket,
+        "vm",
+        "migrate",
+        &name,
+        "--to",
+        &url,
+        "--target-token-file",
+        target_token.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(refused.code, Some(4), "{refused}");
+    assert!(refused.stderr.contains("running VM"), "{refused}");
+
+    a.client.start(&id).await.unwrap();
+    let moved = vmlet(&[
+        "--socket",
+        &a_socket,
+        "vm",
+        "migrate",
+        &name,
+        "--to",
+        &url,
+        "--target-token-file",
+        target_token.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(moved.code, Some(0), "{moved}");
+    assert!(
+        moved
+            .stdout
+            .contains(&format!("migrated VM {name} to {url}"))
+            && moved.stdout.contains("downtime "),
+        "{moved}"
+    );
+    assert_eq!(
+        b.client.get_vm(&id).await.unwrap().state.as_str(),
+        "running"
+    );
+    assert!(
+        a.client.get_vm(&id).await.is_err(),
+        "the source still lists the VM"
+    );
+
+    for (socket, direction) in [(&a_socket, "out"), (&b_socket, "in")] {
+        let listed = vmlet(&["--socket", socket, "migration", "list"]).await;
+        assert_eq!(listed.code, Some(0), "{listed}");
+        let row = listed
+            .stdout
+            .lines()
+            .find(|l| l.contains(&name))
+            .unwrap_or_else(|| panic!("no row for {name}: {listed}"));
+        assert!(
+            row.contains(direction) && row.contains("completed"),
+            "{row}"
+        );
+    }
+    let as_json = vmlet(&["--socket", &b_socket, "-o", "json", "migration", "list"]).await;
+    let list = json(&as_json.stdout);
+    assert_eq!(list["migrations"][0]["role"], "target", "{as_json}");
+    common::api::force_delete_vm(&b, &id).await;
+}

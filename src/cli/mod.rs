@@ -30,6 +30,7 @@ use crate::client::{Client, ClientError, Endpoint, DEFAULT_SOCKET};
 mod console;
 #[cfg(test)]
 mod fixtures;
+mod migration;
 mod network;
 mod node;
 mod storage;
@@ -39,6 +40,7 @@ pub use console::{
     parse_escape, run_console, run_console_args, run_console_log, run_console_vnc, split_at_escape,
     vnc_message, ConsoleArgs, DEFAULT_ESCAPE,
 };
+pub use migration::{run_migrate, run_migration, MigrateArgs, MigrationCommand};
 pub use network::{render_network, render_network_list, run_network, NetworkCommand};
 pub use node::{render_event, render_node, run_events, run_node};
 pub use storage::{
@@ -277,6 +279,17 @@ pub enum CliError {
         /// The text waited for.
         marker: String,
     },
+    /// `vm migrate`: the migration ended without completing (the VM runs
+    /// on the source as before).
+    #[error("migration of VM {vm} {phase}: {error} (the VM still runs here)")]
+    MigrationFailed {
+        /// The VM.
+        vm: String,
+        /// `failed` or `cancelled`.
+        phase: String,
+        /// Why.
+        error: String,
+    },
     /// `vm edit` or `vm set` could not make a change (the editor failed,
     /// the edited file is not a spec, a `key=value` is malformed).
     #[error("{0}")]
@@ -311,6 +324,7 @@ impl CliError {
             CliError::NotReady { .. } => "timeout".into(),
             CliError::StoppedWhileWaiting { .. } => "conflict".into(),
             CliError::Edit(_) => "invalid_argument".into(),
+            CliError::MigrationFailed { .. } => "migration_failed".into(),
         }
     }
 
@@ -487,6 +501,14 @@ pub fn bytes(n: u64) -> String {
 
 fn opt_bytes(n: Option<u64>) -> String {
     n.map_or("-".to_string(), bytes)
+}
+
+/// A progress bar `width` characters wide, `filled` of them done.
+fn bar(filled: usize, width: usize) -> String {
+    let filled = filled.min(width);
+    std::iter::repeat_n('#', filled)
+        .chain(std::iter::repeat_n('-', width - filled))
+        .collect()
 }
 
 /// A size in MiB, in GiB when it divides evenly.

@@ -392,9 +392,7 @@ pub fn progress_bar(name: &str, progress: Option<&ImportProgress>, width: usize)
             None => (0, "--".to_string(), bytes(p.bytes_done), p.phase.as_str()),
         },
     };
-    let bar: String = std::iter::repeat_n('#', filled)
-        .chain(std::iter::repeat_n('-', width - filled))
-        .collect();
+    let bar = super::bar(filled, width);
     let mut line = format!("{name} [{bar}] {pct:>4}");
     if !amount.is_empty() {
         line.push_str("  ");

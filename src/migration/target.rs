@@ -4,6 +4,7 @@
 //! runs). Until finish, a failure or a cancel removes everything the
 //! migration made here.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +18,7 @@ use crate::console::serial::{SerialHub, BOOT_BANNER_PREFIX};
 use crate::persist::timestamp;
 use crate::qemu::instance::QemuInstance;
 use crate::qemu::migrate as qmig;
-use crate::spec::{Migration, Phase, Progress, Role, SEED_DISK};
+use crate::spec::{DiskProgress, Migration, Phase, Progress, Role, SEED_DISK};
 use crate::vm::manager::IncomingRequest;
 use crate::vm::state::PowerAction;
 use crate::vm::Vm;
@@ -42,6 +43,51 @@ pub(super) struct Arriving {
     done: bool,
     /// Stops the watch on the arriving QEMU.
     stop_watch: watch::Sender<bool>,
+    /// Bytes received: the memory, and each disk's stream.
+    received: Arc<Received>,
+}
+
+/// What the streams of an arriving VM carried so far, for its progress.
+#[derive(Debug, Default)]
+struct Received {
+    memory: Arc<AtomicU64>,
+    disks: std::sync::Mutex<Vec<(String, Arc<AtomicU64>)>>,
+}
+
+impl Received {
+    fn disk(&self, name: &str) -> Arc<AtomicU64> {
+        let mut disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, count)) = disks.iter().find(|(n, _)| n == name) {
+            return count.clone();
+        }
+        let count = Arc::new(AtomicU64::new(0));
+        disks.push((name.to_string(), count.clone()));
+        count
+    }
+
+    /// The progress as this side sees it: bytes that arrived (a disk's
+    /// total is its size; the memory's the guest's).
+    fn progress(&self, memory_total: u64, sizes: &[(String, u64)]) -> Progress {
+        let memory = self.memory.load(Ordering::Relaxed);
+        let disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        Progress {
+            ram_total: memory_total,
+            ram_remaining: memory_total.saturating_sub(memory),
+            ram_transferred: memory,
+            dirty_rate: 0,
+            disks: sizes
+                .iter()
+                .map(|(name, size)| DiskProgress {
+                    name: name.clone(),
+                    total: *size,
+                    done: disks
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map_or(0, |(_, c)| c.load(Ordering::Relaxed)),
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Migrations {
@@ -161,6 +207,19 @@ impl Migrations {
             ))));
         }
         let (stop_watch, _) = watch::channel(false);
+        let received = Arc::new(Received::default());
+        let sizes: Vec<(String, u64)> = request
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.virtual_size))
+            .collect();
+        self.report_arrivals(
+            request.id,
+            received.clone(),
+            vm.spec.memory_mib * crate::storage::MIB,
+            sizes,
+            stop_watch.subscribe(),
+        );
         Ok(Arriving {
             vm: vm.clone(),
             qemu: Some(qemu),
@@ -171,7 +230,33 @@ impl Migrations {
             memory_started: false,
             done: false,
             stop_watch,
+            received,
         })
+    }
+
+    /// Publishes what arrived, every second, until the VM arrived or was
+    /// abandoned.
+    fn report_arrivals(
+        &self,
+        id: Uuid,
+        received: Arc<Received>,
+        memory_total: u64,
+        sizes: Vec<(String, u64)>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let migrations = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let stopped = tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                    _ = stop.changed() => true,
+                };
+                migrations.progress(id, received.progress(memory_total, &sizes));
+                if stopped || *stop.borrow() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Abandons migration `id` when its QEMU exits before the VM arrived.
@@ -242,7 +327,11 @@ impl Migrations {
         let Ok(arriving) = self.arriving(id) else {
             return;
         };
-        let socket = arriving.lock().await.dir.host_path(streams::NBD_SOCKET);
+        let (socket, count) = {
+            let a = arriving.lock().await;
+            (a.dir.host_path(streams::NBD_SOCKET), a.received.disk(&disk))
+        };
+        let remote = streams::Counted::new(remote, count);
         let result = match streams::connect(&socket, SOCKET_DEADLINE).await {
             Ok(local) => streams::join(local, remote).await.map(drop),
             Err(e) => Err(e),
@@ -264,15 +353,16 @@ impl Migrations {
         let Ok(arriving) = self.arriving(id) else {
             return;
         };
-        let (qmp, dir) = {
+        let (qmp, dir, count) = {
             let mut a = arriving.lock().await;
             if a.memory_started || a.done {
                 return;
             }
             a.memory_started = true;
             let Some(qemu) = &a.qemu else { return };
-            (qemu.qmp.clone(), a.dir.clone())
+            (qemu.qmp.clone(), a.dir.clone(), a.received.memory.clone())
         };
+        let remote = streams::Counted::new(remote, count);
         self.set_phase(id, Phase::Ram);
         let joined = async {
             qmig::listen_incoming(&qmp, &dir.qemu_path(streams::MEMORY_SOCKET))

@@ -141,7 +141,9 @@ pub enum Task {
     Nics,
     /// Changing the spec (`PATCH`): live what QEMU takes, the rest pending.
     Edit,
-    /// Moving the running VM to another host (live migration).
+    /// Moving the running VM to another host (live migration); shown as
+    /// `migrating`.
+    #[serde(rename = "migrating")]
     Migrate,
 }
 
@@ -159,7 +161,7 @@ impl Task {
             Task::Disks => "disks",
             Task::Nics => "nics",
             Task::Edit => "edit",
-            Task::Migrate => "migrate",
+            Task::Migrate => "migrating",
         }
     }
 }

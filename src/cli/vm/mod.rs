@@ -162,6 +162,9 @@ pub enum VmCommand {
         #[command(subcommand)]
         cmd: SnapshotCommand,
     },
+    /// Move a running VM to another vmlet host (live migration, with its
+    /// disks): shows the progress and, at the end, the guest's downtime.
+    Migrate(super::migration::MigrateArgs),
     /// Attach this terminal to a VM's serial console (raw mode; the escape
     /// key, Ctrl-] by default, detaches), print its log (--print-log), or
     /// print a one-time browser URL of its graphical console (--vnc).
@@ -198,9 +201,11 @@ pub async fn run_vm(
     opts: &ClientOptions,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    if let VmCommand::Console(args) = cmd {
-        return super::console::run_console_args(args, opts, out).await;
-    }
+    let cmd = match cmd {
+        VmCommand::Console(args) => return super::console::run_console_args(args, opts, out).await,
+        VmCommand::Migrate(args) => return super::migration::run_migrate(args, opts, out).await,
+        cmd => cmd,
+    };
     let client = opts.client()?;
     let json = opts.output == Output::Json;
     let text = match cmd {
@@ -334,7 +339,7 @@ pub async fn run_vm(
         }
         VmCommand::Pause { vm } => action_output(client.pause(&vm).await?, json),
         VmCommand::Resume { vm } => action_output(client.resume(&vm).await?, json),
-        VmCommand::Console(_) => unreachable!("consoles are run above"),
+        VmCommand::Console(_) | VmCommand::Migrate(_) => unreachable!("run above"),
     };
     write_flush(out, &text)
 }

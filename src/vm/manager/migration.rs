@@ -275,6 +275,17 @@ impl Manager {
         spec: &VmSpec,
         disks: &[IncomingDisk],
     ) -> Result<Vec<String>, VmError> {
+        // Its directory holds the disks, the seed and the logs; the record
+        // comes only when the VM arrived.
+        let dir = self.ctx.layout.vm_dir(spec.uuid);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| VmError::Failed(format!("creating {}: {e}", dir.display())))?;
+        }
         disks::provision(&self.ctx.layout, &self.ctx.qemu_img, &self.ctx.images, spec).await?;
         let mut volumes = Vec::new();
         let result = async {
