@@ -554,6 +554,29 @@ async fn a_migration_cancelled_in_its_ram_phase_leaves_the_guest_on_the_source()
 
     let m = migrate(a, b, &guest, Some(CRAWL_MIB_S)).await;
     a.wait_phase(m.id, Phase::Ram, RAM_PHASE_TIMEOUT).await;
+    // Meanwhile the VM is busy on A: its task says so, and a second
+    // migration is refused.
+    let vm = a.vm(guest.uuid).await;
+    assert_eq!(vm["task"], "migrating", "{vm}");
+    let (status, code, message) = refused(a, &guest.id, &request_to(b.target())).await;
+    assert_eq!((status, code.as_str()), (409, "busy"), "{message}");
+    assert!(message.contains("migrating"), "{message}");
+    // The target shows what arrived so far.
+    let arriving = wait_until(
+        "the target to show memory arriving",
+        COUNT_TIMEOUT,
+        || async {
+            let there = b.migration(m.id).await;
+            (there.progress.ram_transferred > 0).then_some(there)
+        },
+    )
+    .await;
+    assert_eq!(arriving.role, Role::Target, "{arriving:?}");
+    assert_eq!(arriving.phase, Phase::Ram, "{arriving:?}");
+    assert!(
+        arriving.progress.ram_transferred <= arriving.progress.ram_total,
+        "{arriving:?}"
+    );
     let at_cancel = Console::read(a, guest.uuid).last();
     let answer = a.client().cancel_migration(m.id).await.unwrap();
     assert_eq!(answer.id, m.id);
