@@ -385,6 +385,9 @@ async fn move_and_check(from: &Host, to: &Host, guest: &Guest, marks: &BTreeMap<
 
     let m = migrate(from, to, guest, None).await;
     let done = from.wait_final(m.id, MIGRATION_TIMEOUT).await;
+    // Once the source says completed, the VM is no longer the source's (a
+    // scheduler moving it on at once must not be told it still exists).
+    let listed_when_completed = from.has_vm(uuid).await;
     assert_eq!(
         done.phase,
         Phase::Completed,
@@ -465,8 +468,14 @@ async fn move_and_check(from: &Host, to: &Host, guest: &Guest, marks: &BTreeMap<
         let listed = host.client().list_migrations().await.unwrap();
         assert!(listed.iter().any(|l| l.id == m.id), "{listed:?}");
     }
-    // The record both daemons keep of a completed migration says how long
-    // the guest was paused (checked last: everything above holds anyway).
+    // Checked last, so that everything above is checked anyway: the source
+    // no longer listed the VM when its record said completed, and the
+    // record both daemons keep of a completed migration says how long the
+    // guest was paused.
+    assert!(
+        !listed_when_completed,
+        "the source still listed the VM when its migration record said completed"
+    );
     let arrived = to.migration(m.id).await;
     assert!(
         arrived.downtime_ms.is_some(),
