@@ -371,8 +371,15 @@ async fn migrate(from: &Host, to: &Host, guest: &Guest, cap: Option<u64>) -> Mig
 /// promises: both records completed with a downtime, the VM running on
 /// `to` (same UUID, generation going on, count going on, the same disk
 /// markers, answering pings there), nothing left on `from`, and `from`'s
-/// last event about the VM saying where it went.
-async fn move_and_check(from: &Host, to: &Host, guest: &Guest, marks: &BTreeMap<String, String>) {
+/// last event about the VM saying where it went. Returns the problems of
+/// the checks left for the caller to assert last.
+#[must_use]
+async fn move_and_check(
+    from: &Host,
+    to: &Host,
+    guest: &Guest,
+    marks: &BTreeMap<String, String>,
+) -> Vec<String> {
     let uuid = guest.uuid;
     let before = assert_runs_on(from, uuid).await;
     let generation = before["generation"].as_u64().unwrap();
@@ -468,19 +475,29 @@ async fn move_and_check(from: &Host, to: &Host, guest: &Guest, marks: &BTreeMap<
         let listed = host.client().list_migrations().await.unwrap();
         assert!(listed.iter().any(|l| l.id == m.id), "{listed:?}");
     }
-    // Checked last, so that everything above is checked anyway: the source
-    // no longer listed the VM when its record said completed, and the
-    // record both daemons keep of a completed migration says how long the
-    // guest was paused.
-    assert!(
-        !listed_when_completed,
-        "the source still listed the VM when its migration record said completed"
-    );
+    // Returned to the caller, which asserts them after its other checks
+    // (a move back, say) ran too: the source no longer listed the VM when
+    // its record said completed, and the record both daemons keep of a
+    // completed migration says how long the guest was paused.
+    let mut problems = Vec::new();
+    if listed_when_completed {
+        problems.push(format!(
+            "{} still listed the VM when its migration record said completed",
+            from.url
+        ));
+    }
     let arrived = to.migration(m.id).await;
-    assert!(
-        arrived.downtime_ms.is_some(),
-        "the target's record has the downtime too: {arrived:?}"
-    );
+    if arrived.downtime_ms.is_none() {
+        problems.push(format!(
+            "the target's record has no downtime_ms: {arrived:?}"
+        ));
+    }
+    problems
+}
+
+/// Asserts that the checks [`move_and_check`] left for the end held.
+fn assert_no_problems(problems: &[String]) {
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 // ---- a. there and back ------------------------------------------------------------
@@ -497,10 +514,11 @@ async fn a_running_guest_moves_with_its_memory_disks_and_network_and_back() {
     let marks = Console::read(&hosts.a, guest.uuid).marks;
     assert!(hosts.a.ping(&guest.ip, 30).await, "ping on A first");
 
-    move_and_check(&hosts.a, &hosts.b, &guest, &marks).await;
+    let mut problems = move_and_check(&hosts.a, &hosts.b, &guest, &marks).await;
     assert_one_copy(&hosts, guest.uuid).await;
-    move_and_check(&hosts.b, &hosts.a, &guest, &marks).await;
+    problems.extend(move_and_check(&hosts.b, &hosts.a, &guest, &marks).await);
     assert_one_copy(&hosts, guest.uuid).await;
+    assert_no_problems(&problems);
 }
 
 // ---- b. the target's QEMU dies ------------------------------------------------------
@@ -543,8 +561,9 @@ async fn the_target_qemu_killed_mid_migration_leaves_the_guest_on_the_source() {
     assert!(a.volumes().await.contains(&guest.volume));
 
     // Nothing stands in the way of a second try.
-    move_and_check(a, b, &guest, &marks).await;
+    let problems = move_and_check(a, b, &guest, &marks).await;
     assert_one_copy(&hosts, guest.uuid).await;
+    assert_no_problems(&problems);
 }
 
 // ---- c. cancel --------------------------------------------------------------------
