@@ -120,6 +120,7 @@ impl Migrations {
         let incoming = IncomingRequest {
             id,
             source: self.inner.node.clone(),
+            qemu_version: self.manager().context().qemu.version.clone(),
             max_downtime_ms: request.max_downtime_ms,
             max_bandwidth_mib_s: request.max_bandwidth_mib_s,
             vm: vm.clone(),

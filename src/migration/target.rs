@@ -101,6 +101,7 @@ impl Migrations {
                 "must equal vm.spec.uuid",
             )));
         }
+        self.manager().check_qemu_version(&request.qemu_version)?;
         self.manager()
             .reserve_incoming(&vm, &request.images)
             .await?;
