@@ -522,10 +522,8 @@ impl Migrations {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(10));
         }
-        self.update(run.id, |f| {
-            f.migration.phase = Phase::Completed;
-            f.migration.error = None;
-        });
+        // Gone from here first: a client that sees `completed` no longer
+        // finds the VM on this host.
         if let Err(e) = self
             .manager()
             .settle_migration(
@@ -538,6 +536,10 @@ impl Migrations {
         {
             tracing::error!(id = %run.id, error = %e, "could not remove the VM after it moved");
         }
+        self.update(run.id, |f| {
+            f.migration.phase = Phase::Completed;
+            f.migration.error = None;
+        });
         tracing::info!(id = %run.id, target = %run.target_url, ?downtime, total_ms = total, "migration completed");
         self.prune();
     }
