@@ -48,7 +48,10 @@ pub async fn migrate(
     bytes: Bytes,
 ) -> Result<(StatusCode, Json<Migration>), ApiError> {
     let request: MigrateRequest = body::parse(&bytes)?;
-    let migration = app.migrations.start(&id, request).await?;
+    let migrations = app.migrations.clone();
+    // Run to its end even when the caller goes away: a start cut short
+    // would leave the VM lent to a migration that never runs.
+    let migration = detached(async move { migrations.start(&id, request).await }).await?;
     Ok((StatusCode::ACCEPTED, Json(migration)))
 }
 
@@ -99,10 +102,9 @@ pub async fn incoming(
     bytes: Bytes,
 ) -> Result<(StatusCode, Json<Migration>), ApiError> {
     let request: IncomingRequest = body::parse(&bytes)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(app.migrations.prepare(request).await?),
-    ))
+    let migrations = app.migrations.clone();
+    let prepared = detached(async move { migrations.prepare(request).await }).await?;
+    Ok((StatusCode::CREATED, Json(prepared)))
 }
 
 /// Daemon to daemon: the source's QEMU completed; once the memory arrived
@@ -115,7 +117,25 @@ pub async fn finish(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Migration>, ApiError> {
-    Ok(Json(app.migrations.finish(migration_id(&id)?).await?))
+    let id = migration_id(&id)?;
+    let migrations = app.migrations.clone();
+    Ok(Json(
+        detached(async move { migrations.finish(id).await }).await?,
+    ))
+}
+
+/// Runs `work` in a task of its own, so that a caller who hangs up does
+/// not cut it short half-way (the handler's future is dropped then, the
+/// task is not).
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, crate::migration::MigrationError>>
+        + Send
+        + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::from(crate::migration::MigrationError::Failed(e.to_string())))?
+        .map_err(ApiError::from)
 }
 
 /// Daemon to daemon: the memory stream of an arriving VM, over this

@@ -141,14 +141,14 @@ async fn recover_source(migrations: &Migrations, file: MigrationFile) {
     loop {
         match confirm(&peer, id, Duration::from_secs(30)).await {
             Some(true) => {
-                migrations.update(id, |f| {
-                    f.migration.phase = Phase::Completed;
-                    f.migration.error = None;
-                });
                 let end = MigrationEnd::Moved {
                     target: file.migration.target.clone(),
                 };
                 let _ = migrations.manager().settle_migration(&handle, end).await;
+                migrations.update(id, |f| {
+                    f.migration.phase = Phase::Completed;
+                    f.migration.error = None;
+                });
                 return;
             }
             Some(false) => {

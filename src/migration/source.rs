@@ -120,6 +120,7 @@ impl Migrations {
         let incoming = IncomingRequest {
             id,
             source: self.inner.node.clone(),
+            qemu_version: self.manager().context().qemu.version.clone(),
             max_downtime_ms: request.max_downtime_ms,
             max_bandwidth_mib_s: request.max_bandwidth_mib_s,
             vm: vm.clone(),
@@ -521,6 +522,8 @@ impl Migrations {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(10));
         }
+        // Gone from here first: a client that sees `completed` no longer
+        // finds the VM on this host.
         if let Err(e) = self
             .manager()
             .settle_migration(

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -101,6 +102,7 @@ impl Migrations {
                 "must equal vm.spec.uuid",
             )));
         }
+        self.manager().check_qemu_version(&request.qemu_version)?;
         self.manager()
             .reserve_incoming(&vm, &request.images)
             .await?;
@@ -323,7 +325,10 @@ impl Migrations {
     /// Disk `disk`'s stream: joined to the arriving QEMU's NBD server. A
     /// disk stream that ends before the memory began means the source gave
     /// up: the migration is abandoned.
-    pub async fn disk_stream(&self, id: Uuid, disk: String, remote: crate::api::upgrade::Upgraded) {
+    pub async fn disk_stream<S>(&self, id: Uuid, disk: String, remote: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let Ok(arriving) = self.arriving(id) else {
             return;
         };
@@ -349,7 +354,10 @@ impl Migrations {
     /// The memory stream: the arriving QEMU is told to listen, and the
     /// stream is joined to it. Ends with the stream; a memory copy that
     /// did not complete then abandons the migration.
-    pub async fn memory_stream(&self, id: Uuid, remote: crate::api::upgrade::Upgraded) {
+    pub async fn memory_stream<S>(&self, id: Uuid, remote: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let Ok(arriving) = self.arriving(id) else {
             return;
         };

@@ -43,6 +43,8 @@ pub struct IncomingRequest {
     pub id: Uuid,
     /// The source daemon's host name.
     pub source: String,
+    /// The source's QEMU version: the target's may not be older.
+    pub qemu_version: String,
     /// The downtime asked for, in milliseconds.
     pub max_downtime_ms: u64,
     /// The bandwidth cap, in MiB/s.
@@ -240,6 +242,23 @@ impl Manager {
             .contains_key(&id)
     }
 
+    /// This host's QEMU may not be older than the source's (`source`): an
+    /// older QEMU may not read what a newer one sends.
+    pub fn check_qemu_version(&self, source: &str) -> Result<(), VmError> {
+        let here = &self.ctx.qemu.version;
+        match (version_triple(source), version_triple(here)) {
+            (Some(there), Some(mine)) if mine < there => Err(VmError::Invalid(SpecError::field(
+                "qemu_version",
+                format!("QEMU {here} on this host is older than the source's {source}"),
+            ))),
+            (None, _) => Err(VmError::Invalid(SpecError::field(
+                "qemu_version",
+                format!("not a QEMU version: {source:?}"),
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The machine type and CPU model `vm` was made with must exist (and
     /// be usable) here, so the guest sees the same hardware.
     fn check_machine(&self, vm: &Vm) -> Result<(), VmError> {
@@ -423,5 +442,27 @@ impl Manager {
                 tracing::warn!(%volume, error = %e, "could not remove an arriving VM's volume");
             }
         }
+    }
+}
+
+/// `10.0.2` → `(10, 0, 2)` (a missing part is 0).
+fn version_triple(version: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = version.trim().split('.').map(|p| p.parse::<u32>().ok());
+    let major = parts.next()??;
+    let minor = parts.next().unwrap_or(Some(0))?;
+    let micro = parts.next().unwrap_or(Some(0))?;
+    Some((major, minor, micro))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_triple;
+
+    #[test]
+    fn qemu_versions_compare_as_numbers() {
+        assert!(version_triple("10.0.2") > version_triple("9.2.0"));
+        assert_eq!(version_triple("8"), Some((8, 0, 0)));
+        assert_eq!(version_triple("10.x"), None);
+        assert_eq!(version_triple(""), None);
     }
 }
