@@ -772,7 +772,8 @@ async fn refused_migrations_leave_nothing_on_either_host() {
     assert_nothing_made(&hosts, uuid, mac).await;
 
     // B refuses an arriving VM pinned to a CPU model or machine type it
-    // cannot run (as from a host with another QEMU), naming the field.
+    // cannot run, or coming from a newer QEMU (as from a host with another
+    // QEMU), naming the field; asked directly, as a source daemon asks it.
     let node = expect(&b.daemon, Method::GET, "/v1/node", None, 200).await;
     let usable: Vec<&str> = node["cpu_models"]
         .as_array()
@@ -797,12 +798,22 @@ async fn refused_migrations_leave_nothing_on_either_host() {
             "every candidate CPU model is usable under this accelerator",
         ),
     }
+    let qemu_version = node["qemu_version"].as_str().unwrap().to_string();
+    // And a source whose QEMU is newer than B's (B's may not read its
+    // stream).
+    pins.push(("qemu_version", "", "99.0.0".to_string()));
     for (field, key, value) in pins {
         let mut vm = serde_json::to_value(&view).unwrap();
-        vm["machine"][key] = json!(value);
+        let mut source_qemu = qemu_version.clone();
+        if field == "qemu_version" {
+            source_qemu = value.clone();
+        } else {
+            vm["machine"][key] = json!(value);
+        }
         let request = json!({
             "id": Uuid::new_v4(),
             "source": "elsewhere",
+            "qemu_version": source_qemu,
             "max_downtime_ms": 300,
             "vm": vm,
             "images": [],
