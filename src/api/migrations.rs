@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::{body, upgrade, AppState};
 use crate::migration::streams::PROTOCOL;
-use crate::spec::{MigrateRequest, Migration};
+use crate::spec::{FinishRequest, MigrateRequest, Migration};
 use crate::vm::manager::IncomingRequest;
 
 /// `GET /v1/migrations`.
@@ -111,16 +111,19 @@ pub async fn incoming(
 /// complete here, this host owns the VM and runs it. Safe to repeat.
 #[utoipa::path(post, path = "/v1/migrations/{id}/finish", tag = "migrations",
     params(("id" = String, Path, description = "Migration id")),
+    request_body = FinishRequest,
     responses((status = 200, body = Migration), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn finish(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    bytes: Bytes,
 ) -> Result<Json<Migration>, ApiError> {
     let id = migration_id(&id)?;
+    let measured: FinishRequest = body::parse_optional(&bytes)?;
     let migrations = app.migrations.clone();
     Ok(Json(
-        detached(async move { migrations.finish(id).await }).await?,
+        detached(async move { migrations.finish(id, measured).await }).await?,
     ))
 }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::paths::{check_segment, vm_path};
 use super::upgrade::Upgraded;
 use super::{Client, ClientError};
-use crate::spec::{MigrateRequest, Migration};
+use crate::spec::{FinishRequest, MigrateRequest, Migration};
 use crate::vm::manager::IncomingRequest;
 
 /// The `Upgrade` protocol of migration streams.
@@ -81,9 +81,17 @@ impl Client {
 
     /// `POST /v1/migrations/{id}/finish` (daemon to daemon): the memory
     /// arrived complete; the target runs the guest from now on.
-    pub async fn finish_incoming(&self, id: Uuid) -> Result<Migration, ClientError> {
+    pub async fn finish_incoming(
+        &self,
+        id: Uuid,
+        measured: &FinishRequest,
+    ) -> Result<Migration, ClientError> {
         Ok(self
-            .call(Method::POST, &format!("/v1/migrations/{id}/finish"), None)
+            .call(
+                Method::POST,
+                &format!("/v1/migrations/{id}/finish"),
+                Some(&to_value(measured)),
+            )
             .await?
             .1)
     }

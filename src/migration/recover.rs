@@ -179,7 +179,8 @@ async fn recover_source(migrations: &Migrations, file: MigrationFile) {
 /// and never ran it, `None` no answer within `deadline`.
 async fn confirm(peer: &crate::client::Client, id: uuid::Uuid, deadline: Duration) -> Option<bool> {
     let started = Instant::now();
-    match tokio::time::timeout(deadline, peer.finish_incoming(id)).await {
+    let measured = crate::spec::FinishRequest::default();
+    match tokio::time::timeout(deadline, peer.finish_incoming(id, &measured)).await {
         Ok(Ok(_)) => Some(true),
         Ok(Err(crate::client::ClientError::Api { status, .. }))
             if status == 404 || status == 409 =>

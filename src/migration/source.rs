@@ -487,7 +487,13 @@ impl Migrations {
         });
         let mut wait = Duration::from_millis(200);
         loop {
-            match tokio::time::timeout(CALL_DEADLINE, run.peer.finish_incoming(run.id)).await {
+            let measured = crate::spec::FinishRequest {
+                downtime_ms: downtime,
+                total_ms: Some(total),
+            };
+            match tokio::time::timeout(CALL_DEADLINE, run.peer.finish_incoming(run.id, &measured))
+                .await
+            {
                 Ok(Ok(_)) => break,
                 Ok(Err(crate::client::ClientError::Api {
                     status, message, ..

@@ -19,7 +19,7 @@ use crate::console::serial::{SerialHub, BOOT_BANNER_PREFIX};
 use crate::persist::timestamp;
 use crate::qemu::instance::QemuInstance;
 use crate::qemu::migrate as qmig;
-use crate::spec::{DiskProgress, Migration, Phase, Progress, Role, SEED_DISK};
+use crate::spec::{DiskProgress, FinishRequest, Migration, Phase, Progress, Role, SEED_DISK};
 use crate::vm::manager::IncomingRequest;
 use crate::vm::state::PowerAction;
 use crate::vm::Vm;
@@ -405,7 +405,11 @@ impl Migrations {
     /// this host's QEMU has the whole memory too, the VM becomes this
     /// host's (its record saved: from here on this host owns the guest) and
     /// runs. Asked again after it succeeded, it answers the same.
-    pub async fn finish(&self, id: Uuid) -> Result<Migration, MigrationError> {
+    pub async fn finish(
+        &self,
+        id: Uuid,
+        measured: FinishRequest,
+    ) -> Result<Migration, MigrationError> {
         let migration = self.get(id)?;
         if migration.role != Role::Target {
             return Err(MigrationError::Conflict(format!(
@@ -486,8 +490,17 @@ impl Migrations {
             .err()
             .map(|e| format!("the guest arrived but did not resume: {e}"));
         self.update(id, |f| {
-            f.migration.phase = Phase::Completed;
-            f.migration.error = resumed;
+            let m = &mut f.migration;
+            m.phase = Phase::Completed;
+            m.error = resumed;
+            m.downtime_ms = measured.downtime_ms;
+            m.total_ms = measured.total_ms;
+            // All of it arrived (pages of zeroes are never sent, so the
+            // bytes counted fall short of the total).
+            m.progress.ram_remaining = 0;
+            for disk in &mut m.progress.disks {
+                disk.done = disk.total;
+            }
         });
         tracing::info!(%id, vm = %migration.vm_name, "VM arrived");
         self.prune();

@@ -103,6 +103,20 @@ impl MigrateRequest {
     }
 }
 
+/// `POST /v1/migrations/{id}/finish` (daemon to daemon): what the source
+/// measured, for the target's record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinishRequest {
+    /// The guest's pause at the switch, in milliseconds, as the source's
+    /// QEMU measured it.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// The whole migration, in milliseconds, as the source measured it.
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+}
+
 /// Which end of a migration a record describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

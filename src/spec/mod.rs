@@ -24,7 +24,7 @@ pub use errors::{FieldError, SpecError};
 pub use image::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};
 pub use machine::MachinePin;
 pub use migration::{
-    DiskProgress, MigrateRequest, Migration, MigrationTarget, Phase, Progress, Role,
+    DiskProgress, FinishRequest, MigrateRequest, Migration, MigrationTarget, Phase, Progress, Role,
     DEFAULT_MAX_DOWNTIME_MS, MAX_MAX_DOWNTIME_MS,
 };
 pub use nic::{derived_mac, format_mac, parse_mac, NicModel, NicSpec};
