@@ -319,13 +319,13 @@ mod tests {
         for from in Phase::ALL {
             for to in Phase::ALL {
                 let allowed = from.may_become(to);
-                let expected = match (from, to) {
-                    (P::Preparing, P::Mirroring | P::Ram | P::Failed | P::Cancelled) => true,
-                    (P::Mirroring, P::Ram | P::Failed | P::Cancelled) => true,
-                    (P::Ram, P::Switchover | P::Failed | P::Cancelled) => true,
-                    (P::Switchover, P::Completed | P::Failed) => true,
-                    _ => false,
-                };
+                let expected = matches!(
+                    (from, to),
+                    (P::Preparing, P::Mirroring | P::Ram | P::Failed | P::Cancelled)
+                        | (P::Mirroring, P::Ram | P::Failed | P::Cancelled)
+                        | (P::Ram, P::Switchover | P::Failed | P::Cancelled)
+                        | (P::Switchover, P::Completed | P::Failed)
+                );
                 assert_eq!(allowed, expected, "{from:?} -> {to:?}");
                 if from.is_final() {
                     assert!(!allowed, "a final phase never moves: {from:?} -> {to:?}");

@@ -209,12 +209,10 @@ impl Manager {
                         )));
                     }
                 }
-                Ok(DiskSource::Volume { volume }) => {
-                    if self.ctx.volumes.exists(volume) {
-                        return Err(VmError::Conflict(format!(
-                            "disks[{i}].volume: a volume {volume:?} already exists on this host"
-                        )));
-                    }
+                Ok(DiskSource::Volume { volume }) if self.ctx.volumes.exists(volume) => {
+                    return Err(VmError::Conflict(format!(
+                        "disks[{i}].volume: a volume {volume:?} already exists on this host"
+                    )));
                 }
                 Ok(DiskSource::File { .. }) => {
                     return Err(VmError::Invalid(SpecError::field(
