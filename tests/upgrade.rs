@@ -160,6 +160,7 @@ async fn tcp_server() -> (Server, String) {
     let guard = TcpGuard {
         token: Token(Arc::new(TOKEN.as_bytes().to_vec())),
         hosts: Arc::new(HostRules::new(addr, &[])),
+        https: false,
     };
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(listener::serve(

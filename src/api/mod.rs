@@ -11,6 +11,7 @@ pub mod listener;
 pub mod metrics;
 pub mod middleware;
 pub mod networks;
+pub mod tls;
 pub mod upgrade;
 pub mod vm_disks;
 pub mod vms;

@@ -93,7 +93,8 @@ pub struct ClientOptions {
     /// The daemon's unix socket.
     #[arg(long, global = true, env = "VMLET_SOCKET", default_value = DEFAULT_SOCKET, help_heading = CONNECTION_HEADING)]
     pub socket: PathBuf,
-    /// Talk to the daemon over TCP instead: `http://HOST:PORT`.
+    /// Talk to the daemon over TCP instead: `http://HOST:PORT`, or
+    /// `https://HOST:PORT` when it serves TLS.
     #[arg(long, global = true, env = "VMLET_URL", help_heading = CONNECTION_HEADING)]
     pub url: Option<String>,
     /// File holding the bearer token sent with `--url`. Default: the
@@ -102,6 +103,11 @@ pub struct ClientOptions {
     /// STATE_DIR/api-token), when it exists.
     #[arg(long, global = true, env = "VMLET_TOKEN_FILE", help_heading = CONNECTION_HEADING)]
     pub token_file: Option<PathBuf>,
+    /// PEM file of the CA (or self-signed certificate) that signed the
+    /// daemon's certificate, trusted for `https://` URLs besides the
+    /// system's roots.
+    #[arg(long, global = true, env = "VMLET_CA_FILE", help_heading = CONNECTION_HEADING)]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table, help_heading = CONNECTION_HEADING)]
     pub output: Output,
@@ -114,6 +120,7 @@ impl ClientOptions {
             socket: socket.into(),
             url: None,
             token_file: None,
+            ca_file: None,
             output: Output::Table,
         }
     }
@@ -142,9 +149,13 @@ impl ClientOptions {
         Ok(endpoint)
     }
 
-    /// A client for [`ClientOptions::endpoint`].
+    /// A client for [`ClientOptions::endpoint`], trusting `--ca-file` too
+    /// for an `https://` URL.
     pub fn client(&self) -> Result<Client, CliError> {
-        Ok(Client::new(self.endpoint()?))
+        Ok(Client::with_ca_file(
+            self.endpoint()?,
+            self.ca_file.as_deref(),
+        )?)
     }
 }
 
@@ -301,6 +312,8 @@ impl CliError {
             | CliError::SpecNotJson { .. }
             | CliError::UuidMismatch { .. } => "invalid_argument".into(),
             CliError::Client(ClientError::Websocket { .. }) => "console".into(),
+            CliError::Client(ClientError::Tls { .. }) => "tls".into(),
+            CliError::Client(ClientError::CaFile { .. }) => "unreadable_file".into(),
             CliError::Client(ClientError::Decode { .. }) => "bad_response".into(),
             CliError::ReadSpec { .. }
             | CliError::TokenFile { .. }
