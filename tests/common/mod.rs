@@ -9,6 +9,7 @@ pub mod netns;
 pub mod serial_shell;
 pub mod skip;
 pub mod storage;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
