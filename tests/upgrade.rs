@@ -278,8 +278,7 @@ async fn a_wrong_protocol_or_a_missing_token_is_refused_with_an_api_error() {
     let err = tcp_client(&url, Some(TOKEN))
         .upgrade("/test/pipe", "websocket")
         .await
-        .err()
-        .expect("a wrong protocol is refused");
+        .expect_err("a wrong protocol is refused");
     assert_eq!((err.status(), err.code()), (Some(400), Some("bad_request")));
     let text = err.to_string();
     assert!(
@@ -290,8 +289,7 @@ async fn a_wrong_protocol_or_a_missing_token_is_refused_with_an_api_error() {
     let err = tcp_client(&url, None)
         .upgrade("/test/pipe", PROTOCOL)
         .await
-        .err()
-        .expect("no token is refused");
+        .expect_err("no token is refused");
     assert_eq!(
         (err.status(), err.code()),
         (Some(401), Some("unauthorized"))
@@ -301,15 +299,13 @@ async fn a_wrong_protocol_or_a_missing_token_is_refused_with_an_api_error() {
     let err = tcp_client(&url, Some("wrong"))
         .upgrade("/test/pipe", PROTOCOL)
         .await
-        .err()
-        .expect("a wrong token is refused");
+        .expect_err("a wrong token is refused");
     assert_eq!(err.status(), Some(401), "{err}");
 
     // A route that does not upgrade: the 404 comes back as such.
     let err = tcp_client(&url, Some(TOKEN))
         .upgrade("/test/nothing-here", PROTOCOL)
         .await
-        .err()
-        .expect("no such route");
+        .expect_err("no such route");
     assert!(matches!(err, ClientError::Api { status: 404, .. }), "{err}");
 }

@@ -900,9 +900,19 @@ mod tests {
         assert!(matches!(opts.endpoint(), Err(CliError::EmptyToken { .. })));
         opts.token_file = Some(dir.path().join("missing"));
         assert!(matches!(opts.endpoint(), Err(CliError::TokenFile { .. })));
-        opts.token_file = None;
-        opts.url = Some("https://node1".into());
+        opts.token_file = Some(token.clone());
+        std::fs::write(&token, "s3cret\n").unwrap();
+        opts.url = Some("ftp://node1".into());
         let err = opts.endpoint().unwrap_err().to_string();
-        assert!(err.contains("only http://"), "{err}");
+        assert!(err.contains("only http:// and https://"), "{err}");
+        // `--ca-file` is read when the client is made for an https URL.
+        opts.url = Some("https://node1".into());
+        assert!(opts.client().unwrap().endpoint().is_https());
+        opts.ca_file = Some(dir.path().join("missing-ca.pem"));
+        let err = opts.client().unwrap_err();
+        assert_eq!(err.code(), "unreadable_file");
+        assert!(err.to_string().contains("missing-ca.pem"), "{err}");
+        opts.url = Some("http://node1".into());
+        assert!(opts.client().is_ok(), "not used over plain http");
     }
 }
