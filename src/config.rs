@@ -157,6 +157,12 @@ pub struct ApiSettings {
     /// Responses being streamed (`/v1/events`) and console websockets are
     /// not idle.
     pub idle_timeout_s: u64,
+    /// PEM certificate (chain) of the TCP listener: with `tls_key`, TCP
+    /// serves HTTPS only (the unix socket stays plain). Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`; like the token file, it must be
+    /// private to root or the daemon's user (mode 0600 or stricter).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ApiSettings {
@@ -167,6 +173,8 @@ impl Default for ApiSettings {
             unix_max_connections: 128,
             header_read_timeout_s: 10,
             idle_timeout_s: 30,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -465,8 +473,9 @@ impl Settings {
     /// `VMLET_IMPORT_TIMEOUT_S`, `VMLET_IMPORT_MAX_BYTES`,
     /// `VMLET_IMAGE_MAX_VIRTUAL_BYTES` and `VMLET_IMAGE_CONVERT_TIMEOUT_S`, and for `[api]` `VMLET_ALLOWED_HOSTS`
     /// (`,`-separated), `VMLET_TCP_MAX_CONNECTIONS`,
-    /// `VMLET_UNIX_MAX_CONNECTIONS`, `VMLET_HEADER_READ_TIMEOUT_S` and
-    /// `VMLET_IDLE_TIMEOUT_S`, and for `[qemu]` `VMLET_QEMU_CGROUP_ROOT`
+    /// `VMLET_UNIX_MAX_CONNECTIONS`, `VMLET_HEADER_READ_TIMEOUT_S`,
+    /// `VMLET_IDLE_TIMEOUT_S`, `VMLET_TLS_CERT` and `VMLET_TLS_KEY` (empty:
+    /// unset), and for `[qemu]` `VMLET_QEMU_CGROUP_ROOT`
     /// (empty: no cgroups), `VMLET_QEMU_JAIL` (`true`/`false`) and
     /// `VMLET_QEMU_UID_RANGE` (`FIRST-LAST`).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -692,6 +701,13 @@ impl Settings {
         if let Some(v) = var("VMLET_IDLE_TIMEOUT_S") {
             self.api.idle_timeout_s = number("VMLET_IDLE_TIMEOUT_S", &v)?;
         }
+        // Empty: unset (overrides a file that turns TLS on).
+        if let Some(v) = var("VMLET_TLS_CERT") {
+            self.api.tls_cert = (!v.is_empty()).then(|| v.into());
+        }
+        if let Some(v) = var("VMLET_TLS_KEY") {
+            self.api.tls_key = (!v.is_empty()).then(|| v.into());
+        }
         Ok(())
     }
 }
@@ -857,6 +873,35 @@ mod tests {
             .to_string();
         assert!(err.contains("VMLET_TCP_MAX_CONNECTIONS"), "{err}");
         assert_eq!(s.auth_token_path(), s.state_dir.join("api-token"));
+    }
+
+    #[test]
+    fn tls_files_come_from_the_file_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vmlet.toml");
+        std::fs::write(
+            &file,
+            "[api]\ntls_cert = \"/etc/vmlet/cert.pem\"\ntls_key = \"/etc/vmlet/key.pem\"\n",
+        )
+        .unwrap();
+        let mut s = Settings::from_file(&file).unwrap();
+        assert_eq!(
+            s.api.tls_cert.as_deref(),
+            Some(Path::new("/etc/vmlet/cert.pem"))
+        );
+        assert_eq!(
+            s.api.tls_key.as_deref(),
+            Some(Path::new("/etc/vmlet/key.pem"))
+        );
+        s.apply_env(|n| match n {
+            "VMLET_TLS_CERT" => Some("/srv/cert.pem".to_string()),
+            "VMLET_TLS_KEY" => Some(String::new()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.api.tls_cert.as_deref(), Some(Path::new("/srv/cert.pem")));
+        assert_eq!(s.api.tls_key, None);
+        assert_eq!(Settings::default().api.tls_cert, None);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! A TCP listener always needs the bearer token: from `auth_token_file`, or
 //! generated once into `STATE_DIR/api-token`. Either file must be private
 //! to its owner (root or the daemon's user), or the daemon refuses to start.
+//! With `[api] tls_cert` and `tls_key` the TCP listener serves HTTPS only
+//! (the key file gets the token file's checks).
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -28,6 +30,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::api::tls::TlsError),
     /// VMs could not be loaded.
     #[error(transparent)]
     Manager(#[from] ManagerError),
@@ -130,6 +135,12 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&settings.state_dir)?;
     ensure_not_running(&socket_path).await?;
     let token = load_token(&settings)?;
+    // Read even without a TCP listener, so a bad file shows before TCP is
+    // turned on.
+    let tls = crate::api::tls::acceptor(
+        settings.api.tls_cert.as_deref(),
+        settings.api.tls_key.as_deref(),
+    )?;
     check_fd_limit(&settings)?;
     let max_body_bytes = settings.max_body_bytes;
     let consoles = crate::console::tokens::TokenStore::new(std::time::Duration::from_secs(
@@ -172,14 +183,24 @@ pub async fn serve(settings: Settings) -> Result<(), DaemonError> {
         let guard = TcpGuard {
             token,
             hosts: Arc::new(HostRules::new(bound, &api_settings.allowed_hosts)),
+            https: tls.is_some(),
+        };
+        let https = tls.is_some();
+        let tcp_listener = match tls {
+            Some(acceptor) => Listener::Tls(tcp_listener, acceptor),
+            None => Listener::Tcp(tcp_listener),
         };
         servers.spawn(listener::serve(
-            Listener::Tcp(tcp_listener),
+            tcp_listener,
             api::router(app.clone(), Some(guard)),
             limits(api_settings.tcp_max_connections),
             shutdown_rx.clone(),
         ));
-        tracing::info!(addr = %bound, "API listening on TCP (bearer token required)");
+        tracing::info!(
+            addr = %bound,
+            https,
+            "API listening on TCP (bearer token required)"
+        );
     }
     let unix = bind_unix(&socket_path, settings_group.as_deref())?;
     servers.spawn(listener::serve(

@@ -432,11 +432,13 @@ async fn tcp_requests_carry_the_host_and_the_bearer_token() {
         "{request}"
     );
 
-    let https = Client::new(Endpoint::Tcp {
-        url: format!("https://127.0.0.1:{port}"),
+    // https:// is served by TLS (tests/tls.rs); other schemes are refused
+    // before any connection.
+    let other = Client::new(Endpoint::Tcp {
+        url: format!("ftp://127.0.0.1:{port}"),
         token: None,
     });
-    let err = https.health().await.unwrap_err();
+    let err = other.health().await.unwrap_err();
     assert!(matches!(err, ClientError::BadEndpoint { .. }), "{err:?}");
 }
 

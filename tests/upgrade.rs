@@ -4,7 +4,8 @@
 //! `Client::upgrade` on the other side. The route joins the stream to a
 //! backend socket with `copy_bidirectional`, as a migration stream is
 //! joined to QEMU's, and MiBs go both ways, across a pause longer than the
-//! listener's header-read and idle timeouts.
+//! listener's header-read and idle timeouts, over TCP, TLS and the unix
+//! socket.
 
 mod common;
 
@@ -154,16 +155,27 @@ fn router(backend: SocketAddr, guard: Option<TcpGuard>) -> Router {
 /// Serves the route on a TCP port with the bearer-token middleware;
 /// returns the server and its client endpoint's URL.
 async fn tcp_server() -> (Server, String) {
+    serve_tcp(None).await
+}
+
+/// [`tcp_server`], over TLS when `tls` is given.
+async fn serve_tcp(tls: Option<tokio_rustls::TlsAcceptor>) -> (Server, String) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (backend, seen) = backend().await;
     let guard = TcpGuard {
         token: Token(Arc::new(TOKEN.as_bytes().to_vec())),
         hosts: Arc::new(HostRules::new(addr, &[])),
+        https: tls.is_some(),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let listener = match tls {
+        Some(acceptor) => Listener::Tls(listener, acceptor),
+        None => Listener::Tcp(listener),
     };
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(listener::serve(
-        Listener::Tcp(listener),
+        listener,
         router(backend, Some(guard)),
         LIMITS,
         stop_rx,
@@ -173,7 +185,7 @@ async fn tcp_server() -> (Server, String) {
         backend_seen: Some(seen),
         _scratch: None,
     };
-    (server, format!("http://{addr}"))
+    (server, format!("{scheme}://{addr}"))
 }
 
 fn tcp_client(url: &str, token: Option<&str>) -> Client {
@@ -213,6 +225,33 @@ async fn an_upgraded_tcp_stream_carries_mibs_both_ways_past_the_timeouts() {
 }
 
 #[tokio::test]
+async fn an_upgraded_tls_stream_carries_mibs_both_ways_past_the_timeouts() {
+    let pki = common::tls::TestPki::new();
+    let acceptor = vmlet::api::tls::acceptor(Some(&pki.cert), Some(&pki.key))
+        .unwrap()
+        .expect("TLS is configured");
+    let (mut server, url) = serve_tcp(Some(acceptor)).await;
+    let client = Client::with_ca_file(
+        Endpoint::Tcp {
+            url: url.clone(),
+            token: Some(TOKEN.to_string()),
+        },
+        Some(&pki.ca),
+    )
+    .unwrap();
+    pump(&client, &mut server).await;
+    // Without the token, over TLS too: refused before any upgrade.
+    let anonymous =
+        Client::with_ca_file(Endpoint::Tcp { url, token: None }, Some(&pki.ca)).unwrap();
+    let err = anonymous
+        .upgrade("/test/pipe", PROTOCOL)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.status(), Some(401), "{err}");
+}
+
+#[tokio::test]
 async fn an_upgraded_unix_stream_carries_mibs_both_ways() {
     let scratch = common::Scratch::new();
     let socket = scratch.path().join("api.sock");
@@ -239,8 +278,7 @@ async fn a_wrong_protocol_or_a_missing_token_is_refused_with_an_api_error() {
     let err = tcp_client(&url, Some(TOKEN))
         .upgrade("/test/pipe", "websocket")
         .await
-        .err()
-        .expect("a wrong protocol is refused");
+        .expect_err("a wrong protocol is refused");
     assert_eq!((err.status(), err.code()), (Some(400), Some("bad_request")));
     let text = err.to_string();
     assert!(
@@ -251,8 +289,7 @@ async fn a_wrong_protocol_or_a_missing_token_is_refused_with_an_api_error() {
     let err = tcp_client(&url, None)
         .upgrade("/test/pipe", PROTOCOL)
         .await
-        .err()
-        .expect("no token is refused");
+        .expect_err("no token is refused");
     assert_eq!(
         (err.status(), err.code()),
         (Some(401), Some("unauthorized"))
@@ -262,15 +299,13 @@ async fn a_wrong_protocol_or_a_missing_token_is_refused_with_an_api_error() {
     let err = tcp_client(&url, Some("wrong"))
         .upgrade("/test/pipe", PROTOCOL)
         .await
-        .err()
-        .expect("a wrong token is refused");
+        .expect_err("a wrong token is refused");
     assert_eq!(err.status(), Some(401), "{err}");
 
     // A route that does not upgrade: the 404 comes back as such.
     let err = tcp_client(&url, Some(TOKEN))
         .upgrade("/test/nothing-here", PROTOCOL)
         .await
-        .err()
-        .expect("no such route");
+        .expect_err("no such route");
     assert!(matches!(err, ClientError::Api { status: 404, .. }), "{err}");
 }

@@ -4,9 +4,10 @@
 //!
 //! - **Cap**: a listener serves at most `max_connections` at once. One more
 //!   is accepted (so it leaves the kernel's backlog and costs no file
-//!   descriptor for long), sent a best-effort `503 busy` and closed at once.
-//!   The unix socket has its own cap, so a flood of TCP clients never locks
-//!   out the root-only socket. A websocket keeps its slot until it closes.
+//!   descriptor for long), sent a best-effort `503 busy` (not over TLS)
+//!   and closed at once. The unix socket has its own cap, so a flood of
+//!   TCP clients never locks out the root-only socket. A websocket or an
+//!   upgraded stream keeps its slot until it closes.
 //! - **Header-read timeout** (slowloris): a client must send a whole request
 //!   head within `header_read_timeout` of opening the connection, or of the
 //!   first byte it sends after an idle spell.
@@ -14,6 +15,10 @@
 //!   `idle_timeout` is closed. A request being handled or a response being
 //!   streamed (`/v1/events`) is not idle, and a connection upgraded to a
 //!   websocket (a console) is out of HTTP's hands: neither timeout cuts them.
+//!
+//! - **TLS**: a [`Listener::Tls`] runs each connection's TLS handshake (see
+//!   [`super::tls`]) within the header-read timeout, then serves it like
+//!   any other; the cap counts a connection from its accept.
 //!
 //! hyper's own `header_read_timeout` is not used: its timer starts whenever a
 //! connection waits for a request, so it cannot tell an idle keep-alive
@@ -37,6 +42,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 /// A connection's cap and timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,12 +56,24 @@ pub struct Limits {
 }
 
 /// What the API listens on.
-#[derive(Debug)]
 pub enum Listener {
-    /// A TCP address.
+    /// A TCP address, plain HTTP.
     Tcp(TcpListener),
+    /// A TCP address, HTTPS only.
+    Tls(TcpListener, TlsAcceptor),
     /// The unix socket.
     Unix(UnixListener),
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `TlsAcceptor` has no `Debug`; its configuration is no one's business.
+        match self {
+            Listener::Tcp(l) => f.debug_tuple("Tcp").field(l).finish(),
+            Listener::Tls(l, _) => f.debug_tuple("Tls").field(l).finish_non_exhaustive(),
+            Listener::Unix(l) => f.debug_tuple("Unix").field(l).finish(),
+        }
+    }
 }
 
 /// The answer of a connection over the cap, written if the socket takes it
@@ -105,14 +123,25 @@ pub async fn serve(
                 );
                 at_cap = true;
             }
-            stream.refuse();
+            // A TLS client could not read a plain answer: it is just closed.
+            if !matches!(listener, Listener::Tls(..)) {
+                stream.refuse();
+            }
             continue;
         };
         at_cap = false;
         let (router, stop) = (router.clone(), stop.clone());
-        match stream {
-            Stream::Tcp(s) => connections.spawn(connection(s, router, limits, permit, stop)),
-            Stream::Unix(s) => connections.spawn(connection(s, router, limits, permit, stop)),
+        match (stream, &listener) {
+            (Stream::Tcp(s), Listener::Tls(_, acceptor)) => connections.spawn(tls_connection(
+                s,
+                acceptor.clone(),
+                router,
+                limits,
+                permit,
+                stop,
+            )),
+            (Stream::Tcp(s), _) => connections.spawn(connection(s, router, limits, permit, stop)),
+            (Stream::Unix(s), _) => connections.spawn(connection(s, router, limits, permit, stop)),
         };
     }
     while connections.join_next().await.is_some() {}
@@ -136,13 +165,34 @@ impl Stream {
 
 async fn accept(listener: &Listener) -> io::Result<Stream> {
     match listener {
-        Listener::Tcp(l) => {
+        Listener::Tcp(l) | Listener::Tls(l, _) => {
             let (stream, _) = l.accept().await?;
             // Small JSON answers go out at once.
             let _ = stream.set_nodelay(true);
             Ok(Stream::Tcp(stream))
         }
         Listener::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),
+    }
+}
+
+/// Runs the TLS handshake (given the header-read timeout), then serves the
+/// connection. The slot is held from the accept on.
+async fn tls_connection(
+    stream: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    router: Router,
+    limits: Limits,
+    permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) {
+    let handshake = super::tls::handshake(stream, &acceptor, limits.header_read_timeout);
+    let stream = tokio::select! {
+        stream = handshake => stream,
+        // Nothing in flight yet: nothing to finish.
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    if let Some(stream) = stream {
+        connection(stream, router, limits, permit, stop).await;
     }
 }
 

@@ -73,6 +73,9 @@ pub struct TcpGuard {
     pub token: Token,
     /// The `Host` values accepted.
     pub hosts: Arc<HostRules>,
+    /// Whether the listener serves HTTPS: the daemon's own `Origin` is then
+    /// `https://HOST`.
+    pub https: bool,
 }
 
 /// Applies a [`TcpGuard`]. `/healthz` and the console's GET routes need no
@@ -88,7 +91,8 @@ pub async fn tcp_guard(State(guard): State<TcpGuard>, request: Request, next: Ne
     if !guard.hosts.accepts(&host) {
         return bad_host(&host, &guard.hosts).into_response();
     }
-    if let Err(refused) = check_origin(request.method(), request.headers(), &host) {
+    let scheme = if guard.https { "https" } else { "http" };
+    if let Err(refused) = check_origin(request.method(), request.headers(), scheme, &host) {
         return refused.into_response();
     }
     if is_open_route(request.method(), request.uri().path()) {
@@ -127,17 +131,24 @@ fn bad_host(host: &str, rules: &HostRules) -> ApiError {
 }
 
 /// Refuses a state-changing request (anything but GET, HEAD and OPTIONS)
-/// whose `Origin` is not the daemon's own, `http://HOST` for the request's
-/// (already accepted) `Host`: a web page elsewhere must not drive the API
-/// through a browser, whatever the browser lets it send.
-fn check_origin(method: &Method, headers: &HeaderMap, host: &str) -> Result<(), ApiError> {
+/// whose `Origin` is not the daemon's own, `SCHEME://HOST` for the
+/// listener's scheme and the request's (already accepted) `Host`: a web page
+/// elsewhere must not drive the API through a browser, whatever the browser
+/// lets it send. A request without `Origin` (a program, not a browser) is
+/// not concerned.
+fn check_origin(
+    method: &Method,
+    headers: &HeaderMap,
+    scheme: &str,
+    host: &str,
+) -> Result<(), ApiError> {
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return Ok(());
     }
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
-    let own = format!("http://{host}");
+    let own = format!("{scheme}://{host}");
     if origin.as_bytes().eq_ignore_ascii_case(own.as_bytes()) {
         return Ok(());
     }
@@ -413,27 +424,34 @@ mod tests {
     #[test]
     fn only_foreign_origins_of_state_changing_requests_are_refused() {
         let mut headers = HeaderMap::new();
-        assert!(check_origin(&Method::POST, &headers, "127.0.0.1:8780").is_ok());
+        assert!(check_origin(&Method::POST, &headers, "http", "127.0.0.1:8780").is_ok());
         headers.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://evil.example"),
         );
-        let err = check_origin(&Method::POST, &headers, "127.0.0.1:8780").unwrap_err();
+        let err = check_origin(&Method::POST, &headers, "http", "127.0.0.1:8780").unwrap_err();
         assert_eq!((err.status.as_u16(), err.code), (403, "forbidden_origin"));
-        assert!(check_origin(&Method::DELETE, &headers, "127.0.0.1:8780").is_err());
-        assert!(check_origin(&Method::GET, &headers, "127.0.0.1:8780").is_ok());
+        assert!(check_origin(&Method::DELETE, &headers, "http", "127.0.0.1:8780").is_err());
+        assert!(check_origin(&Method::GET, &headers, "http", "127.0.0.1:8780").is_ok());
         headers.insert(header::ORIGIN, HeaderValue::from_static("null"));
-        assert!(check_origin(&Method::PUT, &headers, "127.0.0.1:8780").is_err());
+        assert!(check_origin(&Method::PUT, &headers, "http", "127.0.0.1:8780").is_err());
         headers.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://127.0.0.1:8780"),
         );
-        assert!(check_origin(&Method::POST, &headers, "127.0.0.1:8780").is_ok());
+        assert!(check_origin(&Method::POST, &headers, "http", "127.0.0.1:8780").is_ok());
         headers.insert(
             header::ORIGIN,
             HeaderValue::from_static("https://127.0.0.1:8780"),
         );
-        assert!(check_origin(&Method::POST, &headers, "127.0.0.1:8780").is_err());
+        assert!(check_origin(&Method::POST, &headers, "http", "127.0.0.1:8780").is_err());
+        // Over TLS the daemon's own origin is the https one.
+        assert!(check_origin(&Method::POST, &headers, "https", "127.0.0.1:8780").is_ok());
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8780"),
+        );
+        assert!(check_origin(&Method::POST, &headers, "https", "127.0.0.1:8780").is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod migrations;
 pub mod networks;
+pub mod tls;
 pub mod upgrade;
 pub mod vm_disks;
 pub mod vms;

@@ -95,7 +95,8 @@ pub struct ClientOptions {
     /// The daemon's unix socket.
     #[arg(long, global = true, env = "VMLET_SOCKET", default_value = DEFAULT_SOCKET, help_heading = CONNECTION_HEADING)]
     pub socket: PathBuf,
-    /// Talk to the daemon over TCP instead: `http://HOST:PORT`.
+    /// Talk to the daemon over TCP instead: `http://HOST:PORT`, or
+    /// `https://HOST:PORT` when it serves TLS.
     #[arg(long, global = true, env = "VMLET_URL", help_heading = CONNECTION_HEADING)]
     pub url: Option<String>,
     /// File holding the bearer token sent with `--url`. Default: the
@@ -104,6 +105,11 @@ pub struct ClientOptions {
     /// STATE_DIR/api-token), when it exists.
     #[arg(long, global = true, env = "VMLET_TOKEN_FILE", help_heading = CONNECTION_HEADING)]
     pub token_file: Option<PathBuf>,
+    /// PEM file of the CA (or self-signed certificate) that signed the
+    /// daemon's certificate, trusted for `https://` URLs besides the
+    /// system's roots.
+    #[arg(long, global = true, env = "VMLET_CA_FILE", help_heading = CONNECTION_HEADING)]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table, help_heading = CONNECTION_HEADING)]
     pub output: Output,
@@ -116,6 +122,7 @@ impl ClientOptions {
             socket: socket.into(),
             url: None,
             token_file: None,
+            ca_file: None,
             output: Output::Table,
         }
     }
@@ -144,9 +151,13 @@ impl ClientOptions {
         Ok(endpoint)
     }
 
-    /// A client for [`ClientOptions::endpoint`].
+    /// A client for [`ClientOptions::endpoint`], trusting `--ca-file` too
+    /// for an `https://` URL.
     pub fn client(&self) -> Result<Client, CliError> {
-        Ok(Client::new(self.endpoint()?))
+        Ok(Client::with_ca_file(
+            self.endpoint()?,
+            self.ca_file.as_deref(),
+        )?)
     }
 }
 
@@ -314,6 +325,8 @@ impl CliError {
             | CliError::SpecNotJson { .. }
             | CliError::UuidMismatch { .. } => "invalid_argument".into(),
             CliError::Client(ClientError::Websocket { .. }) => "console".into(),
+            CliError::Client(ClientError::Tls { .. }) => "tls".into(),
+            CliError::Client(ClientError::CaFile { .. }) => "unreadable_file".into(),
             CliError::Client(ClientError::Decode { .. }) => "bad_response".into(),
             CliError::ReadSpec { .. }
             | CliError::TokenFile { .. }
@@ -909,9 +922,19 @@ mod tests {
         assert!(matches!(opts.endpoint(), Err(CliError::EmptyToken { .. })));
         opts.token_file = Some(dir.path().join("missing"));
         assert!(matches!(opts.endpoint(), Err(CliError::TokenFile { .. })));
-        opts.token_file = None;
-        opts.url = Some("https://node1".into());
+        opts.token_file = Some(token.clone());
+        std::fs::write(&token, "s3cret\n").unwrap();
+        opts.url = Some("ftp://node1".into());
         let err = opts.endpoint().unwrap_err().to_string();
-        assert!(err.contains("only http://"), "{err}");
+        assert!(err.contains("only http:// and https://"), "{err}");
+        // `--ca-file` is read when the client is made for an https URL.
+        opts.url = Some("https://node1".into());
+        assert!(opts.client().unwrap().endpoint().is_https());
+        opts.ca_file = Some(dir.path().join("missing-ca.pem"));
+        let err = opts.client().unwrap_err();
+        assert_eq!(err.code(), "unreadable_file");
+        assert!(err.to_string().contains("missing-ca.pem"), "{err}");
+        opts.url = Some("http://node1".into());
+        assert!(opts.client().is_ok(), "not used over plain http");
     }
 }

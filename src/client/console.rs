@@ -1,6 +1,6 @@
 //! VM consoles: one-time console tokens, the serial console log, and the
 //! console websocket itself (opened over the same unix socket or TCP
-//! listener as the API).
+//! listener as the API, TLS included).
 
 use hyper::body::Bytes;
 use hyper::header::{self, HeaderValue};
@@ -90,6 +90,7 @@ impl Client {
         if !url.starts_with('/') {
             return Err(failed("must be a path starting with /".into()));
         }
+        let mut scheme = "ws";
         let (host, stream): (String, Box<dyn ConsoleIo>) = match &self.endpoint {
             Endpoint::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path)
@@ -103,10 +104,19 @@ impl Client {
                     .await
                     .map_err(|e| failed(format!("connecting to {base}: {e}")))?;
                 let _ = stream.set_nodelay(true);
-                (target.authority, Box::new(stream))
+                match self.tls_config(&target)? {
+                    Some(config) => {
+                        let endpoint = self.endpoint.to_string();
+                        let stream =
+                            super::tls::connect(config, &target, &endpoint, stream).await?;
+                        scheme = "wss";
+                        (target.authority, Box::new(stream))
+                    }
+                    None => (target.authority, Box::new(stream)),
+                }
             }
         };
-        let mut request = format!("ws://{host}{url}")
+        let mut request = format!("{scheme}://{host}{url}")
             .into_client_request()
             .map_err(|e| failed(e.to_string()))?;
         request.headers_mut().insert(

@@ -1,6 +1,6 @@
-//! Where the daemon listens: its unix socket (the default) or a plain
-//! `http://HOST[:PORT]` TCP listener with a bearer token, and the parsing
-//! of such URLs.
+//! Where the daemon listens: its unix socket (the default) or a TCP
+//! listener, `http://HOST[:PORT]` or `https://HOST[:PORT]`, with a bearer
+//! token, and the parsing of such URLs.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -17,7 +17,7 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// The daemon's TCP listener.
     Tcp {
-        /// `http://HOST[:PORT]` (only `http` is supported).
+        /// `http://HOST[:PORT]` or `https://HOST[:PORT]`.
         url: String,
         /// Bearer token sent as `Authorization: Bearer TOKEN`.
         token: Option<String>,
@@ -41,16 +41,25 @@ impl fmt::Display for Endpoint {
 
 impl Endpoint {
     /// Checks that the endpoint can be used (a TCP URL must be
-    /// `http://HOST[:PORT][/]`), so a typo fails before the first request.
+    /// `http[s]://HOST[:PORT][/]`), so a typo fails before the first
+    /// request.
     pub fn check(&self) -> Result<(), ClientError> {
         match self {
             Endpoint::Unix(_) => Ok(()),
             Endpoint::Tcp { url, .. } => parse_http_url(url).map(|_| ()),
         }
     }
+
+    /// Whether it is an `https://` URL (a malformed one is not).
+    pub fn is_https(&self) -> bool {
+        match self {
+            Endpoint::Unix(_) => false,
+            Endpoint::Tcp { url, .. } => parse_http_url(url).is_ok_and(|t| t.https),
+        }
+    }
 }
 
-/// A `http://` URL split into what a connection needs.
+/// A `http://` or `https://` URL split into what a connection needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct TcpTarget {
     /// Host to connect to (IPv6 without brackets).
@@ -59,23 +68,30 @@ pub(super) struct TcpTarget {
     pub(super) port: u16,
     /// The `Host` header: the authority as written.
     pub(super) authority: String,
+    /// `https://`: TLS over the connection.
+    pub(super) https: bool,
 }
 
-/// Parses `http://HOST[:PORT][/]`. Paths, queries, user info and other
-/// schemes are refused: the API lives at the root of the listener.
+/// Parses `http[s]://HOST[:PORT][/]` (ports 80 and 443 by default). Paths,
+/// queries, user info and other schemes are refused: the API lives at the
+/// root of the listener.
 pub(super) fn parse_http_url(url: &str) -> Result<TcpTarget, ClientError> {
     let bad = |reason: &str| ClientError::BadEndpoint {
         url: url.to_string(),
         reason: reason.to_string(),
     };
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(bad("expected http://HOST:PORT"));
+        return Err(bad("expected http://HOST:PORT or https://HOST:PORT"));
     };
-    if !scheme.eq_ignore_ascii_case("http") {
+    let https = if scheme.eq_ignore_ascii_case("https") {
+        true
+    } else if scheme.eq_ignore_ascii_case("http") {
+        false
+    } else {
         return Err(bad(&format!(
-            "scheme {scheme} is not supported: only http:// (put TLS in front of vmlet with a proxy)"
+            "scheme {scheme} is not supported: only http:// and https://"
         )));
-    }
+    };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.is_empty() {
         return Err(bad("no host"));
@@ -105,6 +121,7 @@ pub(super) fn parse_http_url(url: &str) -> Result<TcpTarget, ClientError> {
         return Err(bad("no host"));
     }
     let port = match port {
+        None if https => 443,
         None => 80,
         Some(p) => p
             .parse::<u16>()
@@ -114,6 +131,7 @@ pub(super) fn parse_http_url(url: &str) -> Result<TcpTarget, ClientError> {
         host: host.to_string(),
         port,
         authority: authority.to_string(),
+        https,
     })
 }
 
@@ -122,7 +140,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_plain_http_urls_are_accepted() {
+    fn only_http_and_https_urls_are_accepted() {
         let t = parse_http_url("http://10.0.0.5:8780").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("10.0.0.5", 8780));
         assert_eq!(t.authority, "10.0.0.5:8780");
@@ -136,8 +154,17 @@ mod tests {
             (t.host.as_str(), t.port, t.authority.as_str()),
             ("::1", 9000, "[::1]:9000")
         );
+        let t = parse_http_url("https://node1.example:8780/").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.authority.as_str(), t.https),
+            ("node1.example", 8780, "node1.example:8780", true)
+        );
+        let t = parse_http_url("HTTPS://[fd00::1]").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.https), ("fd00::1", 443, true));
+        assert!(!parse_http_url("http://node1").unwrap().https);
         for (bad, why) in [
-            ("https://node1:8780", "only http://"),
+            ("ftp://node1:8780", "only http:// and https://"),
+            ("wss://node1:8780", "only http:// and https://"),
             ("node1:8780", "expected http://"),
             ("http://", "no host"),
             ("http://node1:8780/api", "path"),

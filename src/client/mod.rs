@@ -1,8 +1,8 @@
 //! A small HTTP/1.1 client for the vmlet API, used by the `vmlet vm …`
 //! subcommands and by the integration tests to talk to a daemon.
 //!
-//! It speaks to a daemon over its unix socket or over plain `http://` TCP
-//! (with a bearer token), opens one connection per request, and turns the
+//! It speaks to a daemon over its unix socket or over TCP, `http://` or
+//! `https://` (with a bearer token), opens one connection per request, and turns the
 //! API's error bodies into [`ClientError::Api`]. [`Client::events`] follows
 //! the server-sent event stream of `/v1/events`.
 //!
@@ -13,7 +13,9 @@
 //! This file holds the [`Client`] type and its error; the rest is split by
 //! job, each file adding its part of `impl Client`:
 //!
-//! - `endpoint`: where the daemon listens ([`Endpoint`], `http://` URLs);
+//! - `endpoint`: where the daemon listens ([`Endpoint`], `http[s]://` URLs);
+//! - `tls`: whom `https://` trusts (system roots, a CA file) and the
+//!   handshake;
 //! - `transport`: one HTTP/1.1 exchange per connection, the token header,
 //!   [`RawResponse`] and how error bodies are read;
 //! - `paths`: API paths built from names, refusing what a URL cannot carry;
@@ -24,7 +26,8 @@
 //!
 //! Every public item is re-exported here: callers name them `client::…`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 mod console;
 mod disks;
@@ -35,6 +38,7 @@ mod node;
 mod paths;
 mod sse;
 mod storage;
+mod tls;
 mod transport;
 mod upgrade;
 mod vms;
@@ -85,6 +89,24 @@ pub enum ClientError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The TLS handshake with an `https://` endpoint failed.
+    #[error("TLS handshake with {endpoint} failed: {reason}{hint}")]
+    Tls {
+        /// The endpoint, as people read it.
+        endpoint: String,
+        /// rustls's reason (`invalid peer certificate: UnknownIssuer`, …).
+        reason: String,
+        /// What to check, for certificate errors (else empty).
+        hint: &'static str,
+    },
+    /// The CA file given for `https://` cannot be used.
+    #[error("CA file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
     },
     /// The HTTP exchange failed (connection reset, malformed response, …).
     #[error("HTTP exchange with {endpoint} failed")]
@@ -157,12 +179,29 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     endpoint: Endpoint,
+    /// For an `https://` endpoint: whom to trust.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
-    /// A client for the daemon at `endpoint`.
+    /// A client for the daemon at `endpoint`. An `https://` endpoint's
+    /// certificate must chain to one of the system's trusted roots.
     pub fn new(endpoint: Endpoint) -> Client {
-        Client { endpoint }
+        Client::with_ca_file(endpoint, None)
+            .expect("without a CA file, a TLS configuration always builds")
+    }
+
+    /// A client for the daemon at `endpoint` that, for an `https://`
+    /// endpoint, also trusts the CA certificates in the PEM file `ca_file`
+    /// (read here, so a bad file fails before any request). For a unix
+    /// socket or an `http://` URL the file is not used.
+    pub fn with_ca_file(endpoint: Endpoint, ca_file: Option<&Path>) -> Result<Client, ClientError> {
+        let tls = if endpoint.is_https() {
+            Some(tls::client_config(ca_file)?)
+        } else {
+            None
+        };
+        Ok(Client { endpoint, tls })
     }
 
     /// A client for the daemon's unix socket at `path`.

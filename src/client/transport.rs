@@ -1,5 +1,5 @@
-//! The wire: one HTTP/1.1 exchange per connection over the unix socket or
-//! TCP, with the `Host`, `Accept` and bearer-token headers; whole responses
+//! The wire: one HTTP/1.1 exchange per connection over the unix socket,
+//! TCP or TLS, with the `Host`, `Accept` and bearer-token headers; whole responses
 //! as [`RawResponse`], and the API's error bodies read as
 //! [`ClientError::Api`].
 
@@ -331,8 +331,33 @@ impl Client {
                     .map_err(connect_error)?;
                 // Requests are small and latency matters more than packets.
                 let _ = stream.set_nodelay(true);
-                self.handshake(stream).await
+                match self.tls_config(&target)? {
+                    Some(config) => {
+                        let endpoint = self.endpoint.to_string();
+                        let stream =
+                            super::tls::connect(config, &target, &endpoint, stream).await?;
+                        self.handshake(stream).await
+                    }
+                    None => self.handshake(stream).await,
+                }
             }
+        }
+    }
+
+    /// The TLS configuration for an `https://` target (`None` for
+    /// `http://`).
+    pub(super) fn tls_config(
+        &self,
+        target: &super::endpoint::TcpTarget,
+    ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, ClientError> {
+        if !target.https {
+            return Ok(None);
+        }
+        match &self.tls {
+            Some(config) => Ok(Some(config.clone())),
+            // Set for every https endpoint by `Client::with_ca_file`; the
+            // system roots, should that ever not hold.
+            None => super::tls::client_config(None).map(Some),
         }
     }
 

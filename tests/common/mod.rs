@@ -9,6 +9,7 @@ pub mod netns;
 pub mod serial_shell;
 pub mod skip;
 pub mod storage;
+pub mod tls;
 pub mod two_hosts;
 
 use std::path::{Path, PathBuf};
