@@ -163,6 +163,10 @@ pub struct ApiSettings {
     /// PEM private key for `tls_cert`; like the token file, it must be
     /// private to root or the daemon's user (mode 0600 or stricter).
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) trusted, besides the system's roots, when this
+    /// daemon calls another vmlet daemon over `https://` (the target of a
+    /// live migration).
+    pub peer_ca_file: Option<PathBuf>,
 }
 
 impl Default for ApiSettings {
@@ -175,6 +179,7 @@ impl Default for ApiSettings {
             idle_timeout_s: 30,
             tls_cert: None,
             tls_key: None,
+            peer_ca_file: None,
         }
     }
 }
@@ -474,7 +479,7 @@ impl Settings {
     /// `VMLET_IMAGE_MAX_VIRTUAL_BYTES` and `VMLET_IMAGE_CONVERT_TIMEOUT_S`, and for `[api]` `VMLET_ALLOWED_HOSTS`
     /// (`,`-separated), `VMLET_TCP_MAX_CONNECTIONS`,
     /// `VMLET_UNIX_MAX_CONNECTIONS`, `VMLET_HEADER_READ_TIMEOUT_S`,
-    /// `VMLET_IDLE_TIMEOUT_S`, `VMLET_TLS_CERT` and `VMLET_TLS_KEY` (empty:
+    /// `VMLET_IDLE_TIMEOUT_S`, `VMLET_TLS_CERT`, `VMLET_TLS_KEY` and `VMLET_PEER_CA_FILE` (empty:
     /// unset), and for `[qemu]` `VMLET_QEMU_CGROUP_ROOT`
     /// (empty: no cgroups), `VMLET_QEMU_JAIL` (`true`/`false`) and
     /// `VMLET_QEMU_UID_RANGE` (`FIRST-LAST`).
@@ -707,6 +712,9 @@ impl Settings {
         }
         if let Some(v) = var("VMLET_TLS_KEY") {
             self.api.tls_key = (!v.is_empty()).then(|| v.into());
+        }
+        if let Some(v) = var("VMLET_PEER_CA_FILE") {
+            self.api.peer_ca_file = (!v.is_empty()).then(|| v.into());
         }
         Ok(())
     }

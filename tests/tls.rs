@@ -289,3 +289,69 @@ async fn bad_tls_settings_refuse_to_start_naming_the_file() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_live_migration_to_an_https_target_trusts_the_peer_ca_and_refuses_without_it() {
+    let pki = TestPki::new();
+    let (target, addr) = tls_daemon(&pki).await;
+    let url = format!("https://127.0.0.1:{}", addr.rsplit(':').next().unwrap());
+    let token = token_of(&target);
+    let trusting =
+        Daemon::start_with_env(&[("VMLET_PEER_CA_FILE", pki.ca.to_str().unwrap())]).await;
+    let untrusting = Daemon::start().await;
+    let request = vmlet::spec::MigrateRequest {
+        target: vmlet::spec::MigrationTarget {
+            url: url.clone(),
+            token,
+        },
+        max_downtime_ms: 300,
+        max_bandwidth_mib_s: None,
+    };
+
+    // Without the CA the target's certificate is not trusted: refused at
+    // once, the VM still running and not busy here, nothing over there.
+    let name = unique_name("tls-mig");
+    let kept = create_vm(&untrusting, &guest_spec_json(&name, "guest.action=hold")).await;
+    let kept = common::api::id_of(&kept);
+    untrusting.client.start(&kept).await.unwrap();
+    let refused = untrusting
+        .client
+        .migrate_vm(&kept, &request)
+        .await
+        .unwrap_err();
+    match &refused {
+        ClientError::Api {
+            status, message, ..
+        } => {
+            assert_eq!(*status, 502, "{refused}");
+            assert!(message.contains("certificate"), "{refused}");
+        }
+        other => panic!("expected the API's 502, got {other}"),
+    }
+    let still = untrusting.client.get_vm(&kept).await.unwrap();
+    assert_eq!(still.state.as_str(), "running");
+    assert!(still.task.is_none(), "{still:?}");
+    assert!(target.client.list_vms().await.unwrap().is_empty());
+
+    // With it, the VM moves, every stream over TLS.
+    let name = unique_name("tls-mig");
+    let mut spec = guest_spec_json(&name, "guest.action=hold");
+    spec["disks"] = serde_json::json!([{"name": "data", "size_mib": 16}]);
+    let vm = create_vm(&trusting, &spec).await;
+    let id = common::api::id_of(&vm);
+    trusting.client.start(&id).await.unwrap();
+    let started = trusting.client.migrate_vm(&id, &request).await.unwrap();
+    let done =
+        common::daemon::wait_until("the migration to end", Duration::from_secs(120), || async {
+            let m = trusting.client.get_migration(started.id).await.unwrap();
+            m.phase.is_final().then_some(m)
+        })
+        .await;
+    assert_eq!(done.phase, vmlet::spec::Phase::Completed, "{done:?}");
+    assert_eq!(
+        target.client.get_vm(&id).await.unwrap().state.as_str(),
+        "running"
+    );
+    common::api::force_delete_vm(&target, &id).await;
+    common::api::force_delete_vm(&untrusting, &kept).await;
+}

@@ -109,6 +109,8 @@ struct Inner {
     table: Mutex<HashMap<Uuid, Entry>>,
     /// This host's name, as the source of migrations.
     node: String,
+    /// The CA trusted (with the system's roots) for `https://` targets.
+    peer_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -128,12 +130,14 @@ impl Migrations {
     /// `recover`): call once, after the VMs were reattached.
     pub async fn open(manager: Arc<Manager>) -> std::io::Result<Migrations> {
         let records = Records::open(&manager.context().settings.state_dir)?;
+        let peer_ca = manager.context().settings.api.peer_ca_file.clone();
         let migrations = Migrations {
             inner: Arc::new(Inner {
                 manager,
                 records,
                 table: Mutex::new(HashMap::new()),
                 node: crate::node::hostname(),
+                peer_ca,
             }),
         };
         recover::recover(&migrations).await;
@@ -325,12 +329,17 @@ impl Migrations {
     }
 }
 
-/// A client of the other daemon at `url` with `token`.
-fn peer(url: &str, token: &str) -> crate::client::Client {
-    crate::client::Client::new(crate::client::Endpoint::Tcp {
-        url: url.trim_end_matches('/').to_string(),
-        token: Some(token.to_string()),
-    })
+impl Migrations {
+    /// A client of the other daemon at `url` with `token`; over `https://`
+    /// it trusts the system's roots and `[api] peer_ca_file`.
+    fn peer(&self, url: &str, token: &str) -> Result<crate::client::Client, MigrationError> {
+        let endpoint = crate::client::Endpoint::Tcp {
+            url: url.trim_end_matches('/').to_string(),
+            token: Some(token.to_string()),
+        };
+        crate::client::Client::with_ca_file(endpoint, self.inner.peer_ca.as_deref())
+            .map_err(|e| MigrationError::Unreachable(crate::vm::actor::error_chain(&e)))
+    }
 }
 
 /// A wait that ends early when `cancelled` flips.

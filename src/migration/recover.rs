@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::record::MigrationFile;
 use super::source::{roll_back, run_state};
-use super::{peer, Migrations};
+use super::Migrations;
 use crate::qemu::process::QemuProcess;
 use crate::spec::{Phase, Role, SEED_DISK};
 use crate::vm::actor::MigrationEnd;
@@ -80,7 +80,15 @@ async fn recover_source(migrations: &Migrations, file: MigrationFile) {
     let id = file.migration.id;
     let vm_key = file.migration.vm.to_string();
     let token = file.token.clone().unwrap_or_default();
-    let peer = peer(&file.migration.target, &token);
+    let peer = match migrations.peer(&file.migration.target, &token) {
+        Ok(peer) => peer,
+        Err(e) => {
+            // Without a way to ask, the guest cannot be settled safely here:
+            // say so and leave it for the operator.
+            migrations.note_waiting(id, &e.to_string());
+            return;
+        }
+    };
     let lent = migrations.manager().lend_for_migration(&vm_key, true).await;
     let (handle, live) = match lent {
         Ok(lent) => lent,

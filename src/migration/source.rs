@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::record::MigrationFile;
 use super::streams::{self, QemuDir};
-use super::{peer, sleep_or_cancel, MigrationError, Migrations};
+use super::{sleep_or_cancel, MigrationError, Migrations};
 use crate::client::Client;
 use crate::persist::timestamp;
 use crate::qemu::migrate::{self as qmig, CopyMode};
@@ -116,7 +116,10 @@ impl Migrations {
             total_ms: None,
             error: None,
         };
-        let peer = peer(&request.target.url, &request.target.token);
+        let peer = match self.peer(&request.target.url, &request.target.token) {
+            Ok(peer) => peer,
+            Err(e) => return lent.refuse(e).await,
+        };
         let incoming = IncomingRequest {
             id,
             source: self.inner.node.clone(),
