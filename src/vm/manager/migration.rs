@@ -387,6 +387,8 @@ impl Manager {
         vm.desired = Desired::Running;
         vm.pid = Some(qemu.process.pid());
         vm.pid_start = qemu.process.start_time();
+        vm.tpm_pid = qemu.tpm.as_ref().map(|t| t.pid());
+        vm.tpm_pid_start = qemu.tpm.as_ref().and_then(|t| t.start_time());
         vm.error = None;
         vm.pending = None;
         vm.generation += 1;
