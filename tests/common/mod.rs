@@ -168,6 +168,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         nics: vec![],
         autostart: false,
         resources: Default::default(),
+        tpm: None,
     }
 }
 
@@ -279,6 +280,7 @@ async fn launch_with(
         boot_files: files.boot.as_ref(),
         nics: &[],
         confine: plan,
+        tpm: None,
     })
     .await;
     let vm = match vm {
