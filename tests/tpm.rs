@@ -2,8 +2,9 @@
 //! (TCG): the guest sees a TPM 2.0 (`/dev/tpm0`); `swtpm` runs as the VM's
 //! uid, jailed, never as root; its state survives a stop and start (the
 //! TPM's persistent resetCount goes up) and a daemon restart (the same
-//! `swtpm` is found again while the VM keeps running); stopping and deleting
-//! the VM leave no `swtpm`, and delete removes the state. A spec with a TPM
+//! `swtpm` is found again while the VM keeps running); live migration is
+//! refused naming `tpm`; stopping and deleting the VM leave no `swtpm`, and
+//! delete removes the state. A spec with a TPM
 //! on a profile without one, or another version, is refused naming the field.
 
 mod common;
@@ -189,6 +190,27 @@ async fn tpm_is_seen_by_the_guest_persists_and_follows_the_vm() {
     assert_eq!(vm.tpm_pid, Some(swtpm), "the swtpm is found again");
     assert!(alive(swtpm));
     assert_eq!(swtpm_pids(id), vec![swtpm]);
+
+    // Live migration of a TPM VM is refused, naming the field; the VM and
+    // its swtpm are untouched (the target is never contacted).
+    let request = json!({
+        "target": {"url": "http://127.0.0.1:9", "token": "unused"},
+        "max_downtime_ms": 300,
+    });
+    let (status, body) = call(
+        &d,
+        Method::POST,
+        &format!("/v1/vms/{id}/migrate"),
+        Some(&request),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("tpm:"), "{body}");
+    let vm = get(&d, id).await;
+    assert_eq!(vm.state, PowerState::Running);
+    assert_eq!(vm.tpm_pid, Some(swtpm));
+    assert!(alive(swtpm));
 
     // Stop: no swtpm is left; the state stays.
     let vm = d

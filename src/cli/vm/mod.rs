@@ -792,7 +792,11 @@ serial:     yes
         let mut v = vm("web", 1);
         assert!(!render_vm(&v).contains("\ntpm:"), "no TPM: no line");
         v.spec.tpm = Some(vmlet_spec_tpm());
-        assert!(render_vm(&v).contains("\ntpm:        2.0\n"), "{}", render_vm(&v));
+        assert!(
+            render_vm(&v).contains("\ntpm:        2.0\n"),
+            "{}",
+            render_vm(&v)
+        );
         v.tpm_pid = Some(4242);
         assert!(
             render_vm(&v).contains("\ntpm:        2.0 (swtpm pid 4242)\n"),
