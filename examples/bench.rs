@@ -111,6 +111,7 @@ impl Bench {
             nics: vec![],
             autostart: false,
             resources: Default::default(),
+            tpm: None,
         }
     }
 
@@ -149,6 +150,7 @@ impl Bench {
             boot_files: files.boot.as_ref(),
             nics: &[],
             confine: confined.as_ref().map(|c| c.plan()).unwrap_or_default(),
+            tpm: None,
         })
         .await
         .expect("launch");
@@ -173,6 +175,7 @@ impl Bench {
             serial: Some(serial.as_raw_fd()),
             serial_log_set: Some(1),
             channels: vec![],
+            tpm: None,
         };
         let passed = [PassedFd {
             fd: log.as_raw_fd(),

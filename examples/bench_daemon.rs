@@ -417,6 +417,7 @@ async fn run(
                 boot_files: files.boot.as_ref(),
                 nics: &[],
                 confine: Default::default(),
+                tpm: None,
             }),
         )
         .await

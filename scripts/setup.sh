@@ -4,6 +4,7 @@
 #
 #   qemu-system-x86 10.x  from bookworm-backports (added as an apt source if absent)
 #   qemu-utils            qemu-img
+#   swtpm                 the TPM emulator behind VMs with a vTPM (spec `tpm`)
 #   iproute2              ip, bridge (used by tests and operators)
 #   novnc                 the noVNC files vmlet serves with its console page
 #                         (/usr/share/novnc, setting console.novnc_dir)
@@ -35,6 +36,7 @@ missing=()
 [ "$(qemu_major)" -ge 10 ] 2>/dev/null || missing+=(qemu-system-x86)
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v swtpm >/dev/null 2>&1 || missing+=(swtpm)
 [ -f /usr/share/novnc/core/rfb.js ] || missing+=(novnc)
 if [ "$want_test_tools" = 1 ]; then
     # command -> package, for the test suite only.

@@ -32,6 +32,8 @@ pub struct Settings {
     pub qemu_binary: PathBuf,
     /// `qemu-img`, for images, volumes, overlays and offline snapshots.
     pub qemu_img_binary: PathBuf,
+    /// `swtpm`, the TPM emulator run for each VM with a `tpm`.
+    pub swtpm_binary: PathBuf,
     /// Local files may be imported as images only from under this
     /// directory (checked after resolving symlinks). Unset:
     /// `STATE_DIR/import`.
@@ -291,6 +293,7 @@ impl Default for Settings {
             run_dir: "/run/vmlet".into(),
             qemu_binary: "qemu-system-x86_64".into(),
             qemu_img_binary: "qemu-img".into(),
+            swtpm_binary: "swtpm".into(),
             import_dir: None,
             profile_dir: "/etc/vmlet/qemu-profiles".into(),
             accel: AccelChoice::Auto,
@@ -465,7 +468,7 @@ impl Settings {
     }
 
     /// Applies `VMLET_STATE_DIR`, `VMLET_RUN_DIR`, `VMLET_QEMU`,
-    /// `VMLET_QEMU_IMG`, `VMLET_IMPORT_DIR`, `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`, `VMLET_START_TIMEOUT_S`,
+    /// `VMLET_QEMU_IMG`, `VMLET_SWTPM`, `VMLET_IMPORT_DIR`, `VMLET_PROFILE_DIR`, `VMLET_ACCEL`, `VMLET_STOP_GRACE_S`, `VMLET_START_TIMEOUT_S`,
     /// `VMLET_SOCKET`, `VMLET_SOCKET_GROUP`, `VMLET_TCP_LISTEN`, `VMLET_AUTH_TOKEN_FILE`,
     /// `VMLET_LOG_FORMAT`, `VMLET_ALLOWED_HOST_PATHS` (`:`-separated), and for
     /// `[capacity]` `VMLET_CAPACITY_VCPUS`, `VMLET_CAPACITY_MEMORY_MIB`,
@@ -495,6 +498,9 @@ impl Settings {
         }
         if let Some(v) = var("VMLET_QEMU_IMG") {
             self.qemu_img_binary = v.into();
+        }
+        if let Some(v) = var("VMLET_SWTPM") {
+            self.swtpm_binary = v.into();
         }
         if let Some(v) = var("VMLET_IMPORT_DIR") {
             self.import_dir = Some(v.into());

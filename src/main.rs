@@ -445,6 +445,10 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     );
     let qemu_log = paths.dir.join("qemu.log");
     let serial_log = paths.serial_log();
+    // A foreground run keeps no state: its TPM lives in the run directory
+    // and goes with it.
+    let tpm_dir = paths.dir.join("tpm");
+    let tpm_log = paths.dir.join("swtpm.log");
     let launched = instance::launch(instance::Launch {
         binary: &settings.qemu_binary,
         deadline: Duration::from_secs(settings.start_timeout_s),
@@ -462,6 +466,11 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         boot_files: files.boot.as_ref(),
         nics: &[],
         confine: confined.plan(),
+        tpm: spec.tpm.map(|_| instance::TpmPlan {
+            binary: &settings.swtpm_binary,
+            state_dir: &tpm_dir,
+            log: &tpm_log,
+        }),
     })
     .await;
     drop(files);
@@ -472,6 +481,9 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
             return Err(e.into());
         }
     };
+    if let Some(tpm) = &vm.tpm {
+        confiner.hold_tpm(spec.uuid, tpm.clone());
+    }
     eprintln!(
         "vmlet: QEMU {} running as pid {}, run directory {}",
         vm.qmp.qemu_version(),

@@ -810,6 +810,7 @@ async fn unfinished_start_is_cleaned_up() {
         boot_files: files.boot.as_ref(),
         nics: &[],
         confine: Default::default(),
+        tpm: None,
     })
     .await
     .expect("launching a paused QEMU");

@@ -150,6 +150,10 @@ fn path_value(path: &Path) -> String {
 pub const QMP_CHARDEV: &str = "qmp";
 /// The serial console chardev id.
 pub const SERIAL_CHARDEV: &str = "serial0";
+/// The chardev of the TPM emulator's control channel.
+pub const TPM_CHARDEV: &str = "tpm0-chr";
+/// The TPM backend (`-tpmdev`) id.
+pub const TPM_BACKEND: &str = "tpm0";
 /// Id prefix of empty hot-plug root ports (`hp0`, `hp1`, …).
 pub const HOTPLUG_PORT_PREFIX: &str = "hp";
 
@@ -320,6 +324,21 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         }
     }
 
+    // The TPM: QEMU's emulator backend talks to the VM's swtpm over a
+    // socket pair vmlet made (QEMU's end inherited as a connected socket),
+    // so neither process needs a path to the other.
+    if let (Some(_), Some(model), Some(fd)) = (&spec.tpm, &profile.devices.tpm, run_fds.tpm) {
+        argv.push("-chardev", format!("socket,id={TPM_CHARDEV},fd={fd}"));
+        argv.push(
+            "-tpmdev",
+            format!("emulator,id={TPM_BACKEND},chardev={TPM_CHARDEV}"),
+        );
+        argv.push(
+            "-device",
+            format!("{model},tpmdev={TPM_BACKEND},id={TPM_BACKEND}-dev"),
+        );
+    }
+
     if let Some(display) = &profile.devices.display {
         argv.push("-device", format!("{display},id=video0"));
     }
@@ -415,6 +434,7 @@ mod tests {
             nics: vec![],
             autostart: false,
             resources: Default::default(),
+            tpm: None,
         }
     }
 

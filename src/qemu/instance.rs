@@ -56,6 +56,12 @@ pub enum LaunchError {
     /// The jail could not be built.
     #[error("building the jail")]
     Jail(#[source] JailError),
+    /// The VM's TPM emulator could not be started.
+    #[error(transparent)]
+    Tpm(#[from] crate::qemu::tpm::TpmError),
+    /// The spec has a TPM but the launch was given nowhere to keep it.
+    #[error("the VM has a TPM but no TPM state directory was given")]
+    NoTpmPlan,
 }
 
 /// How to stop a VM.
@@ -92,6 +98,8 @@ pub struct QemuInstance {
     pub qmp: QmpClient,
     /// Its runtime files.
     pub paths: RunPaths,
+    /// The VM's `swtpm`, when it has a TPM (it exits when QEMU does).
+    pub tpm: Option<Arc<QemuProcess>>,
     /// QMP events from the moment QMP was connected (subscribed before any
     /// command could make QEMU emit one).
     pub events: tokio::sync::broadcast::Receiver<QmpEvent>,
@@ -171,6 +179,19 @@ pub struct Launch<'a> {
     pub nics: &'a [NicPlan],
     /// The confinement.
     pub confine: ConfinePlan<'a>,
+    /// Where the TPM's `swtpm` keeps its state, for a spec with `tpm`.
+    pub tpm: Option<TpmPlan<'a>>,
+}
+
+/// The `swtpm` of a VM with a TPM.
+#[derive(Debug, Clone, Copy)]
+pub struct TpmPlan<'a> {
+    /// The `swtpm` binary.
+    pub binary: &'a Path,
+    /// Its state directory (kept across starts).
+    pub state_dir: &'a Path,
+    /// Where its messages are appended.
+    pub log: &'a Path,
 }
 
 /// Starts QEMU paused (`-S`), confined as `launch.confine` says, and
@@ -224,7 +245,38 @@ async fn spawn_confined(launch: &Launch<'_>, incoming: bool) -> Result<QemuInsta
         path: paths.dir.clone(),
         source,
     };
-    let handover = hand_over(launch).map_err(run_dir_error)?;
+    let mut handover = hand_over(launch).map_err(run_dir_error)?;
+    // The TPM emulator first: QEMU's tpm-emulator talks to it at once.
+    let tpm = match (&launch.spec.tpm, launch.tpm) {
+        (None, _) => None,
+        (Some(_), None) => return Err(LaunchError::NoTpmPlan),
+        (Some(_), Some(plan)) => {
+            let bind = binary_bind(plan.binary);
+            let started = crate::qemu::tpm::start(crate::qemu::tpm::TpmLaunch {
+                binary: plan.binary,
+                uuid: launch.spec.uuid,
+                state_dir: plan.state_dir,
+                log: plan.log,
+                run_dir: &paths.dir,
+                ids: launch.confine.ids,
+                jail: launch.confine.jail,
+                cgroup: launch.confine.cgroup,
+                binary_bind: bind.as_deref(),
+            })?;
+            handover.run_fds.tpm = Some(std::os::fd::AsRawFd::as_raw_fd(&started.qemu_end));
+            Some(started)
+        }
+    };
+    let (tpm, tpm_end) = match tpm {
+        Some(started) => (Some(started.process), Some(started.qemu_end)),
+        None => (None, None),
+    };
+    // Whatever fails from here on, the swtpm goes too.
+    let tpm_guard = TpmGuard(tpm.as_ref());
+    let tpm_log_start = launch
+        .tpm
+        .and_then(|p| std::fs::metadata(p.log).ok())
+        .map_or(0, |m| m.len());
     let jail = match (launch.confine.jail, launch.confine.ids) {
         (true, Some(ids)) => Some(
             jail::prepare(&JailSpec {
@@ -294,16 +346,24 @@ async fn spawn_confined(launch: &Launch<'_>, incoming: bool) -> Result<QemuInsta
         },
     )?;
     // QEMU holds its own copies now; vmlet's must go, so that a QEMU that
-    // dies makes the QMP connection fail at once instead of hanging.
+    // dies makes the QMP connection fail at once instead of hanging (and
+    // the swtpm sees QEMU's end close when QEMU exits).
     drop(handover);
+    drop(tpm_end);
     let failed = |process: &QemuProcess, why: String| {
         let printed = read_from(launch.qemu_log, log_start);
         let printed = printed.trim();
-        let message = if printed.is_empty() {
+        let mut message = if printed.is_empty() {
             why
         } else {
             format!("{why}; it printed: {printed}")
         };
+        if let Some(plan) = launch.tpm {
+            let printed = read_from(plan.log, tpm_log_start);
+            if !printed.trim().is_empty() {
+                message = format!("{message}; swtpm printed: {}", printed.trim());
+            }
+        }
         let _ = process.kill_blocking(QUIT_DEADLINE);
         LaunchError::Process(ProcessError::StartFailed { message })
     };
@@ -317,12 +377,16 @@ async fn spawn_confined(launch: &Launch<'_>, incoming: bool) -> Result<QemuInsta
         status = process.exited() => First::Exited(status),
     };
     match first {
-        First::Connected(Ok((qmp, events))) => Ok(QemuInstance {
-            process: Arc::new(process),
-            qmp,
-            paths: paths.clone(),
-            events,
-        }),
+        First::Connected(Ok((qmp, events))) => {
+            tpm_guard.disarm();
+            Ok(QemuInstance {
+                process: Arc::new(process),
+                qmp,
+                paths: paths.clone(),
+                tpm: tpm.map(Arc::new),
+                events,
+            })
+        }
         First::Connected(Err(QmpError::ConnectTimeout { after })) => Err(failed(
             &process,
             format!("QEMU did not finish starting within {after:?} (no answer on QMP)"),
@@ -343,9 +407,26 @@ async fn spawn_confined(launch: &Launch<'_>, incoming: bool) -> Result<QemuInsta
     }
 }
 
+/// Kills the swtpm of a launch that failed (dropped armed).
+struct TpmGuard<'a>(Option<&'a QemuProcess>);
+
+impl TpmGuard<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TpmGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(process) = self.0 {
+            let _ = process.kill_blocking(QUIT_DEADLINE);
+        }
+    }
+}
+
 /// A QEMU binary outside `/usr` (a build of its own, a wrapper) is bound
 /// into the jail at [`jail::JAIL_BINARY`], and run from there.
-fn binary_bind(binary: &Path) -> Option<std::path::PathBuf> {
+pub(crate) fn binary_bind(binary: &Path) -> Option<std::path::PathBuf> {
     if !binary.is_absolute() {
         return None;
     }

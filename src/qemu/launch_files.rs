@@ -82,6 +82,9 @@ pub struct RunFds {
     pub serial_log_set: Option<u32>,
     /// The virtio-serial channel sockets, in `spec.channels` order.
     pub channels: Vec<RawFd>,
+    /// QEMU's end of the connected socket pair to the VM's `swtpm` (its
+    /// control channel), when the spec has a TPM.
+    pub tpm: Option<RawFd>,
 }
 
 impl RunFds {
@@ -90,6 +93,7 @@ impl RunFds {
         std::iter::once(self.qmp)
             .chain(self.serial)
             .chain(self.channels.iter().copied())
+            .chain(self.tpm)
     }
 }
 
@@ -156,6 +160,7 @@ pub fn numbered(spec: &VmSpec, disks: &[DiskPlan], first_fd: RawFd, jailed: bool
         });
     }
     run.channels = spec.channels.iter().map(|_| take()).collect();
+    run.tpm = spec.tpm.map(|_| take());
     let boot = match &spec.boot {
         Boot::Kernel { initrd, .. } if jailed => Some(BootFiles {
             kernel: BootFile::Copy(JAIL_KERNEL.into()),

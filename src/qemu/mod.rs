@@ -14,3 +14,4 @@ pub mod nic;
 pub mod process;
 pub mod profile;
 pub mod qmp;
+pub mod tpm;

@@ -288,6 +288,19 @@ impl QemuProcess {
         uuid: Uuid,
         start_time: Option<u64>,
     ) -> Result<QemuProcess, ProcessError> {
+        QemuProcess::adopt_checked(pid, uuid, start_time, |cmdline| {
+            cmdline_names_uuid(cmdline, uuid)
+        })
+    }
+
+    /// Like [`QemuProcess::adopt`], for a helper process of VM `uuid`
+    /// (its `swtpm`): `is_ours` checks its command line instead of `-uuid`.
+    pub fn adopt_checked(
+        pid: i32,
+        uuid: Uuid,
+        start_time: Option<u64>,
+        is_ours: impl FnOnce(&[u8]) -> bool,
+    ) -> Result<QemuProcess, ProcessError> {
         let process = QemuProcess::hold(pid, uuid)?;
         // Checked after the pidfd exists: from here on the pidfd pins this
         // exact process, whatever happens to the number.
@@ -296,7 +309,7 @@ impl QemuProcess {
             Some(want) => process.start_time == Some(want),
             None => true,
         };
-        if !cmdline_names_uuid(&cmdline, uuid) || !started_then {
+        if !is_ours(&cmdline) || !started_then {
             return Err(ProcessError::NotOurs { pid, uuid });
         }
         Ok(process)

@@ -108,6 +108,10 @@ pub struct DeviceSection {
     /// profile without one has no graphical console.
     #[serde(default)]
     pub display: Option<String>,
+    /// TPM device model for specs with `tpm` (`tpm-crb`), backed by the
+    /// VM's `swtpm`. Optional: without one, `tpm` is refused.
+    #[serde(default)]
+    pub tpm: Option<String>,
 }
 
 /// Default devices.
@@ -153,6 +157,7 @@ impl Profile {
             firmware_boot: self.supports.firmware_boot,
             scsi: self.devices.scsi.is_some(),
             pci: self.devices.bus == DeviceBus::Pci,
+            tpm: self.devices.tpm.is_some(),
         }
     }
 

@@ -413,6 +413,7 @@ mod tests {
             cloud_init: None,
             autostart: false,
             resources: Default::default(),
+            tpm: None,
         };
         name_disks(&mut spec);
         spec

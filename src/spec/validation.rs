@@ -79,6 +79,12 @@ impl VmSpec {
         self.check_nics(&mut c, caps);
         self.check_channels(&mut c);
         self.check_resources(&mut c);
+        if self.tpm.is_some() && caps.is_some_and(|p| !p.tpm) {
+            c.add(
+                "tpm",
+                format!("profile {:?} has no TPM device", self.profile),
+            );
+        }
         c.into_result()
     }
 
@@ -439,12 +445,14 @@ mod tests {
                 firmware_boot: true,
                 scsi: true,
                 pci: true,
+                tpm: true,
             }),
             "microvm" => Some(ProfileCaps {
                 kernel_boot: true,
                 firmware_boot: false,
                 scsi: false,
                 pci: false,
+                tpm: false,
             }),
             _ => None,
         }
@@ -470,6 +478,34 @@ mod tests {
             Ok(()) => vec![],
             Err(e) => e.errors.into_iter().map(|e| e.field).collect(),
         }
+    }
+
+    #[test]
+    fn tpm_is_2_0_only_and_needs_a_profile_with_a_tpm_device() {
+        let mut v = base();
+        v["tpm"] = json!({"version": "2.0"});
+        assert_eq!(
+            parse(v.clone()).tpm.map(|t| t.version),
+            Some(TpmVersion::V2_0)
+        );
+        assert_eq!(fields(v.clone()), Vec::<String>::new());
+        v["profile"] = json!("microvm");
+        assert_eq!(fields(v), vec!["tpm".to_string()]);
+        for bad in [
+            json!({"version": "1.2"}),
+            json!({"version": 2}),
+            json!({}),
+            json!({"version": "2.0", "model": "tis"}),
+        ] {
+            let mut v = base();
+            v["tpm"] = bad.clone();
+            let err = serde_json::from_value::<VmSpec>(v).expect_err("refused");
+            assert!(!err.to_string().is_empty(), "{bad}");
+        }
+        // Absent: no TPM, and nothing serialized.
+        let spec = parse(base());
+        assert_eq!(spec.tpm, None);
+        assert!(serde_json::to_value(&spec).unwrap().get("tpm").is_none());
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct VmSpec {
     /// vCPU pinning).
     #[serde(default, skip_serializing_if = "Resources::is_default")]
     pub resources: Resources,
+    /// A virtual TPM for the guest (an `swtpm` per VM, its state kept with
+    /// the VM); absent: no TPM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmSpec>,
 }
 
 fn default_profile() -> String {
@@ -140,6 +144,22 @@ pub struct ChannelSpec {
     pub name: String,
 }
 
+/// A virtual TPM, emulated by `swtpm` on the host (QEMU's `tpm-emulator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TpmSpec {
+    /// The TPM version the guest sees; only `"2.0"`.
+    pub version: TpmVersion,
+}
+
+/// A TPM version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum TpmVersion {
+    /// TPM 2.0.
+    #[serde(rename = "2.0")]
+    V2_0,
+}
+
 /// What a profile offers, as far as validation needs to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProfileCaps {
@@ -151,4 +171,6 @@ pub struct ProfileCaps {
     pub scsi: bool,
     /// Devices sit on PCI (other NIC models than virtio exist).
     pub pci: bool,
+    /// The profile has a TPM device model (`tpm-crb`), so `tpm` is possible.
+    pub tpm: bool,
 }

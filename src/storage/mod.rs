@@ -163,6 +163,17 @@ impl Layout {
         self.vm_dir(vm).join("qemu.log")
     }
 
+    /// A VM's TPM state (`swtpm --tpmstate`): kept across starts, removed
+    /// with the VM.
+    pub fn vm_tpm_dir(&self, vm: Uuid) -> PathBuf {
+        self.vm_dir(vm).join("tpm")
+    }
+
+    /// The messages of a VM's `swtpm` (across starts).
+    pub fn tpm_log(&self, vm: Uuid) -> PathBuf {
+        self.vm_dir(vm).join("swtpm.log")
+    }
+
     /// A VM's cloud-init seed.
     pub fn seed(&self, vm: Uuid) -> PathBuf {
         self.vm_dir(vm).join("cidata.img")

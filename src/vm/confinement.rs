@@ -3,7 +3,8 @@
 //! from the `[qemu]` settings and what the host offers; the launch itself
 //! (fork, join, jail, drop root, exec) is `qemu::process`.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -13,6 +14,7 @@ use crate::confine::cgroup::{
 };
 use crate::confine::ids::{self, IdPool, IdRange, Ids};
 use crate::qemu::instance::ConfinePlan;
+use crate::qemu::process::QemuProcess;
 use crate::spec::VmSpec;
 use crate::vm::error::VmError;
 
@@ -37,7 +39,15 @@ pub struct Confiner {
     settings: QemuSettings,
     /// The cgroups of running VMs, for statistics.
     live: Mutex<std::collections::HashMap<Uuid, VmCgroup>>,
+    /// The `swtpm` of each running VM with a TPM: it runs with the VM's uid
+    /// in its cgroup, so it is ended before either is released.
+    tpms: Mutex<std::collections::HashMap<Uuid, Arc<QemuProcess>>>,
 }
+
+/// How long an `swtpm` gets to exit by itself once QEMU is gone (it does
+/// at once when QEMU's end of its socket closes, after saving its state)
+/// before it is killed.
+pub const TPM_EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// What a start of one VM holds while QEMU is spawned.
 #[derive(Debug)]
@@ -124,6 +134,7 @@ impl Confiner {
             cgroups,
             settings: settings.clone(),
             live: Mutex::new(Default::default()),
+            tpms: Mutex::new(Default::default()),
         })
     }
 
@@ -213,8 +224,27 @@ impl Confiner {
         }
     }
 
-    /// VM `vm` has no QEMU any more: its cgroup goes, its uid is free.
+    /// VM `vm`'s `swtpm` (started with its QEMU, or found again after a
+    /// restart): ended by [`Confiner::release`].
+    pub fn hold_tpm(&self, vm: Uuid, tpm: Arc<QemuProcess>) {
+        let old = self.tpm_map().insert(vm, tpm);
+        if let Some(old) = old {
+            end_tpm(vm, &old);
+        }
+    }
+
+    /// The pid of VM `vm`'s `swtpm`, while it is held.
+    pub fn tpm_pid(&self, vm: Uuid) -> Option<i32> {
+        self.tpm_map().get(&vm).map(|t| t.pid())
+    }
+
+    /// VM `vm` has no QEMU any more: its `swtpm` ends, its cgroup goes, its
+    /// uid is free.
     pub fn release(&self, vm: Uuid) {
+        let tpm = self.tpm_map().remove(&vm);
+        if let Some(tpm) = tpm {
+            end_tpm(vm, &tpm);
+        }
         self.live_map().remove(&vm);
         if let Some(cgroups) = &self.cgroups {
             if let Err(e) = cgroups.remove(vm) {
@@ -239,8 +269,29 @@ impl Confiner {
             .unwrap_or_default()
     }
 
+    fn tpm_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, Arc<QemuProcess>>> {
+        self.tpms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn live_map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, VmCgroup>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Waits up to [`TPM_EXIT_GRACE`] for `tpm` to exit by itself (its QEMU is
+/// gone), then kills it. Blocks the thread: release paths cannot await.
+fn end_tpm(vm: Uuid, tpm: &QemuProcess) {
+    let started = std::time::Instant::now();
+    while tpm.is_running() && started.elapsed() < TPM_EXIT_GRACE {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if tpm.is_running() {
+        tracing::warn!(%vm, pid = tpm.pid(), "swtpm did not exit with its QEMU: killing it");
+    }
+    if tpm.kill_blocking(TPM_EXIT_GRACE).is_none() {
+        tracing::warn!(%vm, pid = tpm.pid(), "swtpm survived SIGKILL");
     }
 }
 

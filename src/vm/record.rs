@@ -49,6 +49,13 @@ pub struct Vm {
     /// the VM's QEMU after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_start: Option<u64>,
+    /// The pid of the VM's `swtpm` while it runs (VMs with a `tpm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_pid: Option<i32>,
+    /// When that `swtpm` started (as `pid_start`), so a restarted vmlet
+    /// finds exactly that process again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_pid_start: Option<u64>,
     /// Why the VM is `crashed` or `error`, or why the last operation failed.
     #[serde(default)]
     pub error: Option<String>,
@@ -88,6 +95,8 @@ impl Vm {
             generation: 1,
             pid: None,
             pid_start: None,
+            tpm_pid: None,
+            tpm_pid_start: None,
             error: None,
             boots: 0,
             last_stop: None,

@@ -211,6 +211,7 @@ mod tests {
             nics: vec![],
             autostart: true,
             resources: Default::default(),
+            tpm: None,
         }
     }
 

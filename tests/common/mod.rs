@@ -169,6 +169,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         nics: vec![],
         autostart: false,
         resources: Default::default(),
+        tpm: None,
     }
 }
 
@@ -280,6 +281,7 @@ async fn launch_with(
         boot_files: files.boot.as_ref(),
         nics: &[],
         confine: plan,
+        tpm: None,
     })
     .await;
     let vm = match vm {

@@ -551,6 +551,17 @@ pub fn render_vm(vm: &Vm) -> String {
     }
     lines.push(("profile".into(), spec.profile.clone()));
     lines.push(("boot".into(), boot_str(&spec.boot)));
+    if let Some(tpm) = &spec.tpm {
+        let version = serde_json::to_value(tpm.version)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let value = match vm.tpm_pid {
+            Some(pid) => format!("{version} (swtpm pid {pid})"),
+            None => version,
+        };
+        lines.push(("tpm".into(), value));
+    }
     for (i, disk) in spec.disks.iter().enumerate() {
         let mut flags = vec![];
         if disk.bus != DiskBus::VirtioBlk {
@@ -774,6 +785,30 @@ nic 1:      network nat, 52:54:00:ab:cd:ef, e1000
 serial:     yes
 ";
         assert!(text.contains(expected), "{text}");
+    }
+
+    #[test]
+    fn vm_show_prints_the_tpm_and_its_swtpm() {
+        let mut v = vm("web", 1);
+        assert!(!render_vm(&v).contains("\ntpm:"), "no TPM: no line");
+        v.spec.tpm = Some(vmlet_spec_tpm());
+        assert!(
+            render_vm(&v).contains("\ntpm:        2.0\n"),
+            "{}",
+            render_vm(&v)
+        );
+        v.tpm_pid = Some(4242);
+        assert!(
+            render_vm(&v).contains("\ntpm:        2.0 (swtpm pid 4242)\n"),
+            "{}",
+            render_vm(&v)
+        );
+    }
+
+    fn vmlet_spec_tpm() -> crate::spec::TpmSpec {
+        crate::spec::TpmSpec {
+            version: crate::spec::TpmVersion::V2_0,
+        }
     }
 
     #[test]

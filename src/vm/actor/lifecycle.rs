@@ -164,6 +164,7 @@ impl Actor {
             OpResult::Started(Ok((qemu, serial))) => {
                 let pid = qemu.process.pid();
                 let started = qemu.process.start_time();
+                let tpm = qemu.tpm.as_ref().map(|t| (t.pid(), t.start_time()));
                 self.attach(
                     qemu.process.clone(),
                     Some(qemu.qmp.clone()),
@@ -174,6 +175,8 @@ impl Actor {
                 self.commit(|vm| {
                     vm.pid = Some(pid);
                     vm.pid_start = started;
+                    vm.tpm_pid = tpm.map(|t| t.0);
+                    vm.tpm_pid_start = tpm.and_then(|t| t.1);
                 });
                 self.observe(Observation::GuestStarted);
                 self.finish_op(Ok(()));
@@ -189,6 +192,8 @@ impl Actor {
                 self.commit(|vm| {
                     vm.pid = None;
                     vm.pid_start = None;
+                    vm.tpm_pid = None;
+                    vm.tpm_pid_start = None;
                     vm.error = Some(error);
                 });
                 self.finish_op(Err(e));
@@ -201,6 +206,8 @@ impl Actor {
                     self.commit(|vm| {
                         vm.pid = None;
                         vm.pid_start = None;
+                        vm.tpm_pid = None;
+                        vm.tpm_pid_start = None;
                         vm.error = None;
                         vm.last_stop = Some(outcome.into());
                     });
@@ -274,6 +281,8 @@ impl Actor {
                 self.commit(|vm| {
                     vm.pid = None;
                     vm.pid_start = None;
+                    vm.tpm_pid = None;
+                    vm.tpm_pid_start = None;
                     vm.error = Some(error.clone());
                 });
                 self.finish_op(Err(VmError::Failed(error)));
@@ -370,6 +379,8 @@ pub async fn launch_qemu(
     let qemu_log = ctx.layout.qemu_log(spec.uuid);
     let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
     let confined = ctx.confiner.prepare(spec, ctx.accel == Accel::Kvm)?;
+    let tpm_dir = ctx.layout.vm_tpm_dir(spec.uuid);
+    let tpm_log = ctx.layout.tpm_log(spec.uuid);
     let launch = Launch {
         binary: &ctx.settings.qemu_binary,
         deadline: Duration::from_secs(ctx.settings.start_timeout_s),
@@ -387,6 +398,11 @@ pub async fn launch_qemu(
         boot_files: files.boot.as_ref(),
         nics: &nics,
         confine: confined.plan(),
+        tpm: spec.tpm.map(|_| instance::TpmPlan {
+            binary: &ctx.settings.swtpm_binary,
+            state_dir: &tpm_dir,
+            log: &tpm_log,
+        }),
     };
     let launched = match incoming {
         false => instance::launch(launch).await,
@@ -399,6 +415,11 @@ pub async fn launch_qemu(
             return Err(VmError::Failed(error_chain(&e)));
         }
     };
+    // The swtpm shares the VM's uid and cgroup: the confiner ends it
+    // before it lets them go.
+    if let Some(tpm) = &qemu.tpm {
+        ctx.confiner.hold_tpm(spec.uuid, tpm.clone());
+    }
     if let Err(e) = pin_vcpus(&qemu, spec).await {
         let _ = qemu.process.kill().await;
         instance::remove_run_dir(&qemu.paths);

@@ -18,6 +18,9 @@ impl Actor {
         };
         // A half-finished operation's task means nothing any more.
         self.vm.task = None;
+        // The swtpm first: held by the confiner, it is ended whenever the
+        // QEMU turns out to be gone (a stale swtpm never outlives it).
+        self.reattach_tpm();
         let process = match pid.map(|pid| QemuProcess::adopt(pid, self.vm.id, self.vm.pid_start)) {
             Some(Ok(process)) => Arc::new(process),
             other => {
@@ -100,6 +103,34 @@ impl Actor {
         self.reconnect();
     }
 
+    /// Finds the recorded `swtpm` again (pid, start time and its `--log`
+    /// naming the VM) and hands it to the confiner, which ends it with the
+    /// QEMU; one that is gone is forgotten.
+    fn reattach_tpm(&mut self) {
+        let Some(pid) = self.vm.tpm_pid else { return };
+        let found = if self.host_rebooted {
+            None
+        } else {
+            match crate::qemu::tpm::adopt(pid, self.vm.id, self.vm.tpm_pid_start) {
+                Ok(process) => Some(process),
+                Err(e) => {
+                    tracing::info!(vm = %self.vm.name, error = %e, "recorded swtpm is gone");
+                    None
+                }
+            }
+        };
+        match found {
+            Some(process) => {
+                tracing::info!(vm = %self.vm.name, pid, "swtpm found");
+                self.ctx.confiner.hold_tpm(self.vm.id, Arc::new(process));
+            }
+            None => self.commit(|vm| {
+                vm.tpm_pid = None;
+                vm.tpm_pid_start = None;
+            }),
+        }
+    }
+
     /// The VM's QEMU is gone: record how that looks from here.
     fn settle_gone(&mut self) {
         let found = Found::Gone {
@@ -144,6 +175,10 @@ impl Actor {
             if pid.is_some() || !plan.attach {
                 vm.pid = pid;
                 vm.pid_start = start;
+            }
+            if pid.is_none() && !plan.attach {
+                vm.tpm_pid = None;
+                vm.tpm_pid_start = None;
             }
             match plan.error {
                 ErrorNote::Keep => {}

@@ -193,6 +193,8 @@ impl Actor {
             self.commit(|vm| {
                 vm.pid = None;
                 vm.pid_start = None;
+                vm.tpm_pid = None;
+                vm.tpm_pid_start = None;
                 vm.desired = Desired::Stopped;
                 vm.error = None;
             });
@@ -202,6 +204,8 @@ impl Actor {
             self.commit(|vm| {
                 vm.pid = None;
                 vm.pid_start = None;
+                vm.tpm_pid = None;
+                vm.tpm_pid_start = None;
                 if crashed || vm.state == PowerState::Error {
                     vm.error = Some(reason);
                 }

@@ -249,6 +249,7 @@ mod tests {
             nics: vec![],
             autostart: false,
             resources: Default::default(),
+            tpm: None,
         };
         let roots = [std::fs::canonicalize(root.path()).unwrap()];
         let err = check_host_paths(&spec, &roots).unwrap_err();
