@@ -413,6 +413,10 @@ mod tests {
             cloud_init: None,
             autostart: false,
             resources: Default::default(),
+            cpu: None,
+            topology: None,
+            numa: vec![],
+            memory: Default::default(),
         };
         name_disks(&mut spec);
         spec

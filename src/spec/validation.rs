@@ -79,6 +79,16 @@ impl VmSpec {
         self.check_nics(&mut c, caps);
         self.check_channels(&mut c);
         self.check_resources(&mut c);
+        for (field, message) in super::cpu::check(
+            self.cpu.as_ref(),
+            self.topology.as_ref(),
+            &self.numa,
+            &self.memory,
+            self.vcpus,
+            self.memory_mib,
+        ) {
+            c.add(field, message);
+        }
         c.into_result()
     }
 

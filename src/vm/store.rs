@@ -211,6 +211,10 @@ mod tests {
             nics: vec![],
             autostart: true,
             resources: Default::default(),
+            cpu: None,
+            topology: None,
+            numa: vec![],
+            memory: Default::default(),
         }
     }
 

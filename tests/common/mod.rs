@@ -168,6 +168,10 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         nics: vec![],
         autostart: false,
         resources: Default::default(),
+        cpu: None,
+        topology: None,
+        numa: vec![],
+        memory: Default::default(),
     }
 }
 

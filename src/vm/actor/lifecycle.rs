@@ -12,8 +12,9 @@ impl Actor {
         self.commit(|vm| {
             // A change the last QEMU could not take becomes the spec now.
             if let Some(pending) = vm.pending.take() {
-                if pending.spec.profile != vm.spec.profile {
-                    // Another profile is another machine: pinned anew.
+                if pending.spec.profile != vm.spec.profile || pending.spec.cpu != vm.spec.cpu {
+                    // Another profile is another machine, another CPU
+                    // another model: pinned anew.
                     vm.machine = None;
                 }
                 vm.spec = pending.spec;
@@ -21,9 +22,9 @@ impl Actor {
             // A VM from before pinning (or with a new profile) is pinned
             // now, from the same resolution as a create, and keeps it.
             if vm.machine.is_none() {
-                match ctx.machine_pin(&vm.spec.profile) {
+                match ctx.vm_pin(&vm.spec) {
                     Ok(pin) => vm.machine = Some(pin),
-                    Err(reason) => unpinned = Some(reason),
+                    Err(reason) => unpinned = Some(reason.to_string()),
                 }
             }
             vm.task = Some(Task::Start);

@@ -249,6 +249,10 @@ mod tests {
             nics: vec![],
             autostart: false,
             resources: Default::default(),
+            cpu: None,
+            topology: None,
+            numa: vec![],
+            memory: Default::default(),
         };
         let roots = [std::fs::canonicalize(root.path()).unwrap()];
         let err = check_host_paths(&spec, &roots).unwrap_err();

@@ -310,8 +310,8 @@ impl Manager {
         // model this host must run: refused here rather than at every start.
         let machine = self
             .ctx
-            .machine_pin(&spec.profile)
-            .map_err(|reason| VmError::Invalid(SpecError::field("profile", reason)))?;
+            .vm_pin(&spec)
+            .map_err(|e| VmError::Invalid(SpecError { errors: vec![e] }))?;
         check_host_paths(&spec, &self.ctx.host_roots)?;
         if self.ctx.settings.capacity.enforce {
             self.inventory()
