@@ -359,6 +359,14 @@ pub async fn launch_qemu(
         .profiles
         .get(&spec.profile)
         .map_err(|e| VmError::Failed(error_chain(&e)))?;
+    // Huge pages are preallocated: a pool too small for them is a
+    // conflict with what the host has (409), told before anything is made.
+    if let Some(size) = spec.memory.hugepages {
+        let pools = crate::node::hugepage_pools(std::path::Path::new(crate::node::HUGEPAGES_SYSFS));
+        let available = pools.get(&size).map_or(0, |(_, free)| *free);
+        crate::node::check_hugepages(size, size.pages_for(spec.memory_mib), available, "free")
+            .map_err(VmError::Conflict)?;
+    }
     // A full disk stays a full disk (507).
     crate::storage::disks::write_seed(&ctx.layout, spec)?;
     // The taps live while `_host_nics` holds their fds: until QEMU has

@@ -313,11 +313,15 @@ impl Manager {
             .vm_pin(&spec)
             .map_err(|e| VmError::Invalid(SpecError { errors: vec![e] }))?;
         check_host_paths(&spec, &self.ctx.host_roots)?;
+        let inventory = self.inventory();
         if self.ctx.settings.capacity.enforce {
-            self.inventory()
+            inventory
                 .check_fits(self.usage(&spec))
                 .map_err(VmError::Conflict)?;
         }
+        // Huge pages are not overcommitted, whatever `capacity.enforce`:
+        // QEMU preallocates them.
+        Self::check_hugepages_unallocated(&inventory, &spec)?;
         disks::check_references(&spec, &self.ctx.images, &self.ctx.volumes)?;
         for (i, disk) in spec.disks.iter().enumerate() {
             if let Ok(DiskSource::Volume { volume }) = disk.source() {
