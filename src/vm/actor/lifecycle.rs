@@ -348,6 +348,19 @@ impl Actor {
 /// needs opened by vmlet, confined, and its vCPUs pinned: what a start
 /// does before the guest runs. `incoming`: for the target of a live
 /// migration (`-incoming defer`). On failure nothing is left running.
+/// Whether the huge pages `spec` asks for are free on the host now. QEMU
+/// preallocates them: a pool too small for them is a conflict with what
+/// the host has (409).
+pub fn check_hugepages_free(spec: &VmSpec) -> Result<(), VmError> {
+    let Some(size) = spec.memory.hugepages else {
+        return Ok(());
+    };
+    let pools = crate::node::hugepage_pools(std::path::Path::new(crate::node::HUGEPAGES_SYSFS));
+    let available = pools.get(&size).map_or(0, |(_, free)| *free);
+    crate::node::check_hugepages(size, size.pages_for(spec.memory_mib), available, "free")
+        .map_err(VmError::Conflict)
+}
+
 pub async fn launch_qemu(
     ctx: &Context,
     spec: &VmSpec,
@@ -359,14 +372,8 @@ pub async fn launch_qemu(
         .profiles
         .get(&spec.profile)
         .map_err(|e| VmError::Failed(error_chain(&e)))?;
-    // Huge pages are preallocated: a pool too small for them is a
-    // conflict with what the host has (409), told before anything is made.
-    if let Some(size) = spec.memory.hugepages {
-        let pools = crate::node::hugepage_pools(std::path::Path::new(crate::node::HUGEPAGES_SYSFS));
-        let available = pools.get(&size).map_or(0, |(_, free)| *free);
-        crate::node::check_hugepages(size, size.pages_for(spec.memory_mib), available, "free")
-            .map_err(VmError::Conflict)?;
-    }
+    // Told before anything is made.
+    check_hugepages_free(spec)?;
     // A full disk stays a full disk (507).
     crate::storage::disks::write_seed(&ctx.layout, spec)?;
     // The taps live while `_host_nics` holds their fds: until QEMU has

@@ -479,7 +479,17 @@ impl Manager {
         action: PowerAction,
         options: ActOptions,
     ) -> Result<Vm, VmError> {
-        self.find(key)?.act(action, options).await
+        let handle = self.find(key)?;
+        if action == PowerAction::Start {
+            // Refused before the VM is touched, so it stays as it was; the
+            // launch checks again (autostart, arriving migrations).
+            let vm = handle.view();
+            if !vm.state.has_process() {
+                let spec = vm.pending.map_or(vm.spec, |p| p.spec);
+                crate::vm::actor::check_hugepages_free(&spec)?;
+            }
+        }
+        handle.act(action, options).await
     }
 
     /// The event bus.
