@@ -297,7 +297,7 @@ pub fn check(
                 add(format!("numa[{i}].memory_mib"), "must be at least 1".into());
             }
             if let Some(size) = memory.hugepages {
-                if node.memory_mib % size.mib() != 0 {
+                if !node.memory_mib.is_multiple_of(size.mib()) {
                     add(
                         format!("numa[{i}].memory_mib"),
                         format!(
@@ -326,7 +326,7 @@ pub fn check(
         }
     }
     if let Some(size) = memory.hugepages {
-        if memory_mib % size.mib() != 0 {
+        if !memory_mib.is_multiple_of(size.mib()) {
             add(
                 "memory.hugepages".into(),
                 format!(

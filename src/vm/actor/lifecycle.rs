@@ -344,10 +344,6 @@ impl Actor {
     }
 }
 
-/// Launches the QEMU of `spec`, paused, with every file, tap and socket it
-/// needs opened by vmlet, confined, and its vCPUs pinned: what a start
-/// does before the guest runs. `incoming`: for the target of a live
-/// migration (`-incoming defer`). On failure nothing is left running.
 /// Whether the huge pages `spec` asks for are free on the host now. QEMU
 /// preallocates them: a pool too small for them is a conflict with what
 /// the host has (409).
@@ -361,6 +357,10 @@ pub fn check_hugepages_free(spec: &VmSpec) -> Result<(), VmError> {
         .map_err(VmError::Conflict)
 }
 
+/// Launches the QEMU of `spec`, paused, with every file, tap and socket it
+/// needs opened by vmlet, confined, and its vCPUs pinned: what a start
+/// does before the guest runs. `incoming`: for the target of a live
+/// migration (`-incoming defer`). On failure nothing is left running.
 pub async fn launch_qemu(
     ctx: &Context,
     spec: &VmSpec,
