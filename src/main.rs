@@ -299,7 +299,7 @@ async fn dispatch(
             let n = vmlet::qemu::launch_files::numbered(&spec, &disks, 100, jailed);
             let profile = profiles.get(&spec.profile)?;
             let accel = accel::resolve_on_host(settings.accel);
-            let machine = machine_pin(&settings, profile, accel).await?;
+            let machine = machine_pin(&settings, profile, accel, spec.cpu.as_ref()).await?;
             let argv = vmlet::qemu::argv::build(LaunchInputs {
                 spec: &spec,
                 profile,
@@ -389,12 +389,14 @@ fn load_spec(path: &Path, profiles: &Profiles) -> anyhow::Result<Option<VmSpec>>
     Ok(Some(spec))
 }
 
-/// The machine type and CPU model `profile` gives under `accel`, resolved
-/// through the QEMU binary as the daemon resolves them.
+/// The machine type and CPU model `profile` gives under `accel` (with the
+/// spec's `cpu`, if any), resolved through the QEMU binary as the daemon
+/// resolves them.
 async fn machine_pin(
     settings: &Settings,
     profile: &vmlet::qemu::profile::Profile,
     accel: accel::Accel,
+    cpu: Option<&vmlet::spec::CpuSpec>,
 ) -> anyhow::Result<vmlet::spec::MachinePin> {
     let qemu = vmlet::qemu::capabilities::probe(
         &settings.qemu_binary,
@@ -402,7 +404,8 @@ async fn machine_pin(
         vmlet::qemu::capabilities::PROBE_DEADLINE,
     )
     .await?;
-    qemu.pin(profile, accel).map_err(anyhow::Error::msg)
+    qemu.pin_vm(profile, accel, cpu)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> {
@@ -425,7 +428,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     let profile = profiles.get(&spec.profile)?;
     // Pinned like the daemon pins a new VM (a run keeps no record, so the
     // pin lasts this run only).
-    let machine = machine_pin(settings, profile, accel).await?;
+    let machine = machine_pin(settings, profile, accel, spec.cpu.as_ref()).await?;
     let paths = RunPaths::new(&settings.run_dir, spec.uuid);
     let layout = vmlet::storage::Layout::new(&settings.state_dir);
     // The spec is the operator's own: its paths are resolved here, then

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CapacitySettings;
+use crate::spec::HugePageSize;
 
 /// Facts about this host and its vmlet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -62,6 +63,75 @@ pub struct Inventory {
     pub memory_mib: Resource,
     /// VMs' own disks (overlays and blank disks, at their full size), in GiB.
     pub disk_gib: Resource,
+    /// The host's huge-page pools, by page size (`2M`, `1G`): only sizes
+    /// this kernel supports. Filled by the daemon from
+    /// `/sys/kernel/mm/hugepages`.
+    #[serde(default)]
+    pub hugepages: BTreeMap<String, HugePagePool>,
+}
+
+/// One huge-page pool of the host kernel, and what this host's VMs with
+/// `memory.hugepages` of that size ask of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HugePagePool {
+    /// Pages the kernel has reserved (`nr_hugepages`).
+    pub total: u64,
+    /// Pages free right now (`free_hugepages` − `resv_hugepages`): what a
+    /// VM started now can take.
+    pub free: u64,
+    /// Pages the VMs of this host need when they all run (whatever their
+    /// state), VMs arriving by migration included.
+    pub allocated: u64,
+}
+
+impl HugePagePool {
+    /// Pages not promised to any VM of this host: `total − allocated`.
+    pub fn unallocated(&self) -> u64 {
+        self.total.saturating_sub(self.allocated)
+    }
+}
+
+/// Where the kernel describes its huge-page pools.
+pub const HUGEPAGES_SYSFS: &str = "/sys/kernel/mm/hugepages";
+
+/// The kernel's huge-page pools under `root` (normally
+/// [`HUGEPAGES_SYSFS`]), by size: `(total, free)` where free leaves out the
+/// pages already promised to a mapping. Sizes the kernel lacks are left out.
+pub fn hugepage_pools(root: &std::path::Path) -> BTreeMap<HugePageSize, (u64, u64)> {
+    let read = |dir: &std::path::Path, name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    };
+    let mut pools = BTreeMap::new();
+    for size in HugePageSize::ALL {
+        let dir = root.join(size.sysfs_dir());
+        let (Some(total), Some(free)) = (read(&dir, "nr_hugepages"), read(&dir, "free_hugepages"))
+        else {
+            continue;
+        };
+        let reserved = read(&dir, "resv_hugepages").unwrap_or(0);
+        pools.insert(size, (total, free.saturating_sub(reserved)));
+    }
+    pools
+}
+
+/// Whether `pages` huge pages of `size` can be had from a pool with
+/// `available` of them; the refusal says how many, and how to get more.
+pub fn check_hugepages(
+    size: HugePageSize,
+    pages: u64,
+    available: u64,
+    of_what: &str,
+) -> Result<(), String> {
+    if pages > available {
+        return Err(format!(
+            "not enough {} huge pages on this host: memory.hugepages needs {pages}, {available} {of_what} (reserve more in /sys/kernel/mm/hugepages/{}/nr_hugepages)",
+            size.as_str(),
+            size.sysfs_dir()
+        ));
+    }
+    Ok(())
 }
 
 /// One resource: `free = total × allocation_ratio − reserved − allocated`.
@@ -136,6 +206,7 @@ impl Inventory {
                 settings.disk_allocation_ratio,
                 allocated.disk_gib,
             ),
+            hugepages: BTreeMap::new(),
         }
     }
 
@@ -229,6 +300,41 @@ mod tests {
 #[cfg(test)]
 mod inventory_tests {
     use super::*;
+
+    #[test]
+    fn hugepage_pools_are_read_from_sysfs_less_reserved_pages() {
+        let root = std::env::temp_dir().join(format!("vmlet-hp-{}", uuid::Uuid::new_v4()));
+        let two = root.join("hugepages-2048kB");
+        std::fs::create_dir_all(&two).unwrap();
+        std::fs::write(two.join("nr_hugepages"), "80\n").unwrap();
+        std::fs::write(two.join("free_hugepages"), "70\n").unwrap();
+        std::fs::write(two.join("resv_hugepages"), "6\n").unwrap();
+        // A size the kernel lacks, or a broken file, is left out.
+        let gig = root.join("hugepages-1048576kB");
+        std::fs::create_dir_all(&gig).unwrap();
+        std::fs::write(gig.join("nr_hugepages"), "x").unwrap();
+        let pools = hugepage_pools(&root);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[&HugePageSize::Size2M], (80, 64));
+        assert!(hugepage_pools(std::path::Path::new("/nonexistent")).is_empty());
+
+        assert_eq!(
+            check_hugepages(HugePageSize::Size2M, 64, 64, "free"),
+            Ok(())
+        );
+        let err = check_hugepages(HugePageSize::Size2M, 65, 64, "free").unwrap_err();
+        assert!(
+            err.contains("not enough 2M huge pages") && err.contains("needs 65, 64 free"),
+            "{err}"
+        );
+        let pool = HugePagePool {
+            total: 10,
+            free: 3,
+            allocated: 12,
+        };
+        assert_eq!(pool.unallocated(), 0);
+    }
 
     fn host() -> HostTotals {
         HostTotals {

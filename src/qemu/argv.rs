@@ -206,11 +206,19 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             format!("unix:{},power-control=off", path_value(&socket)),
         );
     }
-    argv.push("-machine", machine_value(machine, profile));
+    let mut machine_option = machine_value(machine, profile);
+    if spec.numa.is_empty() && spec.memory.hugepages.is_some() {
+        // One backend for all guest memory, so it can be huge pages.
+        machine_option.push_str(&format!(",memory-backend={RAM_BACKEND}"));
+    }
+    argv.push("-machine", machine_option);
     argv.push("-accel", accel.as_str());
     argv.push("-cpu", &machine.cpu);
-    argv.push("-smp", spec.vcpus.to_string());
+    argv.push("-smp", smp_value(spec));
     argv.push("-m", format!("size={}M", spec.memory_mib));
+    for (option, value) in memory_options(spec) {
+        argv.push(option, value);
+    }
 
     // Every socket is bound by vmlet and handed over listening: QEMU needs
     // no path to them, and vmlet can connect the moment QEMU runs.
@@ -384,6 +392,75 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
     argv.0
 }
 
+/// The id of the backend of all guest memory when there is one (huge
+/// pages without NUMA nodes); NUMA node `i`'s backend is `ram-node{i}`.
+pub const RAM_BACKEND: &str = "ram0";
+
+/// `-smp`: the vCPUs, with the spec's topology when it has one.
+fn smp_value(spec: &VmSpec) -> String {
+    match &spec.topology {
+        Some(t) => format!(
+            "{},sockets={},cores={},threads={}",
+            spec.vcpus, t.sockets, t.cores, t.threads
+        ),
+        None => spec.vcpus.to_string(),
+    }
+}
+
+/// The memory backends (`-object`) and NUMA nodes (`-numa`) of `spec`.
+/// Huge pages come from `memory-backend-memfd` with `hugetlb=on`: an
+/// anonymous file, so QEMU opens no hugetlbfs path (it has none in its
+/// jail); preallocated, so a short pool fails the start rather than the
+/// guest later.
+fn memory_options(spec: &VmSpec) -> Vec<(&'static str, String)> {
+    let backend = |id: &str, size_mib: u64| -> String {
+        match spec.memory.hugepages {
+            Some(size) => format!(
+                "memory-backend-memfd,id={id},size={size_mib}M,hugetlb=on,hugetlbsize={},prealloc=on",
+                size.bytes()
+            ),
+            None => format!("memory-backend-ram,id={id},size={size_mib}M"),
+        }
+    };
+    let mut options = Vec::new();
+    if spec.numa.is_empty() {
+        if spec.memory.hugepages.is_some() {
+            options.push(("-object", backend(RAM_BACKEND, spec.memory_mib)));
+        }
+        return options;
+    }
+    for (i, node) in spec.numa.iter().enumerate() {
+        let id = format!("ram-node{i}");
+        options.push(("-object", backend(&id, node.memory_mib)));
+        // Validated: a list of vCPUs; one `cpus=` per range.
+        let cpus = crate::spec::parse_cpu_list(&node.cpus).unwrap_or_default();
+        let mut value = format!("node,nodeid={i}");
+        for (first, last) in cpu_ranges(&cpus) {
+            if first == last {
+                value.push_str(&format!(",cpus={first}"));
+            } else {
+                value.push_str(&format!(",cpus={first}-{last}"));
+            }
+        }
+        value.push_str(&format!(",memdev={id}"));
+        options.push(("-numa", value));
+    }
+    options
+}
+
+/// Sorted CPU numbers as runs of consecutive numbers: `[0,1,2,5]` →
+/// `[(0,2),(5,5)]`.
+fn cpu_ranges(cpus: &[u32]) -> Vec<(u32, u32)> {
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for &cpu in cpus {
+        match ranges.last_mut() {
+            Some((_, last)) if cpu == *last + 1 => *last = cpu,
+            _ => ranges.push((cpu, cpu)),
+        }
+    }
+    ranges
+}
+
 fn machine_value(machine: &MachinePin, profile: &Profile) -> String {
     let mut value = machine.machine_type.clone();
     for (key, option) in &profile.machine.options {
@@ -435,6 +512,10 @@ mod tests {
             autostart: false,
             resources: Default::default(),
             tpm: None,
+            cpu: None,
+            topology: None,
+            numa: vec![],
+            memory: Default::default(),
         }
     }
 
@@ -503,6 +584,85 @@ mod tests {
             "pc-q35-9.2,dump-guest-core=off,usb=off,vmport=off"
         );
         assert_eq!(value("-cpu"), "Westmere,+aes");
+    }
+
+    #[test]
+    fn topology_numa_and_huge_pages_shape_cpus_and_memory() {
+        let profiles = Profiles::built_in().unwrap();
+        let mut spec = spec();
+        spec.vcpus = 4;
+        spec.memory_mib = 256;
+        spec.topology = Some(crate::spec::Topology {
+            sockets: 2,
+            cores: 2,
+            threads: 1,
+        });
+        spec.numa = vec![
+            crate::spec::NumaNode {
+                cpus: "0,2".into(),
+                memory_mib: 128,
+            },
+            crate::spec::NumaNode {
+                cpus: "1,3".into(),
+                memory_mib: 128,
+            },
+        ];
+        let paths = RunPaths::new(Path::new("/run/vmlet"), spec.uuid);
+        let argv_of = |spec: &VmSpec| {
+            let (disks, n) = files_of(spec);
+            build(LaunchInputs {
+                spec,
+                profile: profiles.get("q35").unwrap(),
+                machine: &pin("pc-q35-10.0"),
+                accel: Accel::Tcg,
+                paths: &paths,
+                jailed: true,
+                run_fds: &n.run,
+                disks: &disks,
+                disk_sets: &n.sets,
+                passed_fds: &n.passed,
+                boot_files: n.boot.as_ref(),
+                nics: &[],
+            })
+        };
+        let values = |argv: &[String], option: &str| -> Vec<String> {
+            argv.windows(2)
+                .filter(|w| w[0] == option)
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        let argv = argv_of(&spec);
+        assert_eq!(values(&argv, "-smp"), ["4,sockets=2,cores=2,threads=1"]);
+        assert_eq!(
+            values(&argv, "-numa"),
+            [
+                "node,nodeid=0,cpus=0,cpus=2,memdev=ram-node0",
+                "node,nodeid=1,cpus=1,cpus=3,memdev=ram-node1"
+            ]
+        );
+        assert_eq!(
+            values(&argv, "-object")[..2],
+            [
+                "memory-backend-ram,id=ram-node0,size=128M",
+                "memory-backend-ram,id=ram-node1,size=128M",
+            ]
+        );
+        assert!(!values(&argv, "-machine")[0].contains("memory-backend"));
+
+        // Huge pages without nodes: one memfd backend for the machine,
+        // never a host path.
+        spec.numa.clear();
+        spec.memory.hugepages = Some(crate::spec::HugePageSize::Size2M);
+        let argv = argv_of(&spec);
+        assert!(values(&argv, "-machine")[0].ends_with(",memory-backend=ram0"));
+        assert_eq!(
+            values(&argv, "-object")[0],
+            "memory-backend-memfd,id=ram0,size=256M,hugetlb=on,hugetlbsize=2097152,prealloc=on"
+        );
+        assert!(!argv
+            .iter()
+            .any(|a| a.contains("hugetlbfs") || a.contains("mem-path")));
+        assert_eq!(cpu_ranges(&[0, 1, 2, 5, 7, 8]), [(0, 2), (5, 5), (7, 8)]);
     }
 
     #[test]

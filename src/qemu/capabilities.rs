@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::qemu::accel::Accel;
 use crate::qemu::profile::Profile;
-use crate::spec::MachinePin;
+use crate::spec::{cpu_value, CpuSpec, FieldError, MachinePin};
 
 /// How long the probe may take, start to quit, before QEMU is killed.
 pub const PROBE_DEADLINE: Duration = Duration::from_secs(10);
@@ -302,6 +302,61 @@ impl QemuCapabilities {
             machine_type,
             cpu: cpu.clone(),
         })
+    }
+}
+
+impl QemuCapabilities {
+    /// The pin a VM of `profile` with CPU `cpu` (the spec's `cpu`) gets
+    /// under `accel`: the profile's machine type, and the spec's model (else
+    /// the profile's) with the spec's feature flags. The model must be
+    /// usable here; `host` and `max` are allowed, and are refused by the
+    /// source of a live migration ([`QemuCapabilities::cpu_migration_blocker`]).
+    /// The error names the field: `profile` or `cpu.model`.
+    pub fn pin_vm(
+        &self,
+        profile: &Profile,
+        accel: Accel,
+        cpu: Option<&CpuSpec>,
+    ) -> Result<MachinePin, FieldError> {
+        let field = |field: &str, message: String| FieldError {
+            field: field.into(),
+            message,
+        };
+        let model = cpu.and_then(|c| c.model.as_deref());
+        let features = cpu.map(|c| c.features.as_slice()).unwrap_or_default();
+        let profile_pin = match model {
+            // The profile's CPU must be usable only when it is used.
+            Some(_) => {
+                let machine_type = self
+                    .resolve_machine(&profile.machine.machine_type)
+                    .ok_or_else(|| {
+                        field(
+                            "profile",
+                            format!(
+                                "profile {}: machine.type {:?} is not a machine type of this QEMU ({})",
+                                profile.name, profile.machine.machine_type, self.version
+                            ),
+                        )
+                    })?;
+                MachinePin {
+                    machine_type,
+                    cpu: String::new(),
+                }
+            }
+            None => self
+                .pin(profile, accel)
+                .map_err(|reason| field("profile", reason))?,
+        };
+        let cpu = match model {
+            Some(model) => {
+                self.cpu_usable(model)
+                    .map_err(|reason| field("cpu.model", reason))?;
+                cpu_value(model, features)
+            }
+            // Flags go after the profile's own (`qemu64,+aes` + `-x2apic`).
+            None => cpu_value(&profile_pin.cpu, features),
+        };
+        Ok(MachinePin { cpu, ..profile_pin })
     }
 }
 
@@ -619,6 +674,54 @@ mod tests {
         assert!(reason.contains("not migration-safe"), "{reason}");
         let reason = caps.cpu_migration_blocker("Zen9").unwrap();
         assert!(reason.contains("unknown"), "{reason}");
+    }
+
+    #[test]
+    fn a_vm_pin_takes_the_specs_model_and_features() {
+        let caps = canned();
+        let profiles = crate::qemu::profile::Profiles::built_in().unwrap();
+        let q35 = profiles.get("q35").unwrap();
+        let cpu = |model: Option<&str>, features: &[&str]| CpuSpec {
+            model: model.map(str::to_string),
+            features: features.iter().map(|f| f.to_string()).collect(),
+        };
+        // Nothing asked: the profile's pin.
+        assert_eq!(
+            caps.pin_vm(q35, Accel::Tcg, None).unwrap(),
+            caps.pin(q35, Accel::Tcg).unwrap()
+        );
+        let pin = caps
+            .pin_vm(
+                q35,
+                Accel::Tcg,
+                Some(&cpu(Some("max"), &["+aes", "-x2apic"])),
+            )
+            .unwrap();
+        assert_eq!(pin.machine_type, "pc-q35-10.0");
+        assert_eq!(pin.cpu, "max,+aes,-x2apic");
+        // Features alone go after the profile's model and its flags.
+        let pin = caps
+            .pin_vm(q35, Accel::Tcg, Some(&cpu(None, &["+aes"])))
+            .unwrap();
+        assert_eq!(pin.cpu, format!("{},+aes", q35.cpu.tcg));
+        // A model this host cannot run names cpu.model.
+        for model in ["host", "Skylake-Client", "Zen9"] {
+            let err = caps
+                .pin_vm(q35, Accel::Tcg, Some(&cpu(Some(model), &[])))
+                .unwrap_err();
+            assert_eq!(err.field, "cpu.model");
+            assert!(err.message.contains(model), "{err}");
+        }
+        // A spec's own model does not need the profile's to be usable.
+        let mut odd = q35.clone();
+        odd.cpu.tcg = "Zen9".into();
+        assert!(caps.pin_vm(&odd, Accel::Tcg, None).is_err());
+        assert_eq!(
+            caps.pin_vm(&odd, Accel::Tcg, Some(&cpu(Some("qemu64"), &[])))
+                .unwrap()
+                .cpu,
+            "qemu64"
+        );
     }
 
     #[test]

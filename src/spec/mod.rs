@@ -7,6 +7,7 @@
 //! Validation collects every problem at once and names each field the way a
 //! caller wrote it (`disks[1].path`), so a scheduler can show all errors.
 
+mod cpu;
 mod disk;
 mod errors;
 mod image;
@@ -19,6 +20,10 @@ mod validation;
 mod vm;
 mod volume;
 
+pub use cpu::{
+    check_cpu_feature, check_cpu_model, cpu_value, feature_name, CpuSpec, HugePageSize, MemorySpec,
+    NumaNode, Topology,
+};
 pub use disk::{CacheMode, DiskBus, DiskFormat, DiskSource, DiskSpec, IoLimits, SEED_DISK};
 pub use errors::{FieldError, SpecError};
 pub use image::{Image, ImageImport, ImageStatus, ImportPhase, ImportProgress};

@@ -414,6 +414,10 @@ mod tests {
             autostart: false,
             resources: Default::default(),
             tpm: None,
+            cpu: None,
+            topology: None,
+            numa: vec![],
+            memory: Default::default(),
         };
         name_disks(&mut spec);
         spec

@@ -85,6 +85,16 @@ impl VmSpec {
                 format!("profile {:?} has no TPM device", self.profile),
             );
         }
+        for (field, message) in super::cpu::check(
+            self.cpu.as_ref(),
+            self.topology.as_ref(),
+            &self.numa,
+            &self.memory,
+            self.vcpus,
+            self.memory_mib,
+        ) {
+            c.add(field, message);
+        }
         c.into_result()
     }
 

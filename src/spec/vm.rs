@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::cpu::{CpuSpec, MemorySpec, NumaNode, Topology};
 use super::resources::Resources;
 use uuid::Uuid;
 
@@ -60,6 +61,20 @@ pub struct VmSpec {
     /// the VM); absent: no TPM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<TpmSpec>,
+    /// The guest CPU model and feature flags. Unset: the profile's
+    /// portable, migratable model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuSpec>,
+    /// Sockets, cores and threads (their product is `vcpus`). Unset: one
+    /// socket per vCPU, as QEMU does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
+    /// Guest NUMA nodes. Empty: one node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa: Vec<NumaNode>,
+    /// How guest memory is backed (huge pages).
+    #[serde(default, skip_serializing_if = "MemorySpec::is_default")]
+    pub memory: MemorySpec,
 }
 
 fn default_profile() -> String {

@@ -101,6 +101,23 @@ impl Context {
         self.qemu.pin(profile, self.accel)
     }
 
+    /// The pin VM `spec` gets: [`Context::machine_pin`] of its profile, with
+    /// the CPU model and flags of its `cpu` field. The error names the
+    /// field (`profile`, `cpu.model`).
+    pub fn vm_pin(
+        &self,
+        spec: &crate::spec::VmSpec,
+    ) -> Result<MachinePin, crate::spec::FieldError> {
+        let profile = self
+            .profiles
+            .get(&spec.profile)
+            .map_err(|e| crate::spec::FieldError {
+                field: "profile".into(),
+                message: e.to_string(),
+            })?;
+        self.qemu.pin_vm(profile, self.accel, spec.cpu.as_ref())
+    }
+
     /// Publishes `vm`'s new view.
     pub fn publish_vm(&self, vm: &Vm) {
         self.events.publish(EventBody::Vm {

@@ -212,6 +212,10 @@ mod tests {
             autostart: true,
             resources: Default::default(),
             tpm: None,
+            cpu: None,
+            topology: None,
+            numa: vec![],
+            memory: Default::default(),
         }
     }
 

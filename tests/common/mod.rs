@@ -170,6 +170,10 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         autostart: false,
         resources: Default::default(),
         tpm: None,
+        cpu: None,
+        topology: None,
+        numa: vec![],
+        memory: Default::default(),
     }
 }
 

@@ -546,6 +546,37 @@ pub fn render_vm(vm: &Vm) -> String {
     }
     lines.push(("vcpus".into(), spec.vcpus.to_string()));
     lines.push(("memory".into(), mib(spec.memory_mib)));
+    // The CPU the VM is pinned to (model and flags); before a pin, what
+    // the spec asks for.
+    let cpu = match (&vm.machine, &spec.cpu) {
+        (Some(pin), _) => Some(pin.cpu.clone()),
+        (None, Some(cpu)) => Some(crate::spec::cpu_value(
+            cpu.model.as_deref().unwrap_or("(profile's)"),
+            &cpu.features,
+        )),
+        (None, None) => None,
+    };
+    if let Some(cpu) = cpu {
+        lines.push(("cpu".into(), cpu));
+    }
+    if let Some(t) = &spec.topology {
+        lines.push((
+            "topology".into(),
+            format!(
+                "{} sockets × {} cores × {} threads",
+                t.sockets, t.cores, t.threads
+            ),
+        ));
+    }
+    for (i, node) in spec.numa.iter().enumerate() {
+        lines.push((
+            format!("numa {i}"),
+            format!("cpus {}, {}", node.cpus, mib(node.memory_mib)),
+        ));
+    }
+    if let Some(size) = spec.memory.hugepages {
+        lines.push(("hugepages".into(), size.as_str().into()));
+    }
     if !spec.resources.is_default() {
         lines.push(("resources".into(), resources_str(&spec.resources)));
     }
@@ -809,6 +840,52 @@ serial:     yes
         crate::spec::TpmSpec {
             version: crate::spec::TpmVersion::V2_0,
         }
+    }
+
+    #[test]
+    fn vm_show_prints_cpu_topology_numa_and_huge_pages() {
+        let mut v = vm("web", 1);
+        let text = render_vm(&v);
+        for absent in ["topology", "numa", "hugepages"] {
+            assert!(!text.contains(absent), "unset: no {absent} line: {text}");
+        }
+        v.spec.cpu = Some(crate::spec::CpuSpec {
+            model: Some("max".into()),
+            features: vec!["+aes".into()],
+        });
+        v.spec.topology = Some(crate::spec::Topology {
+            sockets: 2,
+            cores: 1,
+            threads: 2,
+        });
+        v.spec.numa = vec![
+            crate::spec::NumaNode {
+                cpus: "0-1".into(),
+                memory_mib: 256,
+            },
+            crate::spec::NumaNode {
+                cpus: "2-3".into(),
+                memory_mib: 256,
+            },
+        ];
+        v.spec.memory.hugepages = Some(crate::spec::HugePageSize::Size2M);
+        v.machine = None;
+        let text = render_vm(&v);
+        let expected = "\
+memory:     512MiB
+cpu:        max,+aes
+topology:   2 sockets × 1 cores × 2 threads
+numa 0:     cpus 0-1, 256MiB
+numa 1:     cpus 2-3, 256MiB
+hugepages:  2M
+";
+        assert!(text.contains(expected), "{text}");
+        // Once pinned, the pin is what runs.
+        v.machine = Some(crate::spec::MachinePin {
+            machine_type: "pc-q35-10.0".into(),
+            cpu: "max,+aes".into(),
+        });
+        assert!(render_vm(&v).contains("\ncpu:        max,+aes\n"));
     }
 
     #[test]

@@ -12,8 +12,9 @@ impl Actor {
         self.commit(|vm| {
             // A change the last QEMU could not take becomes the spec now.
             if let Some(pending) = vm.pending.take() {
-                if pending.spec.profile != vm.spec.profile {
-                    // Another profile is another machine: pinned anew.
+                if pending.spec.profile != vm.spec.profile || pending.spec.cpu != vm.spec.cpu {
+                    // Another profile is another machine, another CPU
+                    // another model: pinned anew.
                     vm.machine = None;
                 }
                 vm.spec = pending.spec;
@@ -21,9 +22,9 @@ impl Actor {
             // A VM from before pinning (or with a new profile) is pinned
             // now, from the same resolution as a create, and keeps it.
             if vm.machine.is_none() {
-                match ctx.machine_pin(&vm.spec.profile) {
+                match ctx.vm_pin(&vm.spec) {
                     Ok(pin) => vm.machine = Some(pin),
-                    Err(reason) => unpinned = Some(reason),
+                    Err(reason) => unpinned = Some(reason.to_string()),
                 }
             }
             vm.task = Some(Task::Start);
@@ -352,6 +353,19 @@ impl Actor {
     }
 }
 
+/// Whether the huge pages `spec` asks for are free on the host now. QEMU
+/// preallocates them: a pool too small for them is a conflict with what
+/// the host has (409).
+pub fn check_hugepages_free(spec: &VmSpec) -> Result<(), VmError> {
+    let Some(size) = spec.memory.hugepages else {
+        return Ok(());
+    };
+    let pools = crate::node::hugepage_pools(std::path::Path::new(crate::node::HUGEPAGES_SYSFS));
+    let available = pools.get(&size).map_or(0, |(_, free)| *free);
+    crate::node::check_hugepages(size, size.pages_for(spec.memory_mib), available, "free")
+        .map_err(VmError::Conflict)
+}
+
 /// Launches the QEMU of `spec`, paused, with every file, tap and socket it
 /// needs opened by vmlet, confined, and its vCPUs pinned: what a start
 /// does before the guest runs. `incoming`: for the target of a live
@@ -367,6 +381,8 @@ pub async fn launch_qemu(
         .profiles
         .get(&spec.profile)
         .map_err(|e| VmError::Failed(error_chain(&e)))?;
+    // Told before anything is made.
+    check_hugepages_free(spec)?;
     // A full disk stays a full disk (507).
     crate::storage::disks::write_seed(&ctx.layout, spec)?;
     // The taps live while `_host_nics` holds their fds: until QEMU has

@@ -42,7 +42,7 @@ use crate::vm::Vm;
 
 mod edit;
 mod lifecycle;
-pub use lifecycle::launch_qemu;
+pub use lifecycle::{check_hugepages_free, launch_qemu};
 mod migrate;
 mod reattach;
 mod storage;

@@ -108,7 +108,64 @@ impl Manager {
             memory_mib: node::memory_mib(),
             disk_gib: node::filesystem_gib(&self.ctx.settings.state_dir),
         };
-        Inventory::new(&self.ctx.settings.capacity, host, used)
+        let mut inventory = Inventory::new(&self.ctx.settings.capacity, host, used);
+        // Huge pages: what every VM here (its spec or pending spec, the
+        // larger) and every arriving VM would take when running.
+        let specs: Vec<VmSpec> = self
+            .list()
+            .into_iter()
+            .flat_map(|vm| {
+                std::iter::once(vm.spec)
+                    .chain(vm.pending.map(|p| p.spec))
+                    .collect::<Vec<_>>()
+            })
+            .chain(incoming.values().cloned())
+            .collect();
+        let mut wanted: HashMap<(Uuid, crate::spec::HugePageSize), u64> = HashMap::new();
+        for spec in &specs {
+            if let Some(size) = spec.memory.hugepages {
+                let pages = wanted.entry((spec.uuid, size)).or_default();
+                *pages = (*pages).max(size.pages_for(spec.memory_mib));
+            }
+        }
+        for (size, (total, free)) in node::hugepage_pools(Path::new(node::HUGEPAGES_SYSFS)) {
+            let allocated = wanted
+                .iter()
+                .filter(|((_, s), _)| *s == size)
+                .map(|(_, pages)| pages)
+                .sum();
+            inventory.hugepages.insert(
+                size.as_str().to_string(),
+                node::HugePagePool {
+                    total,
+                    free,
+                    allocated,
+                },
+            );
+        }
+        inventory
+    }
+
+    /// Whether `spec`'s huge pages fit in what `inventory` has not
+    /// promised to other VMs (409 otherwise).
+    pub(super) fn check_hugepages_unallocated(
+        inventory: &Inventory,
+        spec: &VmSpec,
+    ) -> Result<(), VmError> {
+        let Some(size) = spec.memory.hugepages else {
+            return Ok(());
+        };
+        let unallocated = inventory
+            .hugepages
+            .get(size.as_str())
+            .map_or(0, node::HugePagePool::unallocated);
+        node::check_hugepages(
+            size,
+            size.pages_for(spec.memory_mib),
+            unallocated,
+            "not allocated to other VMs",
+        )
+        .map_err(VmError::Conflict)
     }
 
     /// What a VM holds: the larger of what its spec and its pending spec
@@ -250,6 +307,10 @@ mod tests {
             autostart: false,
             resources: Default::default(),
             tpm: None,
+            cpu: None,
+            topology: None,
+            numa: vec![],
+            memory: Default::default(),
         };
         let roots = [std::fs::canonicalize(root.path()).unwrap()];
         let err = check_host_paths(&spec, &roots).unwrap_err();

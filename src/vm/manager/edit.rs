@@ -50,6 +50,13 @@ impl Manager {
             errors.extend(e.errors);
         }
         errors.extend(check_disk_changes(&named_base, &spec));
+        // A new CPU model must run here, as at a create (pinned anew at
+        // the next start).
+        if errors.is_empty() && spec.cpu != vm.spec.cpu {
+            if let Err(e) = self.ctx.vm_pin(&spec) {
+                errors.push(e);
+            }
+        }
         if !errors.is_empty() {
             return Err(VmError::Invalid(SpecError { errors }));
         }

@@ -232,6 +232,26 @@ impl Manager {
                 .check_fits(self.usage(spec))
                 .map_err(VmError::Conflict)?;
         }
+        if let Some(size) = spec.memory.hugepages {
+            // The arriving QEMU preallocates its huge pages as it starts:
+            // they must be free now, less what other arriving VMs will take.
+            let free =
+                crate::node::hugepage_pools(std::path::Path::new(crate::node::HUGEPAGES_SYSFS))
+                    .get(&size)
+                    .map_or(0, |(_, free)| *free);
+            let promised: u64 = incoming
+                .values()
+                .filter(|other| other.uuid != spec.uuid && other.memory.hugepages == Some(size))
+                .map(|other| size.pages_for(other.memory_mib))
+                .sum();
+            crate::node::check_hugepages(
+                size,
+                size.pages_for(spec.memory_mib),
+                free.saturating_sub(promised),
+                "free (less what other arriving VMs take)",
+            )
+            .map_err(VmError::Conflict)?;
+        }
         incoming.insert(spec.uuid, spec.clone());
         Ok(())
     }

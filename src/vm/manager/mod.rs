@@ -310,14 +310,18 @@ impl Manager {
         // model this host must run: refused here rather than at every start.
         let machine = self
             .ctx
-            .machine_pin(&spec.profile)
-            .map_err(|reason| VmError::Invalid(SpecError::field("profile", reason)))?;
+            .vm_pin(&spec)
+            .map_err(|e| VmError::Invalid(SpecError { errors: vec![e] }))?;
         check_host_paths(&spec, &self.ctx.host_roots)?;
+        let inventory = self.inventory();
         if self.ctx.settings.capacity.enforce {
-            self.inventory()
+            inventory
                 .check_fits(self.usage(&spec))
                 .map_err(VmError::Conflict)?;
         }
+        // Huge pages are not overcommitted, whatever `capacity.enforce`:
+        // QEMU preallocates them.
+        Self::check_hugepages_unallocated(&inventory, &spec)?;
         disks::check_references(&spec, &self.ctx.images, &self.ctx.volumes)?;
         for (i, disk) in spec.disks.iter().enumerate() {
             if let Ok(DiskSource::Volume { volume }) = disk.source() {
@@ -475,7 +479,17 @@ impl Manager {
         action: PowerAction,
         options: ActOptions,
     ) -> Result<Vm, VmError> {
-        self.find(key)?.act(action, options).await
+        let handle = self.find(key)?;
+        if action == PowerAction::Start {
+            // Refused before the VM is touched, so it stays as it was; the
+            // launch checks again (autostart, arriving migrations).
+            let vm = handle.view();
+            if !vm.state.has_process() {
+                let spec = vm.pending.map_or(vm.spec, |p| p.spec);
+                crate::vm::actor::check_hugepages_free(&spec)?;
+            }
+        }
+        handle.act(action, options).await
     }
 
     /// The event bus.

@@ -1,0 +1,319 @@
+//! The guest's CPU and memory layout through a real daemon and real QEMU
+//! (TCG): a CPU model with feature flags, sockets/cores/threads and two
+//! NUMA nodes as the guest kernel sees them; huge pages taken from the
+//! host's pool (reserved by the test) and refused (409) when the pool is
+//! short; and the spec refusals, each naming its field.
+
+mod common;
+
+use std::time::Duration;
+
+use common::api::{
+    assert_error, assert_invalid_field, call, create_vm, expect, force_delete_vm, id_of,
+    serial_token, uuid_of,
+};
+use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
+use common::serial_shell::SerialShell;
+use common::{wait_for_line, BOOT_TIMEOUT};
+use serde_json::{json, Value};
+use vmlet::client::Method;
+
+const SHELL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A guest spec with `extra` kernel parameters and `fields` merged in.
+fn spec_with(name: &str, extra: &str, fields: Value) -> Value {
+    let mut spec = guest_spec_json(name, extra);
+    for (key, value) in fields.as_object().expect("an object") {
+        spec[key] = value.clone();
+    }
+    spec
+}
+
+#[tokio::test]
+async fn cpu_model_topology_and_numa_reach_the_guest() {
+    let d = Daemon::start().await;
+    let spec = spec_with(
+        &unique_name("cpu"),
+        "guest.action=shell",
+        json!({
+            "vcpus": 4,
+            "memory_mib": 512,
+            "cpu": {"model": "qemu64", "features": ["+aes"]},
+            "topology": {"sockets": 2, "cores": 1, "threads": 2},
+            "numa": [
+                {"cpus": "0-1", "memory_mib": 256},
+                {"cpus": "2-3", "memory_mib": 256}
+            ]
+        }),
+    );
+    let vm = create_vm(&d, &spec).await;
+    let id = id_of(&vm);
+    // The pin carries the spec's model and flags; the spec reads back.
+    assert_eq!(vm["machine"]["cpu"], "qemu64,+aes", "{vm}");
+    assert_eq!(vm["spec"]["topology"]["threads"], 2, "{vm}");
+    assert_eq!(vm["spec"]["numa"][1]["cpus"], "2-3", "{vm}");
+
+    expect(&d, Method::POST, &format!("/v1/vms/{id}/start"), None, 200).await;
+    let log = d.serial_log(uuid_of(&vm));
+    wait_for_line(&log, "GUEST-READY", BOOT_TIMEOUT).await;
+    let token = serial_token(&d, &id).await;
+    let socket = d.socket.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let mut shell = SerialShell::connect(&socket, &token, &log);
+        let mut run = |command: &str| shell.run(command, SHELL_TIMEOUT).trim().to_string();
+        (
+            run("cat /sys/devices/system/cpu/online"),
+            run("ls -d /sys/devices/system/node/node* | wc -l"),
+            run("cat /sys/devices/system/node/node0/cpulist /sys/devices/system/node/node1/cpulist | tr '\\n' ' '"),
+            run("cat /sys/devices/system/cpu/cpu*/topology/physical_package_id | sort -u | wc -l"),
+            // Logical CPUs per package (qemu64 is an AMD model without
+            // topoext: the kernel counts threads per socket, not siblings).
+            run("grep -m1 '^siblings' /proc/cpuinfo | cut -d: -f2"),
+            run("grep -c -w aes /proc/cpuinfo"),
+            run("grep MemTotal /sys/devices/system/node/node1/meminfo | tr -s ' ' | cut -d' ' -f4"),
+        )
+    })
+    .await
+    .unwrap();
+    let (online, nodes, node_cpus, packages, siblings, aes, node1_kib) = report;
+    assert_eq!(online, "0-3", "vCPUs online");
+    assert_eq!(nodes, "2", "NUMA nodes");
+    assert_eq!(node_cpus.trim(), "0-1 2-3", "the nodes' vCPUs");
+    assert_eq!(packages, "2", "sockets");
+    assert_eq!(siblings, "2", "cores × threads per socket");
+    assert_eq!(aes, "4", "every vCPU has the +aes flag qemu64 lacks");
+    // Node 1 has 256 MiB, less what the firmware and kernel keep.
+    let node1_kib: u64 = node1_kib
+        .parse()
+        .unwrap_or_else(|_| panic!("{node1_kib:?}"));
+    assert!(
+        (200 * 1024..=256 * 1024).contains(&node1_kib),
+        "node1 MemTotal {node1_kib} kB"
+    );
+    force_delete_vm(&d, &id).await;
+}
+
+#[tokio::test]
+async fn impossible_cpu_and_memory_layouts_are_refused_naming_the_field() {
+    let d = Daemon::start().await;
+    let cases = [
+        // Under TCG, `host` cannot run: checked against this QEMU.
+        (json!({"cpu": {"model": "host"}}), "cpu.model"),
+        (json!({"cpu": {"model": "NoSuchCpu-v9"}}), "cpu.model"),
+        (json!({"cpu": {"model": "qemu64,+aes"}}), "cpu.model"),
+        (json!({"cpu": {"features": ["aes"]}}), "cpu.features[0]"),
+        (
+            json!({"cpu": {"features": ["+aes", "-aes"]}}),
+            "cpu.features[1]",
+        ),
+        (json!({"cpu": {"flags": ["+aes"]}}), ""),
+        (
+            json!({"vcpus": 4, "topology": {"sockets": 2, "cores": 2, "threads": 2}}),
+            "topology",
+        ),
+        (
+            json!({"vcpus": 2, "topology": {"sockets": 0, "cores": 2, "threads": 1}}),
+            "topology.sockets",
+        ),
+        (
+            json!({"vcpus": 2, "numa": [{"cpus": "0", "memory_mib": 128}, {"cpus": "0-1", "memory_mib": 128}]}),
+            "numa[1].cpus",
+        ),
+        (
+            json!({"vcpus": 2, "numa": [{"cpus": "0", "memory_mib": 128}]}),
+            "numa",
+        ),
+        (
+            json!({"vcpus": 1, "numa": [{"cpus": "0", "memory_mib": 100}]}),
+            "numa",
+        ),
+        (
+            json!({"memory_mib": 255, "memory": {"hugepages": "2M"}}),
+            "memory.hugepages",
+        ),
+        (json!({"memory": {"hugepages": "4K"}}), ""),
+    ];
+    for (fields, field) in cases {
+        let spec = spec_with(&unique_name("bad"), "", fields.clone());
+        let answer = call(&d, Method::POST, "/v1/vms", Some(&spec)).await;
+        if field.is_empty() {
+            // Not even the shape of a spec.
+            assert!(
+                (400..500).contains(&answer.0),
+                "{fields}: {} {}",
+                answer.0,
+                answer.1
+            );
+        } else {
+            assert_invalid_field(&answer, field);
+        }
+    }
+    let (_, vms) = call(&d, Method::GET, "/v1/vms", None).await;
+    assert_eq!(
+        vms["vms"].as_array().map(Vec::len),
+        Some(0),
+        "nothing made: {vms}"
+    );
+}
+
+/// The host's 2M huge-page pool, restored to what it was when dropped.
+struct HugePagePool {
+    before: u64,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+fn read_number(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/meminfo"))
+}
+
+impl HugePagePool {
+    /// Sets the pool to `pages` more than it had; `None` when this host
+    /// cannot (not root, or not that much free contiguous memory).
+    fn grow_by(pages: u64) -> Option<HugePagePool> {
+        let before = std::fs::read_to_string(NR_HUGEPAGES)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let pool = HugePagePool { before };
+        pool.set(before + pages).ok()?;
+        (read_number(NR_HUGEPAGES) == before + pages).then_some(pool)
+    }
+
+    fn set(&self, pages: u64) -> std::io::Result<()> {
+        std::fs::write(NR_HUGEPAGES, pages.to_string())
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        if let Err(e) = self.set(self.before) {
+            eprintln!("restoring {NR_HUGEPAGES} to {}: {e}", self.before);
+        }
+    }
+}
+
+#[tokio::test]
+async fn huge_pages_back_the_guest_and_a_short_pool_is_a_conflict() {
+    const TEST: &str = "huge_pages_back_the_guest_and_a_short_pool_is_a_conflict";
+    if !nix::unistd::geteuid().is_root() {
+        common::skip(TEST, "reserving huge pages needs root");
+        return;
+    }
+    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir() {
+        common::skip(TEST, "this kernel has no 2M huge pages");
+        return;
+    }
+    let d = Daemon::start().await;
+    // 64 pages (128 MiB) for the guest, 16 more.
+    let Some(pool) = HugePagePool::grow_by(80) else {
+        common::skip(TEST, "the kernel could not reserve 80 more 2M huge pages");
+        return;
+    };
+    let base = pool.before;
+    let node = expect(&d, Method::GET, "/v1/node", None, 200).await;
+    let two = &node["inventory"]["hugepages"]["2M"];
+    assert_eq!(two["total"], base + 80, "{node}");
+    assert_eq!(two["allocated"], 0, "{node}");
+
+    let huge = json!({"memory_mib": 128, "memory": {"hugepages": "2M"}});
+    let vm = create_vm(&d, &spec_with(&unique_name("huge"), "", huge.clone())).await;
+    let id = id_of(&vm);
+    let node = expect(&d, Method::GET, "/v1/node", None, 200).await;
+    assert_eq!(
+        node["inventory"]["hugepages"]["2M"]["allocated"], 64,
+        "{node}"
+    );
+
+    // More than the pool has left for new VMs: refused at create.
+    let answer = call(
+        &d,
+        Method::POST,
+        "/v1/vms",
+        Some(&spec_with(
+            &unique_name("huge"),
+            "",
+            json!({"memory_mib": 2 * (base + 16) + 2, "memory": {"hugepages": "2M"}}),
+        )),
+    )
+    .await;
+    let error = assert_error(&answer, 409, "conflict");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("not enough 2M huge pages"),
+        "{error}"
+    );
+
+    let free_before = meminfo("HugePages_Free:");
+    expect(&d, Method::POST, &format!("/v1/vms/{id}/start"), None, 200).await;
+    wait_for_line(&d.serial_log(uuid_of(&vm)), "GUEST-READY", BOOT_TIMEOUT).await;
+    // Preallocated: the whole 128 MiB is taken from the pool.
+    let free_running = meminfo("HugePages_Free:");
+    assert!(
+        free_before - free_running >= 64,
+        "HugePages_Free went from {free_before} to {free_running}"
+    );
+    let node = expect(&d, Method::GET, "/v1/node", None, 200).await;
+    let free_reported = node["inventory"]["hugepages"]["2M"]["free"]
+        .as_u64()
+        .unwrap();
+    assert!(free_reported <= free_running, "{node}");
+
+    // A second VM fits what is unallocated (16 pages) ...
+    let small = spec_with(
+        &unique_name("huge"),
+        "",
+        json!({"memory_mib": 32, "memory": {"hugepages": "2M"}}),
+    );
+    let second = create_vm(&d, &small).await;
+    let second_id = id_of(&second);
+    // ... but when the pool shrinks under it, its start is a conflict,
+    // and no QEMU is left behind.
+    let free_now = meminfo("HugePages_Free:");
+    pool.set(read_number(NR_HUGEPAGES) - free_now.saturating_sub(8))
+        .unwrap();
+    let free_shrunk = meminfo("HugePages_Free:");
+    assert!(free_shrunk < 16, "the pool did not shrink");
+    let answer = call(
+        &d,
+        Method::POST,
+        &format!("/v1/vms/{second_id}/start"),
+        None,
+    )
+    .await;
+    let error = assert_error(&answer, 409, "conflict");
+    assert!(
+        error["message"].as_str().unwrap().contains("needs 16"),
+        "{error}"
+    );
+    let second = expect(&d, Method::GET, &format!("/v1/vms/{second_id}"), None, 200).await;
+    assert_eq!(second["state"], "stopped", "{second}");
+
+    // Stopping the first gives its pages back.
+    force_delete_vm(&d, &id).await;
+    wait_until(
+        "the huge pages to come back",
+        Duration::from_secs(30),
+        || async { (meminfo("HugePages_Free:") >= free_shrunk + 64).then_some(()) },
+    )
+    .await;
+    force_delete_vm(&d, &second_id).await;
+    drop(pool);
+}
