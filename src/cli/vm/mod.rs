@@ -13,7 +13,7 @@ use super::{
     columns, key_values, mib, shown, shown_list, unless_json, write_flush, CliError, ClientOptions,
     Output,
 };
-use crate::spec::{Boot, CacheMode, DiskBus, Firmware, Resources};
+use crate::spec::{Boot, CacheMode, DiskBus, Resources};
 use crate::vm::Vm;
 
 mod disks;
@@ -551,6 +551,7 @@ pub fn render_vm(vm: &Vm) -> String {
     }
     lines.push(("profile".into(), spec.profile.clone()));
     lines.push(("boot".into(), boot_str(&spec.boot)));
+    lines.push(("firmware".into(), spec.boot.firmware().as_str().into()));
     for (i, disk) in spec.disks.iter().enumerate() {
         let mut flags = vec![];
         if disk.bus != DiskBus::VirtioBlk {
@@ -656,9 +657,7 @@ fn resources_str(r: &Resources) -> String {
 fn boot_str(boot: &Boot) -> String {
     match boot {
         Boot::Kernel { kernel, .. } => format!("kernel {}", kernel.display()),
-        Boot::Firmware { firmware } => match firmware {
-            Firmware::Bios => "firmware bios".to_string(),
-        },
+        Boot::Firmware { firmware } => format!("firmware {}", firmware.as_str()),
     }
 }
 
