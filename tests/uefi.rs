@@ -53,6 +53,35 @@ fn nvram_bytes(nvram: &Path, scratch: &Scratch) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
+async fn snapshot(d: &Daemon, id: &str, name: &str) {
+    let path = format!("/v1/vms/{id}/snapshots");
+    let (status, body) = call(d, Method::POST, &path, Some(&json!({"name": name}))).await;
+    assert_eq!(status, 201, "snapshot {name}: {body}");
+}
+
+/// The internal snapshots in the NVRAM file (`qemu-img snapshot -l`).
+fn nvram_snapshots(nvram: &Path) -> Vec<String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", "-f", "qcow2"])
+        .arg(nvram)
+        .output()
+        .expect("running qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn qemu_cmdline(pid: i64) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
@@ -73,6 +102,8 @@ async fn uefi_kernel_boot_sees_efi_and_keeps_its_own_nvram() {
     let scratch = Scratch::new();
     let mut spec = guest_spec_json(&unique_name("uefi"), "guest.firmware=report");
     spec["boot"]["firmware"] = json!("uefi");
+    // A qcow2 disk, so the VM can be snapshotted.
+    spec["disks"] = json!([{"name": "data", "size_mib": 16}]);
     let vm = create_vm(&d, &spec).await;
     let id = id_of(&vm);
     assert_eq!(vm["spec"]["boot"]["firmware"], "uefi", "{vm}");
@@ -105,9 +136,15 @@ async fn uefi_kernel_boot_sees_efi_and_keeps_its_own_nvram() {
     let after_first = nvram_bytes(&nvram, &scratch);
     assert_ne!(after_first, template, "OVMF wrote nothing to the NVRAM");
 
+    // Snapshots take the NVRAM along: offline (qemu-img) and live (QMP).
+    snapshot(&d, &id, "offline1").await;
+    assert!(nvram_snapshots(&nvram).contains(&"offline1".to_string()));
+
     act(&d, &id, "start", None).await;
     wait_for_count(&log, "GUEST-FIRMWARE efi=yes", 2, BOOT_TIMEOUT).await;
+    snapshot(&d, &id, "live1").await;
     act(&d, &id, "stop", Some(&stop)).await;
+    assert_eq!(nvram_snapshots(&nvram), ["offline1", "live1"]);
     // The same file, kept across starts, never reset from the template.
     assert_eq!(std::fs::metadata(&nvram).unwrap().ino(), inode);
     assert_ne!(nvram_bytes(&nvram, &scratch), template);

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::qemu::disk::{self, DiskPlan, DiskSets, FileOrigin};
 use crate::qemu::firmware::{self, PflashSets, UefiFirmware};
 use crate::qemu::launch_files::{self, BootFile, BootFiles, PassedFd};
-use crate::spec::{Boot, DiskFormat, DiskSource, DiskSpec, VmSpec, SEED_DISK};
+use crate::spec::{Boot, DiskFormat, DiskSource, DiskSpec, VmSpec, SEED_DISK, UEFI_NODES};
 use crate::storage::files::{self, OpenError, OpenMode};
 use crate::storage::Layout;
 
@@ -67,6 +67,24 @@ pub fn seed_plan(layout: &Layout, vm: Uuid) -> DiskPlan {
             name: Some(SEED_DISK.to_string()),
             read_only: true,
             ..DiskSpec::file(layout.seed(vm), DiskFormat::Raw)
+        },
+        base: None,
+        origin: FileOrigin::Managed,
+    }
+}
+
+/// A UEFI VM's NVRAM as a disk of its own (never a guest device): for
+/// snapshots, which take it with the disks. Its name is its block node's
+/// ([`UEFI_NODES`], reserved for it).
+pub fn nvram_plan(layout: &Layout, vm: Uuid) -> DiskPlan {
+    let name = UEFI_NODES[1].to_string();
+    DiskPlan {
+        name: name.clone(),
+        file: layout.nvram(vm),
+        format: DiskFormat::Qcow2,
+        spec: DiskSpec {
+            name: Some(name),
+            ..DiskSpec::file(layout.nvram(vm), DiskFormat::Qcow2)
         },
         base: None,
         origin: FileOrigin::Managed,
