@@ -736,6 +736,7 @@ vcpus:      2
 memory:     512MiB
 profile:    q35
 boot:       kernel /k/vmlinuz
+firmware:   bios
 disk disk0: qcow2 /var/lib/vmlet/web.qcow2 (read-only, boot 1)
 serial:     yes
 autostart:  no
