@@ -270,5 +270,21 @@ async fn uefi_refusals_name_boot_firmware() {
     assert_invalid_field(&answer, "disks[0].name");
     // A BIOS VM needs no descriptor.
     let vm = create_vm(&d, &guest_spec_json(&unique_name("bios"), "")).await;
+    // As a migration target, a daemon refuses a UEFI VM (its NVRAM would
+    // not come along), asked directly as a source daemon asks it.
+    let node = call(&d, Method::GET, "/v1/node", None).await.1;
+    let (_, mut view) = call(&d, Method::GET, &format!("/v1/vms/{}", id_of(&vm)), None).await;
+    view["spec"]["boot"]["firmware"] = json!("uefi");
+    let request = json!({
+        "id": uuid::Uuid::new_v4(),
+        "source": "elsewhere",
+        "qemu_version": node["qemu_version"],
+        "max_downtime_ms": 300,
+        "vm": view,
+        "images": [],
+        "disks": [],
+    });
+    let answer = call(&d, Method::POST, "/v1/migrations/incoming", Some(&request)).await;
+    assert_invalid_field(&answer, "vm.spec.boot.firmware");
     force_delete_vm(&d, &id_of(&vm)).await;
 }
