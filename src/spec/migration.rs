@@ -321,10 +321,8 @@ mod tests {
                 let allowed = from.may_become(to);
                 let expected = matches!(
                     (from, to),
-                    (
-                        P::Preparing,
-                        P::Mirroring | P::Ram | P::Failed | P::Cancelled
-                    ) | (P::Mirroring, P::Ram | P::Failed | P::Cancelled)
+                    (P::Preparing, P::Mirroring | P::Ram | P::Failed | P::Cancelled)
+                        | (P::Mirroring, P::Ram | P::Failed | P::Cancelled)
                         | (P::Ram, P::Switchover | P::Failed | P::Cancelled)
                         | (P::Switchover, P::Completed | P::Failed)
                 );
