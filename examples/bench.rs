@@ -103,6 +103,7 @@ impl Bench {
                 kernel: self.kernel.clone(),
                 initrd: Some(self.initrd.clone()),
                 cmdline,
+                firmware: Default::default(),
             },
             disks: vec![],
             serial: SerialSpec::default(),
@@ -112,6 +113,10 @@ impl Bench {
             autostart: false,
             resources: Default::default(),
             tpm: None,
+            cpu: None,
+            topology: None,
+            numa: vec![],
+            memory: Default::default(),
         }
     }
 
@@ -149,6 +154,7 @@ impl Bench {
             passed_fds: &files.passed,
             boot_files: files.boot.as_ref(),
             nics: &[],
+            pflash: files.pflash,
             confine: confined.as_ref().map(|c| c.plan()).unwrap_or_default(),
             tpm: None,
         })
@@ -196,6 +202,7 @@ impl Bench {
             passed_fds: &passed,
             boot_files: None,
             nics: &[],
+            pflash: None,
         });
         let fds = [qmp.as_raw_fd(), serial.as_raw_fd(), log.as_raw_fd()];
         let mut command = std::process::Command::new("qemu-system-x86_64");

@@ -416,6 +416,7 @@ async fn run(
                 passed_fds: &files.passed,
                 boot_files: files.boot.as_ref(),
                 nics: &[],
+                pflash: files.pflash,
                 confine: Default::default(),
                 tpm: None,
             }),

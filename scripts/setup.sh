@@ -8,6 +8,8 @@
 #   iproute2              ip, bridge (used by tests and operators)
 #   novnc                 the noVNC files vmlet serves with its console page
 #                         (/usr/share/novnc, setting console.novnc_dir)
+#   ovmf                  UEFI firmware (boot.firmware uefi, uefi-secure),
+#                         found through /usr/share/qemu/firmware/*.json
 # With --test, also what the test suite needs: gzip and procps, and
 # syslinux, mtools and dosfstools (a BIOS-bootable disk for the firmware-boot
 # test), iputils-ping (the network tests ping guests from a namespace), and
@@ -38,6 +40,7 @@ command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v swtpm >/dev/null 2>&1 || missing+=(swtpm)
 [ -f /usr/share/novnc/core/rfb.js ] || missing+=(novnc)
+dpkg -s ovmf >/dev/null 2>&1 || missing+=(ovmf)
 if [ "$want_test_tools" = 1 ]; then
     # command -> package, for the test suite only.
     for pair in gzip:gzip pgrep:procps mkfs.vfat:dosfstools mcopy:mtools syslinux:syslinux ping:iputils-ping; do

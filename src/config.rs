@@ -86,6 +86,11 @@ pub struct Settings {
     pub api: ApiSettings,
     /// How QEMU is confined: its user, jail and cgroup (`[qemu]`).
     pub qemu: QemuSettings,
+    /// Where QEMU's firmware descriptors (`*.json`, QEMU's
+    /// `docs/interop/firmware.json`) are read from, highest priority first:
+    /// a file overrides (an empty one hides) the same name in a later
+    /// directory. UEFI VMs get their firmware from them (Debian: `ovmf`).
+    pub firmware_dirs: Vec<PathBuf>,
 }
 
 /// How each VM's QEMU is confined (`[qemu]` in the file). Applies when vmlet
@@ -312,6 +317,10 @@ impl Default for Settings {
             images: ImageSettings::default(),
             api: ApiSettings::default(),
             qemu: QemuSettings::default(),
+            firmware_dirs: vec![
+                "/etc/qemu/firmware".into(),
+                "/usr/share/qemu/firmware".into(),
+            ],
         }
     }
 }
@@ -485,7 +494,8 @@ impl Settings {
     /// `VMLET_IDLE_TIMEOUT_S`, `VMLET_TLS_CERT`, `VMLET_TLS_KEY` and `VMLET_PEER_CA_FILE` (empty:
     /// unset), and for `[qemu]` `VMLET_QEMU_CGROUP_ROOT`
     /// (empty: no cgroups), `VMLET_QEMU_JAIL` (`true`/`false`) and
-    /// `VMLET_QEMU_UID_RANGE` (`FIRST-LAST`).
+    /// `VMLET_QEMU_UID_RANGE` (`FIRST-LAST`), and `VMLET_FIRMWARE_DIRS`
+    /// (`:`-separated).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
             self.state_dir = v.into();
@@ -585,6 +595,9 @@ impl Settings {
         }
         if let Some(v) = var("VMLET_ALLOWED_HOST_PATHS") {
             self.allowed_host_paths = Some(std::env::split_paths(&v).collect());
+        }
+        if let Some(v) = var("VMLET_FIRMWARE_DIRS") {
+            self.firmware_dirs = std::env::split_paths(&v).collect();
         }
         if let Some(v) = var("VMLET_CONSOLE_TOKEN_TTL_S") {
             self.console.token_ttl_s = number("VMLET_CONSOLE_TOKEN_TTL_S", &v)?;

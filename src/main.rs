@@ -313,6 +313,7 @@ async fn dispatch(
                 passed_fds: &n.passed,
                 boot_files: n.boot.as_ref(),
                 nics: &nics,
+                pflash: n.pflash,
             });
             println!("{}", settings.qemu_binary.display());
             for arg in argv {
@@ -435,6 +436,14 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
     // opened like the daemon opens them (no symlink on the resolved path)
     // and passed to QEMU as fds.
     let spec = canonical_host_paths(spec)?;
+    // A UEFI VM's NVRAM is per-VM state that a run, which keeps nothing,
+    // has nowhere to keep.
+    if spec.boot.firmware().is_uefi() {
+        anyhow::bail!(
+            "boot.firmware: {} needs the daemon (the VM's NVRAM lives in its state directory); `vmlet run` boots bios only",
+            spec.boot.firmware().as_str()
+        );
+    }
     let files = LaunchFiles::open(&spec, &layout, &[PathBuf::from("/")])?;
     // Confined like the daemon's VMs (as root), or as this user.
     let confiner =
@@ -468,6 +477,7 @@ async fn run(settings: &Settings, spec_path: &Path) -> anyhow::Result<ExitCode> 
         passed_fds: &files.passed,
         boot_files: files.boot.as_ref(),
         nics: &[],
+        pflash: files.pflash,
         confine: confined.plan(),
         tpm: spec.tpm.map(|_| instance::TpmPlan {
             binary: &settings.swtpm_binary,

@@ -809,6 +809,7 @@ async fn unfinished_start_is_cleaned_up() {
         passed_fds: &files.passed,
         boot_files: files.boot.as_ref(),
         nics: &[],
+        pflash: files.pflash,
         confine: Default::default(),
         tpm: None,
     })

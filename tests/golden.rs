@@ -80,6 +80,7 @@ fn render(case: &Case, profiles: &Profiles) -> String {
         passed_fds: &n.passed,
         boot_files: n.boot.as_ref(),
         nics: &nics,
+        pflash: n.pflash,
     });
     let mut text = argv.join("\n");
     text.push('\n');

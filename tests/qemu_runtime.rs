@@ -177,6 +177,7 @@ fn missing_kernel_is_refused_before_qemu_runs() {
         kernel: scratch.path().join("no-such-kernel"),
         initrd: None,
         cmdline: String::new(),
+        firmware: Default::default(),
     };
     let err = LaunchFiles::open(
         &spec,
@@ -206,6 +207,7 @@ async fn commas_and_spaces_in_paths_reach_qemu_intact() {
         kernel,
         initrd: Some(initrd),
         cmdline: common::guest_cmdline("q35", "guest.action=poweroff"),
+        firmware: Default::default(),
     };
     spec.disks.push(disk("data", &image));
     // The run directory (sockets, pidfile, serial log) has a comma too.

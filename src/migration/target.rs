@@ -109,6 +109,17 @@ impl Migrations {
                 crate::qemu::tpm::MIGRATION_REFUSAL,
             )));
         }
+        if vm.spec.boot.firmware().is_uefi() {
+            // The source refuses to send one (its NVRAM is not mirrored);
+            // a VM arriving without it would boot with a blank store.
+            return Err(MigrationError::Invalid(crate::spec::SpecError::field(
+                "vm.spec.boot.firmware",
+                format!(
+                    "{}: live migration does not carry a UEFI VM's NVRAM yet",
+                    vm.spec.boot.firmware().as_str()
+                ),
+            )));
+        }
         self.manager().check_qemu_version(&request.qemu_version)?;
         self.manager()
             .reserve_incoming(&vm, &request.images)

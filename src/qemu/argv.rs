@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::qemu::accel::Accel;
 use crate::qemu::disk::{self, DiskPlan, DiskSets, SCSI_CONTROLLER};
+use crate::qemu::firmware::{self, PflashSets};
 use crate::qemu::launch_files::{BootFiles, PassedFd, RunFds};
 use crate::qemu::nic::{self, NicPlan};
 use crate::qemu::profile::{DeviceBus, Profile};
@@ -135,6 +136,9 @@ pub struct LaunchInputs<'a> {
     /// The NICs, in `spec.nics` order, with their host side resolved (tap
     /// fds QEMU inherits, or user-mode networking).
     pub nics: &'a [NicPlan],
+    /// The fd sets of a UEFI VM's firmware code and NVRAM (in
+    /// `passed_fds`); None for BIOS.
+    pub pflash: Option<PflashSets>,
 }
 
 /// Escapes a value for QEMU's `key=value,…` syntax: commas are doubled.
@@ -172,6 +176,7 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         passed_fds,
         boot_files,
         nics,
+        pflash,
     } = input;
     let mut argv = Argv::default();
 
@@ -206,12 +211,21 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             format!("unix:{},power-control=off", path_value(&socket)),
         );
     }
-    let mut machine_option = machine_value(machine, profile);
+    let mut machine_arg = machine_value(machine, profile);
+    if let Some(sets) = pflash {
+        // The firmware and NVRAM are block nodes on fd sets, like disks:
+        // QEMU never opens the firmware files by path.
+        machine_arg.push_str(&firmware::machine_options(PflashSets {
+            // A profile that turns SMM on itself needs no second `smm=`.
+            secure: sets.secure && !profile.machine.options.contains_key("smm"),
+            ..sets
+        }));
+    }
     if spec.numa.is_empty() && spec.memory.hugepages.is_some() {
         // One backend for all guest memory, so it can be huge pages.
-        machine_option.push_str(&format!(",memory-backend={RAM_BACKEND}"));
+        machine_arg.push_str(&format!(",memory-backend={RAM_BACKEND}"));
     }
-    argv.push("-machine", machine_option);
+    argv.push("-machine", machine_arg);
     argv.push("-accel", accel.as_str());
     argv.push("-cpu", &machine.cpu);
     argv.push("-smp", smp_value(spec));
@@ -254,6 +268,7 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             kernel,
             initrd,
             cmdline,
+            ..
         } => {
             // The daemon names the files it opened (`/proc/self/fd/N`) or
             // the copies it made in the jail, so no path from a spec reaches
@@ -291,6 +306,16 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
                 escape(&passed.opaque)
             ),
         );
+    }
+    if let Some(sets) = pflash {
+        for node in firmware::blockdevs(sets) {
+            argv.push("-blockdev", node.to_string());
+        }
+        if sets.secure {
+            // Only SMM code may write the variable store: the guest OS
+            // cannot turn Secure Boot off behind the firmware's back.
+            argv.push("-global", firmware::SECURE_FLASH_GLOBAL);
+        }
     }
     if disks.iter().any(|p| p.spec.bus == DiskBus::VirtioScsi) {
         if let Some(controller) = &profile.devices.scsi {
@@ -487,7 +512,7 @@ impl Argv {
 mod tests {
     use super::*;
     use crate::qemu::profile::Profiles;
-    use crate::spec::{DiskFormat, DiskSpec, SerialSpec};
+    use crate::spec::{DiskFormat, DiskSpec, Firmware, SerialSpec};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -500,6 +525,7 @@ mod tests {
                 kernel: "/k".into(),
                 initrd: None,
                 cmdline: String::new(),
+                firmware: Firmware::Bios,
             },
             disks: vec![DiskSpec {
                 read_only: true,
@@ -573,6 +599,7 @@ mod tests {
             passed_fds: &n.passed,
             boot_files: n.boot.as_ref(),
             nics: &[],
+            pflash: n.pflash,
         });
         let value = |option: &str| {
             let at = argv.iter().position(|a| a == option).expect(option);
@@ -623,6 +650,7 @@ mod tests {
                 passed_fds: &n.passed,
                 boot_files: n.boot.as_ref(),
                 nics: &[],
+                pflash: n.pflash,
             })
         };
         let values = |argv: &[String], option: &str| -> Vec<String> {
@@ -666,6 +694,94 @@ mod tests {
     }
 
     #[test]
+    fn uefi_firmware_is_two_flash_nodes_on_fd_sets() {
+        let profiles = Profiles::built_in().unwrap();
+        let q35 = profiles.get("q35").unwrap();
+        let paths = RunPaths::new(Path::new("/run/vmlet"), Uuid::nil());
+        let argv_for = |firmware: Firmware| {
+            let mut spec = spec();
+            if let Boot::Kernel { firmware: f, .. } = &mut spec.boot {
+                *f = firmware;
+            }
+            let (disks, n) = files_of(&spec);
+            build(LaunchInputs {
+                spec: &spec,
+                profile: q35,
+                machine: &pin("pc-q35-10.0"),
+                accel: Accel::Tcg,
+                paths: &paths,
+                jailed: true,
+                run_fds: &n.run,
+                disks: &disks,
+                disk_sets: &n.sets,
+                passed_fds: &n.passed,
+                boot_files: n.boot.as_ref(),
+                nics: &[],
+                pflash: n.pflash,
+            })
+        };
+        let value = |argv: &[String], option: &str| {
+            let at = argv.iter().position(|a| a == option).expect(option);
+            argv[at + 1].clone()
+        };
+        let bios = argv_for(Firmware::Bios);
+        assert!(!value(&bios, "-machine").contains("pflash"));
+        assert!(!bios.iter().any(|a| a.contains("efi-")), "{bios:?}");
+
+        let uefi = argv_for(Firmware::Uefi);
+        assert_eq!(
+            value(&uefi, "-machine"),
+            "pc-q35-10.0,dump-guest-core=off,usb=off,vmport=off,pflash0=efi-code,pflash1=efi-vars"
+        );
+        // Disk set 1, serial log 2, then code 3 and NVRAM 4 (fds after
+        // the QMP socket, disk, serial socket and log, and kernel).
+        assert!(uefi.contains(&"fd=105,set=3,opaque=firmware:code".to_string()));
+        assert!(uefi.contains(&"fd=106,set=4,opaque=firmware:nvram".to_string()));
+        let node = |argv: &[String], name: &str| -> serde_json::Value {
+            argv.iter()
+                .filter_map(|a| serde_json::from_str::<serde_json::Value>(a).ok())
+                .find(|v| v["node-name"] == name)
+                .expect(name)
+        };
+        assert_eq!(node(&uefi, "efi-code-file")["filename"], "/dev/fdset/3");
+        assert_eq!(node(&uefi, "efi-vars-file")["filename"], "/dev/fdset/4");
+        assert_eq!(node(&uefi, "efi-vars")["driver"], "qcow2");
+        assert!(!uefi.iter().any(|a| a == "-global"));
+        assert!(!uefi.iter().any(|a| a.contains("OVMF")), "{uefi:?}");
+
+        let secure = argv_for(Firmware::UefiSecure);
+        assert!(value(&secure, "-machine").ends_with(",pflash0=efi-code,pflash1=efi-vars,smm=on"));
+        assert_eq!(
+            value(&secure, "-global"),
+            "driver=cfi.pflash01,property=secure,value=on"
+        );
+        // A profile that sets SMM itself gets no second `smm=`.
+        let mut smm = q35.clone();
+        smm.machine.options.insert("smm".into(), "on".into());
+        let mut spec = spec();
+        if let Boot::Kernel { firmware, .. } = &mut spec.boot {
+            *firmware = Firmware::UefiSecure;
+        }
+        let (disks, n) = files_of(&spec);
+        let argv = build(LaunchInputs {
+            spec: &spec,
+            profile: &smm,
+            machine: &pin("pc-q35-10.0"),
+            accel: Accel::Tcg,
+            paths: &paths,
+            jailed: true,
+            run_fds: &n.run,
+            disks: &disks,
+            disk_sets: &n.sets,
+            passed_fds: &n.passed,
+            boot_files: n.boot.as_ref(),
+            nics: &[],
+            pflash: n.pflash,
+        });
+        assert_eq!(value(&argv, "-machine").matches("smm=").count(), 1);
+    }
+
+    #[test]
     fn escape_doubles_commas() {
         assert_eq!(escape("a,b,,c"), "a,,b,,,,c");
         assert_eq!(escape("plain"), "plain");
@@ -690,6 +806,7 @@ mod tests {
             passed_fds: &n.passed,
             boot_files: n.boot.as_ref(),
             nics: &[],
+            pflash: n.pflash,
         });
         // QEMU gets no path at all: the disk is an fd set, the kernel an
         // inherited fd.
@@ -742,6 +859,7 @@ mod tests {
                 passed_fds: &n.passed,
                 boot_files: n.boot.as_ref(),
                 nics: &[],
+                pflash: n.pflash,
             })
         };
         let device = "pvpanic,id=panic0".to_string();

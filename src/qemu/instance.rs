@@ -177,6 +177,9 @@ pub struct Launch<'a> {
     pub boot_files: Option<&'a BootFiles>,
     /// The NICs.
     pub nics: &'a [NicPlan],
+    /// The fd sets of a UEFI VM's firmware code and NVRAM (their fds are
+    /// in `passed_fds`); None for BIOS.
+    pub pflash: Option<crate::qemu::firmware::PflashSets>,
     /// The confinement.
     pub confine: ConfinePlan<'a>,
     /// Where the TPM's `swtpm` keeps its state, for a spec with `tpm`.
@@ -314,6 +317,7 @@ async fn spawn_confined(launch: &Launch<'_>, incoming: bool) -> Result<QemuInsta
         passed_fds: &handover.passed,
         boot_files: boot.as_ref(),
         nics: launch.nics,
+        pflash: launch.pflash,
     };
     let mut argv = argv::build(inputs);
     if incoming {

@@ -9,7 +9,8 @@
 use std::os::fd::RawFd;
 
 use crate::qemu::disk::{self, DiskPlan, DiskSets};
-use crate::spec::{Boot, VmSpec};
+use crate::qemu::firmware::{self, PflashSets};
+use crate::spec::{Boot, Firmware, VmSpec};
 
 /// A file vmlet opened that QEMU inherits at `fd` and files into fd set
 /// `set` (`-add-fd fd=FD,set=SET,opaque=OPAQUE`).
@@ -116,6 +117,8 @@ pub struct Numbered {
     pub boot: Option<BootFiles>,
     /// The sockets and the serial log's set.
     pub run: RunFds,
+    /// The firmware code's and NVRAM's fd sets (UEFI VMs).
+    pub pflash: Option<PflashSets>,
 }
 
 /// The fd sets, passed fds, sockets and boot files a launch of `spec` with
@@ -172,11 +175,38 @@ pub fn numbered(spec: &VmSpec, disks: &[DiskPlan], first_fd: RawFd, jailed: bool
         }),
         Boot::Firmware { .. } => None,
     };
+    let firmware = spec.boot.firmware();
+    let pflash = firmware.is_uefi().then(|| {
+        let pflash = pflash_sets(&sets, firmware == Firmware::UefiSecure);
+        passed.push(PassedFd {
+            fd: take(),
+            set: pflash.code,
+            opaque: firmware::CODE_TAG.into(),
+        });
+        passed.push(PassedFd {
+            fd: take(),
+            set: pflash.vars,
+            opaque: firmware::VARS_TAG.into(),
+        });
+        pflash
+    });
     Numbered {
         sets,
         passed,
         boot,
         run,
+        pflash,
+    }
+}
+
+/// The fd sets of a UEFI VM's firmware code and NVRAM: the two after the
+/// serial log's ([`next_set`]), whether or not the serial port is on.
+pub fn pflash_sets(sets: &[DiskSets], secure: bool) -> PflashSets {
+    let after = next_set(sets);
+    PflashSets {
+        code: after + 1,
+        vars: after + 2,
+        secure,
     }
 }
 

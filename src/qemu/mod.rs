@@ -6,6 +6,7 @@ pub mod argv;
 pub mod capabilities;
 pub mod disk;
 pub mod exit;
+pub mod firmware;
 pub mod hotplug;
 pub mod instance;
 pub mod launch_files;

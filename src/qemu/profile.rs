@@ -138,6 +138,14 @@ pub struct SupportsSection {
     pub kernel_boot: bool,
     /// Firmware (BIOS) boot from a disk.
     pub firmware_boot: bool,
+    /// UEFI firmware on pflash (`boot.firmware: uefi`). Off when absent, so
+    /// profile copies written before it existed still load.
+    #[serde(default)]
+    pub uefi: bool,
+    /// UEFI Secure Boot (`uefi-secure`): the machine has SMM, which vmlet
+    /// turns on (`smm=on`) for such VMs. Needs `uefi`.
+    #[serde(default)]
+    pub secure_boot: bool,
 }
 
 /// Hot-plug slots.
@@ -158,6 +166,8 @@ impl Profile {
             scsi: self.devices.scsi.is_some(),
             pci: self.devices.bus == DeviceBus::Pci,
             tpm: self.devices.tpm.is_some(),
+            uefi: self.supports.uefi,
+            secure_boot: self.supports.secure_boot,
         }
     }
 
@@ -201,6 +211,14 @@ impl Profile {
                 return Err("defaults.panic: needs devices.panic".into());
             }
             None => {}
+        }
+        if self.supports.secure_boot && !self.supports.uefi {
+            return Err("supports.secure_boot: needs supports.uefi".into());
+        }
+        if self.supports.secure_boot && self.machine.options.get("smm").is_some_and(|v| v != "on") {
+            return Err(
+                "supports.secure_boot: needs SMM, but machine.options.smm is not \"on\"".into(),
+            );
         }
         if !self.supports.kernel_boot && !self.supports.firmware_boot {
             return Err("supports: needs kernel_boot or firmware_boot".into());
@@ -382,6 +400,32 @@ mod tests {
         let micro = p.get("microvm").unwrap();
         assert!(!micro.supports.hotplug && !micro.supports.firmware_boot);
         assert!(matches!(p.get("nope"), Err(ProfileError::Unknown(_))));
+    }
+
+    #[test]
+    fn uefi_support_is_declared_and_checked() {
+        let p = Profiles::built_in().unwrap();
+        let q35 = p.get("q35").unwrap().caps();
+        assert!(q35.uefi && q35.secure_boot);
+        let micro = p.get("microvm").unwrap().caps();
+        assert!(!micro.uefi && !micro.secure_boot);
+        // A profile copy from before UEFI loads without it.
+        let old = BUILT_IN[0]
+            .1
+            .replace("uefi = true\n", "")
+            .replace("secure_boot = true\n", "");
+        let caps = Profile::parse("old", &old).unwrap().caps();
+        assert!(!caps.uefi && !caps.secure_boot);
+        // Secure Boot without pflash, or with SMM turned off, is refused.
+        let no_uefi = BUILT_IN[0].1.replace("uefi = true\n", "");
+        let err = Profile::parse("x", &no_uefi).unwrap_err();
+        assert!(err.contains("supports.secure_boot"), "{err}");
+        let smm_off = BUILT_IN[0]
+            .1
+            .replace("\"usb\" = \"off\"", "\"usb\" = \"off\", \"smm\" = \"off\"");
+        assert_ne!(smm_off, BUILT_IN[0].1);
+        let err = Profile::parse("x", &smm_off).unwrap_err();
+        assert!(err.contains("SMM"), "{err}");
     }
 
     #[test]

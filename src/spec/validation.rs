@@ -6,8 +6,8 @@ use std::path::Path;
 
 use super::limits;
 use super::{
-    parse_mac, Boot, DiskBus, DiskSource, DiskSpec, FieldError, IoLimits, NicModel, NicSpec,
-    ProfileCaps, SpecError, VmSpec, SEED_DISK,
+    parse_mac, Boot, DiskBus, DiskSource, DiskSpec, FieldError, Firmware, IoLimits, NicModel,
+    NicSpec, ProfileCaps, SpecError, VmSpec, SEED_DISK, UEFI_NODES,
 };
 
 struct Collector(Vec<FieldError>);
@@ -141,6 +141,7 @@ impl VmSpec {
                 kernel,
                 initrd,
                 cmdline,
+                ..
             } => {
                 if caps.is_some_and(|p| !p.kernel_boot) {
                     c.add("boot.type", "this profile cannot boot a kernel directly");
@@ -168,6 +169,24 @@ impl VmSpec {
                 }
             }
         }
+        let firmware = self.boot.firmware();
+        match caps {
+            Some(p) if firmware.is_uefi() && !p.uefi => c.add(
+                "boot.firmware",
+                format!(
+                    "profile {:?} has no pflash for UEFI firmware: use bios, or a q35 profile",
+                    self.profile
+                ),
+            ),
+            Some(p) if firmware == Firmware::UefiSecure && !p.secure_boot => c.add(
+                "boot.firmware",
+                format!(
+                    "uefi-secure needs a machine with SMM (q35); profile {:?} has none",
+                    self.profile
+                ),
+            ),
+            _ => {}
+        }
     }
 
     fn check_disks(&self, c: &mut Collector) {
@@ -185,6 +204,15 @@ impl VmSpec {
             }
             if disk.name_or_default(i) == SEED_DISK {
                 c.add(field("name"), "`cidata` is the cloud-init seed's name");
+            }
+            if UEFI_NODES.contains(&disk.name_or_default(i).as_str()) {
+                c.add(
+                    field("name"),
+                    format!(
+                        "{:?} is reserved for the UEFI firmware",
+                        disk.name_or_default(i)
+                    ),
+                );
             }
             if let Some(order) = disk.boot_order {
                 if !orders.insert(order) {
@@ -456,6 +484,8 @@ mod tests {
                 scsi: true,
                 pci: true,
                 tpm: true,
+                uefi: true,
+                secure_boot: true,
             }),
             "microvm" => Some(ProfileCaps {
                 kernel_boot: true,
@@ -463,6 +493,18 @@ mod tests {
                 scsi: false,
                 pci: false,
                 tpm: false,
+                uefi: false,
+                secure_boot: false,
+            }),
+            // A PC with pflash but without SMM.
+            "nosmm" => Some(ProfileCaps {
+                kernel_boot: true,
+                firmware_boot: true,
+                scsi: true,
+                pci: true,
+                tpm: true,
+                uefi: true,
+                secure_boot: false,
             }),
             _ => None,
         }
@@ -536,7 +578,7 @@ mod tests {
         v["disks"][0]["colour"] = json!("none");
         assert!(serde_json::from_value::<VmSpec>(v).is_err());
         let mut v = base();
-        v["boot"]["firmware"] = json!("bios");
+        v["boot"]["bootloader"] = json!("grub");
         assert!(serde_json::from_value::<VmSpec>(v).is_err());
     }
 
@@ -605,6 +647,56 @@ mod tests {
             {"name": "disk0", "path": "/b", "format": "raw"},
         ]);
         assert_eq!(fields(v), ["disks[1].name"]);
+    }
+
+    #[test]
+    fn uefi_needs_pflash_and_secure_boot_needs_smm() {
+        // Both boot types take a firmware; bios stays the default.
+        let mut v = base();
+        assert_eq!(parse(v.clone()).boot.firmware(), Firmware::Bios);
+        v["boot"]["firmware"] = json!("uefi");
+        assert_eq!(parse(v.clone()).boot.firmware(), Firmware::Uefi);
+        assert_eq!(fields(v.clone()), Vec::<String>::new());
+        v["boot"]["firmware"] = json!("uefi-secure");
+        assert_eq!(parse(v.clone()).boot.firmware(), Firmware::UefiSecure);
+        assert_eq!(fields(v.clone()), Vec::<String>::new());
+        // microvm has no pflash; a machine without SMM cannot keep Secure
+        // Boot's variables from the guest.
+        v["profile"] = json!("microvm");
+        assert_eq!(fields(v.clone()), ["boot.firmware"]);
+        let err = parse(v.clone()).validate(caps).unwrap_err();
+        assert!(err.errors[0].message.contains("pflash"), "{err:?}");
+        v["boot"]["firmware"] = json!("uefi");
+        assert_eq!(fields(v.clone()), ["boot.firmware"]);
+        v["profile"] = json!("nosmm");
+        assert_eq!(fields(v.clone()), Vec::<String>::new());
+        v["boot"]["firmware"] = json!("uefi-secure");
+        assert_eq!(fields(v.clone()), ["boot.firmware"]);
+        let err = parse(v.clone()).validate(caps).unwrap_err();
+        assert!(err.errors[0].message.contains("SMM"), "{err:?}");
+        // Firmware boot takes them too.
+        let mut v = base();
+        v["boot"] = json!({"type": "firmware", "firmware": "uefi-secure"});
+        v["disks"][0]["boot_order"] = json!(1);
+        assert_eq!(fields(v.clone()), Vec::<String>::new());
+        // Unknown names are refused at parse time (snake_case is not it).
+        v["boot"]["firmware"] = json!("uefi_secure");
+        assert!(serde_json::from_value::<VmSpec>(v.clone()).is_err());
+        v["boot"]["firmware"] = json!("UEFI");
+        assert!(serde_json::from_value::<VmSpec>(v).is_err());
+        // A kernel boot with bios serializes as before (no firmware key).
+        let spec = parse(base());
+        let out = serde_json::to_value(&spec).unwrap();
+        assert!(out["boot"].get("firmware").is_none(), "{out}");
+    }
+
+    #[test]
+    fn uefi_node_names_are_reserved() {
+        for name in UEFI_NODES {
+            let mut v = base();
+            v["disks"][0]["name"] = json!(name);
+            assert_eq!(fields(v), ["disks[0].name"], "{name}");
+        }
     }
 
     #[test]

@@ -97,6 +97,10 @@ pub enum Boot {
         /// Kernel command line.
         #[serde(default)]
         cmdline: String,
+        /// The firmware that loads the kernel: `uefi` gives the guest EFI
+        /// runtime services (`/sys/firmware/efi`) and its own NVRAM.
+        #[serde(default, skip_serializing_if = "Firmware::is_bios")]
+        firmware: Firmware,
     },
     /// Firmware boot from the disks, in `boot_order`.
     Firmware {
@@ -106,13 +110,56 @@ pub enum Boot {
     },
 }
 
-/// Guest firmware for [`Boot::Firmware`].
+impl Boot {
+    /// The guest's firmware, whichever way it boots.
+    pub fn firmware(&self) -> Firmware {
+        match self {
+            Boot::Kernel { firmware, .. } | Boot::Firmware { firmware } => *firmware,
+        }
+    }
+}
+
+/// The block node names of a UEFI VM's firmware code and NVRAM (reserved:
+/// no disk may take them).
+pub const UEFI_NODES: [&str; 2] = ["efi-code", "efi-vars"];
+
+/// Guest firmware (`boot.firmware`), for both boot types.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
 pub enum Firmware {
     /// Legacy BIOS (SeaBIOS, shipped with QEMU).
     #[default]
+    #[serde(rename = "bios")]
     Bios,
+    /// UEFI (OVMF) without Secure Boot, with a per-VM NVRAM (its variable
+    /// store), chosen from QEMU's firmware descriptors.
+    #[serde(rename = "uefi")]
+    Uefi,
+    /// UEFI with Secure Boot enforced (Microsoft keys enrolled) and SMM, so
+    /// the guest cannot write the variable store behind the firmware's
+    /// back. Needs a profile with SMM (q35).
+    #[serde(rename = "uefi-secure")]
+    UefiSecure,
+}
+
+impl Firmware {
+    /// True for legacy BIOS (the default, left out when serialized).
+    pub fn is_bios(&self) -> bool {
+        *self == Firmware::Bios
+    }
+
+    /// True for either UEFI variant: the VM has pflash firmware and NVRAM.
+    pub fn is_uefi(&self) -> bool {
+        !self.is_bios()
+    }
+
+    /// The name the spec uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+            Firmware::UefiSecure => "uefi-secure",
+        }
+    }
 }
 
 /// A cloud-init NoCloud seed: vmlet writes these files to a small read-only
@@ -188,4 +235,8 @@ pub struct ProfileCaps {
     pub pci: bool,
     /// The profile has a TPM device model (`tpm-crb`), so `tpm` is possible.
     pub tpm: bool,
+    /// The machine has pflash for UEFI firmware.
+    pub uefi: bool,
+    /// The machine has SMM, which Secure Boot needs.
+    pub secure_boot: bool,
 }

@@ -100,6 +100,36 @@ pub async fn provision(
     result
 }
 
+/// Makes VM `vm`'s NVRAM from the firmware's raw variable store
+/// `template` unless it exists (a VM keeps its variables across starts and
+/// firmware updates). Written to a temporary name and renamed, so a failed
+/// copy never leaves a half NVRAM. True when it was made now.
+pub async fn provision_nvram(
+    layout: &Layout,
+    qemu_img: &QemuImg,
+    vm: uuid::Uuid,
+    template: &std::path::Path,
+) -> Result<bool, StorageError> {
+    let nvram = layout.nvram(vm);
+    match std::fs::symlink_metadata(&nvram) {
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StorageError::io("checking", &nvram, e)),
+    }
+    create_dir(&layout.vm_dir(vm))?;
+    let partial = nvram.with_extension("qcow2.partial");
+    let _ = std::fs::remove_file(&partial);
+    let made = async {
+        qemu_img.convert_to_qcow2(template, "raw", &partial).await?;
+        std::fs::rename(&partial, &nvram).map_err(|e| StorageError::io("renaming", &partial, e))
+    }
+    .await;
+    if made.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    made.map(|()| true)
+}
+
 fn create_dir(dir: &std::path::Path) -> Result<(), StorageError> {
     std::fs::create_dir_all(dir).map_err(|e| StorageError::io("creating", dir, e))
 }

@@ -178,6 +178,12 @@ impl Layout {
     pub fn seed(&self, vm: Uuid) -> PathBuf {
         self.vm_dir(vm).join("cidata.img")
     }
+
+    /// A UEFI VM's NVRAM (its firmware's variable store), qcow2 so that
+    /// internal snapshots can include it.
+    pub fn nvram(&self, vm: Uuid) -> PathBuf {
+        self.vm_dir(vm).join("nvram.qcow2")
+    }
 }
 
 /// Bytes in a MiB.

@@ -7,6 +7,7 @@ use crate::config::Settings;
 use crate::net::networks::NetworkStore;
 use crate::qemu::accel::Accel;
 use crate::qemu::capabilities::QemuCapabilities;
+use crate::qemu::firmware::{FirmwareCatalog, UefiFirmware};
 use crate::qemu::profile::Profiles;
 use crate::spec::MachinePin;
 use crate::storage::images::ImageStore;
@@ -47,6 +48,9 @@ pub struct Context {
     pub host_roots: Vec<std::path::PathBuf>,
     /// How QEMUs are confined: users, jails, cgroups.
     pub confiner: Confiner,
+    /// The UEFI firmware builds QEMU's firmware descriptors offer (read
+    /// once, at start, from `settings.firmware_dirs`).
+    pub firmware: FirmwareCatalog,
 }
 
 impl Context {
@@ -76,7 +80,16 @@ impl Context {
         let networks = NetworkStore::open(&settings.state_dir)?;
         let confiner = Confiner::new(&settings.qemu)
             .map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidInput, message))?;
+        let (firmware, warnings) = FirmwareCatalog::load(&settings.firmware_dirs);
+        for warning in warnings {
+            tracing::warn!(%warning, "skipping a firmware descriptor");
+        }
+        tracing::info!(
+            descriptors = firmware.len(),
+            "UEFI firmware descriptors read"
+        );
         Ok(Context {
+            firmware,
             settings,
             profiles,
             accel,
@@ -116,6 +129,24 @@ impl Context {
                 message: e.to_string(),
             })?;
         self.qemu.pin_vm(profile, self.accel, spec.cpu.as_ref())
+    }
+
+    /// The UEFI firmware a VM with `spec`'s firmware gets on machine type
+    /// `machine` (None for BIOS); refused, naming `boot.firmware`, when no
+    /// descriptor offers it (`ovmf` not installed).
+    pub fn uefi_firmware(
+        &self,
+        spec: &crate::spec::VmSpec,
+        machine: &str,
+    ) -> Result<Option<UefiFirmware>, crate::spec::SpecError> {
+        let firmware = spec.boot.firmware();
+        if !firmware.is_uefi() {
+            return Ok(None);
+        }
+        self.firmware
+            .select(firmware, machine)
+            .map(Some)
+            .map_err(|e| crate::spec::SpecError::field("boot.firmware", e.to_string()))
     }
 
     /// Publishes `vm`'s new view.

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::qemu::disk::{self, DiskPlan, DiskSets, FileOrigin};
-use crate::qemu::launch_files::{BootFile, BootFiles, PassedFd};
-use crate::spec::{Boot, DiskFormat, DiskSource, DiskSpec, VmSpec, SEED_DISK};
+use crate::qemu::firmware::{self, PflashSets, UefiFirmware};
+use crate::qemu::launch_files::{self, BootFile, BootFiles, PassedFd};
+use crate::spec::{Boot, DiskFormat, DiskSource, DiskSpec, VmSpec, SEED_DISK, UEFI_NODES};
 use crate::storage::files::{self, OpenError, OpenMode};
 use crate::storage::Layout;
 
@@ -66,6 +67,24 @@ pub fn seed_plan(layout: &Layout, vm: Uuid) -> DiskPlan {
             name: Some(SEED_DISK.to_string()),
             read_only: true,
             ..DiskSpec::file(layout.seed(vm), DiskFormat::Raw)
+        },
+        base: None,
+        origin: FileOrigin::Managed,
+    }
+}
+
+/// A UEFI VM's NVRAM as a disk of its own (never a guest device): for
+/// snapshots, which take it with the disks. Its name is its block node's
+/// ([`UEFI_NODES`], reserved for it).
+pub fn nvram_plan(layout: &Layout, vm: Uuid) -> DiskPlan {
+    let name = UEFI_NODES[1].to_string();
+    DiskPlan {
+        name: name.clone(),
+        file: layout.nvram(vm),
+        format: DiskFormat::Qcow2,
+        spec: DiskSpec {
+            name: Some(name),
+            ..DiskSpec::file(layout.nvram(vm), DiskFormat::Qcow2)
         },
         base: None,
         origin: FileOrigin::Managed,
@@ -126,6 +145,9 @@ pub struct LaunchFiles {
     pub passed: Vec<PassedFd>,
     /// Kernel and initrd of a direct boot.
     pub boot: Option<BootFiles>,
+    /// The fd sets of a UEFI VM's firmware code and NVRAM, once
+    /// [`LaunchFiles::open_firmware`] opened them.
+    pub pflash: Option<PflashSets>,
     fds: Vec<OwnedFd>,
 }
 
@@ -197,8 +219,55 @@ impl LaunchFiles {
             sets,
             passed,
             boot,
+            pflash: None,
             fds,
         })
+    }
+
+    /// Opens a UEFI VM's firmware code (read only, from the descriptor
+    /// the daemon chose: system files, symlinks allowed) and its NVRAM
+    /// (vmlet's own file, writable, no symlinks), for QEMU's `pflash0` and
+    /// `pflash1`.
+    pub fn open_firmware(
+        &mut self,
+        firmware: &UefiFirmware,
+        nvram: &Path,
+    ) -> Result<(), LaunchFileError> {
+        let field = |source| LaunchFileError {
+            field: "boot.firmware".into(),
+            source,
+        };
+        let code: OwnedFd = std::fs::File::open(&firmware.code)
+            .map_err(|e| {
+                field(OpenError::Open {
+                    path: firmware.code.clone(),
+                    reason: format!("the firmware code (from {})", firmware.descriptor.display()),
+                    source: e,
+                })
+            })?
+            .into();
+        let vars = files::open_managed(
+            nvram,
+            OpenMode {
+                write: true,
+                direct: false,
+            },
+        )
+        .map_err(field)?;
+        let sets = launch_files::pflash_sets(&self.sets, firmware.secure);
+        for (fd, set, tag) in [
+            (code, sets.code, firmware::CODE_TAG),
+            (vars, sets.vars, firmware::VARS_TAG),
+        ] {
+            self.passed.push(PassedFd {
+                fd: fd.as_raw_fd(),
+                set,
+                opaque: tag.into(),
+            });
+            self.fds.push(fd);
+        }
+        self.pflash = Some(sets);
+        Ok(())
     }
 
     /// The fd numbers QEMU must inherit.

@@ -161,6 +161,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
             kernel: guest.kernel.clone(),
             initrd: Some(guest.initrd.clone()),
             cmdline: guest_cmdline(profile, extra),
+            firmware: Default::default(),
         },
         disks: vec![],
         serial: SerialSpec::default(),
@@ -284,6 +285,7 @@ async fn launch_with(
         passed_fds: &files.passed,
         boot_files: files.boot.as_ref(),
         nics: &[],
+        pflash: files.pflash,
         confine: plan,
         tpm: None,
     })

@@ -13,7 +13,7 @@ use super::{
     columns, key_values, mib, shown, shown_list, unless_json, write_flush, CliError, ClientOptions,
     Output,
 };
-use crate::spec::{Boot, CacheMode, DiskBus, Firmware, Resources};
+use crate::spec::{Boot, CacheMode, DiskBus, Resources};
 use crate::vm::Vm;
 
 mod disks;
@@ -582,6 +582,7 @@ pub fn render_vm(vm: &Vm) -> String {
     }
     lines.push(("profile".into(), spec.profile.clone()));
     lines.push(("boot".into(), boot_str(&spec.boot)));
+    lines.push(("firmware".into(), spec.boot.firmware().as_str().into()));
     if let Some(tpm) = &spec.tpm {
         let version = serde_json::to_value(tpm.version)
             .ok()
@@ -698,9 +699,7 @@ fn resources_str(r: &Resources) -> String {
 fn boot_str(boot: &Boot) -> String {
     match boot {
         Boot::Kernel { kernel, .. } => format!("kernel {}", kernel.display()),
-        Boot::Firmware { firmware } => match firmware {
-            Firmware::Bios => "firmware bios".to_string(),
-        },
+        Boot::Firmware { firmware } => format!("firmware {}", firmware.as_str()),
     }
 }
 
@@ -779,6 +778,7 @@ vcpus:      2
 memory:     512MiB
 profile:    q35
 boot:       kernel /k/vmlinuz
+firmware:   bios
 disk disk0: qcow2 /var/lib/vmlet/web.qcow2 (read-only, boot 1)
 serial:     yes
 autostart:  no

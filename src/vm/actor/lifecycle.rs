@@ -390,7 +390,19 @@ pub async fn launch_qemu(
     let (nics, _host_nics) = nic_ops::open_all(&ctx.networks, &spec.nics).await?;
     // Every disk, kernel and initrd opened now, by vmlet: QEMU gets fds and
     // never resolves a path from the spec.
-    let files = LaunchFiles::open(spec, &ctx.layout, &ctx.host_roots)?;
+    let mut files = LaunchFiles::open(spec, &ctx.layout, &ctx.host_roots)?;
+    if let Some(firmware) = ctx.uefi_firmware(spec, &machine.machine_type)? {
+        // Made here too, not only at create: for a VM whose firmware was
+        // changed to UEFI, or whose NVRAM an operator removed to reset it.
+        crate::storage::disks::provision_nvram(
+            &ctx.layout,
+            &ctx.qemu_img,
+            spec.uuid,
+            &firmware.vars_template,
+        )
+        .await?;
+        files.open_firmware(&firmware, &ctx.layout.nvram(spec.uuid))?;
+    }
     let serial_log = ctx.layout.console_log(spec.uuid);
     let qemu_log = ctx.layout.qemu_log(spec.uuid);
     let paths = RunPaths::new(&ctx.settings.run_dir, spec.uuid);
@@ -413,6 +425,7 @@ pub async fn launch_qemu(
         passed_fds: &files.passed,
         boot_files: files.boot.as_ref(),
         nics: &nics,
+        pflash: files.pflash,
         confine: confined.plan(),
         tpm: spec.tpm.map(|_| instance::TpmPlan {
             binary: &ctx.settings.swtpm_binary,

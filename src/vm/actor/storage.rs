@@ -217,8 +217,13 @@ impl Actor {
             }
             Work::Snapshot { kind, name } => {
                 validate_name("name", &name)?;
-                let plans = launch::disk_plans(&layout, uuid, &spec.disks, false);
+                let mut plans = launch::disk_plans(&layout, uuid, &spec.disks, false);
                 disk_ops::snapshot_disks(&plans)?;
+                if spec.boot.firmware().is_uefi() {
+                    // The firmware's variables go back with the disks. Last,
+                    // so a disk holds the memory state and the listing.
+                    plans.push(launch::nvram_plan(&layout, uuid));
+                }
                 self.spawn_op(async move {
                     let result = async {
                         let disks = disk_ops::snapshot_disks(&plans)?;

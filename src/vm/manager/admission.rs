@@ -298,6 +298,7 @@ mod tests {
                 kernel: inside_file.clone(),
                 initrd: Some(root.path().join("missing")),
                 cmdline: String::new(),
+                firmware: crate::spec::Firmware::Bios,
             },
             disks: vec![disk(&inside_file), disk(&outside_file), disk(&link)],
             serial: SerialSpec::default(),

@@ -77,6 +77,14 @@ impl Manager {
                 ));
             }
         }
+        if vm.spec.boot.firmware().is_uefi() {
+            // Its NVRAM is a block node vmlet does not mirror yet; moving
+            // the VM without it would lose its boot entries and keys.
+            return Some(format!(
+                "boot.firmware is {}: live migration does not carry the VM's NVRAM yet (UEFI VMs cannot move)",
+                vm.spec.boot.firmware().as_str()
+            ));
+        }
         match &vm.machine {
             None => {
                 Some("the VM has no pinned machine type yet (start it once with this vmlet)".into())

@@ -345,6 +345,7 @@ impl Manager {
                 other.id()
             )));
         }
+        let firmware = self.ctx.uefi_firmware(&spec, &machine.machine_type)?;
         disks::provision(
             &self.ctx.layout,
             &self.ctx.qemu_img,
@@ -352,6 +353,21 @@ impl Manager {
             &spec,
         )
         .await?;
+        if let Some(firmware) = &firmware {
+            // The VM's own variable store, from the template of the
+            // firmware it will boot.
+            if let Err(e) = disks::provision_nvram(
+                &self.ctx.layout,
+                &self.ctx.qemu_img,
+                spec.uuid,
+                &firmware.vars_template,
+            )
+            .await
+            {
+                let _ = self.ctx.store.remove(spec.uuid);
+                return Err(e.into());
+            }
+        }
         let mut vm = Vm::new(spec);
         vm.machine = Some(machine);
         if let Err(e) = self.ctx.store.save(&vm) {
