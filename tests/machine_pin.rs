@@ -123,9 +123,7 @@ async fn probe_failures_name_the_binary() {
     )
     .unwrap();
     make_executable(&quits);
-    let err = capabilities::probe(&quits, Accel::Tcg, PROBE_DEADLINE)
-        .await
-        .unwrap_err();
+    let err = probe_written(&quits).await;
     let text = err.to_string();
     assert!(
         text.contains("quits") && text.contains("no such accelerator"),
@@ -149,9 +147,7 @@ async fn probe_failures_name_the_binary() {
         let path = scratch.path().join(name);
         std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
         make_executable(&path);
-        let err = capabilities::probe(&path, Accel::Tcg, PROBE_DEADLINE)
-            .await
-            .unwrap_err();
+        let err = probe_written(&path).await;
         let text = err.to_string();
         assert!(text.contains(name) && text.contains(says), "{text}");
     }
@@ -332,4 +328,24 @@ async fn a_record_without_a_pin_is_pinned_at_its_next_start() {
     );
     assert_eq!(after("-cpu"), pinned["cpu"].as_str().unwrap(), "{args:?}");
     force_delete_vm(&d, &id).await;
+}
+
+/// Probes a script this test just wrote. Another test's fork may still hold
+/// the file open for writing for an instant (until its exec closes it), and
+/// exec then fails with ETXTBSY: that is retried, nothing else.
+async fn probe_written(script: &Path) -> CapabilitiesError {
+    for _ in 0..20 {
+        let err = capabilities::probe(script, Accel::Tcg, PROBE_DEADLINE)
+            .await
+            .unwrap_err();
+        let busy = matches!(
+            &err,
+            CapabilitiesError::Spawn { source, .. } if source.raw_os_error() == Some(libc::ETXTBSY)
+        );
+        if !busy {
+            return err;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} stayed busy (ETXTBSY)", script.display());
 }
