@@ -82,6 +82,8 @@ pub struct RunFds {
     pub serial_log_set: Option<u32>,
     /// The virtio-serial channel sockets, in `spec.channels` order.
     pub channels: Vec<RawFd>,
+    /// The guest agent's socket (when `spec.guest_agent`).
+    pub agent: Option<RawFd>,
 }
 
 impl RunFds {
@@ -90,6 +92,7 @@ impl RunFds {
         std::iter::once(self.qmp)
             .chain(self.serial)
             .chain(self.channels.iter().copied())
+            .chain(self.agent)
     }
 }
 
@@ -167,6 +170,10 @@ pub fn numbered(spec: &VmSpec, disks: &[DiskPlan], first_fd: RawFd, jailed: bool
         }),
         Boot::Firmware { .. } => None,
     };
+    // Last, so that the other fds keep their numbers with or without it.
+    if spec.guest_agent {
+        run.agent = Some(take());
+    }
     Numbered {
         sets,
         passed,
