@@ -64,6 +64,7 @@ async fn the_agent_reports_the_guest_and_shuts_down_a_guest_that_ignores_acpi() 
         "guest.agent=on guest.acpi=ignore guest.ip=10.79.0.2/24",
     );
     spec["nics"] = json!([{"network": "lan", "mac": mac}]);
+    spec["disks"] = json!([{"name": "data", "size_mib": 16}]);
     let vm = create_and_start(&d, &spec).await;
     assert_eq!(vm["spec"]["guest_agent"], true, "the default: {vm}");
     let id = id_of(&vm);
@@ -113,6 +114,14 @@ async fn the_agent_reports_the_guest_and_shuts_down_a_guest_that_ignores_acpi() 
     assert!(show_cli.contains("hostname:   vmlet-agent-guest"), "{show_cli}");
     assert!(show_cli.contains(&format!("eth0 {mac} 10.79.0.2/24")), "{show_cli}");
 
+    // A snapshot with the agent answering is taken with the guest's
+    // filesystems frozen (the freeze is refused unless the agent answers),
+    // and thawed after it: the agent's shutdown below still works.
+    let snapshot = snapshot(&d, &id, "quiet").await;
+    assert_eq!(snapshot["quiesced"], true, "{snapshot}");
+    let listed = expect(&d, Method::GET, &format!("/v1/vms/{id}/snapshots"), None, 200).await;
+    assert_eq!(listed["snapshots"][0]["quiesced"], true, "{listed}");
+
     // The guest ignores the power button: after half the grace time the
     // agent is asked, and the guest powers off well before the grace ends.
     let (vm, took) = graceful_stop(&d, &id, 16).await;
@@ -133,7 +142,8 @@ async fn the_agent_reports_the_guest_and_shuts_down_a_guest_that_ignores_acpi() 
 async fn without_an_answering_agent_nothing_waits() {
     let d = Daemon::start().await;
     // The port is there (the default), but no agent runs in the guest.
-    let spec = guest_spec_json(&unique_name("noagent"), "guest.acpi=ignore");
+    let mut spec = guest_spec_json(&unique_name("noagent"), "guest.acpi=ignore");
+    spec["disks"] = json!([{"name": "data", "size_mib": 16}]);
     let vm = create_and_start(&d, &spec).await;
     let id = id_of(&vm);
     let log = d.serial_log(uuid_of(&vm));
@@ -146,6 +156,12 @@ async fn without_an_answering_agent_nothing_waits() {
         assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
         assert!(vm.get("guest").is_none(), "{vm}");
     }
+    // A snapshot does not wait for the silent agent beyond its handshake
+    // deadline, and is not quiesced.
+    let started = Instant::now();
+    let taken = snapshot(&d, &id, "plain").await;
+    assert_eq!(taken["quiesced"], false, "{taken}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     // The stop asks the silent agent (bounded), then quits QEMU at the end
     // of the grace time as before.
     let (vm, took) = graceful_stop(&d, &id, 6).await;
@@ -179,6 +195,18 @@ async fn without_an_answering_agent_nothing_waits() {
     spec["guest_agent"] = json!("yes");
     let answer = common::api::call(&d, Method::POST, "/v1/vms", Some(&spec)).await;
     assert_eq!(answer.0, 422, "{answer:?}");
+}
+
+/// Takes snapshot `name` of VM `id`: the snapshot.
+async fn snapshot(d: &Daemon, id: &str, name: &str) -> Value {
+    expect(
+        d,
+        Method::POST,
+        &format!("/v1/vms/{id}/snapshots"),
+        Some(&json!({ "name": name })),
+        201,
+    )
+    .await
 }
 
 /// `vmlet vm show ID` against the daemon: its stdout.
