@@ -75,15 +75,19 @@ async fn the_agent_reports_the_guest_and_shuts_down_a_guest_that_ignores_acpi() 
         "the guest sees the agent's port: {ready}"
     );
 
-    let guest = wait_until("the guest agent's view of the guest", AGENT_TIMEOUT, || async {
-        let vm = show(&d, &id).await;
-        let guest = vm.get("guest")?.clone();
-        let has_address = guest["interfaces"]
-            .as_array()?
-            .iter()
-            .any(|i| i["addresses"].to_string().contains("10.79.0.2/24"));
-        has_address.then_some(guest)
-    })
+    let guest = wait_until(
+        "the guest agent's view of the guest",
+        AGENT_TIMEOUT,
+        || async {
+            let vm = show(&d, &id).await;
+            let guest = vm.get("guest")?.clone();
+            let has_address = guest["interfaces"]
+                .as_array()?
+                .iter()
+                .any(|i| i["addresses"].to_string().contains("10.79.0.2/24"));
+            has_address.then_some(guest)
+        },
+    )
     .await;
     assert_eq!(guest["hostname"], "vmlet-agent-guest", "{guest}");
     assert_eq!(guest["os"]["id"], "vmlet-test-guest", "{guest}");
@@ -111,15 +115,28 @@ async fn the_agent_reports_the_guest_and_shuts_down_a_guest_that_ignores_acpi() 
     assert!(!record.contains("vmlet-agent-guest"), "{record}");
     // `vmlet vm show` prints it.
     let show_cli = vmlet_show(&d, &id).await;
-    assert!(show_cli.contains("hostname:   vmlet-agent-guest"), "{show_cli}");
-    assert!(show_cli.contains(&format!("eth0 {mac} 10.79.0.2/24")), "{show_cli}");
+    assert!(
+        show_cli.contains("hostname:   vmlet-agent-guest"),
+        "{show_cli}"
+    );
+    assert!(
+        show_cli.contains(&format!("eth0 {mac} 10.79.0.2/24")),
+        "{show_cli}"
+    );
 
     // A snapshot with the agent answering is taken with the guest's
     // filesystems frozen (the freeze is refused unless the agent answers),
     // and thawed after it: the agent's shutdown below still works.
     let snapshot = snapshot(&d, &id, "quiet").await;
     assert_eq!(snapshot["quiesced"], true, "{snapshot}");
-    let listed = expect(&d, Method::GET, &format!("/v1/vms/{id}/snapshots"), None, 200).await;
+    let listed = expect(
+        &d,
+        Method::GET,
+        &format!("/v1/vms/{id}/snapshots"),
+        None,
+        200,
+    )
+    .await;
     assert_eq!(listed["snapshots"][0]["quiesced"], true, "{listed}");
 
     // The guest ignores the power button: after half the grace time the
@@ -129,12 +146,17 @@ async fn the_agent_reports_the_guest_and_shuts_down_a_guest_that_ignores_acpi() 
     assert_eq!(vm["last_stop"], "guest_agent_shutdown", "{vm}");
     assert!(took < Duration::from_secs(16), "stop took {took:?}");
     let text = std::fs::read_to_string(&log).unwrap();
-    let ignored = text.find("GUEST-ACPI-IGNORED").expect("the button was pressed");
+    let ignored = text
+        .find("GUEST-ACPI-IGNORED")
+        .expect("the button was pressed");
     let agent = text
         .find("GUEST-AGENT-SHUTDOWN")
         .expect("the agent shut the guest down");
     assert!(ignored < agent, "{text}");
-    assert!(show(&d, &id).await.get("guest").is_none(), "stopped: no guest info");
+    assert!(
+        show(&d, &id).await.get("guest").is_none(),
+        "stopped: no guest info"
+    );
     force_delete_vm(&d, &id).await;
 }
 
@@ -153,7 +175,11 @@ async fn without_an_answering_agent_nothing_waits() {
     for _ in 0..5 {
         let started = Instant::now();
         let vm = show(&d, &id).await;
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(vm.get("guest").is_none(), "{vm}");
     }
     // A snapshot does not wait for the silent agent beyond its handshake
@@ -161,7 +187,11 @@ async fn without_an_answering_agent_nothing_waits() {
     let started = Instant::now();
     let taken = snapshot(&d, &id, "plain").await;
     assert_eq!(taken["quiesced"], false, "{taken}");
-    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
     // The stop asks the silent agent (bounded), then quits QEMU at the end
     // of the grace time as before.
     let (vm, took) = graceful_stop(&d, &id, 6).await;

@@ -178,8 +178,10 @@ impl GuestAgent {
 
     /// Whether the agent answers the handshake within `deadline`.
     pub async fn ping(&self, deadline: Duration) -> Result<(), AgentError> {
-        self.within(deadline, "the handshake", async { self.session().await.map(drop) })
-            .await
+        self.within(deadline, "the handshake", async {
+            self.session().await.map(drop)
+        })
+        .await
     }
 
     /// Reads the guest's hostname, OS and interfaces, all within `deadline`.
@@ -193,14 +195,9 @@ impl GuestAgent {
                 Err(AgentError::Command { .. }) => None,
                 Err(e) => return Err(e),
             };
-            let interfaces = session
-                .call("guest-network-get-interfaces", None)
-                .await?;
+            let interfaces = session.call("guest-network-get-interfaces", None).await?;
             Ok(GuestInfo {
-                hostname: hostname
-                    .get("host-name")
-                    .and_then(Value::as_str)
-                    .map(clean),
+                hostname: hostname.get("host-name").and_then(Value::as_str).map(clean),
                 os,
                 interfaces: parse_interfaces(&interfaces),
                 read_at: crate::persist::timestamp(std::time::SystemTime::now()),
@@ -280,12 +277,13 @@ impl GuestAgent {
     /// their deadline.
     async fn session(&self) -> Result<Session, AgentError> {
         let turn = self.turn.clone().lock_owned().await;
-        let stream = UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| AgentError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| AgentError::Connect {
+                    path: self.path.clone(),
+                    source,
+                })?;
         let mut session = Session {
             stream: BufReader::new(stream),
             _turn: turn,
@@ -610,7 +608,11 @@ mod tests {
             agent.ping(Duration::from_millis(300))
         );
         assert!(a.is_err() && b.is_err());
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

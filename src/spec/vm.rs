@@ -38,7 +38,8 @@ pub struct VmSpec {
     #[serde(default)]
     pub serial: SerialSpec,
     /// Named virtio-serial ports, each backed by a unix socket on the host
-    /// (like libvirt's `<channel>`; e.g. `org.qemu.guest_agent.0`).
+    /// (like libvirt's `<channel>`; e.g. `org.example.app.0`). The guest
+    /// agent's port is [`VmSpec::guest_agent`], not a channel.
     #[serde(default)]
     pub channels: Vec<ChannelSpec>,
     /// Give the guest the QEMU guest agent's port (`org.qemu.guest_agent.0`,

@@ -241,7 +241,10 @@ mod tests {
         mark_quiesced(dir.path(), "b", Some(false)).unwrap();
         mark_quiesced(dir.path(), "c", Some(true)).unwrap();
         mark_quiesced(dir.path(), "c", None).unwrap();
-        assert_eq!(quiesced_names(dir.path()).into_iter().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            quiesced_names(dir.path()).into_iter().collect::<Vec<_>>(),
+            ["a"]
+        );
         // A damaged file counts as no marks (never as a false "true").
         std::fs::write(dir.path().join(QUIESCED_FILE), b"{not json").unwrap();
         assert!(quiesced_names(dir.path()).is_empty());

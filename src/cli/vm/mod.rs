@@ -633,11 +633,7 @@ fn guest_lines(guest: &crate::qemu::agent::GuestInfo) -> Vec<(String, String)> {
     for iface in &guest.interfaces {
         // The name goes into the value: a long one must not widen the
         // key column.
-        let mut value = format!(
-            "{} {}",
-            iface.name,
-            iface.mac.as_deref().unwrap_or("-")
-        );
+        let mut value = format!("{} {}", iface.name, iface.mac.as_deref().unwrap_or("-"));
         for address in &iface.addresses {
             value.push(' ');
             value.push_str(address);
@@ -787,7 +783,10 @@ ID                                    NAME              STATE     TASK  DESIRED 
         v.spec.guest_agent = false;
         v.guest = None;
         let text = render_vm(&v);
-        assert!(text.contains("\nagent:      no\n") && !text.contains("hostname"), "{text}");
+        assert!(
+            text.contains("\nagent:      no\n") && !text.contains("hostname"),
+            "{text}"
+        );
     }
 
     #[test]

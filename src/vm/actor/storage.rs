@@ -241,11 +241,10 @@ impl Actor {
                             Some(qmp) => {
                                 // Only a new snapshot is worth freezing for.
                                 let agent = agent.filter(|_| kind == SnapshotKind::Create);
-                                let quiesced =
-                                    quiesced_snapshot(agent.as_deref(), async {
-                                        disk_ops::snapshot_live(qmp, kind, &name, &disks).await
-                                    })
-                                    .await?;
+                                let quiesced = quiesced_snapshot(agent.as_deref(), async {
+                                    disk_ops::snapshot_live(qmp, kind, &name, &disks).await
+                                })
+                                .await?;
                                 record_quiesced(&vm_dir, kind, &name, quiesced);
                                 let status = qmp
                                     .execute(qapi::qmp::query_status {})
@@ -347,7 +346,10 @@ where
     }
     let frozen = match agent.freeze(FREEZE_DEADLINE).await {
         Ok(count) => {
-            tracing::info!(filesystems = count, "guest filesystems frozen for a snapshot");
+            tracing::info!(
+                filesystems = count,
+                "guest filesystems frozen for a snapshot"
+            );
             true
         }
         Err(e) => {
