@@ -107,6 +107,9 @@ impl Bench {
             disks: vec![],
             serial: SerialSpec::default(),
             channels: vec![],
+            // The boot benchmark measures the bare guest, as before the
+            // agent's port existed.
+            guest_agent: false,
             cloud_init: None,
             nics: vec![],
             autostart: false,
@@ -173,6 +176,7 @@ impl Bench {
             serial: Some(serial.as_raw_fd()),
             serial_log_set: Some(1),
             channels: vec![],
+            agent: None,
         };
         let passed = [PassedFd {
             fd: log.as_raw_fd(),
