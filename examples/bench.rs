@@ -108,6 +108,9 @@ impl Bench {
             disks: vec![],
             serial: SerialSpec::default(),
             channels: vec![],
+            // The boot benchmark measures the bare guest, as before the
+            // agent's port existed.
+            guest_agent: false,
             cloud_init: None,
             nics: vec![],
             autostart: false,
@@ -182,6 +185,7 @@ impl Bench {
             serial_log_set: Some(1),
             channels: vec![],
             tpm: None,
+            agent: None,
         };
         let passed = [PassedFd {
             fd: log.as_raw_fd(),

@@ -7,13 +7,18 @@
 #   TARGET_DIR=/some/target scripts/build-test-guest.sh
 #
 # Everything comes from Debian packages (linux-image-cloud-amd64 resolved to
-# the real ABI package, busybox-static); no kmod or cpio needed on the host.
+# the real ABI package, busybox-static, qemu-guest-agent); no kmod or cpio
+# needed on the host. qemu-ga is dynamically linked: its shared libraries (and
+# the dynamic loader) are the host's, as ldd resolves them for the extracted
+# binary, copied to the same paths in the guest (host and guest are both
+# Debian 12 x86-64; scripts/setup.sh installs them).
 #
 # Output: $TARGET_DIR/test-guest/<kernel-release>_<kernel-pkg-version>-<inputs-hash>/
 #   vmlinuz      the kernel
 #   initrd.img   gzip'd newc cpio: busybox, /init, modules
 #   guest.env    KEY=value lines naming the versions and modules that went in
-# The hash covers /init, this script and the busybox version, so editing the
+# The hash covers /init, this script and the busybox and qemu-guest-agent
+# versions, so editing the
 # init script gives a new directory instead of a stale cached guest. A directory
 # is only ever created by an atomic rename of a finished build; it is reused as
 # is when present. Concurrent runs serialise on $TARGET_DIR/test-guest/build.lock
@@ -59,7 +64,7 @@ done
 # its exact version, plus busybox-static's candidate version.
 resolve_packages() { # sets kpkg kver bbver (empty when apt does not know them)
     local info
-    info=$(apt-cache show --no-all-versions "$KERNEL_META" busybox-static 2>/dev/null || true)
+    info=$(apt-cache show --no-all-versions "$KERNEL_META" busybox-static qemu-guest-agent 2>/dev/null || true)
     # (First lines taken with ${x%%$'\n'*}, not head: a reader that quits
     # early can SIGPIPE the writer, which pipefail turns into a failure.)
     kpkg=$(printf '%s\n' "$info" |
@@ -71,6 +76,9 @@ resolve_packages() { # sets kpkg kver bbver (empty when apt does not know them)
     bbver=$(printf '%s\n' "$info" |
         sed -n '/^Package: busybox-static$/,/^$/s/^Version: //p')
     bbver=${bbver%%$'\n'*}
+    qgaver=$(printf '%s\n' "$info" |
+        sed -n '/^Package: qemu-guest-agent$/,/^$/s/^Version: //p')
+    qgaver=${qgaver%%$'\n'*}
 }
 
 apt_updated=0
@@ -97,28 +105,28 @@ apt_stamp() {
         sha256sum | cut -c1-16
 }
 
-# Sets kpkg kver bbver krel and out (the cache directory for them).
+# Sets kpkg kver bbver qgaver krel and out (the cache directory for them).
 resolve() {
     local stamp inputs_hash
     stamp=$(apt_stamp)
-    kpkg= kver= bbver=
+    kpkg= kver= bbver= qgaver=
     if [ -f "$resolved" ] && grep -qx "APT_STAMP=$stamp" "$resolved"; then
         . "$resolved"
     fi
-    if [ -z "$kpkg" ] || [ -z "$kver" ] || [ -z "$bbver" ]; then
+    if [ -z "$kpkg" ] || [ -z "$kver" ] || [ -z "$bbver" ] || [ -z "$qgaver" ]; then
         resolve_packages
-        if [ -z "$kpkg" ] || [ -z "$kver" ] || [ -z "$bbver" ]; then
+        if [ -z "$kpkg" ] || [ -z "$kver" ] || [ -z "$bbver" ] || [ -z "$qgaver" ]; then
             apt_update
             stamp=$(apt_stamp)
             resolve_packages
-            [ -n "$kpkg" ] && [ -n "$kver" ] && [ -n "$bbver" ] ||
-                die "cannot resolve $KERNEL_META and busybox-static with apt-cache"
+            [ -n "$kpkg" ] && [ -n "$kver" ] && [ -n "$bbver" ] && [ -n "$qgaver" ] ||
+                die "cannot resolve $KERNEL_META, busybox-static and qemu-guest-agent with apt-cache"
         fi
-        printf 'APT_STAMP=%s\nkpkg=%q\nkver=%q\nbbver=%q\n' \
-            "$stamp" "$kpkg" "$kver" "$bbver" >"$resolved"
+        printf 'APT_STAMP=%s\nkpkg=%q\nkver=%q\nbbver=%q\nqgaver=%q\n' \
+            "$stamp" "$kpkg" "$kver" "$bbver" "$qgaver" >"$resolved"
     fi
     krel=${kpkg#linux-image-}
-    inputs_hash=$( { sha256sum "$INIT_SRC" "${BASH_SOURCE[0]}" | cut -d' ' -f1; echo "$bbver"; } |
+    inputs_hash=$( { sha256sum "$INIT_SRC" "${BASH_SOURCE[0]}" | cut -d' ' -f1; echo "$bbver $qgaver"; } |
         sha256sum | cut -c1-8)
     out=$base/${krel}_${kver}-${inputs_hash}
 }
@@ -145,7 +153,8 @@ mkdir -p "$stage/debs"
 chmod 0777 "$stage/debs"
 chmod 0755 "$stage"
 download() {
-    (cd "$stage/debs" && apt-get download -qq "$kpkg=$kver" "busybox-static=$bbver" >&2)
+    (cd "$stage/debs" && apt-get download -qq "$kpkg=$kver" "busybox-static=$bbver" \
+        "qemu-guest-agent=$qgaver" >&2)
 }
 if ! download; then
     # Stale lists can name a version the mirror no longer has: update, and
@@ -156,12 +165,14 @@ if ! download; then
     print_if_cached
     download || die "apt-get download failed"
 fi
-log "building $out ($kpkg $kver, busybox-static $bbver)"
+log "building $out ($kpkg $kver, busybox-static $bbver, qemu-guest-agent $qgaver)"
 
 kdeb=$(ls "$stage"/debs/linux-image-*.deb)
 bbdeb=$(ls "$stage"/debs/busybox-static_*.deb)
 dpkg-deb -x "$kdeb" "$stage/kernel"
 dpkg-deb -x "$bbdeb" "$stage/busybox"
+qgadeb=$(ls "$stage"/debs/qemu-guest-agent_*.deb)
+dpkg-deb -x "$qgadeb" "$stage/qga"
 
 vmlinuz=$stage/kernel/boot/vmlinuz-$krel
 [ -f "$vmlinuz" ] || die "no /boot/vmlinuz-$krel in $kdeb"
@@ -181,6 +192,28 @@ for applet in $("$busybox" --list); do
     [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
 done
 install -m 0755 "$INIT_SRC" "$root/init"
+
+# --- the QEMU guest agent (started by /init with guest.agent=on) -------------
+qga=$stage/qga/usr/sbin/qemu-ga
+[ -x "$qga" ] || die "no /usr/sbin/qemu-ga in $qgadeb"
+install -m 0755 "$qga" "$root/bin/qemu-ga"
+# ldd prints "NAME => PATH (ADDR)" per library and "PATH (ADDR)" for the
+# loader; each goes to the same path in the guest (symlinks resolved).
+qga_libs=$(ldd "$qga") || die "ldd $qga failed"
+if printf '%s\n' "$qga_libs" | grep -q 'not found'; then
+    die "qemu-ga needs libraries the host lacks (run scripts/setup.sh --test): $(printf '%s\n' "$qga_libs" | grep 'not found' | tr '\n' ' ')"
+fi
+for lib in $(printf '%s\n' "$qga_libs" | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) .*/\1/p'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+# What guest-get-osinfo reports.
+cat >"$root/etc/os-release" <<'EOF'
+ID=vmlet-test-guest
+NAME="vmlet test guest"
+VERSION_ID=1
+PRETTY_NAME="vmlet test guest 1"
+EOF
 
 # --- modules ------------------------------------------------------------------
 # Index every module file by its name with '-' folded to '_' (depends= and the
@@ -261,6 +294,7 @@ KERNEL_PACKAGE=$kpkg
 KERNEL_PACKAGE_VERSION=$kver
 KERNEL_RELEASE=$krel
 BUSYBOX_VERSION=$bbver
+QEMU_GUEST_AGENT_VERSION=$qgaver
 INPUTS_HASH=${out##*-}
 MODULE_SIGNATURES_STRIPPED=$strip_signatures
 MODULES="${order[*]}"

@@ -20,7 +20,7 @@
 # make a venv, and schemathesis (pinned, from PyPI, in a venv at
 # TARGET/schemathesis-venv, TARGET being $CARGO_TARGET_DIR or target/) for
 # the OpenAPI conformance test (tests/openapi_conformance.rs).
-# The test guest's busybox and kernel are downloaded by
+# The test guest's busybox, qemu-guest-agent and kernel are downloaded by
 # build-test-guest.sh with apt-get download, not installed.
 set -euo pipefail
 
@@ -45,6 +45,11 @@ if [ "$want_test_tools" = 1 ]; then
     # command -> package, for the test suite only.
     for pair in gzip:gzip pgrep:procps mkfs.vfat:dosfstools mcopy:mtools syslinux:syslinux ping:iputils-ping; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
+    # The test guest's qemu-ga (downloaded, not installed) runs on the host's
+    # copies of its shared libraries (build-test-guest.sh copies them in).
+    for pair in libglib-2.0.so.0:libglib2.0-0 libnuma.so.1:libnuma1 liburing.so.2:liburing2 libudev.so.1:libudev1; do
+        ldconfig -p | grep -q "^[[:space:]]*${pair%%:*} " || missing+=("${pair#*:}")
     done
     # syslinux's BIOS boot files (ldlinux.c32) for the firmware-boot test disk.
     dpkg -s syslinux-common >/dev/null 2>&1 || missing+=(syslinux-common)

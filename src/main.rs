@@ -581,8 +581,11 @@ async fn drive(
                         // The daemon's stop sequence, in the background so a
                         // second Ctrl-C can overtake it.
                         let (process, qmp) = (vm.process.clone(), vm.qmp.clone());
+                        let agent = spec
+                            .guest_agent
+                            .then(|| vmlet::qemu::agent::GuestAgent::new(vm.paths.agent_socket()));
                         graceful = Some(tokio::spawn(async move {
-                            instance::stop_process(&process, Some(&qmp), StopMode::Graceful { grace }).await
+                            instance::stop_process(&process, Some(&qmp), agent.as_ref(), StopMode::Graceful { grace }).await
                         }));
                     } else {
                         forced = true;
@@ -647,6 +650,9 @@ async fn report_graceful_stop(
             grace.as_secs()
         ),
         Ok(Ok(Ok(StopOutcome::Killed))) => eprintln!("vmlet: QEMU had to be killed"),
+        Ok(Ok(Ok(StopOutcome::AgentShutdown))) => {
+            eprintln!("vmlet: the guest ignored the power button; its guest agent shut it down")
+        }
         Ok(Ok(Ok(StopOutcome::GuestPoweredOff | StopOutcome::AlreadyExited))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "stopping QEMU"),
         Ok(Err(e)) => tracing::warn!(error = %e, "the stop task failed"),

@@ -15,7 +15,7 @@ use crate::qemu::firmware::{self, PflashSets};
 use crate::qemu::launch_files::{BootFiles, PassedFd, RunFds};
 use crate::qemu::nic::{self, NicPlan};
 use crate::qemu::profile::{DeviceBus, Profile};
-use crate::spec::{Boot, DiskBus, MachinePin, VmSpec};
+use crate::spec::{Boot, DiskBus, MachinePin, VmSpec, GUEST_AGENT_PORT};
 
 /// Where a VM's runtime files live: `RUN_DIR/vms/UUID/`. Named by UUID only,
 /// so no caller-chosen string ever becomes part of a host path.
@@ -77,6 +77,12 @@ impl RunPaths {
         self.dir.join(format!("channel{index}.sock"))
     }
 
+    /// Socket of the guest agent's port (`spec.guest_agent`): vmlet's own
+    /// link to the agent, never handed to callers.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
     /// Every unix socket `spec` needs, for checking their lengths.
     pub fn sockets(&self, spec: &VmSpec) -> Vec<PathBuf> {
         let mut sockets = vec![self.qmp_socket()];
@@ -84,6 +90,9 @@ impl RunPaths {
             sockets.push(self.serial_socket());
         }
         sockets.extend((0..spec.channels.len()).map(|i| self.channel_socket(i)));
+        if spec.guest_agent {
+            sockets.push(self.agent_socket());
+        }
         sockets
     }
 
@@ -160,6 +169,8 @@ pub const TPM_CHARDEV: &str = "tpm0-chr";
 pub const TPM_BACKEND: &str = "tpm0";
 /// Id prefix of empty hot-plug root ports (`hp0`, `hp1`, …).
 pub const HOTPLUG_PORT_PREFIX: &str = "hp";
+/// The guest agent's chardev id.
+pub const AGENT_CHARDEV: &str = "qga0";
 
 /// Builds the arguments after the QEMU binary name.
 pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
@@ -337,7 +348,8 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
         argv.push("-device", nic::device(profile, plan, None).to_string());
     }
 
-    if !spec.channels.is_empty() {
+    let agent_fd = run_fds.agent.filter(|_| spec.guest_agent);
+    if !spec.channels.is_empty() || agent_fd.is_some() {
         argv.push(
             "-device",
             format!("{},id=vser0", profile.devices.virtio_serial),
@@ -352,6 +364,20 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
                 format!(
                     "virtserialport,bus=vser0.0,chardev=channel{index},id=channel{index}-port,name={}",
                     escape(&channel.name)
+                ),
+            );
+        }
+        // The agent's port comes after the caller's channels, so adding it
+        // never renumbers theirs.
+        if let Some(fd) = agent_fd {
+            argv.push(
+                "-chardev",
+                format!("socket,id={AGENT_CHARDEV},fd={fd},server=on,wait=off"),
+            );
+            argv.push(
+                "-device",
+                format!(
+                    "virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV},id={AGENT_CHARDEV}-port,name={GUEST_AGENT_PORT}"
                 ),
             );
         }
@@ -533,6 +559,7 @@ mod tests {
             }],
             serial: SerialSpec::default(),
             channels: vec![],
+            guest_agent: true,
             cloud_init: None,
             nics: vec![],
             autostart: false,

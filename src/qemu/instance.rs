@@ -12,6 +12,7 @@ use crate::confine::cgroup::ProcsFiles;
 use crate::confine::ids::Ids;
 use crate::confine::jail::{self, JailError, JailSpec};
 use crate::qemu::accel::Accel;
+use crate::qemu::agent::GuestAgent;
 use crate::qemu::argv::{self, LaunchInputs, RunPaths};
 use crate::qemu::disk::{DiskPlan, DiskSets};
 use crate::qemu::launch_files::{self, BootFile, BootFiles, PassedFd, RunFds};
@@ -28,6 +29,9 @@ pub const QUIT_DEADLINE: Duration = Duration::from_secs(5);
 /// Deadline of the QMP commands of a stop: a hung QEMU must not hold a stop
 /// up for longer than this before the next step.
 pub const STOP_COMMAND_DEADLINE: Duration = Duration::from_secs(5);
+/// Deadline of the guest agent's part in a graceful stop (the handshake
+/// and `guest-shutdown`), within the grace time.
+pub const AGENT_STOP_DEADLINE: Duration = Duration::from_secs(3);
 
 /// Why a launch failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +71,9 @@ pub enum LaunchError {
 /// How to stop a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
-    /// ACPI power button, then after `grace` QMP `quit`, then SIGKILL.
+    /// ACPI power button; when the guest has not powered off after half of
+    /// `grace` and the VM has a guest agent, `guest-shutdown` through it;
+    /// after `grace`, QMP `quit`, then SIGKILL.
     Graceful {
         /// How long the guest gets to power off by itself.
         grace: Duration,
@@ -83,6 +89,9 @@ pub enum StopOutcome {
     AlreadyExited,
     /// The guest powered off after the power button.
     GuestPoweredOff,
+    /// The guest ignored the power button and powered off when its guest
+    /// agent asked it to (`guest-shutdown`).
+    AgentShutdown,
     /// QEMU exited on `quit` or SIGTERM.
     Quit,
     /// QEMU had to be killed.
@@ -485,6 +494,11 @@ fn hand_over(launch: &Launch<'_>) -> std::io::Result<Handover> {
         run_fds.channels.push(channel.as_raw_fd());
         sockets.push(channel);
     }
+    if launch.spec.guest_agent {
+        let agent = bind(&paths.agent_socket())?;
+        run_fds.agent = Some(agent.as_raw_fd());
+        sockets.push(agent);
+    }
     Ok(Handover {
         _sockets: sockets,
         _serial_log: serial_log,
@@ -636,7 +650,7 @@ impl QemuInstance {
 
     /// Stops QEMU as `mode` says and waits for the process to be gone.
     pub async fn stop(&self, mode: StopMode) -> Result<StopOutcome, ProcessError> {
-        stop_process(&self.process, Some(&self.qmp), mode).await
+        stop_process(&self.process, Some(&self.qmp), None, mode).await
     }
 
     /// Waits for QEMU to exit.
@@ -647,9 +661,12 @@ impl QemuInstance {
 
 /// Stops `process` as `mode` says and waits for it to be gone. Without a
 /// working QMP link (`qmp` is `None`) a graceful stop becomes SIGTERM.
+/// `agent`: the VM's guest agent, asked to shut the guest down when it
+/// ignores the power button for half the grace time.
 pub async fn stop_process(
     process: &QemuProcess,
     qmp: Option<&QmpClient>,
+    agent: Option<&GuestAgent>,
     mode: StopMode,
 ) -> Result<StopOutcome, ProcessError> {
     if !process.is_running() {
@@ -661,8 +678,12 @@ pub async fn stop_process(
             let powerdown = qmp
                 .execute_with_deadline(qapi::qmp::system_powerdown {}, STOP_COMMAND_DEADLINE)
                 .await;
+            let started = tokio::time::Instant::now();
+            // With an agent, the button gets half the grace time and the
+            // agent the rest.
+            let button_time = if agent.is_some() { grace / 2 } else { grace };
             match powerdown {
-                Ok(_) => match process.wait_exit(grace).await {
+                Ok(_) => match process.wait_exit(button_time).await {
                     // Killed meanwhile (a forced stop overtaking this one).
                     Some(ExitStatus::Signal(_)) => return Ok(StopOutcome::Killed),
                     Some(_) => return Ok(StopOutcome::GuestPoweredOff),
@@ -670,6 +691,28 @@ pub async fn stop_process(
                 },
                 Err(e) => {
                     tracing::warn!(pid = process.pid(), error = %e, "system_powerdown failed")
+                }
+            }
+            if let Some(agent) = agent {
+                let left = grace.saturating_sub(started.elapsed());
+                match agent.shutdown(left.min(AGENT_STOP_DEADLINE)).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            pid = process.pid(),
+                            "guest ignored the power button: asked its guest agent to shut it down"
+                        );
+                        let left = grace.saturating_sub(started.elapsed());
+                        match process.wait_exit(left).await {
+                            Some(ExitStatus::Signal(_)) => return Ok(StopOutcome::Killed),
+                            Some(_) => return Ok(StopOutcome::AgentShutdown),
+                            None => {}
+                        }
+                    }
+                    Err(e) => tracing::info!(
+                        pid = process.pid(),
+                        error = %crate::error_chain(&e),
+                        "guest agent could not shut the guest down"
+                    ),
                 }
             }
             tracing::info!(

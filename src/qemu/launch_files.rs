@@ -86,6 +86,8 @@ pub struct RunFds {
     /// QEMU's end of the connected socket pair to the VM's `swtpm` (its
     /// control channel), when the spec has a TPM.
     pub tpm: Option<RawFd>,
+    /// The guest agent's socket (when `spec.guest_agent`).
+    pub agent: Option<RawFd>,
 }
 
 impl RunFds {
@@ -95,6 +97,7 @@ impl RunFds {
             .chain(self.serial)
             .chain(self.channels.iter().copied())
             .chain(self.tpm)
+            .chain(self.agent)
     }
 }
 
@@ -190,6 +193,10 @@ pub fn numbered(spec: &VmSpec, disks: &[DiskPlan], first_fd: RawFd, jailed: bool
         });
         pflash
     });
+    // Last, so that the other fds keep their numbers with or without it.
+    if spec.guest_agent {
+        run.agent = Some(take());
+    }
     Numbered {
         sets,
         passed,

@@ -2,6 +2,7 @@
 //! and QMP. Leaf code: knows nothing of the API or the VM registry.
 
 pub mod accel;
+pub mod agent;
 pub mod argv;
 pub mod capabilities;
 pub mod disk;

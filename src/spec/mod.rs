@@ -41,7 +41,7 @@ pub use resources::{parse_cpu_list, Resources, MAX_HOST_CPU};
 pub use validation::{validate_disk, validate_limits, validate_name, validate_nic, validate_size};
 pub use vm::{
     Boot, ChannelSpec, CloudInit, Firmware, ProfileCaps, SerialSpec, TpmSpec, TpmVersion, VmSpec,
-    DEFAULT_PROFILE, UEFI_NODES,
+    DEFAULT_PROFILE, GUEST_AGENT_PORT, UEFI_NODES,
 };
 pub use volume::{Volume, VolumeAttachment, VolumeCreate, VolumeResize};
 

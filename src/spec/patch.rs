@@ -406,6 +406,7 @@ mod tests {
             ],
             serial: SerialSpec::default(),
             channels: vec![],
+            guest_agent: true,
             nics: vec![NicSpec {
                 mac: Some("52:54:00:00:00:01".into()),
                 ..serde_json::from_value(json!({"network": "n"})).unwrap()

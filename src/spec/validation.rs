@@ -272,6 +272,15 @@ impl VmSpec {
             check_name(c, &field, &ch.name, limits::MAX_NAME_LEN);
             if !names.insert(&ch.name) {
                 c.add(field, "duplicate channel name");
+            } else if self.guest_agent && ch.name == super::vm::GUEST_AGENT_PORT {
+                // vmlet owns that port's socket when it runs the agent.
+                c.add(
+                    field,
+                    format!(
+                        "{} is the guest agent's port: set guest_agent: true instead of a channel (or guest_agent: false to keep the channel)",
+                        super::vm::GUEST_AGENT_PORT
+                    ),
+                );
             }
         }
     }
@@ -726,6 +735,23 @@ mod tests {
         v["channels"] =
             json!([{"name": "org.vmlet.guest.0"}, {"name": "org.vmlet.guest.0"}, {"name": "a,b"}]);
         assert_eq!(fields(v), ["channels[1].name", "channels[2].name"]);
+    }
+
+    #[test]
+    fn agent_port_is_not_a_channel_while_the_agent_is_on() {
+        let mut v = base();
+        v["channels"] = json!([{"name": "org.qemu.guest_agent.0"}]);
+        assert_eq!(fields(v.clone()), ["channels[0].name"]);
+        v["guest_agent"] = json!(false);
+        assert!(fields(v).is_empty());
+    }
+
+    #[test]
+    fn guest_agent_defaults_to_on_and_must_be_a_bool() {
+        assert!(parse(base()).guest_agent);
+        let mut v = base();
+        v["guest_agent"] = json!("yes");
+        assert!(serde_json::from_value::<VmSpec>(v).is_err());
     }
 
     #[test]

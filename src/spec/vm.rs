@@ -39,9 +39,19 @@ pub struct VmSpec {
     #[serde(default)]
     pub serial: SerialSpec,
     /// Named virtio-serial ports, each backed by a unix socket on the host
-    /// (like libvirt's `<channel>`; e.g. `org.qemu.guest_agent.0`).
+    /// (like libvirt's `<channel>`; e.g. `org.example.app.0`). The guest
+    /// agent's port is [`VmSpec::guest_agent`], not a channel.
     #[serde(default)]
     pub channels: Vec<ChannelSpec>,
+    /// Give the guest the QEMU guest agent's port (`org.qemu.guest_agent.0`,
+    /// a virtio-serial channel whose socket vmlet keeps for itself). With an
+    /// agent answering in the guest, vmlet shows the guest's hostname, OS
+    /// and addresses, asks the agent to shut down a guest that ignores the
+    /// ACPI power button, and freezes the guest's filesystems around disk
+    /// snapshots. Every profile has virtio-serial, so the default is on; a
+    /// guest without an agent costs a few deadlines at most.
+    #[serde(default = "yes")]
+    pub guest_agent: bool,
     /// Network interfaces, in guest order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicSpec>,
@@ -197,6 +207,9 @@ impl Default for SerialSpec {
 fn yes() -> bool {
     true
 }
+
+/// The virtio-serial port name of the QEMU guest agent.
+pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
 
 /// A named virtio-serial port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

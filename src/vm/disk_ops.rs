@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error_chain;
 use crate::persist::timestamp;
@@ -34,6 +34,42 @@ pub struct Snapshot {
     pub vm_state_size: u64,
     /// When it was taken (RFC 3339, UTC).
     pub created_at: String,
+    /// The guest's filesystems were frozen by its guest agent while it was
+    /// taken (`guest-fsfreeze-freeze`/`thaw`), so they are consistent on
+    /// the disks; false when there was no answering agent, or the VM was
+    /// not running.
+    #[serde(default)]
+    pub quiesced: bool,
+}
+
+/// The file in a VM's state directory naming its snapshots taken with the
+/// guest's filesystems frozen (a JSON array of names).
+pub const QUIESCED_FILE: &str = "snapshots-quiesced.json";
+
+/// The names of `vm_dir`'s snapshots taken quiesced (none when the file is
+/// missing or unreadable: it only ever adds a `true`).
+pub fn quiesced_names(vm_dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read(vm_dir.join(QUIESCED_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// Records whether snapshot `name` was taken quiesced (`Some`), or forgets
+/// it (`None`, deleted). Written whole to a new file, then renamed.
+pub fn mark_quiesced(vm_dir: &Path, name: &str, quiesced: Option<bool>) -> std::io::Result<()> {
+    let mut names = quiesced_names(vm_dir);
+    let changed = if quiesced == Some(true) {
+        names.insert(name.to_string())
+    } else {
+        names.remove(name)
+    };
+    if !changed {
+        return Ok(());
+    }
+    let tmp = vm_dir.join(format!("{QUIESCED_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(&names).expect("names serialize"))?;
+    std::fs::rename(&tmp, vm_dir.join(QUIESCED_FILE))
 }
 
 /// What a snapshot request does.
@@ -92,6 +128,7 @@ pub async fn list_snapshots(
             vm_state: s.vm_state_size > 0,
             vm_state_size: s.vm_state_size,
             created_at: timestamp(std::time::UNIX_EPOCH + Duration::from_secs(s.date_sec)),
+            quiesced: false,
         })
         .collect())
 }
@@ -190,4 +227,26 @@ pub async fn set_limits(
 /// Grows a running disk.
 pub async fn resize(qmp: &QmpClient, plan: &DiskPlan, size: u64) -> Result<(), VmError> {
     Ok(hotplug::resize_disk(qmp, plan, size).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiesced_marks_follow_creates_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(quiesced_names(dir.path()).is_empty(), "no file: none");
+        mark_quiesced(dir.path(), "a", Some(true)).unwrap();
+        mark_quiesced(dir.path(), "b", Some(false)).unwrap();
+        mark_quiesced(dir.path(), "c", Some(true)).unwrap();
+        mark_quiesced(dir.path(), "c", None).unwrap();
+        assert_eq!(
+            quiesced_names(dir.path()).into_iter().collect::<Vec<_>>(),
+            ["a"]
+        );
+        // A damaged file counts as no marks (never as a false "true").
+        std::fs::write(dir.path().join(QUIESCED_FILE), b"{not json").unwrap();
+        assert!(quiesced_names(dir.path()).is_empty());
+    }
 }

@@ -73,6 +73,11 @@ pub struct Vm {
     /// its console elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_silent_since: Option<String>,
+    /// Set in `GET /v1/vms/{id}` only, for a running VM whose guest agent
+    /// answered: what it last told of the guest (read in the background
+    /// with a deadline; `read_at` says when). Never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::qemu::agent::GuestInfo>,
     /// When the VM was created (RFC 3339, UTC).
     pub created_at: String,
     /// When this object last changed (RFC 3339, UTC).
@@ -101,6 +106,7 @@ impl Vm {
             boots: 0,
             last_stop: None,
             console_silent_since: None,
+            guest: None,
             created_at: now.clone(),
             updated_at: now,
         }
@@ -113,6 +119,9 @@ impl Vm {
 pub enum StopResult {
     /// The guest powered off after the ACPI power button.
     GuestPoweredOff,
+    /// The guest ignored the ACPI power button and powered off when its
+    /// guest agent asked it to (`guest-shutdown`).
+    GuestAgentShutdown,
     /// The guest did not power off within the grace time (or the stop was
     /// forced): QEMU was quit.
     Quit,
@@ -127,6 +136,7 @@ impl StopResult {
     pub fn as_str(self) -> &'static str {
         match self {
             StopResult::GuestPoweredOff => "guest_powered_off",
+            StopResult::GuestAgentShutdown => "guest_agent_shutdown",
             StopResult::Quit => "quit",
             StopResult::Killed => "killed",
             StopResult::AlreadyExited => "already_exited",
@@ -139,6 +149,7 @@ impl From<crate::qemu::instance::StopOutcome> for StopResult {
         use crate::qemu::instance::StopOutcome as O;
         match outcome {
             O::GuestPoweredOff => StopResult::GuestPoweredOff,
+            O::AgentShutdown => StopResult::GuestAgentShutdown,
             O::Quit => StopResult::Quit,
             O::Killed => StopResult::Killed,
             O::AlreadyExited => StopResult::AlreadyExited,

@@ -207,6 +207,7 @@ mod tests {
             disks: vec![],
             serial: SerialSpec::default(),
             channels: vec![],
+            guest_agent: true,
             cloud_init: None,
             nics: vec![],
             autostart: true,

@@ -166,6 +166,7 @@ pub fn guest_spec(profile: &str, extra: &str) -> VmSpec {
         disks: vec![],
         serial: SerialSpec::default(),
         channels: vec![],
+        guest_agent: true,
         cloud_init: None,
         nics: vec![],
         autostart: false,

@@ -363,6 +363,9 @@ fn stop_result_str(vm: &Vm) -> &'static str {
     use crate::vm::record::StopResult;
     match vm.last_stop {
         Some(StopResult::GuestPoweredOff) => "the guest powered off",
+        Some(StopResult::GuestAgentShutdown) => {
+            "the guest ignored the power button and powered off when its guest agent asked"
+        }
         Some(StopResult::Quit) => {
             "QEMU was quit (the guest did not power off in time, or the stop was forced)"
         }
@@ -634,12 +637,54 @@ pub fn render_vm(vm: &Vm) -> String {
         lines.push(("channel".into(), channel.name.clone()));
     }
     lines.push((
+        "agent".into(),
+        if spec.guest_agent { "yes" } else { "no" }.into(),
+    ));
+    if let Some(guest) = &vm.guest {
+        lines.extend(guest_lines(guest));
+    }
+    lines.push((
         "autostart".into(),
         if spec.autostart { "yes" } else { "no" }.into(),
     ));
     lines.push(("created".into(), vm.created_at.clone()));
     lines.push(("updated".into(), vm.updated_at.clone()));
     key_values(&lines)
+}
+
+/// What the guest agent told of the guest, as `vm show` lines. The
+/// strings come from the guest: vmlet already dropped their control
+/// characters.
+fn guest_lines(guest: &crate::qemu::agent::GuestInfo) -> Vec<(String, String)> {
+    let mut lines = vec![(
+        "hostname".to_string(),
+        guest.hostname.clone().unwrap_or_else(|| "-".into()),
+    )];
+    if let Some(os) = &guest.os {
+        let name = os
+            .pretty_name
+            .clone()
+            .or_else(|| os.name.clone())
+            .or_else(|| os.id.clone())
+            .unwrap_or_else(|| "-".into());
+        let kernel = os
+            .kernel_release
+            .as_deref()
+            .map_or(String::new(), |k| format!(" (kernel {k})"));
+        lines.push(("guest os".into(), format!("{name}{kernel}")));
+    }
+    for iface in &guest.interfaces {
+        // The name goes into the value: a long one must not widen the
+        // key column.
+        let mut value = format!("{} {}", iface.name, iface.mac.as_deref().unwrap_or("-"));
+        for address in &iface.addresses {
+            value.push(' ');
+            value.push_str(address);
+        }
+        lines.push(("guest if".into(), value));
+    }
+    lines.push(("guest at".into(), guest.read_at.clone()));
+    lines
 }
 
 /// `NAME state=… task=… gen=…`, with the error when there is one.
@@ -749,6 +794,43 @@ ID                                    NAME              STATE     TASK  DESIRED 
     }
 
     #[test]
+    fn vm_show_lists_what_the_guest_agent_told() {
+        use crate::qemu::agent::{GuestInfo, GuestInterface, GuestOs};
+        let mut v = vm("web", 1);
+        v.guest = Some(GuestInfo {
+            hostname: Some("web-1".into()),
+            os: Some(GuestOs {
+                pretty_name: Some("Debian GNU/Linux 12 (bookworm)".into()),
+                kernel_release: Some("6.1.0-1-cloud-amd64".into()),
+                ..GuestOs::default()
+            }),
+            interfaces: vec![GuestInterface {
+                name: "eth0".into(),
+                mac: Some("52:54:00:12:34:56".into()),
+                addresses: vec!["10.0.0.2/24".into(), "fe80::1/64".into()],
+            }],
+            read_at: "2024-05-01T10:00:01Z".into(),
+        });
+        let text = render_vm(&v);
+        for line in [
+            "\nagent:      yes\n",
+            "\nhostname:   web-1\n",
+            "\nguest os:   Debian GNU/Linux 12 (bookworm) (kernel 6.1.0-1-cloud-amd64)\n",
+            "\nguest if:   eth0 52:54:00:12:34:56 10.0.0.2/24 fe80::1/64\n",
+            "\nguest at:   2024-05-01T10:00:01Z\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        v.spec.guest_agent = false;
+        v.guest = None;
+        let text = render_vm(&v);
+        assert!(
+            text.contains("\nagent:      no\n") && !text.contains("hostname"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn vm_show_lists_fields_and_the_error() {
         let mut v = vm("web", 1);
         v.state = as_received(PowerState::Error);
@@ -781,6 +863,7 @@ boot:       kernel /k/vmlinuz
 firmware:   bios
 disk disk0: qcow2 /var/lib/vmlet/web.qcow2 (read-only, boot 1)
 serial:     yes
+agent:      yes
 autostart:  no
 created:    2024-05-01T10:00:00.000Z
 updated:    2024-05-01T10:00:05.000Z

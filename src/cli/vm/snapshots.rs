@@ -111,12 +111,14 @@ mod tests {
                 vm_state: true,
                 vm_state_size: 210 << 20,
                 created_at: "2024-05-01T10:00:00.000Z".into(),
+                quiesced: true,
             },
             Snapshot {
                 name: "cold".into(),
                 vm_state: false,
                 vm_state_size: 0,
                 created_at: "2024-05-02T10:00:00.000Z".into(),
+                quiesced: false,
             },
         ];
         let expected = "\

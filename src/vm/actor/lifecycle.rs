@@ -84,8 +84,11 @@ impl Actor {
         };
         let process = rt.process.clone();
         let qmp = rt.qmp.clone();
+        let agent = rt.agent.clone();
         self.spawn_op(async move {
-            OpResult::Stopped(instance::stop_process(&process, qmp.as_ref(), mode).await)
+            OpResult::Stopped(
+                instance::stop_process(&process, qmp.as_ref(), agent.as_deref(), mode).await,
+            )
         });
     }
 
@@ -149,7 +152,7 @@ impl Actor {
         let paths = RunPaths::new(&ctx.settings.run_dir, id);
         self.spawn_op(async move {
             if let Some((process, _)) = &rt {
-                if let Err(e) = instance::stop_process(process, None, StopMode::Force).await {
+                if let Err(e) = instance::stop_process(process, None, None, StopMode::Force).await {
                     return OpResult::Deleted(Err(error_chain(&e)));
                 }
             }

@@ -82,7 +82,8 @@ impl Actor {
                 let paths = RunPaths::new(&ctx.settings.run_dir, id);
                 self.spawn_op(async move {
                     if let Some(process) = &process {
-                        if let Err(e) = instance::stop_process(process, None, StopMode::Force).await
+                        if let Err(e) =
+                            instance::stop_process(process, None, None, StopMode::Force).await
                         {
                             return OpResult::MovedAway {
                                 target,

@@ -25,6 +25,7 @@ use uuid::Uuid;
 use crate::console::serial::{SerialHub, SerialLog};
 use crate::persist::timestamp;
 use crate::qemu::accel::Accel;
+use crate::qemu::agent::{GuestAgent, GuestInfo};
 use crate::qemu::argv::RunPaths;
 use crate::qemu::exit::{self, ExitEvents, RunEvent};
 use crate::qemu::instance::{self, Launch, QemuInstance, StopMode, StopOutcome};
@@ -57,6 +58,12 @@ use storage::Work;
 const REATTACH_QMP_DEADLINE: Duration = Duration::from_secs(5);
 /// How often vmlet tries to reach a QEMU that stopped answering QMP.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
+/// Deadline of one read of the guest agent's view of the guest.
+const AGENT_INFO_DEADLINE: Duration = Duration::from_secs(3);
+/// How often the guest agent is asked until it first answers (the guest
+/// is still booting), and afterwards.
+const AGENT_FIRST_INTERVAL: Duration = Duration::from_secs(2);
+const AGENT_REFRESH_INTERVAL: Duration = Duration::from_secs(15);
 
 pub use crate::error_chain;
 use crate::vm::disk_ops::SnapshotKind;
@@ -196,6 +203,10 @@ pub struct Live {
     pub serial: Option<Arc<SerialHub>>,
     /// Whether the VM has a display (and so a VNC socket).
     pub display: bool,
+    /// The guest agent, when the VM has its port.
+    pub agent: Option<Arc<GuestAgent>>,
+    /// What the agent last told of the guest.
+    guest: Arc<std::sync::Mutex<Option<GuestInfo>>>,
     incarnation: u64,
     gone: watch::Receiver<()>,
 }
@@ -206,6 +217,12 @@ impl Live {
     pub async fn gone(&self) {
         let mut gone = self.gone.clone();
         while gone.changed().await.is_ok() {}
+    }
+
+    /// What the guest agent last told of the guest; `None` before it
+    /// first answered. Never waits for the agent.
+    pub fn guest_info(&self) -> Option<GuestInfo> {
+        self.guest.lock().map(|g| g.clone()).unwrap_or(None)
     }
 }
 
@@ -265,6 +282,10 @@ struct Runtime {
     serial: Option<Arc<SerialHub>>,
     /// Its profile has a display adapter (a VNC socket).
     display: bool,
+    /// The guest agent, when the VM has its port.
+    agent: Option<Arc<GuestAgent>>,
+    /// What the agent last told of the guest (refreshed by a forwarder).
+    guest: Arc<std::sync::Mutex<Option<GuestInfo>>>,
     /// Dropped with the runtime: tells [`Live::gone`] waiters.
     gone: watch::Sender<()>,
 }
@@ -487,6 +508,8 @@ impl Actor {
             paths: rt.paths.clone(),
             serial: rt.serial.clone(),
             display: rt.display,
+            agent: rt.agent.clone(),
+            guest: rt.guest.clone(),
             incarnation: rt.incarnation,
             gone: rt.gone.subscribe(),
         });

@@ -224,6 +224,8 @@ impl Actor {
                     // so a disk holds the memory state and the listing.
                     plans.push(launch::nvram_plan(&layout, uuid));
                 }
+                let agent = self.runtime.as_ref().and_then(|rt| rt.agent.clone());
+                let vm_dir = ctx.store.vm_dir(uuid);
                 self.spawn_op(async move {
                     let result = async {
                         let disks = disk_ops::snapshot_disks(&plans)?;
@@ -242,7 +244,13 @@ impl Actor {
                         }
                         match &qmp {
                             Some(qmp) => {
-                                disk_ops::snapshot_live(qmp, kind, &name, &disks).await?;
+                                // Only a new snapshot is worth freezing for.
+                                let agent = agent.filter(|_| kind == SnapshotKind::Create);
+                                let quiesced = quiesced_snapshot(agent.as_deref(), async {
+                                    disk_ops::snapshot_live(qmp, kind, &name, &disks).await
+                                })
+                                .await?;
+                                record_quiesced(&vm_dir, kind, &name, quiesced);
                                 let status = qmp
                                     .execute(qapi::qmp::query_status {})
                                     .await
@@ -252,6 +260,7 @@ impl Actor {
                             None => {
                                 disk_ops::snapshot_offline(&ctx.qemu_img, kind, &name, &disks)
                                     .await?;
+                                record_quiesced(&vm_dir, kind, &name, false);
                                 Ok(None)
                             }
                         }
@@ -312,5 +321,71 @@ impl Actor {
             None => {}
         }
         self.finish_op(result.map(drop));
+    }
+}
+
+/// Deadline of each of the guest agent's freeze and thaw.
+const FREEZE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Deadline of the handshake that tells whether an agent answers at all: a
+/// guest without one delays its snapshots by this much only.
+const AGENT_PING_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `snapshot` with the guest's filesystems frozen by `agent` when it
+/// answers: whether they were (the snapshot is quiesced). Whenever a freeze
+/// was asked for, a thaw follows, whatever the freeze or the snapshot gave:
+/// an agent that froze after vmlet stopped waiting must not leave the
+/// guest frozen.
+async fn quiesced_snapshot<F>(
+    agent: Option<&crate::qemu::agent::GuestAgent>,
+    snapshot: F,
+) -> Result<bool, VmError>
+where
+    F: std::future::Future<Output = Result<(), VmError>>,
+{
+    let Some(agent) = agent else {
+        return snapshot.await.map(|()| false);
+    };
+    if let Err(e) = agent.ping(AGENT_PING_DEADLINE).await {
+        tracing::info!(error = %error_chain(&e), "no guest agent answers: snapshot without freezing");
+        return snapshot.await.map(|()| false);
+    }
+    let frozen = match agent.freeze(FREEZE_DEADLINE).await {
+        Ok(count) => {
+            tracing::info!(
+                filesystems = count,
+                "guest filesystems frozen for a snapshot"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::info!(error = %error_chain(&e), "snapshot without freezing the guest's filesystems");
+            false
+        }
+    };
+    let result = snapshot.await;
+    let thawed = match agent.thaw(FREEZE_DEADLINE).await {
+        Ok(_) => true,
+        Err(e) => {
+            // Not frozen (the freeze failed) is the usual reason.
+            if frozen {
+                tracing::warn!(error = %error_chain(&e), "thawing the guest's filesystems failed");
+            }
+            false
+        }
+    };
+    result.map(|()| frozen && thawed)
+}
+
+/// Keeps the record of quiesced snapshots in step: a new one is noted
+/// when it was quiesced, a deleted one forgotten. A failure to write it
+/// only loses the mark (the snapshot is there): logged.
+fn record_quiesced(vm_dir: &std::path::Path, kind: SnapshotKind, name: &str, quiesced: bool) {
+    let mark = match kind {
+        SnapshotKind::Create => Some(quiesced),
+        SnapshotKind::Delete => None,
+        SnapshotKind::Revert => return,
+    };
+    if let Err(e) = disk_ops::mark_quiesced(vm_dir, name, mark) {
+        tracing::warn!(snapshot = name, error = %e, "could not record whether the snapshot is quiesced");
     }
 }

@@ -39,6 +39,19 @@ impl Actor {
                 status,
             });
         })];
+        let agent = self
+            .vm
+            .spec
+            .guest_agent
+            .then(|| Arc::new(GuestAgent::new(paths.agent_socket())));
+        let guest = Arc::new(std::sync::Mutex::new(None));
+        let mut forwarders = forwarders;
+        if let Some(agent) = &agent {
+            forwarders.push(tokio::spawn(refresh_guest_info(
+                agent.clone(),
+                guest.clone(),
+            )));
+        }
         self.runtime = Some(Runtime {
             incarnation,
             process,
@@ -54,6 +67,8 @@ impl Actor {
                 .get(&self.vm.spec.profile)
                 .is_ok_and(|p| p.devices.display.is_some()),
             gone: watch::channel(()).0,
+            agent,
+            guest,
         });
     }
 
@@ -210,6 +225,37 @@ impl Actor {
                     vm.error = Some(reason);
                 }
             });
+        }
+    }
+}
+
+/// Reads the guest agent's view of the guest into `guest`, often until the
+/// agent first answers, then now and then, each read bounded by
+/// [`AGENT_INFO_DEADLINE`]; a VM without an answering agent keeps `None`
+/// (or the last answer, with its `read_at`). Ends with the runtime (it is
+/// one of its forwarders, aborted when the runtime goes).
+async fn refresh_guest_info(
+    agent: Arc<GuestAgent>,
+    guest: Arc<std::sync::Mutex<Option<GuestInfo>>>,
+) {
+    let mut answered = false;
+    loop {
+        tokio::time::sleep(if answered {
+            AGENT_REFRESH_INTERVAL
+        } else {
+            AGENT_FIRST_INTERVAL
+        })
+        .await;
+        match agent.info(AGENT_INFO_DEADLINE).await {
+            Ok(info) => {
+                answered = true;
+                if let Ok(mut slot) = guest.lock() {
+                    *slot = Some(info);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(socket = %agent.path().display(), error = %crate::error_chain(&e), "guest agent did not answer");
+            }
         }
     }
 }

@@ -303,6 +303,7 @@ mod tests {
             disks: vec![disk(&inside_file), disk(&outside_file), disk(&link)],
             serial: SerialSpec::default(),
             channels: vec![],
+            guest_agent: true,
             cloud_init: None,
             nics: vec![],
             autostart: false,

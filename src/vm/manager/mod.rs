@@ -247,7 +247,9 @@ impl Manager {
     /// `console_silent_since` when it runs but its serial log has not grown
     /// for `[console] silent_hint_s` seconds (0: never).
     pub fn show(&self, key: &str) -> Result<crate::vm::Vm, VmError> {
-        let mut vm = self.find(key)?.view();
+        let handle = self.find(key)?;
+        let mut vm = handle.view();
+        vm.guest = handle.live().and_then(|live| live.guest_info());
         let hint_after = self.ctx.settings.console.silent_hint_s;
         if hint_after > 0
             && vm.spec.serial.enabled
