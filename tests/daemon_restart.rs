@@ -868,10 +868,11 @@ async fn unfinished_start_is_cleaned_up() {
 async fn a_stuck_qemu_launch_times_out() {
     let tools = common::Scratch::new();
     let fake = tools.path().join("stuck-qemu");
-    // Answers --version like QEMU, then never daemonizes.
+    // Answers --version like QEMU and lets the real QEMU answer the
+    // daemon's capability probe (`-qmp stdio`); a VM launch then hangs.
     std::fs::write(
         &fake,
-        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'QEMU emulator version 10.0.2 (stuck)'; exit 0; }\nexec tail -f \"$0\"\n",
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'QEMU emulator version 10.0.2 (stuck)'; exit 0; }\ncase \"$*\" in *'-qmp stdio'*) exec qemu-system-x86_64 \"$@\" ;; esac\nexec tail -f \"$0\"\n",
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();

@@ -39,12 +39,13 @@ fn nvram_path(d: &Daemon, vm: &Value) -> PathBuf {
         .join("nvram.qcow2")
 }
 
-/// The NVRAM's guest-visible bytes (`qemu-img convert` to raw; `-U`
-/// because only a stopped VM's NVRAM is read here anyway).
+/// The NVRAM's guest-visible bytes (`qemu-img convert -U` to raw: `-U`
+/// reads a running VM's copy, which its firmware does not write while the
+/// guest runs).
 fn nvram_bytes(nvram: &Path, scratch: &Scratch) -> Vec<u8> {
     let out = scratch.path().join("nvram.raw");
     let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
         .arg(nvram)
         .arg(&out)
         .status()
@@ -143,17 +144,6 @@ async fn uefi_kernel_boot_sees_efi_and_keeps_its_own_nvram() {
     act(&d, &id, "start", None).await;
     wait_for_count(&log, "GUEST-FIRMWARE efi=yes", 2, BOOT_TIMEOUT).await;
     snapshot(&d, &id, "live1").await;
-    // Live migration would leave the NVRAM behind: refused before any
-    // target is contacted, naming the reason.
-    let migrate = json!({"target": {"url": "http://127.0.0.1:9", "token": "t0ken"}});
-    let path = format!("/v1/vms/{id}/migrate");
-    let (status, body) = call(&d, Method::POST, &path, Some(&migrate)).await;
-    assert_eq!(status, 409, "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("boot.firmware") && message.contains("NVRAM"),
-        "{body}"
-    );
     act(&d, &id, "stop", Some(&stop)).await;
     assert_eq!(nvram_snapshots(&nvram), ["offline1", "live1"]);
     // The same file, kept across starts, never reset from the template.
@@ -270,8 +260,8 @@ async fn uefi_refusals_name_boot_firmware() {
     assert_invalid_field(&answer, "disks[0].name");
     // A BIOS VM needs no descriptor.
     let vm = create_vm(&d, &guest_spec_json(&unique_name("bios"), "")).await;
-    // As a migration target, a daemon refuses a UEFI VM (its NVRAM would
-    // not come along), asked directly as a source daemon asks it.
+    // As a migration target, a daemon without UEFI firmware refuses a UEFI
+    // VM, asked directly as a source daemon asks it.
     let node = call(&d, Method::GET, "/v1/node", None).await.1;
     let (_, mut view) = call(&d, Method::GET, &format!("/v1/vms/{}", id_of(&vm)), None).await;
     view["spec"]["boot"]["firmware"] = json!("uefi");
@@ -287,4 +277,79 @@ async fn uefi_refusals_name_boot_firmware() {
     let answer = call(&d, Method::POST, "/v1/migrations/incoming", Some(&request)).await;
     assert_invalid_field(&answer, "vm.spec.boot.firmware");
     force_delete_vm(&d, &id_of(&vm)).await;
+}
+
+#[tokio::test]
+async fn a_uefi_vm_migrates_with_its_nvram() {
+    let test = "a_uefi_vm_migrates_with_its_nvram";
+    if installed(Firmware::Uefi).is_none() {
+        skip(
+            test,
+            "no UEFI firmware descriptor (install the `ovmf` package)",
+        );
+        return;
+    }
+    let token_dir = Scratch::new();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "uefi-migration-token\n").unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
+    let a = Daemon::start().await;
+    let b = Daemon::start_with_env(&[
+        ("VMLET_TCP_LISTEN", &addr),
+        ("VMLET_AUTH_TOKEN_FILE", token_file.to_str().unwrap()),
+    ])
+    .await;
+    let scratch = Scratch::new();
+    let mut spec = guest_spec_json(&unique_name("uefi-mig"), "guest.firmware=report");
+    spec["boot"]["firmware"] = json!("uefi");
+    let vm = create_vm(&a, &spec).await;
+    let id = id_of(&vm);
+    act(&a, &id, "start", None).await;
+    wait_for_count(&a.serial_log(uuid_of(&vm)), "GUEST-READY", 1, BOOT_TIMEOUT).await;
+    // What the firmware wrote at this boot (its boot entries).
+    let before = nvram_bytes(&nvram_path(&a, &vm), &scratch);
+
+    let request =
+        json!({"target": {"url": format!("http://{addr}"), "token": "uefi-migration-token"}});
+    let (status, started) = call(
+        &a,
+        Method::POST,
+        &format!("/v1/vms/{id}/migrate"),
+        Some(&request),
+    )
+    .await;
+    assert_eq!(status, 202, "{started}");
+    let mid = started["id"].as_str().unwrap().to_string();
+    let done = common::daemon::wait_until("the migration to end", Duration::from_secs(120), || {
+        let a = &a;
+        let mid = mid.clone();
+        async move {
+            let (_, m) = call(a, Method::GET, &format!("/v1/migrations/{mid}"), None).await;
+            matches!(
+                m["phase"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            )
+            .then_some(m)
+        }
+    })
+    .await;
+    assert_eq!(done["phase"], "completed", "{done}");
+    assert!(
+        done["progress"]["disks"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["name"] == "efi-vars")),
+        "the NVRAM was copied: {done}"
+    );
+    let (_, moved) = call(&b, Method::GET, &format!("/v1/vms/{id}"), None).await;
+    assert_eq!(moved["state"], "running", "{moved}");
+    // The target's NVRAM holds what the source's did, not a fresh template.
+    let after = nvram_bytes(&nvram_path(&b, &moved), &scratch);
+    assert_eq!(after, before, "the NVRAM moved with the VM");
+    assert!(!nvram_path(&a, &vm).exists(), "the source's NVRAM is gone");
+    force_delete_vm(&b, &id).await;
 }

@@ -342,6 +342,26 @@ impl Migrations {
     }
 }
 
+/// The block nodes a migration copies for VM `spec`: its disks but the
+/// cloud-init seed (the target writes its own), and a UEFI VM's NVRAM
+/// (`efi-vars`; the firmware code is the target's own, read-only).
+fn copied_disk_names(spec: &crate::spec::VmSpec) -> Vec<String> {
+    let mut names: Vec<String> = spec
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| d.name_or_default(i))
+        .filter(|d| d != crate::spec::SEED_DISK)
+        .collect();
+    if spec.boot.firmware().is_uefi() {
+        names.push(NVRAM_NODE.to_string());
+    }
+    names
+}
+
+/// The NVRAM's block node (see `spec::UEFI_NODES`).
+const NVRAM_NODE: &str = crate::spec::UEFI_NODES[1];
+
 /// A wait that ends early when `cancelled` flips.
 async fn sleep_or_cancel(cancelled: &mut watch::Receiver<bool>, period: Duration) -> bool {
     if *cancelled.borrow() {

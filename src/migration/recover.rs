@@ -11,7 +11,7 @@ use super::record::MigrationFile;
 use super::source::{roll_back, run_state};
 use super::Migrations;
 use crate::qemu::process::QemuProcess;
-use crate::spec::{Phase, Role, SEED_DISK};
+use crate::spec::{Phase, Role};
 use crate::vm::actor::MigrationEnd;
 use crate::vm::state::{PowerAction, PowerState};
 
@@ -113,15 +113,7 @@ async fn recover_source(migrations: &Migrations, file: MigrationFile) {
         }
     };
     let qmp = live.qmp.clone().expect("lent VMs answer on QMP");
-    let disks: Vec<String> = handle
-        .view()
-        .spec
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| d.name_or_default(i))
-        .filter(|d| d != SEED_DISK)
-        .collect();
+    let disks = super::copied_disk_names(&handle.view().spec);
     let completed_here = matches!(
         run_state(&qmp).await,
         Some(qapi::qmp::RunState::postmigrate)

@@ -196,6 +196,14 @@ impl Migrations {
             )
             .await
             .map_err(|e| MigrationError::Failed(format!("listing the VM's disks: {e}")))?;
+        let node_size = |name: &str| {
+            nodes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["node-name"] == name)
+                .and_then(|n| n["image"]["virtual-size"].as_u64())
+        };
         let mut disks = Vec::new();
         for (i, disk) in spec.disks.iter().enumerate() {
             let name = disk.name_or_default(i);
@@ -211,12 +219,7 @@ impl Migrations {
                     )))
                 }
             };
-            let size = nodes
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|n| n["node-name"] == name.as_str())
-                .and_then(|n| n["image"]["virtual-size"].as_u64())
+            let size = node_size(&name)
                 .ok_or_else(|| MigrationError::Failed(format!("QEMU does not show disk {name}")))?;
             disks.push((
                 IncomingDisk {
@@ -224,6 +227,19 @@ impl Migrations {
                     virtual_size: size,
                 },
                 mode,
+            ));
+        }
+        if spec.boot.firmware().is_uefi() {
+            // The firmware's variables (boot entries, keys) move whole.
+            let size = node_size(super::NVRAM_NODE).ok_or_else(|| {
+                MigrationError::Failed("QEMU does not show the VM's NVRAM".into())
+            })?;
+            disks.push((
+                IncomingDisk {
+                    name: super::NVRAM_NODE.to_string(),
+                    virtual_size: size,
+                },
+                CopyMode::Full,
             ));
         }
         Ok(disks)
@@ -304,7 +320,13 @@ impl Migrations {
                 .map_err(|e| MigrationError::Failed(format!("binding {socket}: {e}")))?;
             run.joins
                 .push(spawn_join(run.id, listener, remote, disk.name.clone()));
-            let root = crate::qemu::disk::throttle_node(&disk.name);
+            // What the guest's device reads: a disk's throttle filter; the
+            // NVRAM's own node (the pflash device has no filter).
+            let root = if disk.name == super::NVRAM_NODE {
+                disk.name.clone()
+            } else {
+                crate::qemu::disk::throttle_node(&disk.name)
+            };
             qmig::start_mirror(
                 &run.qmp,
                 &disk.name,

@@ -109,17 +109,6 @@ impl Migrations {
                 crate::qemu::tpm::MIGRATION_REFUSAL,
             )));
         }
-        if vm.spec.boot.firmware().is_uefi() {
-            // The source refuses to send one (its NVRAM is not mirrored);
-            // a VM arriving without it would boot with a blank store.
-            return Err(MigrationError::Invalid(crate::spec::SpecError::field(
-                "vm.spec.boot.firmware",
-                format!(
-                    "{}: live migration does not carry a UEFI VM's NVRAM yet",
-                    vm.spec.boot.firmware().as_str()
-                ),
-            )));
-        }
         self.manager().check_qemu_version(&request.qemu_version)?;
         self.manager()
             .reserve_incoming(&vm, &request.images)
@@ -325,11 +314,9 @@ impl Migrations {
         if let Some(disk) = disk {
             let file = self.file(id).and_then(|f| f.vm);
             let known = file.is_some_and(|vm| {
-                vm.spec
-                    .disks
+                super::copied_disk_names(&vm.spec)
                     .iter()
-                    .enumerate()
-                    .any(|(i, d)| d.name_or_default(i) == disk)
+                    .any(|name| name == disk)
             });
             if !known || disk == SEED_DISK {
                 return Err(MigrationError::Conflict(format!(

@@ -77,14 +77,6 @@ impl Manager {
                 ));
             }
         }
-        if vm.spec.boot.firmware().is_uefi() {
-            // Its NVRAM is a block node vmlet does not mirror yet; moving
-            // the VM without it would lose its boot entries and keys.
-            return Some(format!(
-                "boot.firmware is {}: live migration does not carry the VM's NVRAM yet (UEFI VMs cannot move)",
-                vm.spec.boot.firmware().as_str()
-            ));
-        }
         match &vm.machine {
             None => {
                 Some("the VM has no pinned machine type yet (start it once with this vmlet)".into())
@@ -175,6 +167,12 @@ impl Manager {
             )));
         }
         self.check_machine(vm)?;
+        if let Some(pin) = &vm.machine {
+            // Its NVRAM arrives by copy, but the firmware code is this host's.
+            self.ctx
+                .uefi_firmware(spec, &pin.machine_type)
+                .map_err(|e| VmError::Invalid(prefixed("vm.spec.", e)))?;
+        }
         check_host_paths(spec, &self.ctx.host_roots)?;
         let _claims = self.claim(create_claims(spec))?;
         if self.registry.handle(spec.uuid).is_some() || self.is_incoming(spec.uuid) {
@@ -474,6 +472,14 @@ impl Manager {
             }
         }
     }
+}
+
+/// `errors` with each field named from the request's top (`vm.spec.…`).
+fn prefixed(prefix: &str, mut errors: SpecError) -> SpecError {
+    for e in &mut errors.errors {
+        e.field = format!("{prefix}{}", e.field);
+    }
+    errors
 }
 
 /// `10.0.2` → `(10, 0, 2)` (a missing part is 0).
