@@ -2,9 +2,10 @@
 //! (TCG): the guest sees a TPM 2.0 (`/dev/tpm0`); `swtpm` runs as the VM's
 //! uid, jailed, never as root; its state survives a stop and start (the
 //! TPM's persistent resetCount goes up) and a daemon restart (the same
-//! `swtpm` is found again while the VM keeps running); live migration is
-//! refused naming `tpm`; stopping and deleting the VM leave no `swtpm`, and
-//! delete removes the state. A spec with a TPM
+//! `swtpm` is found again while the VM keeps running); the state moves with
+//! a live migration (QEMU carries it to the target's fresh `swtpm`);
+//! stopping and deleting the VM leave no `swtpm`, and delete removes the
+//! state. A spec with a TPM
 //! on a profile without one, or another version, is refused naming the field.
 
 mod common;
@@ -191,8 +192,8 @@ async fn tpm_is_seen_by_the_guest_persists_and_follows_the_vm() {
     assert!(alive(swtpm));
     assert_eq!(swtpm_pids(id), vec![swtpm]);
 
-    // Live migration of a TPM VM is refused, naming the field; the VM and
-    // its swtpm are untouched (the target is never contacted).
+    // A migration to a target that is not there fails before anything
+    // moved: the VM and its swtpm are untouched.
     let request = json!({
         "target": {"url": "http://127.0.0.1:9", "token": "unused"},
         "max_downtime_ms": 300,
@@ -204,9 +205,8 @@ async fn tpm_is_seen_by_the_guest_persists_and_follows_the_vm() {
         Some(&request),
     )
     .await;
-    assert_eq!(status, 409, "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.starts_with("tpm:"), "{body}");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "target_unreachable", "{body}");
     let vm = get(&d, id).await;
     assert_eq!(vm.state, PowerState::Running);
     assert_eq!(vm.tpm_pid, Some(swtpm));
@@ -276,4 +276,85 @@ async fn tpm_is_refused_where_it_cannot_be() {
     }
     let vms = d.client.list_vms().await.unwrap();
     assert!(vms.is_empty(), "nothing was created: {vms:?}");
+}
+
+#[tokio::test]
+async fn the_tpm_state_moves_with_a_live_migration() {
+    const TEST: &str = "the_tpm_state_moves_with_a_live_migration";
+    if let Err(reason) = swtpm_available() {
+        common::skip(TEST, reason);
+        return;
+    }
+    let token_dir = common::Scratch::new();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "tpm-migration-token\n").unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
+    let a = Daemon::start().await;
+    let b = Daemon::start_with_env(&[
+        ("VMLET_TCP_LISTEN", &addr),
+        ("VMLET_AUTH_TOKEN_FILE", token_file.to_str().unwrap()),
+    ])
+    .await;
+    let mut spec = guest_spec_json(&unique_name("tpm-mig"), "guest.tpm=report");
+    spec["tpm"] = json!({"version": "2.0"});
+    let vm = a.client.create_vm(&spec).await.expect("creating VM");
+    let id = vm.id;
+    let _guard = SwtpmGuard(id);
+    a.client.start(&id.to_string()).await.expect("start");
+    // Two resets on the source: the TPM's reset count goes up by one each.
+    let log = a.serial_log(id);
+    wait_for_count(&log, "GUEST-TPM", 1, BOOT_TIMEOUT).await;
+    for n in 2..=3 {
+        a.client
+            .reboot_with(&id.to_string(), true, None)
+            .await
+            .expect("reset");
+        wait_for_count(&log, "GUEST-TPM", n, BOOT_TIMEOUT).await;
+    }
+    let before = *reset_counts(&log).last().unwrap();
+
+    let request = vmlet::spec::MigrateRequest {
+        target: vmlet::spec::MigrationTarget {
+            url: format!("http://{addr}"),
+            token: "tpm-migration-token".into(),
+        },
+        max_downtime_ms: 300,
+        max_bandwidth_mib_s: None,
+    };
+    let started = a
+        .client
+        .migrate_vm(&id.to_string(), &request)
+        .await
+        .expect("migrate");
+    let done = wait_until("the migration to end", Duration::from_secs(120), || async {
+        let m = a.client.get_migration(started.id).await.unwrap();
+        m.phase.is_final().then_some(m)
+    })
+    .await;
+    assert_eq!(done.phase, vmlet::spec::Phase::Completed, "{done:?}");
+    let moved = get(&b, id).await;
+    assert_eq!(moved.state, PowerState::Running, "{moved:?}");
+    let swtpm = moved.tpm_pid.expect("the target records its swtpm");
+    assert_eq!(
+        swtpm_pids(id),
+        vec![swtpm],
+        "only the target's swtpm is left"
+    );
+
+    // A reset on the target: the count goes on from the source's (a fresh
+    // TPM would start again from zero).
+    b.client
+        .reboot_with(&id.to_string(), true, None)
+        .await
+        .expect("reset on the target");
+    let log = b.serial_log(id);
+    wait_for_count(&log, "GUEST-TPM", 1, BOOT_TIMEOUT).await;
+    let after = *reset_counts(&log).last().unwrap();
+    assert_eq!(after, before + 1, "the TPM state moved with the VM");
+    common::api::force_delete_vm(&b, &id.to_string()).await;
 }

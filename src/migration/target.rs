@@ -102,13 +102,6 @@ impl Migrations {
                 "must equal vm.spec.uuid",
             )));
         }
-        // A source that moves a VM with a TPM is refused here too.
-        if vm.spec.tpm.is_some() {
-            return Err(MigrationError::Invalid(crate::spec::SpecError::field(
-                "vm.spec.tpm",
-                crate::qemu::tpm::MIGRATION_REFUSAL,
-            )));
-        }
         self.manager().check_qemu_version(&request.qemu_version)?;
         self.manager()
             .reserve_incoming(&vm, &request.images)

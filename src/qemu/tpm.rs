@@ -24,13 +24,6 @@ use crate::confine::ids::Ids;
 use crate::confine::jail::{self, JailError, JailSpec};
 use crate::qemu::process::{self, Confinement, ProcessError, QemuProcess, SpawnRequest};
 
-/// Why a VM with a TPM is not live-migrated: its state lives in its own
-/// `swtpm`, and carrying it over (QEMU's tpm-emulator sends it in the
-/// migration stream to a fresh `swtpm` on the target) is not yet proven by
-/// a test, so both ends refuse it.
-pub const MIGRATION_REFUSAL: &str =
-    "tpm: live migration of a VM with a TPM is not supported yet (its state lives in the VM's swtpm)";
-
 /// Why the TPM emulator could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum TpmError {

@@ -67,9 +67,6 @@ impl Manager {
     /// Why VM `vm` cannot be live-migrated from here, if anything: its
     /// disks must all be vmlet's own, and its hardware pinned and portable.
     pub fn migration_refusal(&self, vm: &Vm) -> Option<String> {
-        if vm.spec.tpm.is_some() {
-            return Some(crate::qemu::tpm::MIGRATION_REFUSAL.into());
-        }
         for (i, disk) in vm.spec.disks.iter().enumerate() {
             if let Ok(DiskSource::File { .. }) = disk.source() {
                 return Some(format!(
@@ -416,6 +413,9 @@ impl Manager {
         vm.desired = Desired::Running;
         vm.pid = Some(qemu.process.pid());
         vm.pid_start = qemu.process.start_time();
+        // The swtpm started for it holds the TPM state that arrived.
+        vm.tpm_pid = qemu.tpm.as_ref().map(|t| t.pid());
+        vm.tpm_pid_start = qemu.tpm.as_ref().and_then(|t| t.start_time());
         vm.tpm_pid = qemu.tpm.as_ref().map(|t| t.pid());
         vm.tpm_pid_start = qemu.tpm.as_ref().and_then(|t| t.start_time());
         vm.error = None;
