@@ -419,6 +419,12 @@ impl Settings {
             .unwrap_or_else(|| self.run_dir.join("vmlet.sock"))
     }
 
+    /// The CA file trusted, besides the system's roots, for `https://`
+    /// calls to other vmlet daemons (`[api] peer_ca_file`).
+    pub fn peer_ca_file(&self) -> Option<&Path> {
+        self.api.peer_ca_file.as_deref()
+    }
+
     /// The bearer token file of TCP listeners: `auth_token_file`, or the
     /// one vmlet generates, `STATE_DIR/api-token`.
     pub fn auth_token_path(&self) -> PathBuf {

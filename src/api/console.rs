@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::broadcast::error::RecvError;
@@ -110,23 +110,7 @@ pub struct ConsoleRequest {
     pub kind: ConsoleKind,
 }
 
-/// A console token, shown once.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ConsoleToken {
-    /// The one-time token (256 random bits, hex).
-    pub token: String,
-    /// Which console it opens.
-    #[serde(rename = "type")]
-    pub kind: ConsoleKind,
-    /// When it stops working if unused (RFC 3339).
-    pub expires_at: String,
-    /// The websocket to open, relative to the API's base URL.
-    pub url: String,
-    /// The browser page (noVNC) for a `vnc` token, relative to the API's
-    /// base URL.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub page_url: Option<String>,
-}
+pub use crate::console::ConsoleToken;
 
 /// `?token=…`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

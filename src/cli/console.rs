@@ -74,7 +74,7 @@ pub async fn run_console_vnc(
 /// What `--vnc` prints: the full URL when the daemon is reached over TCP;
 /// over the unix socket a browser cannot follow, so the path and what to
 /// put in front of it.
-pub fn vnc_message(endpoint: &Endpoint, token: &crate::api::console::ConsoleToken) -> String {
+pub fn vnc_message(endpoint: &Endpoint, token: &crate::console::ConsoleToken) -> String {
     let page = token.page_url.as_deref().unwrap_or(&token.url);
     match endpoint {
         Endpoint::Tcp { url, .. } => format!(
@@ -248,7 +248,7 @@ mod tests {
 
     #[test]
     fn the_vnc_url_is_whole_over_tcp_and_a_path_over_the_socket() {
-        let token = crate::api::console::ConsoleToken {
+        let token = crate::console::ConsoleToken {
             token: "ab12".into(),
             kind: ConsoleKind::Vnc,
             expires_at: "2024-05-01T10:01:00.000Z".into(),

@@ -9,8 +9,8 @@ use hyper::Method;
 use super::endpoint::parse_http_url;
 use super::paths::check_segment;
 use super::{Client, ClientError, Endpoint, RawResponse};
-use crate::api::console::ConsoleToken;
 use crate::console::ConsoleKind;
+use crate::console::ConsoleToken;
 
 /// A byte stream to the daemon (unix or TCP).
 pub trait ConsoleIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}

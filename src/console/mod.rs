@@ -28,3 +28,21 @@ impl ConsoleKind {
         }
     }
 }
+
+/// A console token, shown once (`POST /v1/vms/{id}/console`).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConsoleToken {
+    /// The one-time token (256 random bits, hex).
+    pub token: String,
+    /// Which console it opens.
+    #[serde(rename = "type")]
+    pub kind: ConsoleKind,
+    /// When it stops working if unused (RFC 3339).
+    pub expires_at: String,
+    /// The websocket to open, relative to the API's base URL.
+    pub url: String,
+    /// The browser page (noVNC) for a `vnc` token, relative to the API's
+    /// base URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_url: Option<String>,
+}

@@ -130,7 +130,11 @@ impl Migrations {
     /// `recover`): call once, after the VMs were reattached.
     pub async fn open(manager: Arc<Manager>) -> std::io::Result<Migrations> {
         let records = Records::open(&manager.context().settings.state_dir)?;
-        let peer_ca = manager.context().settings.api.peer_ca_file.clone();
+        let peer_ca = manager
+            .context()
+            .settings
+            .peer_ca_file()
+            .map(std::path::Path::to_path_buf);
         let migrations = Migrations {
             inner: Arc::new(Inner {
                 manager,
@@ -331,7 +335,7 @@ impl Migrations {
 
 impl Migrations {
     /// A client of the other daemon at `url` with `token`; over `https://`
-    /// it trusts the system's roots and `[api] peer_ca_file`.
+    /// it trusts the system's roots and the configured peer CA file.
     fn peer(&self, url: &str, token: &str) -> Result<crate::client::Client, MigrationError> {
         let endpoint = crate::client::Endpoint::Tcp {
             url: url.trim_end_matches('/').to_string(),

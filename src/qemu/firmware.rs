@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::qemu::argv::escape;
 use crate::spec::{Firmware, UEFI_NODES};
 
 /// Largest descriptor file read (they are well under 2 KiB).
@@ -325,8 +324,9 @@ pub fn blockdevs(sets: PflashSets) -> Vec<Value> {
 /// What a UEFI VM adds to `-machine`: its flash nodes, and SMM for
 /// Secure Boot.
 pub fn machine_options(sets: PflashSets) -> String {
+    // Fixed node names (no commas): nothing to escape.
     let [code, vars] = UEFI_NODES;
-    let mut options = format!(",pflash0={},pflash1={}", escape(code), escape(vars));
+    let mut options = format!(",pflash0={code},pflash1={vars}");
     if sets.secure {
         options.push_str(",smm=on");
     }
