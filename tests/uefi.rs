@@ -144,6 +144,14 @@ async fn uefi_kernel_boot_sees_efi_and_keeps_its_own_nvram() {
     act(&d, &id, "start", None).await;
     wait_for_count(&log, "GUEST-FIRMWARE efi=yes", 2, BOOT_TIMEOUT).await;
     snapshot(&d, &id, "live1").await;
+    // A VM with snapshots is not migrated (they would be lost): refused
+    // before any target is contacted, naming them.
+    let migrate = json!({"target": {"url": "http://127.0.0.1:9", "token": "t0ken"}});
+    let path = format!("/v1/vms/{id}/migrate");
+    let (status, body) = call(&d, Method::POST, &path, Some(&migrate)).await;
+    assert_eq!(status, 409, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("snapshots (offline1, live1)"), "{body}");
     act(&d, &id, "stop", Some(&stop)).await;
     assert_eq!(nvram_snapshots(&nvram), ["offline1", "live1"]);
     // The same file, kept across starts, never reset from the template.

@@ -94,6 +94,27 @@ impl Migrations {
                 )))
                 .await;
         }
+        // Mirrors copy the disks' current state only: internal snapshots
+        // would be lost on the way, so they are refused, not dropped.
+        match self.manager().snapshots(&vm.id.to_string()).await {
+            Ok(snapshots) if !snapshots.is_empty() => {
+                let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
+                return lent
+                    .refuse(MigrationError::Conflict(format!(
+                        "the VM has snapshots ({}): live migration copies the disks' current state only, so they would be lost; delete them first",
+                        names.join(", ")
+                    )))
+                    .await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return lent
+                    .refuse(MigrationError::Failed(format!(
+                        "listing the VM's snapshots: {e}"
+                    )))
+                    .await
+            }
+        }
         let disks = match self.source_disks(&vm.spec, &qmp).await {
             Ok(d) => d,
             Err(e) => return lent.refuse(e).await,
