@@ -458,24 +458,13 @@ async fn messages_name_fields_settings_and_flags() {
 
 #[tokio::test]
 async fn vm_migrate_moves_a_vm_shows_the_downtime_and_migration_lists_it_on_both_sides() {
-    let token_dir = common::Scratch::new();
-    let target_token = token_dir.path().join("target-token");
-    std::fs::write(&target_token, "migrate-cli-token\n").unwrap();
-    std::fs::set_permissions(
-        &target_token,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
     let a = Daemon::start().await;
-    let b = Daemon::start_with_env(&[
-        ("VMLET_TCP_LISTEN", &addr),
-        ("VMLET_AUTH_TOKEN_FILE", target_token.to_str().unwrap()),
-    ])
-    .await;
+    let target = common::daemon::TcpTarget::start("migrate-cli-token").await;
+    let b = &target.daemon;
+    let target_token = &target.token_file;
     let a_socket = a.socket.to_str().unwrap().to_string();
     let b_socket = b.socket.to_str().unwrap().to_string();
-    let url = format!("http://{addr}");
+    let url = target.url.clone();
     let name = unique_name("cli-mig");
     let vm = common::api::create_vm(&a, &guest_spec_json(&name, "guest.action=hold")).await;
     let id = common::api::id_of(&vm);
@@ -542,5 +531,5 @@ async fn vm_migrate_moves_a_vm_shows_the_downtime_and_migration_lists_it_on_both
     let as_json = vmlet(&["--socket", &b_socket, "-o", "json", "migration", "list"]).await;
     let list = json(&as_json.stdout);
     assert_eq!(list["migrations"][0]["role"], "target", "{as_json}");
-    common::api::force_delete_vm(&b, &id).await;
+    common::api::force_delete_vm(b, &id).await;
 }

@@ -341,12 +341,7 @@ async fn a_live_migration_to_an_https_target_trusts_the_peer_ca_and_refuses_with
     let id = common::api::id_of(&vm);
     trusting.client.start(&id).await.unwrap();
     let started = trusting.client.migrate_vm(&id, &request).await.unwrap();
-    let done =
-        common::daemon::wait_until("the migration to end", Duration::from_secs(120), || async {
-            let m = trusting.client.get_migration(started.id).await.unwrap();
-            m.phase.is_final().then_some(m)
-        })
-        .await;
+    let done = common::daemon::wait_for_migration(&trusting.client, started.id).await;
     assert_eq!(done.phase, vmlet::spec::Phase::Completed, "{done:?}");
     assert_eq!(
         target.client.get_vm(&id).await.unwrap().state.as_str(),

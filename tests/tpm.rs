@@ -285,21 +285,9 @@ async fn the_tpm_state_moves_with_a_live_migration() {
         common::skip(TEST, reason);
         return;
     }
-    let token_dir = common::Scratch::new();
-    let token_file = token_dir.path().join("token");
-    std::fs::write(&token_file, "tpm-migration-token\n").unwrap();
-    std::fs::set_permissions(
-        &token_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
     let a = Daemon::start().await;
-    let b = Daemon::start_with_env(&[
-        ("VMLET_TCP_LISTEN", &addr),
-        ("VMLET_AUTH_TOKEN_FILE", token_file.to_str().unwrap()),
-    ])
-    .await;
+    let target = common::daemon::TcpTarget::start("tpm-migration-token").await;
+    let b = &target.daemon;
     let mut spec = guest_spec_json(&unique_name("tpm-mig"), "guest.tpm=report");
     spec["tpm"] = json!({"version": "2.0"});
     let vm = a.client.create_vm(&spec).await.expect("creating VM");
@@ -318,26 +306,14 @@ async fn the_tpm_state_moves_with_a_live_migration() {
     }
     let before = *reset_counts(&log).last().unwrap();
 
-    let request = vmlet::spec::MigrateRequest {
-        target: vmlet::spec::MigrationTarget {
-            url: format!("http://{addr}"),
-            token: "tpm-migration-token".into(),
-        },
-        max_downtime_ms: 300,
-        max_bandwidth_mib_s: None,
-    };
     let started = a
         .client
-        .migrate_vm(&id.to_string(), &request)
+        .migrate_vm(&id.to_string(), &target.request())
         .await
         .expect("migrate");
-    let done = wait_until("the migration to end", Duration::from_secs(120), || async {
-        let m = a.client.get_migration(started.id).await.unwrap();
-        m.phase.is_final().then_some(m)
-    })
-    .await;
+    let done = common::daemon::wait_for_migration(&a.client, started.id).await;
     assert_eq!(done.phase, vmlet::spec::Phase::Completed, "{done:?}");
-    let moved = get(&b, id).await;
+    let moved = get(b, id).await;
     assert_eq!(moved.state, PowerState::Running, "{moved:?}");
     let swtpm = moved.tpm_pid.expect("the target records its swtpm");
     assert_eq!(
@@ -356,5 +332,5 @@ async fn the_tpm_state_moves_with_a_live_migration() {
     wait_for_count(&log, "GUEST-TPM", 1, BOOT_TIMEOUT).await;
     let after = *reset_counts(&log).last().unwrap();
     assert_eq!(after, before + 1, "the TPM state moved with the VM");
-    common::api::force_delete_vm(&b, &id.to_string()).await;
+    common::api::force_delete_vm(b, &id.to_string()).await;
 }

@@ -297,21 +297,9 @@ async fn a_uefi_vm_migrates_with_its_nvram() {
         );
         return;
     }
-    let token_dir = Scratch::new();
-    let token_file = token_dir.path().join("token");
-    std::fs::write(&token_file, "uefi-migration-token\n").unwrap();
-    std::fs::set_permissions(
-        &token_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
     let a = Daemon::start().await;
-    let b = Daemon::start_with_env(&[
-        ("VMLET_TCP_LISTEN", &addr),
-        ("VMLET_AUTH_TOKEN_FILE", token_file.to_str().unwrap()),
-    ])
-    .await;
+    let target = common::daemon::TcpTarget::start("uefi-migration-token").await;
+    let b = &target.daemon;
     let scratch = Scratch::new();
     let mut spec = guest_spec_json(&unique_name("uefi-mig"), "guest.firmware=report");
     spec["boot"]["firmware"] = json!("uefi");
@@ -322,30 +310,14 @@ async fn a_uefi_vm_migrates_with_its_nvram() {
     // What the firmware wrote at this boot (its boot entries).
     let before = nvram_bytes(&nvram_path(&a, &vm), &scratch);
 
-    let request =
-        json!({"target": {"url": format!("http://{addr}"), "token": "uefi-migration-token"}});
-    let (status, started) = call(
-        &a,
-        Method::POST,
-        &format!("/v1/vms/{id}/migrate"),
-        Some(&request),
-    )
-    .await;
-    assert_eq!(status, 202, "{started}");
-    let mid = started["id"].as_str().unwrap().to_string();
-    let done = common::daemon::wait_until("the migration to end", Duration::from_secs(120), || {
-        let a = &a;
-        let mid = mid.clone();
-        async move {
-            let (_, m) = call(a, Method::GET, &format!("/v1/migrations/{mid}"), None).await;
-            matches!(
-                m["phase"].as_str(),
-                Some("completed" | "failed" | "cancelled")
-            )
-            .then_some(m)
-        }
-    })
-    .await;
+    let started = a
+        .client
+        .migrate_vm(&id, &target.request())
+        .await
+        .expect("migrate");
+    let done =
+        serde_json::to_value(common::daemon::wait_for_migration(&a.client, started.id).await)
+            .unwrap();
     assert_eq!(done["phase"], "completed", "{done}");
     assert!(
         done["progress"]["disks"]
@@ -353,11 +325,11 @@ async fn a_uefi_vm_migrates_with_its_nvram() {
             .is_some_and(|d| d.iter().any(|d| d["name"] == "efi-vars")),
         "the NVRAM was copied: {done}"
     );
-    let (_, moved) = call(&b, Method::GET, &format!("/v1/vms/{id}"), None).await;
+    let (_, moved) = call(b, Method::GET, &format!("/v1/vms/{id}"), None).await;
     assert_eq!(moved["state"], "running", "{moved}");
     // The target's NVRAM holds what the source's did, not a fresh template.
-    let after = nvram_bytes(&nvram_path(&b, &moved), &scratch);
+    let after = nvram_bytes(&nvram_path(b, &moved), &scratch);
     assert_eq!(after, before, "the NVRAM moved with the VM");
     assert!(!nvram_path(&a, &vm).exists(), "the source's NVRAM is gone");
-    force_delete_vm(&b, &id).await;
+    force_delete_vm(b, &id).await;
 }

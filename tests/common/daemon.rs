@@ -389,3 +389,66 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A daemon whose TCP API listens on a free loopback port with a bearer
+/// token of its own: the target of a migration from another daemon on this
+/// host.
+pub struct TcpTarget {
+    /// The daemon.
+    pub daemon: Daemon,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its bearer token.
+    pub token: String,
+    /// The file holding the token (mode 0600).
+    pub token_file: PathBuf,
+    _token_dir: Scratch,
+}
+
+impl TcpTarget {
+    /// Starts it with bearer token `token`.
+    pub async fn start(token: &str) -> TcpTarget {
+        let token_dir = Scratch::new();
+        let token_file = token_dir.path().join("token");
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        std::fs::set_permissions(
+            &token_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let daemon = Daemon::start_with_env(&[
+            ("VMLET_TCP_LISTEN", &addr),
+            ("VMLET_AUTH_TOKEN_FILE", token_file.to_str().unwrap()),
+        ])
+        .await;
+        TcpTarget {
+            daemon,
+            url: format!("http://{addr}"),
+            token: token.to_string(),
+            token_file,
+            _token_dir: token_dir,
+        }
+    }
+
+    /// A migration request to it (no bandwidth cap, the default downtime).
+    pub fn request(&self) -> vmlet::spec::MigrateRequest {
+        vmlet::spec::MigrateRequest {
+            target: vmlet::spec::MigrationTarget {
+                url: self.url.clone(),
+                token: self.token.clone(),
+            },
+            max_downtime_ms: vmlet::spec::DEFAULT_MAX_DOWNTIME_MS,
+            max_bandwidth_mib_s: None,
+        }
+    }
+}
+
+/// Migration `id` as `client`'s daemon shows it once it ended.
+pub async fn wait_for_migration(client: &Client, id: Uuid) -> vmlet::spec::Migration {
+    wait_until("the migration to end", Duration::from_secs(120), || async {
+        let m = client.get_migration(id).await.unwrap();
+        m.phase.is_final().then_some(m)
+    })
+    .await
+}
