@@ -78,6 +78,12 @@ pub enum MigrationError {
     Failed(String),
 }
 
+impl From<crate::qemu::migrate::MigrateError> for MigrationError {
+    fn from(e: crate::qemu::migrate::MigrateError) -> MigrationError {
+        MigrationError::Failed(crate::vm::actor::error_chain(&e))
+    }
+}
+
 impl From<ClientError> for MigrationError {
     fn from(e: ClientError) -> MigrationError {
         match e {

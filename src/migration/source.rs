@@ -356,8 +356,7 @@ impl Migrations {
                 disk.mode,
                 speed,
             )
-            .await
-            .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+            .await?;
         }
         // Disks first, until each copy is in step; then every guest write
         // waits for the target too, so they stay in step whatever it writes.
@@ -371,9 +370,7 @@ impl Migrations {
             }
         }
         for disk in &run.disks {
-            qmig::write_blocking(&run.qmp, &disk.name)
-                .await
-                .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+            qmig::write_blocking(&run.qmp, &disk.name).await?;
         }
         self.set_phase(run.id, Phase::Ram);
         let remote = run.peer.memory_stream(run.id).await?;
@@ -391,15 +388,12 @@ impl Migrations {
             downtime,
             bandwidth,
         )
-        .await
-        .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+        .await?;
         let mut last_raise = Instant::now();
         let mut passes_at_raise = 0;
         let mut remaining_at_raise = u64::MAX;
         loop {
-            let ram = qmig::ram(&run.qmp)
-                .await
-                .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+            let ram = qmig::ram(&run.qmp).await?;
             self.poll_mirrors_with(run, &ram).await?;
             if ram.failed() {
                 return Err(MigrationError::Failed(format!(
@@ -422,9 +416,7 @@ impl Migrations {
             {
                 downtime = (downtime * 2).min(ceiling);
                 tracing::info!(id = %run.id, downtime_ms = downtime, "memory does not converge: raising the downtime limit");
-                qmig::set_downtime(&run.qmp, downtime)
-                    .await
-                    .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+                qmig::set_downtime(&run.qmp, downtime).await?;
                 last_raise = Instant::now();
                 passes_at_raise = ram.passes;
                 remaining_at_raise = ram.remaining;
@@ -439,20 +431,14 @@ impl Migrations {
         // The vCPUs are paused: finish the disk copies (nothing is written
         // meanwhile), then let QEMU send the rest and complete.
         let names: Vec<String> = run.disks.iter().map(|d| d.name.clone()).collect();
-        qmig::finish_mirrors(&run.qmp, &names, FINISH_MIRRORS)
-            .await
-            .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+        qmig::finish_mirrors(&run.qmp, &names, FINISH_MIRRORS).await?;
         if *cancelled.borrow() {
             return Err(MigrationError::Failed("cancelled".into()));
         }
         self.set_phase(run.id, Phase::Switchover);
-        qmig::continue_switchover(&run.qmp)
-            .await
-            .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+        qmig::continue_switchover(&run.qmp).await?;
         loop {
-            let ram = qmig::ram(&run.qmp)
-                .await
-                .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+            let ram = qmig::ram(&run.qmp).await?;
             match ram.status.as_str() {
                 "completed" => return Ok(ram.downtime_ms),
                 _ if ram.failed() => {
@@ -479,9 +465,7 @@ impl Migrations {
         run: &Run,
         ram: &qmig::RamState,
     ) -> Result<Vec<qmig::MirrorState>, MigrationError> {
-        let mirrors = qmig::mirrors(&run.qmp)
-            .await
-            .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+        let mirrors = qmig::mirrors(&run.qmp).await?;
         for disk in &run.disks {
             match mirrors.iter().find(|m| m.disk == disk.name) {
                 None => {

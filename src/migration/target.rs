@@ -437,9 +437,7 @@ impl Migrations {
         };
         let started = std::time::Instant::now();
         loop {
-            let state = qmig::ram(&qmp)
-                .await
-                .map_err(|e| MigrationError::Failed(crate::vm::actor::error_chain(&e)))?;
+            let state = qmig::ram(&qmp).await?;
             if state.status == "completed" {
                 break;
             }
