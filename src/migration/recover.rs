@@ -37,19 +37,23 @@ pub(super) async fn recover(migrations: &Migrations) {
 
 async fn recover_target(migrations: &Migrations, file: MigrationFile) {
     let id = file.migration.id;
-    if file.migration.phase == Phase::Switchover {
+    // The commit point is the VM's record, not the phase: `Switchover` is
+    // written just before the record is saved, so a restart between the two
+    // finds the phase without the VM, and then the source still owns the guest.
+    let arrived = match migrations.manager().find(&file.migration.vm.to_string()) {
+        Ok(handle) if file.migration.phase == Phase::Switchover => Some(handle),
+        _ => None,
+    };
+    if let Some(handle) = arrived {
         // The record was saved: the VM is this host's (reattached already).
         // Let it run, if the restart came before it did.
-        let error = match migrations.manager().find(&file.migration.vm.to_string()) {
-            Ok(handle) => match handle.view().state.get() {
-                PowerState::Paused => handle
-                    .act(PowerAction::Resume, Default::default())
-                    .await
-                    .err()
-                    .map(|e| format!("the guest arrived but did not resume: {e}")),
-                _ => None,
-            },
-            Err(e) => Some(format!("the arrived VM is gone: {e}")),
+        let error = match handle.view().state.get() {
+            PowerState::Paused => handle
+                .act(PowerAction::Resume, Default::default())
+                .await
+                .err()
+                .map(|e| format!("the guest arrived but did not resume: {e}")),
+            _ => None,
         };
         migrations.update(id, |f| {
             f.migration.phase = Phase::Completed;
@@ -57,7 +61,7 @@ async fn recover_target(migrations: &Migrations, file: MigrationFile) {
         });
         return;
     }
-    // Before the switch: nothing of it may stay.
+    // Before the VM was saved here: nothing of it may stay.
     if let (Some((pid, start)), Some(vm)) = (file.qemu, &file.vm) {
         if let Ok(process) = QemuProcess::adopt(pid, vm.id, Some(start)) {
             let _ = process.kill().await;
