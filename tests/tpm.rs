@@ -405,5 +405,6 @@ async fn the_tpm_state_moves_with_a_live_migration() {
     wait_for_count(&log, "GUEST-TPM", 1, BOOT_TIMEOUT).await;
     let after = *reset_counts(&log).last().unwrap();
     assert_eq!(after, before + 1, "the TPM state moved with the VM");
+    assert_eq!(pcr0_digests(&log).len(), 1, "the guest reads a PCR on B");
     common::api::force_delete_vm(b, &id.to_string()).await;
 }
