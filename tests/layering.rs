@@ -221,11 +221,21 @@ fn imports_of(code: &str, path: &[String], modules: &BTreeSet<String>) -> BTreeS
     if !path.is_empty() {
         let to_root = "super::".repeat(path.len());
         let root = to_root.trim_end_matches("::");
-        names.extend(rooted_names(code, root).into_iter().filter(|n| n != "super"));
+        names.extend(
+            rooted_names(code, root)
+                .into_iter()
+                .filter(|n| n != "super"),
+        );
     }
     names
         .into_iter()
-        .map(|n| if modules.contains(&n) { n } else { "lib".to_string() })
+        .map(|n| {
+            if modules.contains(&n) {
+                n
+            } else {
+                "lib".to_string()
+            }
+        })
         .collect()
 }
 
@@ -258,7 +268,11 @@ fn row_of(module: &str) -> Option<usize> {
 fn every_top_level_module_is_on_exactly_one_row() {
     let listed: Vec<&str> = LAYERS.iter().flat_map(|row| row.iter().copied()).collect();
     let unique: BTreeSet<&str> = listed.iter().copied().collect();
-    assert_eq!(unique.len(), listed.len(), "a module is on two rows: {listed:?}");
+    assert_eq!(
+        unique.len(),
+        listed.len(),
+        "a module is on two rows: {listed:?}"
+    );
     let modules = top_level_modules();
     let listed: BTreeSet<String> = unique.iter().map(|m| m.to_string()).collect();
     assert_eq!(
@@ -414,12 +428,19 @@ fn f() { super::super::qemu::argv(); $crate::nothing(); my_crate::vm2(); }
         .collect();
     assert_eq!(found, expected);
     // One `super::` from a file of a top-level module stays inside it.
-    let found = imports_of("use super::qemu::x;", &["net".into(), "tap".into()], &modules);
+    let found = imports_of(
+        "use super::qemu::x;",
+        &["net".into(), "tap".into()],
+        &modules,
+    );
     assert!(found.is_empty(), "{found:?}");
     assert_eq!(
         module_path(Path::new("qemu/argv_tests.rs")),
         vec!["qemu", "argv", "tests"]
     );
-    assert_eq!(module_path(Path::new("qemu/qmp/mod.rs")), vec!["qemu", "qmp"]);
+    assert_eq!(
+        module_path(Path::new("qemu/qmp/mod.rs")),
+        vec!["qemu", "qmp"]
+    );
     assert!(module_path(Path::new("main.rs")).is_empty());
 }
