@@ -206,19 +206,21 @@ fn rooted_names(code: &str, root: &str) -> Vec<String> {
     names
 }
 
-/// The top-level modules `code` (of the module at `path`) refers to:
-/// through `crate::` (`vmlet::` from the binary), and through enough
-/// `super::` to reach the crate root. A name that is no top-level module
-/// is an item of `lib.rs`.
-fn imports_of(code: &str, path: &[String], modules: &BTreeSet<String>) -> BTreeSet<String> {
-    let crate_name = if path.is_empty() && code.contains("vmlet::") {
-        "vmlet"
-    } else {
-        "crate"
-    };
-    let mut names = rooted_names(code, crate_name);
+/// The top-level modules `code` (of the library module at `path`, or of
+/// the binary) refers to: through `crate::` and through enough `super::`
+/// to reach the crate root, or, from the binary (`main.rs` and its test
+/// module), through `vmlet::`. A name that is no top-level module is an
+/// item of `lib.rs`.
+fn imports_of(
+    code: &str,
+    path: &[String],
+    in_binary: bool,
+    modules: &BTreeSet<String>,
+) -> BTreeSet<String> {
+    // The binary's own `crate::`/`super::` name its own items.
+    let mut names = rooted_names(code, if in_binary { "vmlet" } else { "crate" });
     // `super::` repeated as often as the module is deep reaches the root.
-    if !path.is_empty() {
+    if !in_binary && !path.is_empty() {
         let to_root = "super::".repeat(path.len());
         let root = to_root.trim_end_matches("::");
         names.extend(
@@ -248,12 +250,11 @@ fn imports() -> Vec<(PathBuf, String, BTreeSet<String>)> {
         .map(|file| {
             let rel = file.strip_prefix(src()).unwrap().to_path_buf();
             let path = module_path(&rel);
-            let top = match path.first() {
-                Some(top) => top.clone(),
-                None => rel.file_stem().unwrap().to_string_lossy().into_owned(),
-            };
+            let first = rel.iter().next().unwrap().to_string_lossy().into_owned();
+            let first = first.trim_end_matches(".rs");
+            let top = first.strip_suffix("_tests").unwrap_or(first).to_string();
             let text = std::fs::read_to_string(&file).unwrap();
-            let mut used = imports_of(&code_of(&text), &path, &modules);
+            let mut used = imports_of(&code_of(&text), &path, top == "main", &modules);
             used.remove(&top);
             (rel, top, used)
         })
@@ -421,7 +422,7 @@ fn f() { super::super::qemu::argv(); $crate::nothing(); my_crate::vm2(); }
 "#,
     );
     let path = vec!["net".to_string(), "tap".to_string()];
-    let found = imports_of(&code, &path, &modules);
+    let found = imports_of(&code, &path, false, &modules);
     let expected: BTreeSet<String> = ["vm", "api", "spec", "lib", "qemu"]
         .iter()
         .map(|s| s.to_string())
@@ -431,9 +432,18 @@ fn f() { super::super::qemu::argv(); $crate::nothing(); my_crate::vm2(); }
     let found = imports_of(
         "use super::qemu::x;",
         &["net".into(), "tap".into()],
+        false,
         &modules,
     );
     assert!(found.is_empty(), "{found:?}");
+    // The binary names the library `vmlet::`; its `crate::` is its own.
+    let found = imports_of(
+        "use vmlet::qemu::x; use crate::helper; super::run();",
+        &["main".into(), "tests".into()],
+        true,
+        &modules,
+    );
+    assert_eq!(found, BTreeSet::from(["qemu".to_string()]));
     assert_eq!(
         module_path(Path::new("qemu/argv_tests.rs")),
         vec!["qemu", "argv", "tests"]
