@@ -190,7 +190,7 @@ async fn concurrent_creates_that_fit_only_one_at_a_time_admit_one() {
         assert_eq!(ids, [id.as_str()], "round {round}: {vms}");
         assert_eq!(
             vm_dirs(&d),
-            [id.clone()],
+            std::slice::from_ref(&id),
             "round {round}: the refused VM left files"
         );
         let inv = inventory(&d).await;
