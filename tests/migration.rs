@@ -884,9 +884,16 @@ async fn refused_migrations_leave_nothing_on_either_host() {
     same_name["memory_mib"] = json!(64);
     let mut same_uuid = guest_spec_json(&unique_name("twin"), "guest.action=hold");
     same_uuid["memory_mib"] = json!(64);
-    same_uuid["uuid"] = json!(uuid);
-    for (spec, named) in [(same_name, name.clone()), (same_uuid, uuid.to_string())] {
-        let twin = create_vm(&b.daemon, &spec).await;
+    for (spec, named, with_uuid) in [
+        (same_name, name.clone(), false),
+        (same_uuid, uuid.to_string(), true),
+    ] {
+        let twin = if with_uuid {
+            let path = format!("/v1/vms/{uuid}");
+            expect(&b.daemon, Method::PUT, &path, Some(&spec), 201).await
+        } else {
+            create_vm(&b.daemon, &spec).await
+        };
         let (status, code, message) = refused(a, &id, &to_b).await;
         assert_eq!((status, code.as_str()), (409, "conflict"), "{message}");
         assert!(message.contains(&named), "{message}");
