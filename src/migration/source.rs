@@ -849,7 +849,10 @@ mod tests {
             raised_at: S(raised_at),
             baseline,
         };
-        let cases: &[(&str, Convergence, u64, u64, u64, u64, Option<u64>)] = &[
+        /// What, the state before, now (s), passes, remaining, ceiling,
+        /// the limit it is raised to.
+        type Case = (&'static str, Convergence, u64, u64, u64, u64, Option<u64>);
+        let cases: &[Case] = &[
             (
                 "before QEMU's first pass there is nothing to compare",
                 at(300, 0, None),
