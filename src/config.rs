@@ -860,7 +860,10 @@ mod tests {
         ];
         assert_eq!(host_root_holds(Path::new("/srv/vm-files"), &held), None);
         let err = host_root_holds(Path::new("/etc/vmlet"), &held).unwrap();
-        assert!(err.contains("/etc/vmlet/api-token") && err.contains("auth_token_file"), "{err}");
+        assert!(
+            err.contains("/etc/vmlet/api-token") && err.contains("auth_token_file"),
+            "{err}"
+        );
         let err = host_root_holds(Path::new("/srv"), &held).unwrap();
         assert!(err.contains("contains /srv/uploads (import_dir)"), "{err}");
         let err = host_root_holds(Path::new("/srv/uploads/disks"), &held).unwrap();
@@ -877,7 +880,13 @@ mod tests {
         };
         std::fs::create_dir_all(&state).unwrap();
         assert!(s.checked_host_roots().is_ok());
-        for setting in ["tls_key", "tls_cert", "peer_ca_file", "auth_token_file", "import_dir"] {
+        for setting in [
+            "tls_key",
+            "tls_cert",
+            "peer_ca_file",
+            "auth_token_file",
+            "import_dir",
+        ] {
             let mut s = s.clone();
             let file = state.join("host").join(setting);
             match setting {
@@ -888,7 +897,10 @@ mod tests {
                 _ => s.import_dir = Some(file),
             }
             let err = s.checked_host_roots().unwrap_err();
-            assert!(err.contains(setting) && err.contains("allowed_host_paths"), "{err}");
+            assert!(
+                err.contains(setting) && err.contains("allowed_host_paths"),
+                "{err}"
+            );
         }
         s.import_dir = Some(dir.path().join("uploads"));
         assert!(s.checked_host_roots().is_ok());

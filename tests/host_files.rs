@@ -372,7 +372,14 @@ async fn offline_snapshots_of_a_swapped_host_disk_touch_nothing_outside() {
     let id = id_of(&vm);
     let snapshots = format!("/v1/vms/{id}/snapshots");
     // While the path is the file it was, offline snapshots work.
-    expect(&d, Method::POST, &snapshots, Some(&json!({"name": "s0"})), 201).await;
+    expect(
+        &d,
+        Method::POST,
+        &snapshots,
+        Some(&json!({"name": "s0"})),
+        201,
+    )
+    .await;
     let list = expect(&d, Method::GET, &snapshots, None, 200).await;
     assert_eq!(list["snapshots"][0]["name"], "s0", "{list}");
 

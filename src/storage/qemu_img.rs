@@ -482,9 +482,7 @@ impl QemuImg {
             args.push("-U".into());
         }
         args.push(fd_image(fd.as_raw_fd()));
-        let out = self
-            .run_with(&args, INFO_LIMITS, &[fd.as_raw_fd()])
-            .await?;
+        let out = self.run_with(&args, INFO_LIMITS, &[fd.as_raw_fd()]).await?;
         serde_json::from_str(&out)
             .map_err(|e| StorageError::Failed(format!("qemu-img info {}: {e}", shown.display())))
     }
@@ -707,8 +705,11 @@ mod tests {
     fn limit_reporter(dir: &Path) -> QemuImg {
         use std::os::unix::fs::PermissionsExt;
         let script = dir.join("qemu-img");
-        std::fs::write(&script, "#!/bin/sh\necho \"as=$(ulimit -v) cpu=$(ulimit -t)\" >&2\nexit 1\n")
-            .unwrap();
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho \"as=$(ulimit -v) cpu=$(ulimit -t)\" >&2\nexit 1\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         QemuImg::new(&script)
     }
@@ -816,7 +817,11 @@ mod tests {
             info.snapshots.iter().map(|s| &s.name).collect::<Vec<_>>(),
             ["s1"]
         );
-        assert_eq!(std::fs::read(&disk).unwrap(), before, "the path's file changed");
+        assert_eq!(
+            std::fs::read(&disk).unwrap(),
+            before,
+            "the path's file changed"
+        );
         img.snapshot_fd(opened.as_fd(), SnapshotCommand::Apply, "s1")
             .await
             .unwrap();
@@ -840,7 +845,10 @@ mod tests {
             .status()
             .unwrap();
         assert!(status.success());
-        assert!(img.info(&moved, Some("qcow2"), false).await.is_ok(), "info reads headers only");
+        assert!(
+            img.info(&moved, Some("qcow2"), false).await.is_ok(),
+            "info reads headers only"
+        );
         img.snapshot_fd(opened.as_fd(), SnapshotCommand::Create, "s2")
             .await
             .unwrap();

@@ -229,8 +229,9 @@ impl Actor {
                 self.spawn_op(async move {
                     let result = async {
                         let disks = disk_ops::snapshot_disks(&plans)?;
-                        let existing = disk_ops::list_snapshots(&ctx.qemu_img, &plans, &ctx.host_roots)
-                            .await?;
+                        let existing =
+                            disk_ops::list_snapshots(&ctx.qemu_img, &plans, &ctx.host_roots)
+                                .await?;
                         let exists = existing.iter().any(|s| s.name == name);
                         match kind {
                             SnapshotKind::Create if exists => {
@@ -266,7 +267,7 @@ impl Actor {
                                     &disks,
                                     &ctx.host_roots,
                                 )
-                                    .await?;
+                                .await?;
                                 record_quiesced(&vm_dir, kind, &name, false);
                                 Ok(None)
                             }
