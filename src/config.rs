@@ -358,9 +358,10 @@ pub fn host_root_refusal(root: &Path, managed: &[PathBuf], default: &Path) -> Op
 
 /// Why host-file directory `root` (canonical) may not be used: it holds
 /// one of `held` (a setting's name and its canonical path: the token file,
-/// TLS files, peer CA, import directory) or lies inside it. Checked before
-/// the default directory's exemption: a file configured inside
-/// `STATE_DIR/host` is as exposed as anywhere else. Pure.
+/// TLS files, peer CA, import directory) or lies inside it. Checked also
+/// for the default directory, which [`host_root_refusal`] lets pass: a
+/// file configured inside `STATE_DIR/host` is as exposed as anywhere else.
+/// Pure.
 pub fn host_root_holds(root: &Path, held: &[(&str, PathBuf)]) -> Option<String> {
     held.iter().find_map(|(what, path)| {
         let why = "a VM gets host files raw and writable: name a directory of its own";
@@ -521,8 +522,10 @@ impl Settings {
         for root in self.host_path_roots() {
             let real = std::fs::canonicalize(&root)
                 .map_err(|e| format!("allowed_host_paths: {}: {e}", root.display()))?;
-            let refusal = host_root_holds(&real, &held)
-                .or_else(|| host_root_refusal(&real, &managed, &default));
+            // The state and run directories first (the broader
+            // refusal); then what is held, also in the default directory.
+            let refusal = host_root_refusal(&real, &managed, &default)
+                .or_else(|| host_root_holds(&real, &held));
             if let Some(reason) = refusal {
                 return Err(format!("allowed_host_paths: {}: {reason}", root.display()));
             }
