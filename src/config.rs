@@ -386,6 +386,25 @@ pub fn host_root_refusal(root: &Path, managed: &[PathBuf], default: &Path) -> Op
     })
 }
 
+/// Why host-file directory `root` (canonical) may not be used: it holds
+/// one of `held` (a setting's name and its canonical path: the token file,
+/// TLS files, peer CA, import directory) or lies inside it. Checked also
+/// for the default directory, which [`host_root_refusal`] lets pass: a
+/// file configured inside `STATE_DIR/host` is as exposed as anywhere else.
+/// Pure.
+pub fn host_root_holds(root: &Path, held: &[(&str, PathBuf)]) -> Option<String> {
+    held.iter().find_map(|(what, path)| {
+        let why = "a VM gets host files raw and writable: name a directory of its own";
+        if path.starts_with(root) {
+            Some(format!("contains {} ({what}); {why}", path.display()))
+        } else if root.starts_with(path) {
+            Some(format!("lies inside {} ({what}); {why}", path.display()))
+        } else {
+            None
+        }
+    })
+}
+
 /// Settings that could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -483,8 +502,36 @@ impl Settings {
         self.state_dir.join("host")
     }
 
+    /// What a host-file directory may not hold (nor, for the import
+    /// directory, lie inside), canonical where it exists: a VM gets its
+    /// host files raw and writable, so it could read the token or TLS key,
+    /// or rewrite the CA or an upload about to be imported.
+    fn host_root_held(&self) -> Vec<(&'static str, PathBuf)> {
+        let canonical = |p: PathBuf| {
+            std::fs::canonicalize(&p)
+                .ok()
+                .or_else(|| {
+                    let parent = std::fs::canonicalize(p.parent()?).ok()?;
+                    Some(parent.join(p.file_name()?))
+                })
+                .unwrap_or(p)
+        };
+        let configured = [
+            ("auth_token_file", Some(self.auth_token_path())),
+            ("import_dir", Some(self.import_dir())),
+            ("[api] tls_key", self.api.tls_key.clone()),
+            ("[api] tls_cert", self.api.tls_cert.clone()),
+            ("[api] peer_ca_file", self.api.peer_ca_file.clone()),
+        ];
+        configured
+            .into_iter()
+            .filter_map(|(what, path)| Some((what, canonical(path?))))
+            .collect()
+    }
+
     /// The host-file directories, canonical, after checking that none
-    /// overlaps what vmlet manages (the default one is created, mode 0700).
+    /// overlaps what vmlet manages or holds its token, TLS files, peer CA
+    /// or import directory (the default one is created, mode 0700).
     pub fn checked_host_roots(&self) -> Result<Vec<PathBuf>, String> {
         if self.allowed_host_paths.is_none() {
             use std::os::unix::fs::DirBuilderExt;
@@ -500,11 +547,16 @@ impl Settings {
         let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         let managed = [canonical(&self.state_dir), canonical(&self.run_dir)];
         let default = canonical(&self.default_host_dir());
+        let held = self.host_root_held();
         let mut roots = Vec::new();
         for root in self.host_path_roots() {
             let real = std::fs::canonicalize(&root)
                 .map_err(|e| format!("allowed_host_paths: {}: {e}", root.display()))?;
-            if let Some(reason) = host_root_refusal(&real, &managed, &default) {
+            // The state and run directories first (the broader
+            // refusal); then what is held, also in the default directory.
+            let refusal = host_root_refusal(&real, &managed, &default)
+                .or_else(|| host_root_holds(&real, &held));
+            if let Some(reason) = refusal {
                 return Err(format!("allowed_host_paths: {}: {reason}", root.display()));
             }
             roots.push(real);
@@ -863,6 +915,60 @@ mod tests {
         assert!(refusal("/var/lib/vmlet")
             .unwrap()
             .contains("contains /var/lib/vmlet"));
+    }
+
+    #[test]
+    fn host_roots_may_not_hold_the_token_tls_files_or_import_dir() {
+        let held = [
+            ("auth_token_file", PathBuf::from("/etc/vmlet/api-token")),
+            ("import_dir", PathBuf::from("/srv/uploads")),
+        ];
+        assert_eq!(host_root_holds(Path::new("/srv/vm-files"), &held), None);
+        let err = host_root_holds(Path::new("/etc/vmlet"), &held).unwrap();
+        assert!(
+            err.contains("/etc/vmlet/api-token") && err.contains("auth_token_file"),
+            "{err}"
+        );
+        let err = host_root_holds(Path::new("/srv"), &held).unwrap();
+        assert!(err.contains("contains /srv/uploads (import_dir)"), "{err}");
+        let err = host_root_holds(Path::new("/srv/uploads/disks"), &held).unwrap();
+        assert!(err.contains("lies inside /srv/uploads"), "{err}");
+
+        // Through the settings, in the default directory too (its
+        // exemption covers only the state directory around it).
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut s = Settings {
+            state_dir: state.clone(),
+            run_dir: dir.path().join("run"),
+            ..Settings::default()
+        };
+        std::fs::create_dir_all(&state).unwrap();
+        assert!(s.checked_host_roots().is_ok());
+        for setting in [
+            "tls_key",
+            "tls_cert",
+            "peer_ca_file",
+            "auth_token_file",
+            "import_dir",
+        ] {
+            let mut s = s.clone();
+            let file = state.join("host").join(setting);
+            match setting {
+                "tls_key" => s.api.tls_key = Some(file),
+                "tls_cert" => s.api.tls_cert = Some(file),
+                "peer_ca_file" => s.api.peer_ca_file = Some(file),
+                "auth_token_file" => s.auth_token_file = Some(file),
+                _ => s.import_dir = Some(file),
+            }
+            let err = s.checked_host_roots().unwrap_err();
+            assert!(
+                err.contains(setting) && err.contains("allowed_host_paths"),
+                "{err}"
+            );
+        }
+        s.import_dir = Some(dir.path().join("uploads"));
+        assert!(s.checked_host_roots().is_ok());
     }
 
     #[test]

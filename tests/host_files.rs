@@ -125,6 +125,39 @@ async fn a_host_directory_holding_the_state_directory_is_refused_at_start() {
     );
 }
 
+/// Nor a host-file directory that holds the API token file (a VM could
+/// read it as a raw disk): the daemon refuses to start, naming the
+/// setting.
+#[tokio::test]
+async fn a_host_directory_holding_the_token_file_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = Scratch::new();
+    let host = scratch.path().join("host");
+    std::fs::create_dir(&host).unwrap();
+    let token = host.join("api-token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_vmlet"))
+        .arg("serve")
+        .arg("--config")
+        .arg("/dev/null")
+        .arg("--state-dir")
+        .arg(scratch.path().join("state"))
+        .arg("--run-dir")
+        .arg(scratch.path().join("run"))
+        .env("VMLET_ALLOWED_HOST_PATHS", &host)
+        .env("VMLET_AUTH_TOKEN_FILE", &token)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("allowed_host_paths") && stderr.contains("auth_token_file"),
+        "{stderr}"
+    );
+}
+
 /// Finding (a): a qcow2 in the allowed directory whose header names a
 /// backing file outside it is refused at create, and also at start when the
 /// header is rewritten after create (as a guest or a user could).
@@ -306,4 +339,101 @@ async fn qemu_gets_fds_not_paths() {
 async fn wait_for_boot(d: &Daemon, id: &str) {
     let log = d.serial_log(id.parse().unwrap());
     common::wait_for_line(&log, "GUEST-READY", Duration::from_secs(60)).await;
+}
+
+/// Finding 6 for `qemu-img`: offline snapshots of a qcow2 host disk run on
+/// the file vmlet opened (below the allowed directory, no symlinks, header
+/// checked), not on whatever the path names. The disk swapped for a
+/// symlink to another VM's overlay after create: listing, taking, reverting
+/// and deleting snapshots are refused naming the disk, and the other
+/// overlay stays byte-identical.
+#[tokio::test]
+async fn offline_snapshots_of_a_swapped_host_disk_touch_nothing_outside() {
+    let d = Daemon::start().await;
+    let mut other = guest_spec_json(&unique_name("owner"), "");
+    other["disks"] = json!([{"name": "data", "size_mib": 16}]);
+    let other = create_vm(&d, &other).await;
+    let overlay = d
+        .state_dir
+        .join("vms")
+        .join(common::api::uuid_of(&other).to_string())
+        .join("disks/data.qcow2");
+    let overlay_before = std::fs::read(&overlay).unwrap();
+
+    let disk = create_image(&d.scratch(), "snapped.qcow2", "qcow2", "16M");
+    let vm = create_vm(
+        &d,
+        &with_disks(
+            &unique_name("snapped"),
+            json!([{"path": disk, "format": "qcow2"}]),
+        ),
+    )
+    .await;
+    let id = id_of(&vm);
+    let snapshots = format!("/v1/vms/{id}/snapshots");
+    // While the path is the file it was, offline snapshots work.
+    expect(
+        &d,
+        Method::POST,
+        &snapshots,
+        Some(&json!({"name": "s0"})),
+        201,
+    )
+    .await;
+    let list = expect(&d, Method::GET, &snapshots, None, 200).await;
+    assert_eq!(list["snapshots"][0]["name"], "s0", "{list}");
+
+    std::fs::rename(&disk, disk.with_extension("old")).unwrap();
+    std::os::unix::fs::symlink(&overlay, &disk).unwrap();
+    let refused = [
+        (Method::GET, snapshots.clone(), None),
+        (Method::POST, snapshots.clone(), Some(json!({"name": "s1"}))),
+        (Method::POST, format!("{snapshots}/s0/revert"), None),
+        (Method::DELETE, format!("{snapshots}/s0"), None),
+    ];
+    for (method, path, body) in refused {
+        let (status, answer) = call(&d, method, &path, body.as_ref()).await;
+        assert_eq!(status, 409, "{path}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("disk ") && message.contains("symlink"),
+            "{path}: {answer}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&overlay).unwrap(),
+        overlay_before,
+        "the other VM's overlay changed"
+    );
+    force_delete_vm(&d, &id).await;
+    force_delete_vm(&d, &id_of(&other)).await;
+}
+
+/// A qcow2 host disk whose header names an external data file (any host
+/// path, which QAPI gives no way to pin) is refused at create, naming the
+/// disk's field.
+#[tokio::test]
+async fn qcow2_host_files_naming_a_data_file_are_refused() {
+    let d = Daemon::start().await;
+    let host = d.scratch();
+    let data = host.join("data.raw");
+    let image = host.join("with-data-file.qcow2");
+    let option = format!("data_file={}", data.display());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        option.as_str(),
+        image.to_str().unwrap(),
+        "16M",
+    ]);
+    let spec = with_disks(
+        &unique_name("datafile"),
+        json!([{"path": image, "format": "qcow2"}]),
+    );
+    let answer = call(&d, Method::POST, "/v1/vms", Some(&spec)).await;
+    assert_invalid_field(&answer, "disks[0].path");
+    assert!(answer.1.to_string().contains("data file"), "{}", answer.1);
 }

@@ -21,23 +21,35 @@ use super::limits;
 pub struct DiskSpec {
     /// Name unique within the VM (QEMU ids derive from it); defaults to `diskN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z][A-Za-z0-9_-]*$", min_length = 1, max_length = 24)]
     pub name: Option<String>,
     /// Absolute host path of an image file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = "^/", max_length = 4000)]
     pub path: Option<PathBuf>,
     /// Format of `path`; never guessed (probing a raw image is a known escape).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<DiskFormat>,
     /// Image (of the image store) this disk is an overlay on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub image: Option<String>,
     /// Named volume (of the volume store) this disk is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub volume: Option<String>,
     /// Size in MiB: of a blank disk, or of an overlay (at least the image's
     /// virtual size; default: that size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 67_108_864)]
     pub size_mib: Option<u64>,
     /// Guest bus.
     #[serde(default)]
@@ -53,6 +65,7 @@ pub struct DiskSpec {
     pub boot_order: Option<u32>,
     /// Serial number the guest sees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9._-]+$", max_length = 20)]
     pub serial: Option<String>,
     /// I/O limits (unset: unlimited). Changeable while the VM runs.
     #[serde(default, skip_serializing_if = "IoLimits::is_unlimited")]
@@ -201,21 +214,27 @@ impl CacheMode {
 pub struct IoLimits {
     /// Read + write operations per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub iops_total: Option<u64>,
     /// Read operations per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub iops_read: Option<u64>,
     /// Write operations per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub iops_write: Option<u64>,
     /// Read + write bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub bps_total: Option<u64>,
     /// Read bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub bps_read: Option<u64>,
     /// Write bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub bps_write: Option<u64>,
 }
 

@@ -8,17 +8,24 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// The network's name.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub network: String,
     /// MAC address (`52:54:00:12:34:56`): unicast, not all zero. Unset: one
     /// is derived from the VM's UUID and the NIC's index (locally
     /// administered, unique on the host) and written into the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")]
     pub mac: Option<String>,
     /// Device model.
     #[serde(default)]
     pub model: NicModel,
     /// Queue pairs (multi-queue virtio-net; one tap fd per queue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 16)]
     pub queues: Option<u32>,
 }
 

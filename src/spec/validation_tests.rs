@@ -112,6 +112,140 @@ fn unknown_fields_are_refused_at_every_level() {
     assert!(serde_json::from_value::<VmSpec>(v).is_err());
 }
 
+/// The OpenAPI document's bounds are validation's: at each bound the
+/// schema states a value passes validation, one past it fails. (Names
+/// share one pattern, checked here against the rule `check_name`
+/// applies.)
+#[test]
+fn schema_bounds_are_the_validation_bounds() {
+    use utoipa::PartialSchema;
+    let schema = |s: utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>| {
+        serde_json::to_value(s).unwrap()
+    };
+    let (vm, disk, nic, limits_schema) = (
+        schema(VmSpec::schema()),
+        schema(DiskSpec::schema()),
+        schema(NicSpec::schema()),
+        schema(IoLimits::schema()),
+    );
+    let number = |s: &serde_json::Value, field: &str, key: &str| {
+        s["properties"][field][key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} has no {key}: {s}"))
+    };
+    // (schema, field, where the value goes in a spec)
+    type Place = fn(&mut serde_json::Value, serde_json::Value);
+    let cases: [(&serde_json::Value, &str, bool, Place); 7] = [
+        (&vm, "vcpus", true, |v, x| v["vcpus"] = x),
+        (&vm, "memory_mib", true, |v, x| v["memory_mib"] = x),
+        (&disk, "size_mib", true, |v, x| {
+            v["disks"] = json!([{"size_mib": x}])
+        }),
+        (&nic, "queues", true, |v, x| {
+            v["nics"] = json!([{"network": "net0", "queues": x}])
+        }),
+        (&limits_schema, "iops_total", false, |v, x| {
+            v["disks"][0]["limits"] = json!({"iops_total": x})
+        }),
+        (&limits_schema, "bps_write", false, |v, x| {
+            v["disks"][0]["limits"] = json!({"bps_write": x})
+        }),
+        (&disk, "size_mib", true, |v, x| {
+            v["disks"] = json!([{"image": "debian", "size_mib": x}])
+        }),
+    ];
+    for (s, field, has_minimum, place) in cases {
+        let max = number(s, field, "maximum");
+        let mut edges = vec![(max, true), (max + 1, false)];
+        if has_minimum {
+            let min = number(s, field, "minimum");
+            edges.extend([(min, true), (min - 1, false)]);
+        }
+        for (value, ok) in edges {
+            let mut v = base();
+            place(&mut v, json!(value));
+            assert_eq!(fields(v).is_empty(), ok, "{field} = {value}");
+        }
+    }
+    let length = |s: &serde_json::Value, field: &str| number(s, field, "maxLength") as usize;
+    let boot = schema(Boot::schema());
+    let kernel_boot = boot["oneOf"]
+        .as_array()
+        .and_then(|variants| {
+            variants
+                .iter()
+                .find(|b| b["properties"]["kernel"].is_object())
+        })
+        .unwrap_or_else(|| panic!("no kernel boot: {boot}"));
+    let long_cases: [(usize, &str, Place); 10] = [
+        (length(&vm, "name"), "n", |v, x| v["name"] = x),
+        (length(&disk, "name"), "d", |v, x| v["disks"][0]["name"] = x),
+        (length(&disk, "serial"), "s", |v, x| {
+            v["disks"][0]["serial"] = x
+        }),
+        (length(&disk, "volume"), "v", |v, x| {
+            v["disks"] = json!([{"volume": x}])
+        }),
+        (length(&disk, "image"), "i", |v, x| {
+            v["disks"] = json!([{"image": x}])
+        }),
+        (length(&nic, "network"), "n", |v, x| {
+            v["nics"] = json!([{"network": x}])
+        }),
+        (length(&disk, "path"), "/", |v, x| v["disks"][0]["path"] = x),
+        (length(kernel_boot, "kernel"), "/", |v, x| {
+            v["boot"]["kernel"] = x
+        }),
+        (length(kernel_boot, "initrd"), "/", |v, x| {
+            v["boot"]["initrd"] = x
+        }),
+        (length(kernel_boot, "cmdline"), "c", |v, x| {
+            v["boot"]["cmdline"] = x
+        }),
+    ];
+    for (max, start, place) in long_cases {
+        for (len, ok) in [(max, true), (max + 1, false)] {
+            let text = format!("{start}{}", "a".repeat(len - 1));
+            let mut v = base();
+            place(&mut v, json!(text));
+            assert_eq!(fields(v).is_empty(), ok, "{start}… of {len}");
+        }
+    }
+
+    // Every name field has the same pattern, and it is check_name's
+    // rule: a letter or digit, then letters, digits, `.`, `_`, `-`.
+    const NAME_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._-]*$";
+    for (s, field) in [
+        (&vm, "name"),
+        (&disk, "image"),
+        (&disk, "volume"),
+        (&nic, "network"),
+    ] {
+        assert_eq!(s["properties"][field]["pattern"], NAME_PATTERN, "{field}");
+    }
+    for (name, ok) in [
+        ("a", true),
+        ("9a._-", true),
+        ("-a", false),
+        ("a/b", false),
+        (".a", false),
+        ("a b", false),
+    ] {
+        let mut v = base();
+        v["name"] = json!(name);
+        assert_eq!(fields(v).is_empty(), ok, "{name}");
+    }
+    assert_eq!(
+        disk["properties"]["name"]["pattern"],
+        r"^[A-Za-z][A-Za-z0-9_-]*$"
+    );
+    for (name, ok) in [("a", true), ("a9_-", true), ("9a", false), ("a.b", false)] {
+        let mut v = base();
+        v["disks"][0]["name"] = json!(name);
+        assert_eq!(fields(v).is_empty(), ok, "{name}");
+    }
+}
+
 #[test]
 fn bad_values_name_their_field() {
     let mut v = base();

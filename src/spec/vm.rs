@@ -22,10 +22,17 @@ pub struct VmSpec {
     /// The VM's identity; also QEMU's `-uuid` and the name of its directories.
     pub uuid: Uuid,
     /// Human name: letters, digits, `.`, `_`, `-`; starts with a letter or digit.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// Number of virtual CPUs.
+    #[schema(minimum = 1, maximum = 288)]
     pub vcpus: u32,
     /// Guest memory in MiB.
+    #[schema(minimum = 16, maximum = 16_777_216)]
     pub memory_mib: u64,
     /// Machine profile (a file in `qemu-profiles/`).
     #[serde(default = "default_profile")]
@@ -98,14 +105,15 @@ pub enum Boot {
     /// Direct kernel boot: QEMU loads the kernel and initrd itself.
     Kernel {
         /// Host path of the kernel image.
-        #[schema(value_type = String)]
+        #[schema(value_type = String, pattern = "^/", max_length = 4000)]
         kernel: PathBuf,
         /// Host path of the initial ramdisk.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schema(value_type = Option<String>)]
+        #[schema(value_type = Option<String>, pattern = "^/", max_length = 4000)]
         initrd: Option<PathBuf>,
         /// Kernel command line.
         #[serde(default)]
+        #[schema(max_length = 2048)]
         cmdline: String,
         /// The firmware that loads the kernel: `uefi` gives the guest EFI
         /// runtime services (`/sys/firmware/efi`) and its own NVRAM.

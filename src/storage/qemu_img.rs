@@ -8,6 +8,7 @@
 //! inspection), a wall-clock limit for `info` and `convert`, and the whole
 //! process group killed when it is exceeded.
 
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -106,6 +107,29 @@ pub const INFO_LIMITS: RunLimits = RunLimits {
     wall: Duration::from_secs(60),
 };
 
+/// Limits of `qemu-img snapshot` on a VM's disk: a wall clock only (a
+/// large image's refcounts take a while to update, legitimately), so a
+/// file that blocks (a FIFO, a hung filesystem) cannot hang the request.
+pub const SNAPSHOT_LIMITS: RunLimits = RunLimits {
+    address_space: None,
+    cpu_s: None,
+    wall: Duration::from_secs(600),
+};
+
+/// The image argument that makes `qemu-img` read a qcow2 file vmlet opened
+/// itself: through `/dev/fd/N` (the same open file, whatever its path names
+/// now), with `"backing": null`, so a backing file a header names is never
+/// opened. (QAPI has no way to pin a data file: callers refuse a header
+/// that names one before.)
+pub fn fd_image(fd: RawFd) -> String {
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "backing": null,
+        "file": {"driver": "file", "filename": format!("/dev/fd/{fd}")},
+    });
+    format!("json:{spec}")
+}
+
 /// Most output kept of a limited run (`info` of a sane image is a few KiB).
 const MAX_OUTPUT: u64 = 4 << 20;
 
@@ -160,11 +184,14 @@ impl Drop for GroupKiller {
     }
 }
 
-/// Runs `program` with `args` in its own process group under `limits`.
+/// Runs `program` with `args` in its own process group under `limits`;
+/// it inherits `inherit` (fds vmlet opened with `O_CLOEXEC`, under the same
+/// numbers), and no other fd.
 pub async fn run_limited(
     program: &Path,
     args: &[String],
     limits: RunLimits,
+    inherit: &[RawFd],
 ) -> Result<LimitedOutput, LimitedError> {
     use tokio::io::AsyncReadExt;
     let mut command = tokio::process::Command::new(program);
@@ -176,10 +203,19 @@ pub async fn run_limited(
         .process_group(0)
         .kill_on_drop(true);
     let (address_space, cpu_s) = (limits.address_space, limits.cpu_s);
-    // SAFETY: the closure only calls setrlimit(2), which is
-    // async-signal-safe, and allocates nothing.
+    let inherit = inherit.to_vec();
+    // SAFETY: the closure only calls setrlimit(2) and fcntl(2), which are
+    // async-signal-safe, and allocates nothing (`inherit` was copied
+    // before the fork).
     unsafe {
         command.pre_exec(move || {
+            for &fd in &inherit {
+                // Clears FD_CLOEXEC in the child only: the fd stays under
+                // its number across exec.
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             let set = |resource, value: u64| {
                 let limit = libc::rlimit {
                     rlim_cur: value as libc::rlim_t,
@@ -325,7 +361,7 @@ impl QemuImg {
             args.extend(["-f".into(), format.into()]);
         }
         args.push(path_arg(path));
-        let out = self.run_with(&args, INFO_LIMITS).await?;
+        let out = self.run_with(&args, INFO_LIMITS, &[]).await?;
         serde_json::from_str(&out)
             .map_err(|e| StorageError::Failed(format!("qemu-img info {}: {e}", path.display())))
     }
@@ -377,7 +413,7 @@ impl QemuImg {
             cpu_s: None,
             wall: timeout,
         };
-        self.run_with(&args, limits).await.map(drop)
+        self.run_with(&args, limits, &[]).await.map(drop)
     }
 
     /// Creates a blank qcow2 image of `size` bytes.
@@ -431,10 +467,33 @@ impl QemuImg {
         .map(drop)
     }
 
-    /// Takes, applies or deletes internal snapshot `name` of a qcow2 image.
-    pub async fn snapshot(
+    /// `qemu-img info` of a qcow2 image vmlet opened itself (`fd`, which
+    /// the run inherits; `shown` names it in errors), read through the fd
+    /// with its backing chain pinned empty ([`fd_image`]), under
+    /// [`INFO_LIMITS`]. `force_share` reads an image a running QEMU holds.
+    pub async fn info_fd(
         &self,
-        path: &Path,
+        fd: BorrowedFd<'_>,
+        shown: &Path,
+        force_share: bool,
+    ) -> Result<ImageInfo, StorageError> {
+        let mut args = vec!["info".to_string(), "--output=json".into()];
+        if force_share {
+            args.push("-U".into());
+        }
+        args.push(fd_image(fd.as_raw_fd()));
+        let out = self.run_with(&args, INFO_LIMITS, &[fd.as_raw_fd()]).await?;
+        serde_json::from_str(&out)
+            .map_err(|e| StorageError::Failed(format!("qemu-img info {}: {e}", shown.display())))
+    }
+
+    /// Takes, applies or deletes internal snapshot `name` of a qcow2 image
+    /// vmlet opened itself (`fd`, which the run inherits), read through the
+    /// fd with its backing chain pinned empty ([`fd_image`]), under
+    /// [`SNAPSHOT_LIMITS`].
+    pub async fn snapshot_fd(
+        &self,
+        fd: BorrowedFd<'_>,
         command: SnapshotCommand,
         name: &str,
     ) -> Result<(), StorageError> {
@@ -443,21 +502,25 @@ impl QemuImg {
             SnapshotCommand::Apply => "-a",
             SnapshotCommand::Delete => "-d",
         };
-        self.run(&[
+        let args = [
             "snapshot".into(),
             "-q".into(),
-            "-f".into(),
-            "qcow2".into(),
             flag.into(),
             name.into(),
-            path_arg(path),
-        ])
-        .await
-        .map(drop)
+            fd_image(fd.as_raw_fd()),
+        ];
+        self.run_with(&args, SNAPSHOT_LIMITS, &[fd.as_raw_fd()])
+            .await
+            .map(drop)
     }
 
-    async fn run_with(&self, args: &[String], limits: RunLimits) -> Result<String, StorageError> {
-        let output = run_limited(&self.binary, args, limits)
+    async fn run_with(
+        &self,
+        args: &[String],
+        limits: RunLimits,
+        inherit: &[RawFd],
+    ) -> Result<String, StorageError> {
+        let output = run_limited(&self.binary, args, limits, inherit)
             .await
             .map_err(|e| match e {
                 LimitedError::Spawn { source, .. } => StorageError::Failed(format!(
@@ -530,6 +593,7 @@ fn path_arg(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use std::time::Instant;
 
     fn sh(script: &str) -> Vec<String> {
@@ -540,7 +604,7 @@ mod tests {
 
     #[tokio::test]
     async fn limits_reach_the_process() {
-        let out = run_limited(Path::new(SH), &sh("ulimit -v; ulimit -t"), INFO_LIMITS)
+        let out = run_limited(Path::new(SH), &sh("ulimit -v; ulimit -t"), INFO_LIMITS, &[])
             .await
             .unwrap();
         assert!(out.status.success());
@@ -563,7 +627,7 @@ mod tests {
             wall: Duration::from_millis(500),
         };
         let started = Instant::now();
-        let err = run_limited(Path::new(SH), &sh(&script), limits)
+        let err = run_limited(Path::new(SH), &sh(&script), limits, &[])
             .await
             .unwrap_err();
         assert!(matches!(err, LimitedError::TimedOut(_)), "{err}");
@@ -590,7 +654,7 @@ mod tests {
             cpu_s: Some(1),
             wall: Duration::from_secs(60),
         };
-        let out = run_limited(Path::new(SH), &sh("while :; do :; done"), limits)
+        let out = run_limited(Path::new(SH), &sh("while :; do :; done"), limits, &[])
             .await
             .unwrap();
         assert!(
@@ -616,6 +680,7 @@ mod tests {
             Path::new(SH),
             &sh("x=$(head -c 1024 /dev/zero | tr '\\0' a); echo ${#x}"),
             limits,
+            &[],
         )
         .await
         .unwrap();
@@ -624,6 +689,7 @@ mod tests {
             Path::new(SH),
             &sh("x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}"),
             limits,
+            &[],
         )
         .await
         .unwrap();
@@ -631,6 +697,175 @@ mod tests {
             String::from_utf8_lossy(&out.stdout).trim(),
             "67108864",
             "the allocation succeeded under the limit"
+        );
+    }
+
+    /// A stand-in `qemu-img` that reports the limits it runs under on
+    /// stderr and fails, so the error shows them.
+    fn limit_reporter(dir: &Path) -> QemuImg {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("qemu-img");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho \"as=$(ulimit -v) cpu=$(ulimit -t)\" >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        QemuImg::new(&script)
+    }
+
+    /// Retries a run that failed with ETXTBSY: another test's fork may
+    /// briefly hold the just-written script open.
+    async fn retry_busy<T, F, Fut>(mut run: F) -> Result<T, StorageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StorageError>>,
+    {
+        for _ in 0..50 {
+            match run().await {
+                Err(e) if e.to_string().contains("Text file busy") => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+        run().await
+    }
+
+    #[tokio::test]
+    async fn info_untrusted_runs_under_the_info_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = limit_reporter(dir.path());
+        let file = dir.path().join("upload.raw");
+        let err = retry_busy(|| img.info_untrusted(&file, None))
+            .await
+            .unwrap_err()
+            .to_string();
+        // `ulimit -v` is in KiB.
+        let want = format!(
+            "as={} cpu={}",
+            INFO_LIMITS.address_space.unwrap() >> 10,
+            INFO_LIMITS.cpu_s.unwrap()
+        );
+        assert!(err.contains(&want), "{err}");
+        // The disk-listing run of a VM's own disk is limited the same way.
+        let fd = std::fs::File::create(dir.path().join("disk.qcow2")).unwrap();
+        let err = retry_busy(|| img.info_fd(fd.as_fd(), &file, true))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&want), "{err}");
+    }
+
+    #[tokio::test]
+    async fn only_the_named_fds_are_inherited() {
+        let dir = tempfile::tempdir().unwrap();
+        let passed = std::fs::File::create(dir.path().join("passed")).unwrap();
+        let kept = std::fs::File::create(dir.path().join("kept")).unwrap();
+        let script = format!(
+            "[ -e /dev/fd/{} ] && echo passed; [ -e /dev/fd/{} ] && echo kept; true",
+            passed.as_raw_fd(),
+            kept.as_raw_fd()
+        );
+        let limits = RunLimits {
+            address_space: None,
+            cpu_s: None,
+            wall: Duration::from_secs(60),
+        };
+        let out = run_limited(Path::new(SH), &sh(&script), limits, &[passed.as_raw_fd()])
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "passed\n");
+    }
+
+    fn qemu_img_binary() -> Option<QemuImg> {
+        let found = std::env::var_os("PATH")?
+            .to_str()?
+            .split(':')
+            .map(|dir| Path::new(dir).join("qemu-img"))
+            .find(|p| p.is_file())?;
+        Some(QemuImg::new(&found))
+    }
+
+    /// qemu-img acts on the file vmlet opened, whatever its path names by
+    /// then, and never opens the backing file a header names.
+    #[tokio::test]
+    async fn snapshots_act_on_the_opened_file_with_no_backing() {
+        let Some(img) = qemu_img_binary() else {
+            eprintln!("SKIPPED: no qemu-img on PATH");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.qcow2");
+        img.create(&disk, 1 << 20).await.unwrap();
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        // The path now names another image.
+        let moved = dir.path().join("moved.qcow2");
+        std::fs::rename(&disk, &moved).unwrap();
+        img.create(&disk, 1 << 20).await.unwrap();
+        let before = std::fs::read(&disk).unwrap();
+
+        img.snapshot_fd(opened.as_fd(), SnapshotCommand::Create, "s1")
+            .await
+            .unwrap();
+        let info = img.info_fd(opened.as_fd(), &moved, false).await.unwrap();
+        assert_eq!(
+            info.snapshots.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            ["s1"]
+        );
+        assert_eq!(
+            std::fs::read(&disk).unwrap(),
+            before,
+            "the path's file changed"
+        );
+        img.snapshot_fd(opened.as_fd(), SnapshotCommand::Apply, "s1")
+            .await
+            .unwrap();
+        img.snapshot_fd(opened.as_fd(), SnapshotCommand::Delete, "s1")
+            .await
+            .unwrap();
+        assert!(img
+            .info_fd(opened.as_fd(), &moved, false)
+            .await
+            .unwrap()
+            .snapshots
+            .is_empty());
+
+        // A header naming a backing file that does not exist: opening the
+        // chain would fail; pinned empty, the image reads alone.
+        let missing = dir.path().join("missing.raw");
+        let status = std::process::Command::new(&img.binary)
+            .args(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&missing)
+            .arg(&moved)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(
+            img.info(&moved, Some("qcow2"), false).await.is_ok(),
+            "info reads headers only"
+        );
+        img.snapshot_fd(opened.as_fd(), SnapshotCommand::Create, "s2")
+            .await
+            .unwrap();
+        assert!(!missing.exists());
+    }
+
+    #[test]
+    fn fd_images_pin_the_backing_chain() {
+        let spec: serde_json::Value =
+            serde_json::from_str(fd_image(7).strip_prefix("json:").unwrap()).unwrap();
+        assert_eq!(
+            spec,
+            serde_json::json!({
+                "driver": "qcow2",
+                "backing": null,
+                "file": {"driver": "file", "filename": "/dev/fd/7"},
+            })
         );
     }
 

@@ -6,6 +6,7 @@
 //! info`, and which VM uses a volume from the VM specs (the manager fills
 //! in `attached_to`).
 
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -169,8 +170,19 @@ impl VolumeStore {
                 }
                 None => self.qemu_img.create(&tmp, size).await?,
             }
+            // qemu-img creates files by the umask and does not sync them:
+            // the volume is private and on disk before its name appears,
+            // and the name is on disk before the volume is reported made.
+            std::fs::File::open(&tmp)
+                .and_then(|f| {
+                    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                    f.sync_all()
+                })
+                .map_err(|e| StorageError::io("syncing", &tmp, e))?;
             std::fs::rename(&tmp, &target)
-                .map_err(|e| StorageError::io("renaming into place", &target, e))
+                .map_err(|e| StorageError::io("renaming into place", &target, e))?;
+            crate::persist::sync_dir(&self.layout.volumes_dir())
+                .map_err(|e| StorageError::io("syncing", &self.layout.volumes_dir(), e.source))
         }
         .await;
         if let Err(e) = made {

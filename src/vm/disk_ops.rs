@@ -7,17 +7,17 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use crate::error_chain;
 use crate::persist::timestamp;
-use crate::qemu::disk::{self, DiskPlan};
+use crate::qemu::disk::{self, DiskPlan, FileOrigin};
 use crate::qemu::hotplug;
 use crate::qemu::profile::Profile;
 use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::spec::{DiskFormat, IoLimits};
-use crate::storage::files;
+use crate::storage::files::{self, OpenMode};
 use crate::storage::qemu_img::{QemuImg, SnapshotCommand};
 use crate::vm::error::VmError;
 use crate::vm::launch;
@@ -110,16 +110,43 @@ pub fn snapshot_disks(plans: &[DiskPlan]) -> Result<Vec<&DiskPlan>, VmError> {
     Ok(writable)
 }
 
+/// Opens a snapshot disk's file for `qemu-img` exactly as a start opens it
+/// for QEMU: a host file below `host_roots` without symlinks and with a
+/// qcow2 header that names no backing or data file, vmlet's own files
+/// without following a symlink. `qemu-img` then reads the fd, never the
+/// path, so a file swapped after create is refused, not acted on.
+fn open_for_qemu_img(
+    plan: &DiskPlan,
+    host_roots: &[PathBuf],
+    write: bool,
+) -> Result<OwnedFd, VmError> {
+    let mode = OpenMode {
+        write,
+        direct: false,
+    };
+    match plan.origin {
+        FileOrigin::Host => launch::open_host_file(host_roots, &plan.file, mode, plan.format),
+        FileOrigin::Managed => files::open_managed(&plan.file, mode),
+    }
+    .map_err(|e| VmError::Refused(format!("disk {}: {}", plan.name, error_chain(&e))))
+}
+
 /// The snapshots of a VM, read from its first snapshot disk (`qemu-img
-/// info -U`, which works while QEMU holds the image).
+/// info -U`, which works while QEMU holds the image), opened as a start
+/// opens it (`host_roots`: the allowed host directories).
 pub async fn list_snapshots(
     qemu_img: &QemuImg,
     plans: &[DiskPlan],
+    host_roots: &[PathBuf],
 ) -> Result<Vec<Snapshot>, VmError> {
     let Ok(disks) = snapshot_disks(plans) else {
         return Ok(vec![]);
     };
-    let info = qemu_img.info(&disks[0].file, Some("qcow2"), true).await?;
+    let fd = open_for_qemu_img(disks[0], host_roots, false)?;
+    let info = qemu_img
+        .info_fd(fd.as_fd(), &disks[0].file, true)
+        .await
+        .map_err(|e| VmError::from(e).during(&format!("disk {}", disks[0].name)))?;
     Ok(info
         .snapshots
         .into_iter()
@@ -161,29 +188,36 @@ pub async fn snapshot_live(
 }
 
 /// Runs a snapshot operation on the files of a VM that is not running
-/// (`qemu-img snapshot`; disks only). A take that fails part way removes
-/// the snapshots it made.
+/// (`qemu-img snapshot`; disks only). Every disk is opened first as a
+/// start opens it (`host_roots`: the allowed host directories), so a
+/// refused one changes nothing; `qemu-img` reads the fds. A take that
+/// fails part way removes the snapshots it made.
 pub async fn snapshot_offline(
     qemu_img: &QemuImg,
     kind: SnapshotKind,
     name: &str,
     disks: &[&DiskPlan],
+    host_roots: &[PathBuf],
 ) -> Result<(), VmError> {
     let command = match kind {
         SnapshotKind::Create => SnapshotCommand::Create,
         SnapshotKind::Revert => SnapshotCommand::Apply,
         SnapshotKind::Delete => SnapshotCommand::Delete,
     };
-    for (done, plan) in disks.iter().enumerate() {
-        if let Err(e) = qemu_img.snapshot(&plan.file, command, name).await {
+    let fds = disks
+        .iter()
+        .map(|plan| open_for_qemu_img(plan, host_roots, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (done, (plan, fd)) in disks.iter().zip(&fds).enumerate() {
+        if let Err(e) = qemu_img.snapshot_fd(fd.as_fd(), command, name).await {
             if kind == SnapshotKind::Create {
-                for undo in &disks[..done] {
+                for undo in &fds[..done] {
                     let _ = qemu_img
-                        .snapshot(&undo.file, SnapshotCommand::Delete, name)
+                        .snapshot_fd(undo.as_fd(), SnapshotCommand::Delete, name)
                         .await;
                 }
             }
-            return Err(e.into());
+            return Err(VmError::from(e).during(&format!("disk {}", plan.name)));
         }
     }
     Ok(())

@@ -229,7 +229,9 @@ impl Actor {
                 self.spawn_op(async move {
                     let result = async {
                         let disks = disk_ops::snapshot_disks(&plans)?;
-                        let existing = disk_ops::list_snapshots(&ctx.qemu_img, &plans).await?;
+                        let existing =
+                            disk_ops::list_snapshots(&ctx.qemu_img, &plans, &ctx.host_roots)
+                                .await?;
                         let exists = existing.iter().any(|s| s.name == name);
                         match kind {
                             SnapshotKind::Create if exists => {
@@ -258,8 +260,14 @@ impl Actor {
                                 Ok(Some(status.status))
                             }
                             None => {
-                                disk_ops::snapshot_offline(&ctx.qemu_img, kind, &name, &disks)
-                                    .await?;
+                                disk_ops::snapshot_offline(
+                                    &ctx.qemu_img,
+                                    kind,
+                                    &name,
+                                    &disks,
+                                    &ctx.host_roots,
+                                )
+                                .await?;
                                 record_quiesced(&vm_dir, kind, &name, false);
                                 Ok(None)
                             }

@@ -65,7 +65,8 @@ impl Manager {
     pub async fn snapshots(&self, key: &str) -> Result<Vec<Snapshot>, VmError> {
         let vm = self.find(key)?.view();
         let plans = crate::vm::launch::disk_plans(&self.ctx.layout, vm.id, &vm.spec.disks, false);
-        let mut snapshots = disk_ops::list_snapshots(&self.ctx.qemu_img, &plans).await?;
+        let mut snapshots =
+            disk_ops::list_snapshots(&self.ctx.qemu_img, &plans, &self.ctx.host_roots).await?;
         let quiesced = disk_ops::quiesced_names(&self.ctx.store.vm_dir(vm.id));
         for snapshot in &mut snapshots {
             snapshot.quiesced = quiesced.contains(&snapshot.name);
