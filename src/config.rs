@@ -110,8 +110,9 @@ pub struct QemuSettings {
     /// `/usr` (read-only), a few device nodes, its own `/proc` and a
     /// writable `/run` of its own.
     pub jail: bool,
-    /// The cgroup (relative to each hierarchy's root) under which every
-    /// VM gets `ROOT/UUID`. Empty: no cgroups.
+    /// The cgroup under which every VM gets `ROOT/UUID`: relative (`vmlet`)
+    /// to the cgroup vmlet runs in, or absolute (`/machines/vmlet`) from
+    /// the top of each hierarchy. Empty: no cgroups.
     pub cgroup_root: String,
     /// MiB a QEMU may use beyond its guest's memory before its cgroup's
     /// memory limit stops it (a VM's `resources.memory_overhead_mib`

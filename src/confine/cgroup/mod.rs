@@ -1,7 +1,17 @@
-//! A cgroup per VM, on cgroup v1 and v2 hosts: `ROOT/UUID` below the mount
-//! of every controller vmlet uses, with the VM's limits written into it, a
-//! way for a child process to join it between `fork` and `exec`, and its
-//! statistics.
+//! A cgroup per VM, on cgroup v1 and v2 hosts: `OWN/ROOT/UUID` in every
+//! hierarchy vmlet uses, where OWN is the cgroup vmlet itself runs in (so
+//! on a systemd host with `Delegate=yes` the VMs sit in vmlet's delegated
+//! subtree), with the VM's limits written into it, a way for a child
+//! process to join it between `fork` and `exec`, and its statistics. An
+//! absolute ROOT (`/machines/vmlet`) is taken from the top of each
+//! hierarchy instead.
+//!
+//! cgroup v2 forbids processes in a cgroup whose controllers are enabled
+//! for its children ("no internal processes"). When vmlet's own cgroup is
+//! not the hierarchy's root, vmlet therefore moves itself into the leaf
+//! `OWN/daemon` ([`DAEMON_LEAF`]) before it makes the first VM cgroup; a
+//! vmlet already in such a leaf (restarted by an exec) counts its parent as
+//! OWN.
 //!
 //! The hierarchy is read from `/proc/self/mountinfo` ([`Hierarchy::detect`]):
 //! a host where any of the controllers vmlet uses (cpu, cpuacct, cpuset,
@@ -36,8 +46,14 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use uuid::Uuid;
+
+/// The leaf cgroup vmlet moves itself into on cgroup v2 when its own
+/// cgroup is not the hierarchy's root, so VM cgroups may be its siblings.
+pub const DAEMON_LEAF: &str = "daemon";
 
 /// The CFS period vmlet uses for CPU quotas: 100 ms, in microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -140,6 +156,12 @@ pub enum CgroupError {
         root: String,
         /// Why it is refused.
         reason: &'static str,
+    },
+    /// vmlet's own cgroup could not be placed in a hierarchy.
+    #[error("cannot find vmlet's own cgroup: {detail}")]
+    OwnCgroup {
+        /// What is missing or wrong in `/proc/self/cgroup`.
+        detail: String,
     },
     /// A limit is out of its range.
     #[error("invalid cgroup limit {field}: {reason}")]
@@ -435,20 +457,37 @@ impl fmt::Display for Unapplied {
     }
 }
 
-/// The set of cgroups vmlet manages: `ROOT/UUID` in the hierarchy (in every
-/// controller vmlet uses on v1).
+/// The set of cgroups vmlet manages: `OWN/ROOT/UUID` (or `/ROOT/UUID` for
+/// an absolute ROOT) in the hierarchy (in every controller vmlet uses on v1).
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     hierarchy: Hierarchy,
     /// The validated components of ROOT.
     root: Vec<String>,
+    /// Where ROOT begins in each hierarchy used (one on v2).
+    bases: Vec<Base>,
+    /// v2 below a non-root cgroup: the leaf vmlet moves itself into before
+    /// it makes the first VM cgroup, and whether it has.
+    leaf: Option<(PathBuf, Arc<AtomicBool>)>,
+}
+
+/// Where ROOT begins in one hierarchy.
+#[derive(Debug, Clone)]
+struct Base {
+    /// The directory ROOT is made in: vmlet's own cgroup (relative ROOT) or
+    /// the mount (absolute ROOT).
+    top: PathBuf,
+    /// `top` as `/proc/PID/cgroup` names it, without a trailing `/`.
+    top_path: String,
+    /// v1: the controllers of this hierarchy vmlet uses; v2: empty.
+    controllers: Vec<String>,
 }
 
 /// One directory of a VM's cgroup: a v1 hierarchy or the v2 one.
 #[derive(Debug, Clone)]
 struct Member {
-    /// The mount of the hierarchy.
-    mount: PathBuf,
+    /// The cgroup ROOT is made in (see [`Base::top`]).
+    top: PathBuf,
     /// The directory, e.g. `/sys/fs/cgroup/memory/vmlet/UUID`.
     dir: PathBuf,
     /// v1: the controllers of this hierarchy vmlet uses; v2: empty.
@@ -458,12 +497,33 @@ struct Member {
 }
 
 impl Cgroups {
-    /// vmlet's cgroups in `hierarchy` below `root`, a relative path of
-    /// plain components (letters, digits, `-`, `_`, `.`; none starting with
-    /// `.`), e.g. `vmlet`. Fails when cpu, memory or pids is unavailable.
+    /// vmlet's cgroups in `hierarchy` below `root`, plain components
+    /// (letters, digits, `-`, `_`, `.`; none starting with `.`) separated
+    /// by `/`. A relative root (`vmlet`) is placed below the cgroup this
+    /// process runs in (from `/proc/self/cgroup`), an absolute one
+    /// (`/machines/vmlet`) below the top of each hierarchy. Fails when cpu,
+    /// memory or pids is unavailable.
     pub fn new(hierarchy: Hierarchy, root: &str) -> Result<Cgroups, CgroupError> {
-        let root = validate_root(root)?;
-        match &hierarchy {
+        // The root first: a bad setting is named whatever the host has.
+        validate_root(root)?;
+        let path = Path::new("/proc/self/cgroup");
+        let own = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Cgroups::for_process(hierarchy, root, &own)
+    }
+
+    /// [`Cgroups::new`] for a process whose `/proc/PID/cgroup` reads
+    /// `proc_cgroup` (tests give fake layouts a cgroup of their own).
+    pub fn for_process(
+        hierarchy: Hierarchy,
+        root: &str,
+        proc_cgroup: &str,
+    ) -> Result<Cgroups, CgroupError> {
+        let (absolute, components) = validate_root(root)?;
+        let mut leaf = None;
+        let bases = match &hierarchy {
             Hierarchy::V1 { mounts } => {
                 for wanted in REQUIRED_CONTROLLERS {
                     if !mounts
@@ -476,23 +536,73 @@ impl Cgroups {
                         });
                     }
                 }
+                let mut bases = Vec::new();
+                for m in mounts {
+                    let used: Vec<String> = m
+                        .controllers
+                        .iter()
+                        .filter(|c| V1_CONTROLLERS.contains(&c.as_str()))
+                        .cloned()
+                        .collect();
+                    if used.is_empty() {
+                        continue;
+                    }
+                    let own = if absolute {
+                        m.root.clone()
+                    } else {
+                        own_cgroup(proc_cgroup, Some(&m.controllers))?
+                    };
+                    let (top, top_path) = place(&m.dir, &m.root, &own)?;
+                    bases.push(Base {
+                        top,
+                        top_path,
+                        controllers: used,
+                    });
+                }
+                bases
             }
-            Hierarchy::V2 { mount, .. } => {
-                let available = v2::available_controllers(mount)?;
+            Hierarchy::V2 { mount, root } => {
+                let mut own = if absolute {
+                    root.clone()
+                } else {
+                    own_cgroup(proc_cgroup, None)?
+                };
+                if !absolute && own.trim_end_matches('/') != root.trim_end_matches('/') {
+                    // Below a cgroup that is not the hierarchy's root, VM
+                    // cgroups cannot sit beside vmlet: vmlet moves into a
+                    // leaf, or is in one it made before an exec.
+                    if let Some((parent, DAEMON_LEAF)) = own.rsplit_once('/') {
+                        own = parent.to_owned();
+                    }
+                    let (top, _) = place(mount, root, &own)?;
+                    leaf = Some((top.join(DAEMON_LEAF), Arc::new(AtomicBool::new(false))));
+                }
+                let (top, top_path) = place(mount, root, &own)?;
+                let available = v2::available_controllers(&top)?;
                 for wanted in REQUIRED_CONTROLLERS {
                     if !available.contains(wanted) {
                         return Err(CgroupError::MissingController {
                             controller: wanted,
                             detail: format!(
                                 "not listed in {}",
-                                mount.join("cgroup.controllers").display()
+                                top.join("cgroup.controllers").display()
                             ),
                         });
                     }
                 }
+                vec![Base {
+                    top,
+                    top_path,
+                    controllers: Vec::new(),
+                }]
             }
-        }
-        Ok(Cgroups { hierarchy, root })
+        };
+        Ok(Cgroups {
+            hierarchy,
+            root: components,
+            bases,
+            leaf,
+        })
     }
 
     /// The hierarchy these cgroups live in.
@@ -502,49 +612,48 @@ impl Cgroups {
 
     /// The ROOT directory in each hierarchy used (one on v2).
     pub fn root_dirs(&self) -> Vec<PathBuf> {
-        self.bases()
-            .into_iter()
-            .map(|(base, _, _)| self.root.iter().fold(base, |dir, c| dir.join(c)))
+        self.bases
+            .iter()
+            .map(|base| self.root.iter().fold(base.top.clone(), |dir, c| dir.join(c)))
             .collect()
     }
 
-    /// Each hierarchy used: its mount dir, its root as /proc names it, and
-    /// the controllers of it vmlet uses.
-    fn bases(&self) -> Vec<(PathBuf, String, Vec<String>)> {
-        match &self.hierarchy {
-            Hierarchy::V1 { mounts } => mounts
-                .iter()
-                .filter_map(|m| {
-                    let used: Vec<String> = m
-                        .controllers
-                        .iter()
-                        .filter(|c| V1_CONTROLLERS.contains(&c.as_str()))
-                        .cloned()
-                        .collect();
-                    (!used.is_empty()).then(|| (m.dir.clone(), m.root.clone(), used))
-                })
-                .collect(),
-            Hierarchy::V2 { mount, root } => vec![(mount.clone(), root.clone(), Vec::new())],
-        }
+    /// The leaf vmlet moves itself into on v2 below a non-root cgroup
+    /// (`None` when it needs none).
+    pub fn daemon_leaf(&self) -> Option<&Path> {
+        self.leaf.as_ref().map(|(dir, _)| dir.as_path())
+    }
+
+    /// The VMs with a cgroup directory below ROOT in any hierarchy: every
+    /// directory whose name is a UUID.
+    pub fn vm_cgroups(&self) -> BTreeSet<Uuid> {
+        self.root_dirs()
+            .iter()
+            .filter_map(|dir| fs::read_dir(dir).ok())
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| Uuid::parse_str(e.file_name().to_str()?).ok())
+            .collect()
     }
 
     /// The directories of VM `uuid`'s cgroup.
     fn members(&self, uuid: Uuid) -> Vec<Member> {
         let name = uuid.hyphenated().to_string();
-        self.bases()
-            .into_iter()
-            .map(|(base, mount_root, controllers)| {
-                let mut dir = base.clone();
-                let mut cgroup_path = mount_root.trim_end_matches('/').to_owned();
+        self.bases
+            .iter()
+            .map(|base| {
+                let mut dir = base.top.clone();
+                let mut cgroup_path = base.top_path.clone();
                 for component in self.root.iter().chain(std::iter::once(&name)) {
                     dir.push(component);
                     cgroup_path.push('/');
                     cgroup_path.push_str(component);
                 }
                 Member {
-                    mount: base,
+                    top: base.top.clone(),
                     dir,
-                    controllers,
+                    controllers: base.controllers.clone(),
                     cgroup_path,
                 }
             })
@@ -554,11 +663,13 @@ impl Cgroups {
     /// Creates (or reuses, if it exists and holds no process) the cgroup of
     /// VM `uuid` with `limits`. v1: in every controller used (cpuset gets
     /// `cpuset.cpus`/`cpuset.mems` from its parent at each level, as no task
-    /// can join a cpuset without them); v2: the controllers are enabled in
-    /// `cgroup.subtree_control` from the mount down to ROOT. On failure a
-    /// VM directory this call made is removed again.
+    /// can join a cpuset without them); v2: vmlet first moves into its leaf
+    /// (see [`Cgroups::daemon_leaf`]), then the controllers are enabled in
+    /// `cgroup.subtree_control` from vmlet's cgroup (or the mount) down to
+    /// ROOT. On failure a VM directory this call made is removed again.
     pub fn create(&self, uuid: Uuid, limits: &Limits) -> Result<VmCgroup, CgroupError> {
         limits.validate()?;
+        self.enter_leaf()?;
         let members = self.members(uuid);
         let mut made = Vec::new();
         let result = match &self.hierarchy {
@@ -575,6 +686,21 @@ impl Cgroups {
                 Err(error)
             }
         }
+    }
+
+    /// Moves this process into its leaf, once (v2 below a non-root cgroup).
+    fn enter_leaf(&self) -> Result<(), CgroupError> {
+        let Some((leaf, moved)) = &self.leaf else {
+            return Ok(());
+        };
+        if moved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        make_dir(leaf)?;
+        // "0" is the writer: the whole process (every thread) moves.
+        write_value(&leaf.join("cgroup.procs"), "0")?;
+        moved.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn vm_cgroup(&self, members: Vec<Member>, unapplied: Vec<Unapplied>) -> VmCgroup {
@@ -610,6 +736,61 @@ impl Cgroups {
     }
 }
 
+/// The cgroup of this process in one hierarchy, from the text of
+/// `/proc/self/cgroup` (`ID:CONTROLLERS:PATH` lines): the v1 line naming
+/// one of `controllers`, or (`None`) the v2 line `0::PATH`.
+fn own_cgroup(proc_cgroup: &str, controllers: Option<&[String]>) -> Result<String, CgroupError> {
+    let found = proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let id = parts.next()?;
+        let listed = parts.next()?;
+        let path = parts.next()?;
+        let matches = match controllers {
+            None => id == "0" && listed.is_empty(),
+            Some(wanted) => listed.split(',').any(|c| wanted.iter().any(|w| w == c)),
+        };
+        matches.then(|| path.to_owned())
+    });
+    match found {
+        Some(path) if path.starts_with('/') => Ok(path),
+        Some(path) => Err(CgroupError::OwnCgroup {
+            detail: format!("/proc/self/cgroup names {path:?}, not an absolute path"),
+        }),
+        None => Err(CgroupError::OwnCgroup {
+            detail: match controllers {
+                None => "/proc/self/cgroup has no cgroup v2 line (0::PATH)".to_owned(),
+                Some(c) => format!("/proc/self/cgroup has no line for {}", c.join(",")),
+            },
+        }),
+    }
+}
+
+/// The directory of cgroup `path` (as `/proc` names it) in a hierarchy
+/// mounted at `mount` that shows cgroup `mount_root`, and its name without
+/// a trailing `/`. A cgroup outside what the mount shows is an error.
+fn place(mount: &Path, mount_root: &str, path: &str) -> Result<(PathBuf, String), CgroupError> {
+    let shown = mount_root.trim_end_matches('/');
+    let rest = path
+        .strip_prefix(shown)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        .ok_or_else(|| CgroupError::OwnCgroup {
+            detail: format!(
+                "cgroup {path} is outside {mount_root}, the part of the hierarchy mounted at {}",
+                mount.display()
+            ),
+        })?;
+    let mut dir = mount.to_path_buf();
+    for component in rest.split('/').filter(|c| !c.is_empty()) {
+        if component == ".." || component == "." {
+            return Err(CgroupError::OwnCgroup {
+                detail: format!("cgroup {path} has a {component:?} component"),
+            });
+        }
+        dir.push(component);
+    }
+    Ok((dir, path.trim_end_matches('/').to_owned()))
+}
+
 /// Removes one cgroup directory: missing is fine, EBUSY (processes or
 /// children) is [`CgroupError::Busy`].
 fn remove_dir(dir: &Path) -> Result<(), CgroupError> {
@@ -626,8 +807,8 @@ fn remove_dir(dir: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// Checks ROOT and splits it into components.
-fn validate_root(root: &str) -> Result<Vec<String>, CgroupError> {
+/// Checks ROOT: whether it is absolute, and its components.
+fn validate_root(root: &str) -> Result<(bool, Vec<String>), CgroupError> {
     let refuse = |reason| CgroupError::InvalidRoot {
         root: root.to_owned(),
         reason,
@@ -638,10 +819,17 @@ fn validate_root(root: &str) -> Result<Vec<String>, CgroupError> {
     if root.len() > 1024 {
         return Err(refuse("it is longer than 1024 bytes"));
     }
-    if root.starts_with('/') {
-        return Err(refuse("it must be relative (no leading \"/\")"));
+    let (absolute, relative) = match root.strip_prefix('/') {
+        Some(rest) => (true, rest),
+        None => (false, root),
+    };
+    if relative.is_empty() {
+        return Err(refuse(
+            "it names the top of the hierarchy (\"/\"); give a cgroup below it",
+        ));
     }
-    root.split('/')
+    let components = relative
+        .split('/')
         .map(|component| {
             if component.is_empty() {
                 Err(refuse(
@@ -664,7 +852,8 @@ fn validate_root(root: &str) -> Result<Vec<String>, CgroupError> {
                 Ok(component.to_owned())
             }
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((absolute, components))
 }
 
 /// The cgroup of one VM: a directory per v1 hierarchy, or one on v2.

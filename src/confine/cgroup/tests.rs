@@ -43,6 +43,9 @@ const UNIFIED: &str = "\
 26 24 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
 ";
 
+/// `/proc/self/cgroup` of a process in the root cgroup of every hierarchy.
+const AT_TOP: &str = "12:pids:/\n11:blkio:/\n10:memory:/\n9:cpuset:/\n8:cpu,cpuacct:/\n1:name=systemd:/\n0::/\n";
+
 fn uuid() -> Uuid {
     Uuid::parse_str("6f1c2b9e-3a5d-4e7f-8a9b-0c1d2e3f4a5b").unwrap()
 }
@@ -102,7 +105,7 @@ fn hybrid_with_an_empty_unified_mount_is_v1_with_separate_mounts() {
         .map(|(d, c)| (d.to_owned(), c))
     );
     // Devices and freezer are mounted but not used for VMs.
-    let cgroups = Cgroups::new(h, "vmlet").unwrap();
+    let cgroups = Cgroups::for_process(h, "vmlet", AT_TOP).unwrap();
     let dirs: Vec<PathBuf> = cgroups.members(uuid()).into_iter().map(|m| m.dir).collect();
     let expected: Vec<PathBuf> = ["cpu", "cpuacct", "cpuset", "memory", "blkio", "pids"]
         .iter()
@@ -127,7 +130,7 @@ fn combined_cpu_cpuacct_mount_is_one_directory() {
         ]
         .map(|(d, c)| (d.to_owned(), c))
     );
-    let cgroups = Cgroups::new(h, "vmlet").unwrap();
+    let cgroups = Cgroups::for_process(h, "vmlet", AT_TOP).unwrap();
     let members = cgroups.members(uuid());
     assert_eq!(members.len(), 3, "{members:?}");
     assert_eq!(members[0].controllers, ["cpu", "cpuacct"]);
@@ -232,7 +235,9 @@ fn escaped_mount_points_and_subtree_roots() {
 39 31 0:36 / /sys/fs/my\\040cgroups/pids rw - cgroup cgroup rw,pids
 ";
     let h = Hierarchy::from_mountinfo(text).unwrap();
-    let cgroups = Cgroups::new(h, "vmlet").unwrap();
+    // In a container: the cgroup the mount shows is the process's own.
+    let own = "3:pids:/\n2:memory:/docker/abc\n1:cpu:/docker/abc\n";
+    let cgroups = Cgroups::for_process(h.clone(), "vmlet", own).unwrap();
     let members = cgroups.members(uuid());
     assert_eq!(
         members[0].dir,
@@ -243,6 +248,13 @@ fn escaped_mount_points_and_subtree_roots() {
         format!("/docker/abc/vmlet/{}", uuid())
     );
     assert_eq!(members[2].cgroup_path, format!("/vmlet/{}", uuid()));
+    // A process outside what the mount shows cannot place its cgroups.
+    match Cgroups::for_process(h, "vmlet", AT_TOP) {
+        Err(e @ CgroupError::OwnCgroup { .. }) => {
+            assert!(e.to_string().contains("outside /docker/abc"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(unescape("a\\134b\\011c\\9"), "a\\b\tc\\9");
 }
 
@@ -262,7 +274,7 @@ fn v1_without_a_required_controller_is_refused() {
     let text = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
                 35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
     let h = Hierarchy::from_mountinfo(text).unwrap();
-    match Cgroups::new(h, "vmlet") {
+    match Cgroups::for_process(h, "vmlet", AT_TOP) {
         Err(CgroupError::MissingController { controller, .. }) => assert_eq!(controller, "pids"),
         other => panic!("{other:?}"),
     }
@@ -346,9 +358,9 @@ fn limits_out_of_range_name_the_field() {
 }
 
 #[test]
-fn root_must_be_plain_relative_components() {
+fn root_must_be_plain_components() {
     for bad in [
-        "", "/vmlet", "vmlet/", "a//b", "..", "a/../b", ".", "./a", ".hidden", "a b", "a\nb",
+        "", "/", "//vmlet", "vmlet/", "a//b", "..", "a/../b", ".", "./a", ".hidden", "a b", "a\nb",
         "vm*", "ü",
     ] {
         match validate_root(bad) {
@@ -359,10 +371,14 @@ fn root_must_be_plain_relative_components() {
         }
     }
     assert!(validate_root(&"a".repeat(256)).is_err());
-    assert_eq!(validate_root("vmlet").unwrap(), ["vmlet"]);
+    assert_eq!(validate_root("vmlet").unwrap(), (false, vec!["vmlet".into()]));
     assert_eq!(
         validate_root("vmlet.slice/node_1-a").unwrap(),
-        ["vmlet.slice", "node_1-a"]
+        (false, vec!["vmlet.slice".into(), "node_1-a".into()])
+    );
+    assert_eq!(
+        validate_root("/machines/vmlet").unwrap(),
+        (true, vec!["machines".into(), "vmlet".into()])
     );
 }
 
@@ -408,7 +424,7 @@ fn fake_v2(vm_files: &[(&str, &str)]) -> (tempfile::TempDir, Cgroups, PathBuf) {
     if !vm_files.is_empty() {
         fake(&vm, vm_files);
     }
-    let cgroups = Cgroups::new(Hierarchy::v2_at(mount), "vmlet/node").unwrap();
+    let cgroups = Cgroups::for_process(Hierarchy::v2_at(mount), "vmlet/node", AT_TOP).unwrap();
     (tmp, cgroups, vm)
 }
 
@@ -511,7 +527,7 @@ fn v2_failed_create_names_the_file_and_undoes_the_directory() {
 fn v2_missing_controllers() {
     let tmp = tempfile::tempdir().unwrap();
     fake(tmp.path(), &[("cgroup.controllers", "cpu io pids\n")]);
-    match Cgroups::new(Hierarchy::v2_at(tmp.path()), "vmlet") {
+    match Cgroups::for_process(Hierarchy::v2_at(tmp.path()), "vmlet", AT_TOP) {
         Err(e @ CgroupError::MissingController { .. }) => {
             assert!(e.to_string().contains("\"memory\""), "{e}")
         }
@@ -520,7 +536,7 @@ fn v2_missing_controllers() {
     // No cgroup.controllers at all: not a cgroup2 mount.
     let empty = tempfile::tempdir().unwrap();
     assert!(matches!(
-        Cgroups::new(Hierarchy::v2_at(empty.path()), "vmlet"),
+        Cgroups::for_process(Hierarchy::v2_at(empty.path()), "vmlet", AT_TOP),
         Err(CgroupError::Read { .. })
     ));
 }
@@ -638,7 +654,7 @@ fn fake_v1(tmp: &Path) -> Hierarchy {
 #[test]
 fn v1_create_writes_every_controller_and_inherits_cpusets() {
     let tmp = tempfile::tempdir().unwrap();
-    let cgroups = Cgroups::new(fake_v1(tmp.path()), "vmlet").unwrap();
+    let cgroups = Cgroups::for_process(fake_v1(tmp.path()), "vmlet", AT_TOP).unwrap();
     let cg = cgroups.create(uuid(), &limits()).unwrap();
     let vm = |controller: &str| tmp.path().join(format!("{controller}/vmlet/{}", uuid()));
     assert_eq!(
@@ -685,7 +701,7 @@ fn v1_create_writes_every_controller_and_inherits_cpusets() {
 #[test]
 fn v1_stats_and_membership() {
     let tmp = tempfile::tempdir().unwrap();
-    let cgroups = Cgroups::new(fake_v1(tmp.path()), "vmlet").unwrap();
+    let cgroups = Cgroups::for_process(fake_v1(tmp.path()), "vmlet", AT_TOP).unwrap();
     let cg = cgroups.create(uuid(), &limits()).unwrap();
     let vm = |controller: &str| tmp.path().join(format!("{controller}/vmlet/{}", uuid()));
     fake(
@@ -738,4 +754,169 @@ fn v2_membership() {
     assert!(!cg.listed_in(&format!("0::/vmlet/node/{id}/sub\n")));
     assert!(!cg.listed_in("0::/\n"));
     assert!(!cg.contains(-1));
+}
+
+/// `/proc/self/cgroup` of a vmlet started by systemd as `vmlet.service`.
+const IN_SERVICE_V1: &str = "\
+12:pids:/system.slice/vmlet.service
+11:blkio:/system.slice
+10:memory:/system.slice/vmlet.service
+9:cpuset:/
+8:cpu,cpuacct:/system.slice/vmlet.service
+1:name=systemd:/system.slice/vmlet.service
+0::/system.slice/vmlet.service
+";
+
+#[test]
+fn v1_vm_cgroups_go_below_vmlets_own_cgroup_in_each_hierarchy() {
+    let h = Hierarchy::from_mountinfo(COMBINED).unwrap();
+    let text = format!("{COMBINED}33 25 0:30 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n34 25 0:31 / /sys/fs/cgroup/blkio rw - cgroup cgroup rw,blkio\n");
+    let full = Hierarchy::from_mountinfo(&text).unwrap();
+    for h in [h, full] {
+        let cgroups = Cgroups::for_process(h, "vmlet", IN_SERVICE_V1).unwrap();
+        assert_eq!(cgroups.daemon_leaf(), None, "no leaf on v1");
+        for m in cgroups.members(uuid()) {
+            let own = match m.controllers[0].as_str() {
+                "cpuset" => "",
+                "blkio" => "/system.slice",
+                _ => "/system.slice/vmlet.service",
+            };
+            let path = format!("{own}/vmlet/{}", uuid());
+            assert_eq!(m.cgroup_path, path, "{m:?}");
+            let mount = if m.controllers[0] == "cpu" {
+                "cpu,cpuacct".to_owned()
+            } else {
+                m.controllers[0].clone()
+            };
+            assert_eq!(m.dir, PathBuf::from(format!("/sys/fs/cgroup/{mount}{path}")));
+        }
+    }
+    // An absolute root ignores vmlet's own cgroup.
+    let h = Hierarchy::from_mountinfo(COMBINED).unwrap();
+    let cgroups = Cgroups::for_process(h, "/machines/vmlet", IN_SERVICE_V1).unwrap();
+    assert_eq!(
+        cgroups.root_dirs(),
+        ["cpu,cpuacct", "memory", "pids"]
+            .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}/machines/vmlet")))
+    );
+    // A hierarchy /proc/self/cgroup says nothing of.
+    let h = Hierarchy::from_mountinfo(COMBINED).unwrap();
+    match Cgroups::for_process(h, "vmlet", "10:memory:/\n8:cpu,cpuacct:/\n") {
+        Err(e @ CgroupError::OwnCgroup { .. }) => assert!(e.to_string().contains("pids"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A fake v2 mount where vmlet runs in `/system.slice/vmlet.service`
+/// (delegated: vmlet may write only below it).
+fn fake_v2_delegated() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = tmp.path();
+    // The top is systemd's: a write there would show in the file.
+    fake(
+        mount,
+        &[
+            ("cgroup.controllers", "cpuset cpu io memory pids\n"),
+            ("cgroup.subtree_control", "untouched\n"),
+        ],
+    );
+    fake(
+        &mount.join("system.slice"),
+        &[("cgroup.subtree_control", "untouched\n")],
+    );
+    let own = mount.join("system.slice/vmlet.service");
+    fake(
+        &own,
+        &[
+            ("cgroup.controllers", "cpu io memory pids\n"),
+            ("cgroup.subtree_control", ""),
+            ("cgroup.procs", "4242\n"),
+        ],
+    );
+    // What the kernel would show in the directories vmlet makes.
+    fake(&own.join(DAEMON_LEAF), &[("cgroup.procs", "")]);
+    fake(
+        &own.join("vmlet"),
+        &[("cgroup.subtree_control", ""), ("cgroup.procs", "")],
+    );
+    fake(&own.join(format!("vmlet/{}", uuid())), &V2_VM_FILES);
+    (tmp, own)
+}
+
+#[test]
+fn v2_vmlet_moves_into_a_leaf_and_vms_go_below_its_cgroup() {
+    let (tmp, own) = fake_v2_delegated();
+    let h = Hierarchy::v2_at(tmp.path());
+    let proc_cgroup = "0::/system.slice/vmlet.service\n";
+    let cgroups = Cgroups::for_process(h.clone(), "vmlet", proc_cgroup).unwrap();
+    let leaf = own.join(DAEMON_LEAF);
+    assert_eq!(cgroups.daemon_leaf(), Some(leaf.as_path()));
+    assert_eq!(cgroups.root_dirs(), [own.join("vmlet")]);
+    let cg = cgroups.create(uuid(), &limits()).unwrap();
+    let vm = own.join(format!("vmlet/{}", uuid()));
+    assert_eq!(cg.dirs(), std::slice::from_ref(&vm));
+    // vmlet wrote itself ("0") into the leaf before enabling controllers
+    // in its own cgroup.
+    assert_eq!(read(leaf.join("cgroup.procs")), "0");
+    assert_eq!(
+        read(own.join("cgroup.subtree_control")),
+        "+cpu +io +memory +pids"
+    );
+    assert_eq!(
+        read(own.join("vmlet/cgroup.subtree_control")),
+        "+cpu +io +memory +pids"
+    );
+    for above in ["cgroup.subtree_control", "system.slice/cgroup.subtree_control"] {
+        assert_eq!(read(tmp.path().join(above)), "untouched\n", "{above}");
+    }
+    assert_eq!(read(vm.join("pids.max")), "300");
+    let id = uuid();
+    assert!(cg.listed_in(&format!("0::/system.slice/vmlet.service/vmlet/{id}\n")));
+    assert!(!cg.listed_in(&format!("0::/vmlet/{id}\n")));
+    // The move happens once: a second VM does not write it again.
+    fs::write(leaf.join("cgroup.procs"), "4242\n").unwrap();
+    let other = Uuid::new_v4();
+    fake(&own.join(format!("vmlet/{other}")), &V2_VM_FILES);
+    cgroups.create(other, &limits()).unwrap();
+    assert_eq!(read(leaf.join("cgroup.procs")), "4242\n");
+    assert_eq!(cgroups.vm_cgroups(), BTreeSet::from([uuid(), other]));
+
+    // A vmlet already in its leaf (restarted by an exec) keeps the same
+    // places.
+    let again = Cgroups::for_process(
+        h.clone(),
+        "vmlet",
+        "0::/system.slice/vmlet.service/daemon\n",
+    )
+    .unwrap();
+    assert_eq!(again.root_dirs(), [own.join("vmlet")]);
+    assert_eq!(again.daemon_leaf(), Some(leaf.as_path()));
+
+    // An absolute root: from the mount, no leaf.
+    fake(
+        tmp.path(),
+        &[("cgroup.subtree_control", "cpu io memory pids\n")],
+    );
+    let absolute = Cgroups::for_process(h.clone(), "/machines", proc_cgroup).unwrap();
+    assert_eq!(absolute.daemon_leaf(), None);
+    assert_eq!(absolute.root_dirs(), [tmp.path().join("machines")]);
+
+    // The controllers are looked for where vmlet's cgroups go.
+    fake(&own, &[("cgroup.controllers", "cpu io pids\n")]);
+    match Cgroups::for_process(h, "vmlet", proc_cgroup) {
+        Err(e @ CgroupError::MissingController { .. }) => {
+            assert!(e.to_string().contains("vmlet.service"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn v2_in_the_root_cgroup_needs_no_leaf() {
+    let (_tmp, cgroups, _vm) = fake_v2(&V2_VM_FILES);
+    assert_eq!(cgroups.daemon_leaf(), None);
+    match Cgroups::for_process(Hierarchy::v2_at("/sys/fs/cgroup"), "vmlet", "1:cpu:/\n") {
+        Err(e @ CgroupError::OwnCgroup { .. }) => assert!(e.to_string().contains("0::"), "{e}"),
+        other => panic!("{other:?}"),
+    }
 }
