@@ -267,8 +267,12 @@ impl Confiner {
                 continue;
             }
             match cgroups.remove(vm) {
-                Ok(()) => tracing::info!(%vm, "removed the cgroup of a VM this daemon has no record of"),
-                Err(e) => tracing::warn!(%vm, error = %crate::error_chain(&e), "could not remove the cgroup of a VM this daemon has no record of"),
+                Ok(()) => {
+                    tracing::info!(%vm, "removed the cgroup of a VM this daemon has no record of")
+                }
+                Err(e) => {
+                    tracing::warn!(%vm, error = %crate::error_chain(&e), "could not remove the cgroup of a VM this daemon has no record of")
+                }
             }
         }
     }

@@ -36,8 +36,15 @@
 //! Only cgroups the caller names are ever removed: several daemons may
 //! share a root.
 
+mod hierarchy;
+mod limits;
 mod v1;
 mod v2;
+mod vm;
+
+pub use hierarchy::{Hierarchy, V1Mount};
+pub use limits::{bfq_weight, blkio_weight, Limits, Unapplied};
+pub use vm::{CgroupStats, ProcsFiles, VmCgroup};
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -183,276 +190,6 @@ impl CgroupError {
             | CgroupError::Create { source, .. }
             | CgroupError::Remove { source, .. } => Some(source.kind()),
             _ => None,
-        }
-    }
-}
-
-/// One cgroup v1 mount: a hierarchy with one or more controllers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct V1Mount {
-    /// Where it is mounted, e.g. `/sys/fs/cgroup/memory`.
-    pub dir: PathBuf,
-    /// The cgroup the mount shows, as `/proc/PID/cgroup` names it (`/`
-    /// unless only a subtree is mounted, as in some containers).
-    pub root: String,
-    /// Its controllers, e.g. `["cpu", "cpuacct"]`.
-    pub controllers: Vec<String>,
-}
-
-/// Which cgroup hierarchy the host has; detected from `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Hierarchy {
-    /// Controllers on cgroup v1 mounts (one mount may hold several).
-    V1 {
-        /// The mounts holding at least one known controller, in mountinfo order.
-        mounts: Vec<V1Mount>,
-    },
-    /// The unified cgroup v2 hierarchy.
-    V2 {
-        /// Where it is mounted, e.g. `/sys/fs/cgroup`.
-        mount: PathBuf,
-        /// The cgroup the mount shows, as `/proc/PID/cgroup` names it.
-        root: String,
-    },
-}
-
-impl Hierarchy {
-    /// The hierarchy of this host, from `/proc/self/mountinfo`.
-    pub fn detect() -> Result<Hierarchy, CgroupError> {
-        let path = Path::new("/proc/self/mountinfo");
-        let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Hierarchy::from_mountinfo(&text)
-    }
-
-    /// The hierarchy described by the text of a mountinfo file: v1 when any
-    /// controller vmlet uses is on a cgroup v1 mount (a controller bound to
-    /// v1 is absent from v2), else the cgroup2 mount (the one at
-    /// `/sys/fs/cgroup` when there are several).
-    pub fn from_mountinfo(text: &str) -> Result<Hierarchy, CgroupError> {
-        let mut v1 = Vec::<V1Mount>::new();
-        let mut v2 = Vec::<(PathBuf, String)>::new();
-        for (index, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let bad = |reason| CgroupError::Mountinfo {
-                line: index + 1,
-                reason,
-            };
-            // Optional fields sit between the mount options and " - ";
-            // spaces inside paths are escaped, so the separator is unique.
-            let (before, after) = line.split_once(" - ").ok_or(bad("no \" - \" separator"))?;
-            let before: Vec<&str> = before.split(' ').collect();
-            let after: Vec<&str> = after.split(' ').collect();
-            if before.len() < 6 {
-                return Err(bad("fewer than 6 fields before the separator"));
-            }
-            if after.len() < 3 {
-                return Err(bad("fewer than 3 fields after the separator"));
-            }
-            let root = unescape(before[3]);
-            let dir = PathBuf::from(unescape(before[4]));
-            if !dir.is_absolute() {
-                return Err(bad("mount point is not absolute"));
-            }
-            // Only a cgroup mount's root is a path: an nsfs mount (a named
-            // network namespace, /run/netns/NAME) has `net:[INODE]`.
-            if matches!(after[0], "cgroup" | "cgroup2") && !root.starts_with('/') {
-                return Err(bad("cgroup mount root is not absolute"));
-            }
-            match after[0] {
-                "cgroup" => {
-                    let mut controllers: Vec<String> = after[2]
-                        .split(',')
-                        .filter(|o| KNOWN_V1_CONTROLLERS.contains(o))
-                        .map(str::to_owned)
-                        .collect();
-                    // A bind mount of a hierarchy already seen adds nothing.
-                    controllers.retain(|c| !v1.iter().any(|m| m.controllers.contains(c)));
-                    if !controllers.is_empty() {
-                        v1.push(V1Mount {
-                            dir,
-                            root,
-                            controllers,
-                        });
-                    }
-                }
-                "cgroup2" => v2.push((dir, root)),
-                _ => {}
-            }
-        }
-        let uses_v1 = v1
-            .iter()
-            .any(|m| m.controllers.iter().any(|c| V1_CONTROLLERS.contains(&&**c)));
-        if uses_v1 {
-            return Ok(Hierarchy::V1 { mounts: v1 });
-        }
-        let preferred = v2
-            .iter()
-            .position(|(dir, _)| dir == Path::new("/sys/fs/cgroup"))
-            .unwrap_or(0);
-        match v2.into_iter().nth(preferred) {
-            Some((mount, root)) => Ok(Hierarchy::V2 { mount, root }),
-            None => Err(CgroupError::NoHierarchy),
-        }
-    }
-
-    /// A cgroup v2 hierarchy mounted at `dir` showing its root cgroup: for
-    /// tests on a fake layout of plain files, and hosts with a known mount.
-    pub fn v2_at(dir: impl Into<PathBuf>) -> Hierarchy {
-        Hierarchy::V2 {
-            mount: dir.into(),
-            root: "/".to_owned(),
-        }
-    }
-}
-
-/// Decodes the octal escapes (`\040` for a space, …) of mountinfo paths.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            let digits = &bytes[i + 1..i + 4];
-            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let value = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                if let Ok(byte) = u8::try_from(value) {
-                    out.push(byte);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Limits for one VM's cgroup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// Relative CPU weight, 1..=10000 with v2 semantics (100 is the
-    /// default). v1: `cpu.shares` = weight × 1024 / 100 (at least 2).
-    pub cpu_weight: u32,
-    /// CPU time as a percentage of one core (10 = a tenth of a core, 250 =
-    /// two and a half cores), 1..=100000, over a 100 ms period; `None` = no
-    /// quota.
-    pub cpu_quota_percent: Option<u32>,
-    /// Memory (and swap, where accounted) limit in bytes, at least 1 MiB.
-    pub memory_max_bytes: u64,
-    /// Maximum number of tasks (processes and threads), 1..=4194304.
-    pub pids_max: u64,
-    /// Relative I/O weight, 1..=10000 with v2 semantics (100 is the
-    /// default), applied where the host's I/O scheduler offers weights;
-    /// `None` = the default weight, without a report when unsupported.
-    pub io_weight: Option<u32>,
-}
-
-impl Limits {
-    /// Checks every field's range; the error names the field.
-    pub fn validate(&self) -> Result<(), CgroupError> {
-        fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), CgroupError> {
-            if (min..=max).contains(&value) {
-                Ok(())
-            } else {
-                Err(CgroupError::InvalidLimit {
-                    field,
-                    reason: format!("{value} is outside {min}..={max}"),
-                })
-            }
-        }
-        range("cpu_weight", self.cpu_weight.into(), 1, 10_000)?;
-        if let Some(percent) = self.cpu_quota_percent {
-            range("cpu_quota_percent", percent.into(), 1, 100_000)?;
-        }
-        // At most i64::MAX: v1 reads these files as signed 64-bit numbers.
-        range(
-            "memory_max_bytes",
-            self.memory_max_bytes,
-            1 << 20,
-            i64::MAX as u64,
-        )?;
-        // The kernel refuses pids.max at or above PID_MAX_LIMIT + 1.
-        range("pids_max", self.pids_max, 1, 4_194_304)?;
-        if let Some(weight) = self.io_weight {
-            range("io_weight", weight.into(), 1, 10_000)?;
-        }
-        Ok(())
-    }
-
-    /// v1 `cpu.shares` for [`Limits::cpu_weight`]: 100 (the v2 default) is
-    /// 1024 (the v1 default); the kernel's minimum is 2.
-    pub fn cpu_shares(&self) -> u64 {
-        (u64::from(self.cpu_weight) * 1024 / 100).max(2)
-    }
-
-    /// The CFS quota in microseconds per [`CPU_PERIOD_US`], `None` for no quota.
-    pub fn cpu_quota_us(&self) -> Option<u64> {
-        self.cpu_quota_percent
-            .map(|percent| u64::from(percent) * CPU_PERIOD_US / 100)
-    }
-
-    /// The v2 `cpu.max` line: `QUOTA PERIOD` or `max PERIOD`.
-    pub fn cpu_max(&self) -> String {
-        match self.cpu_quota_us() {
-            Some(quota) => format!("{quota} {CPU_PERIOD_US}"),
-            None => format!("max {CPU_PERIOD_US}"),
-        }
-    }
-
-    /// The I/O weight in effect: the asked one or the default, 100.
-    fn io_weight_or_default(&self) -> u32 {
-        self.io_weight.unwrap_or(100)
-    }
-}
-
-/// A BFQ weight (1..=1000, default 100) for a v2 I/O weight (1..=10000,
-/// default 100): the default maps to the default, each side of it linearly.
-pub fn bfq_weight(io_weight: u32) -> u64 {
-    let w = u64::from(io_weight.clamp(1, 10_000));
-    if w <= 100 {
-        w
-    } else {
-        100 + (w - 100) * 900 / 9_900
-    }
-}
-
-/// A v1 `blkio.weight` (10..=1000, default 500) for a v2 I/O weight
-/// (1..=10000, default 100): scaled by 5, clamped to the v1 range.
-pub fn blkio_weight(io_weight: u32) -> u64 {
-    (u64::from(io_weight) * 5).clamp(10, 1000)
-}
-
-/// A limit [`Cgroups::create`] could not apply because the host lacks the
-/// file for it; the cgroup works without it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unapplied {
-    /// No I/O weight file (`io.weight`, `io.bfq.weight`, `blkio.weight`,
-    /// `blkio.bfq.weight`) or no blkio controller: the asked weight is not set.
-    IoWeight {
-        /// Where the files were looked for.
-        detail: String,
-    },
-    /// No swap accounting (`memory.swap.max` / `memory.memsw.limit_in_bytes`):
-    /// the memory limit bounds memory only, not memory plus swap.
-    Swap {
-        /// Where the file was looked for.
-        detail: String,
-    },
-}
-
-impl fmt::Display for Unapplied {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Unapplied::IoWeight { detail } => write!(f, "io_weight not applied: {detail}"),
-            Unapplied::Swap { detail } => write!(f, "swap not limited: {detail}"),
         }
     }
 }
@@ -614,7 +351,11 @@ impl Cgroups {
     pub fn root_dirs(&self) -> Vec<PathBuf> {
         self.bases
             .iter()
-            .map(|base| self.root.iter().fold(base.top.clone(), |dir, c| dir.join(c)))
+            .map(|base| {
+                self.root
+                    .iter()
+                    .fold(base.top.clone(), |dir, c| dir.join(c))
+            })
             .collect()
     }
 
@@ -856,144 +597,6 @@ fn validate_root(root: &str) -> Result<(bool, Vec<String>), CgroupError> {
     Ok((absolute, components))
 }
 
-/// The cgroup of one VM: a directory per v1 hierarchy, or one on v2.
-#[derive(Debug, Clone)]
-pub struct VmCgroup {
-    v2: bool,
-    members: Vec<Member>,
-    dirs: Vec<PathBuf>,
-    unapplied: Vec<Unapplied>,
-}
-
-/// Statistics of a VM's cgroup; a field is `None` when the host does not
-/// offer it (no such controller or file), or (memory max) when unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CgroupStats {
-    /// CPU time used, in nanoseconds.
-    pub cpu_usage_ns: Option<u64>,
-    /// CFS periods elapsed while a quota was set.
-    pub cpu_periods: Option<u64>,
-    /// Periods in which the cgroup was throttled.
-    pub cpu_throttled_periods: Option<u64>,
-    /// Time spent throttled, in nanoseconds.
-    pub cpu_throttled_ns: Option<u64>,
-    /// Memory in use, in bytes.
-    pub memory_current_bytes: Option<u64>,
-    /// Memory limit, in bytes.
-    pub memory_max_bytes: Option<u64>,
-    /// Number of tasks.
-    pub pids_current: Option<u64>,
-}
-
-impl VmCgroup {
-    /// The `cgroup.procs` file of each of this VM's cgroup directories,
-    /// opened write-only and close-on-exec, for a child process to join
-    /// with [`ProcsFiles::join_in_child`] between `fork` and `exec`.
-    pub fn open_procs(&self) -> Result<ProcsFiles, CgroupError> {
-        let fds = self
-            .dirs
-            .iter()
-            .map(|dir| {
-                let path = dir.join("cgroup.procs");
-                OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(&path)
-                    .map(OwnedFd::from)
-                    .map_err(|source| CgroupError::Write {
-                        path,
-                        value: "0".to_owned(),
-                        source,
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(ProcsFiles { fds })
-    }
-
-    /// The cgroup's directories, for display and tests.
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
-    }
-
-    /// Limits [`Cgroups::create`] could not apply on this host (empty for
-    /// a cgroup from [`Cgroups::open`]); the caller reports them.
-    pub fn unapplied(&self) -> &[Unapplied] {
-        &self.unapplied
-    }
-
-    /// Statistics; files missing on this host leave their fields `None`.
-    pub fn stats(&self) -> CgroupStats {
-        if self.v2 {
-            v2::stats(&self.dirs[0])
-        } else {
-            v1::stats(|controller| {
-                self.members
-                    .iter()
-                    .find(|m| m.controllers.iter().any(|c| c == controller))
-                    .map(|m| m.dir.as_path())
-            })
-        }
-    }
-
-    /// True when process `pid` is in this cgroup in every hierarchy, per
-    /// `/proc/PID/cgroup`; false when the process does not exist.
-    pub fn contains(&self, pid: i32) -> bool {
-        match fs::read_to_string(format!("/proc/{pid}/cgroup")) {
-            Ok(text) => self.listed_in(&text),
-            Err(_) => false,
-        }
-    }
-
-    /// [`VmCgroup::contains`] on the text of a `/proc/PID/cgroup` file.
-    fn listed_in(&self, proc_cgroup: &str) -> bool {
-        // Lines are "ID:CONTROLLERS:PATH"; v2's is "0::PATH".
-        let lines: Vec<(&str, &str)> = proc_cgroup
-            .lines()
-            .filter_map(|line| {
-                let mut parts = line.splitn(3, ':');
-                let _id = parts.next()?;
-                Some((parts.next()?, parts.next()?))
-            })
-            .collect();
-        self.members.iter().all(|member| {
-            lines.iter().any(|(controllers, path)| {
-                let hierarchy_matches = if self.v2 {
-                    controllers.is_empty()
-                } else {
-                    controllers
-                        .split(',')
-                        .any(|c| member.controllers.iter().any(|m| m == c))
-                };
-                hierarchy_matches && *path == member.cgroup_path
-            })
-        })
-    }
-}
-
-/// Open `cgroup.procs` files of a VM's cgroup, for a child to join it.
-#[derive(Debug)]
-pub struct ProcsFiles {
-    fds: Vec<OwnedFd>,
-}
-
-impl ProcsFiles {
-    /// Moves the calling process into the cgroup by writing `0` (meaning
-    /// "the writer") into each file. Async-signal-safe: only `write(2)`, no
-    /// allocation, so it may run in a `pre_exec` hook between `fork` and
-    /// `exec`. Stops at the first failing write.
-    pub fn join_in_child(&self) -> io::Result<()> {
-        for fd in &self.fds {
-            // SAFETY: a valid open fd and a 1-byte static buffer.
-            let written = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
-            if written != 1 {
-                // From errno: no allocation.
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Writes `value` into the existing cgroup file `path` (never creating it).
 fn write_value(path: &Path, value: &str) -> Result<(), CgroupError> {
     use std::io::Write;
@@ -1060,5 +663,7 @@ fn words(text: &str) -> BTreeSet<String> {
     text.split_whitespace().map(str::to_owned).collect()
 }
 
+#[cfg(test)]
+use hierarchy::unescape;
 #[cfg(test)]
 mod tests;

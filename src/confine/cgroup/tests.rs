@@ -44,7 +44,8 @@ const UNIFIED: &str = "\
 ";
 
 /// `/proc/self/cgroup` of a process in the root cgroup of every hierarchy.
-const AT_TOP: &str = "12:pids:/\n11:blkio:/\n10:memory:/\n9:cpuset:/\n8:cpu,cpuacct:/\n1:name=systemd:/\n0::/\n";
+const AT_TOP: &str =
+    "12:pids:/\n11:blkio:/\n10:memory:/\n9:cpuset:/\n8:cpu,cpuacct:/\n1:name=systemd:/\n0::/\n";
 
 fn uuid() -> Uuid {
     Uuid::parse_str("6f1c2b9e-3a5d-4e7f-8a9b-0c1d2e3f4a5b").unwrap()
@@ -371,7 +372,10 @@ fn root_must_be_plain_components() {
         }
     }
     assert!(validate_root(&"a".repeat(256)).is_err());
-    assert_eq!(validate_root("vmlet").unwrap(), (false, vec!["vmlet".into()]));
+    assert_eq!(
+        validate_root("vmlet").unwrap(),
+        (false, vec!["vmlet".into()])
+    );
     assert_eq!(
         validate_root("vmlet.slice/node_1-a").unwrap(),
         (false, vec!["vmlet.slice".into(), "node_1-a".into()])
@@ -788,7 +792,10 @@ fn v1_vm_cgroups_go_below_vmlets_own_cgroup_in_each_hierarchy() {
             } else {
                 m.controllers[0].clone()
             };
-            assert_eq!(m.dir, PathBuf::from(format!("/sys/fs/cgroup/{mount}{path}")));
+            assert_eq!(
+                m.dir,
+                PathBuf::from(format!("/sys/fs/cgroup/{mount}{path}"))
+            );
         }
     }
     // An absolute root ignores vmlet's own cgroup.
@@ -866,7 +873,10 @@ fn v2_vmlet_moves_into_a_leaf_and_vms_go_below_its_cgroup() {
         read(own.join("vmlet/cgroup.subtree_control")),
         "+cpu +io +memory +pids"
     );
-    for above in ["cgroup.subtree_control", "system.slice/cgroup.subtree_control"] {
+    for above in [
+        "cgroup.subtree_control",
+        "system.slice/cgroup.subtree_control",
+    ] {
         assert_eq!(read(tmp.path().join(above)), "untouched\n", "{above}");
     }
     assert_eq!(read(vm.join("pids.max")), "300");
