@@ -113,8 +113,9 @@ pub struct QemuSettings {
     /// `/usr` (read-only), a few device nodes, its own `/proc` and a
     /// writable `/run` of its own.
     pub jail: bool,
-    /// The cgroup (relative to each hierarchy's root) under which every
-    /// VM gets `ROOT/UUID`. Empty: no cgroups.
+    /// The cgroup under which every VM gets `ROOT/UUID`: relative (`vmlet`)
+    /// to the cgroup vmlet runs in, or absolute (`/machines/vmlet`) from
+    /// the top of each hierarchy. Empty: no cgroups.
     pub cgroup_root: String,
     /// MiB a QEMU may use beyond its guest's memory before its cgroup's
     /// memory limit stops it (a VM's `resources.memory_overhead_mib`
@@ -775,6 +776,10 @@ impl Settings {
                 }
             };
         }
+        if let Some(v) = var("VMLET_QEMU_USER") {
+            // Empty: back to a uid per VM. A name is looked up at start.
+            self.qemu.user = (!v.is_empty()).then_some(v);
+        }
         if let Some(v) = var("VMLET_QEMU_UID_RANGE") {
             crate::confine::ids::IdRange::parse(&v).map_err(|e| ConfigError::Env {
                 name: "VMLET_QEMU_UID_RANGE",
@@ -1122,8 +1127,14 @@ mod tests {
         s.apply_env(|n| (n == "VMLET_QEMU_CGROUP_ROOT").then(String::new))
             .unwrap();
         assert_eq!(s.qemu.cgroup_root, "", "empty turns cgroups off");
+        s.apply_env(|n| (n == "VMLET_QEMU_USER").then(|| "nobody".to_string()))
+            .unwrap();
+        assert_eq!(s.qemu.user.as_deref(), Some("nobody"));
+        s.apply_env(|n| (n == "VMLET_QEMU_USER").then(String::new))
+            .unwrap();
+        assert_eq!(s.qemu.user, None, "empty: a uid per VM");
         for (name, bad) in [
-            ("VMLET_QEMU_CGROUP_ROOT", "/abs"),
+            ("VMLET_QEMU_CGROUP_ROOT", "/"),
             ("VMLET_QEMU_CGROUP_ROOT", "a/../b"),
             ("VMLET_QEMU_JAIL", "maybe"),
             ("VMLET_QEMU_UID_RANGE", "0-10"),

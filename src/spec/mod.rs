@@ -37,7 +37,7 @@ pub use patch::{
     adopt_disk_names, changed_fields, check_disk_changes, diff, merge_patch, name_disks,
     same_source, split, LiveCaps, LiveChange, Split,
 };
-pub use resources::{parse_cpu_list, Resources, MAX_HOST_CPU};
+pub use resources::{format_cpu_list, host_cpus, parse_cpu_list, Resources, MAX_HOST_CPU};
 pub use validation::{validate_disk, validate_limits, validate_name, validate_nic, validate_size};
 pub use vm::{
     Boot, ChannelSpec, CloudInit, Firmware, ProfileCaps, SerialSpec, TpmSpec, TpmVersion, VmSpec,

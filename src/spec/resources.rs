@@ -30,10 +30,17 @@ pub struct Resources {
     /// I/O scheduler supports weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_weight: Option<u32>,
-    /// Host CPUs the vCPU threads run on, as a list like `0-3,6` (like
-    /// libvirt's `<vcpupin>` for every vCPU). Unset: any.
+    /// Host CPUs QEMU's threads run on, as a list like `0-3,6` (like
+    /// libvirt's `<vcpu cpuset=…>`): every vCPU thread without an entry in
+    /// `vcpu_affinity`, and QEMU's other threads. Unset: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_set: Option<String>,
+    /// Host CPUs of each vCPU thread, one CPU list per vCPU in vCPU order
+    /// (like libvirt's `<vcpupin>`), e.g. `["2", "3", "4-5"]`: exactly
+    /// `vcpus` entries, each naming online CPUs of this host. QEMU's other
+    /// threads keep `cpu_set`. Unset: every vCPU follows `cpu_set`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_affinity: Option<Vec<String>>,
 }
 
 impl Resources {
@@ -79,9 +86,118 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
     Ok(cpus)
 }
 
+/// The CPUs online on this host (`/sys/devices/system/cpu/online`);
+/// `None` when that file cannot be read or parsed.
+pub fn host_cpus() -> Option<Vec<u32>> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    parse_cpu_list(text.trim()).ok()
+}
+
+/// Checks `resources.vcpu_affinity` for a VM of `vcpus` vCPUs on a host
+/// whose online CPUs are `host` (`None`: unknown, not checked). Returns
+/// `(field, message)` for each problem.
+pub fn check_vcpu_affinity(
+    lists: &[String],
+    vcpus: u32,
+    host: Option<&[u32]>,
+) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    if lists.len() != vcpus as usize {
+        errors.push((
+            "resources.vcpu_affinity".to_owned(),
+            format!(
+                "has {} entries for {vcpus} vCPUs: give one CPU list per vCPU",
+                lists.len()
+            ),
+        ));
+    }
+    // Bounded by the entries a VM can have: no message per extra entry.
+    for (i, list) in lists
+        .iter()
+        .enumerate()
+        .take(super::limits::MAX_VCPUS as usize)
+    {
+        let field = format!("resources.vcpu_affinity[{i}]");
+        match parse_cpu_list(list) {
+            Err(e) => errors.push((field, e)),
+            Ok(cpus) => {
+                if let Some(host) = host {
+                    if let Some(cpu) = cpus.iter().find(|c| host.binary_search(c).is_err()) {
+                        errors.push((
+                            field,
+                            format!(
+                                "CPU {cpu} is not an online CPU of this host ({} online)",
+                                format_cpu_list(host)
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// A sorted CPU list in the kernel's short form (`0-3,6`).
+pub fn format_cpu_list(cpus: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vcpu_affinity_needs_one_list_per_vcpu_of_host_cpus() {
+        let host = [0, 1, 2, 3];
+        let lists = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_vcpu_affinity(&lists(&["2", "3", "0-1"]), 3, Some(&host)).is_empty());
+        assert!(
+            check_vcpu_affinity(&lists(&["7"]), 1, None).is_empty(),
+            "host unknown"
+        );
+        let errors = check_vcpu_affinity(&lists(&["2", "9", "x", "1-0"]), 2, Some(&host));
+        let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "resources.vcpu_affinity",
+                "resources.vcpu_affinity[1]",
+                "resources.vcpu_affinity[2]",
+                "resources.vcpu_affinity[3]"
+            ]
+        );
+        assert!(errors[0].1.contains("4 entries for 2 vCPUs"), "{errors:?}");
+        assert!(
+            errors[1]
+                .1
+                .contains("CPU 9 is not an online CPU of this host (0-3 online)"),
+            "{errors:?}"
+        );
+        assert!(errors[2].1.contains("\"x\""), "{errors:?}");
+        assert!(errors[3].1.contains("backwards"), "{errors:?}");
+    }
+
+    #[test]
+    fn cpu_lists_format_short() {
+        assert_eq!(format_cpu_list(&[0, 1, 2, 3, 6, 8, 9]), "0-3,6,8-9");
+        assert_eq!(format_cpu_list(&[5]), "5");
+        assert_eq!(format_cpu_list(&[]), "");
+    }
 
     #[test]
     fn cpu_lists_parse_like_the_kernels() {

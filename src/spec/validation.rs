@@ -133,6 +133,16 @@ impl VmSpec {
                 c.add("resources.cpu_set", e);
             }
         }
+        if let Some(lists) = &r.vcpu_affinity {
+            // The host's CPUs: a spec pinning to CPUs this host lacks could
+            // never start here.
+            let host = super::resources::host_cpus();
+            for (field, message) in
+                super::resources::check_vcpu_affinity(lists, self.vcpus, host.as_deref())
+            {
+                c.add(field, message);
+            }
+        }
     }
 
     fn check_boot(&self, c: &mut Collector, caps: Option<ProfileCaps>) {

@@ -119,7 +119,7 @@ impl Confiner {
                     _ => format!("a uid per VM from {}", settings.uid_range),
                 },
                 jail,
-                cgroups = cgroups.is_some(),
+                cgroups = ?cgroups.as_ref().map(Cgroups::root_dirs),
                 "QEMU runs unprivileged with the full seccomp sandbox"
             );
         } else {
@@ -253,6 +253,27 @@ impl Confiner {
         }
         if let Users::PerVm(pool) = &self.users {
             pool.release(vm);
+        }
+    }
+
+    /// At start, once every recorded VM has been reattached (or released):
+    /// removes the cgroups below this daemon's root of VMs it has no
+    /// record of (`known` holds the VMs it has). A cgroup that still holds
+    /// a process stays, with a warning.
+    pub fn remove_unknown_cgroups(&self, known: &std::collections::HashSet<Uuid>) {
+        let Some(cgroups) = &self.cgroups else { return };
+        for vm in cgroups.vm_cgroups() {
+            if known.contains(&vm) {
+                continue;
+            }
+            match cgroups.remove(vm) {
+                Ok(()) => {
+                    tracing::info!(%vm, "removed the cgroup of a VM this daemon has no record of")
+                }
+                Err(e) => {
+                    tracing::warn!(%vm, error = %crate::error_chain(&e), "could not remove the cgroup of a VM this daemon has no record of")
+                }
+            }
         }
     }
 

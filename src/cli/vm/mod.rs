@@ -982,6 +982,7 @@ hugepages:  2M
             pids_max: Some(256),
             io_weight: Some(300),
             cpu_set: Some("0-3,6".into()),
+            vcpu_affinity: None,
         };
         let text = render_vm(&v);
         let expected = "\

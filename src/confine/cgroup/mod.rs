@@ -1,7 +1,17 @@
-//! A cgroup per VM, on cgroup v1 and v2 hosts: `ROOT/UUID` below the mount
-//! of every controller vmlet uses, with the VM's limits written into it, a
-//! way for a child process to join it between `fork` and `exec`, and its
-//! statistics.
+//! A cgroup per VM, on cgroup v1 and v2 hosts: `OWN/ROOT/UUID` in every
+//! hierarchy vmlet uses, where OWN is the cgroup vmlet itself runs in (so
+//! on a systemd host with `Delegate=yes` the VMs sit in vmlet's delegated
+//! subtree), with the VM's limits written into it, a way for a child
+//! process to join it between `fork` and `exec`, and its statistics. An
+//! absolute ROOT (`/machines/vmlet`) is taken from the top of each
+//! hierarchy instead.
+//!
+//! cgroup v2 forbids processes in a cgroup whose controllers are enabled
+//! for its children ("no internal processes"). When vmlet's own cgroup is
+//! not the hierarchy's root, vmlet therefore moves itself into the leaf
+//! `OWN/daemon` ([`DAEMON_LEAF`]) before it makes the first VM cgroup; a
+//! vmlet already in such a leaf (restarted by an exec) counts its parent as
+//! OWN.
 //!
 //! The hierarchy is read from `/proc/self/mountinfo` ([`Hierarchy::detect`]):
 //! a host where any of the controllers vmlet uses (cpu, cpuacct, cpuset,
@@ -26,8 +36,15 @@
 //! Only cgroups the caller names are ever removed: several daemons may
 //! share a root.
 
+mod hierarchy;
+mod limits;
 mod v1;
 mod v2;
+mod vm;
+
+pub use hierarchy::{Hierarchy, V1Mount};
+pub use limits::{bfq_weight, blkio_weight, Limits, Unapplied};
+pub use vm::{CgroupStats, ProcsFiles, VmCgroup};
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -36,8 +53,14 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use uuid::Uuid;
+
+/// The leaf cgroup vmlet moves itself into on cgroup v2 when its own
+/// cgroup is not the hierarchy's root, so VM cgroups may be its siblings.
+pub const DAEMON_LEAF: &str = "daemon";
 
 /// The CFS period vmlet uses for CPU quotas: 100 ms, in microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -141,6 +164,12 @@ pub enum CgroupError {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// vmlet's own cgroup could not be placed in a hierarchy.
+    #[error("cannot find vmlet's own cgroup: {detail}")]
+    OwnCgroup {
+        /// What is missing or wrong in `/proc/self/cgroup`.
+        detail: String,
+    },
     /// A limit is out of its range.
     #[error("invalid cgroup limit {field}: {reason}")]
     InvalidLimit {
@@ -165,290 +194,37 @@ impl CgroupError {
     }
 }
 
-/// One cgroup v1 mount: a hierarchy with one or more controllers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct V1Mount {
-    /// Where it is mounted, e.g. `/sys/fs/cgroup/memory`.
-    pub dir: PathBuf,
-    /// The cgroup the mount shows, as `/proc/PID/cgroup` names it (`/`
-    /// unless only a subtree is mounted, as in some containers).
-    pub root: String,
-    /// Its controllers, e.g. `["cpu", "cpuacct"]`.
-    pub controllers: Vec<String>,
-}
-
-/// Which cgroup hierarchy the host has; detected from `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Hierarchy {
-    /// Controllers on cgroup v1 mounts (one mount may hold several).
-    V1 {
-        /// The mounts holding at least one known controller, in mountinfo order.
-        mounts: Vec<V1Mount>,
-    },
-    /// The unified cgroup v2 hierarchy.
-    V2 {
-        /// Where it is mounted, e.g. `/sys/fs/cgroup`.
-        mount: PathBuf,
-        /// The cgroup the mount shows, as `/proc/PID/cgroup` names it.
-        root: String,
-    },
-}
-
-impl Hierarchy {
-    /// The hierarchy of this host, from `/proc/self/mountinfo`.
-    pub fn detect() -> Result<Hierarchy, CgroupError> {
-        let path = Path::new("/proc/self/mountinfo");
-        let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Hierarchy::from_mountinfo(&text)
-    }
-
-    /// The hierarchy described by the text of a mountinfo file: v1 when any
-    /// controller vmlet uses is on a cgroup v1 mount (a controller bound to
-    /// v1 is absent from v2), else the cgroup2 mount (the one at
-    /// `/sys/fs/cgroup` when there are several).
-    pub fn from_mountinfo(text: &str) -> Result<Hierarchy, CgroupError> {
-        let mut v1 = Vec::<V1Mount>::new();
-        let mut v2 = Vec::<(PathBuf, String)>::new();
-        for (index, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let bad = |reason| CgroupError::Mountinfo {
-                line: index + 1,
-                reason,
-            };
-            // Optional fields sit between the mount options and " - ";
-            // spaces inside paths are escaped, so the separator is unique.
-            let (before, after) = line.split_once(" - ").ok_or(bad("no \" - \" separator"))?;
-            let before: Vec<&str> = before.split(' ').collect();
-            let after: Vec<&str> = after.split(' ').collect();
-            if before.len() < 6 {
-                return Err(bad("fewer than 6 fields before the separator"));
-            }
-            if after.len() < 3 {
-                return Err(bad("fewer than 3 fields after the separator"));
-            }
-            let root = unescape(before[3]);
-            let dir = PathBuf::from(unescape(before[4]));
-            if !dir.is_absolute() {
-                return Err(bad("mount point is not absolute"));
-            }
-            // Only a cgroup mount's root is a path: an nsfs mount (a named
-            // network namespace, /run/netns/NAME) has `net:[INODE]`.
-            if matches!(after[0], "cgroup" | "cgroup2") && !root.starts_with('/') {
-                return Err(bad("cgroup mount root is not absolute"));
-            }
-            match after[0] {
-                "cgroup" => {
-                    let mut controllers: Vec<String> = after[2]
-                        .split(',')
-                        .filter(|o| KNOWN_V1_CONTROLLERS.contains(o))
-                        .map(str::to_owned)
-                        .collect();
-                    // A bind mount of a hierarchy already seen adds nothing.
-                    controllers.retain(|c| !v1.iter().any(|m| m.controllers.contains(c)));
-                    if !controllers.is_empty() {
-                        v1.push(V1Mount {
-                            dir,
-                            root,
-                            controllers,
-                        });
-                    }
-                }
-                "cgroup2" => v2.push((dir, root)),
-                _ => {}
-            }
-        }
-        let uses_v1 = v1
-            .iter()
-            .any(|m| m.controllers.iter().any(|c| V1_CONTROLLERS.contains(&&**c)));
-        if uses_v1 {
-            return Ok(Hierarchy::V1 { mounts: v1 });
-        }
-        let preferred = v2
-            .iter()
-            .position(|(dir, _)| dir == Path::new("/sys/fs/cgroup"))
-            .unwrap_or(0);
-        match v2.into_iter().nth(preferred) {
-            Some((mount, root)) => Ok(Hierarchy::V2 { mount, root }),
-            None => Err(CgroupError::NoHierarchy),
-        }
-    }
-
-    /// A cgroup v2 hierarchy mounted at `dir` showing its root cgroup: for
-    /// tests on a fake layout of plain files, and hosts with a known mount.
-    pub fn v2_at(dir: impl Into<PathBuf>) -> Hierarchy {
-        Hierarchy::V2 {
-            mount: dir.into(),
-            root: "/".to_owned(),
-        }
-    }
-}
-
-/// Decodes the octal escapes (`\040` for a space, …) of mountinfo paths.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            let digits = &bytes[i + 1..i + 4];
-            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let value = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                if let Ok(byte) = u8::try_from(value) {
-                    out.push(byte);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Limits for one VM's cgroup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// Relative CPU weight, 1..=10000 with v2 semantics (100 is the
-    /// default). v1: `cpu.shares` = weight × 1024 / 100 (at least 2).
-    pub cpu_weight: u32,
-    /// CPU time as a percentage of one core (10 = a tenth of a core, 250 =
-    /// two and a half cores), 1..=100000, over a 100 ms period; `None` = no
-    /// quota.
-    pub cpu_quota_percent: Option<u32>,
-    /// Memory (and swap, where accounted) limit in bytes, at least 1 MiB.
-    pub memory_max_bytes: u64,
-    /// Maximum number of tasks (processes and threads), 1..=4194304.
-    pub pids_max: u64,
-    /// Relative I/O weight, 1..=10000 with v2 semantics (100 is the
-    /// default), applied where the host's I/O scheduler offers weights;
-    /// `None` = the default weight, without a report when unsupported.
-    pub io_weight: Option<u32>,
-}
-
-impl Limits {
-    /// Checks every field's range; the error names the field.
-    pub fn validate(&self) -> Result<(), CgroupError> {
-        fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), CgroupError> {
-            if (min..=max).contains(&value) {
-                Ok(())
-            } else {
-                Err(CgroupError::InvalidLimit {
-                    field,
-                    reason: format!("{value} is outside {min}..={max}"),
-                })
-            }
-        }
-        range("cpu_weight", self.cpu_weight.into(), 1, 10_000)?;
-        if let Some(percent) = self.cpu_quota_percent {
-            range("cpu_quota_percent", percent.into(), 1, 100_000)?;
-        }
-        // At most i64::MAX: v1 reads these files as signed 64-bit numbers.
-        range(
-            "memory_max_bytes",
-            self.memory_max_bytes,
-            1 << 20,
-            i64::MAX as u64,
-        )?;
-        // The kernel refuses pids.max at or above PID_MAX_LIMIT + 1.
-        range("pids_max", self.pids_max, 1, 4_194_304)?;
-        if let Some(weight) = self.io_weight {
-            range("io_weight", weight.into(), 1, 10_000)?;
-        }
-        Ok(())
-    }
-
-    /// v1 `cpu.shares` for [`Limits::cpu_weight`]: 100 (the v2 default) is
-    /// 1024 (the v1 default); the kernel's minimum is 2.
-    pub fn cpu_shares(&self) -> u64 {
-        (u64::from(self.cpu_weight) * 1024 / 100).max(2)
-    }
-
-    /// The CFS quota in microseconds per [`CPU_PERIOD_US`], `None` for no quota.
-    pub fn cpu_quota_us(&self) -> Option<u64> {
-        self.cpu_quota_percent
-            .map(|percent| u64::from(percent) * CPU_PERIOD_US / 100)
-    }
-
-    /// The v2 `cpu.max` line: `QUOTA PERIOD` or `max PERIOD`.
-    pub fn cpu_max(&self) -> String {
-        match self.cpu_quota_us() {
-            Some(quota) => format!("{quota} {CPU_PERIOD_US}"),
-            None => format!("max {CPU_PERIOD_US}"),
-        }
-    }
-
-    /// The I/O weight in effect: the asked one or the default, 100.
-    fn io_weight_or_default(&self) -> u32 {
-        self.io_weight.unwrap_or(100)
-    }
-}
-
-/// A BFQ weight (1..=1000, default 100) for a v2 I/O weight (1..=10000,
-/// default 100): the default maps to the default, each side of it linearly.
-pub fn bfq_weight(io_weight: u32) -> u64 {
-    let w = u64::from(io_weight.clamp(1, 10_000));
-    if w <= 100 {
-        w
-    } else {
-        100 + (w - 100) * 900 / 9_900
-    }
-}
-
-/// A v1 `blkio.weight` (10..=1000, default 500) for a v2 I/O weight
-/// (1..=10000, default 100): scaled by 5, clamped to the v1 range.
-pub fn blkio_weight(io_weight: u32) -> u64 {
-    (u64::from(io_weight) * 5).clamp(10, 1000)
-}
-
-/// A limit [`Cgroups::create`] could not apply because the host lacks the
-/// file for it; the cgroup works without it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unapplied {
-    /// No I/O weight file (`io.weight`, `io.bfq.weight`, `blkio.weight`,
-    /// `blkio.bfq.weight`) or no blkio controller: the asked weight is not set.
-    IoWeight {
-        /// Where the files were looked for.
-        detail: String,
-    },
-    /// No swap accounting (`memory.swap.max` / `memory.memsw.limit_in_bytes`):
-    /// the memory limit bounds memory only, not memory plus swap.
-    Swap {
-        /// Where the file was looked for.
-        detail: String,
-    },
-}
-
-impl fmt::Display for Unapplied {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Unapplied::IoWeight { detail } => write!(f, "io_weight not applied: {detail}"),
-            Unapplied::Swap { detail } => write!(f, "swap not limited: {detail}"),
-        }
-    }
-}
-
-/// The set of cgroups vmlet manages: `ROOT/UUID` in the hierarchy (in every
-/// controller vmlet uses on v1).
+/// The set of cgroups vmlet manages: `OWN/ROOT/UUID` (or `/ROOT/UUID` for
+/// an absolute ROOT) in the hierarchy (in every controller vmlet uses on v1).
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     hierarchy: Hierarchy,
     /// The validated components of ROOT.
     root: Vec<String>,
+    /// Where ROOT begins in each hierarchy used (one on v2).
+    bases: Vec<Base>,
+    /// v2 below a non-root cgroup: the leaf vmlet moves itself into before
+    /// it makes the first VM cgroup, and whether it has.
+    leaf: Option<(PathBuf, Arc<AtomicBool>)>,
+}
+
+/// Where ROOT begins in one hierarchy.
+#[derive(Debug, Clone)]
+struct Base {
+    /// The directory ROOT is made in: vmlet's own cgroup (relative ROOT) or
+    /// the mount (absolute ROOT).
+    top: PathBuf,
+    /// `top` as `/proc/PID/cgroup` names it, without a trailing `/`.
+    top_path: String,
+    /// v1: the controllers of this hierarchy vmlet uses; v2: empty.
+    controllers: Vec<String>,
 }
 
 /// One directory of a VM's cgroup: a v1 hierarchy or the v2 one.
 #[derive(Debug, Clone)]
 struct Member {
-    /// The mount of the hierarchy.
-    mount: PathBuf,
+    /// The cgroup ROOT is made in (see [`Base::top`]).
+    top: PathBuf,
     /// The directory, e.g. `/sys/fs/cgroup/memory/vmlet/UUID`.
     dir: PathBuf,
     /// v1: the controllers of this hierarchy vmlet uses; v2: empty.
@@ -458,12 +234,33 @@ struct Member {
 }
 
 impl Cgroups {
-    /// vmlet's cgroups in `hierarchy` below `root`, a relative path of
-    /// plain components (letters, digits, `-`, `_`, `.`; none starting with
-    /// `.`), e.g. `vmlet`. Fails when cpu, memory or pids is unavailable.
+    /// vmlet's cgroups in `hierarchy` below `root`, plain components
+    /// (letters, digits, `-`, `_`, `.`; none starting with `.`) separated
+    /// by `/`. A relative root (`vmlet`) is placed below the cgroup this
+    /// process runs in (from `/proc/self/cgroup`), an absolute one
+    /// (`/machines/vmlet`) below the top of each hierarchy. Fails when cpu,
+    /// memory or pids is unavailable.
     pub fn new(hierarchy: Hierarchy, root: &str) -> Result<Cgroups, CgroupError> {
-        let root = validate_root(root)?;
-        match &hierarchy {
+        // The root first: a bad setting is named whatever the host has.
+        validate_root(root)?;
+        let path = Path::new("/proc/self/cgroup");
+        let own = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Cgroups::for_process(hierarchy, root, &own)
+    }
+
+    /// [`Cgroups::new`] for a process whose `/proc/PID/cgroup` reads
+    /// `proc_cgroup` (tests give fake layouts a cgroup of their own).
+    pub fn for_process(
+        hierarchy: Hierarchy,
+        root: &str,
+        proc_cgroup: &str,
+    ) -> Result<Cgroups, CgroupError> {
+        let (absolute, components) = validate_root(root)?;
+        let mut leaf = None;
+        let bases = match &hierarchy {
             Hierarchy::V1 { mounts } => {
                 for wanted in REQUIRED_CONTROLLERS {
                     if !mounts
@@ -476,23 +273,73 @@ impl Cgroups {
                         });
                     }
                 }
+                let mut bases = Vec::new();
+                for m in mounts {
+                    let used: Vec<String> = m
+                        .controllers
+                        .iter()
+                        .filter(|c| V1_CONTROLLERS.contains(&c.as_str()))
+                        .cloned()
+                        .collect();
+                    if used.is_empty() {
+                        continue;
+                    }
+                    let own = if absolute {
+                        m.root.clone()
+                    } else {
+                        own_cgroup(proc_cgroup, Some(&m.controllers))?
+                    };
+                    let (top, top_path) = place(&m.dir, &m.root, &own)?;
+                    bases.push(Base {
+                        top,
+                        top_path,
+                        controllers: used,
+                    });
+                }
+                bases
             }
-            Hierarchy::V2 { mount, .. } => {
-                let available = v2::available_controllers(mount)?;
+            Hierarchy::V2 { mount, root } => {
+                let mut own = if absolute {
+                    root.clone()
+                } else {
+                    own_cgroup(proc_cgroup, None)?
+                };
+                if !absolute && own.trim_end_matches('/') != root.trim_end_matches('/') {
+                    // Below a cgroup that is not the hierarchy's root, VM
+                    // cgroups cannot sit beside vmlet: vmlet moves into a
+                    // leaf, or is in one it made before an exec.
+                    if let Some((parent, DAEMON_LEAF)) = own.rsplit_once('/') {
+                        own = parent.to_owned();
+                    }
+                    let (top, _) = place(mount, root, &own)?;
+                    leaf = Some((top.join(DAEMON_LEAF), Arc::new(AtomicBool::new(false))));
+                }
+                let (top, top_path) = place(mount, root, &own)?;
+                let available = v2::available_controllers(&top)?;
                 for wanted in REQUIRED_CONTROLLERS {
                     if !available.contains(wanted) {
                         return Err(CgroupError::MissingController {
                             controller: wanted,
                             detail: format!(
                                 "not listed in {}",
-                                mount.join("cgroup.controllers").display()
+                                top.join("cgroup.controllers").display()
                             ),
                         });
                     }
                 }
+                vec![Base {
+                    top,
+                    top_path,
+                    controllers: Vec::new(),
+                }]
             }
-        }
-        Ok(Cgroups { hierarchy, root })
+        };
+        Ok(Cgroups {
+            hierarchy,
+            root: components,
+            bases,
+            leaf,
+        })
     }
 
     /// The hierarchy these cgroups live in.
@@ -502,49 +349,52 @@ impl Cgroups {
 
     /// The ROOT directory in each hierarchy used (one on v2).
     pub fn root_dirs(&self) -> Vec<PathBuf> {
-        self.bases()
-            .into_iter()
-            .map(|(base, _, _)| self.root.iter().fold(base, |dir, c| dir.join(c)))
+        self.bases
+            .iter()
+            .map(|base| {
+                self.root
+                    .iter()
+                    .fold(base.top.clone(), |dir, c| dir.join(c))
+            })
             .collect()
     }
 
-    /// Each hierarchy used: its mount dir, its root as /proc names it, and
-    /// the controllers of it vmlet uses.
-    fn bases(&self) -> Vec<(PathBuf, String, Vec<String>)> {
-        match &self.hierarchy {
-            Hierarchy::V1 { mounts } => mounts
-                .iter()
-                .filter_map(|m| {
-                    let used: Vec<String> = m
-                        .controllers
-                        .iter()
-                        .filter(|c| V1_CONTROLLERS.contains(&c.as_str()))
-                        .cloned()
-                        .collect();
-                    (!used.is_empty()).then(|| (m.dir.clone(), m.root.clone(), used))
-                })
-                .collect(),
-            Hierarchy::V2 { mount, root } => vec![(mount.clone(), root.clone(), Vec::new())],
-        }
+    /// The leaf vmlet moves itself into on v2 below a non-root cgroup
+    /// (`None` when it needs none).
+    pub fn daemon_leaf(&self) -> Option<&Path> {
+        self.leaf.as_ref().map(|(dir, _)| dir.as_path())
+    }
+
+    /// The VMs with a cgroup directory below ROOT in any hierarchy: every
+    /// directory whose name is a UUID.
+    pub fn vm_cgroups(&self) -> BTreeSet<Uuid> {
+        self.root_dirs()
+            .iter()
+            .filter_map(|dir| fs::read_dir(dir).ok())
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| Uuid::parse_str(e.file_name().to_str()?).ok())
+            .collect()
     }
 
     /// The directories of VM `uuid`'s cgroup.
     fn members(&self, uuid: Uuid) -> Vec<Member> {
         let name = uuid.hyphenated().to_string();
-        self.bases()
-            .into_iter()
-            .map(|(base, mount_root, controllers)| {
-                let mut dir = base.clone();
-                let mut cgroup_path = mount_root.trim_end_matches('/').to_owned();
+        self.bases
+            .iter()
+            .map(|base| {
+                let mut dir = base.top.clone();
+                let mut cgroup_path = base.top_path.clone();
                 for component in self.root.iter().chain(std::iter::once(&name)) {
                     dir.push(component);
                     cgroup_path.push('/');
                     cgroup_path.push_str(component);
                 }
                 Member {
-                    mount: base,
+                    top: base.top.clone(),
                     dir,
-                    controllers,
+                    controllers: base.controllers.clone(),
                     cgroup_path,
                 }
             })
@@ -554,11 +404,13 @@ impl Cgroups {
     /// Creates (or reuses, if it exists and holds no process) the cgroup of
     /// VM `uuid` with `limits`. v1: in every controller used (cpuset gets
     /// `cpuset.cpus`/`cpuset.mems` from its parent at each level, as no task
-    /// can join a cpuset without them); v2: the controllers are enabled in
-    /// `cgroup.subtree_control` from the mount down to ROOT. On failure a
-    /// VM directory this call made is removed again.
+    /// can join a cpuset without them); v2: vmlet first moves into its leaf
+    /// (see [`Cgroups::daemon_leaf`]), then the controllers are enabled in
+    /// `cgroup.subtree_control` from vmlet's cgroup (or the mount) down to
+    /// ROOT. On failure a VM directory this call made is removed again.
     pub fn create(&self, uuid: Uuid, limits: &Limits) -> Result<VmCgroup, CgroupError> {
         limits.validate()?;
+        self.enter_leaf()?;
         let members = self.members(uuid);
         let mut made = Vec::new();
         let result = match &self.hierarchy {
@@ -575,6 +427,21 @@ impl Cgroups {
                 Err(error)
             }
         }
+    }
+
+    /// Moves this process into its leaf, once (v2 below a non-root cgroup).
+    fn enter_leaf(&self) -> Result<(), CgroupError> {
+        let Some((leaf, moved)) = &self.leaf else {
+            return Ok(());
+        };
+        if moved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        make_dir(leaf)?;
+        // "0" is the writer: the whole process (every thread) moves.
+        write_value(&leaf.join("cgroup.procs"), "0")?;
+        moved.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn vm_cgroup(&self, members: Vec<Member>, unapplied: Vec<Unapplied>) -> VmCgroup {
@@ -610,6 +477,61 @@ impl Cgroups {
     }
 }
 
+/// The cgroup of this process in one hierarchy, from the text of
+/// `/proc/self/cgroup` (`ID:CONTROLLERS:PATH` lines): the v1 line naming
+/// one of `controllers`, or (`None`) the v2 line `0::PATH`.
+fn own_cgroup(proc_cgroup: &str, controllers: Option<&[String]>) -> Result<String, CgroupError> {
+    let found = proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let id = parts.next()?;
+        let listed = parts.next()?;
+        let path = parts.next()?;
+        let matches = match controllers {
+            None => id == "0" && listed.is_empty(),
+            Some(wanted) => listed.split(',').any(|c| wanted.iter().any(|w| w == c)),
+        };
+        matches.then(|| path.to_owned())
+    });
+    match found {
+        Some(path) if path.starts_with('/') => Ok(path),
+        Some(path) => Err(CgroupError::OwnCgroup {
+            detail: format!("/proc/self/cgroup names {path:?}, not an absolute path"),
+        }),
+        None => Err(CgroupError::OwnCgroup {
+            detail: match controllers {
+                None => "/proc/self/cgroup has no cgroup v2 line (0::PATH)".to_owned(),
+                Some(c) => format!("/proc/self/cgroup has no line for {}", c.join(",")),
+            },
+        }),
+    }
+}
+
+/// The directory of cgroup `path` (as `/proc` names it) in a hierarchy
+/// mounted at `mount` that shows cgroup `mount_root`, and its name without
+/// a trailing `/`. A cgroup outside what the mount shows is an error.
+fn place(mount: &Path, mount_root: &str, path: &str) -> Result<(PathBuf, String), CgroupError> {
+    let shown = mount_root.trim_end_matches('/');
+    let rest = path
+        .strip_prefix(shown)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        .ok_or_else(|| CgroupError::OwnCgroup {
+            detail: format!(
+                "cgroup {path} is outside {mount_root}, the part of the hierarchy mounted at {}",
+                mount.display()
+            ),
+        })?;
+    let mut dir = mount.to_path_buf();
+    for component in rest.split('/').filter(|c| !c.is_empty()) {
+        if component == ".." || component == "." {
+            return Err(CgroupError::OwnCgroup {
+                detail: format!("cgroup {path} has a {component:?} component"),
+            });
+        }
+        dir.push(component);
+    }
+    Ok((dir, path.trim_end_matches('/').to_owned()))
+}
+
 /// Removes one cgroup directory: missing is fine, EBUSY (processes or
 /// children) is [`CgroupError::Busy`].
 fn remove_dir(dir: &Path) -> Result<(), CgroupError> {
@@ -626,8 +548,8 @@ fn remove_dir(dir: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// Checks ROOT and splits it into components.
-fn validate_root(root: &str) -> Result<Vec<String>, CgroupError> {
+/// Checks ROOT: whether it is absolute, and its components.
+fn validate_root(root: &str) -> Result<(bool, Vec<String>), CgroupError> {
     let refuse = |reason| CgroupError::InvalidRoot {
         root: root.to_owned(),
         reason,
@@ -638,10 +560,17 @@ fn validate_root(root: &str) -> Result<Vec<String>, CgroupError> {
     if root.len() > 1024 {
         return Err(refuse("it is longer than 1024 bytes"));
     }
-    if root.starts_with('/') {
-        return Err(refuse("it must be relative (no leading \"/\")"));
+    let (absolute, relative) = match root.strip_prefix('/') {
+        Some(rest) => (true, rest),
+        None => (false, root),
+    };
+    if relative.is_empty() {
+        return Err(refuse(
+            "it names the top of the hierarchy (\"/\"); give a cgroup below it",
+        ));
     }
-    root.split('/')
+    let components = relative
+        .split('/')
         .map(|component| {
             if component.is_empty() {
                 Err(refuse(
@@ -664,145 +593,8 @@ fn validate_root(root: &str) -> Result<Vec<String>, CgroupError> {
                 Ok(component.to_owned())
             }
         })
-        .collect()
-}
-
-/// The cgroup of one VM: a directory per v1 hierarchy, or one on v2.
-#[derive(Debug, Clone)]
-pub struct VmCgroup {
-    v2: bool,
-    members: Vec<Member>,
-    dirs: Vec<PathBuf>,
-    unapplied: Vec<Unapplied>,
-}
-
-/// Statistics of a VM's cgroup; a field is `None` when the host does not
-/// offer it (no such controller or file), or (memory max) when unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CgroupStats {
-    /// CPU time used, in nanoseconds.
-    pub cpu_usage_ns: Option<u64>,
-    /// CFS periods elapsed while a quota was set.
-    pub cpu_periods: Option<u64>,
-    /// Periods in which the cgroup was throttled.
-    pub cpu_throttled_periods: Option<u64>,
-    /// Time spent throttled, in nanoseconds.
-    pub cpu_throttled_ns: Option<u64>,
-    /// Memory in use, in bytes.
-    pub memory_current_bytes: Option<u64>,
-    /// Memory limit, in bytes.
-    pub memory_max_bytes: Option<u64>,
-    /// Number of tasks.
-    pub pids_current: Option<u64>,
-}
-
-impl VmCgroup {
-    /// The `cgroup.procs` file of each of this VM's cgroup directories,
-    /// opened write-only and close-on-exec, for a child process to join
-    /// with [`ProcsFiles::join_in_child`] between `fork` and `exec`.
-    pub fn open_procs(&self) -> Result<ProcsFiles, CgroupError> {
-        let fds = self
-            .dirs
-            .iter()
-            .map(|dir| {
-                let path = dir.join("cgroup.procs");
-                OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(&path)
-                    .map(OwnedFd::from)
-                    .map_err(|source| CgroupError::Write {
-                        path,
-                        value: "0".to_owned(),
-                        source,
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(ProcsFiles { fds })
-    }
-
-    /// The cgroup's directories, for display and tests.
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
-    }
-
-    /// Limits [`Cgroups::create`] could not apply on this host (empty for
-    /// a cgroup from [`Cgroups::open`]); the caller reports them.
-    pub fn unapplied(&self) -> &[Unapplied] {
-        &self.unapplied
-    }
-
-    /// Statistics; files missing on this host leave their fields `None`.
-    pub fn stats(&self) -> CgroupStats {
-        if self.v2 {
-            v2::stats(&self.dirs[0])
-        } else {
-            v1::stats(|controller| {
-                self.members
-                    .iter()
-                    .find(|m| m.controllers.iter().any(|c| c == controller))
-                    .map(|m| m.dir.as_path())
-            })
-        }
-    }
-
-    /// True when process `pid` is in this cgroup in every hierarchy, per
-    /// `/proc/PID/cgroup`; false when the process does not exist.
-    pub fn contains(&self, pid: i32) -> bool {
-        match fs::read_to_string(format!("/proc/{pid}/cgroup")) {
-            Ok(text) => self.listed_in(&text),
-            Err(_) => false,
-        }
-    }
-
-    /// [`VmCgroup::contains`] on the text of a `/proc/PID/cgroup` file.
-    fn listed_in(&self, proc_cgroup: &str) -> bool {
-        // Lines are "ID:CONTROLLERS:PATH"; v2's is "0::PATH".
-        let lines: Vec<(&str, &str)> = proc_cgroup
-            .lines()
-            .filter_map(|line| {
-                let mut parts = line.splitn(3, ':');
-                let _id = parts.next()?;
-                Some((parts.next()?, parts.next()?))
-            })
-            .collect();
-        self.members.iter().all(|member| {
-            lines.iter().any(|(controllers, path)| {
-                let hierarchy_matches = if self.v2 {
-                    controllers.is_empty()
-                } else {
-                    controllers
-                        .split(',')
-                        .any(|c| member.controllers.iter().any(|m| m == c))
-                };
-                hierarchy_matches && *path == member.cgroup_path
-            })
-        })
-    }
-}
-
-/// Open `cgroup.procs` files of a VM's cgroup, for a child to join it.
-#[derive(Debug)]
-pub struct ProcsFiles {
-    fds: Vec<OwnedFd>,
-}
-
-impl ProcsFiles {
-    /// Moves the calling process into the cgroup by writing `0` (meaning
-    /// "the writer") into each file. Async-signal-safe: only `write(2)`, no
-    /// allocation, so it may run in a `pre_exec` hook between `fork` and
-    /// `exec`. Stops at the first failing write.
-    pub fn join_in_child(&self) -> io::Result<()> {
-        for fd in &self.fds {
-            // SAFETY: a valid open fd and a 1-byte static buffer.
-            let written = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
-            if written != 1 {
-                // From errno: no allocation.
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
+        .collect::<Result<_, _>>()?;
+    Ok((absolute, components))
 }
 
 /// Writes `value` into the existing cgroup file `path` (never creating it).
@@ -871,5 +663,7 @@ fn words(text: &str) -> BTreeSet<String> {
     text.split_whitespace().map(str::to_owned).collect()
 }
 
+#[cfg(test)]
+use hierarchy::unescape;
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use super::{
 /// anything from here up (for pages up to 64 KiB) is unlimited.
 const UNLIMITED_FROM: u64 = (i64::MAX as u64) & !0xFFFF;
 
-/// Makes `ROOT/UUID` in every hierarchy of `members` and writes `limits`;
+/// Makes `ROOT/UUID` below vmlet's cgroup in every hierarchy of `members` and writes `limits`;
 /// VM directories made are pushed to `made` (for the caller to undo).
 pub(super) fn create(
     members: &[Member],
@@ -22,7 +22,7 @@ pub(super) fn create(
 ) -> Result<Vec<Unapplied>, CgroupError> {
     for member in members {
         let cpuset = member.controllers.iter().any(|c| c == "cpuset");
-        let mut dir = member.mount.clone();
+        let mut dir = member.top.clone();
         for component in root {
             let parent = dir.clone();
             dir.push(component);

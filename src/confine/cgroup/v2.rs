@@ -1,5 +1,6 @@
 //! cgroup v2: one directory in the unified hierarchy, with the controllers
-//! enabled from the mount down to ROOT.
+//! enabled from vmlet's own cgroup (or the mount, for an absolute ROOT or a
+//! vmlet in the root cgroup) down to ROOT.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -23,12 +24,12 @@ pub(super) fn create(
     limits: &Limits,
     made: &mut Vec<PathBuf>,
 ) -> Result<Vec<Unapplied>, CgroupError> {
-    let available = available_controllers(&member.mount)?;
+    let available = available_controllers(&member.top)?;
     let wanted: Vec<&str> = V2_CONTROLLERS
         .into_iter()
         .filter(|c| available.contains(*c))
         .collect();
-    let mut dir = member.mount.clone();
+    let mut dir = member.top.clone();
     enable(&dir, &wanted)?;
     for component in root {
         dir.push(component);

@@ -453,7 +453,7 @@ pub async fn launch_qemu(
     if let Some(tpm) = &qemu.tpm {
         ctx.confiner.hold_tpm(spec.uuid, tpm.clone());
     }
-    if let Err(e) = pin_vcpus(&qemu, spec).await {
+    if let Err(e) = pin_vcpus(&qemu.qmp, qemu.process.pid(), spec).await {
         let _ = qemu.process.kill().await;
         instance::remove_run_dir(&qemu.paths);
         ctx.confiner.release(spec.uuid);
@@ -472,34 +472,67 @@ pub fn boot_banner(n: u64, at: SystemTime) -> String {
     )
 }
 
-/// Pins every vCPU thread of `qemu` to the spec's `resources.cpu_set`
-/// (QEMU itself may not: its seccomp filter denies `sched_setaffinity`).
-/// The thread ids come from `query-cpus-fast`.
-async fn pin_vcpus(qemu: &QemuInstance, spec: &VmSpec) -> Result<(), VmError> {
-    let Some(set) = &spec.resources.cpu_set else {
+/// Pins QEMU's threads as the spec's `resources` say: each vCPU thread to
+/// its `vcpu_affinity` entry (or `cpu_set`), every other thread to
+/// `cpu_set`. QEMU itself may not: its seccomp filter denies
+/// `sched_setaffinity`. The vCPU threads come from `query-cpus-fast`
+/// (`cpu-index` → `thread-id`). Also run after a reattach.
+pub(super) async fn pin_vcpus(qmp: &QmpClient, pid: i32, spec: &VmSpec) -> Result<(), VmError> {
+    let r = &spec.resources;
+    if r.cpu_set.is_none() && r.vcpu_affinity.is_none() {
         return Ok(());
-    };
-    let cpus = crate::spec::parse_cpu_list(set)
+    }
+    let common = r
+        .cpu_set
+        .as_deref()
+        .map(crate::spec::parse_cpu_list)
+        .transpose()
         .map_err(|e| VmError::Failed(format!("resources.cpu_set: {e}")))?;
-    let vcpus = qemu
-        .qmp
+    let per_vcpu = r
+        .vcpu_affinity
+        .as_deref()
+        .map(|lists| {
+            lists
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    crate::spec::parse_cpu_list(l)
+                        .map_err(|e| format!("resources.vcpu_affinity[{i}]: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()
+        .map_err(VmError::Failed)?;
+    let answer = qmp
         .query_raw("query-cpus-fast", None, instance::STOP_COMMAND_DEADLINE)
         .await
         .map_err(|e| crate::vm::disk_ops::qmp_error("listing the vCPU threads", e))?;
-    let threads: Vec<i32> = vcpus
+    let vcpus: Vec<(usize, i32)> = answer
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|c| c["thread-id"].as_i64())
-        .map(|t| t as i32)
+        .filter_map(|c| {
+            let index = usize::try_from(c["cpu-index"].as_u64()?).ok()?;
+            Some((index, i32::try_from(c["thread-id"].as_i64()?).ok()?))
+        })
         .collect();
-    if threads.len() != spec.vcpus as usize {
+    if vcpus.len() != spec.vcpus as usize {
         return Err(VmError::Failed(format!(
             "QEMU named {} vCPU threads for {} vCPUs",
-            threads.len(),
+            vcpus.len(),
             spec.vcpus
         )));
     }
-    crate::confine::affinity::pin(&threads, &cpus)
-        .map_err(|e| VmError::Failed(format!("pinning vCPUs to {set}: {e}")))
+    let threads = crate::confine::affinity::threads(pid)
+        .map_err(|e| VmError::Failed(format!("listing QEMU's threads: {e}")))?;
+    let plan =
+        crate::confine::affinity::plan(&threads, &vcpus, common.as_deref(), per_vcpu.as_deref());
+    let required: Vec<i32> = vcpus.iter().map(|&(_, tid)| tid).collect();
+    crate::confine::affinity::apply(pid, &plan, &required).map_err(|e| {
+        let what = match (&r.cpu_set, &r.vcpu_affinity) {
+            (Some(set), None) => format!("pinning QEMU's threads to {set}"),
+            _ => "pinning QEMU's threads (resources.cpu_set, resources.vcpu_affinity)".to_owned(),
+        };
+        VmError::Failed(format!("{what}: {e}"))
+    })
 }

@@ -45,6 +45,11 @@ impl Actor {
                 let status = qmp
                     .execute_with_deadline(qapi::qmp::query_status {}, REATTACH_QMP_DEADLINE)
                     .await;
+                // The kernel kept the threads' affinity; set again, it also
+                // covers threads QEMU made while vmlet was down.
+                if let Err(e) = super::lifecycle::pin_vcpus(&qmp, pid, &self.vm.spec).await {
+                    tracing::warn!(vm = %self.vm.name, error = %error_chain(&e), "could not pin the vCPU threads again");
+                }
                 match status {
                     Ok(status) => self.reattach_with_status(
                         process,

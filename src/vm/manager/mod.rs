@@ -171,6 +171,10 @@ impl Manager {
             let _ = done.await;
         }
         remove_stale_taps(&ctx, &registry).await;
+        // Cgroups of VMs whose records are gone (deleted while a QEMU
+        // outlived the daemon, or never saved).
+        let known = registry.handles().iter().map(VmHandle::id).collect();
+        ctx.confiner.remove_unknown_cgroups(&known);
         tracing::info!(vms = registry.handles().len(), accel = accel.as_str(), qemu_version = %qemu.version, "VMs loaded");
         Ok(Manager {
             ctx,
