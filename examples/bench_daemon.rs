@@ -263,11 +263,18 @@ impl Guest {
 
 /// POST /v1/vms then POST start; returns the VM's id once it is `running`.
 async fn create_and_start(client: &Client, spec: &Value) -> Uuid {
+    create_then_start(client, spec).await.0
+}
+
+/// POST /v1/vms then POST start; returns the VM's id once it is `running`,
+/// and how long the start alone took (POST start until `running`).
+async fn create_then_start(client: &Client, spec: &Value) -> (Uuid, Duration) {
     let name = spec["name"].as_str().unwrap_or("?").to_string();
     let vm = within(&format!("creating {name}"), client.create_vm(spec))
         .await
         .unwrap_or_else(|e| panic!("creating {name}: {e}"));
     let id = vm.id.to_string();
+    let start_sent = Instant::now();
     let vm = within(&format!("starting {name}"), client.start(&id))
         .await
         .unwrap_or_else(|e| panic!("starting {name}: {e}"));
@@ -291,7 +298,7 @@ async fn create_and_start(client: &Client, spec: &Value) -> Uuid {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    vm.id
+    (vm.id, start_sent.elapsed())
 }
 
 /// Force-deletes a VM and waits for its QEMU to be gone.
@@ -381,11 +388,12 @@ async fn run(
     // (a) create+start via the API vs launch + cont directly, interleaved
     // so drift affects both alike; one untimed warm-up round each.
     let mut via_api = Vec::new();
+    let mut start_only = Vec::new();
     let mut direct = Vec::new();
     for round in 0..=SERIAL_RUNS {
         let spec = guest.spec_json(&format!("serial-{round}"));
         let started = Instant::now();
-        let id = create_and_start(&client, &spec).await;
+        let (id, took_start) = create_then_start(&client, &spec).await;
         let took = started.elapsed();
         delete(&client, id).await;
 
@@ -434,10 +442,12 @@ async fn run(
 
         if round > 0 {
             via_api.push(took);
+            start_only.push(took_start);
             direct.push(took_direct);
         }
     }
     let via_api = median(via_api);
+    let start_only = median(start_only);
     let direct = median(direct);
 
     // (b) many VMs created and started at once.
@@ -516,6 +526,14 @@ async fn run(
     row(
         "ratio API / direct",
         format!("{:.2}x", via_api.as_secs_f64() / direct.as_secs_f64()),
+    );
+    row(
+        &format!("start alone via API, POST start → running (median of {SERIAL_RUNS})"),
+        ms(start_only),
+    );
+    row(
+        "ratio API start / direct",
+        format!("{:.2}x", start_only.as_secs_f64() / direct.as_secs_f64()),
     );
     row(
         &format!("{CONCURRENT_VMS} concurrent create+start"),
