@@ -326,6 +326,9 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             // Only SMM code may write the variable store: the guest OS
             // cannot turn Secure Boot off behind the firmware's back.
             argv.push("-global", firmware::SECURE_FLASH_GLOBAL);
+            // A kernel that fails verification is refused, not handed to
+            // OVMF's legacy loader (which skips verification).
+            argv.push("-fw_cfg", firmware::NO_LEGACY_LOADER_FW_CFG);
         }
     }
     if disks.iter().any(|p| p.spec.bus == DiskBus::VirtioScsi) {
@@ -782,6 +785,11 @@ mod tests {
             value(&secure, "-global"),
             "driver=cfi.pflash01,property=secure,value=on"
         );
+        assert_eq!(
+            value(&secure, "-fw_cfg"),
+            "name=opt/org.tianocore/EnableLegacyLoader,string=no"
+        );
+        assert!(!uefi.iter().any(|a| a == "-fw_cfg"));
         // A profile that sets SMM itself gets no second `smm=`.
         let mut smm = q35.clone();
         smm.machine.options.insert("smm".into(), "on".into());
