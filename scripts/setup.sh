@@ -24,6 +24,8 @@
 # build-test-guest.sh with apt-get download, not installed; so are the Secure
 # Boot tests' shim-signed and grub-efi-amd64-signed (fetch-signed-boot.sh),
 # for which --test makes sure apt's package lists know them.
+# With --test, also e2fsprogs (tests/guest_agent.rs makes an ext4 for the
+# guest to freeze and checks the snapshot's copy of it).
 set -euo pipefail
 
 want_test_tools=0
@@ -59,6 +61,8 @@ if [ "$want_test_tools" = 1 ]; then
     for pair in chromium:chromium node:nodejs npm:npm; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
     done
+    # The quiesced-snapshot test's ext4 (mkfs.ext4, dumpe2fs, debugfs, e2fsck).
+    PATH=$PATH:/usr/sbin:/sbin command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
     # The OpenAPI conformance test's schemathesis lives in a venv.
     python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 fi

@@ -86,6 +86,9 @@ pub struct Settings {
     pub api: ApiSettings,
     /// How QEMU is confined: its user, jail and cgroup (`[qemu]`).
     pub qemu: QemuSettings,
+    /// Live migrations: when one that stopped moving gives up
+    /// (`[migration]`).
+    pub migration: MigrationSettings,
     /// Where QEMU's firmware descriptors (`*.json`, QEMU's
     /// `docs/interop/firmware.json`) are read from, highest priority first:
     /// a file overrides (an empty one hides) the same name in a later
@@ -137,6 +140,32 @@ impl Default for QemuSettings {
             memory_overhead_mib: 1024,
             pids_max: 1024,
             cpu_weight: 100,
+        }
+    }
+}
+
+/// Live migrations (`[migration]` in the file). Both limits apply before
+/// the switch only: a migration that hits one fails and rolls back (the
+/// guest runs on the source as before, the target removes what it made).
+/// Once the target may run the guest, nothing gives up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MigrationSettings {
+    /// Seconds the copies (disks, then memory) may make no progress at all
+    /// before the migration fails as stalled, e.g. when the target host
+    /// froze or its network vanished. 0: never.
+    pub stall_timeout_s: u64,
+    /// Seconds a whole migration may take until its switch, however it
+    /// progresses (a guest that dirties memory faster than it is sent
+    /// never converges). 0: no limit.
+    pub deadline_s: u64,
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        MigrationSettings {
+            stall_timeout_s: 60,
+            deadline_s: 0,
         }
     }
 }
@@ -317,6 +346,7 @@ impl Default for Settings {
             images: ImageSettings::default(),
             api: ApiSettings::default(),
             qemu: QemuSettings::default(),
+            migration: MigrationSettings::default(),
             firmware_dirs: vec![
                 "/etc/qemu/firmware".into(),
                 "/usr/share/qemu/firmware".into(),
@@ -500,7 +530,9 @@ impl Settings {
     /// `VMLET_IDLE_TIMEOUT_S`, `VMLET_TLS_CERT`, `VMLET_TLS_KEY` and `VMLET_PEER_CA_FILE` (empty:
     /// unset), and for `[qemu]` `VMLET_QEMU_CGROUP_ROOT`
     /// (empty: no cgroups), `VMLET_QEMU_JAIL` (`true`/`false`) and
-    /// `VMLET_QEMU_UID_RANGE` (`FIRST-LAST`), and `VMLET_FIRMWARE_DIRS`
+    /// `VMLET_QEMU_UID_RANGE` (`FIRST-LAST`), for `[migration]`
+    /// `VMLET_MIGRATION_STALL_TIMEOUT_S` and `VMLET_MIGRATION_DEADLINE_S`,
+    /// and `VMLET_FIRMWARE_DIRS`
     /// (`:`-separated).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("VMLET_STATE_DIR") {
@@ -649,6 +681,12 @@ impl Settings {
                 *field = number(name, &v)?;
             }
         }
+        if let Some(v) = var("VMLET_MIGRATION_STALL_TIMEOUT_S") {
+            self.migration.stall_timeout_s = number("VMLET_MIGRATION_STALL_TIMEOUT_S", &v)?;
+        }
+        if let Some(v) = var("VMLET_MIGRATION_DEADLINE_S") {
+            self.migration.deadline_s = number("VMLET_MIGRATION_DEADLINE_S", &v)?;
+        }
         self.apply_qemu_env(&var)?;
         self.apply_api_env(&var, number)
     }
@@ -761,6 +799,30 @@ mod tests {
         s.apply_env(|n| (n == "VMLET_ACCEL").then(|| "kvm".to_string()))
             .unwrap();
         assert_eq!(s.accel, AccelChoice::Kvm);
+    }
+
+    #[test]
+    fn migration_limits_come_from_the_file_and_the_environment() {
+        assert_eq!(Settings::default().migration.stall_timeout_s, 60);
+        assert_eq!(Settings::default().migration.deadline_s, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vmlet.toml");
+        std::fs::write(
+            &file,
+            "[migration]\nstall_timeout_s = 15\ndeadline_s = 600\n",
+        )
+        .unwrap();
+        let mut s = Settings::from_file(&file).unwrap();
+        assert_eq!(s.migration.stall_timeout_s, 15);
+        assert_eq!(s.migration.deadline_s, 600);
+        s.apply_env(|n| (n == "VMLET_MIGRATION_STALL_TIMEOUT_S").then(|| "5".to_string()))
+            .unwrap();
+        assert_eq!(s.migration.stall_timeout_s, 5);
+        let err = s
+            .apply_env(|n| (n == "VMLET_MIGRATION_DEADLINE_S").then(|| "soon".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VMLET_MIGRATION_DEADLINE_S"), "{err}");
     }
 
     #[test]

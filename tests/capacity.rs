@@ -5,8 +5,12 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::api::{assert_error, call, create_vm, expect, force_delete_vm, id_of};
-use common::daemon::{guest_spec_json, unique_name, Daemon};
+use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
+use common::storage::create_image;
+use common::Scratch;
 use serde_json::{json, Value};
 use vmlet::client::Method;
 
@@ -98,4 +102,103 @@ async fn enforcement_can_be_turned_off() {
     let inv = inventory(&d).await;
     assert_eq!(inv["vcpus"]["allocated"], 4);
     assert_eq!(inv["vcpus"]["free"], -3);
+}
+
+/// The VM directories in the daemon's state directory.
+fn vm_dirs(d: &Daemon) -> Vec<String> {
+    let mut dirs: Vec<String> = std::fs::read_dir(d.state_dir.join("vms"))
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+/// Two creates that each fit alone but not together, sent at once: the
+/// capacity check and the place it promises are one step, so exactly one
+/// is admitted and the other gets 409, even while the first is still
+/// making its disks (a blank disk, an overlay on an image). The refused
+/// one leaves nothing: no VM, no directory, no allocation.
+#[tokio::test]
+async fn concurrent_creates_that_fit_only_one_at_a_time_admit_one() {
+    let import = Scratch::new();
+    let d = Daemon::start_with_env(&[
+        ("VMLET_CAPACITY_VCPUS", "2"),
+        ("VMLET_CPU_ALLOCATION_RATIO", "1"),
+        ("VMLET_IMPORT_DIR", import.path().to_str().unwrap()),
+    ])
+    .await;
+    let image = unique_name("base");
+    let file = create_image(import.path(), "base.qcow2", "qcow2", "64M");
+    let (status, body) = call(
+        &d,
+        Method::POST,
+        "/v1/images",
+        Some(&json!({"name": image, "path": file})),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let path = format!("/v1/images/{image}");
+    let shown = wait_until("the image import", Duration::from_secs(60), || async {
+        let shown = expect(&d, Method::GET, &path, None, 200).await;
+        (shown["status"] != "importing").then_some(shown)
+    })
+    .await;
+    assert_eq!(shown["status"], "ready", "{shown}");
+
+    // Each VM takes both vCPUs; its disks make the create slow enough
+    // for the other to arrive while it is under way.
+    let disks = [
+        json!([{"size_mib": 64}]),
+        json!([{"image": image}]),
+        json!([{"image": image}, {"size_mib": 32}]),
+    ];
+    for (round, disks) in disks.iter().enumerate() {
+        let specs: Vec<Value> = (0..2)
+            .map(|_| {
+                let mut s = spec(2, 128);
+                s["disks"] = disks.clone();
+                s
+            })
+            .collect();
+        let (a, b) = tokio::join!(
+            call(&d, Method::POST, "/v1/vms", Some(&specs[0])),
+            call(&d, Method::POST, "/v1/vms", Some(&specs[1])),
+        );
+        let mut statuses = [a.0, b.0];
+        statuses.sort();
+        assert_eq!(statuses, [201, 409], "round {round}: {} / {}", a.1, b.1);
+        let (admitted, refused) = if a.0 == 201 { (a, b) } else { (b, a) };
+        let error = assert_error(&refused, 409, "conflict");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains("not enough vcpus"),
+            "round {round}: {message}"
+        );
+
+        let id = id_of(&admitted.1);
+        let vms = expect(&d, Method::GET, "/v1/vms", None, 200).await;
+        let ids: Vec<&str> = vms["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|vm| vm["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [id.as_str()], "round {round}: {vms}");
+        assert_eq!(
+            vm_dirs(&d),
+            std::slice::from_ref(&id),
+            "round {round}: the refused VM left files"
+        );
+        let inv = inventory(&d).await;
+        assert_eq!(inv["vcpus"]["allocated"], 2, "round {round}: {inv}");
+        force_delete_vm(&d, &id).await;
+        assert_eq!(inventory(&d).await["vcpus"]["allocated"], 0);
+        assert!(vm_dirs(&d).is_empty(), "round {round}: {:?}", vm_dirs(&d));
+    }
+    let (status, body) = call(&d, Method::DELETE, &path, None).await;
+    assert_eq!(status, 204, "{body}");
 }

@@ -486,6 +486,14 @@ async fn vm_migrate_moves_a_vm_shows_the_downtime_and_migration_lists_it_on_both
     assert!(refused.stderr.contains("running VM"), "{refused}");
 
     a.client.start(&id).await.unwrap();
+    // Without the target's token: refused before anything is asked,
+    // naming the option.
+    let no_token = vmlet(&["--socket", &a_socket, "vm", "migrate", &name, "--to", &url]).await;
+    assert_ne!(no_token.code, Some(0), "{no_token}");
+    assert!(no_token.stderr.contains("--token-file"), "{no_token}");
+    assert!(a.client.list_migrations().await.unwrap().is_empty());
+    // The form the issue names: over the unix socket, `--token-file` is
+    // the target's token.
     let moved = vmlet(&[
         "--socket",
         &a_socket,
@@ -494,7 +502,7 @@ async fn vm_migrate_moves_a_vm_shows_the_downtime_and_migration_lists_it_on_both
         &name,
         "--to",
         &url,
-        "--target-token-file",
+        "--token-file",
         target_token.to_str().unwrap(),
     ])
     .await;

@@ -2,15 +2,21 @@
 //! (TCG) and the real `qemu-ga` from Debian inside the test guest
 //! (`guest.agent=on`). The VM view shows what the agent tells of the guest,
 //! a guest that ignores the ACPI power button is shut down through the
-//! agent, and a VM whose guest runs no agent (or has no agent port) stops
-//! and answers as quickly as ever.
+//! agent, a snapshot freezes the guest's mounted filesystem (a host-made
+//! ext4 the guest keeps writing to) and thaws it again, and a VM whose
+//! guest runs no agent (or has no agent port) stops and answers as quickly
+//! as ever.
 
 mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::api::{create_vm, expect, force_delete_vm, id_of, uuid_of};
-use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
+use common::daemon::{
+    count_lines, guest_spec_json, unique_name, wait_for_count, wait_until, Daemon,
+};
 use common::netns::NetNs;
 use common::{wait_for_line, BOOT_TIMEOUT};
 use serde_json::{json, Value};
@@ -225,6 +231,265 @@ async fn without_an_answering_agent_nothing_waits() {
     spec["guest_agent"] = json!("yes");
     let answer = common::api::call(&d, Method::POST, "/v1/vms", Some(&spec)).await;
     assert_eq!(answer.0, 422, "{answer:?}");
+}
+
+/// e2fsprogs' tools the quiesce test needs on the host, or why not.
+fn e2fsprogs() -> Result<(), String> {
+    for tool in ["mkfs.ext4", "dumpe2fs", "debugfs", "e2fsck"] {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .chain(["/sbin".into(), "/usr/sbin".into()])
+            .any(|dir| dir.join(tool).is_file());
+        if !found {
+            return Err(format!(
+                "{tool} is not installed (Debian package e2fsprogs)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `program` with `args`; its stdout (panics, with stderr, on failure).
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `Filesystem features:` of the ext4 in raw image `raw` (`dumpe2fs -h`).
+fn ext4_features(raw: &Path) -> Vec<String> {
+    let header = run("dumpe2fs", &["-h", raw.to_str().unwrap()]);
+    header
+        .lines()
+        .find_map(|l| l.strip_prefix("Filesystem features:"))
+        .unwrap_or_else(|| panic!("no features in dumpe2fs -h:\n{header}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The numbers of the `tick N` lines of `/ticks` in the ext4 of `raw`,
+/// checking they count up from 1 without a gap.
+fn ticks(raw: &Path) -> u64 {
+    let text = run("debugfs", &["-R", "cat /ticks", raw.to_str().unwrap()]);
+    let mut n = 0;
+    for line in text.lines() {
+        n += 1;
+        assert_eq!(line, format!("tick {n}"), "/ticks:\n{text}");
+    }
+    n
+}
+
+/// The disk image `qcow2` (or its internal snapshot `snapshot`) as a raw
+/// file beside it, converted by `qemu-img`.
+fn to_raw(qcow2: &Path, snapshot: Option<&str>, raw: &Path) -> PathBuf {
+    let mut args = vec!["convert", "-f", "qcow2", "-O", "raw"];
+    let spec;
+    if let Some(name) = snapshot {
+        spec = format!("snapshot.name={name}");
+        args.extend(["-l", spec.as_str()]);
+    }
+    args.extend([qcow2.to_str().unwrap(), raw.to_str().unwrap()]);
+    common::storage::qemu_img(&args);
+    raw.to_path_buf()
+}
+
+/// Asks the guest agent behind vmlet's socket `socket` to run `command`
+/// (no arguments) in a session of its own, as vmlet does: the
+/// `guest-sync-delimited` handshake first (the port may hold answers of an
+/// earlier session), then the command. Its `return`.
+async fn agent_call(socket: &Path, command: &str) -> Value {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let session = async {
+        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let mut stream = BufReader::new(stream);
+        let id: u64 = rand_id();
+        let mut request = vec![0xFF];
+        request.extend_from_slice(
+            json!({"execute": "guest-sync-delimited", "arguments": {"id": id}})
+                .to_string()
+                .as_bytes(),
+        );
+        request.push(b'\n');
+        stream.get_mut().write_all(&request).await.unwrap();
+        loop {
+            // Up to the agent's 0xFF, then its answer line.
+            let mut byte = [0];
+            loop {
+                stream.read_exact(&mut byte).await.unwrap();
+                if byte[0] == 0xFF {
+                    break;
+                }
+            }
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            let answer: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if answer["return"] == id {
+                break;
+            }
+        }
+        let request = format!("{}\n", json!({ "execute": command }));
+        stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .unwrap();
+        let mut line = String::new();
+        stream.read_line(&mut line).await.unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        answer
+            .get("return")
+            .unwrap_or_else(|| panic!("{command}: {answer}"))
+            .clone()
+    };
+    tokio::time::timeout(AGENT_TIMEOUT, session)
+        .await
+        .unwrap_or_else(|_| panic!("the guest agent did not answer {command}"))
+}
+
+/// A session id unlikely to be vmlet's (which counts from 0).
+fn rand_id() -> u64 {
+    (uuid::Uuid::new_v4().as_u128() as u64) >> 12
+}
+
+#[tokio::test]
+async fn a_snapshot_freezes_the_guests_filesystem_and_thaws_it() {
+    const TEST: &str = "a_snapshot_freezes_the_guests_filesystem_and_thaws_it";
+    if let Err(reason) = e2fsprogs() {
+        common::skip(TEST, reason);
+        return;
+    }
+    let d = Daemon::start().await;
+    // A 32 MiB ext4 (with a journal) made on the host, as a qcow2 disk.
+    let raw = d.scratch().join("data.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    run(
+        "mkfs.ext4",
+        &["-q", "-F", "-L", "vmlet-data", raw.to_str().unwrap()],
+    );
+    let disk = d.scratch().join("data.qcow2");
+    to_qcow2(&raw, &disk);
+    std::fs::remove_file(&raw).unwrap();
+    assert!(
+        !ext4_features(&to_raw(&disk, None, &d.scratch().join("fresh.raw")))
+            .contains(&"needs_recovery".to_string()),
+        "a fresh filesystem is clean"
+    );
+
+    let mut spec = guest_spec_json(&unique_name("quiesce"), "guest.agent=on guest.mount=vda");
+    spec["disks"] = json!([{"name": "data", "path": disk, "format": "qcow2"}]);
+    let vm = create_and_start(&d, &spec).await;
+    let (id, uuid) = (id_of(&vm), uuid_of(&vm));
+    let log = d.serial_log(uuid);
+    let mounted = wait_for_line(&log, "GUEST-MOUNT", BOOT_TIMEOUT).await;
+    assert!(mounted.contains("dev=vda fs=ext4"), "{mounted}");
+    wait_for_line(&log, "GUEST-READY", BOOT_TIMEOUT).await;
+    // The agent answers (vmlet read the guest through it) and the guest
+    // writes to its filesystem.
+    wait_until("the guest agent to answer", AGENT_TIMEOUT, || async {
+        show(&d, &id).await.get("guest").map(drop)
+    })
+    .await;
+    wait_for_count(&log, "GUEST-WRITE", 3, BOOT_TIMEOUT).await;
+    let socket = vmlet::qemu::argv::RunPaths::new(&d.run_dir, uuid).agent_socket();
+    assert_eq!(agent_call(&socket, "guest-fsfreeze-status").await, "thawed");
+
+    let written_before = count_lines(&log, "GUEST-WRITE") as u64;
+    let taken = snapshot(&d, &id, "frozen").await;
+    assert_eq!(taken["quiesced"], true, "{taken}");
+    let written_at = count_lines(&log, "GUEST-WRITE");
+    // vmlet logs how many filesystems the agent froze: the ext4 (the
+    // guest's other filesystems, proc, sysfs and the like, cannot freeze).
+    let frozen = d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("guest filesystems frozen for a snapshot"))
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert_eq!(frozen.len(), 1, "{frozen:?}");
+    assert!(frozen[0].contains("filesystems=1"), "{frozen:?}");
+    // Thawed afterwards: the agent says so, and the guest's writes go on.
+    assert_eq!(agent_call(&socket, "guest-fsfreeze-status").await, "thawed");
+    wait_for_count(&log, "GUEST-WRITE", written_at + 3, BOOT_TIMEOUT).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("GUEST-ERROR"), "{text}");
+
+    expect(
+        &d,
+        Method::POST,
+        &format!("/v1/vms/{id}/stop"),
+        Some(&json!({"force": true})),
+        200,
+    )
+    .await;
+    let written = count_lines(&log, "GUEST-WRITE") as u64;
+
+    // The snapshot holds a clean filesystem: the freeze flushed ext4's
+    // journal and cleared its needs_recovery flag, which a mounted ext4
+    // otherwise keeps set; every write the guest had reported before the
+    // snapshot is in it, none made after the thaw.
+    let in_snapshot = to_raw(&disk, Some("frozen"), &d.scratch().join("frozen.raw"));
+    let features = ext4_features(&in_snapshot);
+    assert!(
+        !features.contains(&"needs_recovery".to_string()),
+        "the snapshot's filesystem was frozen: {features:?}"
+    );
+    run("e2fsck", &["-f", "-n", in_snapshot.to_str().unwrap()]);
+    let snapshot_ticks = ticks(&in_snapshot);
+    assert!(
+        snapshot_ticks >= written_before && snapshot_ticks < written,
+        "the snapshot has {snapshot_ticks} writes: {written_before} before it, {written} in all"
+    );
+    // The disk as the guest left it (killed while mounted): the thawed
+    // filesystem was mounted again in full (needs_recovery set, as the
+    // freeze had cleared it), and after ext4's recovery it holds the
+    // writes made after the snapshot too.
+    let now = to_raw(&disk, None, &d.scratch().join("now.raw"));
+    let features = ext4_features(&now);
+    assert!(
+        features.contains(&"needs_recovery".to_string()),
+        "the thawed filesystem is in use again: {features:?}"
+    );
+    let recovered = Command::new("e2fsck")
+        .args(["-f", "-y", now.to_str().unwrap()])
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output()
+        .unwrap();
+    // 0: clean, 1: errors corrected (the journal replay counts).
+    assert!(
+        matches!(recovered.status.code(), Some(0 | 1)),
+        "{recovered:?}"
+    );
+    let now_ticks = ticks(&now);
+    assert!(
+        now_ticks > snapshot_ticks && now_ticks >= written,
+        "{now_ticks} writes on the disk, {snapshot_ticks} in the snapshot, {written} reported"
+    );
+    force_delete_vm(&d, &id).await;
+}
+
+/// Converts raw image `raw` to qcow2 `qcow2` with `qemu-img`.
+fn to_qcow2(raw: &Path, qcow2: &Path) {
+    common::storage::qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow2.to_str().unwrap(),
+    ]);
 }
 
 /// Takes snapshot `name` of VM `id`: the snapshot.

@@ -2,7 +2,11 @@
 //! (TCG): a CPU model with feature flags, sockets/cores/threads and two
 //! NUMA nodes as the guest kernel sees them; huge pages taken from the
 //! host's pool (reserved by the test) and refused (409) when the pool is
-//! short; and the spec refusals, each naming its field.
+//! short; and the spec refusals, each naming its field. Between two hosts
+//! ([`common::two_hosts`]): a VM with a topology and NUMA nodes migrates
+//! and keeps them (the target's QEMU is made with them, and the guest sees
+//! them again when it boots there), and a target short of free huge pages
+//! refuses a huge-page VM (409) leaving nothing on either host.
 
 mod common;
 
@@ -14,11 +18,82 @@ use common::api::{
 };
 use common::daemon::{guest_spec_json, unique_name, wait_until, Daemon};
 use common::serial_shell::SerialShell;
+use common::two_hosts::TwoHosts;
 use common::{wait_for_line, BOOT_TIMEOUT};
 use serde_json::{json, Value};
 use vmlet::client::Method;
+use vmlet::spec::Phase;
 
 const SHELL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a live migration of a small TCG guest may take on a loaded
+/// machine.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The host's huge-page pool is one for every test: the tests that resize
+/// it take turns.
+static HUGE_PAGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The layout every topology test gives its VM: 4 vCPUs in 2 sockets of 1
+/// core with 2 threads, the model qemu64 with +aes, two NUMA nodes of
+/// 256 MiB.
+fn layout_fields() -> Value {
+    json!({
+        "vcpus": 4,
+        "memory_mib": 512,
+        "cpu": {"model": "qemu64", "features": ["+aes"]},
+        "topology": {"sockets": 2, "cores": 1, "threads": 2},
+        "numa": [
+            {"cpus": "0-1", "memory_mib": 256},
+            {"cpus": "2-3", "memory_mib": 256}
+        ]
+    })
+}
+
+/// What the guest's kernel reports of its CPUs and memory layout, read
+/// through its shell on the serial console of daemon `d`.
+async fn guest_layout(d: &Daemon, id: &str, log: std::path::PathBuf) -> [String; 7] {
+    let token = serial_token(d, id).await;
+    let socket = d.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut shell = SerialShell::connect(&socket, &token, &log);
+        let mut run = |command: &str| shell.run(command, SHELL_TIMEOUT).trim().to_string();
+        [
+            run("cat /sys/devices/system/cpu/online"),
+            run("ls -d /sys/devices/system/node/node* | wc -l"),
+            run("cat /sys/devices/system/node/node0/cpulist /sys/devices/system/node/node1/cpulist | tr '\\n' ' '"),
+            run("cat /sys/devices/system/cpu/cpu*/topology/physical_package_id | sort -u | wc -l"),
+            // Logical CPUs per package (qemu64 is an AMD model without
+            // topoext: the kernel counts threads per socket, not siblings).
+            run("grep -m1 '^siblings' /proc/cpuinfo | cut -d: -f2"),
+            run("grep -c -w aes /proc/cpuinfo"),
+            run("grep MemTotal /sys/devices/system/node/node1/meminfo | tr -s ' ' | cut -d' ' -f4"),
+        ]
+    })
+    .await
+    .unwrap()
+}
+
+/// Asserts that `layout` (from [`guest_layout`]) is [`layout_fields`]'s.
+fn assert_layout(layout: &[String; 7], host: &str) {
+    let [online, nodes, node_cpus, packages, siblings, aes, node1_kib] = layout;
+    assert_eq!(online, "0-3", "vCPUs online ({host})");
+    assert_eq!(nodes, "2", "NUMA nodes ({host})");
+    assert_eq!(node_cpus.trim(), "0-1 2-3", "the nodes' vCPUs ({host})");
+    assert_eq!(packages, "2", "sockets ({host})");
+    assert_eq!(siblings, "2", "cores × threads per socket ({host})");
+    assert_eq!(
+        aes, "4",
+        "every vCPU has the +aes flag qemu64 lacks ({host})"
+    );
+    // Node 1 has 256 MiB, less what the firmware and kernel keep.
+    let node1_kib: u64 = node1_kib
+        .parse()
+        .unwrap_or_else(|_| panic!("{node1_kib:?} ({host})"));
+    assert!(
+        (200 * 1024..=256 * 1024).contains(&node1_kib),
+        "node1 MemTotal {node1_kib} kB ({host})"
+    );
+}
 
 /// A guest spec with `extra` kernel parameters and `fields` merged in.
 fn spec_with(name: &str, extra: &str, fields: Value) -> Value {
@@ -32,20 +107,7 @@ fn spec_with(name: &str, extra: &str, fields: Value) -> Value {
 #[tokio::test]
 async fn cpu_model_topology_and_numa_reach_the_guest() {
     let d = Daemon::start().await;
-    let spec = spec_with(
-        &unique_name("cpu"),
-        "guest.action=shell",
-        json!({
-            "vcpus": 4,
-            "memory_mib": 512,
-            "cpu": {"model": "qemu64", "features": ["+aes"]},
-            "topology": {"sockets": 2, "cores": 1, "threads": 2},
-            "numa": [
-                {"cpus": "0-1", "memory_mib": 256},
-                {"cpus": "2-3", "memory_mib": 256}
-            ]
-        }),
-    );
+    let spec = spec_with(&unique_name("cpu"), "guest.action=shell", layout_fields());
     let vm = create_vm(&d, &spec).await;
     let id = id_of(&vm);
     // The pin carries the spec's model and flags; the spec reads back.
@@ -56,40 +118,7 @@ async fn cpu_model_topology_and_numa_reach_the_guest() {
     expect(&d, Method::POST, &format!("/v1/vms/{id}/start"), None, 200).await;
     let log = d.serial_log(uuid_of(&vm));
     wait_for_line(&log, "GUEST-READY", BOOT_TIMEOUT).await;
-    let token = serial_token(&d, &id).await;
-    let socket = d.socket.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        let mut shell = SerialShell::connect(&socket, &token, &log);
-        let mut run = |command: &str| shell.run(command, SHELL_TIMEOUT).trim().to_string();
-        (
-            run("cat /sys/devices/system/cpu/online"),
-            run("ls -d /sys/devices/system/node/node* | wc -l"),
-            run("cat /sys/devices/system/node/node0/cpulist /sys/devices/system/node/node1/cpulist | tr '\\n' ' '"),
-            run("cat /sys/devices/system/cpu/cpu*/topology/physical_package_id | sort -u | wc -l"),
-            // Logical CPUs per package (qemu64 is an AMD model without
-            // topoext: the kernel counts threads per socket, not siblings).
-            run("grep -m1 '^siblings' /proc/cpuinfo | cut -d: -f2"),
-            run("grep -c -w aes /proc/cpuinfo"),
-            run("grep MemTotal /sys/devices/system/node/node1/meminfo | tr -s ' ' | cut -d' ' -f4"),
-        )
-    })
-    .await
-    .unwrap();
-    let (online, nodes, node_cpus, packages, siblings, aes, node1_kib) = report;
-    assert_eq!(online, "0-3", "vCPUs online");
-    assert_eq!(nodes, "2", "NUMA nodes");
-    assert_eq!(node_cpus.trim(), "0-1 2-3", "the nodes' vCPUs");
-    assert_eq!(packages, "2", "sockets");
-    assert_eq!(siblings, "2", "cores × threads per socket");
-    assert_eq!(aes, "4", "every vCPU has the +aes flag qemu64 lacks");
-    // Node 1 has 256 MiB, less what the firmware and kernel keep.
-    let node1_kib: u64 = node1_kib
-        .parse()
-        .unwrap_or_else(|_| panic!("{node1_kib:?}"));
-    assert!(
-        (200 * 1024..=256 * 1024).contains(&node1_kib),
-        "node1 MemTotal {node1_kib} kB"
-    );
+    assert_layout(&guest_layout(&d, &id, log).await, "one host");
     force_delete_vm(&d, &id).await;
 }
 
@@ -219,6 +248,7 @@ async fn huge_pages_back_the_guest_and_a_short_pool_is_a_conflict() {
         common::skip(TEST, "this kernel has no 2M huge pages");
         return;
     }
+    let _turn = HUGE_PAGES.lock().await;
     let d = Daemon::start().await;
     // 64 pages (128 MiB) for the guest, 16 more.
     let Some(pool) = HugePagePool::grow_by(80) else {
@@ -315,5 +345,158 @@ async fn huge_pages_back_the_guest_and_a_short_pool_is_a_conflict() {
     )
     .await;
     force_delete_vm(&d, &second_id).await;
+    drop(pool);
+}
+
+/// Skips (with the line) a two-host test on a host where it cannot run.
+fn cannot_run_two_hosts(test: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        common::skip(test, "needs root (network namespaces, bridges, taps)");
+        return true;
+    }
+    false
+}
+
+/// QEMU's command line of process `pid`, arguments joined by spaces.
+fn cmdline_of(pid: i32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ")
+}
+
+#[tokio::test]
+async fn topology_and_numa_move_with_a_live_migration() {
+    if cannot_run_two_hosts("topology_and_numa_move_with_a_live_migration") {
+        return;
+    }
+    let hosts = TwoHosts::start().await;
+    let (a, b) = (&hosts.a, &hosts.b);
+    let spec = spec_with(
+        &unique_name("cpu-mig"),
+        "guest.action=shell",
+        layout_fields(),
+    );
+    let vm = create_vm(&a.daemon, &spec).await;
+    let (id, uuid) = (id_of(&vm), uuid_of(&vm));
+    a.client().start(&id).await.expect("start on A");
+    let log_a = a.daemon.serial_log(uuid);
+    wait_for_line(&log_a, "GUEST-READY", BOOT_TIMEOUT).await;
+    assert_layout(&guest_layout(&a.daemon, &id, log_a).await, "A");
+
+    let started = a
+        .client()
+        .migrate_vm(&id, &b.migrate_here(None))
+        .await
+        .expect("migrate");
+    let done = a.wait_final(started.id, MIGRATION_TIMEOUT).await;
+    assert_eq!(done.phase, Phase::Completed, "{done:?}");
+    assert!(!a.has_vm(uuid).await, "the VM left A");
+    assert!(a.qemus(uuid).is_empty(), "no QEMU of the VM on A");
+    let moved = b.vm(uuid).await;
+    assert_eq!(moved["state"], "running", "{moved}");
+    assert_eq!(moved["spec"]["topology"], layout_fields()["topology"]);
+    assert_eq!(moved["spec"]["numa"], layout_fields()["numa"]);
+    assert_eq!(moved["machine"]["cpu"], "qemu64,+aes", "{moved}");
+    // The target's QEMU was made with the same layout (it must match the
+    // guest state it received).
+    let qemu = b.qemus(uuid);
+    assert_eq!(qemu.len(), 1, "one QEMU on B");
+    let cmdline = cmdline_of(qemu[0]);
+    for part in [
+        "-smp 4,sockets=2,cores=1,threads=2",
+        "-numa node,nodeid=0,cpus=0-1,memdev=ram-node0",
+        "-numa node,nodeid=1,cpus=2-3,memdev=ram-node1",
+        "memory-backend-ram,id=ram-node1,size=256M",
+        "-cpu qemu64,+aes",
+    ] {
+        assert!(
+            cmdline.contains(part),
+            "{part:?} not in B's QEMU: {cmdline}"
+        );
+    }
+    // A reset on B: the guest's kernel reads the layout afresh from B's
+    // firmware tables, and finds the same one.
+    b.client()
+        .reboot_with(&id, true, None)
+        .await
+        .expect("reset on B");
+    let log_b = b.daemon.serial_log(uuid);
+    wait_for_line(&log_b, "GUEST-READY", BOOT_TIMEOUT).await;
+    assert_layout(&guest_layout(&b.daemon, &id, log_b).await, "B");
+    force_delete_vm(&b.daemon, &id).await;
+}
+
+#[tokio::test]
+async fn a_target_short_of_huge_pages_refuses_the_migration() {
+    const TEST: &str = "a_target_short_of_huge_pages_refuses_the_migration";
+    if cannot_run_two_hosts(TEST) {
+        return;
+    }
+    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir() {
+        common::skip(TEST, "this kernel has no 2M huge pages");
+        return;
+    }
+    let _turn = HUGE_PAGES.lock().await;
+    let hosts = TwoHosts::start().await;
+    let (a, b) = (&hosts.a, &hosts.b);
+    // 64 pages (128 MiB) for the guest on A, 8 more.
+    let Some(pool) = HugePagePool::grow_by(72) else {
+        common::skip(TEST, "the kernel could not reserve 72 more 2M huge pages");
+        return;
+    };
+    let spec = spec_with(
+        &unique_name("huge-mig"),
+        "",
+        json!({"memory_mib": 128, "memory": {"hugepages": "2M"}}),
+    );
+    let vm = create_vm(&a.daemon, &spec).await;
+    let (id, uuid) = (id_of(&vm), uuid_of(&vm));
+    a.client().start(&id).await.expect("start on A");
+    wait_for_line(&a.daemon.serial_log(uuid), "GUEST-READY", BOOT_TIMEOUT).await;
+    // Both hosts share this machine's pool: leave fewer free pages than
+    // the guest needs (whatever else the pool held before the test).
+    let free_now = meminfo("HugePages_Free:");
+    pool.set(read_number(NR_HUGEPAGES) - free_now.saturating_sub(8))
+        .unwrap();
+    assert!(meminfo("HugePages_Free:") < 64, "the pool did not shrink");
+
+    let request = serde_json::to_value(b.migrate_here(None)).unwrap();
+    let answer = call(
+        &a.daemon,
+        Method::POST,
+        &format!("/v1/vms/{id}/migrate"),
+        Some(&request),
+    )
+    .await;
+    let error = assert_error(&answer, 409, "conflict");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("not enough 2M huge pages") && message.contains("needs 64"),
+        "{error}"
+    );
+    // Nothing on either host: no migration, the VM runs on A as before,
+    // nothing of it on B.
+    for host in [a, b] {
+        let listed = host.client().list_migrations().await.unwrap();
+        assert!(listed.is_empty(), "migrations on {}: {listed:?}", host.url);
+    }
+    let there = a.vm(uuid).await;
+    assert_eq!(there["state"], "running", "{there}");
+    assert!(there.get("task").is_none_or(Value::is_null), "{there}");
+    assert_eq!(a.qemus(uuid).len(), 1, "the VM's QEMU on A");
+    b.assert_clean_of(uuid, None, None).await;
+
+    // With the pages back, the same migration goes through: the refusal
+    // left B nothing that stands in its way.
+    pool.set(read_number(NR_HUGEPAGES) + 64).unwrap();
+    let started = a
+        .client()
+        .migrate_vm(&id, &b.migrate_here(None))
+        .await
+        .expect("migrate");
+    let done = a.wait_final(started.id, MIGRATION_TIMEOUT).await;
+    assert_eq!(done.phase, Phase::Completed, "{done:?}");
+    assert_eq!(b.vm(uuid).await["state"], "running");
+    assert!(a.qemus(uuid).is_empty(), "no QEMU of the VM on A");
+    force_delete_vm(&b.daemon, &id).await;
     drop(pool);
 }

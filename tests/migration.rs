@@ -269,6 +269,39 @@ impl Events {
             .collect()
     }
 
+    /// The progress migration `id`'s events carried, in order.
+    fn progress(&self, id: Uuid) -> Vec<vmlet::spec::Progress> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match &e.body {
+                EventBody::Migration { migration } if migration.id == id => {
+                    Some(migration.progress.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Asserts `host`'s events showed migration `id` with progress: the
+    /// memory's size, bytes of it moved, and every disk in `disks`.
+    fn assert_progress(&self, host: &Host, id: Uuid, disks: &[&str]) {
+        let all = self.progress(id);
+        let shown = all.iter().any(|p| {
+            let names: Vec<&str> = p.disks.iter().map(|d| d.name.as_str()).collect();
+            p.ram_total > 0
+                && p.ram_transferred > 0
+                && disks.iter().all(|d| names.contains(d))
+                && p.disks.iter().all(|d| d.total > 0 && d.done <= d.total)
+        });
+        assert!(
+            shown,
+            "no migration event with progress on {}: {all:?}",
+            host.url
+        );
+    }
+
     /// The phases of migration `id` the events showed, in order.
     fn phases(&self, id: Uuid) -> Vec<Phase> {
         let mut phases: Vec<Phase> = Vec::new();
@@ -290,6 +323,14 @@ impl Drop for Events {
 }
 
 // ---- assertions -------------------------------------------------------------------
+
+/// The guest memory `host` counts as allocated (`/v1/node` inventory), MiB.
+async fn memory_allocated(host: &Host) -> u64 {
+    let node = expect(&host.daemon, Method::GET, "/v1/node", None, 200).await;
+    node["inventory"]["memory_mib"]["allocated"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no inventory.memory_mib.allocated: {node}"))
+}
 
 /// Asserts VM `uuid` runs on `host`, wanted running, with no task (not
 /// lent to a migration any more).
@@ -354,11 +395,16 @@ fn assert_ended(m: &Migration, phase: Phase, role: Role, uuid: Uuid) {
 
 /// Starts a migration of `guest` from `from` to `to`; returns its record.
 async fn migrate(from: &Host, to: &Host, guest: &Guest, cap: Option<u64>) -> Migration {
-    let m = from
-        .client()
-        .migrate_vm(&guest.id, &to.migrate_here(cap))
-        .await
-        .unwrap_or_else(|e| panic!("migrate: {e}\n{}", from.daemon.log_text()));
+    let request = serde_json::to_value(to.migrate_here(cap)).unwrap();
+    let (status, body) = call(
+        &from.daemon,
+        Method::POST,
+        &format!("/v1/vms/{}/migrate", guest.id),
+        Some(&request),
+    )
+    .await;
+    assert_eq!(status, 202, "migrate: {body}\n{}", from.daemon.log_text());
+    let m: Migration = serde_json::from_value(body).unwrap();
     assert_eq!(m.vm, guest.uuid, "{m:?}");
     assert_eq!(m.role, Role::Source, "{m:?}");
     assert_eq!(m.target, to.url, "{m:?}");
@@ -384,6 +430,9 @@ async fn move_and_check(
     let before = assert_runs_on(from, uuid).await;
     let generation = before["generation"].as_u64().unwrap();
     let events = Events::follow(from).await;
+    let arrivals = Events::follow(to).await;
+    let memory = before["spec"]["memory_mib"].as_u64().unwrap();
+    let (from_allocated, to_allocated) = (memory_allocated(from).await, memory_allocated(to).await);
     let watch = CountWatch::start(from, uuid);
     wait_until("the count watch to see a count", COUNT_TIMEOUT, || async {
         (watch.highest() > 0).then_some(())
@@ -470,6 +519,25 @@ async fn move_and_check(
     let phases = events.phases(m.id);
     assert_eq!(phases.last(), Some(&Phase::Completed), "{phases:?}");
     assert!(phases.contains(&Phase::Ram), "{phases:?}");
+    // Both daemons' event streams carried the migration with its progress.
+    let arrived_phases = arrivals.phases(m.id);
+    assert_eq!(
+        arrived_phases.last(),
+        Some(&Phase::Completed),
+        "{arrived_phases:?}"
+    );
+    for (stream, host) in [(&events, from), (&arrivals, to)] {
+        stream.assert_progress(host, m.id, &["os", "data", "vol"]);
+    }
+    // The guest's memory moved with it: released on the source, claimed on
+    // the target.
+    assert_eq!(
+        (memory_allocated(from).await, memory_allocated(to).await),
+        (from_allocated - memory, to_allocated + memory),
+        "memory allocated on {} and {} after the move of a {memory} MiB guest",
+        from.url,
+        to.url
+    );
     // Both daemons list the migration.
     for host in [from, to] {
         let listed = host.client().list_migrations().await.unwrap();
@@ -601,6 +669,19 @@ async fn a_migration_cancelled_in_its_ram_phase_leaves_the_guest_on_the_source()
     .await;
     assert_eq!(arriving.role, Role::Target, "{arriving:?}");
     assert_eq!(arriving.phase, Phase::Ram, "{arriving:?}");
+    // Both hosts count the guest's memory meanwhile: A runs it, B holds
+    // room for it.
+    let memory = vm["spec"]["memory_mib"].as_u64().unwrap();
+    assert_eq!(
+        memory_allocated(a).await,
+        memory,
+        "on A during the migration"
+    );
+    assert_eq!(
+        memory_allocated(b).await,
+        memory,
+        "on B during the migration"
+    );
     assert!(
         arriving.progress.ram_transferred <= arriving.progress.ram_total,
         "{arriving:?}"
@@ -623,6 +704,8 @@ async fn a_migration_cancelled_in_its_ram_phase_leaves_the_guest_on_the_source()
     b.assert_clean_of(guest.uuid, Some(&guest.mac), Some(&guest.volume))
         .await;
     assert_one_copy(&hosts, guest.uuid).await;
+    assert_eq!(memory_allocated(b).await, 0, "B released the room it held");
+    assert_eq!(memory_allocated(a).await, memory, "A still runs the guest");
     // Cancelling again answers the final record as it is.
     let again = a.client().cancel_migration(m.id).await.unwrap();
     assert_eq!(again.phase, Phase::Cancelled);
@@ -690,6 +773,13 @@ async fn refused_migrations_leave_nothing_on_either_host() {
         q35.replace("tcg = \"qemu64\"", "tcg = \"max\""),
     )
     .unwrap();
+    // A profile whose disks are NVMe controllers, which QEMU cannot
+    // migrate (a migration blocker QEMU reports itself).
+    std::fs::write(
+        profiles.path().join("nvmedisks.toml"),
+        q35.replace("disk = \"virtio-blk-pci\"", "disk = \"nvme\""),
+    )
+    .unwrap();
     let profile_dir = profiles.path().to_str().unwrap();
     let hosts = TwoHosts::start_with(
         &[("VMLET_PROFILE_DIR", profile_dir)],
@@ -718,10 +808,29 @@ async fn refused_migrations_leave_nothing_on_either_host() {
     let max_vm = create_vm(&a.daemon, &spec).await;
     let max_id = id_of(&max_vm);
     a.client().start(&max_id).await.unwrap();
-    for uuid in [uuid, uuid_of(&max_vm)] {
+    // And one with an NVMe disk.
+    let mut spec = guest_spec_json(&unique_name("nvme"), "guest.action=hold");
+    spec["profile"] = json!("nvmedisks");
+    spec["disks"] = json!([{"name": "data", "size_mib": 8, "serial": "blocker1"}]);
+    let nvme_vm = create_vm(&a.daemon, &spec).await;
+    let nvme_id = id_of(&nvme_vm);
+    a.client().start(&nvme_id).await.unwrap();
+    for uuid in [uuid, uuid_of(&max_vm), uuid_of(&nvme_vm)] {
         common::wait_for_line(&a.daemon.serial_log(uuid), "GUEST-READY", BOOT_TIMEOUT).await;
     }
+
     let to_b = request_to(b.target());
+
+    // QEMU's own migration blockers: 409 naming the device, refused on
+    // the source before the target is asked.
+    let (status, code, message) = refused(a, &nvme_id, &to_b).await;
+    assert_eq!((status, code.as_str()), (409, "conflict"), "{message}");
+    assert!(
+        message.contains("QEMU cannot migrate") && message.contains("nvme"),
+        "{message}"
+    );
+    assert_runs_on(a, uuid_of(&nvme_vm)).await;
+    assert_eq!(a.vm(uuid_of(&nvme_vm)).await["task"], Value::Null);
 
     // A malformed request names its field.
     let answer = call(
@@ -740,6 +849,26 @@ async fn refused_migrations_leave_nothing_on_either_host() {
     assert!(message.contains(&image), "{message}");
     assert_nothing_made(&hosts, uuid, mac).await;
 
+    // An image of that name on B, but other data (its sha256 differs): an
+    // overlay there would read other blocks. 422 naming the image.
+    common::two_hosts::make_image(b.import.path(), "other.qcow2", "32M");
+    b.import_image(&image, "other.qcow2").await;
+    let (status, code, message) = refused(a, &id, &to_b).await;
+    assert_eq!((status, code.as_str()), (422, "invalid_spec"), "{message}");
+    assert!(
+        message.contains(&image) && message.contains("sha256"),
+        "{message}"
+    );
+    assert_nothing_made(&hosts, uuid, mac).await;
+    expect(
+        &b.daemon,
+        Method::DELETE,
+        &format!("/v1/images/{image}"),
+        None,
+        204,
+    )
+    .await;
+
     // The same image on B, but B has too little memory: 409 naming it.
     std::fs::copy(&file, b.import.path().join("same.qcow2")).unwrap();
     b.import_image(&image, "same.qcow2").await;
@@ -747,6 +876,35 @@ async fn refused_migrations_leave_nothing_on_either_host() {
     assert_eq!((status, code.as_str()), (409, "conflict"), "{message}");
     assert!(message.contains("memory"), "{message}");
     assert_nothing_made(&hosts, uuid, mac).await;
+
+    // A VM of the same name on B, then one with the same UUID (small, so
+    // they fit B): 409 naming what is taken, checked before B's capacity.
+    let name = vm["name"].as_str().unwrap().to_string();
+    let mut same_name = guest_spec_json(&name, "guest.action=hold");
+    same_name["memory_mib"] = json!(64);
+    let mut same_uuid = guest_spec_json(&unique_name("twin"), "guest.action=hold");
+    same_uuid["memory_mib"] = json!(64);
+    for (spec, named, with_uuid) in [
+        (same_name, name.clone(), false),
+        (same_uuid, uuid.to_string(), true),
+    ] {
+        let twin = if with_uuid {
+            let path = format!("/v1/vms/{uuid}");
+            expect(&b.daemon, Method::PUT, &path, Some(&spec), 201).await
+        } else {
+            create_vm(&b.daemon, &spec).await
+        };
+        let (status, code, message) = refused(a, &id, &to_b).await;
+        assert_eq!((status, code.as_str()), (409, "conflict"), "{message}");
+        assert!(message.contains(&named), "{message}");
+        for host in [a, b] {
+            let listed = host.client().list_migrations().await.unwrap();
+            assert!(listed.is_empty(), "migrations on {}: {listed:?}", host.url);
+        }
+        assert_runs_on(a, uuid).await;
+        common::api::force_delete_vm(&b.daemon, &id_of(&twin)).await;
+        assert_nothing_made(&hosts, uuid, mac).await;
+    }
 
     // A wrong token: B's 401 comes back as the target's failure.
     let wrong = MigrationTarget {
@@ -922,5 +1080,303 @@ async fn the_target_daemon_killed_mid_migration_leaves_the_guest_on_the_source()
         .assert_clean_of(guest.uuid, Some(&guest.mac), Some(&guest.volume))
         .await;
     assert_counting_on(&hosts.a, guest.uuid, at_kill, &marks).await;
+    assert_one_copy(&hosts, guest.uuid).await;
+}
+
+// ---- f. a frozen target, and a cancel on the target's side ---------------------------
+
+/// Stops a process with SIGSTOP; lets it go on (SIGCONT) when dropped, so a
+/// failing test never leaves a frozen daemon behind.
+struct Frozen(i32);
+
+impl Frozen {
+    fn freeze(pid: i32) -> Frozen {
+        signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|e| panic!("{signal} to {pid}: {e}"));
+}
+
+/// The stall timeout of A's daemon in the test below: short, so the test
+/// does not wait the default minute.
+const STALL_TIMEOUT_S: u64 = 5;
+
+#[tokio::test]
+async fn a_frozen_target_stalls_the_migration_and_a_cancel_on_the_target_rolls_back() {
+    if cannot_run("a_frozen_target_stalls_the_migration_and_a_cancel_on_the_target_rolls_back") {
+        return;
+    }
+    let stall = STALL_TIMEOUT_S.to_string();
+    let hosts = TwoHosts::start_with(&[("VMLET_MIGRATION_STALL_TIMEOUT_S", &stall)], &[]).await;
+    let (a, b) = (&hosts.a, &hosts.b);
+    let image = unique_name("img");
+    hosts.import_image_on_both(&image, "64M").await;
+    let guest = counting_guest(&hosts, &image, 15).await;
+    let marks = Console::read(a, guest.uuid).marks;
+
+    // B's daemon freezes in the RAM phase (a host that hangs, or whose
+    // network silently drops everything): its end of the streams stops
+    // reading, so nothing moves any more.
+    let m = migrate(a, b, &guest, Some(CRAWL_MIB_S)).await;
+    a.wait_phase(m.id, Phase::Ram, RAM_PHASE_TIMEOUT).await;
+    let frozen = Frozen::freeze(b.daemon.pid());
+    let frozen_at = std::time::Instant::now();
+    let failed = a.wait_final(m.id, MIGRATION_TIMEOUT).await;
+    let waited = frozen_at.elapsed();
+    assert_ended(&failed, Phase::Failed, Role::Source, guest.uuid);
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(error.contains("stalled"), "{failed:?}");
+    assert!(
+        waited >= Duration::from_secs(STALL_TIMEOUT_S),
+        "failed after {waited:?}, before the stall timeout: {failed:?}"
+    );
+    // The guest never stopped running on A, and is A's again.
+    assert_runs_on(a, guest.uuid).await;
+    let at_stall = Console::read(a, guest.uuid).last();
+    assert_counting_on(a, guest.uuid, at_stall, &marks).await;
+
+    // B wakes up: it finds its streams closed (or the source's cancel) and
+    // removes everything it made.
+    drop(frozen);
+    let there = b.wait_final(m.id, MIGRATION_TIMEOUT).await;
+    assert!(
+        matches!(there.phase, Phase::Cancelled | Phase::Failed),
+        "{there:?}"
+    );
+    assert_ended(&there, there.phase, Role::Target, guest.uuid);
+    wait_until(
+        "the target's QEMU to go",
+        Duration::from_secs(30),
+        || async { b.qemus(guest.uuid).is_empty().then_some(()) },
+    )
+    .await;
+    b.assert_clean_of(guest.uuid, Some(&guest.mac), Some(&guest.volume))
+        .await;
+    assert_eq!(memory_allocated(b).await, 0, "B released the room it held");
+    assert_one_copy(&hosts, guest.uuid).await;
+
+    // A cancel on the target's side: B stops its QEMU, the streams break,
+    // and the source resumes the guest.
+    let m = migrate(a, b, &guest, Some(CRAWL_MIB_S)).await;
+    a.wait_phase(m.id, Phase::Ram, RAM_PHASE_TIMEOUT).await;
+    let at_cancel = Console::read(a, guest.uuid).last();
+    let answer = b.client().cancel_migration(m.id).await.unwrap();
+    assert_eq!((answer.id, answer.role), (m.id, Role::Target));
+    let there = b.wait_final(m.id, MIGRATION_TIMEOUT).await;
+    assert_ended(&there, Phase::Cancelled, Role::Target, guest.uuid);
+    let here = a.wait_final(m.id, MIGRATION_TIMEOUT).await;
+    assert_ended(&here, Phase::Failed, Role::Source, guest.uuid);
+    assert_runs_on(a, guest.uuid).await;
+    assert_counting_on(a, guest.uuid, at_cancel, &marks).await;
+    b.assert_clean_of(guest.uuid, Some(&guest.mac), Some(&guest.volume))
+        .await;
+    assert_one_copy(&hosts, guest.uuid).await;
+
+    // After both, a migration goes through.
+    let problems = move_and_check(a, b, &guest, &marks).await;
+    assert_one_copy(&hosts, guest.uuid).await;
+    assert_no_problems(&problems);
+}
+
+// ---- g. restarts at the switch ---------------------------------------------------------
+
+/// Kills process `pid` when dropped if it is still the process that
+/// started at `start` (a QEMU a test left without a daemon to stop it).
+struct KillOnDrop(i32, Option<u64>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if vmlet::qemu::process::start_time(self.0) == self.1 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The target's commit point is the arriving VM's saved record, not its
+/// `switchover` phase (written just before it): a target daemon killed
+/// between the two finds the phase without the VM at restart, and the
+/// guest is still the source's. It must stop the QEMU it made and end the
+/// migration failed (so the source resumes the guest), never report it
+/// completed with the QEMU left running.
+///
+/// The state is the one the daemon writes: a real VM's record and its
+/// running QEMU (started by this daemon), the record removed and a
+/// migration record as `target.rs` saves it in `switchover` put in place
+/// while the daemon is down.
+#[tokio::test]
+async fn a_target_restarted_at_the_switch_before_saving_the_vm_rolls_back() {
+    if cannot_run("a_target_restarted_at_the_switch_before_saving_the_vm_rolls_back") {
+        return;
+    }
+    let mut d = common::daemon::Daemon::start().await;
+    let mut spec = guest_spec_json(&unique_name("arrive"), "guest.action=hold");
+    spec["disks"] = json!([{"name": "data", "size_mib": 8}]);
+    let vm = create_vm(&d, &spec).await;
+    let (id, uuid) = (id_of(&vm), uuid_of(&vm));
+    d.client.start(&id).await.unwrap();
+    common::wait_for_line(&d.serial_log(uuid), "GUEST-READY", BOOT_TIMEOUT).await;
+    let pids = d.qemu_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let start = vmlet::qemu::process::start_time(pids[0]);
+    assert!(start.is_some());
+    let _qemu = KillOnDrop(pids[0], start);
+    let mut record: Value =
+        serde_json::from_slice(&std::fs::read(d.record(uuid)).unwrap()).unwrap();
+    let record_map = record.as_object_mut().unwrap();
+    record_map.remove("version");
+    record_map.remove("host_boot_id");
+
+    d.kill();
+    std::fs::remove_file(d.record(uuid)).unwrap();
+    let migration = Migration {
+        id: Uuid::new_v4(),
+        vm: uuid,
+        vm_name: vm["name"].as_str().unwrap().to_string(),
+        role: Role::Target,
+        source: "elsewhere".into(),
+        target: "here".into(),
+        phase: Phase::Switchover,
+        started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        finished_at: None,
+        max_downtime_ms: 300,
+        max_bandwidth_mib_s: None,
+        progress: Default::default(),
+        downtime_ms: None,
+        total_ms: None,
+        error: None,
+    };
+    let file = json!({
+        "migration": migration,
+        "vm": record,
+        "qemu": [pids[0], start.unwrap()],
+    });
+    let dir = d.state_dir.join("migrations");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{}.json", migration.id)),
+        serde_json::to_vec_pretty(&file).unwrap(),
+    )
+    .unwrap();
+
+    d.start_again().await;
+    let ended = common::daemon::wait_for_migration(&d.client, migration.id).await;
+    assert_ended(&ended, Phase::Failed, Role::Target, uuid);
+    assert!(
+        ended.error.as_deref().unwrap().contains("restarted"),
+        "{ended:?}"
+    );
+    wait_until(
+        "the arriving QEMU to go",
+        Duration::from_secs(30),
+        || async { (vmlet::qemu::process::start_time(pids[0]) != start).then_some(()) },
+    )
+    .await;
+    let (status, body) = call(&d, Method::GET, &format!("/v1/vms/{uuid}"), None).await;
+    assert_eq!(status, 404, "{body}");
+    let vm_dir = d.state_dir.join("vms").join(uuid.to_string());
+    assert!(!vm_dir.exists(), "{} is left", vm_dir.display());
+}
+
+/// The source daemon SIGKILLed once its QEMU completed and it is handing
+/// the guest over (its record reads `switchover` with the total time
+/// measured): at restart it asks the target, which runs the guest, and
+/// removes its own copy (roll forward). Exactly one copy runs, on the
+/// target (or, when the kill cut the last bytes of the memory stream, on
+/// the source: the test says which path ran).
+#[tokio::test]
+async fn the_source_daemon_killed_at_the_switch_rolls_forward_at_restart() {
+    if cannot_run("the_source_daemon_killed_at_the_switch_rolls_forward_at_restart") {
+        return;
+    }
+    let mut hosts = TwoHosts::start().await;
+    let image = unique_name("img");
+    hosts.import_image_on_both(&image, "64M").await;
+    let guest = counting_guest(&hosts, &image, 16).await;
+    let marks = Console::read(&hosts.a, guest.uuid).marks;
+    let at_start = Console::read(&hosts.a, guest.uuid).last();
+
+    let m = migrate(&hosts.a, &hosts.b, &guest, None).await;
+    let record = hosts
+        .a
+        .daemon
+        .state_dir
+        .join("migrations")
+        .join(format!("{}.json", m.id));
+    // Watch the record closely: the window between QEMU's completion and
+    // the target's answer is short.
+    let seen = tokio::time::timeout(MIGRATION_TIMEOUT, async {
+        loop {
+            let phase = std::fs::read(&record)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .map(|v| {
+                    (
+                        v["migration"]["phase"].as_str().unwrap_or("").to_string(),
+                        v["migration"]["total_ms"].is_u64(),
+                    )
+                });
+            match phase {
+                Some((phase, true)) if phase == "switchover" => return phase,
+                Some((phase, _))
+                    if matches!(phase.as_str(), "completed" | "failed" | "cancelled") =>
+                {
+                    return phase
+                }
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    })
+    .await
+    .expect("the migration reached neither its switch nor its end");
+    hosts.a.daemon.kill();
+    let path = if seen == "switchover" {
+        "killed while handing over: the restart settles it"
+    } else {
+        "missed the window: the migration ended before the kill"
+    };
+    eprintln!("PATH: source record read {seen:?} at the kill ({path})");
+    assert_ne!(seen, "failed", "the migration failed by itself");
+
+    hosts.a.daemon.start_again().await;
+    let here = hosts.a.wait_final(m.id, MIGRATION_TIMEOUT).await;
+    let there = hosts.b.wait_final(m.id, MIGRATION_TIMEOUT).await;
+    // The source's daemon relays the memory stream: killed right after its
+    // QEMU completed, it may have died before the last bytes went out. Then
+    // the target never had the whole guest, refuses the switch, and the
+    // restarted source resumes it (roll back); else the target runs it
+    // (roll forward). Either way exactly one copy runs.
+    let (owner, other) = if there.phase == Phase::Completed {
+        eprintln!("PATH: the target had the whole guest: rolled forward to it");
+        (&hosts.b, &hosts.a)
+    } else {
+        eprintln!("PATH: the last bytes never reached the target: rolled back to the source");
+        assert_eq!(seen, "switchover", "{there:?}");
+        (&hosts.a, &hosts.b)
+    };
+    let phase = there.phase;
+    assert_ended(&here, phase, Role::Source, guest.uuid);
+    assert_ended(&there, phase, Role::Target, guest.uuid);
+    assert_runs_on(owner, guest.uuid).await;
+    assert_counting_on(owner, guest.uuid, at_start, &marks).await;
+    wait_until("the other QEMU to go", Duration::from_secs(30), || async {
+        other.qemus(guest.uuid).is_empty().then_some(())
+    })
+    .await;
+    other
+        .assert_clean_of(guest.uuid, Some(&guest.mac), Some(&guest.volume))
+        .await;
     assert_one_copy(&hosts, guest.uuid).await;
 }

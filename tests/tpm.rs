@@ -1,6 +1,7 @@
 //! The virtual TPM through the real daemon, with real `swtpm` and QEMU
-//! (TCG): the guest sees a TPM 2.0 (`/dev/tpm0`); `swtpm` runs as the VM's
-//! uid, jailed, never as root; its state survives a stop and start (the
+//! (TCG): the guest sees a TPM 2.0 (`/dev/tpm0`) and reads a PCR from it;
+//! `swtpm` runs as the VM's uid, never as root, jailed, in the VM's cgroup,
+//! without capabilities, with `no_new_privs` and its seccomp filter; its state survives a stop and start (the
 //! TPM's persistent resetCount goes up) and a daemon restart (the same
 //! `swtpm` is found again while the VM keeps running); the state moves with
 //! a live migration (QEMU carries it to the target's fresh `swtpm`);
@@ -88,6 +89,45 @@ fn uid_of(pid: i32) -> u32 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Field `key` of `/proc/PID/status` (its value, trimmed).
+fn status_field(pid: i32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{status}"))
+        .trim()
+        .to_string()
+}
+
+/// `/proc/PID/cgroup`: every hierarchy's cgroup of `pid`.
+fn cgroups_of(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap()
+}
+
+/// The `pcr0_sha256` of every `GUEST-TPM` line in the serial log, in order:
+/// the guest's TPM2_PCR_Read of PCR 0 (SHA-256 bank), which the guest
+/// gives only for a response code of 0 with the selection it asked for and
+/// one 32-byte digest.
+fn pcr0_digests(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split("GUEST-TPM ").nth(1))
+        .map(|rest| {
+            let digest = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("pcr0_sha256="))
+                .unwrap_or_else(|| panic!("no pcr0_sha256 in {rest}"));
+            assert!(
+                digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+                "TPM2_PCR_Read of PCR 0 (sha256) failed in the guest: {rest}"
+            );
+            digest.to_string()
+        })
+        .collect()
+}
+
 fn tpm_dir(d: &Daemon, id: Uuid) -> PathBuf {
     d.state_dir.join("vms").join(id.to_string()).join("tpm")
 }
@@ -172,9 +212,41 @@ async fn tpm_is_seen_by_the_guest_persists_and_follows_the_vm() {
         !Path::new(&format!("/proc/{swtpm}/root/etc/passwd")).exists(),
         "swtpm is jailed: it sees no /etc"
     );
+    // In the VM's cgroup (the same as its QEMU's in every hierarchy, below
+    // this daemon's cgroup root), not the daemon's.
+    let cgroups = cgroups_of(swtpm);
+    assert_eq!(cgroups, cgroups_of(qemu), "swtpm is in its VM's cgroup");
+    assert_ne!(cgroups, cgroups_of(d.pid()), "not in the daemon's cgroup");
+    assert!(
+        cgroups.contains(&format!("{}/{id}", d.cgroup_root)),
+        "the VM's cgroup below the daemon's root {}: {cgroups}",
+        d.cgroup_root
+    );
+    // No capabilities, no_new_privs, and swtpm's own seccomp filter
+    // (mode 2, a filter), asked for explicitly.
+    assert_eq!(
+        status_field(swtpm, "CapEff"),
+        "0000000000000000",
+        "swtpm has no capabilities"
+    );
+    assert_eq!(status_field(swtpm, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(swtpm, "NoNewPrivs"), "1");
+    assert_eq!(status_field(swtpm, "Seccomp"), "2", "swtpm runs filtered");
+    let cmdline = std::fs::read(format!("/proc/{swtpm}/cmdline")).unwrap();
+    assert!(
+        cmdline
+            .split(|b| *b == 0)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w == [&b"--seccomp"[..], &b"action=kill"[..]]),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
     wait_for_count(&log, "GUEST-TPM", 1, BOOT_TIMEOUT).await;
     let first = reset_counts(&log);
     assert_eq!(first.len(), 1);
+    // The guest read PCR 0 of the SHA-256 bank through /dev/tpm0.
+    assert_eq!(pcr0_digests(&log).len(), 1);
     let state = tpm_dir(&d, id);
     assert!(
         state.join("tpm2-00.permall").is_file(),
@@ -236,6 +308,7 @@ async fn tpm_is_seen_by_the_guest_persists_and_follows_the_vm() {
         counts[1] > counts[0],
         "the TPM state survived the restart: reset counts {counts:?}"
     );
+    assert_eq!(pcr0_digests(&log).len(), 2, "a PCR read at every boot");
 
     // Delete (forced, while running): swtpm and its state go.
     d.client
@@ -332,5 +405,6 @@ async fn the_tpm_state_moves_with_a_live_migration() {
     wait_for_count(&log, "GUEST-TPM", 1, BOOT_TIMEOUT).await;
     let after = *reset_counts(&log).last().unwrap();
     assert_eq!(after, before + 1, "the TPM state moved with the VM");
+    assert_eq!(pcr0_digests(&log).len(), 1, "the guest reads a PCR on B");
     common::api::force_delete_vm(b, &id.to_string()).await;
 }

@@ -169,6 +169,9 @@ async fn accept(listener: &Listener) -> io::Result<Stream> {
             let (stream, _) = l.accept().await?;
             // Small JSON answers go out at once.
             let _ = stream.set_nodelay(true);
+            // A client host that vanishes (a migration's source among
+            // them) ends its connections instead of holding them forever.
+            crate::client::keep_alive(&stream);
             Ok(Stream::Tcp(stream))
         }
         Listener::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),

@@ -25,9 +25,11 @@ pub struct MigrateArgs {
     /// The target daemon's TCP API: `http://HOST:PORT` or `https://HOST:PORT`.
     #[arg(long, value_name = "URL")]
     pub to: String,
-    /// File holding the target daemon's bearer token. Without it, the
-    /// global --token-file is used when this daemon is reached over its
-    /// unix socket (which needs no token of its own).
+    /// File holding the target daemon's bearer token. When this daemon is
+    /// reached over its unix socket (which needs no token of its own),
+    /// `--token-file FILE` names it as well: `vmlet vm migrate VM --to URL
+    /// --token-file FILE`. With `--url`, `--token-file` is this daemon's
+    /// token, and the target's needs this option.
     #[arg(long, value_name = "FILE")]
     pub target_token_file: Option<PathBuf>,
     /// The longest pause of the guest at the switch, in milliseconds
@@ -71,7 +73,11 @@ pub async fn run_migrate(
         (None, None, Some(file)) => file.clone(),
         _ => {
             return Err(CliError::Edit(
-                "give the target daemon's token: --target-token-file FILE".into(),
+                match opts.url {
+                    None => "give the target daemon's token: --token-file FILE (or --target-token-file FILE)",
+                    Some(_) => "give the target daemon's token: --target-token-file FILE (--token-file is this daemon's with --url)",
+                }
+                .into(),
             ))
         }
     };

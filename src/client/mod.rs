@@ -49,7 +49,7 @@ pub use hyper::Method;
 pub use migrations::STREAM_PROTOCOL;
 pub use paths::check_segment;
 pub use sse::{decode_event, EventStream, SseMessage, SseParser};
-pub use transport::RawResponse;
+pub use transport::{keep_alive, RawResponse};
 pub use upgrade::Upgraded;
 
 /// What went wrong talking to the daemon.

@@ -331,6 +331,7 @@ impl Client {
                     .map_err(connect_error)?;
                 // Requests are small and latency matters more than packets.
                 let _ = stream.set_nodelay(true);
+                keep_alive(&stream);
                 match self.tls_config(&target)? {
                     Some(config) => {
                         let endpoint = self.endpoint.to_string();
@@ -437,5 +438,102 @@ mod tests {
         assert_eq!(e.to_string(), "404 http_error: Not Found");
         assert!(raw(200, "{}").api_error().is_none());
         assert_eq!(raw(204, "").json().unwrap(), Value::Null);
+    }
+}
+
+/// Seconds a TCP connection may sit idle before the kernel probes the peer.
+const KEEPALIVE_IDLE_S: libc::c_int = 15;
+/// Seconds between probes.
+const KEEPALIVE_INTERVAL_S: libc::c_int = 5;
+/// Unanswered probes after which the connection is dead.
+const KEEPALIVE_PROBES: libc::c_int = 4;
+/// Milliseconds sent data may stay unacknowledged (a peer that is gone,
+/// or frozen with a full receive window) before the connection is dead.
+const USER_TIMEOUT_MS: libc::c_int = 60_000;
+
+/// Turns on TCP keepalive (probes after 15 s idle, every 5 s, 4 of them)
+/// and a 60 s `TCP_USER_TIMEOUT` on `stream`, so a host on the other end
+/// that vanishes without closing (powered off, its network cut) ends the
+/// connection within about a minute instead of never: a migration stream
+/// or a call to another daemon then fails instead of waiting forever.
+/// Best effort: a refused option leaves the connection as it was.
+pub fn keep_alive(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, USER_TIMEOUT_MS),
+    ] {
+        // SAFETY: `fd` is the stream's open socket for this whole call, and
+        // the option value is a c_int that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), name, "could not set a TCP keepalive option");
+        }
+    }
+}
+
+#[cfg(test)]
+mod keep_alive_tests {
+    use super::*;
+
+    fn option(
+        stream: &tokio::net::TcpStream,
+        level: libc::c_int,
+        name: libc::c_int,
+    ) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: reads one c_int option of an open socket into `value`.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        value
+    }
+
+    #[tokio::test]
+    async fn connections_get_keepalive_and_a_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(option(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+        keep_alive(&stream);
+        assert_eq!(option(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(
+            option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            KEEPALIVE_IDLE_S
+        );
+        assert_eq!(
+            option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            KEEPALIVE_INTERVAL_S
+        );
+        assert_eq!(
+            option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            KEEPALIVE_PROBES
+        );
+        assert_eq!(
+            option(&stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            USER_TIMEOUT_MS
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! Prometheus metrics, served at `GET /metrics` in the text format
 //! (version 0.0.4): a small encoder and the daemon's own counters and
 //! histograms (API request latency, QMP command latency and timeouts). A
-//! leaf: `qemu/qmp.rs` records into it; the scrape that adds host and
+//! leaf: `qemu/qmp/` records into it; the scrape that adds host and
 //! per-VM series lives with the VMs (`vm/scrape.rs`).
 //!
 //! The daemon's series live in `static`s that any module may update

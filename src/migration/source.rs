@@ -43,6 +43,109 @@ struct CopiedDisk {
     mode: CopyMode,
 }
 
+/// The limits of a migration before its switch (`[migration]`).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// How long the copies may make no progress.
+    stall: Option<Duration>,
+    /// How long the migration may take until its switch.
+    deadline: Option<Duration>,
+}
+
+impl Limits {
+    fn of(settings: &crate::config::MigrationSettings) -> Limits {
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        Limits {
+            stall: secs(settings.stall_timeout_s),
+            deadline: secs(settings.deadline_s),
+        }
+    }
+}
+
+/// Notices copies that stopped moving: the bytes copied so far, observed
+/// at times counted from any fixed start.
+#[derive(Debug, Clone, Copy)]
+struct StallWatch {
+    limit: Option<Duration>,
+    bytes: u64,
+    since: Duration,
+}
+
+impl StallWatch {
+    fn new(limit: Option<Duration>, now: Duration) -> StallWatch {
+        StallWatch {
+            limit,
+            bytes: 0,
+            since: now,
+        }
+    }
+
+    /// Observes `bytes` copied so far at `now`; returns how long nothing
+    /// moved once that reached the limit.
+    fn observe(&mut self, bytes: u64, now: Duration) -> Option<Duration> {
+        if bytes != self.bytes {
+            self.bytes = bytes;
+            self.since = now;
+            return None;
+        }
+        let still = now.saturating_sub(self.since);
+        self.limit.filter(|limit| still >= *limit).map(|_| still)
+    }
+}
+
+/// How far the downtime limit may be raised for a request of
+/// `requested_ms`: [`RAISE_UP_TO`] times it, within the API's maximum.
+fn raise_ceiling(requested_ms: u64) -> u64 {
+    requested_ms
+        .saturating_mul(RAISE_UP_TO)
+        .min(crate::spec::MAX_MAX_DOWNTIME_MS)
+}
+
+/// Whether memory converges, and the downtime limit it is allowed: memory
+/// that does not shrink to half over two more passes (QEMU's dirty-page
+/// syncs) gets twice the pause, at most every [`RAISE_EVERY`], up to a
+/// ceiling. Pure: the caller says the time and what QEMU reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Convergence {
+    /// The limit in force, in milliseconds.
+    downtime: u64,
+    /// When it was last raised (or the copy began).
+    raised_at: Duration,
+    /// QEMU's pass count and remaining bytes then; `None` until QEMU
+    /// finished its first pass.
+    baseline: Option<(u64, u64)>,
+}
+
+impl Convergence {
+    fn new(downtime: u64) -> Convergence {
+        Convergence {
+            downtime,
+            raised_at: Duration::ZERO,
+            baseline: None,
+        }
+    }
+
+    /// Observes QEMU's `passes` and `remaining` bytes at `now` (time since
+    /// the memory copy began); returns the new limit when it is to be
+    /// raised.
+    fn observe(&mut self, now: Duration, passes: u64, remaining: u64, ceiling: u64) -> Option<u64> {
+        let Some((passes_then, remaining_then)) = self.baseline else {
+            if passes > 0 {
+                self.baseline = Some((passes, remaining));
+            }
+            return None;
+        };
+        let stuck = passes >= passes_then + 2 && remaining >= remaining_then / 2;
+        if !stuck || now.saturating_sub(self.raised_at) < RAISE_EVERY || self.downtime >= ceiling {
+            return None;
+        }
+        self.downtime = self.downtime.saturating_mul(2).min(ceiling);
+        self.raised_at = now;
+        self.baseline = Some((passes, remaining));
+        Some(self.downtime)
+    }
+}
+
 /// What the running source flow holds.
 struct Run {
     id: Uuid,
@@ -56,6 +159,10 @@ struct Run {
     /// The byte-stream tasks (one per disk, one for the memory).
     joins: Vec<JoinHandle<()>>,
     started: Instant,
+    /// The copies stopped moving: the streams are cut before rolling back
+    /// (QEMU's cancel waits for requests in flight, which a frozen peer
+    /// never answers).
+    stalled: bool,
 }
 
 impl Migrations {
@@ -195,6 +302,7 @@ impl Migrations {
                 .collect(),
             joins: Vec::new(),
             started: Instant::now(),
+            stalled: false,
         };
         let migrations = self.clone();
         tokio::spawn(async move { migrations.run_source(run, cancelled).await });
@@ -300,13 +408,16 @@ impl Migrations {
                     e.to_string()
                 };
                 tracing::warn!(id = %run.id, error = %e, "migration failed before the switch: rolling back");
+                if run.stalled {
+                    for join in &run.joins {
+                        join.abort();
+                    }
+                }
                 roll_back(&run.qmp, &run.disks).await;
                 for join in &run.joins {
                     join.abort();
                 }
                 self.remove_sockets(&run);
-                let _ =
-                    tokio::time::timeout(CALL_DEADLINE, run.peer.cancel_migration(run.id)).await;
                 let status = run_state(&run.qmp).await;
                 if let Err(e) = self
                     .manager()
@@ -316,6 +427,21 @@ impl Migrations {
                     tracing::error!(id = %run.id, error = %e, "could not settle the VM after a failed migration");
                 }
                 self.end(run.id, phase, message);
+                // The guest runs here again whatever the target says: a
+                // target that froze must not hold the VM busy here. It
+                // also gives up by itself when the streams close.
+                let (peer, id) = (run.peer.clone(), run.id);
+                tokio::spawn(async move {
+                    match tokio::time::timeout(CALL_DEADLINE, peer.cancel_migration(id)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(%id, error = %e, "could not tell the target the migration ended")
+                        }
+                        Err(_) => {
+                            tracing::debug!(%id, "the target did not answer the cancel in time")
+                        }
+                    }
+                });
             }
         }
     }
@@ -358,13 +484,17 @@ impl Migrations {
             )
             .await?;
         }
+        let limits = Limits::of(&self.manager().context().settings.migration);
         // Disks first, until each copy is in step; then every guest write
         // waits for the target too, so they stay in step whatever it writes.
+        let mut stall = StallWatch::new(limits.stall, run.started.elapsed());
         loop {
             let mirrors = self.poll_mirrors(run).await?;
             if mirrors.iter().all(|m| m.is_ready()) {
                 break;
             }
+            let moved = mirrors.iter().map(|m| m.done).sum();
+            self.check_limits(run, &limits, &mut stall, moved, "copying the disks")?;
             if sleep_or_cancel(cancelled, POLL).await {
                 return Err(MigrationError::Failed("cancelled".into()));
             }
@@ -389,12 +519,13 @@ impl Migrations {
             bandwidth,
         )
         .await?;
-        let mut last_raise = Instant::now();
-        let mut passes_at_raise = 0;
-        let mut remaining_at_raise = u64::MAX;
+        let ram_started = Instant::now();
+        let mut convergence = Convergence::new(downtime);
+        let ceiling = raise_ceiling(run.request.max_downtime_ms);
+        let mut stall = StallWatch::new(limits.stall, run.started.elapsed());
         loop {
             let ram = qmig::ram(&run.qmp).await?;
-            self.poll_mirrors_with(run, &ram).await?;
+            let mirrors = self.poll_mirrors_with(run, &ram).await?;
             if ram.failed() {
                 return Err(MigrationError::Failed(format!(
                     "QEMU's migration {}: {}",
@@ -405,24 +536,14 @@ impl Migrations {
             if ram.status == "pre-switchover" {
                 break;
             }
-            // Memory that does not shrink over passes: allow a longer
-            // pause, stepwise, as far as 10× what was asked for.
-            let ceiling =
-                (run.request.max_downtime_ms * RAISE_UP_TO).min(crate::spec::MAX_MAX_DOWNTIME_MS);
-            if last_raise.elapsed() >= RAISE_EVERY
-                && ram.passes >= passes_at_raise + 2
-                && ram.remaining >= remaining_at_raise / 2
-                && downtime < ceiling
+            let moved = ram.transferred + mirrors.iter().map(|m| m.done).sum::<u64>();
+            self.check_limits(run, &limits, &mut stall, moved, "copying the memory")?;
+            if let Some(raised) =
+                convergence.observe(ram_started.elapsed(), ram.passes, ram.remaining, ceiling)
             {
-                downtime = (downtime * 2).min(ceiling);
+                downtime = raised;
                 tracing::info!(id = %run.id, downtime_ms = downtime, "memory does not converge: raising the downtime limit");
                 qmig::set_downtime(&run.qmp, downtime).await?;
-                last_raise = Instant::now();
-                passes_at_raise = ram.passes;
-                remaining_at_raise = ram.remaining;
-            } else if remaining_at_raise == u64::MAX && ram.passes > 0 {
-                passes_at_raise = ram.passes;
-                remaining_at_raise = ram.remaining;
             }
             if sleep_or_cancel(cancelled, POLL).await {
                 return Err(MigrationError::Failed("cancelled".into()));
@@ -437,6 +558,14 @@ impl Migrations {
         }
         self.set_phase(run.id, Phase::Switchover);
         qmig::continue_switchover(&run.qmp).await?;
+        // The target runs nothing before it is told (`hand_over`): a last
+        // transfer that stops moving may still roll back (the deadline no
+        // longer applies: the guest is paused, finishing is quickest).
+        let no_deadline = Limits {
+            deadline: None,
+            ..limits
+        };
+        let mut stall = StallWatch::new(limits.stall, run.started.elapsed());
         loop {
             let ram = qmig::ram(&run.qmp).await?;
             match ram.status.as_str() {
@@ -448,9 +577,46 @@ impl Migrations {
                         ram.error.unwrap_or_default()
                     )))
                 }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ => {
+                    self.check_limits(
+                        run,
+                        &no_deadline,
+                        &mut stall,
+                        ram.transferred,
+                        "at the switch",
+                    )?;
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
             }
         }
+    }
+
+    /// Fails the migration when its copies stalled (`moved`, the bytes
+    /// copied so far, unchanged for the stall timeout) or it ran past its
+    /// deadline; `doing` says what it was doing.
+    fn check_limits(
+        &self,
+        run: &mut Run,
+        limits: &Limits,
+        stall: &mut StallWatch,
+        moved: u64,
+        doing: &str,
+    ) -> Result<(), MigrationError> {
+        let now = run.started.elapsed();
+        if let Some(still) = stall.observe(moved, now) {
+            run.stalled = true;
+            return Err(MigrationError::Failed(format!(
+                "the migration stalled {doing}: nothing moved for {} s (stall_timeout_s), the target host or the network between the hosts does not take more",
+                still.as_secs()
+            )));
+        }
+        if let Some(deadline) = limits.deadline.filter(|d| now >= *d) {
+            return Err(MigrationError::Failed(format!(
+                "the migration did not reach its switch within {} s (deadline_s) while {doing}",
+                deadline.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     async fn poll_mirrors(&self, run: &Run) -> Result<Vec<qmig::MirrorState>, MigrationError> {
@@ -666,5 +832,163 @@ impl Lent<'_> {
             tracing::error!(error = %settle, "could not give the VM back after a refused migration");
         }
         Err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn the_downtime_limit_is_raised_only_when_memory_stops_converging() {
+        // (what, state before, now, passes, remaining, ceiling, raised to)
+        let at = |downtime, raised_at: u64, baseline| Convergence {
+            downtime,
+            raised_at: S(raised_at),
+            baseline,
+        };
+        /// What, the state before, now (s), passes, remaining, ceiling,
+        /// the limit it is raised to.
+        type Case = (&'static str, Convergence, u64, u64, u64, u64, Option<u64>);
+        let cases: &[Case] = &[
+            (
+                "before QEMU's first pass there is nothing to compare",
+                at(300, 0, None),
+                10,
+                0,
+                1000,
+                3000,
+                None,
+            ),
+            (
+                "the first pass only sets the baseline",
+                at(300, 0, None),
+                10,
+                1,
+                1000,
+                3000,
+                None,
+            ),
+            (
+                "two more passes without halving, after the wait: doubled",
+                at(300, 0, Some((1, 1000))),
+                3,
+                3,
+                600,
+                3000,
+                Some(600),
+            ),
+            (
+                "memory that shrank below half converges: unchanged",
+                at(300, 0, Some((1, 1000))),
+                10,
+                3,
+                499,
+                3000,
+                None,
+            ),
+            (
+                "exactly half is not converging",
+                at(300, 0, Some((1, 1000))),
+                10,
+                3,
+                500,
+                3000,
+                Some(600),
+            ),
+            (
+                "one more pass is too early to judge",
+                at(300, 0, Some((1, 1000))),
+                10,
+                2,
+                1000,
+                3000,
+                None,
+            ),
+            (
+                "too soon after the last raise",
+                at(600, 8, Some((3, 1000))),
+                10,
+                9,
+                1000,
+                3000,
+                None,
+            ),
+            (
+                "the raise stops at the ceiling",
+                at(2000, 0, Some((1, 1000))),
+                10,
+                5,
+                1000,
+                3000,
+                Some(3000),
+            ),
+            (
+                "at the ceiling nothing more",
+                at(3000, 0, Some((1, 1000))),
+                10,
+                5,
+                1000,
+                3000,
+                None,
+            ),
+        ];
+        for (what, before, now, passes, remaining, ceiling, want) in cases {
+            let mut state = *before;
+            let got = state.observe(S(*now), *passes, *remaining, *ceiling);
+            assert_eq!(got, *want, "{what}");
+            match want {
+                Some(raised) => {
+                    assert_eq!(state.downtime, *raised, "{what}");
+                    assert_eq!(state.raised_at, S(*now), "{what}");
+                    assert_eq!(state.baseline, Some((*passes, *remaining)), "{what}");
+                }
+                None if before.baseline.is_some() => assert_eq!(state, *before, "{what}"),
+                None => assert_eq!(state.downtime, before.downtime, "{what}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_raise_waits_for_two_passes_after_the_last_one() {
+        let mut c = Convergence::new(300);
+        assert_eq!(c.observe(S(1), 1, 1000, 3000), None);
+        assert_eq!(c.observe(S(4), 3, 900, 3000), Some(600));
+        // The new baseline is the raise's: two more passes are needed.
+        assert_eq!(c.observe(S(8), 4, 900, 3000), None);
+        assert_eq!(c.observe(S(9), 5, 900, 3000), Some(1200));
+    }
+
+    #[test]
+    fn the_ceiling_is_ten_times_the_request_within_the_maximum() {
+        assert_eq!(raise_ceiling(300), 3000);
+        assert_eq!(raise_ceiling(10_000), crate::spec::MAX_MAX_DOWNTIME_MS);
+        assert_eq!(raise_ceiling(u64::MAX), crate::spec::MAX_MAX_DOWNTIME_MS);
+    }
+
+    #[test]
+    fn copies_stall_when_their_bytes_stop_moving_for_the_limit() {
+        let mut w = StallWatch::new(Some(S(5)), S(0));
+        assert_eq!(w.observe(0, S(4)), None, "nothing moved, but not for long");
+        assert_eq!(w.observe(0, S(5)), Some(S(5)), "nothing moved at all");
+        let mut w = StallWatch::new(Some(S(5)), S(0));
+        assert_eq!(w.observe(10, S(4)), None);
+        assert_eq!(w.observe(10, S(8)), None, "moved 4 s ago");
+        assert_eq!(w.observe(10, S(9)), Some(S(5)));
+        assert_eq!(w.observe(11, S(20)), None, "moving again");
+        let mut off = StallWatch::new(None, S(0));
+        assert_eq!(off.observe(0, S(100_000)), None, "no limit set");
+    }
+
+    #[test]
+    fn zero_turns_a_limit_off() {
+        let limits = Limits::of(&crate::config::MigrationSettings {
+            stall_timeout_s: 0,
+            deadline_s: 90,
+        });
+        assert_eq!(limits.stall, None);
+        assert_eq!(limits.deadline, Some(S(90)));
     }
 }

@@ -403,7 +403,23 @@ impl Migrations {
     /// this host's QEMU has the whole memory too, the VM becomes this
     /// host's (its record saved: from here on this host owns the guest) and
     /// runs. Asked again after it succeeded, it answers the same.
+    ///
+    /// It runs to its end even when the caller goes away half-way (the
+    /// source daemon killed, its connection cut): a finish dropped between
+    /// saving the VM and resuming it would leave the guest paused here,
+    /// and a second finish only reports.
     pub async fn finish(
+        &self,
+        id: Uuid,
+        measured: FinishRequest,
+    ) -> Result<Migration, MigrationError> {
+        let migrations = self.clone();
+        tokio::spawn(async move { migrations.finish_now(id, measured).await })
+            .await
+            .map_err(|e| MigrationError::Failed(format!("finishing migration {id}: {e}")))?
+    }
+
+    async fn finish_now(
         &self,
         id: Uuid,
         measured: FinishRequest,

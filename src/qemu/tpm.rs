@@ -101,6 +101,11 @@ pub fn log_option(uuid: Uuid) -> String {
 
 /// The arguments after the binary: `state_fd` is the state directory,
 /// `ctrl_fd` the control channel's socket.
+///
+/// `--seccomp action=kill` is swtpm's own default where it was built with
+/// libseccomp; vmlet asks for it explicitly so that a build or
+/// configuration that would run it unfiltered fails to start instead (an
+/// `swtpm` without the option refuses it).
 pub fn argv(uuid: Uuid, state_fd: i32, ctrl_fd: i32) -> Vec<String> {
     [
         "socket".to_string(),
@@ -109,6 +114,8 @@ pub fn argv(uuid: Uuid, state_fd: i32, ctrl_fd: i32) -> Vec<String> {
         format!("dir=/proc/self/fd/{state_fd}"),
         "--ctrl".into(),
         format!("type=unixio,clientfd={ctrl_fd}"),
+        "--seccomp".into(),
+        "action=kill".into(),
         "--log".into(),
         log_option(uuid),
     ]
@@ -270,6 +277,8 @@ mod tests {
                 "dir=/proc/self/fd/7",
                 "--ctrl",
                 "type=unixio,clientfd=9",
+                "--seccomp",
+                "action=kill",
                 "--log",
                 "level=1,prefix=swtpm 5b0c2d4e-8a51-4f3e-9b1c-2a7f4d6e8c10: ",
             ]

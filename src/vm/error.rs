@@ -82,6 +82,26 @@ impl From<crate::storage::StorageError> for VmError {
     }
 }
 
+impl From<crate::vm::store::StoreError> for VmError {
+    /// A VM record or directory that could not be written or removed: a
+    /// full disk is [`VmError::NoSpace`] (507), anything else a failure of
+    /// the host (503). The message is the whole chain (which file, why).
+    fn from(e: crate::vm::store::StoreError) -> VmError {
+        use crate::vm::store::StoreError as S;
+        let io = match &e {
+            S::Io { source, .. } => Some(source),
+            S::Persist(p) => Some(&p.source),
+            S::Corrupt { .. } => None,
+        };
+        let message = crate::error_chain(&e);
+        if io.is_some_and(crate::storage::is_no_space) {
+            VmError::NoSpace(message)
+        } else {
+            VmError::Failed(message)
+        }
+    }
+}
+
 impl VmError {
     /// The same failure, its message led by `what` (`start failed: …`); the
     /// kind, and so the HTTP status, stays.
@@ -128,6 +148,193 @@ impl From<crate::vm::launch::LaunchFileError> for VmError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::networks::NetworkError;
+    use crate::net::NetError;
+    use crate::qemu::hotplug::HotplugError;
+    use crate::qemu::qmp::QmpError;
+    use crate::spec::SpecError;
+    use crate::storage::StorageError;
+    use crate::vm::store::StoreError;
+    use std::io;
+    use std::time::Duration;
+
+    /// The kind a converted error has: `api/error.rs` maps each kind to
+    /// one status (`NotFound` 404, `Refused`/`Conflict` 409, `Invalid`
+    /// 422, `Failed` 503 unavailable, `Timeout` 503 timeout, `NoSpace`
+    /// 507), and tests that mapping kind by kind.
+    fn kind(e: &VmError) -> &'static str {
+        match e {
+            VmError::NotFound(_) => "NotFound",
+            VmError::Busy(_) => "Busy",
+            VmError::NotNow(_) => "NotNow",
+            VmError::Refused(_) => "Refused",
+            VmError::Conflict(_) => "Conflict",
+            VmError::Invalid(_) => "Invalid",
+            VmError::Failed(_) => "Failed",
+            VmError::Timeout(_) => "Timeout",
+            VmError::NoSpace(_) => "NoSpace",
+            VmError::StaleGeneration(_) => "StaleGeneration",
+            VmError::Gone => "Gone",
+        }
+    }
+
+    fn os(errno: i32) -> io::Error {
+        io::Error::from_raw_os_error(errno)
+    }
+
+    #[test]
+    fn leaf_errors_convert_keeping_their_kind() {
+        let netlink = |errno| NetError::Netlink {
+            op: "create bridge br0".into(),
+            errno,
+            message: "kernel said no".into(),
+        };
+        let store_io = |errno| StoreError::Io {
+            op: "removing",
+            path: "/state/vms/x".into(),
+            source: os(errno),
+        };
+        let table: Vec<(&str, VmError, &str)> = vec![
+            // Hot-plug sequences on a running QEMU.
+            ("no free port", HotplugError::NoFreePort.into(), "Refused"),
+            (
+                "QMP timeout",
+                HotplugError::Qmp {
+                    command: "device_add".into(),
+                    source: QmpError::Timeout {
+                        command: "device_add".into(),
+                        after: Duration::from_secs(5),
+                    },
+                }
+                .into(),
+                "Timeout",
+            ),
+            (
+                "device not released",
+                HotplugError::NotReleased {
+                    what: "disk data".into(),
+                    deadline: Duration::from_secs(5),
+                }
+                .into(),
+                "Timeout",
+            ),
+            ("QMP closed", HotplugError::Closed.into(), "Failed"),
+            // Images, volumes and disks.
+            (
+                "no image",
+                StorageError::NotFound("image a".into()).into(),
+                "NotFound",
+            ),
+            (
+                "image in use",
+                StorageError::Conflict("in use".into()).into(),
+                "Conflict",
+            ),
+            (
+                "bad field",
+                StorageError::field("size_mib", "too small").into(),
+                "Invalid",
+            ),
+            (
+                "backing file",
+                StorageError::Refused("backing".into()).into(),
+                "Refused",
+            ),
+            (
+                "full disk",
+                StorageError::NoSpace("full".into()).into(),
+                "NoSpace",
+            ),
+            (
+                "qemu-img failed",
+                StorageError::Failed("exit 1".into()).into(),
+                "Failed",
+            ),
+            // Networks and taps.
+            (
+                "no network",
+                NetworkError::NotFound("n".into()).into(),
+                "NotFound",
+            ),
+            (
+                "network taken",
+                NetworkError::Conflict("taken".into()).into(),
+                "Conflict",
+            ),
+            (
+                "bad network field",
+                NetworkError::Invalid(SpecError::field("name", "bad")).into(),
+                "Invalid",
+            ),
+            (
+                "not a bridge",
+                NetworkError::Net(NetError::Invalid("not a bridge".into())).into(),
+                "Conflict",
+            ),
+            (
+                "link exists",
+                NetworkError::Net(netlink(Some(libc::EEXIST))).into(),
+                "Conflict",
+            ),
+            (
+                "netlink refused",
+                NetworkError::Net(netlink(Some(libc::EPERM))).into(),
+                "Failed",
+            ),
+            (
+                "no errno",
+                NetworkError::Net(netlink(None)).into(),
+                "Failed",
+            ),
+            (
+                "record",
+                NetworkError::Failed("write".into()).into(),
+                "Failed",
+            ),
+            // VM records.
+            (
+                "record on a full disk",
+                store_io(libc::ENOSPC).into(),
+                "NoSpace",
+            ),
+            (
+                "record not removable",
+                store_io(libc::EACCES).into(),
+                "Failed",
+            ),
+            (
+                "record write on a full disk",
+                StoreError::Persist(crate::persist::PersistError {
+                    op: "writing",
+                    path: "/state/vms/x/vm.json.tmp".into(),
+                    source: io::Error::from(io::ErrorKind::StorageFull),
+                })
+                .into(),
+                "NoSpace",
+            ),
+            (
+                "corrupt record",
+                StoreError::Corrupt {
+                    path: "/state/vms/x/vm.json".into(),
+                    message: "eof".into(),
+                }
+                .into(),
+                "Failed",
+            ),
+        ];
+        for (case, error, expected) in &table {
+            assert_eq!(kind(error), *expected, "{case}: {error:?}");
+            if !matches!(error, VmError::Invalid(_)) {
+                assert!(!error.to_string().is_empty(), "{case}: no message");
+            }
+        }
+        // A full disk keeps naming the file, and stays 507 when led.
+        let led = VmError::from(store_io(libc::ENOSPC)).during("delete failed");
+        assert!(
+            matches!(&led, VmError::NoSpace(m) if m.starts_with("delete failed: removing /state/vms/x")),
+            "{led:?}"
+        );
+    }
 
     #[test]
     fn a_lead_keeps_the_kind() {

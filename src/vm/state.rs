@@ -105,6 +105,15 @@ pub fn apply(state: &mut Observed, observation: Observation) -> Option<PowerStat
     Some(to)
 }
 
+/// Makes `state` that of a VM that has just arrived by live migration:
+/// whatever its source recorded, it starts anew here as a new VM and takes
+/// [`Observation::MigratedIn`] (its QEMU holds the guest paused until it
+/// is resumed).
+pub fn arrive(state: &mut Observed) {
+    *state = Observed::NEW;
+    apply(state, Observation::MigratedIn);
+}
+
 /// The power state the API last asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -789,6 +798,15 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_arrived_vm_is_paused_whatever_its_source_recorded() {
+        for recorded in PowerState::ALL {
+            let mut state = Observed(recorded);
+            arrive(&mut state);
+            assert_eq!(state, S::Paused, "arrived with {recorded:?} recorded");
         }
     }
 

@@ -1,6 +1,10 @@
 //! Pure logic (mountinfo, limit values, paths) and both versions' file
 //! handling against fake layouts: plain directories and files standing in
 //! for the cgroupfs, pre-filled with the files the kernel would create.
+//!
+//! Why this file is long: it is tests only, and most of its lines are the
+//! fake layouts themselves (mountinfo samples, pre-filled controller
+//! files) that v1 and v2 each need in full.
 
 use std::fs;
 use std::path::{Path, PathBuf};

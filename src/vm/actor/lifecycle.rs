@@ -153,12 +153,12 @@ impl Actor {
         self.spawn_op(async move {
             if let Some((process, _)) = &rt {
                 if let Err(e) = instance::stop_process(process, None, None, StopMode::Force).await {
-                    return OpResult::Deleted(Err(error_chain(&e)));
+                    return OpResult::Deleted(Err(VmError::Failed(error_chain(&e))));
                 }
             }
             instance::remove_run_dir(&paths);
             ctx.confiner.release(id);
-            OpResult::Deleted(ctx.store.remove(id).map_err(|e| error_chain(&e)))
+            OpResult::Deleted(ctx.store.remove(id).map_err(VmError::from))
         });
     }
 
@@ -278,18 +278,19 @@ impl Actor {
             }
             OpResult::Storage { result, status } => self.on_storage_done(result, status),
             OpResult::Edit(done) => self.on_edit_done(*done),
-            OpResult::Deleted(Err(message)) => {
+            OpResult::Deleted(Err(error)) => {
                 self.teardown();
-                let error = format!("delete failed: {message}");
+                let error = error.during("delete failed");
+                let message = error.to_string();
                 self.observe(Observation::DeleteFailed);
                 self.commit(|vm| {
                     vm.pid = None;
                     vm.pid_start = None;
                     vm.tpm_pid = None;
                     vm.tpm_pid_start = None;
-                    vm.error = Some(error.clone());
+                    vm.error = Some(message);
                 });
-                self.finish_op(Err(VmError::Failed(error)));
+                self.finish_op(Err(error));
             }
         }
         false

@@ -87,7 +87,7 @@ impl Actor {
                         {
                             return OpResult::MovedAway {
                                 target,
-                                result: Err(error_chain(&e)),
+                                result: Err(VmError::Failed(error_chain(&e))),
                             };
                         }
                     }
@@ -95,7 +95,7 @@ impl Actor {
                     ctx.confiner.release(id);
                     OpResult::MovedAway {
                         target,
-                        result: ctx.store.remove(id).map_err(|e| error_chain(&e)),
+                        result: ctx.store.remove(id).map_err(VmError::from),
                     }
                 });
             }
@@ -105,7 +105,7 @@ impl Actor {
     /// The VM's QEMU here is gone after it moved: the actor ends. A record
     /// that could not be removed is logged; the VM is gone from this host
     /// either way (it runs on the target).
-    pub(super) fn on_moved_away(&mut self, target: String, result: Result<(), String>) {
+    pub(super) fn on_moved_away(&mut self, target: String, result: Result<(), VmError>) {
         self.teardown();
         if let Err(e) = result {
             tracing::error!(vm = %self.vm.name, error = %e, "could not remove the migrated VM's files");

@@ -12,8 +12,10 @@
 //! This file holds the actor's types, its handle and its loop (inputs,
 //! commits, the one way its state changes). The rest, by topic:
 //! `lifecycle` (start, stop, reboot, pause, resume, delete), `watcher` (QMP
-//! events, the exit, a lost link), `reattach` (after a vmlet restart) and
-//! `storage` (disks, NICs and snapshots: [`StorageOp`]).
+//! events, the exit, a lost link), `reattach` (after a vmlet restart),
+//! `storage` (disk, NIC and snapshot changes: [`Change`] and
+//! [`Command::Snapshot`]), `edit` (a new spec, live or pending) and
+//! `migrate` (the source side of a live migration).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -165,11 +167,13 @@ enum OpResult {
         task: Task,
         result: Result<(), QmpError>,
     },
-    Deleted(Result<(), String>),
+    /// The VM's QEMU, run directory and record are gone (or the error
+    /// that stopped it, its kind kept: a full disk stays 507).
+    Deleted(Result<(), VmError>),
     /// The VM's QEMU is gone after the VM moved to `target`.
     MovedAway {
         target: String,
-        result: Result<(), String>,
+        result: Result<(), VmError>,
     },
     Storage {
         /// The VM's new spec, when the operation changed it.

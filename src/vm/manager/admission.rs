@@ -88,11 +88,46 @@ impl Manager {
         self.inventory_locked(&incoming)
     }
 
+    /// Checks that `spec` fits (capacity when enforced; huge pages always:
+    /// QEMU preallocates them, so they are never overcommitted) beside
+    /// every VM, arriving VM and create in flight, and holds its place
+    /// until the returned guard drops. Check and hold are one step under
+    /// `incoming`'s lock: two creates that each fit alone cannot both pass.
+    pub(super) fn reserve_capacity(&self, spec: &VmSpec) -> Result<Place<'_>, VmError> {
+        let incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        let inventory = self.inventory_locked(&incoming);
+        if self.ctx.settings.capacity.enforce {
+            inventory
+                .check_fits(self.usage(spec))
+                .map_err(VmError::Conflict)?;
+        }
+        Self::check_hugepages_unallocated(&inventory, spec)?;
+        self.creating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(spec.uuid, spec.clone());
+        Ok(Place {
+            creating: &self.creating,
+            id: spec.uuid,
+        })
+    }
+
     /// The inventory, with the VMs arriving by migration (`incoming`, held
-    /// locked by the caller) counted as allocated.
+    /// locked by the caller) and the creates in flight counted as
+    /// allocated.
     pub(super) fn inventory_locked(&self, incoming: &HashMap<Uuid, VmSpec>) -> Inventory {
+        let creating: Vec<VmSpec> = self
+            .creating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let mut used = Usage::default();
-        let arriving = incoming.values().map(|spec| self.usage(spec));
+        let arriving = incoming
+            .values()
+            .chain(&creating)
+            .map(|spec| self.usage(spec));
         for u in self
             .list()
             .iter()
@@ -120,6 +155,7 @@ impl Manager {
                     .collect::<Vec<_>>()
             })
             .chain(incoming.values().cloned())
+            .chain(creating)
             .collect();
         let mut wanted: HashMap<(Uuid, crate::spec::HugePageSize), u64> = HashMap::new();
         for spec in &specs {
@@ -205,6 +241,24 @@ impl Manager {
             memory_mib: spec.memory_mib,
             disk_gib: disk_mib.div_ceil(1024),
         }
+    }
+}
+
+/// The place a create in flight holds in the host's capacity; given back
+/// when dropped (after the VM is registered, or when the create fails).
+#[derive(Debug)]
+#[must_use = "the place is given back when the guard drops"]
+pub(super) struct Place<'a> {
+    creating: &'a std::sync::Mutex<HashMap<Uuid, VmSpec>>,
+    id: Uuid,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.creating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 

@@ -66,10 +66,19 @@ impl Manager {
             return Ok(vm);
         }
         check_host_paths(&spec, &self.ctx.host_roots)?;
-        disks::check_references(&spec, &self.ctx.images, &self.ctx.volumes)?;
         // Held while the actor plugs devices in: only what this change
-        // adds, and this VM's other changes, wait.
+        // adds, and this VM's other changes, wait. The images the new spec
+        // names are held as a create holds them, so none is deleted between
+        // the check below and the spec that names it.
         let mut wanted = vec![(Claim::Vm(vm.id), Hold::Alone)];
+        let images: HashSet<&str> = spec
+            .disks
+            .iter()
+            .filter_map(|d| d.image.as_deref())
+            .collect();
+        for image in images {
+            wanted.push((Claim::Image(image.to_string()), Hold::Shared));
+        }
         let old_macs: HashSet<String> = named_base
             .nics
             .iter()
@@ -100,6 +109,7 @@ impl Manager {
             wanted.push((Claim::Volume(volume.to_string()), Hold::Alone));
         }
         let _claims = self.claim(wanted)?;
+        disks::check_references(&spec, &self.ctx.images, &self.ctx.volumes)?;
         for (i, volume) in new_volumes {
             if let Some(user) = self.volume_user(volume) {
                 return Err(VmError::Conflict(format!(

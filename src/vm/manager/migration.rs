@@ -10,7 +10,7 @@ use super::*;
 use crate::console::serial::SerialHub;
 use crate::qemu::instance::QemuInstance;
 use crate::vm::actor::{MigrationEnd, MigrationStep};
-use crate::vm::state::{self, Desired, Observation};
+use crate::vm::state::{self, Desired};
 
 /// A disk of an arriving VM, as the source sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -407,8 +407,7 @@ impl Manager {
         qemu: QemuInstance,
         serial: Option<Arc<SerialHub>>,
     ) -> Result<VmHandle, VmError> {
-        vm.state = crate::vm::state::Observed::NEW;
-        state::apply(&mut vm.state, Observation::MigratedIn);
+        state::arrive(&mut vm.state);
         vm.task = None;
         vm.desired = Desired::Running;
         vm.pid = Some(qemu.process.pid());

@@ -98,6 +98,11 @@ pub struct Manager {
     /// VMs arriving by live migration: their place (UUID, name, capacity)
     /// is held until they arrived or the migration failed.
     incoming: std::sync::Mutex<std::collections::HashMap<Uuid, VmSpec>>,
+    /// Creates past their capacity check that are still making their
+    /// disks: counted as allocated until the VM is registered or the
+    /// create fails. Only changed with `incoming` held (locked first), so
+    /// a capacity check and the place it promises are one step.
+    creating: std::sync::Mutex<std::collections::HashMap<Uuid, VmSpec>>,
     /// Why `accel` was chosen (probed once, at start).
     accel_reason: String,
 }
@@ -172,6 +177,7 @@ impl Manager {
             registry,
             claims: Claims::default(),
             incoming: Default::default(),
+            creating: Default::default(),
             accel_reason,
         })
     }
@@ -315,15 +321,9 @@ impl Manager {
             .vm_pin(&spec)
             .map_err(|e| VmError::Invalid(SpecError { errors: vec![e] }))?;
         check_host_paths(&spec, &self.ctx.host_roots)?;
-        let inventory = self.inventory();
-        if self.ctx.settings.capacity.enforce {
-            inventory
-                .check_fits(self.usage(&spec))
-                .map_err(VmError::Conflict)?;
-        }
-        // Huge pages are not overcommitted, whatever `capacity.enforce`:
-        // QEMU preallocates them.
-        Self::check_hugepages_unallocated(&inventory, &spec)?;
+        // Held until the VM is registered (then it counts as one) or the
+        // create fails: a concurrent create sees this one's share.
+        let _place = self.reserve_capacity(&spec)?;
         disks::check_references(&spec, &self.ctx.images, &self.ctx.volumes)?;
         for (i, disk) in spec.disks.iter().enumerate() {
             if let Ok(DiskSource::Volume { volume }) = disk.source() {
@@ -375,10 +375,7 @@ impl Manager {
         if let Err(e) = self.ctx.store.save(&vm) {
             // Nothing half-made: the disks just made go too.
             let _ = self.ctx.store.remove(vm.id);
-            return Err(VmError::Failed(format!(
-                "saving the VM record: {}",
-                error_chain(&e)
-            )));
+            return Err(VmError::from(e).during("saving the VM record"));
         }
         tracing::info!(vm = %vm.name, id = %vm.id, "created");
         self.registry
@@ -413,18 +410,24 @@ impl Manager {
     }
 
     /// Changes VM `key`'s disks or NICs. Attaching a volume checks,
-    /// holding that volume's claim, that no other VM uses it.
+    /// holding that volume's claim, that no other VM uses it; a disk naming
+    /// an image holds that image as a create does, so the image cannot be
+    /// deleted meanwhile.
     pub async fn change(&self, key: &str, change: Change) -> Result<Vm, VmError> {
         let handle = self.find(key)?;
         if let Change::AttachDisk(disk) = &change {
-            let volume_claim = match disk.source() {
+            let claim = match disk.source() {
                 Ok(DiskSource::Volume { volume }) => {
                     vec![(Claim::Volume(volume.to_string()), Hold::Alone)]
                 }
+                Ok(DiskSource::Image { image, .. }) => {
+                    vec![(Claim::Image(image.to_string()), Hold::Shared)]
+                }
                 _ => vec![],
             };
-            // Held while the actor hot-plugs: only this volume waits.
-            let _claims = self.claim(volume_claim)?;
+            // Held while the actor hot-plugs: only this volume or image
+            // waits.
+            let _claims = self.claim(claim)?;
             if let Ok(DiskSource::Volume { volume }) = disk.source() {
                 if !self.ctx.volumes.exists(volume) {
                     return Err(VmError::Invalid(SpecError::field(

@@ -78,8 +78,9 @@ impl Manager {
         &self.ctx.images
     }
 
-    /// Deletes image `name` (or cancels its import), unless a VM disk is an
-    /// overlay on it.
+    /// Deletes image `name` (or cancels its import), unless a VM disk (in
+    /// its spec or its pending spec) is an overlay on it, or an operation
+    /// in flight (a create, an attach, an edit) holds it.
     pub async fn delete_image(&self, name: &str) -> Result<(), VmError> {
         let _claims = self.claim(vec![(Claim::Image(name.to_string()), Hold::Alone)])?;
         let users: Vec<String> = self
@@ -88,7 +89,8 @@ impl Manager {
             .iter()
             .map(VmHandle::view)
             .filter(|vm| {
-                vm.spec.disks.iter().any(
+                let pending = vm.pending.iter().flat_map(|p| &p.spec.disks);
+                vm.spec.disks.iter().chain(pending).any(
                     |d| matches!(d.source(), Ok(DiskSource::Image { image, .. }) if image == name),
                 )
             })
