@@ -51,6 +51,13 @@ WANTED_MODULES=(
     pvpanic-mmio
 )
 
+# Modules put in /lib/modules but not in load-order: /init loads them when a
+# guest.* parameter asks (efivarfs: guest.efivar). They keep Debian's
+# signature, so that a guest booted with EFI Secure Boot, whose kernel then
+# refuses unsigned modules (lockdown), can load them. Each must have no
+# dependencies that are modules.
+SIGNED_ON_DEMAND_MODULES=(efivarfs)
+
 log() { echo "build-test-guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -246,8 +253,9 @@ decompress_module() { # src dst
 # which under TCG costs about 0.2 s of a boot for these modules. Unless the
 # kernel insists on signatures (MODULE_SIG_FORCE), drop them: the kernel
 # then loads the modules as unsigned (tainted, one notice-level log line).
-# (An EFI Secure Boot guest would refuse them: this guest is for direct
-# kernel boot.)
+# (An EFI Secure Boot guest refuses them, and then has no virtio devices;
+# the Secure Boot tests need only the serial console and efivarfs, which is
+# kept signed: see SIGNED_ON_DEMAND_MODULES.)
 strip_signatures=1
 grep -qx 'CONFIG_MODULE_SIG_FORCE=y' "$stage/kernel/boot/config-$krel" 2>/dev/null && strip_signatures=0
 sig_magic='~Module signature appended~'
@@ -283,6 +291,16 @@ add_module() { # name, resolved depth-first so dependencies come first
 }
 for m in "${WANTED_MODULES[@]}"; do add_module "$m"; done
 printf '%s\n' "${order[@]}" > "$root/lib/modules/load-order"
+on_demand=()
+for m in "${SIGNED_ON_DEMAND_MODULES[@]}"; do
+    n=${m//-/_}
+    [ -z "${builtin[$n]:-}" ] || continue
+    [ -n "${modfile[$n]:-}" ] || die "module $n not found in $kdeb"
+    decompress_module "${modfile[$n]}" "$root/lib/modules/$n.ko"
+    deps=$(tr '\0' '\n' < "$root/lib/modules/$n.ko" | sed -n 's/^depends=//p')
+    [ -z "${deps%%$'\n'*}" ] || die "on-demand module $n depends on ${deps%%$'\n'*}"
+    on_demand+=("$n")
+done
 
 # --- outputs ----------------------------------------------------------------
 mkdir "$stage/out"
@@ -298,6 +316,7 @@ QEMU_GUEST_AGENT_VERSION=$qgaver
 INPUTS_HASH=${out##*-}
 MODULE_SIGNATURES_STRIPPED=$strip_signatures
 MODULES="${order[*]}"
+SIGNED_ON_DEMAND_MODULES="${on_demand[*]}"
 EOF
 mv -T "$stage/out" "$out"
 log "built in $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }') s: $(du -h "$out/initrd.img" | cut -f1) initramfs, ${#order[@]} modules"

@@ -21,7 +21,9 @@
 # TARGET/schemathesis-venv, TARGET being $CARGO_TARGET_DIR or target/) for
 # the OpenAPI conformance test (tests/openapi_conformance.rs).
 # The test guest's busybox, qemu-guest-agent and kernel are downloaded by
-# build-test-guest.sh with apt-get download, not installed.
+# build-test-guest.sh with apt-get download, not installed; so are the Secure
+# Boot tests' shim-signed and grub-efi-amd64-signed (fetch-signed-boot.sh),
+# for which --test makes sure apt's package lists know them.
 # With --test, also e2fsprogs (tests/guest_agent.rs makes an ext4 for the
 # guest to freeze and checks the snapshot's copy of it).
 set -euo pipefail
@@ -120,6 +122,14 @@ if ! command -v cargo >/dev/null 2>&1; then
     # Debian 12's own Rust (1.63) is too old for vmlet's dependencies.
     log "cargo not found: install a current Rust toolchain (https://rustup.rs) first"
     exit 1
+fi
+
+# Downloaded, never installed (the host's boot setup is left alone), but
+# apt must know them.
+if [ "$want_test_tools" = 1 ] && [ "$(id -u)" = 0 ] &&
+    ! apt-cache show --no-all-versions shim-signed grub-efi-amd64-signed >/dev/null 2>&1; then
+    log "apt's lists lack shim-signed or grub-efi-amd64-signed: running apt-get update"
+    apt-get update -qq
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

@@ -326,6 +326,9 @@ pub fn build(input: LaunchInputs<'_>) -> Vec<String> {
             // Only SMM code may write the variable store: the guest OS
             // cannot turn Secure Boot off behind the firmware's back.
             argv.push("-global", firmware::SECURE_FLASH_GLOBAL);
+            // A kernel that fails verification is refused, not handed to
+            // OVMF's legacy loader (which skips verification).
+            argv.push("-fw_cfg", firmware::NO_LEGACY_LOADER_FW_CFG);
         }
     }
     if disks.iter().any(|p| p.spec.bus == DiskBus::VirtioScsi) {

@@ -247,6 +247,11 @@ fn uefi_firmware_is_two_flash_nodes_on_fd_sets() {
         value(&secure, "-global"),
         "driver=cfi.pflash01,property=secure,value=on"
     );
+    assert_eq!(
+        value(&secure, "-fw_cfg"),
+        "name=opt/org.tianocore/EnableLegacyLoader,string=no"
+    );
+    assert!(!uefi.iter().any(|a| a == "-fw_cfg"));
     // A profile that sets SMM itself gets no second `smm=`.
     let mut smm = q35.clone();
     smm.machine.options.insert("smm".into(), "on".into());

@@ -336,6 +336,25 @@ pub fn machine_options(sets: PflashSets) -> String {
 /// The `-global` that lets only SMM code write the flash (Secure Boot).
 pub const SECURE_FLASH_GLOBAL: &str = "driver=cfi.pflash01,property=secure,value=on";
 
+/// The `-fw_cfg` item that tells OVMF not to fall back to its legacy
+/// loader for a kernel given with `-kernel` (edk2's runtime switch,
+/// OvmfPkg/RUNTIME_CONFIG.md). Without it, a kernel that fails Secure
+/// Boot verification is started anyway by that loader; with it, firmware
+/// that knows the switch refuses the kernel. Older OVMF builds (Debian
+/// 12's 2022.11) predate the switch and ignore it: there a directly loaded
+/// kernel is not verified, and only a disk boot (shim, grub, kernel) is.
+pub const NO_LEGACY_LOADER_FW_CFG: &str = "name=opt/org.tianocore/EnableLegacyLoader,string=no";
+
+/// Why a Secure Boot VM with a directly loaded kernel may run an unverified
+/// kernel: said in the start log (the firmware's version cannot be read
+/// from its descriptor, so vmlet cannot tell whether it honours
+/// [`NO_LEGACY_LOADER_FW_CFG`]).
+pub const KERNEL_BOOT_SECURE_BOOT_CAVEAT: &str =
+    "uefi-secure with boot.type kernel: the firmware is told not to start a kernel that fails \
+     verification (opt/org.tianocore/EnableLegacyLoader=no), but OVMF builds that predate \
+     that switch (Debian 12's 2022.11) start it anyway; boot from a disk (shim, grub, \
+     kernel) for an enforced chain";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,13 +38,13 @@ pub fn test_guest() -> &'static TestGuest {
     GUEST.get_or_init(build)
 }
 
-fn repo_dir() -> PathBuf {
+pub(crate) fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set (at run time, else
 /// when the test was compiled), otherwise `<repo>/target`.
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .or_else(|| option_env!("CARGO_TARGET_DIR").map(PathBuf::from))
@@ -119,7 +119,7 @@ fn build() -> TestGuest {
     guest
 }
 
-fn lock_exclusive(file: &File) -> io::Result<()> {
+pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
     loop {
         // SAFETY: flock on a file descriptor we own, for the file's lifetime.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod daemon;
+pub mod esp;
 pub mod guest;
 pub mod netns;
 pub mod serial_shell;

@@ -406,6 +406,13 @@ pub async fn launch_qemu(
         )
         .await?;
         files.open_firmware(&firmware, &ctx.layout.nvram(spec.uuid))?;
+        if firmware.secure && matches!(spec.boot, crate::spec::Boot::Kernel { .. }) {
+            tracing::warn!(
+                vm = %spec.name,
+                "{}",
+                crate::qemu::firmware::KERNEL_BOOT_SECURE_BOOT_CAVEAT
+            );
+        }
     }
     let serial_log = ctx.layout.console_log(spec.uuid);
     let qemu_log = ctx.layout.qemu_log(spec.uuid);
