@@ -74,7 +74,8 @@ Exit codes (client subcommands):
   3  not found: no such VM, image, volume, network or snapshot
   4  conflict: the object is busy, in the wrong state, changed meanwhile,
      or the name is taken
-  5  invalid: the spec, a field or an argument is not acceptable
+  5  invalid: the spec, a field or an argument is not acceptable (also
+     `vmlet run` and `vmlet argv` with a bad spec file)
   6  unavailable: the daemon cannot be reached, QEMU failed, a timeout,
      or no space left";
 
@@ -271,7 +272,7 @@ pub enum CliError {
         name: String,
     },
     /// `vm start --wait-ready`: the marker did not appear in time.
-    #[error("VM {vm} started, but its serial console did not print {marker:?} within {timeout_s}s (see `vmlet console {vm} --print-log --boot current`)")]
+    #[error("VM {vm} started, but its serial console did not print {marker:?} within {timeout_s}s{} (see `vmlet vm console {vm} --print-log --boot current`)", if *.agent { " and its guest agent did not answer" } else { "" })]
     NotReady {
         /// The VM.
         vm: String,
@@ -279,6 +280,8 @@ pub enum CliError {
         marker: String,
         /// The wait, in seconds.
         timeout_s: u64,
+        /// Whether an answer of the guest agent would have done too.
+        agent: bool,
     },
     /// `vm start --wait-ready`: the VM stopped while vmlet waited for it.
     #[error("VM {vm} is {state} while waiting for {marker:?} on its serial console")]
