@@ -44,7 +44,7 @@ pub(super) fn reboot_announcement(vm: &str, grace: u64, agent: bool) -> String {
 
 /// Half of `seconds`, as the daemon splits the grace time (`1.5s`, `30s`).
 fn half_of(seconds: u64) -> String {
-    if seconds % 2 == 0 {
+    if seconds.is_multiple_of(2) {
         format!("{}s", seconds / 2)
     } else {
         format!("{}.5s", seconds / 2)
