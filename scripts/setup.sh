@@ -10,7 +10,10 @@
 #                         (/usr/share/novnc, setting console.novnc_dir)
 #   ovmf                  UEFI firmware (boot.firmware uefi, uefi-secure),
 #                         found through /usr/share/qemu/firmware/*.json
-# With --test, also what the test suite needs: gzip and procps, and
+#   gzip, libglib2.0-0, libnuma1, liburing2, libudev1
+#                         what scripts/build-test-guest.sh needs for the test
+#                         guest (README's "Try it" builds it)
+# With --test, also what the test suite needs: procps, and
 # syslinux, mtools and dosfstools (a BIOS-bootable disk for the firmware-boot
 # test), iputils-ping (the network tests ping guests from a namespace), and
 # for the console's browser test chromium (Debian's, /usr/bin/chromium),
@@ -45,15 +48,17 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v swtpm >/dev/null 2>&1 || missing+=(swtpm)
 [ -f /usr/share/novnc/core/rfb.js ] || missing+=(novnc)
 dpkg -s ovmf >/dev/null 2>&1 || missing+=(ovmf)
+# The test guest (scripts/build-test-guest.sh, which README's "Try it"
+# runs): gzip for its initramfs, and its qemu-ga (downloaded, not installed)
+# runs on the host's copies of its shared libraries (the script copies them in).
+command -v gzip >/dev/null 2>&1 || missing+=(gzip)
+for pair in libglib-2.0.so.0:libglib2.0-0 libnuma.so.1:libnuma1 liburing.so.2:liburing2 libudev.so.1:libudev1; do
+    ldconfig -p | grep -q "^[[:space:]]*${pair%%:*} " || missing+=("${pair#*:}")
+done
 if [ "$want_test_tools" = 1 ]; then
     # command -> package, for the test suite only.
-    for pair in gzip:gzip pgrep:procps mkfs.vfat:dosfstools mcopy:mtools syslinux:syslinux ping:iputils-ping; do
+    for pair in pgrep:procps mkfs.vfat:dosfstools mcopy:mtools syslinux:syslinux ping:iputils-ping; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
-    done
-    # The test guest's qemu-ga (downloaded, not installed) runs on the host's
-    # copies of its shared libraries (build-test-guest.sh copies them in).
-    for pair in libglib-2.0.so.0:libglib2.0-0 libnuma.so.1:libnuma1 liburing.so.2:liburing2 libudev.so.1:libudev1; do
-        ldconfig -p | grep -q "^[[:space:]]*${pair%%:*} " || missing+=("${pair#*:}")
     done
     # syslinux's BIOS boot files (ldlinux.c32) for the firmware-boot test disk.
     dpkg -s syslinux-common >/dev/null 2>&1 || missing+=(syslinux-common)

@@ -21,8 +21,9 @@ use vmlet::qemu::profile::Profiles;
 use vmlet::spec::VmSpec;
 use vmlet::vm::launch::LaunchFiles;
 
-/// Exit code when the spec is invalid (nothing was started).
-const EXIT_BAD_SPEC: u8 = 2;
+/// Exit code when the spec is invalid (nothing was started): the client
+/// subcommands' "invalid", not 2, which means a usage error.
+const EXIT_BAD_SPEC: u8 = vmlet::cli::EXIT_INVALID;
 /// Exit code when the VM was stopped by Ctrl-C (128 + SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -61,7 +62,8 @@ struct Cli {
 enum Command {
     /// Boot one VM in the foreground from a spec file, with its serial console
     /// on stdout. Ctrl-C or SIGTERM stops it gracefully (ACPI power button); a
-    /// second one forces it off. Exits 0 when the guest powers itself off.
+    /// second one forces it off. Exits 0 when the guest powers itself off,
+    /// 5 when the spec is invalid (nothing is started).
     Run {
         /// The VM spec (JSON). `uuid` may be left out; one is generated.
         spec: PathBuf,
@@ -95,7 +97,8 @@ enum Command {
     },
     /// Print the API's OpenAPI document (as in docs/openapi.json).
     Openapi,
-    /// Check a spec file and print the QEMU command line it gives.
+    /// Check a spec file and print the QEMU command line it gives; exits 5
+    /// when the spec is invalid (naming each bad field), 2 on a usage error.
     Argv {
         /// The VM spec (JSON).
         spec: PathBuf,

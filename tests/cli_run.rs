@@ -127,7 +127,7 @@ async fn a_bad_spec_names_the_field_and_starts_nothing() {
     let file = write_spec(&scratch, &spec);
     let out = vmlet(&scratch, &file).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains("disks[0].path"), "{stderr}");
     assert!(stderr.contains("vcpus"), "{stderr}");
     assert!(!scratch.run_dir().exists(), "nothing was prepared");
@@ -141,7 +141,7 @@ async fn a_bad_spec_names_the_field_and_starts_nothing() {
     std::fs::write(&file, value.to_string()).unwrap();
     let out = vmlet(&scratch, &file).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains("memroy_mib"), "{stderr}");
 }
 
@@ -211,6 +211,42 @@ async fn argv_prints_the_command_line_without_starting_anything() {
     assert!(lines.windows(2).any(|w| w == ["-accel", "tcg"]), "{stdout}");
     assert!(!scratch.run_dir().exists(), "argv prepares nothing");
     assert!(common::processes_with(&uuid).is_empty());
+
+    // A bad spec is "invalid" (5), told apart from a usage error (2).
+    let mut bad = spec.clone();
+    bad.vcpus = 0;
+    let bad_file = write_spec(&scratch, &bad);
+    let argv = |file: &Path| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vmlet"));
+        command
+            .args(["argv", "--accel", "tcg"])
+            .arg(file)
+            .env("VMLET_RUN_DIR", scratch.run_dir())
+            .env("VMLET_PROFILE_DIR", scratch.path().join("no-profiles"));
+        command
+    };
+    let out = argv(&bad_file).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("vcpus"), "{stderr}");
+    let out = argv(&bad_file)
+        .arg("--no-such-flag")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let help = Command::new(env!("CARGO_BIN_EXE_vmlet"))
+        .args(["argv", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("exits 5"), "{help}");
 }
 
 #[tokio::test]
@@ -239,7 +275,7 @@ async fn a_bad_profile_file_is_named_and_an_unknown_profile_is_refused() {
     let file = write_spec(&scratch, &spec);
     let out = vmlet(&scratch, &file).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(
         stderr.contains("profile: unknown profile \"pc-i440fx\""),
         "{stderr}"

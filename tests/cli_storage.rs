@@ -408,6 +408,13 @@ async fn volumes_are_created_resized_listed_and_deleted() {
     // Never smaller.
     let err = vmlet_fails(&d, &["volume", "resize", &vol, "--size-mib", "32"]).await;
     assert!(err.contains("422") && err.contains("size_mib"), "{err}");
+    // Sizes in the daemon's message are in the unit of the field, never
+    // raw bytes next to MiB.
+    assert!(
+        err.contains("volumes only grow: 32 MiB is smaller than the current 1024 MiB"),
+        "{err}"
+    );
+    assert!(!err.contains("bytes"), "{err}");
 
     let list = vmlet_ok(&d, &["volume", "list"]).await;
     assert!(list.starts_with("NAME "), "{list}");
@@ -448,6 +455,37 @@ async fn volumes_are_created_resized_listed_and_deleted() {
     );
     assert_eq!(created["name"], copy.as_str());
     assert_eq!(created["size_mib"], 16);
+    // Smaller than the image: both sizes in MiB.
+    let err = vmlet_fails(
+        &d,
+        &[
+            "volume",
+            "create",
+            &unique_name("small"),
+            "--image",
+            &image,
+            "--size-mib",
+            "4",
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("size_mib") && err.contains("4 MiB is smaller than the image (8 MiB)"),
+        "{err}"
+    );
+    assert!(!err.contains("bytes"), "{err}");
+    // The same for a VM's disk made from the image.
+    let spec_file = imports.path().join("small-disk.json");
+    let mut spec = guest_spec_json(&unique_name("small-disk"), "");
+    spec["disks"] = serde_json::json!([{"name": "root", "image": image, "size_mib": 2}]);
+    std::fs::write(&spec_file, spec.to_string()).unwrap();
+    let err = vmlet_fails(&d, &["vm", "create", "--file", spec_file.to_str().unwrap()]).await;
+    assert!(
+        err.contains("disks[0].size_mib")
+            && err.contains(&format!("2 MiB is smaller than image {image:?} (8 MiB)")),
+        "{err}"
+    );
+    assert!(!err.contains("bytes"), "{err}");
     let err = vmlet_fails(
         &d,
         &["volume", "create", "nope", "--image", "no-such-image"],

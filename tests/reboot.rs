@@ -325,3 +325,145 @@ async fn a_guest_that_ignores_the_button_keeps_running_and_force_resets_it() {
     assert!(out.contains("QEMU was quit"), "{out}");
     assert_eq!(show(&d, &id).await["last_stop"], "quit");
 }
+
+#[tokio::test]
+async fn a_guest_that_ignores_the_button_is_rebooted_by_its_agent_and_ready_by_it() {
+    let d = Daemon::start().await;
+    let name = unique_name("agent-reboot");
+    let vm = create_vm(
+        &d,
+        &guest_spec_json(&name, "guest.action=hold guest.acpi=ignore guest.agent=on"),
+    )
+    .await;
+    let id = id_of(&vm);
+    let log = d.serial_log(uuid_of(&vm));
+
+    // The marker never comes; the agent answering makes the guest ready.
+    let (out, err) = cli_ok(
+        &d,
+        &[
+            "vm",
+            "start",
+            &id,
+            "--wait-ready",
+            "--ready-marker",
+            "NEVER-SAID",
+            "--timeout",
+            &BOOT_TIMEOUT.as_secs().to_string(),
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("or for its guest agent to answer"),
+        "the wait did not say it takes the agent: {err}"
+    );
+    assert!(out.contains("ready (the guest agent answered)"), "{out}");
+    let running = show(&d, &id).await;
+    assert!(running["guest"]["read_at"].is_string(), "{running}");
+    let pid = running["pid"].as_i64().unwrap();
+    assert_eq!(count_lines(&log, "GUEST-READY"), 1);
+
+    // The guest ignores the button: halfway through, its agent is asked to
+    // reboot it, and it boots again in the same QEMU.
+    let (out, err) = cli_ok(
+        &d,
+        &[
+            "vm",
+            "reboot",
+            &id,
+            "--timeout",
+            "40",
+            "--wait-ready",
+            "--ready-marker",
+            "GUEST-READY",
+            "--ready-timeout",
+            "180",
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("then its guest agent's guest-shutdown mode=reboot after 20s"),
+        "the reboot did not say it asks the agent: {err}"
+    );
+    assert!(
+        out.contains("state=running") && out.contains("ready"),
+        "{out}"
+    );
+    assert_eq!(
+        count_lines(&log, "GUEST-ACPI-IGNORED"),
+        1,
+        "the button first"
+    );
+    assert_eq!(count_lines(&log, "GUEST-AGENT-REBOOT"), 1, "then the agent");
+    assert_eq!(count_lines(&log, "GUEST-AGENT-SHUTDOWN"), 0);
+    wait_for_count(&log, "GUEST-READY", 2, Duration::from_secs(5)).await;
+    let rebooted = show(&d, &id).await;
+    assert_eq!(rebooted["state"], "running", "{rebooted}");
+    assert_eq!(rebooted["error"], Value::Null, "{rebooted}");
+    assert_eq!(
+        rebooted["pid"].as_i64().unwrap(),
+        pid,
+        "a reboot keeps the QEMU"
+    );
+
+    // The stop says the agent comes after the button, and it does.
+    let (out, err) = cli_ok(&d, &["vm", "stop", &id, "--timeout", "40"]).await;
+    assert!(
+        err.contains("then its guest agent, if it answers, after 20s")
+            && err.contains("waiting up to 40s"),
+        "{err}"
+    );
+    assert!(out.contains("guest agent"), "{out}");
+    assert_eq!(count_lines(&log, "GUEST-AGENT-SHUTDOWN"), 1);
+}
+
+#[tokio::test]
+async fn a_banner_the_guest_prints_does_not_start_a_boot() {
+    let d = Daemon::start().await;
+    let name = unique_name("fake-banner");
+    let vm = create_vm(&d, &guest_spec_json(&name, "guest.action=shell")).await;
+    let id = id_of(&vm);
+    let log = d.serial_log(uuid_of(&vm));
+    cli_ok(&d, &["vm", "start", &id]).await;
+    wait_for_count(&log, "GUEST-READY", 1, BOOT_TIMEOUT).await;
+
+    // The guest prints a line just like vmlet's banner, at a line start.
+    let token = common::api::serial_token(&d, &id).await;
+    let socket = d.socket.clone();
+    let shell_log = log.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut shell = common::serial_shell::SerialShell::connect(&socket, &token, &shell_log);
+        shell.run(
+            "printf '%s\\n' '--- vmlet: boot 7 started 2020-01-01T00:00:00Z' 'AFTER-FAKE'",
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .expect("the shell");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().any(|l| l
+            .trim_end_matches('\r')
+            .starts_with("--- vmlet: boot 7 started")),
+        "the guest printed its banner at a line start: {text}"
+    );
+
+    // The current boot is still the whole of boot 1, from vmlet's banner.
+    let (status, current) = console_log(&d, &id, "?boot=current").await;
+    assert_eq!(status, 200);
+    assert!(
+        current.starts_with("--- vmlet: boot 1 started "),
+        "a guest-printed banner moved the boot's start: {current}"
+    );
+    assert!(current.contains("GUEST-READY"), "{current}");
+    assert!(current.contains("AFTER-FAKE"), "{current}");
+    let (printed, _) = cli_ok(
+        &d,
+        &["vm", "console", &id, "--print-log", "--boot", "current"],
+    )
+    .await;
+    assert!(
+        printed.starts_with("--- vmlet: boot 1 started "),
+        "{printed}"
+    );
+}

@@ -64,6 +64,27 @@ async fn merge_patch(d: &Daemon, id: &str, if_match: &str, body: &Value) -> (u16
     )
 }
 
+/// The `ETag` header of `GET /v1/vms/{id}` (via curl: the test client
+/// keeps no headers).
+async fn etag(d: &Daemon, id: &str) -> String {
+    let output = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-D", "-", "--unix-socket"])
+        .arg(&d.socket)
+        .arg(format!("http://localhost/v1/vms/{id}"))
+        .output()
+        .await
+        .expect("running curl");
+    let headers = String::from_utf8_lossy(&output.stdout).into_owned();
+    headers
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("etag")
+                .then(|| value.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no ETag in {headers}"))
+}
+
 fn generation(vm: &Value) -> u64 {
     vm["generation"].as_u64().expect("generation")
 }
@@ -98,11 +119,15 @@ async fn patch_a_stopped_vm_applies_at_once_and_refuses_bad_changes() {
     let id = id_of(&vm);
     let g = generation(&vm);
 
+    // GET gives the generation as the ETag, which If-Match takes back.
+    let tag = etag(&d, &id).await;
+    assert_eq!(tag, format!("\"{g}\""));
+
     // Merge patch: memory changes, a nested field is added, rest kept.
     let (status, after) = merge_patch(
         &d,
         &id,
-        &format!("\"{g}\""),
+        &tag,
         &json!({"memory_mib": 512, "resources": {"cpu_quota_percent": 50}}),
     )
     .await;
@@ -117,8 +142,9 @@ async fn patch_a_stopped_vm_applies_at_once_and_refuses_bad_changes() {
     let (_, shown) = call(&d, Method::GET, &format!("/v1/vms/{id}"), None).await;
     assert_eq!(shown["spec"]["memory_mib"], 512);
 
-    // The generation read before is stale now: 412, by header or query.
-    let stale = merge_patch(&d, &id, &format!("\"{g}\""), &json!({"vcpus": 2})).await;
+    assert_eq!(etag(&d, &id).await, format!("\"{}\"", g + 1));
+    // The ETag read before is stale now: 412, by header or query.
+    let stale = merge_patch(&d, &id, &tag, &json!({"vcpus": 2})).await;
     assert_error(&stale, 412, "stale_generation");
     let stale = patch(&d, &id, &format!("?generation={g}"), &json!({"vcpus": 2})).await;
     assert_error(&stale, 412, "stale_generation");

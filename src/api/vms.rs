@@ -83,14 +83,25 @@ pub async fn list(State(app): State<AppState>) -> Json<VmList> {
 }
 
 /// Show one VM (by UUID or name).
+///
+/// The `ETag` header is its generation, for a later `PATCH` with
+/// `If-Match`.
 #[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms",
     params(("id" = String, Path, description = "VM UUID or name")),
-    responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Vm, headers(("ETag" = String, description = "The VM's generation, quoted (`\"7\"`): send it back as `If-Match`"))),
+        (status = 404, body = ErrorBody)))]
 pub async fn show(
     State(app): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(app.manager.show(&id)?))
+) -> Result<([(header::HeaderName, String); 1], Json<Vm>), ApiError> {
+    let vm = app.manager.show(&id)?;
+    Ok((etag(&vm), Json(vm)))
+}
+
+/// The `ETag` header of a VM view: its generation, quoted, which is what
+/// [`if_match`] takes back.
+fn etag(vm: &Vm) -> [(header::HeaderName, String); 1] {
+    [(header::ETAG, format!("\"{}\"", vm.generation))]
 }
 
 /// Create a VM; the server picks its UUID. The VM is created stopped.
@@ -177,9 +188,10 @@ pub struct PatchQuery {
     params(("id" = String, Path, description = "VM UUID or name"),
         ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(W/)?("[0-9]{1,19}"|[0-9]{1,19})$"#, description = "The generation the change is based on, quoted (`\"7\"`); anything else is 400"),
         PatchQuery),
-    request_body(content = Object, description = "A JSON merge patch of the spec",
-        content_type = "application/merge-patch+json"),
-    responses((status = 200, body = Vm, description = "Changed (see `pending` for what waits for the next start)"),
+    request_body(description = "A JSON merge patch of the spec (RFC 7386), as `application/merge-patch+json` or plain `application/json`",
+        content((Object = "application/merge-patch+json"), (Object = "application/json"))),
+    responses((status = 200, body = Vm, description = "Changed (see `pending` for what waits for the next start)",
+            headers(("ETag" = String, description = "The VM's new generation, quoted"))),
         (status = 400, body = ErrorBody, description = "If-Match is not a generation"),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 412, body = ErrorBody), (status = 422, body = ErrorBody),
@@ -190,7 +202,7 @@ pub async fn patch(
     Query(query): Query<PatchQuery>,
     headers: HeaderMap,
     bytes: Bytes,
-) -> Result<Json<Vm>, ApiError> {
+) -> Result<([(header::HeaderName, String); 1], Json<Vm>), ApiError> {
     let (header, param) = (if_match(&headers)?, query.generation);
     let patch: serde_json::Value = body::parse(&bytes)?;
     if !patch.is_object() {
@@ -216,7 +228,8 @@ pub async fn patch(
         .map_err(|e| ApiError::bad_request(format!("the VM's spec: {e}")))?;
     merge_patch(&mut value, &patch);
     let spec: VmSpec = body::from_value(value)?;
-    Ok(Json(app.manager.edit(&id, spec, base, generation).await?))
+    let changed = app.manager.edit(&id, spec, base, generation).await?;
+    Ok((etag(&changed), Json(changed)))
 }
 
 /// The generation in an `If-Match` header: `"7"` (or `7`, or `W/"7"`).

@@ -38,24 +38,45 @@ const FANOUT_CHUNKS: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How vmlet's line before each boot in the serial log starts:
-/// `--- vmlet: boot N started 2025-01-01T00:00:00Z`.
+/// `--- vmlet: boot N started 2025-01-01T00:00:00Z #TOKEN`.
 pub const BOOT_BANNER_PREFIX: &str = "--- vmlet: boot ";
 
 /// The part of `log` from the last boot banner line on (the current boot);
 /// all of `log` when it holds no banner (its start was rotated away, or
 /// the log predates banners).
+///
+/// Any line starting with [`BOOT_BANNER_PREFIX`] counts, so the guest can
+/// print one: where vmlet recorded the current boot's own banner (see
+/// [`SerialLog::record_boot`]), [`current_boot_of`] is the one to use.
 pub fn current_boot(log: &[u8]) -> &[u8] {
-    let prefix = BOOT_BANNER_PREFIX.as_bytes();
+    last_line_from(log, |line| line.starts_with(BOOT_BANNER_PREFIX.as_bytes()))
+}
+
+/// The part of `log` from the last line that is exactly `banner` on (the
+/// current boot, whose banner holds a random token the guest never sees,
+/// so it cannot print it); all of `log` when the banner is not in it (the
+/// part was rotated away).
+pub fn current_boot_of<'a>(log: &'a [u8], banner: &[u8]) -> &'a [u8] {
+    last_line_from(log, |line| {
+        line.strip_prefix(banner)
+            .is_some_and(|rest| rest.is_empty() || rest == b"\n")
+    })
+}
+
+/// `log` from the start of its last line `matches` accepts (a line with its
+/// `\n`, or the unfinished last one); all of it when none does.
+fn last_line_from(log: &[u8], matches: impl Fn(&[u8]) -> bool) -> &[u8] {
     let mut start = 0;
     let mut line = 0;
     while line < log.len() {
-        if log[line..].starts_with(prefix) {
+        let end = log[line..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(log.len(), |e| line + e + 1);
+        if matches(&log[line..end]) {
             start = line;
         }
-        match log[line..].iter().position(|&b| b == b'\n') {
-            Some(end) => line += end + 1,
-            None => break,
-        }
+        line = end;
     }
     &log[start..]
 }
@@ -162,12 +183,56 @@ impl SerialLog {
         Ok(pieces.concat())
     }
 
+    /// Where vmlet keeps the current boot's banner line (next to the log:
+    /// `console.log.boot`), for [`SerialLog::current_boot_tail`].
+    pub fn boot_file(&self) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".boot");
+        PathBuf::from(name)
+    }
+
+    /// Records `banner` as the current boot's banner line (written before
+    /// the banner goes into the log), replacing the last boot's.
+    pub fn record_boot(&self, banner: &str) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = self.boot_file();
+        let mut tmp = file.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut out, banner.trim_end_matches('\n').as_bytes())?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, &file)
+    }
+
+    /// The current boot's banner as [`SerialLog::record_boot`] recorded
+    /// it; `None` when none was (a log of an older vmlet).
+    fn recorded_boot(&self) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.boot_file()) {
+            Ok(banner) if !banner.is_empty() => Ok(Some(banner)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The last `n` bytes of the current boot's part of the log (from its
     /// boot banner on), looking for the banner in at most the last
-    /// `search` bytes.
+    /// `search` bytes. The banner is the one vmlet recorded, so a guest
+    /// printing a line like it does not move the start; without a record,
+    /// any banner-like line counts.
     pub fn current_boot_tail(&self, n: u64, search: u64) -> std::io::Result<Vec<u8>> {
         let all = self.tail(search.max(n))?;
-        let boot = current_boot(&all);
+        let boot = match self.recorded_boot()? {
+            Some(banner) => current_boot_of(&all, &banner),
+            None => current_boot(&all),
+        };
         let keep = boot.len().min(usize::try_from(n).unwrap_or(usize::MAX));
         Ok(boot[boot.len() - keep..].to_vec())
     }
@@ -183,6 +248,7 @@ impl SerialLog {
     /// Removes the log and its backups (the VM is being deleted).
     pub fn remove(&self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.boot_file());
         for n in 1..=self.backups {
             let _ = std::fs::remove_file(self.backup(n));
         }
@@ -377,6 +443,48 @@ mod tests {
         assert_eq!(current_boot(b""), b"");
         // A banner as the very last, unfinished line.
         assert_eq!(current_boot(b"a\n--- vmlet: boot 3"), b"--- vmlet: boot 3");
+    }
+
+    #[test]
+    fn a_banner_the_guest_printed_does_not_start_a_boot() {
+        let real = b"--- vmlet: boot 2 started Y #0123456789abcdef";
+        let log = b"--- vmlet: boot 1 started X #aaaa\none\n--- vmlet: boot 2 started Y #0123456789abcdef\ntwo\n--- vmlet: boot 3 started Z\nthree\n--- vmlet: boot 2 started Y #0123456789abcdef-not\n";
+        let boot = current_boot_of(log, real);
+        assert!(boot.starts_with(real), "{}", String::from_utf8_lossy(boot));
+        assert!(boot.ends_with(b"-not\n"));
+        // The prefix rule alone is fooled; the recorded banner is not.
+        assert!(current_boot(log).starts_with(b"--- vmlet: boot 2 started Y #0123456789abcdef-not"));
+        // Rotated away: all of it.
+        assert_eq!(current_boot_of(b"x\ny\n", real), b"x\ny\n");
+        // The banner as the unfinished last line.
+        assert_eq!(
+            current_boot_of(b"x\n--- vmlet: boot 2 started Y #0123456789abcdef", real),
+            real
+        );
+    }
+
+    #[test]
+    fn the_current_boot_tail_uses_the_recorded_banner() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_in(dir.path(), 1 << 20, 1);
+        std::fs::write(
+            &log.path,
+            b"--- vmlet: boot 1 started X #1111\nup\n--- vmlet: boot 2 started X #2222\nfake\n",
+        )
+        .unwrap();
+        // No record (an older vmlet's log): the last banner-like line.
+        assert_eq!(
+            log.current_boot_tail(1000, 1000).unwrap(),
+            b"--- vmlet: boot 2 started X #2222\nfake\n"
+        );
+        log.record_boot("--- vmlet: boot 1 started X #1111\n")
+            .unwrap();
+        assert_eq!(
+            log.current_boot_tail(1000, 1000).unwrap(),
+            b"--- vmlet: boot 1 started X #1111\nup\n--- vmlet: boot 2 started X #2222\nfake\n"
+        );
+        log.remove();
+        assert!(!log.boot_file().exists());
     }
 
     #[test]

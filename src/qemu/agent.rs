@@ -211,15 +211,23 @@ impl GuestAgent {
     /// once the request was sent and the agent, given `deadline`, did not
     /// answer with an error.
     pub async fn shutdown(&self, deadline: Duration) -> Result<(), AgentError> {
+        self.guest_shutdown("powerdown", deadline).await
+    }
+
+    /// Asks the guest to reboot (`guest-shutdown`, mode `reboot`), as
+    /// [`GuestAgent::shutdown`] asks it to power off.
+    pub async fn reboot(&self, deadline: Duration) -> Result<(), AgentError> {
+        self.guest_shutdown("reboot", deadline).await
+    }
+
+    /// `guest-shutdown` with `mode`; see [`GuestAgent::shutdown`].
+    async fn guest_shutdown(&self, mode: &str, deadline: Duration) -> Result<(), AgentError> {
         let reply_wait = deadline / 2;
         let sent = self
             .within(deadline, "the handshake before guest-shutdown", async {
                 let mut session = self.session().await?;
                 session
-                    .send(
-                        "guest-shutdown",
-                        Some(serde_json::json!({"mode": "powerdown"})),
-                    )
+                    .send("guest-shutdown", Some(serde_json::json!({ "mode": mode })))
                     .await?;
                 Ok(session)
             })

@@ -30,7 +30,9 @@ pub fn check_references(
                             errors.push(FieldError {
                                 field: format!("disks[{i}].size_mib"),
                                 message: format!(
-                                    "smaller than image {image:?} ({image_size} bytes)"
+                                    "{} MiB is smaller than image {image:?} ({} MiB)",
+                                    size_mib.unwrap_or_default(),
+                                    crate::storage::mib_up(image_size)
                                 ),
                             });
                         }

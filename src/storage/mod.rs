@@ -189,6 +189,12 @@ impl Layout {
 /// Bytes in a MiB.
 pub const MIB: u64 = 1024 * 1024;
 
+/// `bytes` as whole MiB, rounded up: the smallest `size_mib` that holds
+/// them, which is what a message about a too-small `size_mib` should name.
+pub fn mib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(MIB)
+}
+
 /// True when `err` (or a message from a tool) says the disk is full.
 pub fn is_no_space(err: &std::io::Error) -> bool {
     err.kind() == std::io::ErrorKind::StorageFull || err.raw_os_error() == Some(libc::ENOSPC)

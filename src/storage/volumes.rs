@@ -17,7 +17,7 @@ use crate::spec::{validate_name, validate_size, SpecError};
 pub use crate::spec::{Volume, VolumeAttachment, VolumeCreate, VolumeResize};
 use crate::storage::images::ImageStore;
 use crate::storage::qemu_img::QemuImg;
-use crate::storage::{Layout, MIB};
+use crate::storage::{mib_up, Layout, MIB};
 use crate::storage::{StorageError, StorageEvents};
 
 /// The volume store.
@@ -139,7 +139,10 @@ impl VolumeStore {
             (Some((_, image_size)), Some(mib)) if mib * MIB < *image_size => {
                 return Err(StorageError::Invalid(SpecError::field(
                     "size_mib",
-                    format!("smaller than the image ({image_size} bytes)"),
+                    format!(
+                        "{mib} MiB is smaller than the image ({} MiB)",
+                        mib_up(*image_size)
+                    ),
                 )))
             }
             (Some((_, image_size)), None) => *image_size,
@@ -216,8 +219,8 @@ impl VolumeStore {
             return Err(StorageError::Invalid(SpecError::field(
                 "size_mib",
                 format!(
-                    "volumes only grow: {size_mib} MiB is smaller than the current {} bytes",
-                    current.virtual_size
+                    "volumes only grow: {size_mib} MiB is smaller than the current {} MiB",
+                    mib_up(current.virtual_size)
                 ),
             )));
         }

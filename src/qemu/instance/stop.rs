@@ -121,6 +121,16 @@ pub enum RebootError {
         /// The grace time.
         grace: Duration,
     },
+    /// Neither the ACPI power button nor the guest agent's reboot request
+    /// made the guest reboot within the grace time; it keeps running.
+    #[error(
+        "the guest did not react to the ACPI power button nor reboot when its guest agent was asked, within {}s; it keeps running (a forced reboot resets it at once)",
+        grace.as_secs()
+    )]
+    NoReactionNorAgent {
+        /// The grace time.
+        grace: Duration,
+    },
 }
 
 impl RebootError {
@@ -132,7 +142,7 @@ impl RebootError {
     pub fn qmp_error(&self) -> Option<&QmpError> {
         match self {
             RebootError::Qmp { source, .. } => Some(source),
-            RebootError::NoReaction { .. } => None,
+            RebootError::NoReaction { .. } | RebootError::NoReactionNorAgent { .. } => None,
         }
     }
 }

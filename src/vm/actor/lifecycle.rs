@@ -48,6 +48,13 @@ impl Actor {
                 let machine = machine.ok_or_else(|| {
                     VmError::Failed(unpinned.unwrap_or_else(|| "the VM has no machine type".into()))
                 })?;
+                // Recorded before it is written: `?boot=current` looks for
+                // this very line.
+                if spec.serial.enabled {
+                    if let Err(e) = serial_log(&ctx, &spec).record_boot(&boot_banner) {
+                        tracing::warn!(vm = %spec.name, error = %e, "cannot record the boot banner");
+                    }
+                }
                 let qemu = launch_qemu(&ctx, &spec, &machine, Some(&boot_banner), false).await?;
                 // Attached before the guest runs, so the live stream has
                 // every byte of this boot.
@@ -92,8 +99,10 @@ impl Actor {
         });
     }
 
-    /// A reboot that asks the guest (see [`instance::reboot_guest`]); a
-    /// paused guest cannot react, so it is refused at once.
+    /// A reboot that asks the guest (see [`instance::reboot_guest`]), and
+    /// its guest agent when it ignores the ACPI power button (see
+    /// [`reboot_by_agent`]); a paused guest cannot react, so it is refused
+    /// at once.
     pub(super) fn begin_reboot(&mut self, timeout: Option<Duration>) {
         self.commit(|vm| vm.task = Some(Task::Reboot));
         if self.vm.state == PowerState::Paused {
@@ -104,6 +113,14 @@ impl Actor {
         }
         let grace = timeout.unwrap_or(Duration::from_secs(self.ctx.settings.stop_grace_s));
         let qmp = self.runtime.as_ref().and_then(|rt| rt.qmp.clone());
+        // The agent gets its turn only when it has answered in this QEMU:
+        // a guest without one keeps the whole grace time for the button.
+        let agent = self
+            .runtime
+            .as_ref()
+            .filter(|rt| rt.guest.lock().is_ok_and(|g| g.is_some()))
+            .and_then(|rt| rt.agent.clone());
+        let name = self.vm.name.clone();
         self.spawn_op(async move {
             let Some(qmp) = qmp else {
                 return OpResult::Qmp {
@@ -111,7 +128,18 @@ impl Actor {
                     result: Err(QmpError::Protocol("no QMP link to this QEMU".into())),
                 };
             };
-            let result = instance::reboot_guest(&qmp, grace).await;
+            // As for a stop: with an agent, the button gets half the grace
+            // time and the agent the rest.
+            let started = tokio::time::Instant::now();
+            let button = if agent.is_some() { grace / 2 } else { grace };
+            let mut result = instance::reboot_guest(&qmp, button).await;
+            if let (Err(instance::RebootError::NoReaction { .. }), Some(agent)) = (&result, &agent)
+            {
+                let left = grace.saturating_sub(started.elapsed());
+                result = reboot_by_agent(&qmp, agent, left, &name)
+                    .await
+                    .map_err(|()| instance::RebootError::NoReactionNorAgent { grace });
+            }
             let status = qmp
                 .execute_with_deadline(qapi::qmp::query_status {}, instance::STOP_COMMAND_DEADLINE)
                 .await
@@ -297,6 +325,51 @@ impl Actor {
     }
 }
 
+/// Asks the guest agent to reboot the guest (`guest-shutdown` mode
+/// `reboot`) and waits up to `left` for the reset that reboot makes (a
+/// guest-initiated `RESET`: the new boot runs in the same QEMU). `Err` when
+/// the agent did not take the request or the guest did not reset in time;
+/// the guest keeps running either way.
+async fn reboot_by_agent(
+    qmp: &QmpClient,
+    agent: &GuestAgent,
+    left: Duration,
+    vm: &str,
+) -> Result<(), ()> {
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribed before the request, so the guest's RESET is seen.
+    let mut events = qmp.subscribe();
+    let started = tokio::time::Instant::now();
+    if let Err(e) = agent.reboot(left.min(instance::AGENT_STOP_DEADLINE)).await {
+        tracing::info!(vm, error = %error_chain(&e), "guest agent could not reboot the guest");
+        return Err(());
+    }
+    tracing::info!(
+        vm,
+        "guest ignored the power button: asked its guest agent to reboot it"
+    );
+    let reset = async {
+        loop {
+            match events.recv().await {
+                Ok(event)
+                    if event.name == "RESET"
+                        && event.data.get("guest").and_then(serde_json::Value::as_bool)
+                            == Some(true) =>
+                {
+                    return true
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return false,
+            }
+        }
+    };
+    let left = left.saturating_sub(started.elapsed());
+    match tokio::time::timeout(left, reset).await {
+        Ok(true) => Ok(()),
+        _ => Err(()),
+    }
+}
+
 impl Actor {
     /// Settles a reboot: the guest's `SHUTDOWN` on the way did not end
     /// QEMU, and the vCPUs run (or, when a step failed, are as QEMU says).
@@ -470,12 +543,16 @@ pub async fn launch_qemu(
 }
 
 /// The line vmlet writes into the serial log (as a line of its own) before
-/// boot `n`.
+/// boot `n`. It ends in a random token the guest never sees (the line goes
+/// into the log file, not to the guest), so a guest printing a line like
+/// it cannot pass for a new boot (see [`SerialLog::record_boot`]).
 pub fn boot_banner(n: u64, at: SystemTime) -> String {
+    let token = Uuid::new_v4().simple().to_string();
     format!(
-        "{}{n} started {}",
+        "{}{n} started {} #{}",
         crate::console::serial::BOOT_BANNER_PREFIX,
-        humantime::format_rfc3339_seconds(at)
+        humantime::format_rfc3339_seconds(at),
+        &token[..16]
     )
 }
 
