@@ -34,6 +34,7 @@ use crate::vm::actor::VmError;
 use crate::vm::events::EventBody;
 use crate::vm::manager::Manager;
 
+mod pace;
 mod record;
 mod recover;
 mod source;
