@@ -131,6 +131,15 @@ async fn efivar_kept(log: &Path, boot: usize, value: &str) {
     assert_eq!(field(&line, "written"), "no", "{line}");
 }
 
+/// Creates a VM booting `disk` under `firmware` and starts it; its id and
+/// serial log.
+async fn start_from_disk(d: &Daemon, name: &str, firmware: &str, disk: &Path) -> (String, PathBuf) {
+    let vm = create_vm(d, &disk_boot_spec(&unique_name(name), firmware, disk)).await;
+    let id = id_of(&vm);
+    act(d, &id, "start", None).await;
+    (id, d.serial_log(uuid_of(&vm)))
+}
+
 /// A VM spec that boots from `disk` (a raw ESP, read only) with `firmware`.
 fn disk_boot_spec(name: &str, firmware: &str, disk: &Path) -> Value {
     json!({
@@ -360,14 +369,7 @@ async fn uefi_secure_disk_boot_runs_debians_signed_chain() {
     let disk = d.scratch().join("esp-signed.raw");
     let cmdline = guest_cmdline("q35", "guest.firmware=report guest.efivar=report");
     esp_disk(&disk, &guest.kernel, &guest.initrd, &cmdline);
-    let vm = create_vm(
-        &d,
-        &disk_boot_spec(&unique_name("sb-disk"), "uefi-secure", &disk),
-    )
-    .await;
-    let id = id_of(&vm);
-    act(&d, &id, "start", None).await;
-    let log = d.serial_log(uuid_of(&vm));
+    let (id, log) = start_from_disk(&d, "sb-disk", "uefi-secure", &disk).await;
     wait_for_count(&log, "GUEST-READY", 1, DISK_BOOT_TIMEOUT).await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -404,14 +406,7 @@ async fn uefi_secure_refuses_a_kernel_without_its_signature() {
     let cmdline = guest_cmdline("q35", "guest.firmware=report guest.efivar=report");
     esp_disk(&disk, &kernel, &guest.initrd, &cmdline);
 
-    let vm = create_vm(
-        &d,
-        &disk_boot_spec(&unique_name("sb-refused"), "uefi-secure", &disk),
-    )
-    .await;
-    let id = id_of(&vm);
-    act(&d, &id, "start", None).await;
-    let log = d.serial_log(uuid_of(&vm));
+    let (id, log) = start_from_disk(&d, "sb-refused", "uefi-secure", &disk).await;
     // GRUB's error for a kernel that shim does not verify; the rest of
     // grub.cfg then fails too ("you need to load the kernel first") and
     // GRUB waits at its prompt.
@@ -430,14 +425,7 @@ async fn uefi_secure_refuses_a_kernel_without_its_signature() {
     assert_eq!(view["state"], "running", "GRUB waits, the VM runs: {view}");
     force_delete_vm(&d, &id).await;
 
-    let vm = create_vm(
-        &d,
-        &disk_boot_spec(&unique_name("uefi-unsigned"), "uefi", &disk),
-    )
-    .await;
-    let id = id_of(&vm);
-    act(&d, &id, "start", None).await;
-    let log = d.serial_log(uuid_of(&vm));
+    let (id, log) = start_from_disk(&d, "uefi-unsigned", "uefi", &disk).await;
     wait_for_count(&log, "GUEST-READY", 1, DISK_BOOT_TIMEOUT).await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
