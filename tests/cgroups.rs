@@ -138,7 +138,7 @@ fn create(test: &str, cgroups: &Cgroups, uuid: Uuid, limits: &Limits) -> Option<
 
 /// Starts `program args` as a member of `cg`, joining between fork and exec.
 fn spawn_in(cg: &VmCgroup, program: &str, args: &[&str]) -> Child {
-    let procs = cg.open_procs().unwrap();
+    let procs = cg.open_join().unwrap();
     let mut command = Command::new(program);
     command.args(args);
     // SAFETY: join_in_child only calls write(2): async-signal-safe.

@@ -27,8 +27,9 @@ use vmlet::confine::cgroup::{Cgroups, Hierarchy};
 
 /// The top-level entries a jail may hold: `/usr` and the host's
 /// lib/bin links or binds, the jail's own `/dev`, `/proc`, `/run`, `/tmp`,
-/// `/boot` with the copied kernel and initrd, and `/opt` holding the bind
-/// of a QEMU binary that lives outside `/usr`.
+/// `/boot` with copies of a kernel and initrd QEMU's user may not read as
+/// they are, and `/opt` holding the bind of a QEMU binary that lives
+/// outside `/usr`.
 const JAIL_ENTRIES: &[&str] = &[
     "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "dev", "proc", "run", "tmp", "boot",
     "opt",
@@ -132,7 +133,7 @@ fn assert_confined(d: &Daemon, id: Uuid, pid: i32, io_weight: u32) -> u32 {
         unexpected.is_empty(),
         "the jail holds {unexpected:?} (all: {entries:?})"
     );
-    for needed in ["usr", "dev", "proc", "run", "tmp", "boot"] {
+    for needed in ["usr", "dev", "proc", "run", "tmp"] {
         assert!(
             entries.contains(needed),
             "no /{needed} in the jail: {entries:?}"
@@ -144,17 +145,20 @@ fn assert_confined(d: &Daemon, id: Uuid, pid: i32, io_weight: u32) -> u32 {
         let seen = inside.join(dir.strip_prefix("/").unwrap());
         assert!(!seen.exists(), "{} is visible in the jail", dir.display());
     }
-    let boot: BTreeSet<String> = std::fs::read_dir(inside.join("boot"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(boot.contains("kernel"), "/boot holds {boot:?}");
-
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
+    // The kernel is the file vmlet opened, or a copy inside the jail.
+    match arg_after(&args, "-kernel").as_deref() {
+        Some(fd) if fd.starts_with("/proc/self/fd/") => {}
+        Some(copy @ "/boot/kernel") => assert!(
+            inside.join(copy.trim_start_matches('/')).is_file(),
+            "{copy} is not in the jail"
+        ),
+        other => panic!("QEMU {pid} reads its kernel from {other:?}"),
+    }
     assert!(
         !args.iter().any(|a| a == "-daemonize"),
         "QEMU was daemonized: {args:?}"
@@ -186,6 +190,11 @@ fn assert_confined(d: &Daemon, id: Uuid, pid: i32, io_weight: u32) -> u32 {
     );
     assert_io_weight(d, id, io_weight);
     uids[0]
+}
+
+/// The argument after `flag` in `args`.
+fn arg_after(args: &[String], flag: &str) -> Option<String> {
+    args.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone())
 }
 
 /// The soft and hard value of one `/proc/PID/limits` line.
@@ -264,6 +273,74 @@ async fn each_vm_runs_unprivileged_in_its_own_jail() {
     }
     for (id, _) in &seen {
         vmlet_stop(&d, *id).await;
+    }
+}
+
+/// A kernel and initrd QEMU's user may read are handed over as the files
+/// vmlet opened (`/proc/self/fd/N`), with no copy in the jail; ones it may
+/// not read (root's, mode 0600) are copied into its jail, readable by its
+/// uid alone. Both guests boot.
+#[tokio::test]
+async fn boot_files_are_copied_only_when_qemus_user_may_not_read_them() {
+    const TEST: &str = "boot_files_are_copied_only_when_qemus_user_may_not_read_them";
+    if !confinement_runs_here(TEST) {
+        return;
+    }
+    let d = Daemon::start().await;
+    let guest = common::guest::test_guest();
+    // The test guest's files are 0644: readable by anyone.
+    let readable = guest_spec_json(&unique_name("bootfd"), "guest.action=hold");
+    let kernel = d.scratch().join("private-vmlinuz");
+    let initrd = d.scratch().join("private-initrd.img");
+    for (from, to) in [(&guest.kernel, &kernel), (&guest.initrd, &initrd)] {
+        std::fs::copy(from, to).unwrap();
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut private = guest_spec_json(&unique_name("bootcopy"), "guest.action=hold");
+    private["boot"]["kernel"] = json!(kernel);
+    private["boot"]["initrd"] = json!(initrd);
+
+    let (fd_id, fd_pid) = create_and_start(&d, &readable).await;
+    let (copy_id, copy_pid) = create_and_start(&d, &private).await;
+    for id in [fd_id, copy_id] {
+        wait_for_count(&d.serial_log(id), "GUEST-READY", 1, BOOT_TIMEOUT).await;
+    }
+    let args = |pid: i32| -> Vec<String> {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap()
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect()
+    };
+
+    let fd_args = args(fd_pid);
+    for flag in ["-kernel", "-initrd"] {
+        let named = arg_after(&fd_args, flag).unwrap_or_default();
+        assert!(
+            named.starts_with("/proc/self/fd/"),
+            "{flag} {named}: a readable file is handed over as it is"
+        );
+    }
+    let fd_jail = PathBuf::from(format!("/proc/{fd_pid}/root"));
+    assert!(!fd_jail.join("boot").exists(), "a copy was made anyway");
+    assert_confined(&d, fd_id, fd_pid, 100);
+
+    let copy_args = args(copy_pid);
+    let copy_uid = assert_confined(&d, copy_id, copy_pid, 100);
+    for (flag, inside) in [("-kernel", "/boot/kernel"), ("-initrd", "/boot/initrd")] {
+        assert_eq!(arg_after(&copy_args, flag).as_deref(), Some(inside));
+        let path = PathBuf::from(format!("/proc/{copy_pid}/root{inside}"));
+        let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(meta.uid(), copy_uid, "{inside} belongs to QEMU's uid");
+        assert_eq!(meta.mode() & 0o777, 0o400, "{inside} mode");
+    }
+    assert_eq!(
+        std::fs::metadata(&kernel).unwrap().mode() & 0o777,
+        0o600,
+        "the host's file is left as it was"
+    );
+    for id in [fd_id, copy_id] {
+        vmlet_stop(&d, id).await;
     }
 }
 

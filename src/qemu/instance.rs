@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::confine::cgroup::ProcsFiles;
+use crate::confine::cgroup::JoinFiles;
 use crate::confine::ids::Ids;
 use crate::confine::jail::{self, JailError, JailSpec};
 use crate::qemu::accel::Accel;
@@ -154,7 +154,7 @@ pub struct ConfinePlan<'a> {
     /// The jail holds `/dev/kvm`.
     pub kvm: bool,
     /// Join this cgroup before exec.
-    pub cgroup: Option<&'a ProcsFiles>,
+    pub cgroup: Option<&'a JoinFiles>,
 }
 
 /// Everything a launch needs: what the argv is built from, where QEMU's

@@ -27,11 +27,12 @@ pub struct PassedFd {
 /// One file of a direct kernel boot, as QEMU is told to read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootFile {
-    /// An fd QEMU inherits, named `/proc/self/fd/N` (QEMU runs as vmlet's
-    /// own user, so it may reopen the file vmlet opened).
+    /// An fd QEMU inherits, named `/proc/self/fd/N`: QEMU reopens the very
+    /// file vmlet opened, which the kernel lets it do when its user may
+    /// read that file (vmlet's own user, or a file readable by QEMU's).
     Fd(RawFd),
-    /// A copy vmlet made for a QEMU running as another user, at this path
-    /// as QEMU sees it (inside its jail).
+    /// A copy vmlet made for a QEMU running as another user that may not
+    /// read the original, at this path as QEMU sees it (inside its jail).
     Copy(String),
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use uuid::Uuid;
 
-use crate::confine::cgroup::ProcsFiles;
+use crate::confine::cgroup::JoinFiles;
 use crate::confine::ids::Ids;
 use crate::confine::jail::PreparedJail;
 
@@ -114,7 +114,7 @@ pub struct Confinement<'a> {
     pub jail: Option<&'a PreparedJail>,
     /// Join this cgroup before anything else, so every thread QEMU makes
     /// is in it from the start.
-    pub cgroup: Option<&'a ProcsFiles>,
+    pub cgroup: Option<&'a JoinFiles>,
 }
 
 /// What to run and where its output goes.
@@ -177,13 +177,13 @@ pub fn spawn(
     // below (in the child), and `command` is dropped before this function
     // returns: the borrowed jail and cgroup files outlive every use.
     let jail = confine.jail.map(|j| j as *const PreparedJail as usize);
-    let cgroup = confine.cgroup.map(|c| c as *const ProcsFiles as usize);
+    let cgroup = confine.cgroup.map(|c| c as *const JoinFiles as usize);
     // SAFETY: between fork and exec only async-signal-safe system calls run,
     // on values prepared before the fork (no allocation, no locks).
     unsafe {
         command.pre_exec(move || {
             let jail = jail.map(|j| &*(j as *const PreparedJail));
-            let cgroup = cgroup.map(|c| &*(c as *const ProcsFiles));
+            let cgroup = cgroup.map(|c| &*(c as *const JoinFiles));
             if libc::setsid() == -1 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::confine::cgroup::ProcsFiles;
+use crate::confine::cgroup::JoinFiles;
 use crate::confine::ids::Ids;
 use crate::confine::jail::{self, JailError, JailSpec};
 use crate::qemu::process::{self, Confinement, ProcessError, QemuProcess, SpawnRequest};
@@ -72,7 +72,7 @@ pub struct TpmLaunch<'a> {
     /// Run in a jail of its own (needs `ids`).
     pub jail: bool,
     /// Join this cgroup (the VM's) before exec.
-    pub cgroup: Option<&'a ProcsFiles>,
+    pub cgroup: Option<&'a JoinFiles>,
     /// An `swtpm` outside `/usr`, bound into the jail (see
     /// [`JailSpec::binary`]).
     pub binary_bind: Option<&'a Path>,

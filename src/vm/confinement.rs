@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::config::QemuSettings;
 use crate::confine::cgroup::{
-    CgroupError, CgroupStats, Cgroups, Hierarchy, Limits, ProcsFiles, VmCgroup,
+    CgroupError, CgroupStats, Cgroups, Hierarchy, JoinFiles, Limits, VmCgroup,
 };
 use crate::confine::ids::{self, IdPool, IdRange, Ids};
 use crate::qemu::instance::ConfinePlan;
@@ -55,7 +55,7 @@ pub struct Confined {
     ids: Option<Ids>,
     jail: bool,
     kvm: bool,
-    procs: Option<ProcsFiles>,
+    procs: Option<JoinFiles>,
 }
 
 impl Confined {
@@ -168,7 +168,7 @@ impl Confiner {
                 let limits = self.limits(spec);
                 let made = cgroups
                     .create(spec.uuid, &limits)
-                    .and_then(|cg| cg.open_procs().map(|p| (cg, p)));
+                    .and_then(|cg| cg.open_join().map(|p| (cg, p)));
                 match made {
                     Ok((cgroup, procs)) => {
                         for note in cgroup.unapplied() {

@@ -44,7 +44,7 @@ mod vm;
 
 pub use hierarchy::{Hierarchy, V1Mount};
 pub use limits::{bfq_weight, blkio_weight, Limits, Unapplied};
-pub use vm::{CgroupStats, ProcsFiles, VmCgroup};
+pub use vm::{CgroupStats, JoinFiles, VmCgroup};
 
 use std::collections::BTreeSet;
 use std::fmt;

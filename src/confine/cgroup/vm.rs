@@ -33,15 +33,26 @@ pub struct CgroupStats {
 }
 
 impl VmCgroup {
-    /// The `cgroup.procs` file of each of this VM's cgroup directories,
-    /// opened write-only and close-on-exec, for a child process to join
-    /// with [`ProcsFiles::join_in_child`] between `fork` and `exec`.
-    pub fn open_procs(&self) -> Result<ProcsFiles, CgroupError> {
+    /// The file of each of this VM's cgroup directories through which a
+    /// process moves itself in, opened write-only and close-on-exec, for a
+    /// child process to join with [`JoinFiles::join_in_child`] between
+    /// `fork` and `exec`.
+    ///
+    /// On v1 that is `tasks`, not `cgroup.procs`: the child of a `fork` is
+    /// single-threaded, so moving its one thread moves the whole process,
+    /// and the kernel moves a thread that names itself (`0`) without the
+    /// host-wide threadgroup lock. `cgroup.procs` takes that lock, and
+    /// taking it after a quiet spell waits for an RCU grace period:
+    /// measured at about 5 ms on each start here. On v2 a thread cannot
+    /// move alone into another domain cgroup (`cgroup.threads` refuses),
+    /// so it is `cgroup.procs` there.
+    pub fn open_join(&self) -> Result<JoinFiles, CgroupError> {
+        let file = if self.v2 { "cgroup.procs" } else { "tasks" };
         let fds = self
             .dirs
             .iter()
             .map(|dir| {
-                let path = dir.join("cgroup.procs");
+                let path = dir.join(file);
                 OpenOptions::new()
                     .write(true)
                     .custom_flags(libc::O_CLOEXEC)
@@ -54,7 +65,7 @@ impl VmCgroup {
                     })
             })
             .collect::<Result<_, _>>()?;
-        Ok(ProcsFiles { fds })
+        Ok(JoinFiles { fds })
     }
 
     /// The cgroup's directories, for display and tests.
@@ -117,15 +128,17 @@ impl VmCgroup {
     }
 }
 
-/// Open `cgroup.procs` files of a VM's cgroup, for a child to join it.
+/// The open join files of a VM's cgroup (see [`VmCgroup::open_join`]),
+/// for a child to join it.
 #[derive(Debug)]
-pub struct ProcsFiles {
+pub struct JoinFiles {
     fds: Vec<OwnedFd>,
 }
 
-impl ProcsFiles {
+impl JoinFiles {
     /// Moves the calling process into the cgroup by writing `0` (meaning
-    /// "the writer") into each file. Async-signal-safe: only `write(2)`, no
+    /// "the writer") into each file; on v1 it must be single-threaded (a
+    /// child between `fork` and `exec` is). Async-signal-safe: only `write(2)`, no
     /// allocation, so it may run in a `pre_exec` hook between `fork` and
     /// `exec`. Stops at the first failing write.
     pub fn join_in_child(&self) -> io::Result<()> {

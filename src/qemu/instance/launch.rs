@@ -107,7 +107,7 @@ async fn spawn_confined(launch: &Launch<'_>, incoming: bool) -> Result<QemuInsta
     };
     let boot = match (launch.boot_files, launch.confine.ids) {
         (Some(files), Some(ids)) => {
-            Some(copy_boot_files(files, paths, ids, jail.is_some()).map_err(run_dir_error)?)
+            Some(boot_files_for(files, paths, ids, jail.is_some()).map_err(run_dir_error)?)
         }
         (files, _) => files.cloned(),
     };
@@ -349,56 +349,100 @@ fn make_qemu_run_dir(paths: &RunPaths, ids: &Ids) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A QEMU running as another user cannot reopen the files vmlet opened
-/// (`/proc/self/fd/N` checks the file's permissions again), so it gets
-/// copies of the kernel and initrd, readable by it alone, in `boot/` of its
-/// jail root.
-fn copy_boot_files(
+/// The kernel and initrd as a QEMU running as another user reads them.
+/// It reopens what vmlet opened through `/proc/self/fd/N`, and the kernel
+/// checks the file's permissions again on that reopen: a file its user may
+/// read (by the permission bits, with no ACL) is handed over as it is; any
+/// other gets a copy readable by that user alone, in `boot/` of its jail
+/// root. Copying is what a start would otherwise pay for every boot (some
+/// 20 MiB written for a distribution kernel and initrd).
+fn boot_files_for(
     files: &BootFiles,
     paths: &RunPaths,
     ids: &Ids,
     jailed: bool,
 ) -> std::io::Result<BootFiles> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = paths.jail_root().join("boot");
-    std::fs::DirBuilder::new().create(&dir)?;
-    // Set apart from the umask (vmlet's is 077): QEMU must pass through.
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-    let copy = |file: &BootFile, name: &str, inside: &str| -> std::io::Result<BootFile> {
+    let hand = |file: &BootFile, name: &str, inside: &str| -> std::io::Result<BootFile> {
         let BootFile::Fd(fd) = file else {
             return Ok(file.clone());
         };
-        let target = dir.join(name);
-        let mut to = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&target)?;
         // SAFETY: `fd` is open for as long as the launch holds its files;
-        // the File made from the dup owns only the dup.
-        let dup = unsafe { libc::dup(*fd) };
-        if dup < 0 {
-            return Err(std::io::Error::last_os_error());
+        // the borrow does not outlive this call.
+        let original = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+        if readable_as_is(original, ids)? {
+            return Ok(file.clone());
         }
-        let mut from = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-        std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(0))?;
-        std::io::copy(&mut from, &mut to)?;
-        std::os::unix::fs::fchown(&to, Some(ids.uid), Some(ids.gid))?;
+        copy_boot_file(original, &dir, name, ids)?;
         Ok(BootFile::Copy(if jailed {
             inside.to_string()
         } else {
-            target.to_string_lossy().into_owned()
+            dir.join(name).to_string_lossy().into_owned()
         }))
     };
     Ok(BootFiles {
-        kernel: copy(&files.kernel, "kernel", launch_files::JAIL_KERNEL)?,
+        kernel: hand(&files.kernel, "kernel", launch_files::JAIL_KERNEL)?,
         initrd: files
             .initrd
             .as_ref()
-            .map(|i| copy(i, "initrd", launch_files::JAIL_INITRD))
+            .map(|i| hand(i, "initrd", launch_files::JAIL_INITRD))
             .transpose()?,
     })
+}
+
+/// True when a process of `ids` may reopen `file` for reading: its
+/// permission bits let it, and no access ACL could say otherwise.
+fn readable_as_is(file: std::os::fd::BorrowedFd<'_>, ids: &Ids) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::File::from(file.try_clone_to_owned()?).metadata()?;
+    if !ids.may_read(meta.mode(), meta.uid(), meta.gid()) {
+        return Ok(false);
+    }
+    // SAFETY: a valid fd, a NUL-terminated name, and no buffer (size 0
+    // asks only whether the attribute exists).
+    let acl = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if acl >= 0 {
+        return Ok(false);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENODATA) | Some(libc::ENOTSUP) => Ok(true),
+        _ => Ok(false),
+    }
+}
+
+/// Copies `from` to `dir/name`, mode 0400, owned by `ids`; makes `dir`
+/// (mode 0711: QEMU passes through it, lists nothing) on the first copy.
+fn copy_boot_file(
+    from: std::os::fd::BorrowedFd<'_>,
+    dir: &Path,
+    name: &str,
+    ids: &Ids,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    match std::fs::DirBuilder::new().mode(0o711).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    // Set apart from the umask (vmlet's is 077): QEMU must pass through.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join(name))?;
+    let mut from = std::fs::File::from(from.try_clone_to_owned()?);
+    std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(0))?;
+    std::io::copy(&mut from, &mut to)?;
+    std::os::unix::fs::fchown(&to, Some(ids.uid), Some(ids.gid))
 }
 
 /// Opens QEMU's log for appending (never through a symlink).
