@@ -348,6 +348,81 @@ async fn huge_pages_back_the_guest_and_a_short_pool_is_a_conflict() {
     drop(pool);
 }
 
+/// Two VMs on huge pages, each of which the free pages fit alone but not
+/// both, started at once: one runs, the other is a 409 naming the huge
+/// pages, its VM left with no QEMU and the reason (like any failed start). (Each launch checks the free pages
+/// and its QEMU takes them as one turn; without that both checks passed
+/// and one QEMU failed to preallocate.)
+#[tokio::test]
+async fn concurrent_starts_the_free_huge_pages_fit_only_one_at_a_time_run_one() {
+    const TEST: &str = "concurrent_starts_the_free_huge_pages_fit_only_one_at_a_time_run_one";
+    if !nix::unistd::geteuid().is_root() {
+        common::skip(TEST, "reserving huge pages needs root");
+        return;
+    }
+    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir() {
+        common::skip(TEST, "this kernel has no 2M huge pages");
+        return;
+    }
+    let _turn = HUGE_PAGES.lock().await;
+    let d = Daemon::start().await;
+    // Room to create both (64 pages each) ...
+    let Some(pool) = HugePagePool::grow_by(140) else {
+        common::skip(TEST, "the kernel could not reserve 140 more 2M huge pages");
+        return;
+    };
+    let huge = json!({"memory_mib": 128, "memory": {"hugepages": "2M"}});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let vm = create_vm(&d, &spec_with(&unique_name("hugerace"), "", huge.clone())).await;
+        ids.push(id_of(&vm));
+    }
+    // ... then the pool shrinks to about 100 free: either start fits, not both.
+    let free_now = meminfo("HugePages_Free:");
+    pool.set(read_number(NR_HUGEPAGES) - free_now.saturating_sub(100))
+        .unwrap();
+    let free = meminfo("HugePages_Free:");
+    assert!((64..128).contains(&free), "{free} huge pages free");
+
+    let start = |id: String| {
+        let d = &d;
+        async move { call(d, Method::POST, &format!("/v1/vms/{id}/start"), None).await }
+    };
+    let (a, b) = tokio::join!(start(ids[0].clone()), start(ids[1].clone()));
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "answers: {a:?} / {b:?}");
+    let (refused, loser) = if a.0 == 409 {
+        (&a, &ids[0])
+    } else {
+        (&b, &ids[1])
+    };
+    let error = assert_error(refused, 409, "conflict");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("not enough 2M huge pages"),
+        "{error}"
+    );
+    let view = expect(&d, Method::GET, &format!("/v1/vms/{loser}"), None, 200).await;
+    assert_eq!(view["state"], "error", "{view}");
+    assert!(view["pid"].is_null(), "{view}");
+    assert!(
+        view["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("huge pages"),
+        "{view}"
+    );
+    assert_eq!(d.qemu_pids().len(), 1, "QEMUs: {:?}", d.qemu_pids());
+
+    for id in &ids {
+        force_delete_vm(&d, id).await;
+    }
+    drop(pool);
+}
+
 /// Skips (with the line) a two-host test on a host where it cannot run.
 fn cannot_run_two_hosts(test: &str) -> bool {
     if !nix::unistd::geteuid().is_root() {

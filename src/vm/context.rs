@@ -51,6 +51,10 @@ pub struct Context {
     /// The UEFI firmware builds QEMU's firmware descriptors offer (read
     /// once, at start, from `settings.firmware_dirs`).
     pub firmware: FirmwareCatalog,
+    /// Taken by a launch of a VM backed by huge pages from its check of
+    /// the free pages until its QEMU answers (it has preallocated them by
+    /// then): two such launches cannot both count the same free pages.
+    pub hugepage_launches: tokio::sync::Mutex<()>,
 }
 
 impl Context {
@@ -103,6 +107,7 @@ impl Context {
             networks,
             host_roots,
             confiner,
+            hugepage_launches: tokio::sync::Mutex::new(()),
         })
     }
 
