@@ -202,3 +202,93 @@ async fn concurrent_creates_that_fit_only_one_at_a_time_admit_one() {
     let (status, body) = call(&d, Method::DELETE, &path, None).await;
     assert_eq!(status, 204, "{body}");
 }
+
+/// Growth by edits holds its place like a create: two edits (or an edit
+/// and a create) that each fit alone but not together, sent at once, admit
+/// one and refuse the other with 409, every round; the refused VM keeps its
+/// spec and the inventory counts only what was admitted.
+#[tokio::test]
+async fn concurrent_growth_that_fits_only_one_at_a_time_admits_one() {
+    let d = Daemon::start_with_env(&[
+        ("VMLET_CAPACITY_VCPUS", "3"),
+        ("VMLET_CPU_ALLOCATION_RATIO", "1"),
+    ])
+    .await;
+    let a = id_of(&create_vm(&d, &spec(1, 128)).await);
+    let b = id_of(&create_vm(&d, &spec(1, 128)).await);
+    let grow = |id: String, vcpus: u32| {
+        let d = &d;
+        async move {
+            call(
+                d,
+                Method::PATCH,
+                &format!("/v1/vms/{id}"),
+                Some(&json!({"vcpus": vcpus})),
+            )
+            .await
+        }
+    };
+    let vcpus_of = |answer: &(u16, Value)| answer.1["spec"]["vcpus"].as_u64();
+    for round in 0..4 {
+        // 2 of 3 vCPUs taken: one VM may grow by one, not both.
+        let (x, y) = tokio::join!(grow(a.clone(), 2), grow(b.clone(), 2));
+        let mut statuses = [x.0, y.0];
+        statuses.sort();
+        assert_eq!(statuses, [200, 409], "round {round}: {} / {}", x.1, y.1);
+        let (grown, kept, refused) = if x.0 == 200 {
+            (&a, &b, &y)
+        } else {
+            (&b, &a, &x)
+        };
+        let error = assert_error(refused, 409, "conflict");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("not enough vcpus"),
+            "round {round}: {error}"
+        );
+        let view = expect(&d, Method::GET, &format!("/v1/vms/{kept}"), None, 200).await;
+        assert_eq!(view["spec"]["vcpus"], 1, "round {round}: {view}");
+        assert_eq!(
+            inventory(&d).await["vcpus"]["allocated"],
+            3,
+            "round {round}"
+        );
+        // Back to 1 + 1.
+        let back = grow(grown.clone(), 1).await;
+        assert_eq!((back.0, vcpus_of(&back)), (200, Some(1)), "{}", back.1);
+    }
+    // An edit and a create at once: one place left for either.
+    for round in 0..3 {
+        let new = spec(1, 128);
+        let (edit, create) = tokio::join!(
+            grow(a.clone(), 2),
+            call(&d, Method::POST, "/v1/vms", Some(&new)),
+        );
+        let admitted = [edit.0 == 200, create.0 == 201];
+        assert!(
+            admitted == [true, false] || admitted == [false, true],
+            "round {round}: edit {} {} / create {} {}",
+            edit.0,
+            edit.1,
+            create.0,
+            create.1
+        );
+        assert_eq!(
+            inventory(&d).await["vcpus"]["allocated"],
+            3,
+            "round {round}"
+        );
+        if admitted[0] {
+            assert_error(&create, 409, "conflict");
+            let back = grow(a.clone(), 1).await;
+            assert_eq!(back.0, 200, "{}", back.1);
+        } else {
+            assert_error(&edit, 409, "conflict");
+            force_delete_vm(&d, &id_of(&create.1)).await;
+        }
+    }
+    force_delete_vm(&d, &a).await;
+    force_delete_vm(&d, &b).await;
+}

@@ -417,6 +417,27 @@ async fn concurrent_starts_the_free_huge_pages_fit_only_one_at_a_time_run_one() 
     );
     assert_eq!(d.qemu_pids().len(), 1, "QEMUs: {:?}", d.qemu_pids());
 
+    // An edit that would take more huge pages than the pool has left
+    // unallocated is refused like a create; the VM keeps its spec.
+    let pages = read_number(NR_HUGEPAGES);
+    let answer = call(
+        &d,
+        Method::PATCH,
+        &format!("/v1/vms/{loser}"),
+        Some(&json!({"memory_mib": 2 * pages + 2})),
+    )
+    .await;
+    let error = assert_error(&answer, 409, "conflict");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("not enough 2M huge pages"),
+        "{error}"
+    );
+    let view = expect(&d, Method::GET, &format!("/v1/vms/{loser}"), None, 200).await;
+    assert_eq!(view["spec"]["memory_mib"], 128, "{view}");
+
     for id in &ids {
         force_delete_vm(&d, id).await;
     }

@@ -458,7 +458,12 @@ pub async fn launch_qemu(
         .profiles
         .get(&spec.profile)
         .map_err(|e| VmError::Failed(error_chain(&e)))?;
-    // Told before anything is made.
+    // Told before anything is made. A VM on huge pages holds its turn
+    // until its QEMU has taken them, so the next one's check sees them gone.
+    let _hugepage_turn = match spec.memory.hugepages {
+        Some(_) => Some(ctx.hugepage_launches.lock().await),
+        None => None,
+    };
     check_hugepages_free(spec)?;
     // A full disk stays a full disk (507).
     crate::storage::disks::write_seed(&ctx.layout, spec)?;

@@ -90,34 +90,81 @@ impl Manager {
 
     /// Checks that `spec` fits (capacity when enforced; huge pages always:
     /// QEMU preallocates them, so they are never overcommitted) beside
-    /// every VM, arriving VM and create in flight, and holds its place
+    /// every VM, arriving VM and promise in flight, and holds its place
     /// until the returned guard drops. Check and hold are one step under
     /// `incoming`'s lock: two creates that each fit alone cannot both pass.
     pub(super) fn reserve_capacity(&self, spec: &VmSpec) -> Result<Place<'_>, VmError> {
         let incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
         let inventory = self.inventory_locked(&incoming);
+        let usage = self.usage(spec);
         if self.ctx.settings.capacity.enforce {
-            inventory
-                .check_fits(self.usage(spec))
-                .map_err(VmError::Conflict)?;
+            inventory.check_fits(usage).map_err(VmError::Conflict)?;
         }
         Self::check_hugepages_unallocated(&inventory, spec)?;
-        self.creating
+        Ok(self.promise(spec, usage))
+    }
+
+    /// Like [`Manager::reserve_capacity`], for an edit of `vm` to `spec`:
+    /// checks and holds only what the edit adds to what the VM holds now
+    /// (`growth`; huge pages beyond the ones its spec or pending spec
+    /// already take), until the guard drops (once the VM's actor took the
+    /// new spec, when it counts as the VM's own).
+    pub(super) fn reserve_growth(
+        &self,
+        vm: &Vm,
+        spec: &VmSpec,
+        growth: Usage,
+    ) -> Result<Place<'_>, VmError> {
+        let incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        let inventory = self.inventory_locked(&incoming);
+        if self.ctx.settings.capacity.enforce && growth != Usage::default() {
+            inventory.check_fits(growth).map_err(VmError::Conflict)?;
+        }
+        if let Some(size) = spec.memory.hugepages {
+            let held = std::iter::once(&vm.spec)
+                .chain(vm.pending.as_ref().map(|p| &p.spec))
+                .filter(|s| s.memory.hugepages == Some(size))
+                .map(|s| size.pages_for(s.memory_mib))
+                .max()
+                .unwrap_or(0);
+            let more = size.pages_for(spec.memory_mib).saturating_sub(held);
+            if more > 0 {
+                let unallocated = inventory
+                    .hugepages
+                    .get(size.as_str())
+                    .map_or(0, node::HugePagePool::unallocated);
+                node::check_hugepages(size, more, unallocated, "not allocated to other VMs")
+                    .map_err(VmError::Conflict)?;
+            }
+        }
+        Ok(self.promise(spec, growth))
+    }
+
+    /// Records the place `usage` (and `spec`'s huge pages) as promised;
+    /// the caller holds `incoming`'s lock.
+    fn promise(&self, spec: &VmSpec, usage: Usage) -> Place<'_> {
+        self.promised
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(spec.uuid, spec.clone());
-        Ok(Place {
-            creating: &self.creating,
+            .insert(
+                spec.uuid,
+                Promise {
+                    spec: spec.clone(),
+                    usage,
+                },
+            );
+        Place {
+            promised: &self.promised,
             id: spec.uuid,
-        })
+        }
     }
 
     /// The inventory, with the VMs arriving by migration (`incoming`, held
-    /// locked by the caller) and the creates in flight counted as
-    /// allocated.
+    /// locked by the caller) and the places promised (creates and edits in
+    /// flight) counted as allocated.
     pub(super) fn inventory_locked(&self, incoming: &HashMap<Uuid, VmSpec>) -> Inventory {
-        let creating: Vec<VmSpec> = self
-            .creating
+        let promised: Vec<Promise> = self
+            .promised
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
@@ -126,8 +173,8 @@ impl Manager {
         let mut used = Usage::default();
         let arriving = incoming
             .values()
-            .chain(&creating)
-            .map(|spec| self.usage(spec));
+            .map(|spec| self.usage(spec))
+            .chain(promised.iter().map(|p| p.usage));
         for u in self
             .list()
             .iter()
@@ -155,7 +202,7 @@ impl Manager {
                     .collect::<Vec<_>>()
             })
             .chain(incoming.values().cloned())
-            .chain(creating)
+            .chain(promised.into_iter().map(|p| p.spec))
             .collect();
         let mut wanted: HashMap<(Uuid, crate::spec::HugePageSize), u64> = HashMap::new();
         for spec in &specs {
@@ -244,18 +291,30 @@ impl Manager {
     }
 }
 
-/// The place a create in flight holds in the host's capacity; given back
-/// when dropped (after the VM is registered, or when the create fails).
+/// A place promised in the host's capacity: what a create or an edit in
+/// flight takes beyond the VM records.
+#[derive(Debug, Clone)]
+pub(super) struct Promise {
+    /// The spec being created, or the edit's new spec (its huge pages
+    /// count once per VM: the larger of this and the VM's own).
+    spec: VmSpec,
+    /// The vCPUs, memory and disk it takes beyond the VM records.
+    usage: Usage,
+}
+
+/// The place a create or an edit in flight holds in the host's capacity;
+/// given back when dropped (after the VM is registered or took the new
+/// spec, or when the operation fails).
 #[derive(Debug)]
 #[must_use = "the place is given back when the guard drops"]
 pub(super) struct Place<'a> {
-    creating: &'a std::sync::Mutex<HashMap<Uuid, VmSpec>>,
+    promised: &'a std::sync::Mutex<HashMap<Uuid, Promise>>,
     id: Uuid,
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        self.creating
+        self.promised
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);

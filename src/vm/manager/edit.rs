@@ -118,20 +118,16 @@ impl Manager {
                 )));
             }
         }
-        if self.ctx.settings.capacity.enforce {
-            let now = self.reserved(&vm);
-            let after = max_usage(self.usage(&vm.spec), self.usage(&spec));
-            let growth = Usage {
-                vcpus: after.vcpus.saturating_sub(now.vcpus),
-                memory_mib: after.memory_mib.saturating_sub(now.memory_mib),
-                disk_gib: after.disk_gib.saturating_sub(now.disk_gib),
-            };
-            if growth != Usage::default() {
-                self.inventory()
-                    .check_fits(growth)
-                    .map_err(VmError::Conflict)?;
-            }
-        }
+        let now = self.reserved(&vm);
+        let after = max_usage(self.usage(&vm.spec), self.usage(&spec));
+        let growth = Usage {
+            vcpus: after.vcpus.saturating_sub(now.vcpus),
+            memory_mib: after.memory_mib.saturating_sub(now.memory_mib),
+            disk_gib: after.disk_gib.saturating_sub(now.disk_gib),
+        };
+        // Held until the actor took the spec: a concurrent create or edit
+        // sees this growth.
+        let _place = self.reserve_growth(&vm, &spec, growth)?;
         handle
             .command(Command::Edit(Box::new(Edit {
                 spec,

@@ -98,11 +98,13 @@ pub struct Manager {
     /// VMs arriving by live migration: their place (UUID, name, capacity)
     /// is held until they arrived or the migration failed.
     incoming: std::sync::Mutex<std::collections::HashMap<Uuid, VmSpec>>,
-    /// Creates past their capacity check that are still making their
-    /// disks: counted as allocated until the VM is registered or the
-    /// create fails. Only changed with `incoming` held (locked first), so
-    /// a capacity check and the place it promises are one step.
-    creating: std::sync::Mutex<std::collections::HashMap<Uuid, VmSpec>>,
+    /// Places promised past a capacity check and not yet part of a VM's
+    /// record: creates still making their disks (until the VM is
+    /// registered or the create fails) and edits' growth (until the VM's
+    /// actor took the new spec). Counted as allocated. Only changed with
+    /// `incoming` held (locked first), so a capacity check and the place
+    /// it promises are one step.
+    promised: std::sync::Mutex<std::collections::HashMap<Uuid, admission::Promise>>,
     /// Why `accel` was chosen (probed once, at start).
     accel_reason: String,
 }
@@ -181,7 +183,7 @@ impl Manager {
             registry,
             claims: Claims::default(),
             incoming: Default::default(),
-            creating: Default::default(),
+            promised: Default::default(),
             accel_reason,
         })
     }
