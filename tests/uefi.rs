@@ -471,6 +471,20 @@ async fn uefi_refusals_name_boot_firmware() {
     assert_invalid_field(&answer, "disks[0].name");
     // A BIOS VM needs no descriptor.
     let vm = create_vm(&d, &guest_spec_json(&unique_name("bios"), "")).await;
+    // Nor may an edit switch it to UEFI: refused at the edit, naming the
+    // field, and the VM keeps its BIOS.
+    let answer = call(
+        &d,
+        Method::PATCH,
+        &format!("/v1/vms/{}", id_of(&vm)),
+        Some(&json!({"boot": {"firmware": "uefi"}})),
+    )
+    .await;
+    assert_invalid_field(&answer, "boot.firmware");
+    let (_, kept) = call(&d, Method::GET, &format!("/v1/vms/{}", id_of(&vm)), None).await;
+    assert_ne!(kept["spec"]["boot"]["firmware"], "uefi", "{kept}");
+    assert_eq!(kept["generation"], vm["generation"], "{kept}");
+    assert!(kept["pending"].is_null(), "{kept}");
     // As a migration target, a daemon without UEFI firmware refuses a UEFI
     // VM, asked directly as a source daemon asks it.
     let node = call(&d, Method::GET, "/v1/node", None).await.1;

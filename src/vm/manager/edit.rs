@@ -57,6 +57,24 @@ impl Manager {
                 errors.push(e);
             }
         }
+        // UEFI firmware this host offers for the machine type the VM will
+        // start with, as at a create (not only at the next start).
+        let firmware_changed =
+            spec.boot.firmware() != vm.spec.boot.firmware() || spec.profile != vm.spec.profile;
+        if errors.is_empty() && firmware_changed && spec.boot.firmware().is_uefi() {
+            let machine = match &vm.machine {
+                Some(pin) if spec.profile == vm.spec.profile => Ok(pin.machine_type.clone()),
+                _ => self.ctx.vm_pin(&spec).map(|pin| pin.machine_type),
+            };
+            match machine {
+                Ok(machine) => {
+                    if let Err(e) = self.ctx.uefi_firmware(&spec, &machine) {
+                        errors.extend(e.errors);
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
         if !errors.is_empty() {
             return Err(VmError::Invalid(SpecError { errors }));
         }
