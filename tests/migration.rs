@@ -74,6 +74,8 @@ struct Console {
     ready: usize,
     marks: BTreeMap<String, String>,
     counts: Vec<(u64, BTreeMap<String, String>)>,
+    /// The console's whole lines, for a failure's message.
+    lines: Vec<String>,
 }
 
 impl Console {
@@ -86,6 +88,7 @@ impl Console {
         let whole = text.rfind('\n').map_or("", |end| &text[..end]);
         let mut console = Console::default();
         for line in whole.lines().map(|l| l.trim_end_matches('\r')) {
+            console.lines.push(line.to_string());
             if line.starts_with("GUEST-READY") {
                 console.ready += 1;
             } else if let Some(rest) = line.strip_prefix("GUEST-MARK ") {
@@ -116,7 +119,13 @@ impl Console {
             );
         }
         for (n, read) in &self.counts {
-            assert_eq!(read, marks, "markers read back at count {n} on {what}");
+            let tail = &self.lines[self.lines.len().saturating_sub(40)..];
+            assert_eq!(
+                read,
+                marks,
+                "markers read back at count {n} on {what}; the console's last lines:\n{}",
+                tail.join("\n")
+            );
         }
     }
 }
