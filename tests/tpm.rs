@@ -295,6 +295,16 @@ async fn tpm_is_seen_by_the_guest_persists_and_follows_the_vm() {
     wait_gone(swtpm, "the swtpm to exit with its VM").await;
     assert!(swtpm_pids(id).is_empty(), "no swtpm after stop");
     assert!(state.join("tpm2-00.permall").is_file(), "state kept");
+    // Its uid is free for another VM now: the state is root's again.
+    for path in [state.clone(), state.join("tpm2-00.permall")] {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            0,
+            "{} after the stop",
+            path.display()
+        );
+    }
 
     // Start again: a new swtpm on the same state: the TPM counts one more
     // reset than before (a TPM made afresh would start over).

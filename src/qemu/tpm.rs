@@ -164,19 +164,44 @@ fn own_state_dir(dir: &Path, ids: Option<&Ids>) -> std::io::Result<OwnedFd> {
     // SAFETY: fd is a fresh, valid descriptor.
     let dir_fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if let Some(ids) = ids {
-        std::os::unix::fs::fchown(&dir_fd, Some(ids.uid), Some(ids.gid))?;
-        std::fs::set_permissions(
-            format!("/proc/self/fd/{}", dir_fd.as_raw_fd()),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )?;
-        for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir_fd.as_raw_fd()))? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::os::unix::fs::lchown(entry.path(), Some(ids.uid), Some(ids.gid))?;
-            }
-        }
+        give_state(&dir_fd, ids.uid, ids.gid)?;
     }
     Ok(dir_fd)
+}
+
+/// Gives the state directory open as `dir_fd` (mode 0700), and every
+/// regular file in it, to `uid`:`gid`; symlinks are neither followed nor
+/// given away.
+fn give_state(dir_fd: &OwnedFd, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::fchown(dir_fd, Some(uid), Some(gid))?;
+    std::fs::set_permissions(
+        format!("/proc/self/fd/{}", dir_fd.as_raw_fd()),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
+    for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir_fd.as_raw_fd()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives a VM's TPM state directory back to root once its `swtpm` is
+/// gone, so the uid it ran as, free for another VM now, owns none of it.
+/// A VM without one (no such directory) is fine.
+pub fn take_back_state_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir_fd = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+    {
+        Ok(file) => OwnedFd::from(file),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    give_state(&dir_fd, 0, 0)
 }
 
 /// Starts the `swtpm` of a VM, confined as `launch` says. Returns once the

@@ -42,6 +42,9 @@ pub struct Confiner {
     /// The `swtpm` of each running VM with a TPM: it runs with the VM's uid
     /// in its cgroup, so it is ended before either is released.
     tpms: Mutex<std::collections::HashMap<Uuid, Arc<QemuProcess>>>,
+    /// Where the VMs' TPM state lives, to give it back to root when a VM's
+    /// uid is released (see [`Confiner::with_tpm_state`]).
+    tpm_state: Option<crate::storage::Layout>,
 }
 
 /// How long an `swtpm` gets to exit by itself once QEMU is gone (it does
@@ -135,6 +138,7 @@ impl Confiner {
             settings: settings.clone(),
             live: Mutex::new(Default::default()),
             tpms: Mutex::new(Default::default()),
+            tpm_state: None,
         })
     }
 
@@ -238,8 +242,16 @@ impl Confiner {
         self.tpm_map().get(&vm).map(|t| t.pid())
     }
 
+    /// The VMs' TPM state lives in `layout`: when a VM's own uid is
+    /// released, its TPM state directory goes back to root, so a VM that
+    /// gets that uid next owns nothing of it.
+    pub fn with_tpm_state(mut self, layout: crate::storage::Layout) -> Confiner {
+        self.tpm_state = Some(layout);
+        self
+    }
+
     /// VM `vm` has no QEMU any more: its `swtpm` ends, its cgroup goes, its
-    /// uid is free.
+    /// uid is free (and its TPM state root's again).
     pub fn release(&self, vm: Uuid) {
         let tpm = self.tpm_map().remove(&vm);
         if let Some(tpm) = tpm {
@@ -252,6 +264,12 @@ impl Confiner {
             }
         }
         if let Users::PerVm(pool) = &self.users {
+            if let Some(layout) = &self.tpm_state {
+                let dir = layout.vm_tpm_dir(vm);
+                if let Err(e) = crate::qemu::tpm::take_back_state_dir(&dir) {
+                    tracing::warn!(%vm, dir = %dir.display(), error = %e, "could not give the TPM state back to root");
+                }
+            }
             pool.release(vm);
         }
     }

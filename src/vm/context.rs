@@ -83,7 +83,8 @@ impl Context {
         let volumes = VolumeStore::open(layout.clone(), qemu_img.clone(), events.clone())?;
         let networks = NetworkStore::open(&settings.state_dir)?;
         let confiner = Confiner::new(&settings.qemu)
-            .map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidInput, message))?;
+            .map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidInput, message))?
+            .with_tpm_state(layout.clone());
         let (firmware, warnings) = FirmwareCatalog::load(&settings.firmware_dirs);
         for warning in warnings {
             tracing::warn!(%warning, "skipping a firmware descriptor");
