@@ -131,6 +131,11 @@ async fn impossible_cpu_and_memory_layouts_are_refused_naming_the_field() {
         (json!({"cpu": {"model": "NoSuchCpu-v9"}}), "cpu.model"),
         (json!({"cpu": {"model": "qemu64,+aes"}}), "cpu.model"),
         (json!({"cpu": {"features": ["aes"]}}), "cpu.features[0]"),
+        // Well formed, but no feature of this QEMU.
+        (
+            json!({"cpu": {"features": ["+aes", "+aes2"]}}),
+            "cpu.features[1]",
+        ),
         (
             json!({"cpu": {"features": ["+aes", "-aes"]}}),
             "cpu.features[1]",

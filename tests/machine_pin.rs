@@ -89,6 +89,13 @@ async fn probe_reads_the_real_qemu_under_tcg() {
     assert!(caps.usable_cpu_models().contains(&"qemu64".to_string()));
     assert!(!caps.usable_cpu_models().contains(&"host".to_string()));
     assert_eq!(caps.cpu_migration_blocker("qemu64,+aes"), None);
+    // The feature names a flag may take, from the CPU's properties.
+    for feature in ["aes", "x2apic", "popcnt", "lahf_lm", "lahf-lm", "sse4.1"] {
+        assert!(caps.cpu_feature_known(feature), "{feature}");
+    }
+    for not_a_feature in ["aes2", "realized", "family", "x-force-features"] {
+        assert!(!caps.cpu_feature_known(not_a_feature), "{not_a_feature}");
+    }
     assert!(caps.cpu_migration_blocker("max").is_some());
     assert!(caps.cpu_migration_blocker("host").is_some());
 
@@ -134,7 +141,7 @@ async fn probe_failures_name_the_binary() {
     for (name, script, says) in [
         (
             "shapes",
-            "echo '{\"id\": 1, \"return\": 7}'; echo '{\"id\": 2, \"return\": []}'; echo '{\"id\": 3, \"return\": []}'",
+            "echo '{\"id\": 1, \"return\": 7}'; echo '{\"id\": 2, \"return\": []}'; echo '{\"id\": 3, \"return\": []}'; echo '{\"id\": 4, \"return\": []}'; exec sleep 30",
             "query-version",
         ),
         ("notjson", "echo 'QEMU 10 monitor'; exec sleep 30", "not a QMP message"),
@@ -151,6 +158,31 @@ async fn probe_failures_name_the_binary() {
         let text = err.to_string();
         assert!(text.contains(name) && text.contains(says), "{text}");
     }
+
+    // The CPU's properties are optional: a QEMU that will not list them
+    // is probed all the same, and its flags are checked for form only.
+    let no_properties = scratch.path().join("no-properties");
+    std::fs::write(
+        &no_properties,
+        "#!/bin/sh
+\
+         echo '{\"id\": 1, \"return\": {\"qemu\": {\"major\": 9, \"minor\": 2, \"micro\": 0}}}'
+\
+         echo '{\"id\": 2, \"return\": [{\"name\": \"microvm\"}]}'
+\
+         echo '{\"id\": 3, \"return\": [{\"name\": \"qemu64\"}]}'
+\
+         echo '{\"id\": 4, \"error\": {\"class\": \"GenericError\", \"desc\": \"no such type\"}}'
+\
+         exec sleep 30
+",
+    )
+    .unwrap();
+    make_executable(&no_properties);
+    let caps = probe_ok(&no_properties).await;
+    assert_eq!(caps.version, "9.2.0");
+    assert!(caps.cpu_features.is_empty());
+    assert!(caps.cpu_feature_known("anything"));
 
     // Never answers: killed at the deadline.
     let hangs = scratch.path().join("hangs");
@@ -328,6 +360,23 @@ async fn a_record_without_a_pin_is_pinned_at_its_next_start() {
     );
     assert_eq!(after("-cpu"), pinned["cpu"].as_str().unwrap(), "{args:?}");
     force_delete_vm(&d, &id).await;
+}
+
+/// Probes a script this test just wrote that answers well (retrying
+/// ETXTBSY as [`probe_written`] does).
+async fn probe_ok(script: &Path) -> capabilities::QemuCapabilities {
+    for _ in 0..20 {
+        match capabilities::probe(script, Accel::Tcg, PROBE_DEADLINE).await {
+            Ok(caps) => return caps,
+            Err(CapabilitiesError::Spawn { source, .. })
+                if source.raw_os_error() == Some(libc::ETXTBSY) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("probing {}: {e}", script.display()),
+        }
+    }
+    panic!("{} stayed busy (ETXTBSY)", script.display());
 }
 
 /// Probes a script this test just wrote. Another test's fork may still hold

@@ -104,6 +104,11 @@ pub struct QemuCapabilities {
     /// Every CPU model, as QEMU listed them (usability is for the
     /// accelerator the probe ran with).
     pub cpu_models: Vec<CpuModel>,
+    /// The names a `+flag`/`-flag` may take: the boolean properties of
+    /// QEMU's `max` x86 CPU (`qom-list-properties`), its legacy `_`
+    /// spellings included. Empty when this QEMU would not list them: flags
+    /// are then checked for form only.
+    pub cpu_features: std::collections::BTreeSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -181,7 +186,40 @@ impl QemuCapabilities {
                     }
                 })
                 .collect(),
+            cpu_features: Default::default(),
         })
+    }
+
+    /// Adds the CPU feature names from the `return` value of
+    /// `qom-list-properties` on the `max` x86 CPU: its boolean properties,
+    /// less the device plumbing every device has and QEMU's `x-` internals.
+    pub fn with_cpu_properties(mut self, properties: &Value) -> QemuCapabilities {
+        const NOT_FEATURES: [&str; 4] = [
+            "realized",
+            "hotplugged",
+            "hotpluggable",
+            "start-powered-off",
+        ];
+        self.cpu_features = properties
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["type"] == "bool")
+            .filter_map(|p| p["name"].as_str())
+            .filter(|name| !name.starts_with("x-") && !NOT_FEATURES.contains(name))
+            .map(str::to_string)
+            .collect();
+        self
+    }
+
+    /// Whether `name` (a flag without its `+`/`-`) is a CPU feature of this
+    /// QEMU; QEMU takes `_` and `-` alike. True when the features are
+    /// unknown (see [`QemuCapabilities::cpu_features`]).
+    pub fn cpu_feature_known(&self, name: &str) -> bool {
+        self.cpu_features.is_empty()
+            || self.cpu_features.contains(name)
+            || self.cpu_features.contains(&name.replace('_', "-"))
+            || self.cpu_features.contains(&name.replace('-', "_"))
     }
 
     /// The versioned machine type `name` stands for: an alias (`q35`)
@@ -245,9 +283,10 @@ impl QemuCapabilities {
 
     /// Whether the `-cpu` value `value` (a model, maybe with features after
     /// a comma: `qemu64,+aes`) can run here: its model is known and usable
-    /// with the probed accelerator. The features themselves are not checked
-    /// (QEMU warns about a missing one and leaves it out). The reason names
-    /// the model.
+    /// with the probed accelerator. The features are not checked here
+    /// ([`QemuCapabilities::pin_vm`] checks that each is a feature of this
+    /// QEMU; one this host cannot give, QEMU warns about and leaves out).
+    /// The reason names the model.
     pub fn cpu_usable(&self, value: &str) -> Result<(), String> {
         let model = self.cpu_model(value)?;
         if model.usable {
@@ -324,6 +363,20 @@ impl QemuCapabilities {
         };
         let model = cpu.and_then(|c| c.model.as_deref());
         let features = cpu.map(|c| c.features.as_slice()).unwrap_or_default();
+        if let Some((i, flag)) = features
+            .iter()
+            .enumerate()
+            .find(|(_, flag)| !self.cpu_feature_known(crate::spec::feature_name(flag)))
+        {
+            return Err(field(
+                &format!("cpu.features[{i}]"),
+                format!(
+                    "{:?} is not a CPU feature of this QEMU ({})",
+                    crate::spec::feature_name(flag),
+                    self.version
+                ),
+            ));
+        }
         let profile_pin = match model {
             // The profile's CPU must be usable only when it is used.
             Some(_) => {
@@ -476,9 +529,10 @@ pub async fn probe(
         },
     };
     match replies {
-        Ok([version, machines, cpus]) => {
+        Ok([version, machines, cpus, cpu_properties]) => {
             stderr_task.abort();
             QemuCapabilities::from_replies(&version, &machines, &cpus)
+                .map(|caps| caps.with_cpu_properties(&cpu_properties))
                 .map_err(|m| probe_error(m, String::new()))
         }
         Err(message) => {
@@ -490,19 +544,39 @@ pub async fn probe(
 
 /// The QMP commands of the probe, by id; the replies come back in this
 /// order (QEMU answers in order, but ids are checked anyway).
-const QUERIES: [&str; 3] = ["query-version", "query-machines", "query-cpu-definitions"];
+const QUERIES: [&str; 4] = [
+    "query-version",
+    "query-machines",
+    "query-cpu-definitions",
+    "qom-list-properties",
+];
+
+/// The arguments of `QUERIES[i]`.
+fn query_arguments(command: &str) -> Option<Value> {
+    (command == "qom-list-properties").then(|| json!({"typename": "max-x86_64-cpu"}))
+}
+
+/// Whether a query's error fails the probe; the CPU properties only
+/// refine the flags' check, so without them it goes on.
+fn query_required(command: &str) -> bool {
+    command != "qom-list-properties"
+}
 
 /// Sends every command at once (QEMU reads them after its greeting) and
-/// collects the three query replies.
+/// collects the query replies (`null` for an optional one that failed).
 async fn converse(
     mut stdin: tokio::process::ChildStdin,
     stdout: tokio::process::ChildStdout,
-) -> Result<[Value; 3], String> {
+) -> Result<[Value; QUERIES.len()], String> {
     let mut script = String::new();
     script.push_str(&json!({"execute": "qmp_capabilities", "id": 0}).to_string());
     script.push('\n');
     for (i, command) in QUERIES.iter().enumerate() {
-        script.push_str(&json!({"execute": command, "id": i + 1}).to_string());
+        let mut message = json!({"execute": command, "id": i + 1});
+        if let Some(arguments) = query_arguments(command) {
+            message["arguments"] = arguments;
+        }
+        script.push_str(&message.to_string());
         script.push('\n');
     }
     script.push_str(&json!({"execute": "quit", "id": QUERIES.len() + 1}).to_string());
@@ -512,7 +586,7 @@ async fn converse(
         .await
         .map_err(|e| format!("writing QMP commands: {e} (QEMU exited?)"))?;
     let mut lines = BufReader::new(stdout.take(MAX_STDOUT)).lines();
-    let mut replies: [Option<Value>; 3] = [None, None, None];
+    let mut replies: [Option<Value>; QUERIES.len()] = Default::default();
     while replies.iter().any(Option::is_none) {
         let line = lines
             .next_line()
@@ -532,6 +606,11 @@ async fn converse(
         };
         if let Some(error) = message.get("error") {
             let desc = error.get("desc").and_then(Value::as_str).unwrap_or("?");
+            if id > 0 && !query_required(name) {
+                tracing::info!(query = name, error = desc, "an optional probe query failed");
+                replies[id as usize - 1] = Some(Value::Null);
+                continue;
+            }
             return Err(format!("{name}: {desc}"));
         }
         let Some(value) = message.get("return") else {

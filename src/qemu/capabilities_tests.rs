@@ -179,6 +179,68 @@ fn a_vm_pin_takes_the_specs_model_and_features() {
 }
 
 #[test]
+fn feature_flags_must_be_features_of_this_qemu_once_they_are_known() {
+    let profiles = crate::qemu::profile::Profiles::built_in().unwrap();
+    let q35 = profiles.get("q35").unwrap();
+    let spec = |features: &[&str]| CpuSpec {
+        model: Some("qemu64".into()),
+        features: features.iter().map(|f| f.to_string()).collect(),
+    };
+    // Unknown (an older QEMU would not list them): form only.
+    let caps = canned();
+    assert!(caps.cpu_features.is_empty());
+    assert!(caps
+        .pin_vm(q35, Accel::Tcg, Some(&spec(&["+aes2"])))
+        .is_ok());
+
+    let caps = canned().with_cpu_properties(&json!([
+        {"name": "aes", "type": "bool"},
+        {"name": "x2apic", "type": "bool"},
+        {"name": "lahf-lm", "type": "bool"},
+        {"name": "sse4.1", "type": "bool"},
+        {"name": "realized", "type": "bool"},
+        {"name": "x-force-features", "type": "bool"},
+        {"name": "family", "type": "int"},
+        {"name": "model-id", "type": "string"}
+    ]));
+    let known: Vec<&str> = caps.cpu_features.iter().map(String::as_str).collect();
+    assert_eq!(known, ["aes", "lahf-lm", "sse4.1", "x2apic"]);
+    let pin = caps
+        .pin_vm(
+            q35,
+            Accel::Tcg,
+            Some(&spec(&["+aes", "-x2apic", "+lahf_lm", "+sse4.1"])),
+        )
+        .unwrap();
+    assert_eq!(pin.cpu, "qemu64,+aes,-x2apic,+lahf_lm,+sse4.1");
+    for (flags, index, name) in [
+        (&["+aes", "+aes2"][..], 1, "aes2"),
+        (&["-family"][..], 0, "family"),
+        (&["+realized"][..], 0, "realized"),
+        (&["+x-force-features"][..], 0, "x-force-features"),
+    ] {
+        let err = caps
+            .pin_vm(q35, Accel::Tcg, Some(&spec(flags)))
+            .unwrap_err();
+        assert_eq!(err.field, format!("cpu.features[{index}]"), "{flags:?}");
+        assert!(
+            err.message
+                .contains(&format!("{name:?} is not a CPU feature")),
+            "{err}"
+        );
+    }
+    // Flags on the profile's model are checked the same way.
+    let features_only = CpuSpec {
+        model: None,
+        features: vec!["+nope".into()],
+    };
+    let err = caps
+        .pin_vm(q35, Accel::Tcg, Some(&features_only))
+        .unwrap_err();
+    assert_eq!(err.field, "cpu.features[0]");
+}
+
+#[test]
 fn pin_resolves_the_profile() {
     let caps = canned();
     let profiles = crate::qemu::profile::Profiles::built_in().unwrap();

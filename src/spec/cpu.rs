@@ -26,7 +26,8 @@ pub struct CpuSpec {
     /// profile's model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// Feature flags added (`+aes`) or removed (`-x2apic`), in order.
+    /// Feature flags added (`+aes`) or removed (`-x2apic`), in order; each
+    /// names a CPU feature of this host's QEMU.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
 }
