@@ -1,8 +1,8 @@
 //! HTTPS on the TCP listener, end to end: `vmlet serve` with `tls_cert`
 //! and `tls_key` (a CA and server certificate made by the test), the CLI and
 //! the client over `https://` with `--ca-file`, what happens without it or
-//! with plain `http://`, the event stream over TLS, and the settings that
-//! must stop the daemon from starting.
+//! with plain `http://`, the event stream and the serial console (`wss://`)
+//! over TLS, and the settings that must stop the daemon from starting.
 
 mod common;
 
@@ -349,4 +349,90 @@ async fn a_live_migration_to_an_https_target_trusts_the_peer_ca_and_refuses_with
     );
     common::api::force_delete_vm(&target, &id).await;
     common::api::force_delete_vm(&untrusting, &kept).await;
+}
+
+/// The serial console over `wss://`: a console token asked over HTTPS opens
+/// its websocket through TLS (trusting the test CA), and bytes go both ways
+/// between the caller and the guest's shell. The token opens one console
+/// only, and a client that does not trust the CA gets no console at all.
+#[tokio::test]
+async fn the_serial_console_works_over_wss() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use vmlet::console::ConsoleKind;
+
+    let pki = TestPki::new();
+    let (d, addr) = tls_daemon(&pki).await;
+    let vm = create_vm(
+        &d,
+        &guest_spec_json(&unique_name("wss"), "guest.action=shell"),
+    )
+    .await;
+    let id = common::api::id_of(&vm);
+    d.client.start(&id).await.expect("start");
+    common::wait_for_line(
+        &d.serial_log(common::api::uuid_of(&vm)),
+        "GUEST-READY",
+        common::BOOT_TIMEOUT,
+    )
+    .await;
+    let port = addr.rsplit(':').next().unwrap();
+    let endpoint = || Endpoint::Tcp {
+        url: format!("https://localhost:{port}"),
+        token: Some(token_of(&d)),
+    };
+    let client = Client::with_ca_file(endpoint(), Some(&pki.ca)).unwrap();
+    let token = client
+        .console_token(&id, ConsoleKind::Serial)
+        .await
+        .expect("a console token over https");
+    let mut ws = client
+        .open_console(&token.url)
+        .await
+        .expect("the console websocket over wss");
+
+    // The shell may come up a moment after GUEST-READY: ask until it answers.
+    let deadline = tokio::time::Instant::now() + common::BOOT_TIMEOUT;
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("wss-42") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer through the wss console; it sent:\n{}",
+            String::from_utf8_lossy(&seen)
+        );
+        ws.send(Message::Binary(b"echo wss-$((6*7))\n".to_vec().into()))
+            .await
+            .expect("writing to the console");
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(message)) = tokio::time::timeout_at(until, ws.next()).await {
+            if let Message::Binary(bytes) = message.expect("reading the console") {
+                seen.extend_from_slice(&bytes);
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+
+    // The token was used: it opens nothing more.
+    let again = client.open_console(&token.url).await;
+    assert!(
+        again.is_err(),
+        "a used console token opened another console"
+    );
+    // Without the CA, a fresh token is asked for in vain: the TLS
+    // handshake fails before any request.
+    let untrusted = Client::new(endpoint());
+    let err = untrusted
+        .console_token(&id, ConsoleKind::Serial)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Tls { .. }), "{err}");
+    let fresh = client
+        .console_token(&id, ConsoleKind::Serial)
+        .await
+        .unwrap();
+    match untrusted.open_console(&fresh.url).await {
+        Ok(_) => panic!("a client that does not trust the CA opened a console"),
+        Err(err) => assert!(err.to_string().contains("UnknownIssuer"), "{err}"),
+    }
+    d.client.stop(&id, true, None).await.expect("stop");
 }
