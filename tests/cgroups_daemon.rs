@@ -1,6 +1,8 @@
 //! The daemon's VM cgroups never outlive their QEMU: a QEMU that crashes
 //! while vmlet runs, one that died while vmlet was down (removed at the
-//! restart), and cgroups of VMs vmlet has no record of (removed at start).
+//! restart), and cgroups of VMs vmlet has no record of (removed at start);
+//! a running VM's cgroup made under another root is found by its QEMU's
+//! membership, and removed with it.
 //!
 //! Everything real: `vmlet serve` over HTTP, QEMU under TCG booting the test
 //! guest, the host's cgroup hierarchy. VM cgroups need root: without it
@@ -189,4 +191,76 @@ fn uid_of(pid: i32) -> u32 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no Uid in /proc/{pid}/status"))
+}
+
+/// Removes a cgroup root of this test when dropped, also on a panic.
+struct RootGuard(String);
+
+impl Drop for RootGuard {
+    fn drop(&mut self) {
+        common::daemon::remove_cgroup_root(&self.0);
+    }
+}
+
+/// A daemon restarted with another cgroup root (as when an upgrade put
+/// vmlet below a systemd unit of its own) finds a running VM's cgroup where
+/// its QEMU is: the VM's cgroup figures stay in `/metrics`, and the cgroup
+/// goes when the VM stops.
+#[tokio::test]
+async fn a_cgroup_made_under_another_root_is_found_by_its_qemu_and_removed_with_it() {
+    const TEST: &str = "a_cgroup_made_under_another_root_is_found_by_its_qemu_and_removed_with_it";
+    // Declared first, dropped last: after the daemon's guard ended QEMU.
+    let _old_root: RootGuard;
+    let mut d = Daemon::start().await;
+    let Some(old) = cgroups_of(TEST, &d) else {
+        return;
+    };
+    _old_root = RootGuard(d.cgroup_root.clone());
+    let spec = guest_spec_json(&unique_name("moved"), "guest.action=hold");
+    let (id, pid) = create_and_start(&d, &spec).await;
+    let old_dirs = dirs_of(&old, id);
+    assert!(old_dirs.iter().all(|d| d.is_dir()), "{old_dirs:?}");
+
+    d.kill();
+    d.cgroup_root = format!("{}n", d.cgroup_root);
+    d.start_again().await;
+    let vm = expect(&d, Method::GET, &format!("/v1/vms/{id}"), None, 200).await;
+    assert_eq!(vm["pid"].as_i64(), Some(i64::from(pid)), "{vm}");
+    assert_eq!(vm["state"], "running", "{vm}");
+    // Neither swept as unknown nor duplicated below the new root.
+    assert!(old_dirs.iter().all(|d| d.is_dir()), "{old_dirs:?}");
+    let new = Hierarchy::detect()
+        .and_then(|h| Cgroups::new(h, &d.cgroup_root))
+        .unwrap();
+    assert!(dirs_of(&new, id).iter().all(|d| !d.exists()));
+    // Its figures come from the cgroup it was found in.
+    let metrics = d
+        .client
+        .request(Method::GET, "/metrics", None)
+        .await
+        .expect("GET /metrics")
+        .text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("vmlet_vm_cgroup_memory_bytes{")
+                && l.contains(&format!("id=\"{id}\""))),
+        "no cgroup memory figure for {id}:\n{metrics}"
+    );
+
+    let vm = expect(
+        &d,
+        Method::POST,
+        &format!("/v1/vms/{id}/stop"),
+        Some(&serde_json::json!({"force": true})),
+        200,
+    )
+    .await;
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    wait_until(
+        "the old cgroup to go with its QEMU",
+        Duration::from_secs(10),
+        || async { old_dirs.iter().all(|d| !d.exists()).then_some(()) },
+    )
+    .await;
 }

@@ -562,8 +562,9 @@ fn query_required(command: &str) -> bool {
     command != "qom-list-properties"
 }
 
-/// Sends every command at once (QEMU reads them after its greeting) and
-/// collects the query replies (`null` for an optional one that failed).
+/// Sends every query at once (QEMU reads them after its greeting),
+/// collects the replies (`null` for an optional one that failed), then
+/// asks QEMU to quit.
 async fn converse(
     mut stdin: tokio::process::ChildStdin,
     stdout: tokio::process::ChildStdout,
@@ -579,8 +580,6 @@ async fn converse(
         script.push_str(&message.to_string());
         script.push('\n');
     }
-    script.push_str(&json!({"execute": "quit", "id": QUERIES.len() + 1}).to_string());
-    script.push('\n');
     stdin
         .write_all(script.as_bytes())
         .await
@@ -620,6 +619,10 @@ async fn converse(
             replies[id as usize - 1] = Some(value.clone());
         }
     }
+    // `quit` only once every reply is read: QEMU exits at once on it and
+    // drops whatever of its replies it had not yet written into a full pipe.
+    let quit = json!({"execute": "quit", "id": QUERIES.len() + 1}).to_string() + "\n";
+    let _ = stdin.write_all(quit.as_bytes()).await;
     Ok(replies.map(|r| r.expect("every reply arrived")))
 }
 

@@ -218,12 +218,22 @@ impl Confiner {
     }
 
     /// VM `vm`'s QEMU (pid `pid`) was found running after a restart: its uid
-    /// stays taken and its cgroup is watched again.
+    /// stays taken and its cgroup is watched again: the one below this
+    /// daemon's root, else the one the QEMU is in when that is named for
+    /// the VM (made under another root, before an upgrade).
     pub fn found(&self, vm: Uuid, pid: i32) {
         if let (Users::PerVm(pool), Some(uid)) = (&self.users, ids::process_uid(pid)) {
             pool.mark(vm, uid);
         }
-        if let Some(cgroup) = self.cgroups.as_ref().and_then(|c| c.open(vm)) {
+        let Some(cgroups) = &self.cgroups else { return };
+        let cgroup = cgroups.open(vm).or_else(|| {
+            // Made by a vmlet with another root or cgroup of its own (an
+            // upgrade): found by the QEMU's membership, and removed with it.
+            let elsewhere = cgroups.open_of_process(vm, pid)?;
+            tracing::info!(%vm, dirs = ?elsewhere.dirs(), "the VM's QEMU runs in a cgroup outside this daemon's root");
+            Some(elsewhere)
+        });
+        if let Some(cgroup) = cgroup {
             self.live_map().insert(vm, cgroup);
         }
     }
@@ -257,9 +267,12 @@ impl Confiner {
         if let Some(tpm) = tpm {
             end_tpm(vm, &tpm);
         }
-        self.live_map().remove(&vm);
+        let live = self.live_map().remove(&vm);
         if let Some(cgroups) = &self.cgroups {
-            if let Err(e) = cgroups.remove(vm) {
+            // The cgroup it was found in, when that is not below this root.
+            let elsewhere = live.map_or(Ok(()), |cgroup| cgroup.remove());
+            let here = cgroups.remove(vm);
+            if let Err(e) = elsewhere.and(here) {
                 tracing::warn!(%vm, error = %crate::error_chain(&e), "could not remove the VM's cgroup");
             }
         }

@@ -218,6 +218,10 @@ struct Base {
     top_path: String,
     /// v1: the controllers of this hierarchy vmlet uses; v2: empty.
     controllers: Vec<String>,
+    /// Where the hierarchy is mounted, and which of its cgroups the mount
+    /// shows at that directory (`/` but in a container).
+    mount: PathBuf,
+    mount_root: String,
 }
 
 /// One directory of a VM's cgroup: a v1 hierarchy or the v2 one.
@@ -294,6 +298,8 @@ impl Cgroups {
                         top,
                         top_path,
                         controllers: used,
+                        mount: m.dir.clone(),
+                        mount_root: m.root.clone(),
                     });
                 }
                 bases
@@ -331,6 +337,8 @@ impl Cgroups {
                     top,
                     top_path,
                     controllers: Vec::new(),
+                    mount: mount.clone(),
+                    mount_root: root.clone(),
                 }]
             }
         };
@@ -461,6 +469,54 @@ impl Cgroups {
             .iter()
             .all(|m| m.dir.is_dir())
             .then(|| self.vm_cgroup(members, Vec::new()))
+    }
+
+    /// The existing cgroup of VM `uuid` that process `pid` is in, wherever
+    /// it lies (`/proc/PID/cgroup`): for a QEMU started by a vmlet that had
+    /// another ROOT or ran in another cgroup of its own (an upgrade that put
+    /// vmlet under a systemd unit). In every hierarchy vmlet uses, the
+    /// process's cgroup must be named for the VM (`…/UUID`); `None`
+    /// otherwise, or when the process is gone.
+    pub fn open_of_process(&self, uuid: Uuid, pid: i32) -> Option<VmCgroup> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        self.open_listed(uuid, &text)
+    }
+
+    /// [`Cgroups::open_of_process`] on the text of a `/proc/PID/cgroup`.
+    pub(super) fn open_listed(&self, uuid: Uuid, proc_cgroup: &str) -> Option<VmCgroup> {
+        let name = format!("/{}", uuid.hyphenated());
+        let v2 = matches!(self.hierarchy, Hierarchy::V2 { .. });
+        let members = self
+            .bases
+            .iter()
+            .map(|base| {
+                let path = proc_cgroup.lines().find_map(|line| {
+                    let mut parts = line.splitn(3, ':');
+                    let _id = parts.next()?;
+                    let listed = parts.next()?;
+                    let path = parts.next()?;
+                    let ours = if v2 {
+                        listed.is_empty()
+                    } else {
+                        listed
+                            .split(',')
+                            .any(|c| base.controllers.iter().any(|m| m == c))
+                    };
+                    ours.then_some(path)
+                })?;
+                if !path.ends_with(&name) {
+                    return None;
+                }
+                let (dir, cgroup_path) = place(&base.mount, &base.mount_root, path).ok()?;
+                dir.is_dir().then(|| Member {
+                    top: base.top.clone(),
+                    dir,
+                    controllers: base.controllers.clone(),
+                    cgroup_path,
+                })
+            })
+            .collect::<Option<Vec<Member>>>()?;
+        Some(self.vm_cgroup(members, Vec::new()))
     }
 
     /// Removes the cgroup of `uuid` in every hierarchy. A directory already

@@ -540,3 +540,33 @@ fn v1_stats_and_membership() {
     assert!(!cg.listed_in(&partly));
     assert!(!cg.listed_in(""));
 }
+
+#[test]
+fn a_vms_cgroup_is_found_where_its_process_is_after_the_root_moved() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A cgroup made under the old root `vmlet` ...
+    let old = Cgroups::for_process(fake_v1(tmp.path()), "vmlet", AT_TOP).unwrap();
+    let made = old.create(uuid(), &limits()).unwrap();
+    // ... seen by a daemon whose root is now `/machines/vmlet2`.
+    let cgroups = Cgroups::for_process(fake_v1(tmp.path()), "/machines/vmlet2", AT_TOP).unwrap();
+    assert!(cgroups.open(uuid()).is_none(), "not below the new root");
+    let listed = format!(
+        "13:freezer:/\n12:pids:/vmlet/{id}\n11:blkio:/vmlet/{id}\n10:memory:/vmlet/{id}\n\
+         9:cpuset:/vmlet/{id}\n8:cpu,cpuacct:/vmlet/{id}\n1:name=systemd:/\n0::/\n",
+        id = uuid()
+    );
+    let found = cgroups
+        .open_listed(uuid(), &listed)
+        .expect("found by the process's membership");
+    assert_eq!(found.dirs(), made.dirs());
+    assert!(found.listed_in(&listed));
+
+    // Not named for the VM in every hierarchy: not the VM's cgroup.
+    let elsewhere = listed.replace(&format!("10:memory:/vmlet/{}", uuid()), "10:memory:/");
+    assert!(cgroups.open_listed(uuid(), &elsewhere).is_none());
+    let other = Uuid::new_v4();
+    assert!(cgroups.open_listed(other, &listed).is_none());
+    // A path that climbs out of the mount is refused.
+    let climbing = listed.replace("/vmlet/", "/../vmlet/");
+    assert!(cgroups.open_listed(uuid(), &climbing).is_none());
+}

@@ -68,6 +68,18 @@ impl VmCgroup {
         Ok(JoinFiles { fds })
     }
 
+    /// Removes this cgroup's directories (see [`Cgroups::remove`]): every
+    /// one is tried; the first error is returned.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        let mut first = None;
+        for dir in &self.dirs {
+            if let Err(error) = remove_dir(dir) {
+                first.get_or_insert(error);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// The cgroup's directories, for display and tests.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
