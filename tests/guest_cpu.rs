@@ -33,15 +33,17 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(240);
 /// it take turns.
 static HUGE_PAGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The layout every topology test gives its VM: 4 vCPUs in 2 sockets of 1
-/// core with 2 threads, the model qemu64 with +aes, two NUMA nodes of
-/// 256 MiB.
+/// The layout every topology test gives its VM: 4 vCPUs in 2 sockets of 2
+/// cores with 1 thread, the model qemu64 with +aes, two NUMA nodes of
+/// 256 MiB. (Not 2 threads per core: qemu64 is an AMD model without
+/// `topoext`, for which QEMU warns that it cannot describe threads; with
+/// that layout the guest now and then stalled in boot, or TCG aborted.)
 fn layout_fields() -> Value {
     json!({
         "vcpus": 4,
         "memory_mib": 512,
         "cpu": {"model": "qemu64", "features": ["+aes"]},
-        "topology": {"sockets": 2, "cores": 1, "threads": 2},
+        "topology": {"sockets": 2, "cores": 2, "threads": 1},
         "numa": [
             {"cpus": "0-1", "memory_mib": 256},
             {"cpus": "2-3", "memory_mib": 256}
@@ -95,6 +97,42 @@ fn assert_layout(layout: &[String; 7], host: &str) {
     );
 }
 
+/// How long a 4-vCPU boot may go without `GUEST-READY` before it counts as
+/// stalled (a good one takes 5–20 s here).
+const STALL_AFTER: Duration = Duration::from_secs(45);
+
+/// Waits for the guest of VM `id` on daemon `d` to print its `n`th
+/// `GUEST-READY` into `log`. A 4-vCPU guest under TCG on this 2-core host
+/// now and then stalls early in its boot (its console shows RCU stall
+/// reports: "timer wakeup didn't happen"); it happens as often with the
+/// code before 2026-11-26 and was not seen with the same layout started
+/// by plain QEMU, so its cause is still open. Such a boot gets one reset
+/// (a new boot in the same QEMU), said on stderr; a second stall fails.
+async fn ready_or_reset_once(d: &Daemon, id: &str, log: &std::path::Path, n: usize) {
+    let ready = |want: usize| async move {
+        let started = std::time::Instant::now();
+        while common::daemon::count_lines(log, "GUEST-READY") < want {
+            if started.elapsed() > STALL_AFTER {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    };
+    if ready(n).await {
+        return;
+    }
+    eprintln!(
+        "the 4-vCPU guest stalled in boot {n}; resetting it once:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    d.client
+        .reboot_with(id, true, None)
+        .await
+        .expect("reset of a stalled guest");
+    common::daemon::wait_for_count(log, "GUEST-READY", n, BOOT_TIMEOUT).await;
+}
+
 /// A guest spec with `extra` kernel parameters and `fields` merged in.
 fn spec_with(name: &str, extra: &str, fields: Value) -> Value {
     let mut spec = guest_spec_json(name, extra);
@@ -112,12 +150,12 @@ async fn cpu_model_topology_and_numa_reach_the_guest() {
     let id = id_of(&vm);
     // The pin carries the spec's model and flags; the spec reads back.
     assert_eq!(vm["machine"]["cpu"], "qemu64,+aes", "{vm}");
-    assert_eq!(vm["spec"]["topology"]["threads"], 2, "{vm}");
+    assert_eq!(vm["spec"]["topology"]["cores"], 2, "{vm}");
     assert_eq!(vm["spec"]["numa"][1]["cpus"], "2-3", "{vm}");
 
     expect(&d, Method::POST, &format!("/v1/vms/{id}/start"), None, 200).await;
     let log = d.serial_log(uuid_of(&vm));
-    wait_for_line(&log, "GUEST-READY", BOOT_TIMEOUT).await;
+    ready_or_reset_once(&d, &id, &log, 1).await;
     assert_layout(&guest_layout(&d, &id, log).await, "one host");
     force_delete_vm(&d, &id).await;
 }
@@ -480,7 +518,7 @@ async fn topology_and_numa_move_with_a_live_migration() {
     let (id, uuid) = (id_of(&vm), uuid_of(&vm));
     a.client().start(&id).await.expect("start on A");
     let log_a = a.daemon.serial_log(uuid);
-    wait_for_line(&log_a, "GUEST-READY", BOOT_TIMEOUT).await;
+    ready_or_reset_once(&a.daemon, &id, &log_a, 1).await;
     assert_layout(&guest_layout(&a.daemon, &id, log_a).await, "A");
 
     let started = a
@@ -503,7 +541,7 @@ async fn topology_and_numa_move_with_a_live_migration() {
     assert_eq!(qemu.len(), 1, "one QEMU on B");
     let cmdline = cmdline_of(qemu[0]);
     for part in [
-        "-smp 4,sockets=2,cores=1,threads=2",
+        "-smp 4,sockets=2,cores=2,threads=1",
         "-numa node,nodeid=0,cpus=0-1,memdev=ram-node0",
         "-numa node,nodeid=1,cpus=2-3,memdev=ram-node1",
         "memory-backend-ram,id=ram-node1,size=256M",
@@ -521,7 +559,7 @@ async fn topology_and_numa_move_with_a_live_migration() {
         .await
         .expect("reset on B");
     let log_b = b.daemon.serial_log(uuid);
-    wait_for_line(&log_b, "GUEST-READY", BOOT_TIMEOUT).await;
+    ready_or_reset_once(&b.daemon, &id, &log_b, 1).await;
     assert_layout(&guest_layout(&b.daemon, &id, log_b).await, "B");
     force_delete_vm(&b.daemon, &id).await;
 }
