@@ -280,15 +280,24 @@ impl Drop for HugePagePool {
     }
 }
 
+/// True when this test can reserve 2M huge pages here; else prints the
+/// skip line.
+fn huge_pages_here(test: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        common::skip(test, "reserving huge pages needs root");
+        return false;
+    }
+    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir() {
+        common::skip(test, "this kernel has no 2M huge pages");
+        return false;
+    }
+    true
+}
+
 #[tokio::test]
 async fn huge_pages_back_the_guest_and_a_short_pool_is_a_conflict() {
     const TEST: &str = "huge_pages_back_the_guest_and_a_short_pool_is_a_conflict";
-    if !nix::unistd::geteuid().is_root() {
-        common::skip(TEST, "reserving huge pages needs root");
-        return;
-    }
-    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir() {
-        common::skip(TEST, "this kernel has no 2M huge pages");
+    if !huge_pages_here(TEST) {
         return;
     }
     let _turn = HUGE_PAGES.lock().await;
@@ -393,18 +402,13 @@ async fn huge_pages_back_the_guest_and_a_short_pool_is_a_conflict() {
 
 /// Two VMs on huge pages, each of which the free pages fit alone but not
 /// both, started at once: one runs, the other is a 409 naming the huge
-/// pages, its VM left with no QEMU and the reason (like any failed start). (Each launch checks the free pages
-/// and its QEMU takes them as one turn; without that both checks passed
-/// and one QEMU failed to preallocate.)
+/// pages, its VM left with no QEMU and the reason (like any failed start).
+/// (Each launch checks the free pages and its QEMU takes them as one turn;
+/// without that both checks passed and one QEMU failed to preallocate.)
 #[tokio::test]
 async fn concurrent_starts_the_free_huge_pages_fit_only_one_at_a_time_run_one() {
     const TEST: &str = "concurrent_starts_the_free_huge_pages_fit_only_one_at_a_time_run_one";
-    if !nix::unistd::geteuid().is_root() {
-        common::skip(TEST, "reserving huge pages needs root");
-        return;
-    }
-    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir() {
-        common::skip(TEST, "this kernel has no 2M huge pages");
+    if !huge_pages_here(TEST) {
         return;
     }
     let _turn = HUGE_PAGES.lock().await;
@@ -567,11 +571,7 @@ async fn topology_and_numa_move_with_a_live_migration() {
 #[tokio::test]
 async fn a_target_short_of_huge_pages_refuses_the_migration() {
     const TEST: &str = "a_target_short_of_huge_pages_refuses_the_migration";
-    if cannot_run_two_hosts(TEST) {
-        return;
-    }
-    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir() {
-        common::skip(TEST, "this kernel has no 2M huge pages");
+    if cannot_run_two_hosts(TEST) || !huge_pages_here(TEST) {
         return;
     }
     let _turn = HUGE_PAGES.lock().await;

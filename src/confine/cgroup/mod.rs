@@ -490,20 +490,8 @@ impl Cgroups {
             .bases
             .iter()
             .map(|base| {
-                let path = proc_cgroup.lines().find_map(|line| {
-                    let mut parts = line.splitn(3, ':');
-                    let _id = parts.next()?;
-                    let listed = parts.next()?;
-                    let path = parts.next()?;
-                    let ours = if v2 {
-                        listed.is_empty()
-                    } else {
-                        listed
-                            .split(',')
-                            .any(|c| base.controllers.iter().any(|m| m == c))
-                    };
-                    ours.then_some(path)
-                })?;
+                let wanted = (!v2).then_some(base.controllers.as_slice());
+                let path = listed_path(proc_cgroup, wanted)?;
                 if !path.ends_with(&name) {
                     return None;
                 }
@@ -533,11 +521,11 @@ impl Cgroups {
     }
 }
 
-/// The cgroup of this process in one hierarchy, from the text of
-/// `/proc/self/cgroup` (`ID:CONTROLLERS:PATH` lines): the v1 line naming
-/// one of `controllers`, or (`None`) the v2 line `0::PATH`.
-fn own_cgroup(proc_cgroup: &str, controllers: Option<&[String]>) -> Result<String, CgroupError> {
-    let found = proc_cgroup.lines().find_map(|line| {
+/// The path of one hierarchy's line in the text of a `/proc/PID/cgroup`
+/// (`ID:CONTROLLERS:PATH` lines): the v1 line naming one of `controllers`,
+/// or (`None`) the v2 line `0::PATH`.
+fn listed_path<'a>(proc_cgroup: &'a str, controllers: Option<&[String]>) -> Option<&'a str> {
+    proc_cgroup.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let id = parts.next()?;
         let listed = parts.next()?;
@@ -546,10 +534,17 @@ fn own_cgroup(proc_cgroup: &str, controllers: Option<&[String]>) -> Result<Strin
             None => id == "0" && listed.is_empty(),
             Some(wanted) => listed.split(',').any(|c| wanted.iter().any(|w| w == c)),
         };
-        matches.then(|| path.to_owned())
-    });
+        matches.then_some(path)
+    })
+}
+
+/// The cgroup of this process in one hierarchy, from the text of
+/// `/proc/self/cgroup` (`ID:CONTROLLERS:PATH` lines): the v1 line naming
+/// one of `controllers`, or (`None`) the v2 line `0::PATH`.
+fn own_cgroup(proc_cgroup: &str, controllers: Option<&[String]>) -> Result<String, CgroupError> {
+    let found = listed_path(proc_cgroup, controllers);
     match found {
-        Some(path) if path.starts_with('/') => Ok(path),
+        Some(path) if path.starts_with('/') => Ok(path.to_owned()),
         Some(path) => Err(CgroupError::OwnCgroup {
             detail: format!("/proc/self/cgroup names {path:?}, not an absolute path"),
         }),
